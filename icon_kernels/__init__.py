@@ -1,0 +1,17 @@
+"""icon_kernels: fused, memory-lean kernels for the I-Con loss family.
+
+    import icon_kernels as ik
+    loss = ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=0.1)
+"""
+from . import torch_backend as _torch_backend
+from .backends import available_backends
+from .functional import icon_loss
+from .modules import ICon
+from .ops import register_backend as _register_backend
+from .targets import Affinity, Dense, Labels, Neighbors
+
+__version__ = "0.1.0"
+
+_register_backend("torch", _torch_backend.forward, _torch_backend.backward)
+
+__all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends"]

@@ -1,0 +1,51 @@
+"""Which backends exist, which are usable here (and why not), and what ``backend="auto"`` picks."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import torch
+
+ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
+# fastest first; "auto" takes the first usable one for the inputs' device
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_DEVICE_OF = {"cpu": "cpu", "triton": "cuda", "cuda": "cuda"}   # others run on any device
+
+
+def _unavailable_reason(name: str) -> Optional[str]:
+    """None when the backend is usable on this machine, else a one-line reason."""
+    if name in ("reference", "torch"):
+        return None
+    if name == "cpu":
+        return "the fused C++ CPU kernel (icon_kernels._C) is not part of this version yet"
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (torch.cuda.is_available() is False)"
+    return f"the {name} kernels are not part of this version yet"
+
+
+def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, Optional[str]]]:
+    """Usable backends, e.g. ["reference", "torch"]; with_reasons=True maps every backend to
+    None (usable) or the reason it is not."""
+    reasons = {name: _unavailable_reason(name) for name in ALL_BACKENDS}
+    if with_reasons:
+        return reasons
+    return [name for name, why in reasons.items() if why is None]
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """The backend to run for tensors on ``device``; ValueError naming ``backend`` otherwise."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in ALL_BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(ALL_BACKENDS)}; got {backend!r}")
+    usable = available_backends()
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if name in usable:
+                return name
+        return "torch"
+    why = _unavailable_reason(backend)
+    if why is not None:
+        raise ValueError(f"backend {backend!r} is not available: {why}. "
+                         f"Available backends: {', '.join(usable)}")
+    wanted = _DEVICE_OF.get(backend)
+    if wanted is not None and device.type != wanted:
+        raise ValueError(f"backend {backend!r} runs on {wanted} tensors, but the inputs are on {device}")
+    return backend

@@ -1,0 +1,68 @@
+"""``icon_loss``: the public functional entry point (DESIGN.md §2)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, reference
+from .ops import forward_op
+from .reduction import reduce_rows
+from .targets import Affinity, Dense, Labels, Neighbors
+from .torch_backend import accumulation_dtype
+from .validation import KERNEL_PARAM, Problem, check_arguments
+
+
+def _param_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(float(value), dtype=accumulation_dtype(like.dtype), device=like.device)
+
+
+def _kernel_inputs(kernel: str, a: torch.Tensor, b, param):
+    """Op-level (a, b, kernel, param tensor): cosine becomes dot on normalised rows; b None is a."""
+    if kernel == "cosine":
+        a = F.normalize(a, dim=1)
+        b = None if b is None else F.normalize(b, dim=1)
+        kernel = "dot"
+    return a, (a if b is None else b), kernel, _param_tensor(param, a)
+
+
+def _op_arguments(pb: Problem):
+    x, y, kernel, param = _kernel_inputs(pb.kernel, pb.x, pb.y, pb.param)
+    t = pb.target
+    labels = (t.row_labels, t.col_labels) if isinstance(t, Labels) else (None, None)
+    neighbors = (t.indices, t.weights) if isinstance(t, Neighbors) else (None, None)
+    dense_p = t.p if isinstance(t, Dense) else None
+    z = z_cols = t_param = None
+    t_kernel = "dot"
+    if isinstance(t, Affinity):
+        t_value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
+        z, z_cols, t_kernel, t_param = _kernel_inputs(t.kernel, t.z, t.z_cols, t_value)
+    kind = {Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)]
+    return (x, y, param, kernel, kind, *labels, *neighbors, z, z_cols, t_param, t_kernel, dense_p,
+            pb.alpha, pb.beta, pb.exclude_self, pb.kl)
+
+
+def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0,
+              alpha=0.0, beta=0.0, exclude_self=None, divergence="kl", reduction="mean",
+              weight=None, backend="auto"):
+    """The I-Con loss mean_i KL(p(.|i) || q(.|i)) between a supervisory target and learned kernel.
+
+    x: (N, d) row embeddings; y: (M, d) column embeddings, or None for y = x with self-pairs
+    excluded. target: ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine,
+    gaussian, student_t or log_dot, with temperature (dot, cosine), sigma (gaussian) or dof
+    (student_t), each a float or a scalar / (N,) tensor that may require grad. alpha / beta mix
+    a uniform distribution into p / q. divergence: "kl" or "cross_entropy". reduction: "mean"
+    (weighted by ``weight`` over rows that have a target), "sum" or "none" (an N-vector, 0 for
+    rows without a target). backend: "auto", "reference", "torch" (see ik.available_backends()).
+    """
+    problem = check_arguments(x, y, target=target, kernel=kernel, temperature=temperature,
+                              sigma=sigma, dof=dof, alpha=alpha, beta=beta,
+                              exclude_self=exclude_self, divergence=divergence,
+                              reduction=reduction, weight=weight)
+    name = backends.resolve_backend(backend, x.device)
+    if name == "reference":
+        rows, included = reference.row_losses(problem)
+    else:
+        rows, included, _ = forward_op(name)(*_op_arguments(problem))
+    return reduce_rows(rows, included, problem.weight, problem.reduction).to(x.dtype)

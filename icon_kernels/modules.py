@@ -1,0 +1,31 @@
+"""``ICon``: the loss as an nn.Module, a drop-in criterion."""
+from __future__ import annotations
+
+import torch
+
+from .functional import icon_loss
+
+
+class ICon(torch.nn.Module):
+    """``ICon(kernel="student_t", dof=1.0, ...)(x, y=None, target=..., weight=None)``.
+
+    Holds every keyword of ``ik.icon_loss`` except the per-call tensors. A tensor temperature,
+    sigma or dof given here is used as is (wrap it in nn.Parameter to learn it).
+    """
+
+    def __init__(self, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
+                 exclude_self=None, divergence="kl", reduction="mean", backend="auto"):
+        super().__init__()
+        self.kernel, self.temperature, self.sigma, self.dof = kernel, temperature, sigma, dof
+        self.alpha, self.beta, self.exclude_self = alpha, beta, exclude_self
+        self.divergence, self.reduction, self.backend = divergence, reduction, backend
+
+    def forward(self, x, y=None, *, target, weight=None):
+        return icon_loss(x, y, target=target, kernel=self.kernel, temperature=self.temperature,
+                         sigma=self.sigma, dof=self.dof, alpha=self.alpha, beta=self.beta,
+                         exclude_self=self.exclude_self, divergence=self.divergence,
+                         reduction=self.reduction, weight=weight, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"kernel={self.kernel!r}, divergence={self.divergence!r}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,92 @@
+"""torch.library ops of the fused loss: one forward/backward op pair per backend.
+
+Every backend implements the same two schemas (below) under the namespace ``icon_kernels``:
+``icon_kernels::<backend>_forward`` and ``icon_kernels::<backend>_backward``. This module gives
+them their fake (meta) implementations and one shared autograd rule, so a new backend (the C++,
+Triton or CUDA kernels) only supplies the two compute functions, in Python or via
+``TORCH_LIBRARY_IMPL``, and the public API does not change.
+
+forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp64) where the
+statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see torch_backend.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
+        "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
+        "Tensor? t_param, str t_kernel, Tensor? dense_p, float alpha, float beta, "
+        "bool exclude_self, bool kl")
+FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
+BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad)"
+                   " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+N_ARGS = 18          # arguments of the forward schema
+Z, Z_COLS, T_PARAM = 9, 10, 11
+
+_FORWARD_OPS: Dict[str, object] = {}
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(x, y, *rest):
+    acc = _accumulation_dtype(x.dtype)
+    n = x.shape[0]
+    return x.new_empty(n, dtype=acc), x.new_empty(n, dtype=torch.bool), x.new_empty(4, n, dtype=acc)
+
+
+def _fake_backward(grad_rows, *rest):
+    *args, valid, stats, need_target_grad = rest
+    x, y, param = args[0], args[1], args[2]
+    grads = [torch.empty_like(x), torch.empty_like(y), torch.empty_like(param)]
+    if need_target_grad and args[4] == "affinity":
+        grads += [torch.empty_like(args[Z]), torch.empty_like(args[Z_COLS]), torch.empty_like(args[T_PARAM])]
+    else:
+        grads += [x.new_empty(0) for _ in range(3)]
+    return tuple(grads)
+
+
+def _setup_context(ctx, inputs, output):
+    _, valid, stats = output
+    ctx.inputs = inputs
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)], valid, stats)
+    ctx.tensor_slots = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
+    ctx.mark_non_differentiable(valid, stats)
+
+
+def _make_autograd(backward_op):
+    def backward(ctx, grad_rows, _grad_valid, _grad_stats):
+        *saved, valid, stats = ctx.saved_tensors
+        args = list(ctx.inputs)
+        for slot, t in zip(ctx.tensor_slots, saved):
+            args[slot] = t
+        need = ctx.needs_input_grad
+        need_target = args[4] == "affinity" and any(need[i] for i in (Z, Z_COLS, T_PARAM))
+        dx, dy, dparam, dz, dz_cols, dt_param = backward_op(grad_rows, *args, valid, stats, need_target)
+        grads = [None] * N_ARGS
+        grads[0], grads[1], grads[2] = dx, dy, dparam
+        if need_target:
+            grads[Z], grads[Z_COLS], grads[T_PARAM] = dz, dz_cols, dt_param
+        return tuple(grads)
+    return backward
+
+
+def register_backend(name: str, forward_impl: Callable, backward_impl: Callable,
+                     device_types=None):
+    """Defines icon_kernels::{name}_forward / _backward with fake and autograd; returns forward."""
+    fwd = torch.library.custom_op(f"icon_kernels::{name}_forward", forward_impl, mutates_args=(),
+                                  device_types=device_types, schema=FORWARD_SCHEMA)
+    bwd = torch.library.custom_op(f"icon_kernels::{name}_backward", backward_impl, mutates_args=(),
+                                  device_types=device_types, schema=BACKWARD_SCHEMA)
+    fwd.register_fake(_fake_forward)
+    bwd.register_fake(_fake_backward)
+    fwd.register_autograd(_make_autograd(bwd), setup_context=_setup_context)
+    _FORWARD_OPS[name] = fwd
+    return fwd
+
+
+def forward_op(name: str):
+    return _FORWARD_OPS[name]

@@ -1,0 +1,51 @@
+"""Math on one row-chunk x all-columns tile, shared by the blockwise torch backend.
+
+``logits`` forms s (and the auxiliary tile the chain rule needs); ``chain`` pulls a tile of
+dL/ds back to the two feature blocks and to the kernel parameter (DESIGN.md §1, gradient table).
+Kernels here are the op-level ones: "cosine" arrives as "dot" on pre-normalised features.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rows_of(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """The parameter for rows r0:r1, shaped to scale the rows of an R x M tile."""
+    return param[r0:r1, None] if param.dim() == 1 else param
+
+
+def _per_row(param_rows: torch.Tensor) -> torch.Tensor:
+    return param_rows[:, 0] if param_rows.dim() == 2 else param_rows
+
+
+def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
+    """(s, aux) for rows a (R x d) against columns b (M x d); aux is a.b or the squared distance."""
+    if kernel in ("dot", "log_dot"):
+        ab = a @ b.T
+        return (ab / prm if kernel == "dot" else torch.log(ab)), ab
+    sq = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * (a @ b.T)).clamp_min_(0)
+    if kernel == "gaussian":
+        return sq / (-2 * prm * prm), sq
+    return -0.5 * (prm + 1) * torch.log1p(sq / prm), sq  # student_t
+
+
+def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
+          prm: torch.Tensor):
+    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row)."""
+    if kernel == "dot":
+        scaled = grad / prm
+        d_param = -(scaled * aux).sum(1) / _per_row(prm)          # -sum_j G s / tau
+        return scaled @ b, scaled.T @ a, d_param
+    if kernel == "log_dot":
+        w = grad / aux
+        return w @ b, w.T @ a, torch.zeros_like(grad[:, 0])
+    if kernel == "gaussian":
+        w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
+        d_param = (w * aux).sum(1) / _per_row(prm)                # -2 sum_j G s / sigma
+    else:  # student_t, nu = prm
+        w = grad * (prm + 1) / (prm + aux)
+        ds_dnu = -0.5 * torch.log1p(aux / prm) + 0.5 * (prm + 1) * aux / (prm * (prm + aux))
+        d_param = (grad * ds_dnu).sum(1)
+    d_a = w @ b - w.sum(1, keepdim=True) * a
+    d_b = w.T @ a - w.sum(0)[:, None] * b
+    return d_a, d_b, d_param

@@ -1,0 +1,223 @@
+"""The blockwise pure-PyTorch backend: row chunks x all columns, never an N x M matrix.
+
+Forward: per chunk of rows, the logits tile, the row LSE, the target tile and the row loss;
+only O(N) row statistics are kept. Backward: the tiles are recomputed from the saved statistics
+(FlashAttention-2 style) and chained to the inputs. Chunks hold about ``CHUNK_ELEMENTS`` tile
+entries each (override with ICON_KERNELS_TORCH_CHUNK_ELEMENTS); a handful of such tiles is the
+whole working memory. It runs on any device and accumulates in fp32 (fp64 for fp64 inputs).
+
+The functions take the flat arguments of the op schema in ``ops.py``.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import tile_math
+
+CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 22))
+
+# rows of the saved statistics tensor (4 x N)
+LSE, R_STAT, LSE_P, H_STAT = range(4)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_chunks(n: int, m: int):
+    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+class Tile(NamedTuple):
+    """The target side of one chunk: p (zero off the valid set) and, for Affinity, its logits."""
+
+    p: torch.Tensor
+    has_p: torch.Tensor
+    t: Optional[torch.Tensor] = None
+    t_aux: Optional[torch.Tensor] = None
+    lse_p: Optional[torch.Tensor] = None
+
+
+class Problem(NamedTuple):
+    """The op's flat arguments, cast to the accumulation dtype."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    param: torch.Tensor
+    kernel: str
+    target: str
+    row_labels: Optional[torch.Tensor]
+    col_labels: Optional[torch.Tensor]
+    nbr_index: Optional[torch.Tensor]
+    nbr_weight: Optional[torch.Tensor]
+    z: Optional[torch.Tensor]
+    z_cols: Optional[torch.Tensor]
+    t_param: Optional[torch.Tensor]
+    t_kernel: str
+    dense_p: Optional[torch.Tensor]
+    alpha: float
+    beta: float
+    exclude_self: bool
+    kl: bool
+
+    @property
+    def m_valid(self) -> int:
+        return self.y.shape[0] - int(self.exclude_self)
+
+
+def _cast(args) -> Problem:
+    prob = Problem(*args)
+    acc = accumulation_dtype(prob.x.dtype)
+    up = lambda t: None if t is None else t.to(acc)
+    return prob._replace(x=up(prob.x), y=up(prob.y), param=up(prob.param), z=up(prob.z),
+                         z_cols=up(prob.z_cols), t_param=up(prob.t_param), dense_p=up(prob.dense_p),
+                         nbr_weight=up(prob.nbr_weight))
+
+
+def _off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Tensor:
+    """Sets the self pairs (i, i) of rows r0.. to ``fill`` in place."""
+    if exclude_self:
+        tile.diagonal(r0).fill_(fill)
+    return tile
+
+
+def _normalised(w: torch.Tensor):
+    total = w.sum(1, keepdim=True)
+    return w / torch.where(total > 0, total, 1.0), total[:, 0] > 0
+
+
+def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = None) -> Tile:
+    """p for rows r0:r1. For Affinity, ``lse_p`` (saved in forward) is reused when given."""
+    m, acc = pb.y.shape[0], pb.x.dtype
+    if pb.target == "labels":
+        same = (pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc)
+        return Tile(*_normalised(_off_self(same, r0, pb.exclude_self, 0.0)))
+    if pb.target == "neighbors":
+        idx = pb.nbr_index[r0:r1]
+        w = torch.ones(idx.shape, dtype=acc, device=idx.device) if pb.nbr_weight is None else pb.nbr_weight[r0:r1]
+        dense = torch.zeros(r1 - r0, m, dtype=acc, device=idx.device)
+        dense.scatter_add_(1, idx.clamp_min(0), w * (idx >= 0))
+        return Tile(*_normalised(_off_self(dense, r0, pb.exclude_self, 0.0)))
+    if pb.target == "dense":
+        return Tile(*_normalised(_off_self(pb.dense_p[r0:r1].clone(), r0, pb.exclude_self, 0.0)))
+    # affinity: p = softmax over valid j of t
+    t, t_aux = tile_math.logits(pb.t_kernel, pb.z[r0:r1], pb.z_cols, tile_math.rows_of(pb.t_param, r0, r1))
+    t_masked = _off_self(t.clone(), r0, pb.exclude_self, float("-inf"))
+    if lse_p is None:
+        lse_p = torch.logsumexp(t_masked, dim=1)
+    p = torch.exp(t_masked - lse_p[:, None])
+    has_p = torch.full((r1 - r0,), pb.m_valid > 0, dtype=torch.bool, device=t.device)
+    return Tile(p, has_p, t, t_aux, lse_p)
+
+
+def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
+    """p~ = (1 - alpha) p + alpha / M' on the valid set, 0 on self pairs."""
+    if pb.alpha == 0:
+        return tile.p
+    return _off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_valid, r0, pb.exclude_self, 0.0)
+
+
+def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
+    if pb.beta == 0:
+        return log_q
+    return torch.log((1 - pb.beta) * log_q.exp() + pb.beta / pb.m_valid)
+
+
+def _where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, values, 0.0)
+
+
+def _learned_tile(pb: Problem, r0: int, r1: int):
+    s, aux = tile_math.logits(pb.kernel, pb.x[r0:r1], pb.y, tile_math.rows_of(pb.param, r0, r1))
+    s_masked = _off_self(s.clone(), r0, pb.exclude_self, float("-inf"))
+    return s, aux, s_masked
+
+
+def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+    """dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
+    return torch.log(p_mix) - log_q_mix if pb.kl else -log_q_mix
+
+
+def forward(*args):
+    pb = _cast(args)
+    n = pb.x.shape[0]
+    acc = pb.x.dtype
+    loss = torch.zeros(n, dtype=acc, device=pb.x.device)
+    valid = torch.zeros(n, dtype=torch.bool, device=pb.x.device)
+    stats = torch.zeros(4, n, dtype=acc, device=pb.x.device)
+    for r0, r1 in row_chunks(n, pb.y.shape[0]):
+        _, _, s_masked = _learned_tile(pb, r0, r1)
+        lse = torch.logsumexp(s_masked, dim=1)
+        log_q = s_masked - lse[:, None]
+        tile = target_tile(pb, r0, r1)
+        p_mix = _mixed_target(pb, tile, r0)
+        log_q_mix = _log_mixed_q(pb, log_q)
+        row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
+        if pb.kl:
+            row = row + _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+        included = tile.has_p & (pb.m_valid > 0)
+        loss[r0:r1] = torch.where(included, row, 0.0)
+        valid[r0:r1] = included
+        stats[LSE, r0:r1] = lse
+        if pb.beta > 0:
+            stats[R_STAT, r0:r1] = _where_positive(p_mix, p_mix * torch.exp(log_q - log_q_mix)).sum(1)
+        if pb.target == "affinity":
+            stats[LSE_P, r0:r1] = tile.lse_p
+            stats[H_STAT, r0:r1] = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
+    return loss, valid, stats
+
+
+def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: int) -> None:
+    if d_param.dim() == 1:
+        d_param[r0:r1] += rows
+    else:
+        d_param += rows.sum()
+
+
+def backward(grad_rows, *rest):
+    """Gradients (dx, dy, dparam, dz, dz_cols, dt_param); target grads are empty unless requested."""
+    *args, valid, stats, need_target_grad = rest
+    pb = _cast(args)
+    n = pb.x.shape[0]
+    g = torch.where(valid, grad_rows.to(pb.x.dtype), 0.0)
+    dx, dy, dparam = torch.zeros_like(pb.x), torch.zeros_like(pb.y), torch.zeros_like(pb.param)
+    target_grad = need_target_grad and pb.target == "affinity"
+    if target_grad:
+        dz, dz_cols, dt_param = torch.zeros_like(pb.z), torch.zeros_like(pb.z_cols), torch.zeros_like(pb.t_param)
+    for r0, r1 in row_chunks(n, pb.y.shape[0]):
+        s, aux, s_masked = _learned_tile(pb, r0, r1)
+        log_q = s_masked - stats[LSE, r0:r1, None]
+        q = torch.exp(log_q)
+        tile = target_tile(pb, r0, r1, stats[LSE_P, r0:r1] if pb.target == "affinity" else None)
+        p_mix = _mixed_target(pb, tile, r0)
+        g_rows = g[r0:r1, None]
+        if pb.beta == 0:
+            grad_s = g_rows * (q - p_mix)
+        else:
+            q_mix = (1 - pb.beta) * q + pb.beta / pb.m_valid
+            grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / q_mix)
+        prm = tile_math.rows_of(pb.param, r0, r1)
+        d_rows, d_cols, d_prm = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux, prm)
+        dx[r0:r1] = d_rows
+        dy += d_cols
+        _accumulate_param(dparam, d_prm, r0, r1)
+        if target_grad:
+            h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
+            grad_t = _where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
+            tprm = tile_math.rows_of(pb.t_param, r0, r1)
+            dz_r, dzc, dtp = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux, tprm)
+            dz[r0:r1] = dz_r
+            dz_cols += dzc
+            _accumulate_param(dt_param, dtp, r0, r1)
+    x, y, param = args[0], args[1], args[2]
+    grads = [dx.to(x.dtype), dy.to(y.dtype), dparam.to(param.dtype)]
+    if target_grad:
+        grads += [dz.to(args[9].dtype), dz_cols.to(args[10].dtype), dt_param.to(args[11].dtype)]
+    else:
+        grads += [x.new_empty(0) for _ in range(3)]
+    return tuple(grads)

@@ -1,0 +1,206 @@
+"""All argument checking of the public API, in one place (DESIGN.md §2).
+
+Kernels and backends never check arguments; they receive what ``check_arguments`` returns.
+Checks that read tensor *values* (signs, index ranges) are skipped while torch.compile traces,
+because they would need a host sync; shape, dtype and device checks always run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
+
+KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
+# which keyword carries each kernel's parameter; log_dot has none
+KERNEL_PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma",
+                "student_t": "dof", "log_dot": None}
+DIVERGENCES = ("kl", "cross_entropy")
+REDUCTIONS = ("mean", "sum", "none")
+
+Scalar = Union[float, torch.Tensor]
+
+
+@dataclass
+class Problem:
+    """The checked, normalised description of one loss evaluation."""
+
+    x: torch.Tensor
+    y: Optional[torch.Tensor]          # None: the columns are the rows
+    kernel: str
+    param: Scalar                       # the kernel's parameter (tau, sigma or nu); 1.0 for log_dot
+    target: object
+    alpha: float
+    beta: float
+    exclude_self: bool
+    kl: bool
+    reduction: str
+    weight: Optional[torch.Tensor]
+
+    @property
+    def n_rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n_cols(self) -> int:
+        return self.x.shape[0] if self.y is None else self.y.shape[0]
+
+
+def _checking_values() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+
+
+def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
+    if d is not None and t.shape[1] != d:
+        raise ValueError(f"{name} has feature dimension {t.shape[1]} but x has {d}")
+    _check_device(name, t, x)
+
+
+def check_positive(name: str, value, x: torch.Tensor, n_rows: int) -> None:
+    """A kernel parameter: a positive number, or a 0-d / (N,) floating tensor of positive values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n_rows):
+            raise ValueError(f"{name} must be a scalar or have shape ({n_rows},), got {tuple(value.shape)}")
+        _check_device(name, value, x)
+        if _checking_values() and bool((value <= 0).any()):
+            raise ValueError(f"{name} must be > 0")
+    elif value <= 0:  # NaN passes on purpose: NaN inputs give a NaN loss
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_labels(name: str, t, length: int, x: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer or bool tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    _check_device(name, t, x)
+
+
+def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m: int):
+    """Returns the target with defaults filled in (column labels / column features)."""
+    if not isinstance(target, TARGET_TYPES):
+        raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
+                        f"got {type(target).__name__}")
+    if isinstance(target, Labels):
+        _check_labels("row_labels", target.row_labels, n, x)
+        col = target.col_labels
+        if col is None:
+            if m != n:
+                raise ValueError(f"col_labels is required when y has {m} rows and x has {n}")
+            col = target.row_labels
+        _check_labels("col_labels", col, m, x)
+        return Labels(target.row_labels, col)
+    if isinstance(target, Neighbors):
+        idx, w = target.indices, target.weights
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise TypeError("indices must be an integer tensor of shape (N, k)")
+        if idx.dim() != 2 or idx.shape[0] != n:
+            raise ValueError(f"indices must have shape ({n}, k), got {tuple(idx.shape)}")
+        _check_device("indices", idx, x)
+        if _checking_values() and idx.numel() and bool(((idx < -1) | (idx >= m)).any()):
+            raise ValueError(f"indices must lie in [0, {m}) or be -1 for padding")
+        if w is not None:
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                raise TypeError("weights must be a floating-point tensor")
+            if w.shape != idx.shape:
+                raise ValueError(f"weights must have the shape of indices {tuple(idx.shape)}, got {tuple(w.shape)}")
+            _check_device("weights", w, x)
+            if _checking_values() and bool((w < 0).any()):
+                raise ValueError("weights must be >= 0")
+        return Neighbors(idx.long(), w)
+    if isinstance(target, Affinity):
+        _check_choice("kernel", target.kernel, KERNELS)
+        _check_features("z", target.z, n, None, x)
+        z_cols = target.z_cols
+        if z_cols is None:
+            if y is not None and m != n:
+                raise ValueError(f"z_cols is required when y has {m} rows and x has {n}")
+        else:
+            _check_features("z_cols", z_cols, m, target.z.shape[1], x)
+        for name in ("sigma", "temperature", "dof"):
+            check_positive(name, getattr(target, name), x, n)
+        return target
+    # Dense
+    p = target.p
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+        raise TypeError("p must be a floating-point tensor of shape (N, M)")
+    if tuple(p.shape) != (n, m):
+        raise ValueError(f"p must have shape ({n}, {m}), got {tuple(p.shape)}")
+    _check_device("p", p, x)
+    if _checking_values() and bool((p < 0).any()):
+        raise ValueError("p must be >= 0")
+    return target
+
+
+def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, beta, exclude_self,
+                    divergence, reduction, weight) -> Problem:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, d), got shape {tuple(x.shape)}")
+    n, d = x.shape
+    if n == 0:
+        raise ValueError("x has N = 0 rows; the loss needs at least one row")
+    if y is not None:
+        _check_features("y", y, None, d, x)
+        if y.dtype != x.dtype:
+            raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}")
+        if y.shape[0] == 0:
+            raise ValueError("y has M = 0 rows")
+    m = n if y is None else y.shape[0]
+    _check_choice("kernel", kernel, KERNELS)
+    for name, value in (("temperature", temperature), ("sigma", sigma), ("dof", dof)):
+        check_positive(name, value, x, n)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    if exclude_self is None:
+        exclude_self = y is None
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool or None, got {type(exclude_self).__name__}")
+    if exclude_self and m != n:
+        raise ValueError(f"exclude_self=True needs as many columns as rows; y has {m} rows, x has {n}")
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError("weight must be a floating-point tensor of shape (N,)")
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"weight must have shape ({n},), got {tuple(weight.shape)}")
+        _check_device("weight", weight, x)
+    target = _check_target(target, x, y, n, m)
+    param_name = KERNEL_PARAM[kernel]
+    param = {"temperature": temperature, "sigma": sigma, "dof": dof, None: 1.0}[param_name]
+    return Problem(x=x, y=y, kernel=kernel, param=param, target=target, alpha=float(alpha),
+                   beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl",
+                   reduction=reduction, weight=weight)
