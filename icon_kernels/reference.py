@@ -44,8 +44,8 @@ def _masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 def _normalise_rows(w: torch.Tensor):
     total = w.sum(1, keepdim=True)
-    has = total[:, 0] > 0
-    return w / torch.where(total > 0, total, 1.0), has
+    empty = total == 0        # a NaN total keeps its row, so NaN inputs give a NaN loss
+    return w / torch.where(empty, 1.0, total), ~empty[:, 0]
 
 
 def target_probabilities(target, valid: torch.Tensor):
@@ -93,10 +93,10 @@ def row_losses(problem: Problem):
         log_q_mix = torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / m_safe), 0.0)
     else:
         log_q_mix = log_q
-    positive = p_mix > 0
-    cross = (p_mix * torch.where(positive, log_q_mix, 0.0)).sum(1)
+    zero = p_mix == 0         # 0 log 0 = 0; NaN stays NaN
+    cross = (p_mix * torch.where(zero, 0.0, log_q_mix)).sum(1)
     loss = -cross
     if problem.kl:
-        loss = loss + (p_mix * torch.log(torch.where(positive, p_mix, 1.0))).sum(1)
+        loss = loss + (p_mix * torch.log(torch.where(zero, 1.0, p_mix))).sum(1)
     included = has_p & (m_valid[:, 0] > 0)
     return torch.where(included, loss, 0.0), included

@@ -30,18 +30,23 @@ def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
 
 
 def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
-          prm: torch.Tensor):
-    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row)."""
+          prm: torch.Tensor, shift: torch.Tensor):
+    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row).
+
+    Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
+    constant; shifting by the row's LSE keeps that sum from cancelling catastrophically.
+    """
+    shift = shift[:, None]
     if kernel == "dot":
         scaled = grad / prm
-        d_param = -(scaled * aux).sum(1) / _per_row(prm)          # -sum_j G s / tau
+        d_param = -(grad * (aux / prm - shift)).sum(1) / _per_row(prm)   # -sum_j G s / tau
         return scaled @ b, scaled.T @ a, d_param
     if kernel == "log_dot":
         w = grad / aux
         return w @ b, w.T @ a, torch.zeros_like(grad[:, 0])
     if kernel == "gaussian":
         w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
-        d_param = (w * aux).sum(1) / _per_row(prm)                # -2 sum_j G s / sigma
+        d_param = -2 * (grad * (aux / (-2 * prm * prm) - shift)).sum(1) / _per_row(prm)
     else:  # student_t, nu = prm
         w = grad * (prm + 1) / (prm + aux)
         ds_dnu = -0.5 * torch.log1p(aux / prm) + 0.5 * (prm + 1) * aux / (prm * (prm + aux))

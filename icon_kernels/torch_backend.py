@@ -88,7 +88,8 @@ def _off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Te
 
 def _normalised(w: torch.Tensor):
     total = w.sum(1, keepdim=True)
-    return w / torch.where(total > 0, total, 1.0), total[:, 0] > 0
+    empty = total == 0        # a NaN total keeps its row, so NaN inputs give a NaN loss
+    return w / torch.where(empty, 1.0, total), ~empty[:, 0]
 
 
 def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = None) -> Tile:
@@ -122,14 +123,18 @@ def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
     return _off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_valid, r0, pb.exclude_self, 0.0)
 
 
+def _mixed_q(pb: Problem, q: torch.Tensor) -> torch.Tensor:
+    """q~ = (1 - beta) q + beta / M' (beta > 0)."""
+    return (1 - pb.beta) * q + pb.beta / pb.m_valid
+
+
 def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
-    if pb.beta == 0:
-        return log_q
-    return torch.log((1 - pb.beta) * log_q.exp() + pb.beta / pb.m_valid)
+    return log_q if pb.beta == 0 else torch.log(_mixed_q(pb, log_q.exp()))
 
 
 def _where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    return torch.where(p > 0, values, 0.0)
+    """values where p != 0 (0 log 0 = 0); NaN in p stays NaN."""
+    return torch.where(p == 0, 0.0, values)
 
 
 def _learned_tile(pb: Problem, r0: int, r1: int):
@@ -156,7 +161,13 @@ def forward(*args):
         log_q = s_masked - lse[:, None]
         tile = target_tile(pb, r0, r1)
         p_mix = _mixed_target(pb, tile, r0)
-        log_q_mix = _log_mixed_q(pb, log_q)
+        if pb.beta == 0:
+            log_q_mix = log_q
+        else:
+            q = torch.exp(log_q)
+            q_mix = _mixed_q(pb, q)
+            log_q_mix = torch.log(q_mix)
+            stats[R_STAT, r0:r1] = _where_positive(p_mix, p_mix * q / q_mix).sum(1)
         row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
         if pb.kl:
             row = row + _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
@@ -164,12 +175,15 @@ def forward(*args):
         loss[r0:r1] = torch.where(included, row, 0.0)
         valid[r0:r1] = included
         stats[LSE, r0:r1] = lse
-        if pb.beta > 0:
-            stats[R_STAT, r0:r1] = _where_positive(p_mix, p_mix * torch.exp(log_q - log_q_mix)).sum(1)
         if pb.target == "affinity":
             stats[LSE_P, r0:r1] = tile.lse_p
             stats[H_STAT, r0:r1] = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
     return loss, valid, stats
+
+
+def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
+    """The LSE as a row shift for tile_math.chain; -inf (no valid column) becomes 0, NaN stays."""
+    return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
 def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: int) -> None:
@@ -199,10 +213,12 @@ def backward(grad_rows, *rest):
         if pb.beta == 0:
             grad_s = g_rows * (q - p_mix)
         else:
-            q_mix = (1 - pb.beta) * q + pb.beta / pb.m_valid
+            q_mix = _mixed_q(pb, q)
             grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / q_mix)
+        grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
         prm = tile_math.rows_of(pb.param, r0, r1)
-        d_rows, d_cols, d_prm = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux, prm)
+        d_rows, d_cols, d_prm = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux, prm,
+                                                  _finite_shift(stats[LSE, r0:r1]))
         dx[r0:r1] = d_rows
         dy += d_cols
         _accumulate_param(dparam, d_prm, r0, r1)
@@ -210,7 +226,8 @@ def backward(grad_rows, *rest):
             h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
             grad_t = _where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
             tprm = tile_math.rows_of(pb.t_param, r0, r1)
-            dz_r, dzc, dtp = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux, tprm)
+            dz_r, dzc, dtp = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
+                                                  tprm, _finite_shift(stats[LSE_P, r0:r1]))
             dz[r0:r1] = dz_r
             dz_cols += dzc
             _accumulate_param(dt_param, dtp, r0, r1)

@@ -1,0 +1,93 @@
+"""Builders of small, ragged I-Con problems shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+import icon_kernels as ik
+
+KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
+TARGETS = ("labels", "neighbors", "affinity", "dense")
+PARAM_OF = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof"}
+DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5}
+
+
+def features(n: int, d: int, kernel: str, dtype, gen: torch.Generator) -> torch.Tensor:
+    """log_dot needs x.y > 0: use soft assignments (rows of a softmax)."""
+    raw = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if kernel == "log_dot":
+        raw = raw.softmax(dim=1)
+    return raw.to(dtype)
+
+
+def make_target(kind: str, n: int, m: int, rect: bool, dtype, gen, t_kernel="gaussian",
+                target_grad=False, missing_rows=True):
+    """A target with, where the type allows it, rows that have no positives."""
+    if kind == "labels":
+        rows = torch.randint(0, 4, (n,), generator=gen)
+        cols = torch.randint(0, 4, (m,), generator=gen) if rect else None
+        if missing_rows:
+            rows[-1] = 99          # a class of its own: no positive anywhere
+        return ik.Labels(rows, cols)
+    if kind == "neighbors":
+        idx = torch.randint(-1, m, (n, 5), generator=gen)
+        idx[:, 0] = idx[:, 1]      # repeated neighbours add up
+        if missing_rows:
+            idx[0] = -1            # an empty list
+            idx[1] = torch.tensor([1, 1, -1, -1, -1])  # only itself: empty once self is excluded
+        weights = torch.rand(n, 5, generator=gen, dtype=torch.float64).to(dtype) + 0.1
+        return ik.Neighbors(idx, weights if n % 2 else None)
+    if kind == "dense":
+        p = torch.rand(n, m, generator=gen, dtype=torch.float64)
+        if missing_rows:
+            p[2] = 0
+        return ik.Dense(p.to(dtype))
+    z = features(n, 6, t_kernel, dtype, gen).requires_grad_(target_grad)
+    z_cols = features(m, 6, t_kernel, dtype, gen).requires_grad_(target_grad) if rect else None
+    sigma = torch.tensor(1.3, dtype=dtype, requires_grad=target_grad)
+    return ik.Affinity(z, z_cols, kernel=t_kernel, sigma=sigma, temperature=0.7, dof=2.0)
+
+
+def leaves(x, y, target, kwargs):
+    """Every tensor of the problem that requires grad, in a fixed order."""
+    found = [x] + ([y] if y is not None else [])
+    found += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    if isinstance(target, ik.Affinity):
+        found += [t for t in (target.z, target.z_cols, target.sigma, target.temperature, target.dof)
+                  if isinstance(t, torch.Tensor)]
+    return [t for t in found if t.requires_grad]
+
+
+def clone_problem(x, y, target, kwargs, dtype):
+    """The same problem in another dtype, with fresh leaves."""
+    def conv(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        out = t.detach().to(dtype) if t.is_floating_point() else t
+        return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
+    if isinstance(target, ik.Labels):
+        target = ik.Labels(target.row_labels, target.col_labels)
+    elif isinstance(target, ik.Neighbors):
+        target = ik.Neighbors(target.indices, conv(target.weights))
+    elif isinstance(target, ik.Dense):
+        target = ik.Dense(conv(target.p))
+    else:
+        target = ik.Affinity(conv(target.z), conv(target.z_cols), kernel=target.kernel,
+                             sigma=conv(target.sigma), temperature=conv(target.temperature),
+                             dof=conv(target.dof))
+    return conv(x), conv(y), target, {k: conv(v) for k, v in kwargs.items()}
+
+
+def loss_and_grads(x, y, target, kwargs, backend, upstream):
+    """The loss and the grads of every leaf, for an upstream gradient ``upstream``."""
+    loss = ik.icon_loss(x, y, target=target, backend=backend, **kwargs)
+    ins = leaves(x, y, target, kwargs)
+    grads = torch.autograd.grad(loss, ins, grad_outputs=upstream.to(loss.dtype), allow_unused=True)
+    return loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (the plain error norm when want is zero)."""
+    got, want = got.double(), want.double()
+    err = (got - want).norm().item()
+    scale = want.norm().item()
+    return err / scale if scale > 0 else err
