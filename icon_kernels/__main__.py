@@ -1,0 +1,3 @@
+from .env_report import environment_report
+
+print(environment_report())

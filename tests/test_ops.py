@@ -1,0 +1,65 @@
+"""The torch.library ops: opcheck on every registered op, and torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import icon_kernels as ik
+from icon_kernels.functional import _op_arguments
+from icon_kernels.ops import forward_op
+from icon_kernels.validation import check_arguments
+
+
+def _problem(target_kind, dtype=torch.float64, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    n, m, d = 11, 9, 5
+    x = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    y = torch.randn(m, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
+    tau = torch.tensor(0.5, dtype=dtype, requires_grad=requires_grad)
+    targets = {
+        "labels": ik.Labels(torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)),
+        "neighbors": ik.Neighbors(torch.randint(-1, m, (n, 3), generator=g)),
+        "affinity": ik.Affinity(torch.randn(n, 4, generator=g, dtype=dtype).requires_grad_(requires_grad),
+                                torch.randn(m, 4, generator=g, dtype=dtype).requires_grad_(requires_grad),
+                                sigma=torch.tensor(1.2, dtype=dtype, requires_grad=requires_grad)),
+        "dense": ik.Dense(torch.rand(n, m, generator=g, dtype=dtype)),
+    }
+    pb = check_arguments(x, y, target=targets[target_kind], kernel="dot", temperature=tau, sigma=1.0,
+                         dof=1.0, alpha=0.1, beta=0.2, exclude_self=False, divergence="kl",
+                         reduction="mean", weight=None)
+    return _op_arguments(pb)
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "neighbors", "affinity", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck_forward(target_kind, dtype):
+    torch.library.opcheck(forward_op("torch"), _problem(target_kind, dtype))
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "affinity"])
+@pytest.mark.parametrize("need_target_grad", [False, True])
+def test_opcheck_backward(target_kind, need_target_grad):
+    args = _problem(target_kind, requires_grad=False)
+    _, valid, stats = forward_op("torch")(*args)
+    grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.icon_kernels.torch_backward.default,
+                          (grad_rows, *args, valid, stats, need_target_grad))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 16, generator=g)
+    labels = torch.arange(50) // 2
+    tau = torch.tensor(0.2)
+
+    def step(x, tau):
+        return ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=tau,
+                            alpha=0.05, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        xi, ti = x.clone().requires_grad_(), tau.clone().requires_grad_()
+        loss = fn(xi, ti)
+        loss.backward()
+        results.append((loss.detach(), xi.grad, ti.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
