@@ -148,36 +148,44 @@ def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tenso
     return torch.log(p_mix) - log_q_mix if pb.kl else -log_q_mix
 
 
+def _forward_chunk(pb: Problem, r0: int, r1: int):
+    """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
+    _, _, s_masked = _learned_tile(pb, r0, r1)
+    lse = torch.logsumexp(s_masked, dim=1)
+    log_q = s_masked - lse[:, None]
+    del s_masked
+    tile = target_tile(pb, r0, r1)
+    p_mix = _mixed_target(pb, tile, r0)
+    r_stat = None
+    if pb.beta == 0:
+        log_q_mix = log_q
+    else:
+        q = torch.exp(log_q)
+        q_mix = _mixed_q(pb, q)
+        log_q_mix = torch.log(q_mix)
+        r_stat = _where_positive(p_mix, p_mix * q / q_mix).sum(1)
+        del q, q_mix
+    row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
+    if pb.kl:
+        row = row + _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+    h_stat = None
+    if pb.target == "affinity":
+        h_stat = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
+    included = tile.has_p & (pb.m_valid > 0)
+    return torch.where(included, row, 0.0), included, (lse, r_stat, tile.lse_p, h_stat)
+
+
 def forward(*args):
     pb = _cast(args)
     n = pb.x.shape[0]
-    acc = pb.x.dtype
-    loss = torch.zeros(n, dtype=acc, device=pb.x.device)
+    loss = torch.zeros(n, dtype=pb.x.dtype, device=pb.x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=pb.x.device)
-    stats = torch.zeros(4, n, dtype=acc, device=pb.x.device)
+    stats = torch.zeros(4, n, dtype=pb.x.dtype, device=pb.x.device)
     for r0, r1 in row_chunks(n, pb.y.shape[0]):
-        _, _, s_masked = _learned_tile(pb, r0, r1)
-        lse = torch.logsumexp(s_masked, dim=1)
-        log_q = s_masked - lse[:, None]
-        tile = target_tile(pb, r0, r1)
-        p_mix = _mixed_target(pb, tile, r0)
-        if pb.beta == 0:
-            log_q_mix = log_q
-        else:
-            q = torch.exp(log_q)
-            q_mix = _mixed_q(pb, q)
-            log_q_mix = torch.log(q_mix)
-            stats[R_STAT, r0:r1] = _where_positive(p_mix, p_mix * q / q_mix).sum(1)
-        row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
-        if pb.kl:
-            row = row + _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
-        included = tile.has_p & (pb.m_valid > 0)
-        loss[r0:r1] = torch.where(included, row, 0.0)
-        valid[r0:r1] = included
-        stats[LSE, r0:r1] = lse
-        if pb.target == "affinity":
-            stats[LSE_P, r0:r1] = tile.lse_p
-            stats[H_STAT, r0:r1] = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
+        loss[r0:r1], valid[r0:r1], row_stats = _forward_chunk(pb, r0, r1)
+        for k, value in enumerate(row_stats):
+            if value is not None:
+                stats[k, r0:r1] = value
     return loss, valid, stats
 
 
@@ -193,48 +201,53 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
         d_param += rows.sum()
 
 
+def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
+                    stats: torch.Tensor, target_grad: bool):
+    """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
+    s, aux, s_masked = _learned_tile(pb, r0, r1)
+    del s
+    log_q = s_masked - stats[LSE, r0:r1, None]
+    del s_masked
+    q = torch.exp(log_q)
+    tile = target_tile(pb, r0, r1, stats[LSE_P, r0:r1] if pb.target == "affinity" else None)
+    p_mix = _mixed_target(pb, tile, r0)
+    g_rows = g[r0:r1, None]
+    if pb.beta == 0:
+        grad_s = g_rows * (q - p_mix)
+    else:
+        grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / _mixed_q(pb, q))
+    del q
+    grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
+    learned = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux,
+                              tile_math.rows_of(pb.param, r0, r1), _finite_shift(stats[LSE, r0:r1]))
+    del grad_s, aux
+    if not target_grad:
+        return learned, None
+    h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
+    grad_t = _where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
+    target = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
+                             tile_math.rows_of(pb.t_param, r0, r1), _finite_shift(stats[LSE_P, r0:r1]))
+    return learned, target
+
+
 def backward(grad_rows, *rest):
     """Gradients (dx, dy, dparam, dz, dz_cols, dt_param); target grads are empty unless requested."""
     *args, valid, stats, need_target_grad = rest
     pb = _cast(args)
-    n = pb.x.shape[0]
     g = torch.where(valid, grad_rows.to(pb.x.dtype), 0.0)
-    dx, dy, dparam = torch.zeros_like(pb.x), torch.zeros_like(pb.y), torch.zeros_like(pb.param)
     target_grad = need_target_grad and pb.target == "affinity"
+    # (rows, columns, parameter) accumulators of the learned side, then of the target side
+    sides = [(torch.zeros_like(pb.x), torch.zeros_like(pb.y), torch.zeros_like(pb.param))]
     if target_grad:
-        dz, dz_cols, dt_param = torch.zeros_like(pb.z), torch.zeros_like(pb.z_cols), torch.zeros_like(pb.t_param)
-    for r0, r1 in row_chunks(n, pb.y.shape[0]):
-        s, aux, s_masked = _learned_tile(pb, r0, r1)
-        log_q = s_masked - stats[LSE, r0:r1, None]
-        q = torch.exp(log_q)
-        tile = target_tile(pb, r0, r1, stats[LSE_P, r0:r1] if pb.target == "affinity" else None)
-        p_mix = _mixed_target(pb, tile, r0)
-        g_rows = g[r0:r1, None]
-        if pb.beta == 0:
-            grad_s = g_rows * (q - p_mix)
-        else:
-            q_mix = _mixed_q(pb, q)
-            grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / q_mix)
-        grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
-        prm = tile_math.rows_of(pb.param, r0, r1)
-        d_rows, d_cols, d_prm = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux, prm,
-                                                  _finite_shift(stats[LSE, r0:r1]))
-        dx[r0:r1] = d_rows
-        dy += d_cols
-        _accumulate_param(dparam, d_prm, r0, r1)
-        if target_grad:
-            h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
-            grad_t = _where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
-            tprm = tile_math.rows_of(pb.t_param, r0, r1)
-            dz_r, dzc, dtp = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
-                                                  tprm, _finite_shift(stats[LSE_P, r0:r1]))
-            dz[r0:r1] = dz_r
-            dz_cols += dzc
-            _accumulate_param(dt_param, dtp, r0, r1)
-    x, y, param = args[0], args[1], args[2]
-    grads = [dx.to(x.dtype), dy.to(y.dtype), dparam.to(param.dtype)]
-    if target_grad:
-        grads += [dz.to(args[9].dtype), dz_cols.to(args[10].dtype), dt_param.to(args[11].dtype)]
-    else:
-        grads += [x.new_empty(0) for _ in range(3)]
+        sides.append((torch.zeros_like(pb.z), torch.zeros_like(pb.z_cols), torch.zeros_like(pb.t_param)))
+    for r0, r1 in row_chunks(pb.x.shape[0], pb.y.shape[0]):
+        pieces = _backward_chunk(pb, r0, r1, g, valid, stats, target_grad)
+        for (d_rows, d_cols, d_param), piece in zip(sides, pieces):
+            d_rows[r0:r1] = piece[0]
+            d_cols += piece[1]
+            _accumulate_param(d_param, piece[2], r0, r1)
+    # back to the dtypes of the op's inputs: x, y, param and, for targets, z, z_cols, t_param
+    originals = (args[0], args[1], args[2], args[9], args[10], args[11])
+    grads = [grad.to(orig.dtype) for grad, orig in zip([g for side in sides for g in side], originals)]
+    grads += [args[0].new_empty(0) for _ in range(6 - len(grads))]
     return tuple(grads)
