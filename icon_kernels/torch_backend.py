@@ -10,6 +10,7 @@ The functions take the flat arguments of the op schema in ``ops.py``.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -17,7 +18,7 @@ import torch
 
 from . import tile_math
 
-CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 22))
+CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20))
 
 # rows of the saved statistics tensor (4 x N)
 LSE, R_STAT, LSE_P, H_STAT = range(4)
@@ -41,6 +42,7 @@ class Tile(NamedTuple):
     t: Optional[torch.Tensor] = None
     t_aux: Optional[torch.Tensor] = None
     lse_p: Optional[torch.Tensor] = None
+    count: Optional[torch.Tensor] = None      # Labels: K_i, the number of positives
 
 
 class Problem(NamedTuple):
@@ -96,8 +98,9 @@ def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = N
     """p for rows r0:r1. For Affinity, ``lse_p`` (saved in forward) is reused when given."""
     m, acc = pb.y.shape[0], pb.x.dtype
     if pb.target == "labels":
-        same = (pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc)
-        return Tile(*_normalised(_off_self(same, r0, pb.exclude_self, 0.0)))
+        same = _off_self((pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc), r0,
+                         pb.exclude_self, 0.0)
+        return Tile(*_normalised(same), count=same.sum(1))
     if pb.target == "neighbors":
         idx = pb.nbr_index[r0:r1]
         w = torch.ones(idx.shape, dtype=acc, device=idx.device) if pb.nbr_weight is None else pb.nbr_weight[r0:r1]
@@ -148,6 +151,19 @@ def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tenso
     return torch.log(p_mix) - log_q_mix if pb.kl else -log_q_mix
 
 
+def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
+    """sum_j p~ log p~ per row; closed form for Labels: K a log a + (M' - K) b log b."""
+    if tile.count is None:
+        return _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+    k, m_valid = tile.count, pb.m_valid
+    a = (1 - pb.alpha) / k.clamp_min(1) + pb.alpha / m_valid
+    entropy = k * a * torch.log(a)
+    if pb.alpha > 0:
+        b = pb.alpha / m_valid
+        entropy = entropy + (m_valid - k) * b * math.log(b)
+    return entropy
+
+
 def _forward_chunk(pb: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
     _, _, s_masked = _learned_tile(pb, r0, r1)
@@ -167,7 +183,7 @@ def _forward_chunk(pb: Problem, r0: int, r1: int):
         del q, q_mix
     row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
     if pb.kl:
-        row = row + _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+        row = row + _entropy(pb, tile, p_mix)
     h_stat = None
     if pb.target == "affinity":
         h_stat = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
