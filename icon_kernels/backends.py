@@ -5,6 +5,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from . import triton_backend
+
 ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 # fastest first; "auto" takes the first usable one for the inputs' device
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -17,6 +19,8 @@ def _unavailable_reason(name: str) -> Optional[str]:
         return None
     if name == "cpu":
         return "the fused C++ CPU kernel (icon_kernels._C) is not part of this version yet"
+    if name == "triton":
+        return triton_backend.unavailable_reason()
     if not torch.cuda.is_available():
         return "needs a CUDA device (torch.cuda.is_available() is False)"
     return f"the {name} kernels are not part of this version yet"
@@ -46,6 +50,8 @@ def resolve_backend(backend, device: torch.device) -> str:
         raise ValueError(f"backend {backend!r} is not available: {why}. "
                          f"Available backends: {', '.join(usable)}")
     wanted = _DEVICE_OF.get(backend)
+    if backend == "triton" and triton_backend.interpreting():
+        wanted = None        # the interpreter runs the kernels on CPU tensors
     if wanted is not None and device.type != wanted:
         raise ValueError(f"backend {backend!r} runs on {wanted} tensors, but the inputs are on {device}")
     return backend

@@ -12,8 +12,9 @@ DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5}
 
 
 def features(n: int, d: int, kernel: str, dtype, gen: torch.Generator) -> torch.Tensor:
-    """log_dot needs x.y > 0: use soft assignments (rows of a softmax)."""
-    raw = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    """Rows of norm ~2 whatever d, so logits stay O(10) (fp32-conditioned); log_dot needs
+    x.y > 0: soft assignments (rows of a softmax)."""
+    raw = torch.randn(n, d, generator=gen, dtype=torch.float64) * (2.0 / max(d, 1) ** 0.5)
     if kernel == "log_dot":
         raw = raw.softmax(dim=1)
     return raw.to(dtype)

@@ -1,3 +1,12 @@
+import os
+
+import torch
+
+# The Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must
+# be set before icon_kernels (and so the kernels) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from icon_kernels import torch_backend

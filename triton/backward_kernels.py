@@ -1,0 +1,200 @@
+"""Backward kernels: tiles recomputed from the saved row statistics (FlashAttention-2 style).
+
+``icon_backward_rows_kernel`` is row-parallel and writes dX, d(param) per row and, for Affinity
+targets with grad, dZ and d(target param); ``icon_backward_cols_kernel`` is column-parallel and
+writes dY (and dZ_cols), so no atomics are needed. In self mode autograd adds dX and dY.
+"""
+import triton
+import triton.language as tl
+
+from .tile_helpers import (exp_, grad_weight, load_rows, load_vec, pair_logits, param_grad,
+                           target_weights, valid_pairs)
+
+
+@triton.jit
+def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
+                   KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr):
+    """(dL/ds, dL/dt) of one tile; g is the upstream gradient per row, 0 for rows left out."""
+    log_q = tl.where(valid, s - lse[:, None], float("-inf"))
+    q = exp_(log_q)
+    p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+    if HAS_BETA:
+        q_mix = (1.0 - beta) * q + beta / m_valid
+        grad_s = g[:, None] * (1.0 - beta) * q * (r_stat[:, None] - p_mix / q_mix)
+        log_q_mix = tl.log(q_mix)
+    else:
+        grad_s = g[:, None] * (q - p_mix)
+        log_q_mix = log_q
+    grad_s = tl.where(valid, grad_s, 0.0)
+    grad_t = grad_s
+    if TARGET_GRAD:
+        if KL:
+            h = tl.log(p_mix) - log_q_mix
+        else:
+            h = -log_q_mix
+        grad_t = tl.where(p != 0.0, g[:, None] * (1.0 - alpha) * p * (h - h_stat[:, None]), 0.0)
+    return grad_s, grad_t
+
+
+@triton.jit
+def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
+              z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
+              N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+              m_valid, alpha, beta, KERNEL: tl.constexpr, T_KERNEL: tl.constexpr,
+              TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr,
+              HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Everything the two backward kernels need from one (rows, cols) tile."""
+    valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
+    s, aux = pair_logits(x, y, x_sq, y_sq, prm, KERNEL, PRECISION)
+    if TARGET == 2:
+        t, t_aux = pair_logits(z, zc, z_sq, zc_sq, t_prm, T_KERNEL, PRECISION)
+        p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
+    else:
+        p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+                           DENSE, stride_dense, TARGET)
+        t = s
+        t_aux = aux
+    grad_s, grad_t = tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
+                                    KL, HAS_BETA, TARGET_GRAD)
+    w = grad_weight(grad_s, aux, prm, KERNEL)
+    w_t = w
+    if TARGET_GRAD:
+        w_t = grad_weight(grad_t, t_aux, t_prm, T_KERNEL)
+    return w, grad_s, s, aux, w_t, grad_t, t, t_aux
+
+
+@triton.jit
+def _finite(lse):
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
+def icon_backward_rows_kernel(
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DX, DPRM, DZ_ROWS, DTPRM,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
+        EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < N
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    lse = load_vec(STATS, rows, N, 0.0)
+    r_stat = load_vec(STATS + N, rows, N, 0.0)
+    g = load_vec(GRAD, rows, N, 0.0)
+    z = x
+    z_sq = x_sq
+    t_prm = prm
+    lse_p = lse
+    h_stat = r_stat
+    if TARGET == 2:
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+        z_sq = load_vec(ZSQ, rows, N, 0.0)
+        t_prm = load_vec(TPRM, rows, N, 1.0)
+        lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
+        h_stat = load_vec(STATS + 3 * N, rows, N, 0.0)
+    dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    dprm = tl.zeros([BLOCK_M], tl.float32)
+    dz = tl.zeros([BLOCK_M, BLOCK_DZ], tl.float32)
+    wt_sum = tl.zeros([BLOCK_M], tl.float32)
+    dtprm = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+        y_sq = load_vec(YSQ, cols, M, 0.0)
+        zc = y
+        zc_sq = y_sq
+        if TARGET == 2:
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+            zc_sq = load_vec(ZCSQ, cols, M, 0.0)
+        w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
+            rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
+            z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
+            N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+            m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
+            TARGET_GRAD, PRECISION)
+        dx += tl.dot(w, y, input_precision=PRECISION)
+        w_sum += tl.sum(w, 1)
+        dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
+        if TARGET_GRAD:
+            dz += tl.dot(w_t, zc, input_precision=PRECISION)
+            wt_sum += tl.sum(w_t, 1)
+            dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
+    if KERNEL == 1 or KERNEL == 2:
+        dx -= w_sum[:, None] * x
+    dk = tl.arange(0, BLOCK_D)
+    tl.store(DX + rows[:, None] * D + dk[None, :], dx, mask=in_rows[:, None] & (dk < D)[None, :])
+    tl.store(DPRM + rows, dprm, mask=in_rows)
+    if TARGET_GRAD:
+        if T_KERNEL == 1 or T_KERNEL == 2:
+            dz -= wt_sum[:, None] * z
+        dkz = tl.arange(0, BLOCK_DZ)
+        tl.store(DZ_ROWS + rows[:, None] * DZ + dkz[None, :], dz, mask=in_rows[:, None] & (dkz < DZ)[None, :])
+        tl.store(DTPRM + rows, dtprm, mask=in_rows)
+
+
+@triton.jit
+def icon_backward_cols_kernel(
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DY, DZ_COLS,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
+        EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cols = cols < M
+    y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+    y_sq = load_vec(YSQ, cols, M, 0.0)
+    zc = y
+    zc_sq = y_sq
+    if TARGET == 2:
+        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+        zc_sq = load_vec(ZCSQ, cols, M, 0.0)
+    dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_N], tl.float32)
+    dzc = tl.zeros([BLOCK_N, BLOCK_DZ], tl.float32)
+    wt_sum = tl.zeros([BLOCK_N], tl.float32)
+    for i0 in range(0, N, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+        x_sq = load_vec(XSQ, rows, N, 0.0)
+        prm = load_vec(PRM, rows, N, 1.0)
+        lse = load_vec(STATS, rows, N, 0.0)
+        r_stat = load_vec(STATS + N, rows, N, 0.0)
+        g = load_vec(GRAD, rows, N, 0.0)
+        z = x
+        z_sq = x_sq
+        t_prm = prm
+        lse_p = lse
+        h_stat = r_stat
+        if TARGET == 2:
+            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+            z_sq = load_vec(ZSQ, rows, N, 0.0)
+            t_prm = load_vec(TPRM, rows, N, 1.0)
+            lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
+            h_stat = load_vec(STATS + 3 * N, rows, N, 0.0)
+        w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
+            rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
+            z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
+            N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+            m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
+            TARGET_GRAD, PRECISION)
+        dy += tl.dot(tl.trans(w), x, input_precision=PRECISION)
+        w_sum += tl.sum(w, 0)
+        if TARGET_GRAD:
+            dzc += tl.dot(tl.trans(w_t), z, input_precision=PRECISION)
+            wt_sum += tl.sum(w_t, 0)
+    if KERNEL == 1 or KERNEL == 2:
+        dy -= w_sum[:, None] * y
+    dk = tl.arange(0, BLOCK_D)
+    tl.store(DY + cols[:, None] * D + dk[None, :], dy, mask=in_cols[:, None] & (dk < D)[None, :])
+    if TARGET_GRAD:
+        if T_KERNEL == 1 or T_KERNEL == 2:
+            dzc -= wt_sum[:, None] * zc
+        dkz = tl.arange(0, BLOCK_DZ)
+        tl.store(DZ_COLS + cols[:, None] * DZ + dkz[None, :], dzc, mask=in_cols[:, None] & (dkz < DZ)[None, :])

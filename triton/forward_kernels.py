@@ -1,0 +1,154 @@
+"""Forward kernels of the I-Con loss: one program per block of rows, a loop over column tiles.
+
+``icon_forward_kernel`` keeps the online LSE of q (and of p for Affinity targets). When the loss
+is linear in log q (beta = 0) and p's entropy has a closed form (not Affinity with alpha > 0) it
+also finishes the row loss in the same pass. Otherwise ``icon_mixture_kernel`` makes the second
+pass over the tiles with the LSEs known (DESIGN.md §1 'Streaming forward').
+Statistics rows: 0 LSE, 1 R, 2 LSE^p, 3 H.
+"""
+import triton
+import triton.language as tl
+
+from .tile_helpers import exp_, load_rows, load_vec, pair_logits, target_weights, valid_pairs
+
+
+@triton.jit
+def icon_forward_kernel(
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
+        EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, ONE_PASS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    if TARGET == 2:
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+        z_sq = load_vec(ZSQ, rows, N, 0.0)
+        t_prm = load_vec(TPRM, rows, N, 1.0)
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    m_p = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    sum_ps = tl.zeros([BLOCK_M], tl.float32)     # sum_j p s   (Affinity: rescaled like l_p)
+    sum_s = tl.zeros([BLOCK_M], tl.float32)      # sum_{j valid} s
+    ent = tl.zeros([BLOCK_M], tl.float32)        # sum_j p~ log p~ (Affinity: sum_j p t, rescaled)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+        s, aux = pair_logits(x, y, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL, PRECISION)
+        s_m = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s_m, 1))
+        l = l * exp_(m - m_new) + tl.sum(exp_(s_m - m_new[:, None]), 1)
+        m = m_new
+        if TARGET == 2:
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+            t, t_aux = pair_logits(z, zc, z_sq, load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL, PRECISION)
+            t_m = tl.where(valid, t, float("-inf"))
+            mp_new = tl.maximum(m_p, tl.max(t_m, 1))
+            rescale = exp_(m_p - mp_new)
+            e = exp_(t_m - mp_new[:, None])
+            l_p = l_p * rescale + tl.sum(e, 1)
+            if ONE_PASS:
+                sum_ps = sum_ps * rescale + tl.sum(tl.where(e != 0.0, e * s, 0.0), 1)
+                ent = ent * rescale + tl.sum(tl.where(e != 0.0, e * t, 0.0), 1)
+            m_p = mp_new
+        elif ONE_PASS:
+            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+                               DENSE, stride_dense, TARGET)
+            sum_ps += tl.sum(tl.where(p != 0.0, p * s, 0.0), 1)
+            p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+            ent += tl.sum(tl.where(p_mix != 0.0, p_mix * tl.log(p_mix), 0.0), 1)
+        if ONE_PASS:
+            sum_s += tl.sum(tl.where(valid, s, 0.0), 1)
+    lse = m + tl.log(l)
+    in_rows = rows < N
+    tl.store(STATS + rows, lse, mask=in_rows)
+    if TARGET == 2:
+        lse_p = m_p + tl.log(l_p)
+        tl.store(STATS + 2 * N + rows, lse_p, mask=in_rows)
+    if ONE_PASS:
+        if TARGET == 2:
+            sum_ps = sum_ps / l_p
+            ent = ent / l_p - lse_p
+        cross = (1.0 - alpha) * sum_ps + alpha / m_valid * sum_s - lse
+        if KL:
+            loss = ent - cross
+        else:
+            loss = -cross
+        tl.store(LOSS + rows, loss, mask=in_rows)
+        tl.store(STATS + N + rows, tl.full([BLOCK_M], 1.0, tl.float32), mask=in_rows)
+        if TARGET == 2:
+            tl.store(STATS + 3 * N + rows, loss, mask=in_rows)
+
+
+@triton.jit
+def icon_mixture_kernel(
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
+        EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+    """Second pass: log q~ and log p~ are logs of mixtures, so the LSEs are needed first."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < N
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    lse = tl.load(STATS + rows, mask=in_rows, other=0.0)
+    if TARGET == 2:
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+        z_sq = load_vec(ZSQ, rows, N, 0.0)
+        t_prm = load_vec(TPRM, rows, N, 1.0)
+        lse_p = tl.load(STATS + 2 * N + rows, mask=in_rows, other=0.0)
+    cross = tl.zeros([BLOCK_M], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    r_stat = tl.zeros([BLOCK_M], tl.float32)
+    h_stat = tl.zeros([BLOCK_M], tl.float32)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+        s, aux = pair_logits(x, y, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL, PRECISION)
+        log_q = tl.where(valid, s - lse[:, None], float("-inf"))
+        q = exp_(log_q)
+        if HAS_BETA:
+            q_mix = (1.0 - beta) * q + beta / m_valid
+            log_q_mix = tl.log(q_mix)
+        else:
+            q_mix = q
+            log_q_mix = log_q
+        if TARGET == 2:
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+            t, t_aux = pair_logits(z, zc, z_sq, load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL, PRECISION)
+            p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
+        else:
+            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+                               DENSE, stride_dense, TARGET)
+        p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+        used = p_mix != 0.0
+        log_p_mix = tl.log(p_mix)
+        cross += tl.sum(tl.where(used, p_mix * log_q_mix, 0.0), 1)
+        ent += tl.sum(tl.where(used, p_mix * log_p_mix, 0.0), 1)
+        if HAS_BETA:
+            r_stat += tl.sum(tl.where(used, p_mix * q / q_mix, 0.0), 1)
+        else:
+            r_stat += tl.sum(p_mix, 1)
+        if KL:
+            h = log_p_mix - log_q_mix
+        else:
+            h = -log_q_mix
+        h_stat += tl.sum(tl.where(p != 0.0, p * h, 0.0), 1)
+    if KL:
+        loss = ent - cross
+    else:
+        loss = -cross
+    tl.store(LOSS + rows, loss, mask=in_rows)
+    tl.store(STATS + N + rows, r_stat, mask=in_rows)
+    tl.store(STATS + 3 * N + rows, h_stat, mask=in_rows)

@@ -1,0 +1,150 @@
+"""Launchers of the Triton kernels: the ``forward`` / ``backward`` implementations of the
+``icon_kernels::triton_*`` ops (same flat arguments as the op schema in icon_kernels/ops.py).
+
+They prepare O(N + M) side inputs in torch (squared norms, per-row parameters, the target's
+per-row normaliser), choose block sizes and launch. No N x M buffer is allocated; a Dense target
+is itself N x M and is read in place.
+"""
+import os
+
+import torch
+import triton
+
+from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
+from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
+
+KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3}
+TARGET_CODES = {"labels": 0, "neighbors": 1, "affinity": 2, "dense": 3}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fp32_precision() -> str:
+    """tl.dot input precision for fp32 inputs: "ieee" unless ICON_KERNELS_TRITON_FP32=tf32."""
+    return "tf32" if os.environ.get("ICON_KERNELS_TRITON_FP32", "ieee") == "tf32" else "ieee"
+
+
+def _blocks(d: int, dz: int):
+    block_d = max(16, triton.next_power_of_2(d))
+    block_dz = max(16, triton.next_power_of_2(dz))
+    if INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DZ=block_dz)
+    big = block_d > 128 or block_dz > 64
+    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=block_d, BLOCK_DZ=block_dz,
+                num_warps=4 if big else 8)
+
+
+def _row_param(param, n):
+    return param.detach().float().expand(n).contiguous()
+
+
+def _sq(t):
+    return t.float().square().sum(1)
+
+
+def _prepare(args):
+    """Kernel arguments (pointers, sizes, flags) and the mask of rows that have a target."""
+    (x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols,
+     t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl) = args
+    n, m = x.shape[0], y.shape[0]
+    m_valid = m - int(exclude_self)
+    dev = x.device
+    x, y = x.contiguous(), y.contiguous()
+    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+    lab, clab, norm, nbr_idx, nbr_w, k_nbr, dense = dummy_i, dummy_i, dummy_f, dummy_i, dummy_f, 0, dummy_f
+    zz, zc, zsq, zcsq, tprm = x, y, dummy_f, dummy_f, dummy_f
+    if target == "labels":
+        _, inverse = torch.unique(torch.cat([row_labels, col_labels]), return_inverse=True)
+        ri, ci = inverse[:n], inverse[n:]
+        count = torch.bincount(ci, minlength=int(inverse.max()) + 1 if inverse.numel() else 1)[ri]
+        if exclude_self:
+            count = count - (ri == ci[:n]).long()
+        has = count > 0
+        lab, clab = ri.contiguous(), ci.contiguous()
+        norm = torch.where(has, count, 1).float()
+    elif target == "neighbors":
+        idx = nbr_index
+        w = torch.ones(idx.shape, device=dev) if nbr_weight is None else nbr_weight.float()
+        keep = idx >= 0
+        if exclude_self:
+            keep &= idx != torch.arange(n, device=dev)[:, None]
+        w = torch.where(keep, w, 0.0)
+        total = w.sum(1, keepdim=True)
+        has = total[:, 0] != 0
+        nbr_w = (w / torch.where(total == 0, 1.0, total)).contiguous()
+        nbr_idx = torch.where(keep, idx, -1).contiguous()
+        k_nbr = idx.shape[1]
+        if k_nbr == 0:
+            nbr_w, nbr_idx = dummy_f, dummy_i
+    elif target == "dense":
+        dense = dense_p.contiguous()
+        total = dense.float().sum(1)
+        if exclude_self:
+            total = total - dense.diagonal().float()
+        has = total != 0
+        norm = torch.where(has, total, 1.0)
+    else:
+        zz, zc = z.contiguous(), z_cols.contiguous()
+        zsq, zcsq, tprm = _sq(zz), _sq(zc), _row_param(t_param, n)
+        has = torch.ones(n, dtype=torch.bool, device=dev)
+    included = has & (m_valid > 0)
+    tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(param, n), LAB=lab, CLAB=clab,
+                   NORM=norm, NBR_IDX=nbr_idx, NBR_W=nbr_w, K_NBR=k_nbr, DENSE=dense,
+                   stride_dense=dense.stride(0) if dense.dim() == 2 else 0,
+                   Z=zz, ZC=zc, ZSQ=zsq, ZCSQ=zcsq, TPRM=tprm)
+    sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
+                 stride_y=y.stride(0), stride_z=zz.stride(0), stride_zc=zc.stride(0),
+                 m_valid=float(max(m_valid, 1)), alpha=float(alpha))
+    flags = dict(KERNEL=KERNEL_CODES[kernel], T_KERNEL=KERNEL_CODES[t_kernel],
+                 TARGET=TARGET_CODES[target], EXCLUDE_SELF=bool(exclude_self), KL=bool(kl),
+                 PRECISION=fp32_precision(), **_blocks(x.shape[1], zz.shape[1]))
+    return tensors, sizes, flags, included, float(beta)
+
+
+def forward(*args):
+    tensors, sizes, flags, included, beta = _prepare(args)
+    n, dev = sizes["N"], tensors["X"].device
+    acc = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.zeros(4, n, dtype=torch.float32, device=dev)
+    two_pass = beta > 0 or (flags["TARGET"] == 2 and sizes["alpha"] > 0)
+    grid = (triton.cdiv(n, flags["BLOCK_M"]),)
+    icon_forward_kernel[grid](**tensors, LOSS=loss, STATS=stats, **sizes, ONE_PASS=not two_pass, **flags)
+    if two_pass:
+        icon_mixture_kernel[grid](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
+                                  HAS_BETA=beta > 0, **flags)
+    loss = torch.where(included, loss, 0.0)
+    return loss.to(acc), included, stats.to(acc)
+
+
+def backward(grad_rows, *rest):
+    *args, valid, stats, need_target_grad = rest
+    tensors, sizes, flags, _, beta = _prepare(args)
+    x, y, param, z, z_cols, t_param = args[0], args[1], args[2], args[9], args[10], args[11]
+    n, m, d, dz = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"]
+    target_grad = bool(need_target_grad) and args[4] == "affinity"
+    dev = x.device
+    g = torch.where(valid, grad_rows.float(), 0.0).contiguous()
+    stats = stats.float().contiguous()
+    dx = torch.empty(n, d, dtype=torch.float32, device=dev)
+    dy = torch.empty(m, d, dtype=torch.float32, device=dev)
+    dprm = torch.empty(n, dtype=torch.float32, device=dev)
+    dz_rows = torch.empty(n, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
+    dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
+    dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
+    common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
+                  TARGET_GRAD=target_grad, **flags)
+    icon_backward_rows_kernel[(triton.cdiv(n, flags["BLOCK_M"]),)](
+        DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
+    icon_backward_cols_kernel[(triton.cdiv(m, flags["BLOCK_N"]),)](DY=dy, DZ_COLS=dz_cols, **common)
+    grads = [dx.to(x.dtype), dy.to(y.dtype), _reduce_param(dprm, param)]
+    if target_grad:
+        grads += [dz_rows.to(z.dtype), dz_cols.to(z_cols.dtype), _reduce_param(dtprm, t_param)]
+    else:
+        grads += [x.new_empty(0) for _ in range(3)]
+    return tuple(grads)
+
+
+def _reduce_param(per_row, param):
+    """Per-row parameter grads summed for a scalar parameter."""
+    return (per_row if param.dim() == 1 else per_row.sum()).to(param.dtype)

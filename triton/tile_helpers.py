@@ -1,0 +1,114 @@
+"""@triton.jit helpers shared by the I-Con forward and backward kernels.
+
+Codes (constexpr): kernel 0 dot, 1 gaussian, 2 student_t, 3 log_dot (cosine arrives as dot on
+normalised rows); target 0 labels, 1 neighbors, 2 affinity, 3 dense. Everything is fp32.
+"""
+import triton
+import triton.language as tl
+
+DOT, GAUSSIAN, STUDENT_T, LOG_DOT = 0, 1, 2, 3
+LABELS, NEIGHBORS, AFFINITY, DENSE = 0, 1, 2, 3
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def exp_(v):
+    return tl.exp2(v * 1.4426950408889634)
+
+
+@triton.jit
+def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d):
+    """A [len(idx), BLOCK_D] block of a row-major (n, d) matrix, zero padded, as fp32."""
+    dk = tl.arange(0, BLOCK_D)
+    mask = (idx < n)[:, None] & (dk < d)[None, :]
+    return tl.load(ptr + idx[:, None] * stride + dk[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_vec(ptr, idx, n, other):
+    return tl.load(ptr + idx, mask=idx < n, other=other)
+
+
+@triton.jit
+def pair_logits(a, b, a_sq, b_sq, prm, KERNEL: tl.constexpr, PRECISION: tl.constexpr):
+    """(s, aux) for row block a [BM, D] against column block b [BN, D]; prm is per row [BM].
+
+    aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t)."""
+    ab = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    if KERNEL == 0:
+        s = ab / prm[:, None]
+        aux = ab
+    elif KERNEL == 3:
+        s = tl.log(ab)
+        aux = ab
+    else:
+        aux = tl.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * ab, 0.0)
+        if KERNEL == 1:
+            s = -aux / (2.0 * prm * prm)[:, None]
+        else:
+            s = -0.5 * (prm + 1.0)[:, None] * tl.log(1.0 + aux / prm[:, None])
+    return s, aux
+
+
+@triton.jit
+def grad_weight(grad, aux, prm, KERNEL: tl.constexpr):
+    """W with dL/da_i = sum_j W_ij b_j - DIST * (sum_j W_ij) a_i (and symmetrically for b)."""
+    if KERNEL == 0:
+        w = grad / prm[:, None]
+    elif KERNEL == 3:
+        w = tl.where(grad != 0.0, grad / aux, 0.0)     # padding has a.b = 0 and grad = 0
+    elif KERNEL == 1:
+        w = grad / (prm * prm)[:, None]
+    else:
+        w = grad * (prm + 1.0)[:, None] / (prm[:, None] + aux)
+    return w
+
+
+@triton.jit
+def param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
+    """Per-row dL/dparam of one tile. Rows of G sum to zero, so s is shifted by the row LSE."""
+    if KERNEL == 0:
+        d = -tl.sum(grad * (s - shift[:, None]), 1) / prm
+    elif KERNEL == 1:
+        d = -2.0 * tl.sum(grad * (s - shift[:, None]), 1) / prm
+    elif KERNEL == 2:
+        nu = prm[:, None]
+        ds = -0.5 * tl.log(1.0 + aux / nu) + 0.5 * (nu + 1.0) * aux / (nu * (nu + aux))
+        d = tl.sum(grad * ds, 1)
+    else:
+        d = tl.sum(grad * 0.0, 1)
+    return d
+
+
+@triton.jit
+def valid_pairs(rows, cols, N, M, EXCLUDE_SELF: tl.constexpr):
+    ok = (rows < N)[:, None] & (cols < M)[None, :]
+    if EXCLUDE_SELF:
+        ok = ok & (rows[:, None] != cols[None, :])
+    return ok
+
+
+@triton.jit
+def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE,
+                   stride_dense, TARGET: tl.constexpr):
+    """p_ij for labels, neighbors and dense targets (zero off the valid set).
+
+    NORM holds the per-row normaliser: K_i for labels, the row sum for dense; neighbour weights
+    arrive already normalised, and repeated indices add up."""
+    if TARGET == 0:
+        li = tl.load(LAB + rows, mask=rows < N, other=0)
+        cj = tl.load(CLAB + cols, mask=cols < M, other=0)
+        k = tl.load(NORM + rows, mask=rows < N, other=1.0)
+        p = tl.where((li[:, None] == cj[None, :]) & valid, 1.0 / k[:, None], 0.0)
+    elif TARGET == 1:
+        p = tl.zeros(valid.shape, tl.float32)
+        for kk in range(0, K_NBR):
+            idx = tl.load(NBR_IDX + rows * K_NBR + kk, mask=rows < N, other=-1)
+            w = tl.load(NBR_W + rows * K_NBR + kk, mask=rows < N, other=0.0)
+            p += tl.where(idx[:, None] == cols[None, :], w[:, None], 0.0)
+        p = tl.where(valid, p, 0.0)
+    else:
+        w = tl.load(DENSE + rows[:, None] * stride_dense + cols[None, :], mask=valid, other=0.0)
+        norm = tl.load(NORM + rows, mask=rows < N, other=1.0)
+        p = w.to(tl.float32) / norm[:, None]
+    return p
