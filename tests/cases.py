@@ -92,3 +92,19 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     err = (got - want).norm().item()
     scale = want.norm().item()
     return err / scale if scale > 0 else err
+
+
+def _move(t, device):
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.is_floating_point():
+        return t.detach().to(device).requires_grad_(t.requires_grad)
+    return t.to(device)
+
+
+def to_device(problem, device):
+    """The same problem (x, y, target, kwargs) with fresh leaves on ``device``."""
+    x, y, target, kwargs = problem
+    fields = {k: _move(v, device) for k, v in vars(target).items()}
+    return (_move(x, device), _move(y, device), type(target)(**fields),
+            {k: _move(v, device) for k, v in kwargs.items()})

@@ -28,23 +28,29 @@ def _problem(target_kind, dtype=torch.float64, requires_grad=True):
     return _op_arguments(pb)
 
 
+FUSED = [b for b in ("torch", "triton") if b in ik.available_backends()]
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target_kind", ["labels", "neighbors", "affinity", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck_forward(target_kind, dtype):
-    torch.library.opcheck(forward_op("torch"), _problem(target_kind, dtype))
+def test_opcheck_forward(backend, target_kind, dtype):
+    torch.library.opcheck(forward_op(backend), _problem(target_kind, dtype))
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target_kind", ["labels", "affinity"])
 @pytest.mark.parametrize("need_target_grad", [False, True])
-def test_opcheck_backward(target_kind, need_target_grad):
+def test_opcheck_backward(backend, target_kind, need_target_grad):
     args = _problem(target_kind, requires_grad=False)
-    _, valid, stats = forward_op("torch")(*args)
+    _, valid, stats = forward_op(backend)(*args)
     grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64)
-    torch.library.opcheck(torch.ops.icon_kernels.torch_backward.default,
-                          (grad_rows, *args, valid, stats, need_target_grad))
+    op = getattr(torch.ops.icon_kernels, f"{backend}_backward").default
+    torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph_matches_eager(backend):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(50, 16, generator=g)
     labels = torch.arange(50) // 2
@@ -52,7 +58,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
     def step(x, tau):
         return ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=tau,
-                            alpha=0.05, backend="torch")
+                            alpha=0.05, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     results = []

@@ -2,24 +2,10 @@
 import pytest
 import torch
 
-from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error
+from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error, to_device
 from test_torch_vs_reference import SETTINGS, build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _move(t):
-    if not isinstance(t, torch.Tensor):
-        return t
-    if t.is_floating_point():
-        return t.detach().cuda().requires_grad_(t.requires_grad)
-    return t.cuda()
-
-
-def _to_cuda(problem):
-    x, y, target, kwargs = problem
-    fields = {k: _move(v) for k, v in vars(target).items()}
-    return _move(x), _move(y), type(target)(**fields), {k: _move(v) for k, v in kwargs.items()}
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -28,7 +14,7 @@ def _to_cuda(problem):
 def test_cuda_matches_reference(kernel, target_kind, setting):
     problem, upstream = build(kernel, target_kind, setting, torch.float64, seed=1)
     want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
-    got_loss, got_grads = loss_and_grads(*_to_cuda(problem), "torch", upstream.cuda())
+    got_loss, got_grads = loss_and_grads(*to_device(problem, "cuda"), "torch", upstream.cuda())
     assert got_loss.is_cuda
     assert relative_error(got_loss.cpu(), want_loss) <= 1e-9
     for g, w in zip(got_grads, want_grads):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error
+from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error, to_device
 from test_torch_vs_reference import SETTINGS, build
 
 pytestmark = pytest.mark.skipif("triton" not in ik.available_backends(),
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif("triton" not in ik.available_backends(),
 # fp32 against the float64 reference. Scalar parameter grads are sums of per-row terms of both
 # signs; their fp32 error reaches 3e-5 here (the reference itself in fp32: up to 8.5e-5 for dof).
 TOL = {torch.float32: 5e-5}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: the interpreter
 SHAPES = [(45, 38, 16), (70, 70, 33), (33, 61, 64)]
 
 
@@ -22,7 +23,8 @@ def check(problem, upstream, dtype, tol):
     x, y, target, kwargs = problem
     want_loss, want_grads = loss_and_grads(*clone_problem(x, y, target, kwargs, torch.float64),
                                            "reference", upstream)
-    got_loss, got_grads = loss_and_grads(x, y, target, kwargs, "triton", upstream)
+    got_loss, got_grads = loss_and_grads(*to_device(problem, DEVICE), "triton", upstream.to(DEVICE))
+    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
     assert got_loss.dtype == dtype
     assert relative_error(got_loss, want_loss) <= tol, (got_loss, want_loss)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
@@ -68,7 +70,8 @@ def test_fp16_error_within_twice_pytorchs_own(kernel, target_kind):
     x, y, target, kwargs = problem
     exact = loss_and_grads(*clone_problem(x, y, target, kwargs, torch.float64), "reference", upstream)
     naive = loss_and_grads(*clone_problem(x, y, target, kwargs, torch.float16), "reference", upstream)
-    ours = loss_and_grads(x, y, target, kwargs, "triton", upstream)
+    ours = loss_and_grads(*to_device(problem, DEVICE), "triton", upstream.to(DEVICE))
+    ours = ours[0].cpu(), [g.cpu() for g in ours[1]]
     assert ours[0].dtype == torch.float16
     floor = 1e-4
     assert relative_error(ours[0], exact[0]) <= 2 * relative_error(naive[0], exact[0]) + floor
@@ -83,7 +86,8 @@ def test_low_temperature_huge_logits():
     kw = dict(kernel="dot", temperature=0.01)
     up = torch.tensor(1.3)
     want = loss_and_grads(x.detach().double().requires_grad_(), None, target, kw, "reference", up)
-    got = loss_and_grads(x, None, target, kw, "triton", up)
+    got = loss_and_grads(*to_device((x, None, target, kw), DEVICE), "triton", up.to(DEVICE))
+    got = got[0].cpu(), [g.cpu() for g in got[1]]
     assert torch.isfinite(got[0]) and torch.isfinite(got[1][0]).all()
     assert relative_error(got[0], want[0]) <= 1e-5
     assert relative_error(got[1][0], want[1][0]) <= 1e-5
