@@ -76,10 +76,10 @@ def icon_backward_rows_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     lse = load_vec(STATS, rows, N, 0.0)
@@ -91,7 +91,7 @@ def icon_backward_rows_kernel(
     lse_p = lse
     h_stat = r_stat
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
@@ -104,12 +104,12 @@ def icon_backward_rows_kernel(
     dtprm = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
         y_sq = load_vec(YSQ, cols, M, 0.0)
         zc = y
         zc_sq = y_sq
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
             zc_sq = load_vec(ZCSQ, cols, M, 0.0)
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
@@ -117,7 +117,7 @@ def icon_backward_rows_kernel(
             N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
             m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
             TARGET_GRAD, PRECISION)
-        dx += tl.dot(w, y, input_precision=PRECISION)
+        dx += tl.dot(w.to(y.dtype), y, input_precision=PRECISION)
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
         if TARGET_GRAD:
@@ -125,7 +125,7 @@ def icon_backward_rows_kernel(
             wt_sum += tl.sum(w_t, 1)
             dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
     if KERNEL == 1 or KERNEL == 2:
-        dx -= w_sum[:, None] * x
+        dx -= w_sum[:, None] * x.to(tl.float32)
     dk = tl.arange(0, BLOCK_D)
     tl.store(DX + rows[:, None] * D + dk[None, :], dx, mask=in_rows[:, None] & (dk < D)[None, :])
     tl.store(DPRM + rows, dprm, mask=in_rows)
@@ -145,15 +145,15 @@ def icon_backward_cols_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cols = cols < M
-    y = load_rows(Y, cols, M, stride_y, BLOCK_D, D)
+    y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
     y_sq = load_vec(YSQ, cols, M, 0.0)
     zc = y
     zc_sq = y_sq
     if TARGET == 2:
-        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ)
+        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
         zc_sq = load_vec(ZCSQ, cols, M, 0.0)
     dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -161,7 +161,7 @@ def icon_backward_cols_kernel(
     wt_sum = tl.zeros([BLOCK_N], tl.float32)
     for i0 in range(0, N, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
-        x = load_rows(X, rows, N, stride_x, BLOCK_D, D)
+        x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
         x_sq = load_vec(XSQ, rows, N, 0.0)
         prm = load_vec(PRM, rows, N, 1.0)
         lse = load_vec(STATS, rows, N, 0.0)
@@ -173,7 +173,7 @@ def icon_backward_cols_kernel(
         lse_p = lse
         h_stat = r_stat
         if TARGET == 2:
-            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ)
+            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
             z_sq = load_vec(ZSQ, rows, N, 0.0)
             t_prm = load_vec(TPRM, rows, N, 1.0)
             lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
@@ -184,13 +184,13 @@ def icon_backward_cols_kernel(
             N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
             m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
             TARGET_GRAD, PRECISION)
-        dy += tl.dot(tl.trans(w), x, input_precision=PRECISION)
+        dy += tl.dot(tl.trans(w.to(x.dtype)), x, input_precision=PRECISION)
         w_sum += tl.sum(w, 0)
         if TARGET_GRAD:
             dzc += tl.dot(tl.trans(w_t), z, input_precision=PRECISION)
             wt_sum += tl.sum(w_t, 0)
     if KERNEL == 1 or KERNEL == 2:
-        dy -= w_sum[:, None] * y
+        dy -= w_sum[:, None] * y.to(tl.float32)
     dk = tl.arange(0, BLOCK_D)
     tl.store(DY + cols[:, None] * D + dk[None, :], dy, mask=in_cols[:, None] & (dk < D)[None, :])
     if TARGET_GRAD:

@@ -23,14 +23,32 @@ def fp32_precision() -> str:
     return "tf32" if os.environ.get("ICON_KERNELS_TRITON_FP32", "ieee") == "tf32" else "ieee"
 
 
-def _blocks(d: int, dz: int):
-    block_d = max(16, triton.next_power_of_2(d))
-    block_dz = max(16, triton.next_power_of_2(dz))
+def _configs():
+    """Tile shapes for Ampere/Hopper; exactly one under the interpreter."""
     if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, BLOCK_DZ=block_dz)
-    big = block_d > 128 or block_dz > 64
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, BLOCK_D=block_d, BLOCK_DZ=block_dz,
-                num_warps=4 if big else 8)
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
+
+
+_KEY = ["N", "M", "D", "DZ"]
+_forward_kernel = triton.autotune(_configs(), key=_KEY)(icon_forward_kernel)
+_mixture_kernel = triton.autotune(_configs(), key=_KEY)(icon_mixture_kernel)
+_rows_kernel = triton.autotune(_configs(), key=_KEY)(icon_backward_rows_kernel)
+_cols_kernel = triton.autotune(_configs(), key=_KEY)(icon_backward_cols_kernel)
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Convert to fp32 right after loading? Not for fp16/bf16 on a GPU (tensor cores), but bf16
+    under the interpreter, which cannot do bf16 arithmetic."""
+    if dtype == torch.float16:
+        return False
+    return dtype != torch.bfloat16 or INTERPRET
+
+
+def _rows_grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
 
 
 def _row_param(param, n):
@@ -84,7 +102,7 @@ def _prepare(args):
         has = total != 0
         norm = torch.where(has, total, 1.0)
     else:
-        zz, zc = z.contiguous(), z_cols.contiguous()
+        zz, zc = z.float().contiguous(), z_cols.float().contiguous()
         zsq, zcsq, tprm = _sq(zz), _sq(zc), _row_param(t_param, n)
         has = torch.ones(n, dtype=torch.bool, device=dev)
     included = has & (m_valid > 0)
@@ -97,7 +115,9 @@ def _prepare(args):
                  m_valid=float(max(m_valid, 1)), alpha=float(alpha))
     flags = dict(KERNEL=KERNEL_CODES[kernel], T_KERNEL=KERNEL_CODES[t_kernel],
                  TARGET=TARGET_CODES[target], EXCLUDE_SELF=bool(exclude_self), KL=bool(kl),
-                 PRECISION=fp32_precision(), **_blocks(x.shape[1], zz.shape[1]))
+                 PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype),
+                 BLOCK_D=max(16, triton.next_power_of_2(x.shape[1])),
+                 BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
     return tensors, sizes, flags, included, float(beta)
 
 
@@ -108,11 +128,11 @@ def forward(*args):
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.zeros(4, n, dtype=torch.float32, device=dev)
     two_pass = beta > 0 or (flags["TARGET"] == 2 and sizes["alpha"] > 0)
-    grid = (triton.cdiv(n, flags["BLOCK_M"]),)
-    icon_forward_kernel[grid](**tensors, LOSS=loss, STATS=stats, **sizes, ONE_PASS=not two_pass, **flags)
+    _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
+                                   ONE_PASS=not two_pass, **flags)
     if two_pass:
-        icon_mixture_kernel[grid](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
-                                  HAS_BETA=beta > 0, **flags)
+        _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
+                                       HAS_BETA=beta > 0, **flags)
     loss = torch.where(included, loss, 0.0)
     return loss.to(acc), included, stats.to(acc)
 
@@ -134,9 +154,8 @@ def backward(grad_rows, *rest):
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
                   TARGET_GRAD=target_grad, **flags)
-    icon_backward_rows_kernel[(triton.cdiv(n, flags["BLOCK_M"]),)](
-        DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
-    icon_backward_cols_kernel[(triton.cdiv(m, flags["BLOCK_N"]),)](DY=dy, DZ_COLS=dz_cols, **common)
+    _rows_kernel[_rows_grid(n)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
+    _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),)](DY=dy, DZ_COLS=dz_cols, **common)
     grads = [dx.to(x.dtype), dy.to(y.dtype), _reduce_param(dprm, param)]
     if target_grad:
         grads += [dz_rows.to(z.dtype), dz_cols.to(z_cols.dtype), _reduce_param(dtprm, t_param)]

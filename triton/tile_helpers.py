@@ -17,11 +17,16 @@ def exp_(v):
 
 
 @triton.jit
-def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d):
-    """A [len(idx), BLOCK_D] block of a row-major (n, d) matrix, zero padded, as fp32."""
+def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d, UPCAST: tl.constexpr):
+    """A [len(idx), BLOCK_D] block of a row-major (n, d) matrix, zero padded. UPCAST converts to
+    fp32 at once (fp32/fp64 inputs, and bf16 under the interpreter, which cannot do bf16
+    arithmetic); otherwise fp16/bf16 stay native so tl.dot runs on tensor cores."""
     dk = tl.arange(0, BLOCK_D)
     mask = (idx < n)[:, None] & (dk < d)[None, :]
-    return tl.load(ptr + idx[:, None] * stride + dk[None, :], mask=mask, other=0.0).to(tl.float32)
+    block = tl.load(ptr + idx[:, None] * stride + dk[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        block = block.to(tl.float32)
+    return block
 
 
 @triton.jit
