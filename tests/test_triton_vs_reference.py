@@ -93,3 +93,23 @@ def test_low_temperature_huge_logits():
     assert torch.isfinite(got[0]) and torch.isfinite(got[1][0]).all()
     assert relative_error(got[0], want[0]) <= 1e-5
     assert relative_error(got[1][0], want[1][0]) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel,target_kind", [("dot", "labels"), ("gaussian", "neighbors"),
+                                                ("student_t", "affinity"), ("log_dot", "dense")])
+@pytest.mark.parametrize("setting", SETTINGS[1:3], ids=[s[0] for s in SETTINGS[1:3]])
+def test_feature_dim_chunked(monkeypatch, kernel, target_kind, setting):
+    """d beyond the register budget is looped over in chunks (shrunk here so d = 50 takes
+    4 ragged chunks of 16)."""
+    from icon_kernels._triton import launchers
+    monkeypatch.setattr(launchers, "MAX_BLOCK_D", 32)
+    monkeypatch.setattr(launchers, "D_CHUNK", 16)
+    problem, upstream = build(kernel, target_kind, setting, torch.float32, seed=9, n=40, m=37,
+                              d=50, target_grad=target_kind == "affinity",
+                              param_tensor=kernel != "log_dot" and "rows")
+    check(problem, upstream, torch.float32, TOL[torch.float32])
+
+
+def test_feature_dim_300_uses_chunks():
+    problem, upstream = build("cosine", "labels", SETTINGS[0], torch.float32, seed=4, n=36, m=36, d=300)
+    check(problem, upstream, torch.float32, TOL[torch.float32])

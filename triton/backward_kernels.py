@@ -7,7 +7,7 @@ writes dY (and dZ_cols), so no atomics are needed. In self mode autograd adds dX
 import triton
 import triton.language as tl
 
-from .tile_helpers import (exp_, grad_weight, load_rows, load_vec, pair_logits, param_grad,
+from .tile_helpers import (exp_, grad_weight, gram_block, load_rows, load_vec, pair_logits, param_grad,
                            target_weights, valid_pairs)
 
 
@@ -40,14 +40,18 @@ def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
 def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
               N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
-              m_valid, alpha, beta, KERNEL: tl.constexpr, T_KERNEL: tl.constexpr,
-              TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr,
-              HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+              m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D: tl.constexpr,
+              D_CHUNKED: tl.constexpr, UPCAST: tl.constexpr, KERNEL: tl.constexpr,
+              T_KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+              KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Everything the two backward kernels need from one (rows, cols) tile."""
     valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
-    s, aux = pair_logits(x, y, x_sq, y_sq, prm, KERNEL, PRECISION)
+    ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
+                    UPCAST, PRECISION)
+    s, aux = pair_logits(ab, x_sq, y_sq, prm, KERNEL)
     if TARGET == 2:
-        t, t_aux = pair_logits(z, zc, z_sq, zc_sq, t_prm, T_KERNEL, PRECISION)
+        t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq, zc_sq, t_prm, T_KERNEL)
         p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
     else:
         p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
@@ -76,10 +80,13 @@ def icon_backward_rows_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        D_CHUNKED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
+    c = tl.program_id(1)          # the chunk of d this program writes (all of d unless D_CHUNKED)
+    first = c == 0                # per-row outputs are written by the first chunk's program
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, c * BLOCK_D)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     lse = load_vec(STATS, rows, N, 0.0)
@@ -91,7 +98,7 @@ def icon_backward_rows_kernel(
     lse_p = lse
     h_stat = r_stat
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
@@ -104,19 +111,19 @@ def icon_backward_rows_kernel(
     dtprm = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST, c * BLOCK_D)
         y_sq = load_vec(YSQ, cols, M, 0.0)
         zc = y
         zc_sq = y_sq
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
             zc_sq = load_vec(ZCSQ, cols, M, 0.0)
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
-            m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
-            TARGET_GRAD, PRECISION)
+            m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
+            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
         dx += tl.dot(w.to(y.dtype), y, input_precision=PRECISION)
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
@@ -126,15 +133,16 @@ def icon_backward_rows_kernel(
             dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
     if KERNEL == 1 or KERNEL == 2:
         dx -= w_sum[:, None] * x.to(tl.float32)
-    dk = tl.arange(0, BLOCK_D)
+    dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
     tl.store(DX + rows[:, None] * D + dk[None, :], dx, mask=in_rows[:, None] & (dk < D)[None, :])
-    tl.store(DPRM + rows, dprm, mask=in_rows)
+    tl.store(DPRM + rows, dprm, mask=in_rows & first)
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
             dz -= wt_sum[:, None] * z
         dkz = tl.arange(0, BLOCK_DZ)
-        tl.store(DZ_ROWS + rows[:, None] * DZ + dkz[None, :], dz, mask=in_rows[:, None] & (dkz < DZ)[None, :])
-        tl.store(DTPRM + rows, dtprm, mask=in_rows)
+        tl.store(DZ_ROWS + rows[:, None] * DZ + dkz[None, :], dz,
+                 mask=(in_rows & first)[:, None] & (dkz < DZ)[None, :])
+        tl.store(DTPRM + rows, dtprm, mask=in_rows & first)
 
 
 @triton.jit
@@ -145,15 +153,18 @@ def icon_backward_cols_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        D_CHUNKED: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cols = cols < M
-    y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
+    c = tl.program_id(1)          # the chunk of d this program writes (all of d unless D_CHUNKED)
+    first = c == 0
+    y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST, c * BLOCK_D)
     y_sq = load_vec(YSQ, cols, M, 0.0)
     zc = y
     zc_sq = y_sq
     if TARGET == 2:
-        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
+        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
         zc_sq = load_vec(ZCSQ, cols, M, 0.0)
     dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -161,7 +172,7 @@ def icon_backward_cols_kernel(
     wt_sum = tl.zeros([BLOCK_N], tl.float32)
     for i0 in range(0, N, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
-        x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
+        x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, c * BLOCK_D)
         x_sq = load_vec(XSQ, rows, N, 0.0)
         prm = load_vec(PRM, rows, N, 1.0)
         lse = load_vec(STATS, rows, N, 0.0)
@@ -173,7 +184,7 @@ def icon_backward_cols_kernel(
         lse_p = lse
         h_stat = r_stat
         if TARGET == 2:
-            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
+            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
             z_sq = load_vec(ZSQ, rows, N, 0.0)
             t_prm = load_vec(TPRM, rows, N, 1.0)
             lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
@@ -182,8 +193,8 @@ def icon_backward_cols_kernel(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
-            m_valid, alpha, beta, KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA,
-            TARGET_GRAD, PRECISION)
+            m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
+            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
         dy += tl.dot(tl.trans(w.to(x.dtype)), x, input_precision=PRECISION)
         w_sum += tl.sum(w, 0)
         if TARGET_GRAD:
@@ -191,10 +202,11 @@ def icon_backward_cols_kernel(
             wt_sum += tl.sum(w_t, 0)
     if KERNEL == 1 or KERNEL == 2:
         dy -= w_sum[:, None] * y.to(tl.float32)
-    dk = tl.arange(0, BLOCK_D)
+    dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
     tl.store(DY + cols[:, None] * D + dk[None, :], dy, mask=in_cols[:, None] & (dk < D)[None, :])
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
             dzc -= wt_sum[:, None] * zc
         dkz = tl.arange(0, BLOCK_DZ)
-        tl.store(DZ_COLS + cols[:, None] * DZ + dkz[None, :], dzc, mask=in_cols[:, None] & (dkz < DZ)[None, :])
+        tl.store(DZ_COLS + cols[:, None] * DZ + dkz[None, :], dzc,
+                 mask=(in_cols & first)[:, None] & (dkz < DZ)[None, :])

@@ -9,7 +9,8 @@ Statistics rows: 0 LSE, 1 R, 2 LSE^p, 3 H.
 import triton
 import triton.language as tl
 
-from .tile_helpers import exp_, load_rows, load_vec, pair_logits, target_weights, valid_pairs
+from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, target_weights,
+                           valid_pairs)
 
 
 @triton.jit
@@ -20,13 +21,14 @@ def icon_forward_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, ONE_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        D_CHUNKED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -39,15 +41,18 @@ def icon_forward_kernel(
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
-        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
-        s, aux = pair_logits(x, y, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL, PRECISION)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST, 0)
+        ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
+                        UPCAST, PRECISION)
+        s, aux = pair_logits(ab, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL)
         s_m = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s_m, 1))
         l = l * exp_(m - m_new) + tl.sum(exp_(s_m - m_new[:, None]), 1)
         m = m_new
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
-            t, t_aux = pair_logits(z, zc, z_sq, load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL, PRECISION)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+            t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq,
+                                   load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             t_m = tl.where(valid, t, float("-inf"))
             mp_new = tl.maximum(m_p, tl.max(t_m, 1))
             rescale = exp_(m_p - mp_new)
@@ -94,16 +99,17 @@ def icon_mixture_kernel(
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        D_CHUNKED: tl.constexpr):
     """Second pass: log q~ and log p~ are logs of mixtures, so the LSEs are needed first."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     lse = tl.load(STATS + rows, mask=in_rows, other=0.0)
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = tl.load(STATS + 2 * N + rows, mask=in_rows, other=0.0)
@@ -114,8 +120,10 @@ def icon_mixture_kernel(
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
-        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST)
-        s, aux = pair_logits(x, y, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL, PRECISION)
+        y = load_rows(Y, cols, M, stride_y, BLOCK_D, D, UPCAST, 0)
+        ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
+                        UPCAST, PRECISION)
+        s, aux = pair_logits(ab, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL)
         log_q = tl.where(valid, s - lse[:, None], float("-inf"))
         q = exp_(log_q)
         if HAS_BETA:
@@ -125,8 +133,9 @@ def icon_mixture_kernel(
             q_mix = q
             log_q_mix = log_q
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True)
-            t, t_aux = pair_logits(z, zc, z_sq, load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL, PRECISION)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+            t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq,
+                                   load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
         else:
             p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,

@@ -16,6 +16,8 @@ from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
 KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3}
 TARGET_CODES = {"labels": 0, "neighbors": 1, "affinity": 2, "dense": 3}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_BLOCK_D = 256     # larger feature dims are looped over in chunks of D_CHUNK
+D_CHUNK = 128
 
 
 def fp32_precision() -> str:
@@ -47,8 +49,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or INTERPRET
 
 
-def _rows_grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+def _block_d(d: int) -> int:
+    """All of d in one block up to MAX_BLOCK_D; beyond, chunks of D_CHUNK (no register spills)."""
+    return max(16, triton.next_power_of_2(d)) if d <= MAX_BLOCK_D else D_CHUNK
+
+
+def _rows_grid(n, d_chunks=1):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), d_chunks)
 
 
 def _row_param(param, n):
@@ -116,7 +123,7 @@ def _prepare(args):
     flags = dict(KERNEL=KERNEL_CODES[kernel], T_KERNEL=KERNEL_CODES[t_kernel],
                  TARGET=TARGET_CODES[target], EXCLUDE_SELF=bool(exclude_self), KL=bool(kl),
                  PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype),
-                 BLOCK_D=max(16, triton.next_power_of_2(x.shape[1])),
+                 D_CHUNKED=x.shape[1] > MAX_BLOCK_D, BLOCK_D=_block_d(x.shape[1]),
                  BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
     return tensors, sizes, flags, included, float(beta)
 
@@ -154,8 +161,10 @@ def backward(grad_rows, *rest):
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
                   TARGET_GRAD=target_grad, **flags)
-    _rows_kernel[_rows_grid(n)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
-    _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]),)](DY=dy, DZ_COLS=dz_cols, **common)
+    d_chunks = triton.cdiv(d, flags["BLOCK_D"])
+    _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
+    _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
+                                                                            **common)
     grads = [dx.to(x.dtype), dy.to(y.dtype), _reduce_param(dprm, param)]
     if target_grad:
         grads += [dz_rows.to(z.dtype), dz_cols.to(z_cols.dtype), _reduce_param(dtprm, t_param)]

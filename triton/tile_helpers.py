@@ -17,11 +17,11 @@ def exp_(v):
 
 
 @triton.jit
-def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d, UPCAST: tl.constexpr):
-    """A [len(idx), BLOCK_D] block of a row-major (n, d) matrix, zero padded. UPCAST converts to
-    fp32 at once (fp32/fp64 inputs, and bf16 under the interpreter, which cannot do bf16
-    arithmetic); otherwise fp16/bf16 stay native so tl.dot runs on tensor cores."""
-    dk = tl.arange(0, BLOCK_D)
+def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d, UPCAST: tl.constexpr, d0):
+    """Columns d0 : d0 + BLOCK_D of rows idx of a row-major (n, d) matrix, zero padded. UPCAST
+    converts to fp32 at once (fp32/fp64 inputs, and bf16 under the interpreter, which cannot do
+    bf16 arithmetic); otherwise fp16/bf16 stay native so tl.dot runs on tensor cores."""
+    dk = d0 + tl.arange(0, BLOCK_D)
     mask = (idx < n)[:, None] & (dk < d)[None, :]
     block = tl.load(ptr + idx[:, None] * stride + dk[None, :], mask=mask, other=0.0)
     if UPCAST:
@@ -35,11 +35,26 @@ def load_vec(ptr, idx, n, other):
 
 
 @triton.jit
-def pair_logits(a, b, a_sq, b_sq, prm, KERNEL: tl.constexpr, PRECISION: tl.constexpr):
-    """(s, aux) for row block a [BM, D] against column block b [BN, D]; prm is per row [BM].
+def gram_block(a, b, A, B, ia, ib, na, nb, stride_a, stride_b, d, BLOCK_D: tl.constexpr,
+               D_CHUNKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a_i . b_j for row blocks ia of A and ib of B: from the loaded blocks a, b, or, when d is
+    too large to hold in registers (D_CHUNKED), by a loop over d in BLOCK_D chunks."""
+    if D_CHUNKED:
+        ab = tl.zeros([ia.shape[0], ib.shape[0]], tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            a_c = load_rows(A, ia, na, stride_a, BLOCK_D, d, UPCAST, d0)
+            b_c = load_rows(B, ib, nb, stride_b, BLOCK_D, d, UPCAST, d0)
+            ab += tl.dot(a_c, tl.trans(b_c), input_precision=PRECISION)
+    else:
+        ab = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    return ab
+
+
+@triton.jit
+def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
+    """(s, aux) from the Gram block ab [BM, BN]; prm is per row [BM].
 
     aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t)."""
-    ab = tl.dot(a, tl.trans(b), input_precision=PRECISION)
     if KERNEL == 0:
         s = ab / prm[:, None]
         aux = ab
