@@ -4,6 +4,7 @@ Each case builds the target and calls icon_loss inside `pytest.raises`, so the c
 whether the library validates in the target's constructor or in icon_loss. Argument names are
 matched as whole words (r"\\bx\\b"), so "x" is not satisfied by an unrelated word like "expected".
 """
+import os
 import re
 import signal
 
@@ -12,7 +13,7 @@ import torch
 
 import icon_kernels as ik
 
-BACKENDS = ["reference", "torch"]
+BACKENDS = ["reference", "torch", "triton"]
 N, D = 6, 4
 
 
@@ -20,6 +21,8 @@ N, D = 6, 4
 def backend(request):
     if request.param not in ik.available_backends():
         pytest.skip(f"backend {request.param!r} not available")
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("these CPU-tensor tests reach triton only through the interpreter")
     return request.param
 
 

@@ -39,7 +39,7 @@ def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
 @triton.jit
 def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
-              N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+              N, M, LAB, CLAB, NORM, DENSE, stride_dense,
               m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D: tl.constexpr,
               D_CHUNKED: tl.constexpr, UPCAST: tl.constexpr, KERNEL: tl.constexpr,
               T_KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
@@ -54,7 +54,7 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
         t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq, zc_sq, t_prm, T_KERNEL)
         p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
     else:
-        p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+        p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
                            DENSE, stride_dense, TARGET)
         t = s
         t_aux = aux
@@ -74,7 +74,7 @@ def _finite(lse):
 
 @triton.jit
 def icon_backward_rows_kernel(
-        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DX, DPRM, DZ_ROWS, DTPRM,
         N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
@@ -121,7 +121,7 @@ def icon_backward_rows_kernel(
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
-            N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+            N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
         dx += tl.dot(w.to(y.dtype), y, input_precision=PRECISION)
@@ -147,7 +147,7 @@ def icon_backward_rows_kernel(
 
 @triton.jit
 def icon_backward_cols_kernel(
-        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DY, DZ_COLS,
         N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
@@ -192,7 +192,7 @@ def icon_backward_cols_kernel(
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
-            N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+            N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
         dy += tl.dot(tl.trans(w.to(x.dtype)), x, input_precision=PRECISION)

@@ -15,7 +15,7 @@ from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, t
 
 @triton.jit
 def icon_forward_kernel(
-        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
         N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
@@ -63,7 +63,7 @@ def icon_forward_kernel(
                 ent = ent * rescale + tl.sum(tl.where(e != 0.0, e * t, 0.0), 1)
             m_p = mp_new
         elif ONE_PASS:
-            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
                                DENSE, stride_dense, TARGET)
             sum_ps += tl.sum(tl.where(p != 0.0, p * s, 0.0), 1)
             p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
@@ -93,7 +93,7 @@ def icon_forward_kernel(
 
 @triton.jit
 def icon_mixture_kernel(
-        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE, stride_dense,
+        X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
         N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
@@ -138,7 +138,7 @@ def icon_mixture_kernel(
                                    load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
         else:
-            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR,
+            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
                                DENSE, stride_dense, TARGET)
         p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
         used = p_mix != 0.0

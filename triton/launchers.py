@@ -12,6 +12,7 @@ import triton
 
 from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
+from icon_kernels import neighbor_pairs
 
 KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3}
 TARGET_CODES = {"labels": 0, "neighbors": 1, "affinity": 2, "dense": 3}
@@ -76,7 +77,7 @@ def _prepare(args):
     x, y = x.contiguous(), y.contiguous()
     dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
-    lab, clab, norm, nbr_idx, nbr_w, k_nbr, dense = dummy_i, dummy_i, dummy_f, dummy_i, dummy_f, 0, dummy_f
+    lab, clab, norm, dense, pairs = dummy_i, dummy_i, dummy_f, dummy_f, None
     zz, zc, zsq, zcsq, tprm = x, y, dummy_f, dummy_f, dummy_f
     if target == "labels":
         _, inverse = torch.unique(torch.cat([row_labels, col_labels]), return_inverse=True)
@@ -96,11 +97,7 @@ def _prepare(args):
         w = torch.where(keep, w, 0.0)
         total = w.sum(1, keepdim=True)
         has = total[:, 0] != 0
-        nbr_w = (w / torch.where(total == 0, 1.0, total)).contiguous()
-        nbr_idx = torch.where(keep, idx, -1).contiguous()
-        k_nbr = idx.shape[1]
-        if k_nbr == 0:
-            nbr_w, nbr_idx = dummy_f, dummy_i
+        pairs = (torch.where(keep, idx, -1), w / torch.where(total == 0, 1.0, total))
     elif target == "dense":
         dense = dense_p.contiguous()
         total = dense.float().sum(1)
@@ -114,7 +111,7 @@ def _prepare(args):
         has = torch.ones(n, dtype=torch.bool, device=dev)
     included = has & (m_valid > 0)
     tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(param, n), LAB=lab, CLAB=clab,
-                   NORM=norm, NBR_IDX=nbr_idx, NBR_W=nbr_w, K_NBR=k_nbr, DENSE=dense,
+                   NORM=norm, DENSE=dense,
                    stride_dense=dense.stride(0) if dense.dim() == 2 else 0,
                    Z=zz, ZC=zc, ZSQ=zsq, ZCSQ=zcsq, TPRM=tprm)
     sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
@@ -125,11 +122,11 @@ def _prepare(args):
                  PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype),
                  D_CHUNKED=x.shape[1] > MAX_BLOCK_D, BLOCK_D=_block_d(x.shape[1]),
                  BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
-    return tensors, sizes, flags, included, float(beta)
+    return tensors, sizes, flags, included, float(beta), pairs
 
 
 def forward(*args):
-    tensors, sizes, flags, included, beta = _prepare(args)
+    tensors, sizes, flags, included, beta, pairs = _prepare(args)
     n, dev = sizes["N"], tensors["X"].device
     acc = torch.float64 if args[0].dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=torch.float32, device=dev)
@@ -140,13 +137,49 @@ def forward(*args):
     if two_pass:
         _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
                                        HAS_BETA=beta > 0, **flags)
+    if pairs is not None:
+        loss = loss + _neighbor_forward(args, tensors, sizes, stats, beta, pairs)
     loss = torch.where(included, loss, 0.0)
     return loss.to(acc), included, stats.to(acc)
 
 
+def _neighbor_forward(args, tensors, sizes, stats, beta, pairs):
+    """What the kernels (which saw p = 0) miss of a Neighbors target: the pairs' share of the
+    cross term (linear in p) and of R_i, and the entropy over the merged support."""
+    idx, w = pairs
+    alpha, m_valid, kl = sizes["alpha"], sizes["m_valid"], args[17]
+    s, _ = neighbor_pairs.pair_logits(args[3], tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    if beta == 0:
+        cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, s)
+    else:
+        q = torch.exp(s - stats[0, :, None])
+        q_mix = (1 - beta) * q + beta / m_valid
+        cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, torch.log(q_mix))
+        stats[1] += (1 - alpha) * neighbor_pairs.weighted_sum(w, q / q_mix)
+    correction = -cross
+    if kl:
+        correction = correction + neighbor_pairs.entropy_correction(idx, w, alpha, int(m_valid))
+    return correction
+
+
+def _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs):
+    """Gradient of the pairs' share: dL/ds on each pair is -g (1 - alpha) w (beta = 0), or
+    -g (1 - beta)(1 - alpha) w q / q~ (beta > 0), chained in O(N k d)."""
+    idx, w = pairs
+    alpha, m_valid = sizes["alpha"], sizes["m_valid"]
+    s, aux = neighbor_pairs.pair_logits(args[3], tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    grad = -g[:, None] * (1 - alpha) * w
+    if beta > 0:
+        q = torch.exp(s - stats[0, :, None])
+        grad = grad * (1 - beta) * q / ((1 - beta) * q + beta / m_valid)
+    shift = torch.where(stats[0] == float("-inf"), 0.0, stats[0])
+    return neighbor_pairs.chain(args[3], torch.where(w != 0, grad, 0.0), tensors["X"], tensors["Y"],
+                                idx, s, aux, tensors["PRM"], shift)
+
+
 def backward(grad_rows, *rest):
     *args, valid, stats, need_target_grad = rest
-    tensors, sizes, flags, _, beta = _prepare(args)
+    tensors, sizes, flags, _, beta, pairs = _prepare(args)
     x, y, param, z, z_cols, t_param = args[0], args[1], args[2], args[9], args[10], args[11]
     n, m, d, dz = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"]
     target_grad = bool(need_target_grad) and args[4] == "affinity"
@@ -165,6 +198,11 @@ def backward(grad_rows, *rest):
     _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
     _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
                                                                             **common)
+    if pairs is not None:
+        pair_dx, pair_dy, pair_dprm = _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs)
+        dx += pair_dx
+        dy += pair_dy
+        dprm += pair_dprm
     grads = [dx.to(x.dtype), dy.to(y.dtype), _reduce_param(dprm, param)]
     if target_grad:
         grads += [dz_rows.to(z.dtype), dz_cols.to(z_cols.dtype), _reduce_param(dtprm, t_param)]

@@ -62,7 +62,8 @@ def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
         s = tl.log(ab)
         aux = ab
     else:
-        aux = tl.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * ab, 0.0)
+        aux = a_sq[:, None] + b_sq[None, :] - 2.0 * ab
+        aux = tl.where(aux < 0.0, 0.0, aux)        # clamp at 0, but keep NaN (tl.maximum drops it)
         if KERNEL == 1:
             s = -aux / (2.0 * prm * prm)[:, None]
         else:
@@ -109,12 +110,12 @@ def valid_pairs(rows, cols, N, M, EXCLUDE_SELF: tl.constexpr):
 
 
 @triton.jit
-def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_NBR, DENSE,
-                   stride_dense, TARGET: tl.constexpr):
-    """p_ij for labels, neighbors and dense targets (zero off the valid set).
+def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense,
+                   TARGET: tl.constexpr):
+    """p_ij for labels and dense targets (zero off the valid set); 0 for Neighbors, whose pairs
+    are handled by a sparse gather outside the tile loop (icon_kernels/neighbor_pairs.py).
 
-    NORM holds the per-row normaliser: K_i for labels, the row sum for dense; neighbour weights
-    arrive already normalised, and repeated indices add up."""
+    NORM holds the per-row normaliser: K_i for labels, the row sum for dense."""
     if TARGET == 0:
         li = tl.load(LAB + rows, mask=rows < N, other=0)
         cj = tl.load(CLAB + cols, mask=cols < M, other=0)
@@ -122,11 +123,6 @@ def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, NBR_IDX, NBR_W, K_N
         p = tl.where((li[:, None] == cj[None, :]) & valid, 1.0 / k[:, None], 0.0)
     elif TARGET == 1:
         p = tl.zeros(valid.shape, tl.float32)
-        for kk in range(0, K_NBR):
-            idx = tl.load(NBR_IDX + rows * K_NBR + kk, mask=rows < N, other=-1)
-            w = tl.load(NBR_W + rows * K_NBR + kk, mask=rows < N, other=0.0)
-            p += tl.where(idx[:, None] == cols[None, :], w[:, None], 0.0)
-        p = tl.where(valid, p, 0.0)
     else:
         w = tl.load(DENSE + rows[:, None] * stride_dense + cols[None, :], mask=valid, other=0.0)
         norm = tl.load(NORM + rows, mask=rows < N, other=1.0)

@@ -1,0 +1,104 @@
+"""The sparse part of a Neighbors target, outside the tile loop (DESIGN.md §1).
+
+A fused kernel treats a Neighbors target as if p were 0 and keeps only the uniform alpha / M'
+part. The (i, indices[i, k]) pairs are handled here with a gather in O(N k d): their logits,
+their linear corrections to the loss and R_i, the entropy over the merged support, and the
+chain rule of the gradient correction. Work is done in row chunks so the gathered columns stay
+small. Invalid entries (padding, self pairs) carry weight 0 and are masked, never multiplied,
+so a NaN elsewhere cannot leak in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+GATHER_ELEMENTS = 1 << 22
+
+
+def _chunks(n: int, k: int, d: int):
+    step = max(1, GATHER_ELEMENTS // max(k * d, 1))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _row(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    return param[r0:r1, None]
+
+
+def pair_logits(kernel: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                param: torch.Tensor):
+    """(s, aux) of shape (N, k) for the pairs (i, idx[i, k]); param is per row (N,)."""
+    s = torch.zeros(idx.shape, dtype=torch.float32, device=x.device)
+    aux = torch.zeros_like(s)
+    for r0, r1 in _chunks(*idx.shape, x.shape[1]):
+        a = x[r0:r1].float()
+        b = y.float()[idx[r0:r1].clamp_min(0)]                     # (R, k, d)
+        ab = torch.einsum("rd,rkd->rk", a, b)
+        prm = _row(param, r0, r1)
+        if kernel in ("dot", "log_dot"):
+            aux[r0:r1] = ab
+            s[r0:r1] = ab / prm if kernel == "dot" else torch.log(ab)
+            continue
+        sq = (a.square().sum(1, keepdim=True) + b.square().sum(2) - 2 * ab).clamp_min(0)
+        aux[r0:r1] = sq
+        s[r0:r1] = sq / (-2 * prm * prm) if kernel == "gaussian" else -0.5 * (prm + 1) * torch.log1p(sq / prm)
+    return s, aux
+
+
+def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum_k w_ik v_ik over the entries with w != 0."""
+    return torch.where(weights != 0, weights * values, 0.0).sum(1)
+
+
+def entropy_correction(idx: torch.Tensor, weights: torch.Tensor, alpha: float, m_valid: int):
+    """sum over the merged support of (p~ log p~ - b log b), b = alpha / M': what the uniform
+    part computed by the kernel misses. Repeated indices are merged first."""
+    order = torch.argsort(idx, dim=1)
+    sorted_idx = torch.gather(idx, 1, order)
+    sorted_w = torch.gather(weights, 1, order)
+    new = torch.ones_like(sorted_idx, dtype=torch.bool)
+    new[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    segment = new.long().cumsum(1) - 1                               # run id within the row
+    merged = torch.zeros_like(sorted_w).scatter_add_(1, segment, sorted_w)
+    b = alpha / m_valid
+    p_mix = (1 - alpha) * merged + b
+    used = torch.zeros_like(new).scatter_(1, segment, torch.ones_like(new)) & (merged != 0)
+    b_log_b = b * math.log(b) if b > 0 else 0.0
+    return torch.where(used, p_mix * torch.log(p_mix) - b_log_b, 0.0).sum(1)
+
+
+def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+          s: torch.Tensor, aux: torch.Tensor, param: torch.Tensor, shift: torch.Tensor):
+    """Pull dL/ds on the pairs (N, k) back to (dX (N, d), dY (M, d), dparam per row (N,)).
+
+    The parameter term uses s - shift, with the same row shift as the kernel's dense part."""
+    grad = torch.where(grad != 0, grad, 0.0)
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dy = torch.zeros(y.shape, dtype=torch.float32, device=x.device)
+    dparam = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for r0, r1 in _chunks(*idx.shape, x.shape[1]):
+        g, a, j = grad[r0:r1], x[r0:r1].float(), idx[r0:r1].clamp_min(0)
+        b = y.float()[j]
+        prm, sh = _row(param, r0, r1), shift[r0:r1, None]
+        sa, aux_r = s[r0:r1], aux[r0:r1]
+        if kernel == "dot":
+            w = g / prm
+            dparam[r0:r1] = -torch.where(g != 0, g * (sa - sh), 0.0).sum(1) / prm[:, 0]
+        elif kernel == "log_dot":
+            w = torch.where(g != 0, g / aux_r, 0.0)
+        elif kernel == "gaussian":
+            w = g / (prm * prm)
+            dparam[r0:r1] = -2 * torch.where(g != 0, g * (sa - sh), 0.0).sum(1) / prm[:, 0]
+        else:
+            w = g * (prm + 1) / (prm + aux_r)
+            ds = -0.5 * torch.log1p(aux_r / prm) + 0.5 * (prm + 1) * aux_r / (prm * (prm + aux_r))
+            dparam[r0:r1] = torch.where(g != 0, g * ds, 0.0).sum(1)
+        rows_part = torch.einsum("rk,rkd->rd", w, b)
+        cols_part = w[:, :, None] * a[:, None, :]                   # (R, k, d)
+        if kernel in ("gaussian", "student_t"):
+            rows_part -= w.sum(1, keepdim=True) * a
+            cols_part -= w[:, :, None] * b
+        dx[r0:r1] = rows_part
+        dy.index_add_(0, j.reshape(-1), cols_part.reshape(-1, x.shape[1]))
+    return dx, dy, dparam
