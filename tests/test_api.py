@@ -94,3 +94,12 @@ def test_environment_report_runs():
     out = subprocess.run([sys.executable, "-m", "icon_kernels"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert "torch" in out and "backends:" in out and "reference" in out
+
+
+def test_auto_prefers_triton_for_cuda_tensors_when_usable():
+    from icon_kernels.backends import resolve_backend
+    if "triton" not in ik.available_backends():
+        pytest.skip("triton backend unavailable")
+    expected = "cuda" if "cuda" in ik.available_backends() else "triton"
+    assert resolve_backend("auto", torch.device("cuda")) == expected
+    assert resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")   # never the interpreter
