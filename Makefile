@@ -23,7 +23,7 @@ $(VENV)/.torch: | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_SPEC)
 	touch $@
 
-$(VENV)/.installed-%: pyproject.toml setup.py $(VENV)/.torch
+$(VENV)/.installed-%: pyproject.toml setup.py $(wildcard csrc/*) $(VENV)/.torch
 	$(VPY) -m pip install -q --no-build-isolation -e ".[$*]"
 	touch $@
 

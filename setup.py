@@ -1,9 +1,24 @@
-"""Build script.
+"""Build script: the fused C++ CPU kernels (csrc/) become the extension icon_kernels._C.
 
-The package is pure Python for now; the Triton kernels are JIT-compiled at run time. The fused
-C++/CUDA extension (icon_kernels._C, built from csrc/ with torch.utils.cpp_extension) is added
-here by the CPU and CUDA kernel work.
+Built ahead of time with torch.utils.cpp_extension (ninja makes it fast), which needs torch at
+build time: install with `pip install --no-build-isolation -e .`. Set ICON_KERNELS_NO_EXT=1 to
+skip the extension; the package then runs without the `cpu` backend and says why. The Triton
+kernels are JIT-compiled at run time.
 """
+import os
+
 from setuptools import setup
 
-setup()
+ext_modules, cmdclass = [], {}
+if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(CppExtension(
+        "icon_kernels._C",
+        ["csrc/cpu_loss.cpp", "csrc/cpu_ops.cpp"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    ))
+    cmdclass["build_ext"] = BuildExtension
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -3,6 +3,7 @@
     import icon_kernels as ik
     loss = ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=0.1)
 """
+from . import cpu_backend as _cpu_backend
 from . import torch_backend as _torch_backend
 from . import triton_backend as _triton_backend
 from .backends import available_backends
@@ -15,5 +16,6 @@ __version__ = "0.1.0"
 
 _register_backend("torch", _torch_backend.forward, _torch_backend.backward)
 _triton_backend.register()
+_cpu_backend.register()
 
 __all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends"]

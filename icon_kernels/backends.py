@@ -5,7 +5,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import triton_backend
+from . import cpu_backend, triton_backend
 
 ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 # fastest first; "auto" takes the first usable one for the inputs' device
@@ -18,7 +18,7 @@ def _unavailable_reason(name: str) -> Optional[str]:
     if name in ("reference", "torch"):
         return None
     if name == "cpu":
-        return "the fused C++ CPU kernel (icon_kernels._C) is not part of this version yet"
+        return cpu_backend.unavailable_reason()
     if name == "triton":
         return triton_backend.unavailable_reason()
     if not torch.cuda.is_available():

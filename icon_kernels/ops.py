@@ -11,7 +11,7 @@ statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), s
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -74,16 +74,29 @@ def _make_autograd(backward_op):
     return backward
 
 
-def register_backend(name: str, forward_impl: Callable, backward_impl: Callable,
-                     device_types=None):
-    """Defines icon_kernels::{name}_forward / _backward with fake and autograd; returns forward."""
-    fwd = torch.library.custom_op(f"icon_kernels::{name}_forward", forward_impl, mutates_args=(),
-                                  device_types=device_types, schema=FORWARD_SCHEMA)
-    bwd = torch.library.custom_op(f"icon_kernels::{name}_backward", backward_impl, mutates_args=(),
-                                  device_types=device_types, schema=BACKWARD_SCHEMA)
-    fwd.register_fake(_fake_forward)
-    bwd.register_fake(_fake_backward)
-    fwd.register_autograd(_make_autograd(bwd), setup_context=_setup_context)
+def register_backend(name: str, forward_impl: Optional[Callable] = None,
+                     backward_impl: Optional[Callable] = None, device_types=None):
+    """Defines icon_kernels::{name}_forward / _backward with fake and autograd; returns forward.
+
+    With Python implementations they become torch.library custom ops. Without, only the schemas
+    are defined here and the kernels come from C++ (TORCH_LIBRARY_IMPL in csrc/)."""
+    fwd_name, bwd_name = f"icon_kernels::{name}_forward", f"icon_kernels::{name}_backward"
+    if forward_impl is None:
+        torch.library.define(fwd_name, FORWARD_SCHEMA)
+        torch.library.define(bwd_name, BACKWARD_SCHEMA)
+        torch.library.register_fake(fwd_name, _fake_forward)
+        torch.library.register_fake(bwd_name, _fake_backward)
+        fwd = getattr(torch.ops.icon_kernels, f"{name}_forward").default
+        bwd = getattr(torch.ops.icon_kernels, f"{name}_backward").default
+        torch.library.register_autograd(fwd_name, _make_autograd(bwd), setup_context=_setup_context)
+    else:
+        fwd = torch.library.custom_op(fwd_name, forward_impl, mutates_args=(),
+                                      device_types=device_types, schema=FORWARD_SCHEMA)
+        bwd = torch.library.custom_op(bwd_name, backward_impl, mutates_args=(),
+                                      device_types=device_types, schema=BACKWARD_SCHEMA)
+        fwd.register_fake(_fake_forward)
+        bwd.register_fake(_fake_backward)
+        fwd.register_autograd(_make_autograd(bwd), setup_context=_setup_context)
     _FORWARD_OPS[name] = fwd
     return fwd
 

@@ -13,7 +13,7 @@ import torch
 
 import icon_kernels as ik
 
-BACKENDS = ["reference", "torch", "triton"]
+BACKENDS = ["reference", "torch", "cpu", "triton"]
 N, D = 6, 4
 
 

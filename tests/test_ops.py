@@ -28,7 +28,7 @@ def _problem(target_kind, dtype=torch.float64, requires_grad=True):
     return _op_arguments(pb)
 
 
-FUSED = [b for b in ("torch", "triton") if b in ik.available_backends()]
+FUSED = [b for b in ("torch", "cpu", "triton") if b in ik.available_backends()]
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -18,7 +18,7 @@ import icon_kernels as ik
 
 RTOL = 1e-10
 ATOL = 1e-12
-BACKENDS = ["reference", "torch"]
+BACKENDS = ["reference", "torch", "cpu"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -43,11 +43,11 @@ def build(kernel, target_kind, setting, dtype, seed, param_tensor=False, target_
     return clone_problem(x, y, target, kwargs, dtype), upstream
 
 
-def check_against_reference(problem, upstream, dtype):
+def check_against_reference(problem, upstream, dtype, backend="torch"):
     x, y, target, kwargs = problem
     ref = clone_problem(x, y, target, kwargs, torch.float64)
     want_loss, want_grads = loss_and_grads(*ref, "reference", upstream)
-    got_loss, got_grads = loss_and_grads(x, y, target, kwargs, "torch", upstream)
+    got_loss, got_grads = loss_and_grads(x, y, target, kwargs, backend, upstream)
     assert got_loss.dtype == dtype
     assert torch.isfinite(want_loss).all()
     assert relative_error(got_loss, want_loss) <= TOL[dtype], (got_loss, want_loss)

@@ -1,0 +1,397 @@
+// Fused CPU implementation of the I-Con loss ops icon_kernels::cpu_forward / cpu_backward
+// (schemas in icon_kernels/ops.py; math in DESIGN.md §1).
+//
+// Work is split into blocks of rows, run in parallel with at::parallel_for. A block's Gram
+// tile X_blk Y^T (R x M) comes from one GEMM into a buffer of its own. Every per-pair quantity
+// (logit, q, p, the gradient weight) is then computed in place, one row at a time, while the row
+// is in cache. The backward pass recomputes the tile from the saved row statistics and chains
+// it with two more GEMMs. dY is accumulated in one buffer per thread and summed at the end, so
+// there are no races. Memory: about threads x (R x M + M x d) on top of the inputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_loss.h"
+#include "tile_math.h"
+
+namespace icon {
+namespace {
+
+constexpr int64_t kTileElements = 1 << 18;   // entries of one block's Gram tile
+
+int kernel_code(c10::string_view k) {
+  if (k == "dot") return kDot;
+  if (k == "gaussian") return kGaussian;
+  if (k == "student_t") return kStudentT;
+  if (k == "log_dot") return kLogDot;
+  TORCH_CHECK(false, "unknown kernel ", k);
+}
+
+int target_code(c10::string_view t) {
+  if (t == "labels") return kLabels;
+  if (t == "neighbors") return kNeighbors;
+  if (t == "affinity") return kAffinity;
+  if (t == "dense") return kDense;
+  TORCH_CHECK(false, "unknown target ", t);
+}
+
+at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
+  return p.to(acc).expand({n}).contiguous();
+}
+
+// The op's arguments, converted once to the accumulation type and made contiguous.
+template <typename T>
+struct Problem {
+  int64_t n, m, d, dz = 0, m_valid;
+  int kernel, target, t_kernel;
+  T alpha, beta;
+  bool exclude_self, kl;
+  at::Tensor x, y, x_sq, y_sq, prm, labels, col_labels, nbr_index, nbr_weight, dense, z, zc,
+      z_sq, zc_sq, t_prm;
+
+  Problem(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& param,
+          c10::string_view kernel_name, c10::string_view target_name,
+          const c10::optional<at::Tensor>& row_labels, const c10::optional<at::Tensor>& col_lab,
+          const c10::optional<at::Tensor>& nbr_idx, const c10::optional<at::Tensor>& nbr_w,
+          const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& z_cols,
+          const c10::optional<at::Tensor>& t_param, c10::string_view t_kernel_name,
+          const c10::optional<at::Tensor>& dense_p, double alpha_, double beta_, bool excl,
+          bool kl_) {
+    const auto acc = c10::CppTypeToScalarType<T>::value;
+    n = x_in.size(0);
+    m = y_in.size(0);
+    d = x_in.size(1);
+    m_valid = m - (excl ? 1 : 0);
+    kernel = kernel_code(kernel_name);
+    target = target_code(target_name);
+    t_kernel = kernel_code(t_kernel_name);
+    alpha = T(alpha_);
+    beta = T(beta_);
+    exclude_self = excl;
+    kl = kl_;
+    x = x_in.to(acc).contiguous();
+    y = y_in.to(acc).contiguous();
+    x_sq = x.square().sum(1);
+    y_sq = y.square().sum(1);
+    prm = per_row(param, n, acc);
+    if (target == kLabels) {
+      labels = row_labels->to(at::kLong).contiguous();
+      col_labels = col_lab->to(at::kLong).contiguous();
+    } else if (target == kNeighbors) {
+      nbr_index = nbr_idx->to(at::kLong).contiguous();
+      nbr_weight = nbr_w.has_value() ? nbr_w->to(acc).contiguous()
+                                     : at::ones(nbr_index.sizes(), x.options());
+    } else if (target == kDense) {
+      dense = dense_p->to(acc).contiguous();
+    } else {
+      z = z_in->to(acc).contiguous();
+      zc = z_cols->to(acc).contiguous();
+      dz = z.size(1);
+      z_sq = z.square().sum(1);
+      zc_sq = zc.square().sum(1);
+      t_prm = per_row(*t_param, n, acc);
+    }
+  }
+
+  int64_t block_rows() const { return std::max<int64_t>(1, std::min<int64_t>(64, kTileElements / std::max<int64_t>(m, 1))); }
+  bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
+};
+
+// Turns a Gram row into logits in place (aux discarded); returns the row LSE over valid j.
+template <typename T>
+T logits_and_lse(const Problem<T>& pb, int kernel, T* row, const T* b_sq, T a_sq, T prm, int64_t i,
+                 int64_t m) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < m; ++j) {
+    T aux;
+    row[j] = logit<T>(kernel, row[j], a_sq, b_sq[j], prm, &aux);
+    if (pb.valid(i, j) && row[j] > mx) mx = row[j];
+  }
+  if (mx == -std::numeric_limits<T>::infinity()) {  // no valid column, or all at -inf
+    bool nan = false;
+    for (int64_t j = 0; j < m; ++j) nan |= pb.valid(i, j) && std::isnan(row[j]);
+    return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < m; ++j)
+    if (pb.valid(i, j)) sum += std::exp(row[j] - mx);
+  return mx + std::log(sum);
+}
+
+// p(.|i) into p[0..m) (0 off the valid set); returns whether the row has any target mass.
+// For Affinity, t holds the row's target logits and lse_p their LSE.
+template <typename T>
+bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int64_t* count) {
+  const int64_t m = pb.m;
+  *count = -1;
+  if (pb.target == kLabels) {
+    const int64_t li = pb.labels.template data_ptr<int64_t>()[i];
+    const int64_t* c = pb.col_labels.template data_ptr<int64_t>();
+    int64_t k = 0;
+    for (int64_t j = 0; j < m; ++j) k += (c[j] == li && pb.valid(i, j));
+    const T inv = k > 0 ? T(1) / T(k) : T(0);
+    for (int64_t j = 0; j < m; ++j) p[j] = (c[j] == li && pb.valid(i, j)) ? inv : T(0);
+    *count = k;
+    return k > 0;
+  }
+  if (pb.target == kAffinity) {
+    for (int64_t j = 0; j < m; ++j) p[j] = pb.valid(i, j) ? std::exp(t[j] - lse_p) : T(0);
+    return pb.m_valid > 0;
+  }
+  T total = 0;
+  if (pb.target == kDense) {
+    const T* w = pb.dense.template data_ptr<T>() + i * m;
+    for (int64_t j = 0; j < m; ++j) { p[j] = pb.valid(i, j) ? w[j] : T(0); total += p[j]; }
+  } else {  // neighbors: scatter the k weights; repeats add up
+    std::fill(p, p + m, T(0));
+    const int64_t k = pb.nbr_index.size(1);
+    const int64_t* idx = pb.nbr_index.template data_ptr<int64_t>() + i * k;
+    const T* w = pb.nbr_weight.template data_ptr<T>() + i * k;
+    for (int64_t c = 0; c < k; ++c)
+      if (idx[c] >= 0 && idx[c] < m && pb.valid(i, idx[c])) { p[idx[c]] += w[c]; total += w[c]; }
+  }
+  if (total == T(0)) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
+  for (int64_t j = 0; j < m; ++j) p[j] /= total;
+  return true;
+}
+
+template <typename T>
+at::Tensor gram(const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b) {
+  return at::mm(a.narrow(0, r0, r1 - r0), b.t());
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
+  const int64_t n = pb.n, m = pb.m, rows = pb.block_rows();
+  auto loss = at::zeros({n}, pb.x.options());
+  auto included = at::zeros({n}, pb.x.options().dtype(at::kBool));
+  auto stats = at::zeros({4, n}, pb.x.options());
+  T* loss_p = loss.template data_ptr<T>();
+  bool* inc_p = included.template data_ptr<bool>();
+  T* st = stats.template data_ptr<T>();
+  const T* prm = pb.prm.template data_ptr<T>();
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* y_sq = pb.y_sq.template data_ptr<T>();
+  const T mv = T(std::max<int64_t>(pb.m_valid, 1));
+  const T b = pb.alpha / mv;
+  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> p(m);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, r1 = std::min(n, r0 + rows);
+      at::Tensor s_tile = gram<T>(pb.x, r0, r1, pb.y);
+      at::Tensor t_tile;
+      if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
+      for (int64_t i = r0; i < r1; ++i) {
+        T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
+        const T lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
+        T lse_p = 0;
+        const T* t = nullptr;
+        if (pb.target == kAffinity) {
+          T* tr = t_tile.template data_ptr<T>() + (i - r0) * m;
+          lse_p = logits_and_lse<T>(pb, pb.t_kernel, tr, pb.zc_sq.template data_ptr<T>(),
+                                    pb.z_sq.template data_ptr<T>()[i],
+                                    pb.t_prm.template data_ptr<T>()[i], i, m);
+          t = tr;
+        }
+        int64_t count;
+        const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count);
+        T cross = 0, ent = 0, r_stat = 0, h_stat = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          if (!pb.valid(i, j)) continue;
+          const T pm = (T(1) - pb.alpha) * p[j] + b;
+          const T log_q = s[j] - lse;
+          T log_qm = log_q;
+          if (pb.beta > 0) {
+            const T q = std::exp(log_q);
+            const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
+            log_qm = std::log(qm);
+            if (pm != T(0)) r_stat += pm * q / qm;
+          }
+          if (pm != T(0)) {
+            cross += pm * log_qm;
+            if (pb.kl && count < 0) ent += pm * std::log(pm);
+          }
+          if (pb.target == kAffinity && p[j] != T(0))
+            h_stat += p[j] * (pb.kl ? std::log(pm) - log_qm : -log_qm);
+        }
+        if (pb.kl && count >= 0 && count > 0) {  // labels: closed-form entropy
+          const T a = (T(1) - pb.alpha) / T(count) + b;
+          ent = T(count) * a * std::log(a) + (b > 0 ? T(pb.m_valid - count) * b * std::log(b) : T(0));
+        }
+        const bool inc = has && pb.m_valid > 0;
+        loss_p[i] = inc ? (pb.kl ? ent - cross : -cross) : T(0);
+        inc_p[i] = inc;
+        st[i] = lse;
+        if (pb.beta > 0) st[n + i] = r_stat;
+        if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = h_stat; }
+      }
+    }
+  });
+  return {loss, included, stats};
+}
+
+template <typename T>
+T finite_shift(T v) { return v == -std::numeric_limits<T>::infinity() ? T(0) : v; }
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
+                                      const at::Tensor& valid, const at::Tensor& stats_in,
+                                      bool target_grad) {
+  const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.block_rows();
+  const auto opts = pb.x.options();
+  auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
+  auto stats = stats_in.to(opts.dtype()).contiguous();
+  const T* g = g_t.template data_ptr<T>();
+  const T* st = stats.template data_ptr<T>();
+  const T* prm = pb.prm.template data_ptr<T>();
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* y_sq = pb.y_sq.template data_ptr<T>();
+  const T mv = T(std::max<int64_t>(pb.m_valid, 1));
+  const T b = pb.alpha / mv;
+  const bool dist = is_distance(pb.kernel), t_dist = is_distance(pb.t_kernel);
+  auto dx = at::zeros({n, d}, opts);
+  auto dprm = at::zeros({n}, opts);
+  at::Tensor dz, dtprm;
+  if (target_grad) { dz = at::zeros({n, pb.dz}, opts); dtprm = at::zeros({n}, opts); }
+  const int threads = at::get_num_threads();
+  // per-thread accumulators of the column-side gradients: dY (and dZ_cols), and column sums of W
+  std::vector<at::Tensor> dy_part(threads), colsum_part(threads), dzc_part(threads), tcolsum_part(threads);
+  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    if (!dy_part[tid].defined()) {
+      dy_part[tid] = at::zeros({m, d}, opts);
+      colsum_part[tid] = at::zeros({m}, opts);
+      if (target_grad) { dzc_part[tid] = at::zeros({m, pb.dz}, opts); tcolsum_part[tid] = at::zeros({m}, opts); }
+    }
+    std::vector<T> p(m), t_aux(m);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, r1 = std::min(n, r0 + rows), nr = r1 - r0;
+      at::Tensor w_tile = gram<T>(pb.x, r0, r1, pb.y);     // Gram, then W in place
+      at::Tensor wt_tile;
+      if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
+      auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
+      for (int64_t i = r0; i < r1; ++i) {
+        T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
+        const T lse = st[i], shift = finite_shift(lse);
+        T* tr = nullptr;
+        T lse_p = 0;
+        if (pb.target == kAffinity) {
+          tr = wt_tile.template data_ptr<T>() + (i - r0) * m;
+          lse_p = st[2 * n + i];
+          const T zsq = pb.z_sq.template data_ptr<T>()[i], tp = pb.t_prm.template data_ptr<T>()[i];
+          const T* zcsq = pb.zc_sq.template data_ptr<T>();
+          for (int64_t j = 0; j < m; ++j) tr[j] = logit<T>(pb.t_kernel, tr[j], zsq, zcsq[j], tp, &t_aux[j]);
+        }
+        if (g[i] == T(0)) {  // left out, or zero upstream gradient: no contribution
+          std::fill(w, w + m, T(0));
+          if (tr) std::fill(tr, tr + m, T(0));
+          continue;
+        }
+        int64_t count;
+        target_row<T>(pb, i, p.data(), tr, lse_p, &count);
+        T d_prm = 0, d_tprm = 0, rs = 0, trs = 0;
+        const T r_stat = st[n + i], h_stat = st[3 * n + i];
+        const T tp = pb.target == kAffinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
+        const T shift_p = finite_shift(lse_p);
+        for (int64_t j = 0; j < m; ++j) {
+          T aux;
+          const T s = logit<T>(pb.kernel, w[j], x_sq[i], y_sq[j], prm[i], &aux);
+          T grad = 0, log_qm = 0, pm = 0;
+          if (pb.valid(i, j)) {
+            const T log_q = s - lse;
+            const T q = std::exp(log_q);
+            pm = (T(1) - pb.alpha) * p[j] + b;
+            if (pb.beta > 0) {
+              const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
+              grad = g[i] * (T(1) - pb.beta) * q * (r_stat - pm / qm);
+              log_qm = std::log(qm);
+            } else {
+              grad = g[i] * (q - pm);
+              log_qm = log_q;
+            }
+          }
+          d_prm += param_term<T>(pb.kernel, grad, s, aux, prm[i], shift);
+          w[j] = grad_weight<T>(pb.kernel, grad, aux, prm[i]);
+          rs += w[j];
+          if (target_grad) {
+            T gt = 0;
+            if (p[j] != T(0)) {
+              const T h = pb.kl ? std::log(pm) - log_qm : -log_qm;
+              gt = g[i] * (T(1) - pb.alpha) * p[j] * (h - h_stat);
+            }
+            d_tprm += param_term<T>(pb.t_kernel, gt, tr[j], t_aux[j], tp, shift_p);
+            tr[j] = grad_weight<T>(pb.t_kernel, gt, t_aux[j], tp);
+            trs += tr[j];
+          }
+        }
+        dprm.template data_ptr<T>()[i] = d_prm;
+        w_rowsum.template data_ptr<T>()[i - r0] = rs;
+        if (target_grad) { dtprm.template data_ptr<T>()[i] = d_tprm; wt_rowsum.template data_ptr<T>()[i - r0] = trs; }
+      }
+      auto x_blk = pb.x.narrow(0, r0, nr);
+      auto dx_blk = at::mm(w_tile, pb.y);
+      if (dist) dx_blk -= w_rowsum.unsqueeze(1) * x_blk;
+      dx.narrow(0, r0, nr).copy_(dx_blk);
+      dy_part[tid].addmm_(w_tile.t(), x_blk);
+      if (dist) colsum_part[tid] += w_tile.sum(0);
+      if (target_grad) {
+        auto z_blk = pb.z.narrow(0, r0, nr);
+        auto dz_blk = at::mm(wt_tile, pb.zc);
+        if (t_dist) dz_blk -= wt_rowsum.unsqueeze(1) * z_blk;
+        dz.narrow(0, r0, nr).copy_(dz_blk);
+        dzc_part[tid].addmm_(wt_tile.t(), z_blk);
+        if (t_dist) tcolsum_part[tid] += wt_tile.sum(0);
+      }
+    }
+  });
+  auto dy = at::zeros({m, d}, opts), colsum = at::zeros({m}, opts);
+  at::Tensor dzc = target_grad ? at::zeros({m, pb.dz}, opts) : at::Tensor();
+  at::Tensor tcolsum = target_grad ? at::zeros({m}, opts) : at::Tensor();
+  for (int t = 0; t < threads; ++t) {
+    if (!dy_part[t].defined()) continue;
+    dy += dy_part[t];
+    colsum += colsum_part[t];
+    if (target_grad) { dzc += dzc_part[t]; tcolsum += tcolsum_part[t]; }
+  }
+  if (dist) dy -= colsum.unsqueeze(1) * pb.y;
+  if (target_grad && t_dist) dzc -= tcolsum.unsqueeze(1) * pb.zc;
+  return {dx, dy, dprm, dz, dzc, dtprm};
+}
+
+at::Tensor reduce_param(const at::Tensor& per_row, const at::Tensor& param) {
+  return (param.dim() == 0 ? per_row.sum() : per_row).to(param.scalar_type());
+}
+
+}  // namespace
+
+#define ICON_PROBLEM_ARGS                                                                   \
+  x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols,    \
+      t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) {
+  if (x.scalar_type() == at::kDouble) {
+    auto out = forward_impl<double>(Problem<double>(ICON_PROBLEM_ARGS));
+    return out;
+  }
+  return forward_impl<float>(Problem<float>(ICON_PROBLEM_ARGS));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
+    const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid,
+    const at::Tensor& stats, bool need_target_grad) {
+  const bool target_grad = need_target_grad && target == "affinity";
+  std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
+      ? backward_impl<double>(Problem<double>(ICON_PROBLEM_ARGS), grad_rows, valid, stats, target_grad)
+      : backward_impl<float>(Problem<float>(ICON_PROBLEM_ARGS), grad_rows, valid, stats, target_grad);
+  auto empty = [&]() { return at::empty({0}, x.options()); };
+  return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), reduce_param(g[2], param),
+          target_grad ? g[3].to(z->scalar_type()) : empty(),
+          target_grad ? g[4].to(z_cols->scalar_type()) : empty(),
+          target_grad ? reduce_param(g[5], *t_param) : empty()};
+}
+
+}  // namespace icon

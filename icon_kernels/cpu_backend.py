@@ -1,0 +1,28 @@
+"""Registration of the fused C++ CPU backend (csrc/, built into icon_kernels._C)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .ops import register_backend
+
+_REASON: Optional[str] = "not registered"
+
+
+def unavailable_reason() -> Optional[str]:
+    return _REASON
+
+
+def register() -> None:
+    """Defines icon_kernels::cpu_forward/_backward; their CPU kernels come from icon_kernels._C."""
+    global _REASON
+    try:
+        from . import _C  # noqa: F401 - importing it registers the C++ kernels
+    except ImportError as exc:
+        skipped = os.environ.get("ICON_KERNELS_NO_EXT") == "1"
+        _REASON = ("the C++ extension icon_kernels._C is not built"
+                   + (" (ICON_KERNELS_NO_EXT=1)" if skipped else "")
+                   + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
+        return
+    register_backend("cpu")
+    _REASON = None
