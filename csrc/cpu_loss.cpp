@@ -1,12 +1,14 @@
 // Fused CPU implementation of the I-Con loss ops icon_kernels::cpu_forward / cpu_backward
 // (schemas in icon_kernels/ops.py; math in DESIGN.md §1).
 //
-// Work is split into blocks of rows, run in parallel with at::parallel_for. A block's Gram
-// tile X_blk Y^T (R x M) comes from one GEMM into a buffer of its own. Every per-pair quantity
-// (logit, q, p, the gradient weight) is then computed in place, one row at a time, while the row
-// is in cache. The backward pass recomputes the tile from the saved row statistics and chains
-// it with two more GEMMs. dY is accumulated in one buffer per thread and summed at the end, so
-// there are no races. Memory: about threads x (R x M + M x d) on top of the inputs.
+// Rows are processed in chunks of about kTileElements pairs. A chunk's Gram tile X_c Y^T comes
+// from one GEMM (multithreaded by the BLAS). Every per-pair quantity (logit, q, p, the gradient
+// weight) is then computed in place, with the rows of the chunk split across threads by
+// at::parallel_for while each row is in cache. The backward pass recomputes the tile from the
+// saved row statistics and chains it with two more GEMMs: dX_c = W Y and dY += W^T X_c, so dY
+// needs no per-thread copies. GEMMs stay outside the parallel region on purpose: BLAS calls from
+// worker threads retained hundreds of MB here. Memory: a few tiles of kTileElements on top of the
+// inputs and gradients.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -21,7 +23,7 @@
 namespace icon {
 namespace {
 
-constexpr int64_t kTileElements = 1 << 18;   // entries of one block's Gram tile
+constexpr int64_t kTileElements = 1 << 20;   // entries of one chunk's Gram tile
 
 int kernel_code(c10::string_view k) {
   if (k == "dot") return kDot;
@@ -97,7 +99,7 @@ struct Problem {
     }
   }
 
-  int64_t block_rows() const { return std::max<int64_t>(1, std::min<int64_t>(64, kTileElements / std::max<int64_t>(m, 1))); }
+  int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
   bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
 };
 
@@ -166,7 +168,7 @@ at::Tensor gram(const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
-  const int64_t n = pb.n, m = pb.m, rows = pb.block_rows();
+  const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   auto loss = at::zeros({n}, pb.x.options());
   auto included = at::zeros({n}, pb.x.options().dtype(at::kBool));
   auto stats = at::zeros({4, n}, pb.x.options());
@@ -178,14 +180,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   const T* y_sq = pb.y_sq.template data_ptr<T>();
   const T mv = T(std::max<int64_t>(pb.m_valid, 1));
   const T b = pb.alpha / mv;
-  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> p(m);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows, r1 = std::min(n, r0 + rows);
-      at::Tensor s_tile = gram<T>(pb.x, r0, r1, pb.y);
-      at::Tensor t_tile;
-      if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
-      for (int64_t i = r0; i < r1; ++i) {
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r1 = std::min(n, r0 + rows);
+    at::Tensor s_tile = gram<T>(pb.x, r0, r1, pb.y);
+    at::Tensor t_tile;
+    if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> p(m);
+      for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
         const T lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
         T lse_p = 0;
@@ -229,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         if (pb.beta > 0) st[n + i] = r_stat;
         if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = h_stat; }
       }
-    }
-  });
+    });
+  }
   return {loss, included, stats};
 }
 
@@ -241,7 +243,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
                                       const at::Tensor& valid, const at::Tensor& stats_in,
                                       bool target_grad) {
-  const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.block_rows();
+  const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const auto opts = pb.x.options();
   auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
   auto stats = stats_in.to(opts.dtype()).contiguous();
@@ -253,28 +255,24 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   const T mv = T(std::max<int64_t>(pb.m_valid, 1));
   const T b = pb.alpha / mv;
   const bool dist = is_distance(pb.kernel), t_dist = is_distance(pb.t_kernel);
-  auto dx = at::zeros({n, d}, opts);
-  auto dprm = at::zeros({n}, opts);
-  at::Tensor dz, dtprm;
-  if (target_grad) { dz = at::zeros({n, pb.dz}, opts); dtprm = at::zeros({n}, opts); }
-  const int threads = at::get_num_threads();
-  // per-thread accumulators of the column-side gradients: dY (and dZ_cols), and column sums of W
-  std::vector<at::Tensor> dy_part(threads), colsum_part(threads), dzc_part(threads), tcolsum_part(threads);
-  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
-    const int tid = at::get_thread_num();
-    if (!dy_part[tid].defined()) {
-      dy_part[tid] = at::zeros({m, d}, opts);
-      colsum_part[tid] = at::zeros({m}, opts);
-      if (target_grad) { dzc_part[tid] = at::zeros({m, pb.dz}, opts); tcolsum_part[tid] = at::zeros({m}, opts); }
-    }
-    std::vector<T> p(m), t_aux(m);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * rows, r1 = std::min(n, r0 + rows), nr = r1 - r0;
-      at::Tensor w_tile = gram<T>(pb.x, r0, r1, pb.y);     // Gram, then W in place
-      at::Tensor wt_tile;
-      if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
-      auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
-      for (int64_t i = r0; i < r1; ++i) {
+  auto dx = at::zeros({n, d}, opts), dy = at::zeros({m, d}, opts);
+  auto dprm = at::zeros({n}, opts), colsum = at::zeros({m}, opts);
+  at::Tensor dz, dzc, dtprm, t_colsum;
+  if (target_grad) {
+    dz = at::zeros({n, pb.dz}, opts);
+    dzc = at::zeros({m, pb.dz}, opts);
+    dtprm = at::zeros({n}, opts);
+    t_colsum = at::zeros({m}, opts);
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r1 = std::min(n, r0 + rows), nr = r1 - r0;
+    at::Tensor w_tile = gram<T>(pb.x, r0, r1, pb.y);     // Gram, then W in place
+    at::Tensor wt_tile;
+    if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
+    auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
+    at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> p(m), t_aux(m);
+      for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
         const T lse = st[i], shift = finite_shift(lse);
         T* tr = nullptr;
@@ -330,35 +328,29 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         }
         dprm.template data_ptr<T>()[i] = d_prm;
         w_rowsum.template data_ptr<T>()[i - r0] = rs;
-        if (target_grad) { dtprm.template data_ptr<T>()[i] = d_tprm; wt_rowsum.template data_ptr<T>()[i - r0] = trs; }
+        if (target_grad) {
+          dtprm.template data_ptr<T>()[i] = d_tprm;
+          wt_rowsum.template data_ptr<T>()[i - r0] = trs;
+        }
       }
-      auto x_blk = pb.x.narrow(0, r0, nr);
-      auto dx_blk = at::mm(w_tile, pb.y);
-      if (dist) dx_blk -= w_rowsum.unsqueeze(1) * x_blk;
-      dx.narrow(0, r0, nr).copy_(dx_blk);
-      dy_part[tid].addmm_(w_tile.t(), x_blk);
-      if (dist) colsum_part[tid] += w_tile.sum(0);
-      if (target_grad) {
-        auto z_blk = pb.z.narrow(0, r0, nr);
-        auto dz_blk = at::mm(wt_tile, pb.zc);
-        if (t_dist) dz_blk -= wt_rowsum.unsqueeze(1) * z_blk;
-        dz.narrow(0, r0, nr).copy_(dz_blk);
-        dzc_part[tid].addmm_(wt_tile.t(), z_blk);
-        if (t_dist) tcolsum_part[tid] += wt_tile.sum(0);
-      }
+    });
+    auto x_blk = pb.x.narrow(0, r0, nr);
+    auto dx_blk = dx.narrow(0, r0, nr);
+    at::mm_out(dx_blk, w_tile, pb.y);
+    if (dist) dx_blk -= w_rowsum.unsqueeze(1) * x_blk;
+    dy.addmm_(w_tile.t(), x_blk);
+    if (dist) colsum += w_tile.sum(0);
+    if (target_grad) {
+      auto z_blk = pb.z.narrow(0, r0, nr);
+      auto dz_blk = dz.narrow(0, r0, nr);
+      at::mm_out(dz_blk, wt_tile, pb.zc);
+      if (t_dist) dz_blk -= wt_rowsum.unsqueeze(1) * z_blk;
+      dzc.addmm_(wt_tile.t(), z_blk);
+      if (t_dist) t_colsum += wt_tile.sum(0);
     }
-  });
-  auto dy = at::zeros({m, d}, opts), colsum = at::zeros({m}, opts);
-  at::Tensor dzc = target_grad ? at::zeros({m, pb.dz}, opts) : at::Tensor();
-  at::Tensor tcolsum = target_grad ? at::zeros({m}, opts) : at::Tensor();
-  for (int t = 0; t < threads; ++t) {
-    if (!dy_part[t].defined()) continue;
-    dy += dy_part[t];
-    colsum += colsum_part[t];
-    if (target_grad) { dzc += dzc_part[t]; tcolsum += tcolsum_part[t]; }
   }
   if (dist) dy -= colsum.unsqueeze(1) * pb.y;
-  if (target_grad && t_dist) dzc -= tcolsum.unsqueeze(1) * pb.zc;
+  if (target_grad && t_dist) dzc -= t_colsum.unsqueeze(1) * pb.zc;
   return {dx, dy, dprm, dz, dzc, dtprm};
 }
 
