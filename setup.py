@@ -16,7 +16,10 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     ext_modules.append(CppExtension(
         "icon_kernels._C",
         ["csrc/cpu_loss.cpp", "csrc/cpu_ops.cpp"],
-        extra_compile_args=["-O3", "-fopenmp"],
+        # The extension is built on the machine that runs it, so it may use that CPU's vector
+        # ISA; ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
+        extra_compile_args=["-O3", "-fopenmp"] + (
+            [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"]),
         extra_link_args=["-fopenmp"],
     ))
     cmdclass["build_ext"] = BuildExtension

@@ -17,13 +17,14 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_label_rows.h"
 #include "cpu_loss.h"
 #include "tile_math.h"
 
 namespace icon {
 namespace {
 
-constexpr int64_t kTileElements = 1 << 20;   // entries of one chunk's Gram tile
+constexpr int64_t kTileElements = 1 << 21;   // entries of one chunk's Gram tile
 
 int kernel_code(c10::string_view k) {
   if (k == "dot") return kDot;
@@ -77,8 +78,9 @@ struct Problem {
     kl = kl_;
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
-    x_sq = x.square().sum(1);
-    y_sq = y.square().sum(1);
+    const bool distance = kernel == kGaussian || kernel == kStudentT;   // only they need norms
+    x_sq = distance ? at::linalg_vector_norm(x, 2, {1}).square() : at::zeros({n}, x.options());
+    y_sq = distance ? at::linalg_vector_norm(y, 2, {1}).square() : at::zeros({m}, y.options());
     prm = per_row(param, n, acc);
     if (target == kLabels) {
       labels = row_labels->to(at::kLong).contiguous();
@@ -101,6 +103,12 @@ struct Problem {
 
   int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
   bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
+  // the hot case with SIMD row loops (cpu_label_rows.h)
+  bool fast_labels() const { return target == kLabels && beta == T(0) && (kernel == kDot || kernel == kGaussian); }
+  LabelRow label_row(int64_t i) const {
+    return {col_labels.template data_ptr<int64_t>(), labels.template data_ptr<int64_t>()[i], m,
+            exclude_self ? i : -1, double(alpha), m_valid};
+  }
 };
 
 // Turns a Gram row into logits in place (aux discarded); returns the row LSE over valid j.
@@ -189,6 +197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
       std::vector<T> p(m);
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
+        if (pb.fast_labels()) {
+          if (pb.kernel == kDot) fast_logits<T, kDot>(s, y_sq, x_sq[i], prm[i], m);
+          else fast_logits<T, kGaussian>(s, y_sq, x_sq[i], prm[i], m);
+          inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
+          continue;
+        }
         const T lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
         T lse_p = 0;
         const T* t = nullptr;
@@ -287,6 +301,15 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         if (g[i] == T(0)) {  // left out, or zero upstream gradient: no contribution
           std::fill(w, w + m, T(0));
           if (tr) std::fill(tr, tr + m, T(0));
+          continue;
+        }
+        if (pb.fast_labels()) {
+          T* d_prm = dprm.template data_ptr<T>() + i;
+          T* rs = w_rowsum.template data_ptr<T>() + (i - r0);
+          if (pb.kernel == kDot)
+            fast_label_backward<T, kDot>(pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
+          else
+            fast_label_backward<T, kGaussian>(pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
           continue;
         }
         int64_t count;
