@@ -79,8 +79,8 @@ struct Problem {
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
     const bool distance = kernel == kGaussian || kernel == kStudentT;   // only they need norms
-    x_sq = distance ? at::linalg_vector_norm(x, 2, {1}).square() : at::zeros({n}, x.options());
-    y_sq = distance ? at::linalg_vector_norm(y, 2, {1}).square() : at::zeros({m}, y.options());
+    x_sq = distance ? x.square().sum(1) : at::zeros({n}, x.options());
+    y_sq = distance ? y.square().sum(1) : at::zeros({m}, y.options());
     prm = per_row(param, n, acc);
     if (target == kLabels) {
       labels = row_labels->to(at::kLong).contiguous();
