@@ -13,14 +13,17 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+    sanitize = os.environ.get("ICON_KERNELS_SANITIZE")   # e.g. "address" for an ASan build
+    sanitizer_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
     ext_modules.append(CppExtension(
         "icon_kernels._C",
         ["csrc/cpu_loss.cpp", "csrc/cpu_ops.cpp"],
         # The extension is built on the machine that runs it, so it may use that CPU's vector
         # ISA; ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
         extra_compile_args=["-O3", "-fopenmp"] + (
-            [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"]),
-        extra_link_args=["-fopenmp"],
+            [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
+        + sanitizer_flags,
+        extra_link_args=["-fopenmp"] + sanitizer_flags,
     ))
     cmdclass["build_ext"] = BuildExtension
 

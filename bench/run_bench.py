@@ -43,10 +43,12 @@ def machine_info(d):
     return info
 
 
-def run_worker(backend, n, d, repeats, timeout):
+def run_worker(backend, n, d, repeats, timeout, floor_repeats=None):
     """Run one measurement in a fresh interpreter; always returns a dict with "ok"."""
     cmd = [sys.executable, WORKER, "--backend", backend, "--n", str(n), "--d", str(d),
            "--repeats", str(repeats)]
+    if floor_repeats is not None:
+        cmd += ["--floor-repeats", str(floor_repeats)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -104,6 +106,26 @@ def print_table(results):
         print(" | ".join(c.rjust(w) for c, (_, w) in zip(row_cells(r), COLS)))
 
 
+# backends fast enough for the single large-N point (the torch backend needs minutes there)
+SCALE_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def scale_runs(a, backends):
+    """One forward + backward (after the memory run) per fused backend at a.scale_n."""
+    out = []
+    for b in backends:
+        t0 = time.perf_counter()
+        # no GEMM floor here: it would need an N x N matrix itself
+        r = run_worker(b, a.scale_n, a.d, 1, a.timeout, floor_repeats=0)
+        r.update(backend=b, n=a.scale_n, d=a.d, wall_s=time.perf_counter() - t0)
+        r["summary"] = summarize(r, None)
+        out.append(r)
+        status = (f"{r['summary']['median_s']:.1f} s, +{r['summary']['mem_mib']:.1f} MiB"
+                  if r["ok"] else r["error"])
+        print(f"[scale] {b:10s} N={a.scale_n:<6d} {status} ({r['wall_s']:.0f} s)", flush=True)
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="2048,4096,8192,16384", help="comma-separated N")
@@ -115,6 +137,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per point after the warm-up (default: 5, or 3 for N >= 8192)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
+    p.add_argument("--scale-n", type=int, default=65536,
+                   help="one extra point for the fused C++/GPU backends only (0: skip)")
     return p.parse_args(argv)
 
 
@@ -161,9 +185,16 @@ def main(argv=None):
             if r.get("loss_rel_diff_vs_naive", 0) > 1e-3:
                 print(f"  WARNING: loss differs from naive by {r['loss_rel_diff_vs_naive']:.2e} (relative)")
 
+    if a.scale_n and not a.quick:
+        results += scale_runs(a, [b for b in backends if b in SCALE_BACKENDS])
+
     total = time.perf_counter() - t_start
     print()
     print_table(results)
+    if a.scale_n and not a.quick:
+        print(f"\nN={a.scale_n}: naive PyTorch is not run there: one fp32 N x N matrix alone is "
+              f"{a.scale_n ** 2 * 4 / 2 ** 30:.0f} GiB, and DESIGN.md §4 measured it running out of "
+              "memory at about N = 30k on this 24 GB machine.")
     print(f"\ntotal wall time {total:.0f} s")
 
     out_dir = os.path.join(HERE, "results")

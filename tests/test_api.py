@@ -103,3 +103,10 @@ def test_auto_prefers_triton_for_cuda_tensors_when_usable():
     expected = "cuda" if "cuda" in ik.available_backends() else "triton"
     assert resolve_backend("auto", torch.device("cuda")) == expected
     assert resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")   # never the interpreter
+
+
+def test_auto_picks_the_fused_cpu_kernel_for_cpu_tensors():
+    from icon_kernels.backends import resolve_backend
+    if "cpu" not in ik.available_backends():
+        pytest.skip("C++ extension not built")
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
