@@ -110,3 +110,13 @@ def test_auto_picks_the_fused_cpu_kernel_for_cpu_tensors():
     if "cpu" not in ik.available_backends():
         pytest.skip("C++ extension not built")
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_package_imports_without_the_extension_and_says_why():
+    code = ("import sys; sys.modules['icon_kernels._C'] = None\n"   # makes `import _C` fail
+            "import icon_kernels as ik\n"
+            "assert 'cpu' not in ik.available_backends()\n"
+            "print(ik.available_backends(with_reasons=True)['cpu'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "icon_kernels._C is not built" in out.stdout
