@@ -1,4 +1,6 @@
 """The torch.library ops: opcheck on every registered op, and torch.compile(fullgraph=True)."""
+import os
+
 import pytest
 import torch
 
@@ -8,7 +10,22 @@ from icon_kernels.ops import forward_op
 from icon_kernels.validation import check_arguments
 
 
-def _problem(target_kind, dtype=torch.float64, requires_grad=True):
+def device_of(backend):
+    """Where a backend's op runs: triton needs CUDA tensors unless the interpreter is on."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "cuda"
+    return "cpu"
+
+
+def _on(device, args):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _problem(target_kind, dtype=torch.float64, requires_grad=True, device="cpu"):
+    return _on(device, _cpu_problem(target_kind, dtype, requires_grad))
+
+
+def _cpu_problem(target_kind, dtype, requires_grad):
     g = torch.Generator().manual_seed(0)
     n, m, d = 11, 9, 5
     x = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(requires_grad)
@@ -35,16 +52,17 @@ FUSED = [b for b in ("torch", "cpu", "triton") if b in ik.available_backends()]
 @pytest.mark.parametrize("target_kind", ["labels", "neighbors", "affinity", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck_forward(backend, target_kind, dtype):
-    torch.library.opcheck(forward_op(backend), _problem(target_kind, dtype))
+    torch.library.opcheck(forward_op(backend), _problem(target_kind, dtype, device=device_of(backend)))
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target_kind", ["labels", "affinity"])
 @pytest.mark.parametrize("need_target_grad", [False, True])
 def test_opcheck_backward(backend, target_kind, need_target_grad):
-    args = _problem(target_kind, requires_grad=False)
+    device = device_of(backend)
+    args = _problem(target_kind, requires_grad=False, device=device)
     _, valid, stats = forward_op(backend)(*args)
-    grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64)
+    grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64, device=device)
     op = getattr(torch.ops.icon_kernels, f"{backend}_backward").default
     torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad))
 
@@ -52,9 +70,10 @@ def test_opcheck_backward(backend, target_kind, need_target_grad):
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_fullgraph_matches_eager(backend):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(50, 16, generator=g)
-    labels = torch.arange(50) // 2
-    tau = torch.tensor(0.2)
+    device = device_of(backend)
+    x = torch.randn(50, 16, generator=g).to(device)
+    labels = (torch.arange(50) // 2).to(device)
+    tau = torch.tensor(0.2, device=device)
 
     def step(x, tau):
         return ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=tau,
