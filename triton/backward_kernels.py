@@ -134,13 +134,14 @@ def icon_backward_rows_kernel(
     if KERNEL == 1 or KERNEL == 2:
         dx -= w_sum[:, None] * x.to(tl.float32)
     dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
-    tl.store(DX + rows[:, None] * D + dk[None, :], dx, mask=in_rows[:, None] & (dk < D)[None, :])
+    tl.store(DX + rows.to(tl.int64)[:, None] * D + dk[None, :], dx,
+             mask=in_rows[:, None] & (dk < D)[None, :])
     tl.store(DPRM + rows, dprm, mask=in_rows & first)
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
             dz -= wt_sum[:, None] * z
         dkz = tl.arange(0, BLOCK_DZ)
-        tl.store(DZ_ROWS + rows[:, None] * DZ + dkz[None, :], dz,
+        tl.store(DZ_ROWS + rows.to(tl.int64)[:, None] * DZ + dkz[None, :], dz,
                  mask=(in_rows & first)[:, None] & (dkz < DZ)[None, :])
         tl.store(DTPRM + rows, dtprm, mask=in_rows & first)
 
@@ -203,10 +204,11 @@ def icon_backward_cols_kernel(
     if KERNEL == 1 or KERNEL == 2:
         dy -= w_sum[:, None] * y.to(tl.float32)
     dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
-    tl.store(DY + cols[:, None] * D + dk[None, :], dy, mask=in_cols[:, None] & (dk < D)[None, :])
+    tl.store(DY + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
+             mask=in_cols[:, None] & (dk < D)[None, :])
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
             dzc -= wt_sum[:, None] * zc
         dkz = tl.arange(0, BLOCK_DZ)
-        tl.store(DZ_COLS + cols[:, None] * DZ + dkz[None, :], dzc,
+        tl.store(DZ_COLS + cols.to(tl.int64)[:, None] * DZ + dkz[None, :], dzc,
                  mask=(in_cols & first)[:, None] & (dkz < DZ)[None, :])

@@ -23,7 +23,7 @@ def load_rows(ptr, idx, n, stride, BLOCK_D: tl.constexpr, d, UPCAST: tl.constexp
     bf16 arithmetic); otherwise fp16/bf16 stay native so tl.dot runs on tensor cores."""
     dk = d0 + tl.arange(0, BLOCK_D)
     mask = (idx < n)[:, None] & (dk < d)[None, :]
-    block = tl.load(ptr + idx[:, None] * stride + dk[None, :], mask=mask, other=0.0)
+    block = tl.load(ptr + idx.to(tl.int64)[:, None] * stride + dk[None, :], mask=mask, other=0.0)
     if UPCAST:
         block = block.to(tl.float32)
     return block
@@ -124,7 +124,8 @@ def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense
     elif TARGET == 1:
         p = tl.zeros(valid.shape, tl.float32)
     else:
-        w = tl.load(DENSE + rows[:, None] * stride_dense + cols[None, :], mask=valid, other=0.0)
+        offsets = rows.to(tl.int64)[:, None] * stride_dense + cols[None, :]   # N*M may pass 2^31
+        w = tl.load(DENSE + offsets, mask=valid, other=0.0)
         norm = tl.load(NORM + rows, mask=rows < N, other=1.0)
         p = w.to(tl.float32) / norm[:, None]
     return p
