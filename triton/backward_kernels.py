@@ -68,6 +68,32 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
 
 
 @triton.jit
+def row_side(rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, d0,
+             TARGET: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """Everything the backward needs about a block of rows: features (columns d0 : d0 + BLOCK_D),
+    norms, parameter, saved statistics, upstream gradient and, for Affinity, the target side."""
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, d0)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    lse = load_vec(STATS, rows, N, 0.0)
+    r_stat = load_vec(STATS + N, rows, N, 0.0)
+    g = load_vec(GRAD, rows, N, 0.0)
+    z = x
+    z_sq = x_sq
+    t_prm = prm
+    lse_p = lse
+    h_stat = r_stat
+    if TARGET == 2:
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
+        z_sq = load_vec(ZSQ, rows, N, 0.0)
+        t_prm = load_vec(TPRM, rows, N, 1.0)
+        lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
+        h_stat = load_vec(STATS + 3 * N, rows, N, 0.0)
+    return x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat
+
+
+@triton.jit
 def _finite(lse):
     return tl.where(lse == float("-inf"), 0.0, lse)
 
@@ -86,23 +112,9 @@ def icon_backward_rows_kernel(
     in_rows = rows < N
     c = tl.program_id(1)          # the chunk of d this program writes (all of d unless D_CHUNKED)
     first = c == 0                # per-row outputs are written by the first chunk's program
-    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, c * BLOCK_D)
-    x_sq = load_vec(XSQ, rows, N, 0.0)
-    prm = load_vec(PRM, rows, N, 1.0)
-    lse = load_vec(STATS, rows, N, 0.0)
-    r_stat = load_vec(STATS + N, rows, N, 0.0)
-    g = load_vec(GRAD, rows, N, 0.0)
-    z = x
-    z_sq = x_sq
-    t_prm = prm
-    lse_p = lse
-    h_stat = r_stat
-    if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
-        z_sq = load_vec(ZSQ, rows, N, 0.0)
-        t_prm = load_vec(TPRM, rows, N, 1.0)
-        lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
-        h_stat = load_vec(STATS + 3 * N, rows, N, 0.0)
+    x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat = row_side(
+        rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, c * BLOCK_D,
+        TARGET, BLOCK_D, BLOCK_DZ, UPCAST)
     dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
     dprm = tl.zeros([BLOCK_M], tl.float32)
@@ -173,23 +185,9 @@ def icon_backward_cols_kernel(
     wt_sum = tl.zeros([BLOCK_N], tl.float32)
     for i0 in range(0, N, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
-        x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, c * BLOCK_D)
-        x_sq = load_vec(XSQ, rows, N, 0.0)
-        prm = load_vec(PRM, rows, N, 1.0)
-        lse = load_vec(STATS, rows, N, 0.0)
-        r_stat = load_vec(STATS + N, rows, N, 0.0)
-        g = load_vec(GRAD, rows, N, 0.0)
-        z = x
-        z_sq = x_sq
-        t_prm = prm
-        lse_p = lse
-        h_stat = r_stat
-        if TARGET == 2:
-            z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
-            z_sq = load_vec(ZSQ, rows, N, 0.0)
-            t_prm = load_vec(TPRM, rows, N, 1.0)
-            lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
-            h_stat = load_vec(STATS + 3 * N, rows, N, 0.0)
+        x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat = row_side(
+            rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, c * BLOCK_D,
+            TARGET, BLOCK_D, BLOCK_DZ, UPCAST)
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
