@@ -46,7 +46,10 @@ def measure(backend, n, d, dtype, repeats):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:   # cuBLAS reports OOM as RuntimeError
+        text = str(exc)
+        if not isinstance(exc, torch.OutOfMemoryError) and "ALLOC" not in text and "out of memory" not in text:
+            raise
         return {"backend": backend, "n": n, "dtype": str(dtype), "error": "OOM"}
     median = statistics.median(times)
     tflops = 8 * n * n * d / median / 1e12
@@ -83,6 +86,10 @@ def main(argv=None):
                     r["pct_of_bf16_peak"] = 100 * r["tflops"] / H200_DENSE_BF16_TFLOPS
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+                if a.out:   # written after every point, so a time-out keeps what was measured
+                    os.makedirs(a.out, exist_ok=True)
+                    with open(os.path.join(a.out, "gpu_bench.json"), "w") as f:
+                        json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"\n{'backend':>10} {'dtype':>9} {'N':>6} {'median ms':>10} {'x naive':>8} {'TFLOP/s':>8} {'peak MiB':>10} {'x naive mem':>11}")
     for r in rows:
         if "error" in r:
@@ -91,10 +98,6 @@ def main(argv=None):
         print(f"{r['backend']:>10} {r['dtype']:>9} {r['n']:>6} {1e3 * r['median_s']:>10.2f} "
               f"{r.get('x_naive_time', float('nan')):>8.3f} {r['tflops']:>8.1f} {r['peak_mib']:>10.1f} "
               f"{r.get('x_naive_mem', float('nan')):>11.4f}")
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "gpu_bench.json"), "w") as f:
-            json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)
     return 0
 
 

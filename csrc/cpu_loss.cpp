@@ -83,6 +83,7 @@ struct Problem {
     y_sq = distance ? y.square().sum(1) : at::zeros({m}, y.options());
     prm = per_row(param, n, acc);
     if (target == kLabels) {
+      TORCH_CHECK(row_labels.has_value() && col_lab.has_value(), "labels target needs row and column labels");
       labels = row_labels->to(at::kLong).contiguous();
       col_labels = col_lab->to(at::kLong).contiguous();
     } else if (target == kNeighbors) {

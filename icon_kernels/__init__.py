@@ -4,6 +4,7 @@
     loss = ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=0.1)
 """
 from . import cpu_backend as _cpu_backend
+from . import cuda_backend as _cuda_backend
 from . import torch_backend as _torch_backend
 from . import triton_backend as _triton_backend
 from .backends import available_backends
@@ -17,5 +18,6 @@ __version__ = "0.1.0"
 _register_backend("torch", _torch_backend.forward, _torch_backend.backward)
 _triton_backend.register()
 _cpu_backend.register()
+_cuda_backend.register()
 
 __all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends"]

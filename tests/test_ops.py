@@ -12,7 +12,7 @@ from icon_kernels.validation import check_arguments
 
 def device_of(backend):
     """Where a backend's op runs: triton needs CUDA tensors unless the interpreter is on."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
         return "cuda"
     return "cpu"
 
@@ -45,7 +45,7 @@ def _cpu_problem(target_kind, dtype, requires_grad):
     return _op_arguments(pb)
 
 
-FUSED = [b for b in ("torch", "cpu", "triton") if b in ik.available_backends()]
+FUSED = [b for b in ("torch", "cpu", "triton", "cuda") if b in ik.available_backends()]
 
 
 @pytest.mark.parametrize("backend", FUSED)

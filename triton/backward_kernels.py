@@ -94,6 +94,16 @@ def row_side(rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, s
 
 
 @triton.jit
+def grad_dot(w, b, PRECISION: tl.constexpr):
+    """w (fp32 gradient weights) times feature block b. For bf16 b, w is rounded to bf16 for the
+    tensor cores; fp16 would flush the tiny weights of a large batch to zero, so there b is
+    upcast instead."""
+    if b.dtype == tl.float16:
+        return tl.dot(w, b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+
+
+@triton.jit
 def _finite(lse):
     return tl.where(lse == float("-inf"), 0.0, lse)
 
@@ -136,11 +146,11 @@ def icon_backward_rows_kernel(
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
-        dx += tl.dot(w.to(y.dtype), y, input_precision=PRECISION)
+        dx += grad_dot(w, y, PRECISION)
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
         if TARGET_GRAD:
-            dz += tl.dot(w_t, zc, input_precision=PRECISION)
+            dz += grad_dot(w_t, zc, PRECISION)
             wt_sum += tl.sum(w_t, 1)
             dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
     if KERNEL == 1 or KERNEL == 2:
@@ -194,10 +204,10 @@ def icon_backward_cols_kernel(
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
-        dy += tl.dot(tl.trans(w.to(x.dtype)), x, input_precision=PRECISION)
+        dy += grad_dot(tl.trans(w), x, PRECISION)
         w_sum += tl.sum(w, 0)
         if TARGET_GRAD:
-            dzc += tl.dot(tl.trans(w_t), z, input_precision=PRECISION)
+            dzc += grad_dot(tl.trans(w_t), z, PRECISION)
             wt_sum += tl.sum(w_t, 0)
     if KERNEL == 1 or KERNEL == 2:
         dy -= w_sum[:, None] * y.to(tl.float32)

@@ -5,6 +5,7 @@ They prepare O(N + M) side inputs in torch (squared norms, per-row parameters, t
 per-row normaliser), choose block sizes and launch. No N x M buffer is allocated; a Dense target
 is itself N x M and is read in place.
 """
+import contextlib
 import os
 
 import torch
@@ -27,15 +28,20 @@ def fp32_precision() -> str:
 
 
 def _configs():
-    """Tile shapes for Ampere/Hopper; exactly one under the interpreter."""
+    """Tile shapes for Ampere/Hopper; exactly one under the interpreter, and one when
+    ICON_KERNELS_TRITON_AUTOTUNE=0 (tests on a GPU: each autotune miss compiles every config)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    if os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE") == "0":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes]
 
 
-_KEY = ["N", "M", "D", "DZ"]
+# the compile-time variant is part of the key: a config tuned for a light variant may not fit a
+# heavy one (e.g. Affinity targets with target grads)
+_KEY = ["N", "M", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "UPCAST", "D_CHUNKED"]
 _forward_kernel = triton.autotune(_configs(), key=_KEY)(icon_forward_kernel)
 _mixture_kernel = triton.autotune(_configs(), key=_KEY)(icon_mixture_kernel)
 _rows_kernel = triton.autotune(_configs(), key=_KEY)(icon_backward_rows_kernel)
@@ -100,7 +106,7 @@ def _prepare(args):
         pairs = (torch.where(keep, idx, -1), w / torch.where(total == 0, 1.0, total))
     elif target == "dense":
         dense = dense_p.contiguous()
-        total = dense.float().sum(1)
+        total = dense.sum(1, dtype=torch.float32)           # no fp32 copy of the N x M target
         if exclude_self:
             total = total - dense.diagonal().float()
         has = total != 0
@@ -125,7 +131,22 @@ def _prepare(args):
     return tensors, sizes, flags, included, float(beta), pairs
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the inputs' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def forward(*args):
+    with _on_device(args[0]):
+        return _forward(*args)
+
+
+def backward(grad_rows, *rest):
+    with _on_device(rest[0]):
+        return _backward(grad_rows, *rest)
+
+
+def _forward(*args):
     tensors, sizes, flags, included, beta, pairs = _prepare(args)
     n, dev = sizes["N"], tensors["X"].device
     acc = torch.float64 if args[0].dtype == torch.float64 else torch.float32
@@ -177,7 +198,7 @@ def _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs):
                                 idx, s, aux, tensors["PRM"], shift)
 
 
-def backward(grad_rows, *rest):
+def _backward(grad_rows, *rest):
     *args, valid, stats, need_target_grad = rest
     tensors, sizes, flags, _, beta, pairs = _prepare(args)
     x, y, param, z, z_cols, t_param = args[0], args[1], args[2], args[9], args[10], args[11]

@@ -1,0 +1,49 @@
+"""The fused CUDA backend equals the dense reference (skipped without a GPU)."""
+import itertools
+import zlib
+
+import pytest
+import torch
+
+import icon_kernels as ik
+from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error, to_device
+from test_torch_vs_reference import SETTINGS, TOL, build
+
+pytestmark = pytest.mark.skipif("cuda" not in ik.available_backends(),
+                                reason="cuda backend unavailable (needs a GPU and the CUDA build)")
+
+
+def check(problem, upstream, dtype):
+    want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
+    got_loss, got_grads = loss_and_grads(*to_device(problem, "cuda"), "cuda", upstream.cuda())
+    assert got_loss.dtype == dtype
+    assert relative_error(got_loss.cpu(), want_loss) <= TOL[dtype]
+    for g, w in zip(got_grads, want_grads):
+        assert relative_error(g.cpu(), w) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s[0] for s in SETTINGS])
+@pytest.mark.parametrize("kernel,target_kind", list(itertools.product(KERNELS, TARGETS)))
+def test_every_kernel_target_and_option(kernel, target_kind, setting, dtype):
+    seed = zlib.crc32(f"{kernel}{target_kind}{setting[0]}".encode()) % 1000
+    problem, upstream = build(kernel, target_kind, setting, dtype, seed=seed, n=300, m=270)
+    check(problem, upstream, dtype)
+
+
+@pytest.mark.parametrize("t_kernel", KERNELS)
+def test_affinity_target_gradients(t_kernel):
+    problem, upstream = build("student_t", "affinity", SETTINGS[1], torch.float64, seed=11,
+                              target_grad=True, t_kernel=t_kernel, param_tensor="rows")
+    check(problem, upstream, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_error_within_twice_pytorchs_own(dtype):
+    problem, upstream = build("cosine", "labels", SETTINGS[0], dtype, seed=5, n=512, m=512, d=64)
+    exact = loss_and_grads(*to_device(clone_problem(*problem, torch.float64), "cuda"), "reference", upstream.cuda())
+    naive = loss_and_grads(*to_device(problem, "cuda"), "reference", upstream.cuda())
+    ours = loss_and_grads(*to_device(problem, "cuda"), "cuda", upstream.cuda())
+    assert relative_error(ours[0], exact[0]) <= 2 * relative_error(naive[0], exact[0]) + 1e-4
+    for mine, theirs, want in zip(ours[1], naive[1], exact[1]):
+        assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 1e-4
