@@ -19,28 +19,13 @@
 
 #include "cpu_label_rows.h"
 #include "cpu_loss.h"
+#include "op_codes.h"
 #include "tile_math.h"
 
 namespace icon {
 namespace {
 
 constexpr int64_t kTileElements = 1 << 21;   // entries of one chunk's Gram tile
-
-int kernel_code(c10::string_view k) {
-  if (k == "dot") return kDot;
-  if (k == "gaussian") return kGaussian;
-  if (k == "student_t") return kStudentT;
-  if (k == "log_dot") return kLogDot;
-  TORCH_CHECK(false, "unknown kernel ", k);
-}
-
-int target_code(c10::string_view t) {
-  if (t == "labels") return kLabels;
-  if (t == "neighbors") return kNeighbors;
-  if (t == "affinity") return kAffinity;
-  if (t == "dense") return kDense;
-  TORCH_CHECK(false, "unknown target ", t);
-}
 
 at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
   return p.to(acc).expand({n}).contiguous();

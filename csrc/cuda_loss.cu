@@ -19,28 +19,13 @@
 #include <vector>
 
 #include "cpu_loss.h"   // ICON_FORWARD_PARAMS
+#include "op_codes.h"
 #include "tile_math.h"
 
 namespace icon {
 namespace {
 
 constexpr int kThreads = 256;
-
-int kernel_code_cuda(c10::string_view k) {
-  if (k == "dot") return kDot;
-  if (k == "gaussian") return kGaussian;
-  if (k == "student_t") return kStudentT;
-  if (k == "log_dot") return kLogDot;
-  TORCH_CHECK(false, "unknown kernel ", k);
-}
-
-int target_code_cuda(c10::string_view t) {
-  if (t == "labels") return kLabels;
-  if (t == "neighbors") return kNeighbors;
-  if (t == "affinity") return kAffinity;
-  if (t == "dense") return kDense;
-  TORCH_CHECK(false, "unknown target ", t);
-}
 
 // Raw pointers and sizes handed to the kernels (by value).
 template <typename T>
@@ -71,7 +56,7 @@ Holder<T> prepare(ICON_FORWARD_PARAMS) {
   auto xa = x.to(acc).contiguous(), ya = y.to(acc).contiguous();
   v.n = x.size(0); v.m = y.size(0); v.d = x.size(1);
   v.m_valid = v.m - (exclude_self ? 1 : 0);
-  v.kernel = kernel_code_cuda(kernel); v.target = target_code_cuda(target); v.t_kernel = kernel_code_cuda(t_kernel);
+  v.kernel = kernel_code(kernel); v.target = target_code(target); v.t_kernel = kernel_code(t_kernel);
   v.alpha = T(alpha); v.beta = T(beta); v.exclude_self = exclude_self; v.kl = kl;
   v.x = h.ptr(xa); v.y = h.ptr(ya);
   v.x_sq = h.ptr(xa.square().sum(1)); v.y_sq = h.ptr(ya.square().sum(1));
