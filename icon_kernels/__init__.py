@@ -7,6 +7,7 @@ from . import cpu_backend as _cpu_backend
 from . import cuda_backend as _cuda_backend
 from . import torch_backend as _torch_backend
 from . import triton_backend as _triton_backend
+from . import distributed
 from .backends import available_backends
 from .functional import icon_loss
 from .modules import ICon

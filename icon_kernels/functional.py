@@ -60,9 +60,14 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
                               sigma=sigma, dof=dof, alpha=alpha, beta=beta,
                               exclude_self=exclude_self, divergence=divergence,
                               reduction=reduction, weight=weight)
-    name = backends.resolve_backend(backend, x.device)
-    if name == "reference":
-        rows, included = reference.row_losses(problem)
-    else:
-        rows, included, _ = forward_op(name)(*_op_arguments(problem))
+    rows, included = row_losses(problem, backend)
     return reduce_rows(rows, included, problem.weight, problem.reduction).to(x.dtype)
+
+
+def row_losses(problem: Problem, backend: str):
+    """(L_i per row, 0 where left out; which rows are included) on the chosen backend."""
+    name = backends.resolve_backend(backend, problem.x.device)
+    if name == "reference":
+        return reference.row_losses(problem)
+    rows, included, _ = forward_op(name)(*_op_arguments(problem))
+    return rows, included

@@ -1,0 +1,160 @@
+"""The I-Con loss over a batch sharded across processes (torch.distributed; NCCL or gloo).
+
+``icon_loss(x_local, y_local=None, target=..., process_group=None, dist_mode="gather", ...)``:
+every rank passes only its own rows (and target rows). The columns of all ranks are gathered
+with an autograd-aware all_gather whose backward all-reduces the column gradients (gloo has no
+reduce_scatter), so the gradients with respect to the local inputs are those of the loss on the
+concatenated global batch. This rank's columns are moved to the front, so a self pair is (i, i)
+and every fused backend's exclude_self applies unchanged. Memory per rank is O(N_global * d).
+
+Targets across ranks: Labels column labels are gathered; Neighbors indices are global column
+indices; Affinity column features are gathered (with gradients); Dense holds local rows x global
+columns. Shards may be uneven. Only dist_mode="gather" exists so far; "ring" is not implemented.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .functional import row_losses
+from .targets import Affinity, Dense, Labels, Neighbors
+from .validation import check_arguments
+
+
+def _sizes(n: int, device, group) -> list:
+    t = torch.tensor([n], device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [int(v) for v in out]
+
+
+def _gather_rows(t: torch.Tensor, sizes: list, group) -> torch.Tensor:
+    """All ranks' row blocks, concatenated in rank order (uneven sizes padded for the collective)."""
+    pad = max(sizes)
+    buf = t.new_zeros((pad,) + tuple(t.shape[1:]))
+    buf[: t.shape[0]] = t
+    out = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(out, buf.contiguous(), group=group)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Forward: the global batch. Backward: the sum over ranks of its gradient, own rows only."""
+
+    @staticmethod
+    def forward(ctx, t, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _gather_rows(t.detach(), sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        start = sum(ctx.sizes[:rank])
+        return grad[start:start + ctx.sizes[rank]], None, None
+
+
+def _check_group(process_group, dist_mode):
+    if dist_mode != "gather":
+        raise ValueError(f"dist_mode must be 'gather' (ring mode is not implemented yet); got {dist_mode!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group)")
+    group = dist.group.WORLD if process_group is None else process_group
+    try:
+        dist.get_rank(group)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise ValueError(f"process_group is not a valid process group for this rank: {exc}") from exc
+    return group
+
+
+def _check_consistent(x: torch.Tensor, group) -> None:
+    """d and dtype must agree on every rank; every rank raises if any disagrees (no hang)."""
+    dtype_code = [torch.float64, torch.float32, torch.float16, torch.bfloat16].index(x.dtype) \
+        if x.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) else 9
+    code = torch.tensor([x.shape[1], dtype_code], device=x.device, dtype=torch.int64)
+    lo, hi = code.clone(), code.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(lo, hi):
+        raise ValueError("x: the feature dimension d or the dtype differs across ranks")
+
+
+def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", exclude_self=None,
+              reduction="mean", weight=None, backend="auto", **kwargs):
+    """``ik.icon_loss`` over the global batch; x, y, target and weight hold this rank's part.
+
+    Returns the global loss ("mean" over all included rows of all ranks, or "sum") on every
+    rank, or this rank's rows for "none". Every rank must call it, and backward, collectively.
+    """
+    group = _check_group(process_group, dist_mode)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a 2-D tensor of this rank's rows")
+    _check_consistent(x, group)
+    rank = dist.get_rank(group)
+    cols_local = x if y is None else y
+    col_sizes = _sizes(cols_local.shape[0], x.device, group)
+    start, n_cols = sum(col_sizes[:rank]), col_sizes[rank]
+    m = sum(col_sizes)
+    # this rank's columns first, so a self pair is (i, i)
+    order = torch.cat([torch.arange(start, start + n_cols), torch.arange(0, start),
+                       torch.arange(start + n_cols, m)]).to(x.device)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(m, device=x.device)
+    cols = _AllGatherRows.apply(cols_local, col_sizes, group)[order]
+    if exclude_self is None:
+        exclude_self = y is None
+    if exclude_self and n_cols != x.shape[0]:
+        raise ValueError("exclude_self=True needs this rank's columns to be its rows")
+    target = _global_columns(target, y is None, col_sizes, order, position, group)
+    problem = check_arguments(x, cols, target=target, exclude_self=False, reduction=reduction,
+                              weight=weight, **_loss_options(kwargs))
+    problem.exclude_self = bool(exclude_self)
+    rows, included = row_losses(problem, backend)
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    if reduction == "none":
+        return rows.to(x.dtype)
+    local = rows.sum()
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    loss = local + (total - local.detach())          # global value, this rank's gradient path
+    if reduction == "mean":
+        counted = included.to(rows.dtype) if weight is None else torch.where(included, weight.to(rows.dtype), 0.0)
+        denominator = counted.sum().detach()
+        dist.all_reduce(denominator, group=group)
+        loss = loss / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return loss.to(x.dtype)
+
+
+def _loss_options(kwargs):
+    allowed = {"kernel", "temperature", "sigma", "dof", "alpha", "beta", "divergence"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    defaults = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
+                    divergence="kl")
+    return {**defaults, **kwargs}
+
+
+def _global_columns(target, self_mode, col_sizes, order, position, group):
+    """The target with its column side made global (and in the reordered column order)."""
+    if isinstance(target, Labels):
+        cols = target.row_labels if target.col_labels is None else target.col_labels
+        return Labels(target.row_labels, _gather_rows(cols, col_sizes, group)[order])
+    if isinstance(target, Neighbors):
+        idx = target.indices
+        remapped = torch.where(idx >= 0, position[idx.clamp(0, position.numel() - 1)], idx)
+        remapped = torch.where(idx >= position.numel(), idx, remapped)   # out of range: validation reports it
+        return Neighbors(remapped, target.weights)
+    if isinstance(target, Affinity):
+        if target.z_cols is None and not self_mode:
+            raise ValueError("z_cols (this rank's column target features) is required when y is given")
+        z_cols = target.z if target.z_cols is None else target.z_cols
+        gathered = _AllGatherRows.apply(z_cols, col_sizes, group)[order]
+        return Affinity(target.z, gathered, kernel=target.kernel, sigma=target.sigma,
+                        temperature=target.temperature, dof=target.dof)
+    if isinstance(target, Dense):
+        return Dense(target.p[:, order])
+    raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
+                    f"got {type(target).__name__}")
