@@ -35,3 +35,12 @@ def test_gather_mode_matches_single_process(tmp_path, world):
         assert len(lines) >= 12, lines
         bad = [line for line in lines if not line.endswith("ok")]
         assert not bad, f"rank {rank}: {bad}"
+
+
+def test_without_an_initialised_group_raises_naming_process_group():
+    import torch
+    import icon_kernels as ik
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match="process_group"):
+        ik.distributed.icon_loss(torch.randn(4, 3), target=ik.Labels(torch.arange(4) // 2))
