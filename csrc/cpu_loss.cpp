@@ -363,22 +363,11 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   return {dx, dy, dprm, dz, dzc, dtprm};
 }
 
-at::Tensor reduce_param(const at::Tensor& per_row, const at::Tensor& param) {
-  return (param.dim() == 0 ? per_row.sum() : per_row).to(param.scalar_type());
-}
-
 }  // namespace
 
-#define ICON_PROBLEM_ARGS                                                                   \
-  x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols,    \
-      t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) {
-  if (x.scalar_type() == at::kDouble) {
-    auto out = forward_impl<double>(Problem<double>(ICON_PROBLEM_ARGS));
-    return out;
-  }
-  return forward_impl<float>(Problem<float>(ICON_PROBLEM_ARGS));
+  if (x.scalar_type() == at::kDouble) return forward_impl<double>(Problem<double>(ICON_FORWARD_ARGS));
+  return forward_impl<float>(Problem<float>(ICON_FORWARD_ARGS));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
@@ -386,13 +375,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& stats, bool need_target_grad) {
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
-      ? backward_impl<double>(Problem<double>(ICON_PROBLEM_ARGS), grad_rows, valid, stats, target_grad)
-      : backward_impl<float>(Problem<float>(ICON_PROBLEM_ARGS), grad_rows, valid, stats, target_grad);
-  auto empty = [&]() { return at::empty({0}, x.options()); };
-  return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), reduce_param(g[2], param),
-          target_grad ? g[3].to(z->scalar_type()) : empty(),
-          target_grad ? g[4].to(z_cols->scalar_type()) : empty(),
-          target_grad ? reduce_param(g[5], *t_param) : empty()};
+      ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad)
+      : backward_impl<float>(Problem<float>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad);
+  return backward_outputs(g, ICON_FORWARD_ARGS, target_grad);
 }
 
 }  // namespace icon

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #define ICON_FORWARD_PARAMS                                                                      \
   const at::Tensor &x, const at::Tensor &y, const at::Tensor &param, c10::string_view kernel,    \
@@ -13,7 +14,28 @@
       c10::string_view t_kernel, const c10::optional<at::Tensor> &dense_p, double alpha,          \
       double beta, bool exclude_self, bool kl
 
+// The flat forward arguments again, to pass them on.
+#define ICON_FORWARD_ARGS                                                                        \
+  x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols, t_param, \
+      t_kernel, dense_p, alpha, beta, exclude_self, kl
+
 namespace icon {
+using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward op's outputs from the accumulation-type gradients {dx, dy, dparam per row, dz,
+// dz_cols, dt_param per row}: input dtypes, scalar parameters summed, empty target grads.
+inline BackwardOutputs backward_outputs(const std::vector<at::Tensor>& g, ICON_FORWARD_PARAMS,
+                                        bool target_grad) {
+  auto reduce = [](const at::Tensor& per_row, const at::Tensor& p) {
+    return (p.dim() == 0 ? per_row.sum() : per_row).to(p.scalar_type());
+  };
+  auto empty = [&]() { return at::empty({0}, x.options()); };
+  return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), reduce(g[2], param),
+          target_grad ? g[3].to(z->scalar_type()) : empty(),
+          target_grad ? g[4].to(z_cols->scalar_type()) : empty(),
+          target_grad ? reduce(g[5], *t_param) : empty()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor &grad_rows, ICON_FORWARD_PARAMS, const at::Tensor &valid,

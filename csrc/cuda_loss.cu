@@ -389,8 +389,7 @@ size_t shared_bytes(const Dev<T>& p) { return sizeof(T) * (2 * (p.d + p.dz) + 4 
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_t(ICON_FORWARD_PARAMS) {
-  Holder<T> h = prepare<T>(x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight,
-                           z, z_cols, t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl);
+  Holder<T> h = prepare<T>(ICON_FORWARD_ARGS);
   const Dev<T>& p = h.dev;
   auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   auto loss = at::zeros({p.n}, opts), stats = at::zeros({4, p.n}, opts), norms = at::zeros({p.n}, opts);
@@ -406,8 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_t(ICON_FORWARD_PARAMS) {
 template <typename T>
 std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PARAMS,
                                    const at::Tensor& valid_rows, const at::Tensor& stats_in, bool target_grad) {
-  Holder<T> h = prepare<T>(x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight,
-                           z, z_cols, t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl);
+  Holder<T> h = prepare<T>(ICON_FORWARD_ARGS);
   const Dev<T>& p = h.dev;
   auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -434,20 +432,12 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
   return {dx, dy, dprm, dz, dzc, dtprm};
 }
 
-at::Tensor reduce_param_cuda(const at::Tensor& per_row, const at::Tensor& param) {
-  return (param.dim() == 0 ? per_row.sum() : per_row).to(param.scalar_type());
-}
-
 }  // namespace
-
-#define ICON_ARGS                                                                                  \
-  x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols, t_param, \
-      t_kernel, dense_p, alpha, beta, exclude_self, kl
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS) {
   c10::cuda::CUDAGuard guard(x.device());
-  if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_ARGS);
-  return forward_t<float>(ICON_ARGS);
+  if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_FORWARD_ARGS);
+  return forward_t<float>(ICON_FORWARD_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
@@ -456,13 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::cuda::CUDAGuard guard(x.device());
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
-      ? backward_t<double>(grad_rows, ICON_ARGS, valid, stats, target_grad)
-      : backward_t<float>(grad_rows, ICON_ARGS, valid, stats, target_grad);
-  auto empty = [&]() { return at::empty({0}, x.options()); };
-  return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), reduce_param_cuda(g[2], param),
-          target_grad ? g[3].to(z->scalar_type()) : empty(),
-          target_grad ? g[4].to(z_cols->scalar_type()) : empty(),
-          target_grad ? reduce_param_cuda(g[5], *t_param) : empty()};
+      ? backward_t<double>(grad_rows, ICON_FORWARD_ARGS, valid, stats, target_grad)
+      : backward_t<float>(grad_rows, ICON_FORWARD_ARGS, valid, stats, target_grad);
+  return backward_outputs(g, ICON_FORWARD_ARGS, target_grad);
 }
 
 }  // namespace icon

@@ -141,9 +141,9 @@ def _where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _learned_tile(pb: Problem, r0: int, r1: int):
+    """(s with self pairs at -inf, aux) for rows r0:r1; the chain rule needs only aux."""
     s, aux = tile_math.logits(pb.kernel, pb.x[r0:r1], pb.y, tile_math.rows_of(pb.param, r0, r1))
-    s_masked = _off_self(s.clone(), r0, pb.exclude_self, float("-inf"))
-    return s, aux, s_masked
+    return _off_self(s, r0, pb.exclude_self, float("-inf")), aux
 
 
 def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
 
 def _forward_chunk(pb: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
-    _, _, s_masked = _learned_tile(pb, r0, r1)
+    s_masked, _ = _learned_tile(pb, r0, r1)
     lse = torch.logsumexp(s_masked, dim=1)
     log_q = s_masked - lse[:, None]
     del s_masked
@@ -220,8 +220,7 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
 def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
                     stats: torch.Tensor, target_grad: bool):
     """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
-    s, aux, s_masked = _learned_tile(pb, r0, r1)
-    del s
+    s_masked, aux = _learned_tile(pb, r0, r1)
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
     q = torch.exp(log_q)
