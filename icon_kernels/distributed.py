@@ -7,18 +7,27 @@ reduce_scatter), so the gradients with respect to the local inputs are those of 
 concatenated global batch. This rank's columns are moved to the front, so a self pair is (i, i)
 and every fused backend's exclude_self applies unchanged. Memory per rank is O(N_global * d).
 
-Targets across ranks: Labels column labels are gathered; Neighbors indices are global column
-indices; Affinity column features are gathered (with gradients); Dense holds local rows x global
-columns. Shards may be uneven. Only dist_mode="gather" exists so far; "ring" is not implemented.
+``dist_mode="ring"`` never gathers: column blocks rotate around the ranks (ring.py), with the
+row statistics merged block by block (column_blocks.py); memory per rank is
+O((N_local + block) * d). Its blocks are computed with the blockwise torch tile math on the
+inputs' device, whatever ``backend`` says.
+
+Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
+global column indices; Affinity column features are gathered (or rotated) with gradients;
+Dense holds local rows x global columns. Shards may be uneven.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .functional import row_losses
+from . import column_blocks, ring
+from .functional import _kernel_inputs, row_losses
 from .targets import Affinity, Dense, Labels, Neighbors
-from .validation import check_arguments
+from .torch_backend import CHUNK_ELEMENTS, accumulation_dtype
+from .validation import KERNEL_PARAM, check_arguments
+
+DIST_MODES = ("gather", "ring")
 
 
 def _sizes(n: int, device, group) -> list:
@@ -56,15 +65,17 @@ class _AllGatherRows(torch.autograd.Function):
 
 
 def _check_group(process_group, dist_mode):
-    if dist_mode != "gather":
-        raise ValueError(f"dist_mode must be 'gather' (ring mode is not implemented yet); got {dist_mode!r}")
+    if dist_mode not in DIST_MODES:
+        raise ValueError(f"dist_mode must be one of {', '.join(DIST_MODES)}; got {dist_mode!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group)")
     group = dist.group.WORLD if process_group is None else process_group
     try:
-        dist.get_rank(group)
+        rank = dist.get_rank(group)
     except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
         raise ValueError(f"process_group is not a valid process group for this rank: {exc}") from exc
+    if rank < 0:
+        raise ValueError("process_group does not contain this rank; call the loss only on its members")
     return group
 
 
@@ -92,25 +103,19 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
         raise ValueError("x must be a 2-D tensor of this rank's rows")
     _check_consistent(x, group)
     rank = dist.get_rank(group)
-    cols_local = x if y is None else y
-    col_sizes = _sizes(cols_local.shape[0], x.device, group)
-    start, n_cols = sum(col_sizes[:rank]), col_sizes[rank]
-    m = sum(col_sizes)
-    # this rank's columns first, so a self pair is (i, i)
-    order = torch.cat([torch.arange(start, start + n_cols), torch.arange(0, start),
-                       torch.arange(start + n_cols, m)]).to(x.device)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(m, device=x.device)
-    cols = _AllGatherRows.apply(cols_local, col_sizes, group)[order]
+    col_sizes = _sizes((x if y is None else y).shape[0], x.device, group)
+    n_cols = col_sizes[rank]
     if exclude_self is None:
         exclude_self = y is None
     if exclude_self and n_cols != x.shape[0]:
         raise ValueError("exclude_self=True needs this rank's columns to be its rows")
-    target = _global_columns(target, y is None, col_sizes, order, position, group)
-    problem = check_arguments(x, cols, target=target, exclude_self=False, reduction=reduction,
-                              weight=weight, **_loss_options(kwargs))
-    problem.exclude_self = bool(exclude_self)
-    rows, included = row_losses(problem, backend)
+    if isinstance(target, Affinity) and target.z_cols is None and y is not None:
+        raise ValueError("z_cols (this rank's column target features) is required when y is given")
+    options = dict(reduction=reduction, weight=weight, **_loss_options(kwargs))
+    if dist_mode == "gather":
+        rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
+    else:
+        rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group)
     if weight is not None:
         rows = rows * weight.to(rows.dtype)
     if reduction == "none":
@@ -125,6 +130,59 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
         dist.all_reduce(denominator, group=group)
         loss = loss / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     return loss.to(x.dtype)
+
+
+def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, group):
+    """Local rows x all gathered columns through the fused backend."""
+    rank = dist.get_rank(group)
+    start, n_cols, m = sum(col_sizes[:rank]), col_sizes[rank], sum(col_sizes)
+    # this rank's columns first, so a self pair is (i, i)
+    order = torch.cat([torch.arange(start, start + n_cols), torch.arange(0, start),
+                       torch.arange(start + n_cols, m)]).to(x.device)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(m, device=x.device)
+    cols = _AllGatherRows.apply(x if y is None else y, col_sizes, group)[order]
+    target = _global_columns(target, y is None, col_sizes, order, position, group)
+    problem = check_arguments(x, cols, target=target, exclude_self=False, **options)
+    problem.exclude_self = exclude_self
+    return row_losses(problem, backend)
+
+
+def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
+    """Local rows x the global columns, block by block around the ring (never gathered)."""
+    rank = dist.get_rank(group)
+    cols_local = x if y is None else y
+    # Neighbors / Dense address global columns: validate them against a stand-in of the global
+    # column block (a zero-stride view, no memory); Labels / Affinity columns are local.
+    if isinstance(target, (Neighbors, Dense)):
+        m, d = sum(col_sizes), x.shape[1]
+        check_cols = cols_local.new_zeros(1, d).expand(m, d)
+    else:
+        check_cols = y
+    problem = check_arguments(x, check_cols, target=target, exclude_self=False, **options)
+    t = problem.target
+    acc = accumulation_dtype(x.dtype)
+    xk, yk, kernel, param = _kernel_inputs(problem.kernel, x, y, problem.param)
+    rows = column_blocks.RowSide(
+        x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel,
+        target={Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)],
+        row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
+        alpha=problem.alpha, beta=problem.beta, kl=problem.kl, tile_elements=CHUNK_ELEMENTS)
+    own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
+    z = z_cols = t_param = None
+    if isinstance(t, Labels):
+        rows.row_labels, own.col_labels = t.row_labels, t.col_labels
+    elif isinstance(t, Neighbors):
+        rows.nbr_index = t.indices
+        rows.nbr_weight = None if t.weights is None else t.weights.to(acc)
+    elif isinstance(t, Dense):
+        rows.dense_p = t.p.to(acc)
+    else:
+        value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
+        z, z_cols, rows.t_kernel, t_param = _kernel_inputs(t.kernel, t.z, t.z_cols, value)
+        rows.z, rows.t_param = z.detach().to(acc), t_param.detach().to(acc)
+        own.z_cols = z_cols.detach()
+    return ring.RingRowLosses.apply(rows, own, ring.Ring(group, col_sizes), xk, yk, param, z, z_cols, t_param)
 
 
 def _loss_options(kwargs):

@@ -47,8 +47,13 @@ def cases(n, m, gen):
         p = torch.rand(n, n, generator=gen, dtype=torch.float64)
         return x, None, ik.Dense(p), dict(kernel="cosine", temperature=0.5, weight=torch.rand(n, generator=gen, dtype=torch.float64) + 0.5)
 
+    def affinity_mixed():
+        x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+        z = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        return x, None, ik.Affinity(z, kernel="student_t", dof=2.0), dict(kernel="gaussian", sigma=0.8, alpha=0.2, beta=0.1)
+
     return [("labels", labels(False)), ("labels-rect", labels(True)), ("neighbors", neighbors),
-            ("affinity", affinity), ("dense", dense)]
+            ("affinity", affinity), ("affinity-mixed", affinity_mixed), ("dense", dense)]
 
 
 def shard_target(target, sl, col_sl):
@@ -57,7 +62,7 @@ def shard_target(target, sl, col_sl):
     if isinstance(target, ik.Neighbors):
         return ik.Neighbors(target.indices[sl], target.weights[sl])
     if isinstance(target, ik.Affinity):
-        return ik.Affinity(target.z[sl], kernel=target.kernel, sigma=target.sigma)
+        return ik.Affinity(target.z[sl], kernel=target.kernel, sigma=target.sigma, dof=target.dof)
     return ik.Dense(target.p[sl])
 
 
@@ -68,7 +73,7 @@ def leaves(x, y, target):
     return out
 
 
-def run_case(build, backend, rank, world):
+def run_case(build, backend, mode, rank, world):
     sizes = SHARDS[:world]
     n = sum(sizes)
     off = sum(sizes[:rank])
@@ -80,7 +85,8 @@ def run_case(build, backend, rank, world):
     fy = None if y is None else y.clone().requires_grad_()
     ftarget = target
     if isinstance(target, ik.Affinity):
-        ftarget = ik.Affinity(target.z.clone().requires_grad_(), kernel=target.kernel, sigma=target.sigma)
+        ftarget = ik.Affinity(target.z.clone().requires_grad_(), kernel=target.kernel, sigma=target.sigma,
+                              dof=target.dof)
     want = ik.icon_loss(fx, fy, target=ftarget, weight=weight, backend="reference", **kw)
     want_grads = torch.autograd.grad(want, leaves(fx, fy, ftarget))
     # this rank's shard (columns of y are sharded like the rows)
@@ -88,8 +94,9 @@ def run_case(build, backend, rank, world):
     ly = None if y is None else y[sl].clone().requires_grad_()
     ltarget = shard_target(target, sl, sl)
     if isinstance(ltarget, ik.Affinity):
-        ltarget = ik.Affinity(ltarget.z.clone().requires_grad_(), kernel=ltarget.kernel, sigma=ltarget.sigma)
-    got = ik.distributed.icon_loss(lx, ly, target=ltarget, backend=backend,
+        ltarget = ik.Affinity(ltarget.z.clone().requires_grad_(), kernel=ltarget.kernel, sigma=ltarget.sigma,
+                              dof=ltarget.dof)
+    got = ik.distributed.icon_loss(lx, ly, target=ltarget, backend=backend, dist_mode=mode,
                                    weight=None if weight is None else weight[sl], **kw)
     got_grads = torch.autograd.grad(got, leaves(lx, ly, ltarget))
     errors = []
@@ -109,28 +116,40 @@ def run(rank, world, init_file, out_dir):
     trace.write("initialised\n")
     report = []
     try:
-        backends = [b for b in ("torch", "cpu") if b in ik.available_backends()]
+        # gather mode through each fused CPU backend; ring mode computes its blocks itself
+        modes = [("gather", b) for b in ("torch", "cpu") if b in ik.available_backends()] + [("ring", "auto")]
         n = sum(SHARDS[:world])
-        for backend in backends:
+        for mode, backend in modes:
             for name, build in cases(n, n, torch.Generator().manual_seed(0)):
                 torch.manual_seed(0)
-                trace.write(f"{backend} {name}\n")
-                errors = run_case(build, backend, rank, world)
-                report.append(f"{backend} {name}: " + ("ok" if not errors else "; ".join(errors)))
+                trace.write(f"{mode} {backend} {name}\n")
+                errors = run_case(build, backend, mode, rank, world)
+                report.append(f"{mode} {backend} {name}: " + ("ok" if not errors else "; ".join(errors)))
         # a bad process group raises on every rank
         try:
             ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
-                                     dist_mode="ring")
+                                     dist_mode="spiral")
             report.append("dist_mode check: no error raised")
         except ValueError as exc:
             report.append("dist_mode check: ok" if "dist_mode" in str(exc) else f"dist_mode check: {exc}")
-        # d differs across ranks: every rank raises instead of hanging
-        d = 4 + rank
+        # d or dtype differs across ranks: every rank raises instead of hanging, in both modes
+        for mode in ("gather", "ring"):
+            for what, x_bad in (("d", torch.randn(3, 4 + rank, dtype=torch.float64)),
+                                ("dtype", torch.randn(3, 4, dtype=torch.float64 if rank else torch.float32))):
+                try:
+                    ik.distributed.icon_loss(x_bad, target=ik.Labels(torch.arange(3)), dist_mode=mode)
+                    report.append(f"{mode} {what} mismatch check: no error raised")
+                except ValueError as exc:
+                    ok = "differs across ranks" in str(exc)
+                    report.append(f"{mode} {what} mismatch check: " + ("ok" if ok else str(exc)))
+        # a process group this rank is not part of
+        others = dist.new_group([r for r in range(world) if r != 0])
         try:
-            ik.distributed.icon_loss(torch.randn(3, d, dtype=torch.float64), target=ik.Labels(torch.arange(3)))
-            report.append("d mismatch check: no error raised")
+            ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
+                                     process_group=others)
+            report.append("foreign group check: " + ("ok" if rank != 0 else "no error raised on rank 0"))
         except ValueError as exc:
-            report.append("d mismatch check: ok" if "differs across ranks" in str(exc) else f"d mismatch: {exc}")
+            report.append("foreign group check: " + ("ok" if rank == 0 and "process_group" in str(exc) else str(exc)))
     except Exception:  # noqa: BLE001 - the parent reads the traceback from the file
         report.append("EXCEPTION " + traceback.format_exc())
     finally:

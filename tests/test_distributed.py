@@ -1,5 +1,5 @@
 """ik.distributed.icon_loss on gloo (CPU): world sizes 2 and 3 with uneven shards, every target
-type, torch and cpu backends; loss and local gradients equal the single-process reference on the
+type, gather mode (torch and cpu backends) and ring mode; loss and local gradients equal the single-process reference on the
 concatenated batch to 1e-9. Workers are spawned with a time limit, so a hang fails the test."""
 import os
 import sys
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_gather_mode_matches_single_process(tmp_path, world):
+def test_gather_and_ring_modes_match_single_process(tmp_path, world):
     ctx = mp.start_processes(distributed_worker.run, args=(world, str(tmp_path / "init"), str(tmp_path)),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.time() + 300
@@ -32,7 +32,8 @@ def test_gather_mode_matches_single_process(tmp_path, world):
         pytest.fail(f"{exc}; progress per rank: {traces}")
     for rank in range(world):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
-        assert len(lines) >= 12, lines
+        assert len(lines) >= 24, lines
+        assert sum(line.startswith("ring auto ") for line in lines) == 6, lines
         bad = [line for line in lines if not line.endswith("ok")]
         assert not bad, f"rank {rank}: {bad}"
 

@@ -1,0 +1,231 @@
+"""The loss over a stream of column blocks: partial row statistics and their one shared merge.
+
+Ring mode (``distributed.py``) sees the global columns one block at a time, so nothing per row
+may be normalised inside a block. Every function here takes this rank's rows (``RowSide``) and one
+block of global columns (``Block``) and returns *partial* row statistics; ``merge`` is the one
+place where partials of different blocks combine, and ``finish_*`` turns the merged statistics
+into row normalisers and row losses:
+
+* pass 1, ``normaliser_partials``: LSE_i of the logits, the target mass (Labels K_i, Neighbors /
+  Dense row sums) or LSE^p_i (Affinity);
+* pass 2, ``loss_partials``: with the global normalisers, sum_j p~ log q~, sum_j p~ log p~,
+  R_i = sum_j p~ q / q~ (beta > 0) and H_i = sum_j p h (Affinity);
+* backward, ``gradient_block``: dL/dx of the rows, dL/dy of the block (sent back to its owner),
+  the per-row parameter gradient, and the same for Affinity target features.
+
+Tiles are rows-chunk x block, never rows x all columns. The math is torch_backend's (DESIGN.md
+§1) with global column indices: a self pair is (row_offset + i, block.offset + j).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from . import tile_math
+
+# how each partial statistic combines across blocks
+_LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
+_SUMS = ("mass", "cross", "entropy", "r", "h")     # plain sums
+
+
+def merge(total: Optional[Dict[str, torch.Tensor]], part: Dict[str, torch.Tensor]):
+    """The statistics of two disjoint column sets combined (``total`` None: the first block)."""
+    if total is None:
+        return dict(part)
+    out = dict(total)
+    for key, value in part.items():
+        if key in _LOG_SUMS:
+            out[key] = torch.logaddexp(out[key], value)
+        elif key in _SUMS:
+            out[key] = out[key] + value
+        else:
+            raise KeyError(f"no merge rule for statistic {key!r}")
+    return out
+
+
+@dataclass
+class Block:
+    """Global columns [offset, offset + rows) and their target columns (what travels the ring)."""
+
+    y: torch.Tensor
+    offset: int
+    col_labels: Optional[torch.Tensor] = None
+    z_cols: Optional[torch.Tensor] = None
+
+
+@dataclass
+class RowSide:
+    """This rank's rows and the loss options (op-level kernels: cosine arrives as dot)."""
+
+    x: torch.Tensor
+    param: torch.Tensor
+    kernel: str
+    target: str                         # labels | neighbors | affinity | dense
+    row_offset: int                     # global index of row 0 (for exclude_self)
+    m_total: int                        # global number of columns
+    exclude_self: bool
+    alpha: float
+    beta: float
+    kl: bool
+    row_labels: Optional[torch.Tensor] = None
+    nbr_index: Optional[torch.Tensor] = None     # global column indices, -1 pads
+    nbr_weight: Optional[torch.Tensor] = None
+    dense_p: Optional[torch.Tensor] = None        # rows x global columns
+    z: Optional[torch.Tensor] = None
+    t_param: Optional[torch.Tensor] = None
+    t_kernel: str = "dot"
+    tile_elements: int = 1 << 20
+
+    @property
+    def m_valid(self) -> int:
+        return self.m_total - int(self.exclude_self)
+
+
+def _chunks(rs: RowSide, block: Block):
+    step = max(1, rs.tile_elements // max(block.y.shape[0], 1))
+    for r0 in range(0, rs.x.shape[0], step):
+        yield r0, min(rs.x.shape[0], r0 + step)
+
+
+def _off_self(tile, rs: RowSide, block: Block, r0: int, fill):
+    if rs.exclude_self:
+        tile.diagonal(rs.row_offset + r0 - block.offset).fill_(fill)
+    return tile
+
+
+def _learned(rs: RowSide, block: Block, r0: int, r1: int):
+    s, aux = tile_math.logits(rs.kernel, rs.x[r0:r1], block.y, tile_math.rows_of(rs.param, r0, r1))
+    return _off_self(s, rs, block, r0, float("-inf")), aux
+
+
+def _target_raw(rs: RowSide, block: Block, r0: int, r1: int):
+    """Unnormalised p of the tile (Labels / Neighbors / Dense), or (t masked, t_aux) for Affinity."""
+    mb, acc = block.y.shape[0], rs.x.dtype
+    if rs.target == "labels":
+        raw = (rs.row_labels[r0:r1, None] == block.col_labels[None, :]).to(acc)
+    elif rs.target == "dense":
+        raw = rs.dense_p[r0:r1, block.offset:block.offset + mb].clone()
+    elif rs.target == "neighbors":
+        idx = rs.nbr_index[r0:r1] - block.offset
+        inside = (rs.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < mb)
+        w = torch.ones(idx.shape, dtype=acc, device=idx.device) if rs.nbr_weight is None else rs.nbr_weight[r0:r1]
+        raw = torch.zeros(r1 - r0, mb, dtype=acc, device=idx.device)
+        raw.scatter_add_(1, torch.where(inside, idx, 0), torch.where(inside, w, 0.0))
+    else:
+        t, t_aux = tile_math.logits(rs.t_kernel, rs.z[r0:r1], block.z_cols,
+                                    tile_math.rows_of(rs.t_param, r0, r1))
+        return _off_self(t, rs, block, r0, float("-inf")), t_aux
+    return _off_self(raw, rs, block, r0, 0.0), None
+
+
+def normaliser_partials(rs: RowSide, block: Block) -> Dict[str, torch.Tensor]:
+    """Pass 1 on one block: LSE of the logits and the target's mass (or LSE^p)."""
+    lse, mass = [], []
+    for r0, r1 in _chunks(rs, block):
+        s, _ = _learned(rs, block, r0, r1)
+        lse.append(torch.logsumexp(s, dim=1))
+        raw, _ = _target_raw(rs, block, r0, r1)
+        mass.append(torch.logsumexp(raw, dim=1) if rs.target == "affinity" else raw.sum(1))
+    return {"lse": torch.cat(lse), ("lse_p" if rs.target == "affinity" else "mass"): torch.cat(mass)}
+
+
+def row_normalisers(rs: RowSide, stats: Dict[str, torch.Tensor]):
+    """(mass with empty rows set to 1, which rows have a target) from the merged pass-1 stats."""
+    if rs.target == "affinity":
+        has_p = torch.full_like(stats["lse"], rs.m_valid > 0, dtype=torch.bool)
+        return None, has_p
+    mass = stats["mass"]
+    empty = mass == 0                   # a NaN mass keeps its row, so NaN inputs give a NaN loss
+    return torch.where(empty, 1.0, mass), ~empty
+
+
+class _Tile:
+    """p, p~, log q, q and log q~ of one rows-chunk x block tile under the global normalisers."""
+
+    def __init__(self, rs: RowSide, block: Block, r0: int, r1: int, stats, mass):
+        self.s, self.aux = _learned(rs, block, r0, r1)
+        self.log_q = self.s - stats["lse"][r0:r1, None]
+        raw, self.t_aux = _target_raw(rs, block, r0, r1)
+        if rs.target == "affinity":
+            self.p = torch.exp(raw - stats["lse_p"][r0:r1, None])
+        else:
+            self.p = raw / mass[r0:r1, None]
+        self.p_mix = self.p
+        if rs.alpha > 0:
+            self.p_mix = _off_self((1 - rs.alpha) * self.p + rs.alpha / rs.m_valid, rs, block, r0, 0.0)
+        self.q = torch.exp(self.log_q)
+        self.q_mix, self.log_q_mix = self.q, self.log_q
+        if rs.beta > 0:
+            self.q_mix = (1 - rs.beta) * self.q + rs.beta / rs.m_valid
+            self.log_q_mix = torch.log(self.q_mix)
+
+    def h(self, rs: RowSide):
+        """dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
+        return torch.log(self.p_mix) - self.log_q_mix if rs.kl else -self.log_q_mix
+
+
+def _positive(p, values):
+    return torch.where(p == 0, 0.0, values)
+
+
+def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
+    """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
+    parts = {"cross": [], "entropy": [], "r": [], "h": []}
+    for r0, r1 in _chunks(rs, block):
+        tl = _Tile(rs, block, r0, r1, stats, mass)
+        parts["cross"].append(_positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1))
+        parts["entropy"].append(_positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1))
+        if rs.beta > 0:
+            parts["r"].append(_positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1))
+        if rs.target == "affinity":
+            parts["h"].append(_positive(tl.p, tl.p * tl.h(rs)).sum(1))
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def finish_rows(rs: RowSide, stats, has_p):
+    """(L_i, 0 for rows left out; included) from the merged pass-2 statistics."""
+    row = -stats["cross"] + (stats["entropy"] if rs.kl else 0.0)
+    included = has_p & (rs.m_valid > 0)
+    return torch.where(included, row, 0.0), included
+
+
+def _finite(lse):
+    return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
+
+
+def gradient_block(rs: RowSide, block: Block, stats, mass, g, need_target: bool):
+    """Backward on one block: (dx, dparam_rows, dy_block) and, if asked, (dz, dt_param_rows, dz_block).
+
+    ``g`` is the upstream gradient per row, already 0 for rows left out. The parameter chain uses
+    the row's global LSE as its shift: it is the same in every block, so the shifts cancel once
+    the blocks are summed (each full row of dL/ds sums to zero).
+    """
+    n = rs.x.shape[0]
+    dx, dparam, dy = torch.zeros_like(rs.x), rs.x.new_zeros(n), torch.zeros_like(block.y)
+    target = None
+    if need_target:
+        target = (torch.zeros_like(rs.z), rs.x.new_zeros(n), torch.zeros_like(block.z_cols))
+    for r0, r1 in _chunks(rs, block):
+        tl = _Tile(rs, block, r0, r1, stats, mass)
+        g_rows = g[r0:r1, None]
+        if rs.beta == 0:
+            grad_s = g_rows * (tl.q - tl.p_mix)
+        else:
+            grad_s = g_rows * (1 - rs.beta) * tl.q * (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix)
+        grad_s = torch.where(g_rows != 0, grad_s, 0.0)        # rows left out (even M' = 0)
+        d_a, d_b, d_p = tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
+                                        tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]))
+        dx[r0:r1] += d_a
+        dy += d_b
+        dparam[r0:r1] += d_p
+        if need_target:
+            grad_t = _positive(tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
+            d_a, d_b, d_p = tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
+                                            tile_math.rows_of(rs.t_param, r0, r1),
+                                            _finite(stats["lse_p"][r0:r1]))
+            target[0][r0:r1] += d_a
+            target[1][r0:r1] += d_p
+            target[2].add_(d_b)
+    return (dx, dparam, dy), target
