@@ -18,6 +18,7 @@ Tiles are rows-chunk x block, never rows x all columns. The math is torch_backen
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -43,6 +44,16 @@ def merge(total: Optional[Dict[str, torch.Tensor]], part: Dict[str, torch.Tensor
         else:
             raise KeyError(f"no merge rule for statistic {key!r}")
     return out
+
+
+def tile_budget(n_rows: int, block_rows: int, d: int) -> int:
+    """Elements of one rows-chunk x block tile: a quarter of the rank's resident features
+    ((N_local + block) * d), within [2^16, 2^22], so that a rank's whole working set stays
+    O((N_local + block) * d) as the world grows. ICON_KERNELS_RING_TILE_ELEMENTS overrides it."""
+    fixed = os.environ.get("ICON_KERNELS_RING_TILE_ELEMENTS")
+    if fixed:
+        return int(fixed)
+    return min(1 << 22, max(1 << 16, (n_rows + block_rows) * d // 4))
 
 
 @dataclass
@@ -122,14 +133,18 @@ def _target_raw(rs: RowSide, block: Block, r0: int, r1: int):
 
 def normaliser_partials(rs: RowSide, block: Block) -> Dict[str, torch.Tensor]:
     """Pass 1 on one block: LSE of the logits and the target's mass (or LSE^p)."""
-    lse, mass = [], []
+    n = rs.x.shape[0]
+    out = {"lse": rs.x.new_empty(n), ("lse_p" if rs.target == "affinity" else "mass"): rs.x.new_empty(n)}
     for r0, r1 in _chunks(rs, block):
         s, _ = _learned(rs, block, r0, r1)
-        lse.append(torch.logsumexp(s, dim=1))
+        out["lse"][r0:r1] = torch.logsumexp(s, dim=1)
+        del s
         raw, _ = _target_raw(rs, block, r0, r1)
-        mass.append(torch.logsumexp(raw, dim=1) if rs.target == "affinity" else raw.sum(1))
-    return {"lse": torch.cat(lse), ("lse_p" if rs.target == "affinity" else "mass"): torch.cat(mass)}
-
+        if rs.target == "affinity":
+            out["lse_p"][r0:r1] = torch.logsumexp(raw, dim=1)
+        else:
+            out["mass"][r0:r1] = raw.sum(1)
+    return out
 
 def row_normalisers(rs: RowSide, stats: Dict[str, torch.Tensor]):
     """(mass with empty rows set to 1, which rows have a target) from the merged pass-1 stats."""
@@ -172,16 +187,18 @@ def _positive(p, values):
 
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
-    parts = {"cross": [], "entropy": [], "r": [], "h": []}
+    keys = ["cross", "entropy"] + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" else [])
+    out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
-        parts["cross"].append(_positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1))
-        parts["entropy"].append(_positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1))
+        out["cross"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
+        out["entropy"][r0:r1] = _positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
         if rs.beta > 0:
-            parts["r"].append(_positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1))
+            out["r"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
         if rs.target == "affinity":
-            parts["h"].append(_positive(tl.p, tl.p * tl.h(rs)).sum(1))
-    return {k: torch.cat(v) for k, v in parts.items() if v}
+            out["h"][r0:r1] = _positive(tl.p, tl.p * tl.h(rs)).sum(1)
+        del tl
+    return out
 
 
 def finish_rows(rs: RowSide, stats, has_p):
@@ -195,18 +212,15 @@ def _finite(lse):
     return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
-def gradient_block(rs: RowSide, block: Block, stats, mass, g, need_target: bool):
-    """Backward on one block: (dx, dparam_rows, dy_block) and, if asked, (dz, dt_param_rows, dz_block).
+def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_grads) -> None:
+    """Backward on one block, added in place: ``row_grads`` = [dx, dparam per row] (+ [dz,
+    dt_param per row] for Affinity target gradients), ``block_grads`` = [dy] (+ [dz_cols]).
 
     ``g`` is the upstream gradient per row, already 0 for rows left out. The parameter chain uses
     the row's global LSE as its shift: it is the same in every block, so the shifts cancel once
     the blocks are summed (each full row of dL/ds sums to zero).
     """
-    n = rs.x.shape[0]
-    dx, dparam, dy = torch.zeros_like(rs.x), rs.x.new_zeros(n), torch.zeros_like(block.y)
-    target = None
-    if need_target:
-        target = (torch.zeros_like(rs.z), rs.x.new_zeros(n), torch.zeros_like(block.z_cols))
+    need_target = len(row_grads) > 2
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
@@ -215,17 +229,16 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, need_target: bool)
         else:
             grad_s = g_rows * (1 - rs.beta) * tl.q * (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix)
         grad_s = torch.where(g_rows != 0, grad_s, 0.0)        # rows left out (even M' = 0)
-        d_a, d_b, d_p = tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
-                                        tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]))
-        dx[r0:r1] += d_a
-        dy += d_b
-        dparam[r0:r1] += d_p
+        pieces = [tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
+                                  tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]))]
+        del grad_s
         if need_target:
             grad_t = _positive(tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
-            d_a, d_b, d_p = tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
-                                            tile_math.rows_of(rs.t_param, r0, r1),
-                                            _finite(stats["lse_p"][r0:r1]))
-            target[0][r0:r1] += d_a
-            target[1][r0:r1] += d_p
-            target[2].add_(d_b)
-    return (dx, dparam, dy), target
+            pieces.append(tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
+                                          tile_math.rows_of(rs.t_param, r0, r1),
+                                          _finite(stats["lse_p"][r0:r1])))
+        del tl
+        for side, (d_a, d_b, d_p) in enumerate(pieces):
+            row_grads[2 * side][r0:r1] += d_a
+            row_grads[2 * side + 1][r0:r1] += d_p
+            block_grads[side] += d_b

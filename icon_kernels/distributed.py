@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import column_blocks, ring
 from .functional import _kernel_inputs, row_losses
 from .targets import Affinity, Dense, Labels, Neighbors
-from .torch_backend import CHUNK_ELEMENTS, accumulation_dtype
+from .torch_backend import accumulation_dtype
 from .validation import KERNEL_PARAM, check_arguments
 
 DIST_MODES = ("gather", "ring")
@@ -167,7 +167,8 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
         x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel,
         target={Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)],
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
-        alpha=problem.alpha, beta=problem.beta, kl=problem.kl, tile_elements=CHUNK_ELEMENTS)
+        alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
+        tile_elements=column_blocks.tile_budget(x.shape[0], max(col_sizes), x.shape[1]))
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
     z = z_cols = t_param = None
     if isinstance(t, Labels):

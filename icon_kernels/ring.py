@@ -84,15 +84,15 @@ def rotate(ring: Ring, own: cb.Block, visit, acc):
 
 
 def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc):
-    """Like ``rotate``, but each block carries accumulators (dL/dy, dL/dz_cols); ``visit(block)``
-    returns the additions. Returns this rank's own accumulators, summed over every rank."""
+    """Like ``rotate``, but each block carries accumulators (dL/dy, dL/dz_cols) to which
+    ``visit(block, accumulators)`` adds in place. Returns this rank's own accumulators, summed
+    over every rank."""
     block = own
     for step in range(ring.world):
         pending = []
         if step + 1 < ring.world:
             received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1))
-        additions = visit(_cast_block(block, acc))
-        accumulators = [a + b for a, b in zip(accumulators, additions)]
+        visit(_cast_block(block, acc), accumulators)
         if ring.world > 1:
             # the accumulators follow their block; after the last step they reach its owner
             arrived, acc_pending = ring.start_shift(accumulators, ring.owner(step + 1))
@@ -135,29 +135,23 @@ class RingRowLosses(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_target = rows.target == "affinity" and any(need[i] for i in (6, 7, 8))
         g = torch.where(ctx.included, grad_rows.to(rows.x.dtype), 0.0)
-        dx, dparam = torch.zeros_like(rows.x), rows.x.new_zeros(rows.x.shape[0])
-        dz = dtp = None
+        n, acc = rows.x.shape[0], rows.x.dtype
+        row_grads = [torch.zeros_like(rows.x), rows.x.new_zeros(n)]
+        col_grads = [torch.zeros(own.y.shape, dtype=acc, device=own.y.device)]
         if need_target:
-            dz, dtp = torch.zeros_like(rows.z), rows.x.new_zeros(rows.x.shape[0])
+            row_grads += [torch.zeros_like(rows.z), rows.x.new_zeros(n)]
+            col_grads.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
 
-        def visit(block):
-            nonlocal dx, dparam, dz, dtp
-            learned, target = cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, need_target)
-            dx, dparam = dx + learned[0], dparam + learned[1]
-            if not need_target:
-                return [learned[2]]
-            dz, dtp = dz + target[0], dtp + target[1]
-            return [learned[2], target[2]]
-        acc = rows.x.dtype
-        zeros = [torch.zeros(own.y.shape, dtype=acc, device=own.y.device)]
-        if need_target:
-            zeros.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
-        col_grads = rotate_with_accumulators(ring, own, visit, zeros, acc)
+        def visit(block, block_grads):
+            cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads)
+        col_grads = rotate_with_accumulators(ring, own, visit, col_grads, acc)
 
         def param_grad(rows_grad, param):
             return rows_grad if param.dim() == 1 else rows_grad.sum()
         x_dt, y_dt, p_dt, z_dt, zc_dt, tp_dt = ctx.dtypes
-        grads = [dx.to(x_dt), col_grads[0].to(y_dt), param_grad(dparam, rows.param).to(p_dt), None, None, None]
+        grads = [row_grads[0].to(x_dt), col_grads[0].to(y_dt), param_grad(row_grads[1], rows.param).to(p_dt),
+                 None, None, None]
         if need_target:
-            grads[3:] = [dz.to(z_dt), col_grads[1].to(zc_dt), param_grad(dtp, rows.t_param).to(tp_dt)]
+            grads[3:] = [row_grads[2].to(z_dt), col_grads[1].to(zc_dt),
+                         param_grad(row_grads[3], rows.t_param).to(tp_dt)]
         return (None, None, None, *grads)
