@@ -13,7 +13,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test bench install-test install-bench clean
+.PHONY: test bench bench-pytest install-test install-bench clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ test: install-test
 	$(VPY) -m pytest -q tests
 
 bench: install-bench
-	$(VPY) bench/run_bench.py
+	$(VPY) bench/run_bench.py $(BENCH_ARGS)
+
+bench-pytest: install-bench
+	$(VPY) -m pytest bench -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only --benchmark-autosave --benchmark-storage=file://./bench/results/pytest-benchmark $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info bench/results .pytest_cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The single GPU entry point: build (with the CUDA kernels), run the GPU tests, benchmark naive vs
-# torch vs triton vs cuda. Meant for a machine with a CUDA device (an H200 in this project) and no
-# network; sized to stay under 8 minutes there. Without a CUDA device it prints a skip and exits 0.
+# naive+compile vs torch vs triton vs cuda. Meant for a machine with a CUDA device (an H200 in this
+# project) and no network; sized to stay under 8 minutes there. Without a CUDA device it prints a skip and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -27,5 +27,18 @@ ICON_KERNELS_TRITON_AUTOTUNE=0 timeout 300 "$PY" -m pytest -q -x \
   tests/test_cuda_vs_reference.py tests/test_ops.py \
   "tests/test_triton_vs_reference.py::test_every_kernel_target_and_option" -k "not rect" \
   || status=1
-timeout 240 "$PY" bench/gpu_bench.py ${OUT:+--out "$OUT"} || status=1
+# compute-sanitizer on a small cuda-backend run (every target, fp32 + bf16, fwd + bwd)
+SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+  for tool in memcheck racecheck; do
+    timeout 150 "$SAN" --tool $tool --error-exitcode 9 "$PY" bench/cuda_sanitizer_case.py \
+      && echo "gpu_check: compute-sanitizer $tool clean" || { echo "gpu_check: compute-sanitizer $tool FAILED"; status=1; }
+  done
+else
+  echo "gpu_check: compute-sanitizer not found; sanitizer step not run"
+fi
+# The GPU part of the benchmark (bench/run_bench.py --device cuda): bf16 + fp32, naive, compiled,
+# torch, triton, cuda; table, CSV, JSON (and plots when matplotlib is there) in $OUT.
+timeout 240 "$PY" bench/run_bench.py --device cuda --deadline 200 \
+  --results-dir "${OUT:-bench/results}" || status=1
 exit $status
