@@ -187,12 +187,14 @@ def _positive(p, values):
 
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
-    keys = ["cross", "entropy"] + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" else [])
+    keys = ["cross"] + (["entropy"] if rs.kl else []) + (["r"] if rs.beta > 0 else []) \
+        + (["h"] if rs.target == "affinity" else [])
     out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
         out["cross"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
-        out["entropy"][r0:r1] = _positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
+        if rs.kl:
+            out["entropy"][r0:r1] = _positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
         if rs.beta > 0:
             out["r"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
         if rs.target == "affinity":
@@ -203,7 +205,7 @@ def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Ten
 
 def finish_rows(rs: RowSide, stats, has_p):
     """(L_i, 0 for rows left out; included) from the merged pass-2 statistics."""
-    row = -stats["cross"] + (stats["entropy"] if rs.kl else 0.0)
+    row = -stats["cross"] + stats["entropy"] if rs.kl else -stats["cross"]
     included = has_p & (rs.m_valid > 0)
     return torch.where(included, row, 0.0), included
 

@@ -35,7 +35,7 @@ def cases(n, m, gen):
     def neighbors():
         x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
         idx = torch.randint(-1, n, (n, 4), generator=gen)
-        return x, None, ik.Neighbors(idx, torch.rand(n, 4, generator=gen, dtype=torch.float64)), dict(kernel="gaussian", reduction="sum")
+        return x, None, ik.Neighbors(idx, torch.rand(n, 4, generator=gen, dtype=torch.float64)), dict(kernel="gaussian", reduction="sum", divergence="cross_entropy")
 
     def affinity():
         x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
