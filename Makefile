@@ -13,7 +13,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test bench bench-pytest install-test install-bench clean
+.PHONY: test bench bench-pytest bench-distributed examples install-test install-bench install-examples clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,7 @@ $(VENV)/.installed-%: pyproject.toml setup.py $(wildcard csrc/*) $(VENV)/.torch
 
 install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
+install-examples: $(VENV)/.installed-examples
 
 test: install-test
 	$(VPY) -m pytest -q tests
@@ -38,6 +39,14 @@ bench: install-bench
 
 bench-pytest: install-bench
 	$(VPY) -m pytest bench -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only --benchmark-autosave --benchmark-storage=file://./bench/results/pytest-benchmark $(BENCH_ARGS)
+
+bench-distributed: install-bench
+	$(VPY) bench/distributed_memory.py $(BENCH_ARGS)
+
+examples: install-examples
+	$(VPY) examples/cluster_digits.py
+	$(VPY) examples/tsne_digits.py
+	$(VPY) examples/simclr_huge_batch.py
 
 clean:
 	rm -rf build *.egg-info bench/results .pytest_cache

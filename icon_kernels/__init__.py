@@ -11,6 +11,10 @@ from . import distributed
 from .backends import available_backends
 from .functional import icon_loss
 from .modules import ICon
+from .neighbors_graph import knn, knn_target, propagate
+from .perplexity import calibrate_sigma
+from .presets import (SNE, TSNE, CLIPLoss, InfoNCE, InfoNCEClustering, PrototypeCrossEntropy,
+                      SimCLR, SupCon, TSimCLR, UniformKNN)
 from .ops import register_backend as _register_backend
 from .targets import Affinity, Dense, Labels, Neighbors
 
@@ -21,4 +25,6 @@ _triton_backend.register()
 _cpu_backend.register()
 _cuda_backend.register()
 
-__all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends"]
+__all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends",
+           "InfoNCE", "SimCLR", "TSimCLR", "SupCon", "CLIPLoss", "PrototypeCrossEntropy", "SNE", "TSNE",
+           "UniformKNN", "InfoNCEClustering", "knn", "knn_target", "propagate", "calibrate_sigma"]

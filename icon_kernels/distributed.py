@@ -116,10 +116,16 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
         rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group)
+    return reduce_global(rows, included, weight, reduction, group).to(x.dtype)
+
+
+def reduce_global(rows, included, weight, reduction, group):
+    """The reduction over every rank's rows: the global value on every rank, with each rank's
+    gradient flowing through its own rows only ("none" returns this rank's rows)."""
     if weight is not None:
         rows = rows * weight.to(rows.dtype)
     if reduction == "none":
-        return rows.to(x.dtype)
+        return rows
     local = rows.sum()
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
@@ -129,7 +135,13 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
         denominator = counted.sum().detach()
         dist.all_reduce(denominator, group=group)
         loss = loss / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-    return loss.to(x.dtype)
+    return loss
+
+
+def gather_rows(t: torch.Tensor, group):
+    """(every rank's rows of t in rank order, no gradient; the first global row of this rank)."""
+    sizes = _sizes(t.shape[0], t.device, group)
+    return _gather_rows(t.detach(), sizes, group), sum(sizes[:dist.get_rank(group)])
 
 
 def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, group):

@@ -1,0 +1,185 @@
+"""Contrastive and supervised presets: InfoNCE / SimCLR, SupCon, CLIPLoss, TSimCLR and
+PrototypeCrossEntropy, each one ``ik.icon_loss`` call (two for CLIP) with its (p, q) pair.
+
+Every preset also takes ``alpha`` / ``beta`` (debiasing), ``reduction``, ``backend`` and
+``process_group`` / ``dist_mode`` / ``distributed`` (see preset_base.PresetLoss).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .preset_base import PresetLoss, check_labels, check_matrix, check_positive, check_views
+from .preset_dispatch import global_ids, run_loss_replicated_columns
+from .targets import Labels
+from .validation import KERNEL_PARAM
+
+
+class InfoNCE(PresetLoss):
+    """InfoNCE / NT-Xent (SimCLR): ``InfoNCE(temperature)(view1, view2)``.
+
+    I-Con pair: p(j|i) = 1 for j the other view of the same sample (labels = sample id over the
+    2B concatenated views, self excluded); q(j|i) = softmax_j of cos(z_i, z_j) / temperature over
+    the other 2B - 1 views. I-Con's result: InfoNCE is the KL between these two (Theorem: SimCLR /
+    InfoNCE as I-Con with an augmentation target). The value reported is the cross-entropy form of
+    the papers, mean_i -log q(partner(i)|i); with one positive it equals the KL. It matches
+    NT-Xent (e.g. pytorch-metric-learning's NTXentLoss) at the same temperature.
+    Distributed: sample ids are made unique across ranks (local i on rank r -> i * W + r).
+    """
+
+    def __init__(self, temperature=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, view1, view2):
+        check_views(view1, view2)
+        z = torch.cat([view1, view2])
+        ids = global_ids(view1.shape[0], self.placement, z.device).repeat(2)
+        return self._loss(z, target=Labels(ids), kernel="cosine", temperature=self.temperature,
+                          divergence="cross_entropy")
+
+
+class SimCLR(InfoNCE):
+    """SimCLR's NT-Xent loss: the same as ``InfoNCE(temperature)(view1, view2)``."""
+
+
+class TSimCLR(PresetLoss):
+    """t-SimCLR: ``TSimCLR(dof)(view1, view2)``, InfoNCE with a Student-t learned kernel.
+
+    I-Con pair: p = the augmentation target of InfoNCE (the other view of the same sample);
+    q(j|i) ∝ (1 + ||z_i - z_j||^2 / dof)^(-(dof + 1) / 2) over the other views, on the raw
+    (unnormalised) embeddings; dof = 1 is the Cauchy kernel of t-SNE. I-Con's result: swapping
+    InfoNCE's Gaussian-like q for t-SNE's heavy-tailed one gives t-SimCLR (Böhm et al. 2023), a
+    contrastive method that also embeds for visualisation. Reported in the cross-entropy form
+    mean_i -log q(partner(i)|i), equal to the KL with one positive per row.
+    """
+
+    def __init__(self, dof=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.dof = check_positive("dof", dof)
+
+    def forward(self, view1, view2):
+        check_views(view1, view2)
+        z = torch.cat([view1, view2])
+        ids = global_ids(view1.shape[0], self.placement, z.device).repeat(2)
+        return self._loss(z, target=Labels(ids), kernel="student_t", dof=self.dof,
+                          divergence="cross_entropy")
+
+
+class SupCon(PresetLoss):
+    """Supervised contrastive loss L_out (Khosla et al. 2020): ``SupCon(temperature)(embeddings, labels)``.
+
+    I-Con pair: p(j|i) uniform over the other samples of i's class; q(j|i) = softmax_j of
+    cos(z_i, z_j) / temperature over all j != i. I-Con's result: SupCon is the KL between them.
+    Reported in the paper's cross-entropy form, L_i = -(1/|P(i)|) sum_{p in P(i)} log q(p|i), the
+    mean over anchors that have a positive (as pytorch-metric-learning's SupConLoss). It differs
+    from the KL by the entropy log|P(i)| of p. For several views, concatenate them and repeat the
+    labels. Labels are global class ids, also across ranks.
+    """
+
+    def __init__(self, temperature=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = check_positive("temperature", temperature)
+
+    def forward(self, embeddings, labels):
+        check_matrix("embeddings", embeddings)
+        check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        return self._loss(embeddings, target=Labels(labels), kernel="cosine",
+                          temperature=self.temperature, divergence="cross_entropy")
+
+
+class CLIPLoss(PresetLoss):
+    """CLIP's symmetric contrastive loss: ``CLIPLoss()(image_emb, text_emb)``.
+
+    I-Con pair, per direction: p(j|i) = 1 for the text j paired with image i (labels = pair id on
+    the rectangular image x text problem, no self exclusion); q(j|i) = softmax_j of
+    exp(logit_scale) * cos(image_i, text_j). I-Con's result: CLIP / CMC is InfoNCE across two
+    modalities. The loss is the mean of the image->text and text->image cross-entropies, as in
+    CLIP. ``logit_scale`` starts at log(1/0.07), is an nn.Parameter when ``learnable``, and
+    exp(logit_scale) is clamped at ``max_logit_scale`` (100, as CLIP). No backend computes both
+    directions from one pass over the tiles yet, so the two directions are two fused calls.
+    Distributed: each rank passes its own pairs; pair ids are made unique across ranks.
+    """
+
+    def __init__(self, logit_scale=math.log(1 / 0.07), *, learnable=True, max_logit_scale=100.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+            raise TypeError(f"logit_scale must be a float, got {type(logit_scale).__name__}")
+        if not math.isfinite(logit_scale):
+            raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+        if not isinstance(learnable, bool):
+            raise TypeError(f"learnable must be a bool, got {type(learnable).__name__}")
+        self.max_logit_scale = check_positive("max_logit_scale", max_logit_scale)
+        value = torch.tensor(float(logit_scale))
+        if learnable:
+            self.logit_scale = torch.nn.Parameter(value)
+        else:
+            self.register_buffer("logit_scale", value)
+
+    def forward(self, image_emb, text_emb):
+        check_matrix("image_emb", image_emb)
+        check_matrix("text_emb", text_emb)
+        if text_emb.shape[1] != image_emb.shape[1]:
+            raise ValueError(f"text_emb has feature dimension {text_emb.shape[1]} but image_emb has {image_emb.shape[1]}")
+        n, m = image_emb.shape[0], text_emb.shape[0]
+        if self.reduction == "none" and n != m:
+            raise ValueError("reduction='none' needs as many texts as images (one pair per row)")
+        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        temperature = scale.reciprocal().to(device=image_emb.device, dtype=image_emb.dtype)
+        img_ids = global_ids(n, self.placement, image_emb.device)
+        txt_ids = global_ids(m, self.placement, image_emb.device)
+        common = dict(kernel="cosine", temperature=temperature, exclude_self=False,
+                      divergence="cross_entropy")
+        image_to_text = self._loss(image_emb, text_emb, target=Labels(img_ids, txt_ids), **common)
+        text_to_image = self._loss(text_emb, image_emb, target=Labels(txt_ids, img_ids), **common)
+        return (image_to_text + text_to_image) / 2
+
+
+class PrototypeCrossEntropy(PresetLoss):
+    """Cross-entropy against class prototypes: ``PrototypeCrossEntropy(n_classes, dim)(embeddings, labels)``.
+
+    I-Con pair: the columns y are the C class prototypes; p(c|i) = 1 for i's class (labels as
+    targets); q(c|i) = softmax_c of the kernel between z_i and prototype c: with the default
+    ``kernel="dot"`` and temperature 1 that is softmax(z W^T), i.e. ordinary softmax
+    cross-entropy of a bias-free linear classifier. I-Con's result: supervised cross-entropy is
+    I-Con with data->label pairs. "cosine" gives a cosine classifier, "gaussian" / "student_t"
+    distance-based prototypes. ``prototypes`` is a learnable (n_classes, dim) nn.Parameter;
+    ``forward(..., prototypes=W)`` uses a given matrix instead. Distributed: the prototypes are the
+    same on every rank, so they are not gathered; only the mean is global.
+    """
+
+    def __init__(self, n_classes, dim, *, kernel="dot", temperature=1.0, sigma=1.0, dof=1.0, **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("n_classes", n_classes), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kernel not in ("dot", "cosine", "gaussian", "student_t"):
+            raise ValueError(f"kernel must be one of dot, cosine, gaussian, student_t; got {kernel!r}")
+        self.n_classes, self.dim, self.kernel = n_classes, dim, kernel
+        self.temperature = check_positive("temperature", temperature)
+        self.sigma = check_positive("sigma", sigma)
+        self.dof = check_positive("dof", dof)
+        self.prototypes = torch.nn.Parameter(torch.randn(n_classes, dim) / math.sqrt(dim))
+
+    def forward(self, embeddings, labels, prototypes=None):
+        check_matrix("embeddings", embeddings)
+        check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        w = self.prototypes if prototypes is None else prototypes
+        check_matrix("prototypes", w)
+        if w.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"prototypes have dimension {w.shape[1]} but embeddings have {embeddings.shape[1]}")
+        if bool(((labels < 0) | (labels >= w.shape[0])).any()):
+            raise ValueError(f"labels must lie in [0, {w.shape[0]})")
+        w = w.to(device=embeddings.device, dtype=embeddings.dtype)
+        classes = torch.arange(w.shape[0], device=embeddings.device)
+        params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof}
+        name = KERNEL_PARAM[self.kernel]
+        return run_loss_replicated_columns(
+            embeddings, w, target=Labels(labels, classes), placement=self.placement,
+            reduction=self.reduction, backend=self.backend, kernel=self.kernel,
+            **{name: params[name]}, alpha=self.alpha, beta=self.beta, exclude_self=False,
+            divergence="cross_entropy")

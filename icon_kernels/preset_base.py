@@ -1,0 +1,103 @@
+"""What every preset loss shares: debiasing, reduction, backend and placement arguments, their
+checks, and the evaluation through ``preset_dispatch.run_loss``.
+
+Debiasing (I-Con §3.3.2, uniform mixing): ``alpha`` mixes a uniform distribution into the
+target, p~ = (1 - alpha) p + alpha / M'; ``beta`` mixes one into the learned side,
+q~ = (1 - beta) q + beta / M'. Both default to 0 (the original method). The I-Con paper uses
+small target-side mixing for its debiased InfoNCE clustering; values of about 0.1 to 0.3 are a
+reasonable start (this range is our reading, not a figure checked against the paper's tables).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends import ALL_BACKENDS
+from .preset_dispatch import make_placement, run_loss
+from .validation import REDUCTIONS
+
+
+def check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value):
+    """A positive float, or a floating tensor (e.g. an nn.Parameter) of positive values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if bool((value.detach() <= 0).any()):
+            raise ValueError(f"{name} must be > 0")
+        return value
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def check_matrix(name: str, t, rows=None) -> torch.Tensor:
+    """A 2-D floating tensor (rows x features), with ``rows`` rows when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_labels(name: str, t, length: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
+    return t
+
+
+def check_views(view1, view2):
+    check_matrix("view1", view1)
+    check_matrix("view2", view2)
+    if view1.shape != view2.shape:
+        raise ValueError(f"view2 must have the shape of view1 {tuple(view1.shape)}, got {tuple(view2.shape)}")
+    if view1.dtype != view2.dtype or view1.device != view2.device:
+        raise ValueError("view2 must have the dtype and device of view1")
+
+
+class PresetLoss(torch.nn.Module):
+    """Base of the presets: holds alpha, beta, reduction, backend and where the loss runs.
+
+    ``process_group`` (or ``distributed=True`` for the default group) makes the preset evaluate
+    ``ik.distributed.icon_loss`` on this rank's rows with ``dist_mode`` ("gather" or "ring");
+    otherwise it calls ``ik.icon_loss``.
+    """
+
+    def __init__(self, *, alpha=0.0, beta=0.0, reduction="mean", backend="auto",
+                 process_group=None, dist_mode="gather", distributed=False):
+        super().__init__()
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.beta = check_unit_interval("beta", beta)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+        if not isinstance(backend, str) or (backend != "auto" and backend not in ALL_BACKENDS):
+            raise ValueError(f"backend must be 'auto' or one of {', '.join(ALL_BACKENDS)}; got {backend!r}")
+        self.reduction, self.backend = reduction, backend
+        self.placement = make_placement(process_group, dist_mode, distributed)
+
+    def _loss(self, x, y=None, *, target, **kwargs):
+        return run_loss(x, y, target=target, placement=self.placement, alpha=self.alpha,
+                        beta=self.beta, reduction=self.reduction, backend=self.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        where = f", dist_mode={self.placement.dist_mode!r}" if self.placement.distributed else ""
+        return (f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}{where}")
