@@ -160,8 +160,8 @@ class _Tile:
     """p, p~, log q, q and log q~ of one rows-chunk x block tile under the global normalisers."""
 
     def __init__(self, rs: RowSide, block: Block, r0: int, r1: int, stats, mass):
-        self.s, self.aux = _learned(rs, block, r0, r1)
-        self.log_q = self.s - stats["lse"][r0:r1, None]
+        self.log_q, self.aux = _learned(rs, block, r0, r1)
+        self.log_q -= stats["lse"][r0:r1, None]               # s - LSE, in place
         raw, self.t_aux = _target_raw(rs, block, r0, r1)
         if rs.target == "affinity":
             self.p = torch.exp(raw - stats["lse_p"][r0:r1, None])
@@ -227,20 +227,20 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
         tl = _Tile(rs, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
         if rs.beta == 0:
-            grad_s = g_rows * (tl.q - tl.p_mix)
+            grad_s = torch.sub(tl.q, tl.p_mix).mul_(g_rows)
         else:
-            grad_s = g_rows * (1 - rs.beta) * tl.q * (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix)
-        grad_s = torch.where(g_rows != 0, grad_s, 0.0)        # rows left out (even M' = 0)
+            grad_s = (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix).mul_(tl.q).mul_(g_rows * (1 - rs.beta))
+        grad_s.masked_fill_(g_rows == 0, 0.0)                 # rows left out (even M' = 0)
         pieces = [tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
-                                  tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]))]
+                                  tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]),
+                                  out_b=block_grads[0])]
         del grad_s
         if need_target:
             grad_t = _positive(tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
             pieces.append(tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
                                           tile_math.rows_of(rs.t_param, r0, r1),
-                                          _finite(stats["lse_p"][r0:r1])))
+                                          _finite(stats["lse_p"][r0:r1]), out_b=block_grads[1]))
         del tl
-        for side, (d_a, d_b, d_p) in enumerate(pieces):
+        for side, (d_a, _, d_p) in enumerate(pieces):      # the block's share went into out_b
             row_grads[2 * side][r0:r1] += d_a
             row_grads[2 * side + 1][r0:r1] += d_p
-            block_grads[side] += d_b

@@ -34,17 +34,30 @@ class Ring:
     def offset(self, owner: int) -> int:
         return sum(self.sizes[:owner])
 
-    def start_shift(self, tensors, like_owner: int):
-        """Posts sends of ``tensors`` to the next rank and receives of the previous rank's
-        (the block of ``like_owner``); returns (received buffers, pending requests)."""
+    def start_shift(self, tensors, like_owner: int, into):
+        """Posts sends of ``tensors`` to the next rank and receives of the previous rank's (the
+        block of ``like_owner``) into the buffers ``into``; returns (received, pending requests)."""
         rows = self.sizes[like_owner]
         ops, received = [], []
-        for tag, t in enumerate(tensors):
-            buf = t.new_empty((rows,) + tuple(t.shape[1:]))
+        for tag, (t, buf) in enumerate(zip(tensors, into)):
+            buf = buf[:rows]
             ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag))
             ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
             received.append(buf)
         return received, dist.batch_isend_irecv(ops)
+
+
+class _DoubleBuffer:
+    """Two alternating sets of receive buffers, each as large as the largest block: a rotation
+    receives into one set while the other (already sent on) is free; nothing is allocated per step."""
+
+    def __init__(self, templates, rows: int):
+        self.sets = [[t.new_empty((rows,) + tuple(t.shape[1:])) for t in templates] for _ in range(2)]
+        self.turn = 0
+
+    def next(self):
+        self.turn ^= 1
+        return self.sets[self.turn]
 
 
 def _wait(requests):
@@ -73,10 +86,11 @@ def rotate(ring: Ring, own: cb.Block, visit, acc):
     """Calls ``visit(block)`` on every global column block, this rank's first; the next block's
     transfer overlaps the current block's compute."""
     block = own
+    buffers = _DoubleBuffer(_block_tensors(own), max(ring.sizes)) if ring.world > 1 else None
     for step in range(ring.world):
         pending = []
         if step + 1 < ring.world:
-            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1))
+            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1), buffers.next())
         visit(_cast_block(block, acc))
         if pending:
             _wait(pending)
@@ -88,14 +102,17 @@ def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc
     ``visit(block, accumulators)`` adds in place. Returns this rank's own accumulators, summed
     over every rank."""
     block = own
+    if ring.world > 1:
+        buffers = _DoubleBuffer(_block_tensors(own), max(ring.sizes))
+        acc_buffers = _DoubleBuffer(accumulators, max(ring.sizes))
     for step in range(ring.world):
         pending = []
         if step + 1 < ring.world:
-            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1))
+            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1), buffers.next())
         visit(_cast_block(block, acc), accumulators)
         if ring.world > 1:
             # the accumulators follow their block; after the last step they reach its owner
-            arrived, acc_pending = ring.start_shift(accumulators, ring.owner(step + 1))
+            arrived, acc_pending = ring.start_shift(accumulators, ring.owner(step + 1), acc_buffers.next())
             _wait(pending + acc_pending)
             accumulators = arrived
             if step + 1 < ring.world:

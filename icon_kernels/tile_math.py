@@ -29,9 +29,18 @@ def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
     return -0.5 * (prm + 1) * torch.log1p(sq / prm), sq  # student_t
 
 
+def _to_columns(w: torch.Tensor, a: torch.Tensor, out_b):
+    """w^T a: a new tensor, or added into ``out_b`` in place (then None is returned)."""
+    if out_b is None:
+        return w.T @ a
+    out_b.addmm_(w.T, a)
+    return None
+
+
 def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
-          prm: torch.Tensor, shift: torch.Tensor):
-    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row).
+          prm: torch.Tensor, shift: torch.Tensor, out_b=None):
+    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row); with ``out_b``, dL/db is
+    added into it in place (no M x d temporary) and returned as None.
 
     Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
     constant; shifting by the row's LSE keeps that sum from cancelling catastrophically.
@@ -40,10 +49,10 @@ def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux
     if kernel == "dot":
         scaled = grad / prm
         d_param = -(grad * (aux / prm - shift)).sum(1) / _per_row(prm)   # -sum_j G s / tau
-        return scaled @ b, scaled.T @ a, d_param
+        return scaled @ b, _to_columns(scaled, a, out_b), d_param
     if kernel == "log_dot":
         w = grad / aux
-        return w @ b, w.T @ a, torch.zeros_like(grad[:, 0])
+        return w @ b, _to_columns(w, a, out_b), torch.zeros_like(grad[:, 0])
     if kernel == "gaussian":
         w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
         d_param = -2 * (grad * (aux / (-2 * prm * prm) - shift)).sum(1) / _per_row(prm)
@@ -52,5 +61,7 @@ def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux
         ds_dnu = -0.5 * torch.log1p(aux / prm) + 0.5 * (prm + 1) * aux / (prm * (prm + aux))
         d_param = (grad * ds_dnu).sum(1)
     d_a = w @ b - w.sum(1, keepdim=True) * a
-    d_b = w.T @ a - w.sum(0)[:, None] * b
-    return d_a, d_b, d_param
+    if out_b is None:
+        return d_a, w.T @ a - w.sum(0)[:, None] * b, d_param
+    out_b.addmm_(w.T, a).addcmul_(w.sum(0)[:, None], b, value=-1)
+    return d_a, None, d_param
