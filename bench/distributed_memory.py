@@ -3,7 +3,8 @@
 Every (mode, world size) point spawns ``world`` fresh processes joined by gloo. Each rank makes
 its shard of a global fp32 problem (N_global x d, labels = arange // 2, dot kernel, self pairs
 excluded), warms up on a tiny problem, resets its peak RSS (VmHWM) and runs forward + backward
-once; its figure is the peak RSS increase over the RSS just before that call. The table shows
+once; its figure is the peak RSS increase over the RSS just before that call. With more than
+one rank, each rank gets its share of the cores (at least one thread). The table shows
 the largest rank's figure. Gather mode runs the fused backend ("auto": cpu when built); ring mode
 its own blockwise math.
 
@@ -31,8 +32,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def _rank_main(rank, world, n, d, mode, init_file, out_dir):
     import icon_kernels as ik
-    if os.environ.get("BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    if world > 1:      # the ranks share the machine's cores, as torchrun's OMP_NUM_THREADS=1 does
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sizes = [n // world + (r < n % world) for r in range(world)]
