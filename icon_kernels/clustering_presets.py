@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .preset_base import PresetLoss, check_labels, check_matrix
+from .preset_base import PresetLoss, check_labels
+from .validation import check_matrix
 from .preset_dispatch import all_reduce_sum, gather_rows
 from .targets import Labels, Neighbors
 

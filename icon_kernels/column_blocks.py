@@ -24,7 +24,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import tile_math
+from . import tile_math, torch_backend
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
@@ -101,9 +101,8 @@ def _chunks(rs: RowSide, block: Block):
 
 
 def _off_self(tile, rs: RowSide, block: Block, r0: int, fill):
-    if rs.exclude_self:
-        tile.diagonal(rs.row_offset + r0 - block.offset).fill_(fill)
-    return tile
+    """Self pairs of rows r0.. (global row row_offset + r0 + i, column block.offset + j) to fill."""
+    return torch_backend._off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
 
 
 def _learned(rs: RowSide, block: Block, r0: int, r1: int):
@@ -181,10 +180,6 @@ class _Tile:
         return torch.log(self.p_mix) - self.log_q_mix if rs.kl else -self.log_q_mix
 
 
-def _positive(p, values):
-    return torch.where(p == 0, 0.0, values)
-
-
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
     keys = ["cross"] + (["entropy"] if rs.kl else []) + (["r"] if rs.beta > 0 else []) \
@@ -192,13 +187,14 @@ def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Ten
     out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
-        out["cross"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
+        positive = tile_math.where_positive
+        out["cross"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
         if rs.kl:
-            out["entropy"][r0:r1] = _positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
+            out["entropy"][r0:r1] = positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
         if rs.beta > 0:
-            out["r"][r0:r1] = _positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
+            out["r"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
         if rs.target == "affinity":
-            out["h"][r0:r1] = _positive(tl.p, tl.p * tl.h(rs)).sum(1)
+            out["h"][r0:r1] = positive(tl.p, tl.p * tl.h(rs)).sum(1)
         del tl
     return out
 
@@ -208,10 +204,6 @@ def finish_rows(rs: RowSide, stats, has_p):
     row = -stats["cross"] + stats["entropy"] if rs.kl else -stats["cross"]
     included = has_p & (rs.m_valid > 0)
     return torch.where(included, row, 0.0), included
-
-
-def _finite(lse):
-    return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
 def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_grads) -> None:
@@ -232,14 +224,16 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
             grad_s = (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix).mul_(tl.q).mul_(g_rows * (1 - rs.beta))
         grad_s.masked_fill_(g_rows == 0, 0.0)                 # rows left out (even M' = 0)
         pieces = [tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
-                                  tile_math.rows_of(rs.param, r0, r1), _finite(stats["lse"][r0:r1]),
+                                  tile_math.rows_of(rs.param, r0, r1),
+                                  tile_math.finite_shift(stats["lse"][r0:r1]),
                                   out_b=block_grads[0])]
         del grad_s
         if need_target:
-            grad_t = _positive(tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
+            grad_t = tile_math.where_positive(
+                tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
             pieces.append(tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
                                           tile_math.rows_of(rs.t_param, r0, r1),
-                                          _finite(stats["lse_p"][r0:r1]), out_b=block_grads[1]))
+                                          tile_math.finite_shift(stats["lse_p"][r0:r1]), out_b=block_grads[1]))
         del tl
         for side, (d_a, _, d_p) in enumerate(pieces):      # the block's share went into out_b
             row_grads[2 * side][r0:r1] += d_a

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .preset_base import PresetLoss, check_labels, check_matrix, check_positive, check_views
+from .preset_base import PresetLoss, check_labels, check_positive, check_views
+from .validation import check_matrix
 from .preset_dispatch import global_ids, run_loss_replicated_columns
 from .targets import Labels
 from .validation import KERNEL_PARAM

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from . import column_blocks, ring
-from .functional import _kernel_inputs, row_losses
+from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
 from .targets import Affinity, Dense, Labels, Neighbors
 from .torch_backend import accumulation_dtype
-from .validation import KERNEL_PARAM, check_arguments
+from .validation import check_arguments
 
 DIST_MODES = ("gather", "ring")
 
@@ -177,7 +177,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
     xk, yk, kernel, param = _kernel_inputs(problem.kernel, x, y, problem.param)
     rows = column_blocks.RowSide(
         x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel,
-        target={Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)],
+        target=target_kind(t),
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
         alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
         tile_elements=column_blocks.tile_budget(x.shape[0], max(col_sizes), x.shape[1]))
@@ -191,8 +191,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
     elif isinstance(t, Dense):
         rows.dense_p = t.p.to(acc)
     else:
-        value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
-        z, z_cols, rows.t_kernel, t_param = _kernel_inputs(t.kernel, t.z, t.z_cols, value)
+        z, z_cols, rows.t_kernel, t_param = affinity_inputs(t)
         rows.z, rows.t_param = z.detach().to(acc), t_param.detach().to(acc)
         own.z_cols = z_cols.detach()
     return ring.RingRowLosses.apply(rows, own, ring.Ring(group, col_sizes), xk, yk, param, z, z_cols, t_param)

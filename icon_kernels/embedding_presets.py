@@ -15,7 +15,8 @@ from .inputs_cache import InputsCache
 from .neighbors_graph import METRICS, knn_rows, propagate_rows
 from .pair_blocks import check_count
 from .perplexity import check_perplexity, sigma_for_rows
-from .preset_base import PresetLoss, check_matrix, check_positive
+from .preset_base import PresetLoss, check_positive
+from .validation import check_matrix
 from .preset_dispatch import all_ranks_agree, gather_rows
 from .targets import Affinity, Neighbors
 from .validation import KERNEL_PARAM

@@ -36,11 +36,20 @@ def _op_arguments(pb: Problem):
     z = z_cols = t_param = None
     t_kernel = "dot"
     if isinstance(t, Affinity):
-        t_value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
-        z, z_cols, t_kernel, t_param = _kernel_inputs(t.kernel, t.z, t.z_cols, t_value)
-    kind = {Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)]
-    return (x, y, param, kernel, kind, *labels, *neighbors, z, z_cols, t_param, t_kernel, dense_p,
-            pb.alpha, pb.beta, pb.exclude_self, pb.kl)
+        z, z_cols, t_kernel, t_param = affinity_inputs(t)
+    return (x, y, param, kernel, target_kind(t), *labels, *neighbors, z, z_cols, t_param, t_kernel,
+            dense_p, pb.alpha, pb.beta, pb.exclude_self, pb.kl)
+
+
+def target_kind(t) -> str:
+    """The op-level name of a target: labels, neighbors, affinity or dense."""
+    return {Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)]
+
+
+def affinity_inputs(t: Affinity):
+    """Op-level (z, z_cols, kernel, parameter tensor) of an Affinity target."""
+    value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
+    return _kernel_inputs(t.kernel, t.z, t.z_cols, value)
 
 
 def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0,

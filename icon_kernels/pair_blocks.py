@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .validation import check_matrix
+
 BLOCK_ELEMENTS = 1 << 21      # entries of one (rows x columns) block
 COLUMN_TILE = 4096            # columns per tile in knn
 
@@ -32,12 +34,7 @@ def self_pair_mask(r0: int, r1: int, c0: int, c1: int, self_start, device) -> to
 
 def check_points(name: str, z) -> None:
     """A 2-D floating tensor of points with at least two rows and finite values."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-    if not z.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if z.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (N, d), got shape {tuple(z.shape)}")
+    check_matrix(name, z)
     if z.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 rows (points), got {z.shape[0]}")
     if not bool(torch.isfinite(z).all()):

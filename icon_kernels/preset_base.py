@@ -13,15 +13,7 @@ import torch
 
 from .backends import ALL_BACKENDS
 from .preset_dispatch import make_placement, run_loss
-from .validation import REDUCTIONS
-
-
-def check_unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    return float(value)
+from .validation import REDUCTIONS, check_matrix, check_unit_interval
 
 
 def check_positive(name: str, value):
@@ -37,19 +29,6 @@ def check_positive(name: str, value):
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return float(value)
-
-
-def check_matrix(name: str, t, rows=None) -> torch.Tensor:
-    """A 2-D floating tensor (rows x features), with ``rows`` rows when given."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
-    if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
-    return t
 
 
 def check_labels(name: str, t, length: int, device) -> torch.Tensor:

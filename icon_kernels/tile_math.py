@@ -18,6 +18,16 @@ def _per_row(param_rows: torch.Tensor) -> torch.Tensor:
     return param_rows[:, 0] if param_rows.dim() == 2 else param_rows
 
 
+def where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values where p != 0 (0 log 0 = 0); NaN in p stays NaN."""
+    return torch.where(p == 0, 0.0, values)
+
+
+def finite_shift(lse: torch.Tensor) -> torch.Tensor:
+    """A row LSE as the shift for ``chain``; -inf (no valid column) becomes 0, NaN stays."""
+    return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
+
+
 def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
     """(s, aux) for rows a (R x d) against columns b (M x d); aux is a.b or the squared distance."""
     if kernel in ("dot", "log_dot"):

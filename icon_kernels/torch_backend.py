@@ -135,9 +135,6 @@ def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
     return log_q if pb.beta == 0 else torch.log(_mixed_q(pb, log_q.exp()))
 
 
-def _where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """values where p != 0 (0 log 0 = 0); NaN in p stays NaN."""
-    return torch.where(p == 0, 0.0, values)
 
 
 def _learned_tile(pb: Problem, r0: int, r1: int):
@@ -154,7 +151,7 @@ def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tenso
 def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
     """sum_j p~ log p~ per row; closed form for Labels: K a log a + (M' - K) b log b."""
     if tile.count is None:
-        return _where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+        return tile_math.where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
     k, m_valid = tile.count, pb.m_valid
     a = (1 - pb.alpha) / k.clamp_min(1) + pb.alpha / m_valid
     entropy = k * a * torch.log(a)
@@ -179,14 +176,14 @@ def _forward_chunk(pb: Problem, r0: int, r1: int):
         q = torch.exp(log_q)
         q_mix = _mixed_q(pb, q)
         log_q_mix = torch.log(q_mix)
-        r_stat = _where_positive(p_mix, p_mix * q / q_mix).sum(1)
+        r_stat = tile_math.where_positive(p_mix, p_mix * q / q_mix).sum(1)
         del q, q_mix
-    row = -_where_positive(p_mix, p_mix * log_q_mix).sum(1)
+    row = -tile_math.where_positive(p_mix, p_mix * log_q_mix).sum(1)
     if pb.kl:
         row = row + _entropy(pb, tile, p_mix)
     h_stat = None
     if pb.target == "affinity":
-        h_stat = _where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
+        h_stat = tile_math.where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
     included = tile.has_p & (pb.m_valid > 0)
     return torch.where(included, row, 0.0), included, (lse, r_stat, tile.lse_p, h_stat)
 
@@ -205,9 +202,6 @@ def forward(*args):
     return loss, valid, stats
 
 
-def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
-    """The LSE as a row shift for tile_math.chain; -inf (no valid column) becomes 0, NaN stays."""
-    return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
 def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: int) -> None:
@@ -234,14 +228,14 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
     del q
     grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
     learned = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux,
-                              tile_math.rows_of(pb.param, r0, r1), _finite_shift(stats[LSE, r0:r1]))
+                              tile_math.rows_of(pb.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]))
     del grad_s, aux
     if not target_grad:
         return learned, None
     h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
-    grad_t = _where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
+    grad_t = tile_math.where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
     target = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
-                             tile_math.rows_of(pb.t_param, r0, r1), _finite_shift(stats[LSE_P, r0:r1]))
+                             tile_math.rows_of(pb.t_param, r0, r1), tile_math.finite_shift(stats[LSE_P, r0:r1]))
     return learned, target
 
 

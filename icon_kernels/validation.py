@@ -57,7 +57,8 @@ def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
 
 
-def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
+def check_matrix(name: str, t, rows: Optional[int] = None) -> torch.Tensor:
+    """A 2-D floating tensor (rows x features), with ``rows`` rows when given."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -66,6 +67,20 @@ def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torc
         raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
     if rows is not None and t.shape[0] != rows:
         raise ValueError(f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_unit_interval(name: str, value) -> float:
+    """A mixing weight (alpha, beta): a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return float(value)
+
+
+def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
+    check_matrix(name, t, rows)
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has feature dimension {t.shape[1]} but x has {d}")
     _check_device(name, t, x)
@@ -180,10 +195,7 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     for name, value in (("temperature", temperature), ("sigma", sigma), ("dof", dof)):
         check_positive(name, value, x, n)
     for name, value in (("alpha", alpha), ("beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {value}")
+        check_unit_interval(name, value)
     if exclude_self is None:
         exclude_self = y is None
     if not isinstance(exclude_self, bool):
