@@ -8,7 +8,8 @@ into row normalisers and row losses:
 
 * pass 1, ``normaliser_partials``: LSE_i of the logits, the target mass (Labels K_i, Neighbors /
   Dense row sums) or LSE^p_i (Affinity);
-* pass 2, ``loss_partials``: with the global normalisers, sum_j p~ log q~, sum_j p~ log p~,
+* pass 2, ``loss_partials``: with the global normalisers, sum_j p~ log q~, sum_j p~ log p~
+  (except Labels, whose entropy ``finish_rows`` takes in closed form from K_i),
   R_i = sum_j p~ q / q~ (beta > 0) and H_i = sum_j p h (Affinity);
 * backward, ``gradient_block``: dL/dx of the rows, dL/dy of the block (sent back to its owner),
   the per-row parameter gradient, and the same for Affinity target features.
@@ -46,14 +47,18 @@ def merge(total: Optional[Dict[str, torch.Tensor]], part: Dict[str, torch.Tensor
     return out
 
 
-def tile_budget(n_rows: int, block_rows: int, d: int) -> int:
-    """Elements of one rows-chunk x block tile: a quarter of the rank's resident features
-    ((N_local + block) * d), within [2^16, 2^22], so that a rank's whole working set stays
-    O((N_local + block) * d) as the world grows. ICON_KERNELS_RING_TILE_ELEMENTS overrides it."""
+def tile_budget(n_rows: int, block_rows: int, d: int, device: torch.device) -> int:
+    """Elements of one rows-chunk x block tile, so that a rank's working set stays
+    O((N_local + block) * d) as the world grows: on the CPU a sixteenth of the rank's resident
+    features ((N_local + block) * d), within [2^14, 2^22], so the handful of tiles alive at once
+    (about eight) hold about half as much as the features; on a GPU a quarter, within
+    [2^20, 2^22] (fewer, larger launches). ICON_KERNELS_RING_TILE_ELEMENTS overrides both."""
     fixed = os.environ.get("ICON_KERNELS_RING_TILE_ELEMENTS")
     if fixed:
         return int(fixed)
-    return min(1 << 22, max(1 << 16, (n_rows + block_rows) * d // 4))
+    if device.type == "cpu":
+        return min(1 << 22, max(1 << 14, (n_rows + block_rows) * d // 16))
+    return min(1 << 22, max(1 << 20, (n_rows + block_rows) * d // 4))
 
 
 @dataclass
@@ -156,7 +161,8 @@ def row_normalisers(rs: RowSide, stats: Dict[str, torch.Tensor]):
 
 
 class _Tile:
-    """p, p~, log q, q and log q~ of one rows-chunk x block tile under the global normalisers."""
+    """p, p~, log q and log q~ (and q, q~ when beta > 0) of one rows-chunk x block tile under
+    the global normalisers."""
 
     def __init__(self, rs: RowSide, block: Block, r0: int, r1: int, stats, mass):
         self.log_q, self.aux = _learned(rs, block, r0, r1)
@@ -169,9 +175,9 @@ class _Tile:
         self.p_mix = self.p
         if rs.alpha > 0:
             self.p_mix = _off_self((1 - rs.alpha) * self.p + rs.alpha / rs.m_valid, rs, block, r0, 0.0)
-        self.q = torch.exp(self.log_q)
-        self.q_mix, self.log_q_mix = self.q, self.log_q
+        self.log_q_mix = self.log_q
         if rs.beta > 0:
+            self.q = torch.exp(self.log_q)
             self.q_mix = (1 - rs.beta) * self.q + rs.beta / rs.m_valid
             self.log_q_mix = torch.log(self.q_mix)
 
@@ -182,14 +188,14 @@ class _Tile:
 
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
-    keys = ["cross"] + (["entropy"] if rs.kl else []) + (["r"] if rs.beta > 0 else []) \
-        + (["h"] if rs.target == "affinity" else [])
+    keys = ["cross"] + (["entropy"] if rs.kl and rs.target != "labels" else []) \
+        + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" else [])
     out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
         positive = tile_math.where_positive
         out["cross"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
-        if rs.kl:
+        if "entropy" in out:
             out["entropy"][r0:r1] = positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
         if rs.beta > 0:
             out["r"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
@@ -199,9 +205,13 @@ def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Ten
     return out
 
 
-def finish_rows(rs: RowSide, stats, has_p):
-    """(L_i, 0 for rows left out; included) from the merged pass-2 statistics."""
-    row = -stats["cross"] + stats["entropy"] if rs.kl else -stats["cross"]
+def finish_rows(rs: RowSide, stats, mass, has_p):
+    """(L_i, 0 for rows left out; included) from the merged pass-2 statistics (Labels: the
+    entropy in closed form from the positive count K = mass)."""
+    row = -stats["cross"]
+    if rs.kl:
+        row = row + (tile_math.labels_entropy(mass, rs.alpha, rs.m_valid) if rs.target == "labels"
+                     else stats["entropy"])
     included = has_p & (rs.m_valid > 0)
     return torch.where(included, row, 0.0), included
 
@@ -219,7 +229,7 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
         tl = _Tile(rs, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
         if rs.beta == 0:
-            grad_s = torch.sub(tl.q, tl.p_mix).mul_(g_rows)
+            grad_s = torch.exp(tl.log_q).sub_(tl.p_mix).mul_(g_rows)
         else:
             grad_s = (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix).mul_(tl.q).mul_(g_rows * (1 - rs.beta))
         grad_s.masked_fill_(g_rows == 0, 0.0)                 # rows left out (even M' = 0)

@@ -9,7 +9,7 @@ and every fused backend's exclude_self applies unchanged. Memory per rank is O(N
 
 ``dist_mode="ring"`` never gathers: column blocks rotate around the ranks (ring.py), with the
 row statistics merged block by block (column_blocks.py); memory per rank is
-O((N_local + block) * d). Its blocks are computed with the blockwise torch tile math on the
+O((N_local + block) * d), with blocks of at most ``ring_block_rows`` rows. Its blocks are computed with the blockwise torch tile math on the
 inputs' device, whatever ``backend`` says.
 
 Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
@@ -79,29 +79,46 @@ def _check_group(process_group, dist_mode):
     return group
 
 
-def _check_consistent(x: torch.Tensor, group) -> None:
-    """d and dtype must agree on every rank; every rank raises if any disagrees (no hang)."""
+def _check_ring_block_rows(ring_block_rows, dist_mode):
+    if ring_block_rows is None:
+        return
+    if dist_mode != "ring":
+        raise ValueError("ring_block_rows applies to dist_mode='ring' only")
+    if isinstance(ring_block_rows, bool) or not isinstance(ring_block_rows, int) or ring_block_rows < 1:
+        raise ValueError(f"ring_block_rows must be a positive int or None; got {ring_block_rows!r}")
+
+
+def _check_consistent(x: torch.Tensor, ring_block_rows, group) -> None:
+    """d, dtype and ring_block_rows must agree on every rank; every rank raises if any
+    disagrees (no hang)."""
     dtype_code = [torch.float64, torch.float32, torch.float16, torch.bfloat16].index(x.dtype) \
         if x.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) else 9
-    code = torch.tensor([x.shape[1], dtype_code], device=x.device, dtype=torch.int64)
+    block_code = 0 if ring_block_rows is None else ring_block_rows
+    code = torch.tensor([x.shape[1], dtype_code, block_code], device=x.device, dtype=torch.int64)
     lo, hi = code.clone(), code.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(lo, hi):
+    if not torch.equal(lo[:2], hi[:2]):
         raise ValueError("x: the feature dimension d or the dtype differs across ranks")
+    if lo[2] != hi[2]:
+        raise ValueError("ring_block_rows differs across ranks")
 
 
 def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", exclude_self=None,
-              reduction="mean", weight=None, backend="auto", **kwargs):
+              reduction="mean", weight=None, backend="auto", ring_block_rows=None, **kwargs):
     """``ik.icon_loss`` over the global batch; x, y, target and weight hold this rank's part.
 
     Returns the global loss ("mean" over all included rows of all ranks, or "sum") on every
     rank, or this rank's rows for "none". Every rank must call it, and backward, collectively.
+    ``ring_block_rows`` (ring mode, the same on every rank) caps the rows of one travelling
+    column block; the default is a quarter of the largest shard, so the ring's four transfer
+    buffers (two blocks, two dL/dy accumulators) together hold one shard's features.
     """
     group = _check_group(process_group, dist_mode)
+    _check_ring_block_rows(ring_block_rows, dist_mode)
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a 2-D tensor of this rank's rows")
-    _check_consistent(x, group)
+    _check_consistent(x, ring_block_rows, group)
     rank = dist.get_rank(group)
     col_sizes = _sizes((x if y is None else y).shape[0], x.device, group)
     n_cols = col_sizes[rank]
@@ -115,7 +132,8 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
     if dist_mode == "gather":
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
-        rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group)
+        rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group,
+                                          ring_block_rows)
     return reduce_global(rows, included, weight, reduction, group).to(x.dtype)
 
 
@@ -160,9 +178,10 @@ def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, 
     return row_losses(problem, backend)
 
 
-def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
+def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, block_rows):
     """Local rows x the global columns, block by block around the ring (never gathered)."""
     rank = dist.get_rank(group)
+    the_ring = ring.Ring(group, col_sizes, block_rows or max(1, -(-max(col_sizes) // 4)))
     cols_local = x if y is None else y
     # Neighbors / Dense address global columns: validate them against a stand-in of the global
     # column block (a zero-stride view, no memory); Labels / Affinity columns are local.
@@ -180,7 +199,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
         target=target_kind(t),
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
         alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
-        tile_elements=column_blocks.tile_budget(x.shape[0], max(col_sizes), x.shape[1]))
+        tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
     z = z_cols = t_param = None
     if isinstance(t, Labels):
@@ -194,7 +213,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group):
         z, z_cols, rows.t_kernel, t_param = affinity_inputs(t)
         rows.z, rows.t_param = z.detach().to(acc), t_param.detach().to(acc)
         own.z_cols = z_cols.detach()
-    return ring.RingRowLosses.apply(rows, own, ring.Ring(group, col_sizes), xk, yk, param, z, z_cols, t_param)
+    return ring.RingRowLosses.apply(rows, own, the_ring, xk, yk, param, z, z_cols, t_param)
 
 
 def _loss_options(kwargs):

@@ -1,12 +1,15 @@
 """Ring mode of the distributed loss: column blocks rotate around the ranks (torch.distributed P2P).
 
 Each rank keeps its rows and sees the global columns one block at a time: while block k is
-computed, block k + 1 is already in flight (isend / irecv). Forward makes two rotations: pass 1
-merges the row normalisers (LSE, target mass or LSE^p), pass 2 the loss sums under the global
-normalisers (see column_blocks.py for the math and the one shared merge). Backward makes one
-more rotation in which every block travels with its dL/dy accumulator; after the last step the
-accumulator arrives at the block's owner, complete. Memory per rank is O((N_local + block) * d)
-plus one rows-chunk x block tile.
+computed, block k + 1 is already in flight (isend / irecv). A rank's columns travel as
+``pieces`` blocks of at most ``block_rows`` rows (the same number of pieces on every rank, so
+uneven shards give pieces of different, possibly zero, sizes; a zero-row piece is neither sent
+nor visited). Forward makes two passes over all blocks: pass 1 merges the row normalisers (LSE,
+target mass or LSE^p), pass 2 the loss sums under the global normalisers (see column_blocks.py
+for the math and the one shared merge). Backward makes one more pass in which every block
+travels with its dL/dy accumulator; after a piece's last step the accumulator arrives at the
+piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one rows-chunk x block
+tile: two receive buffers of one block and two of its accumulator, whatever the world size.
 """
 from __future__ import annotations
 
@@ -19,37 +22,54 @@ from . import column_blocks as cb
 
 
 class Ring:
-    """Neighbours and block sizes of this rank in ``group``."""
+    """Neighbours of this rank in ``group`` and how every rank's columns split into pieces."""
 
-    def __init__(self, group, col_sizes: List[int]):
+    def __init__(self, group, col_sizes: List[int], block_rows: int):
         self.group, self.sizes = group, col_sizes
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+        self.pieces = max(1, -(-max(col_sizes) // block_rows))
+        self.block_rows = -(-max(col_sizes) // self.pieces)      # the largest piece
 
     def owner(self, step: int) -> int:
         """Whose block this rank holds at ``step`` of a rotation."""
         return (self.rank - step) % self.world
 
-    def offset(self, owner: int) -> int:
-        return sum(self.sizes[:owner])
+    def bounds(self, owner: int, piece: int):
+        """Rows [lo, hi) of ``owner``'s columns that form its piece ``piece``."""
+        size = self.sizes[owner]
+        return piece * size // self.pieces, (piece + 1) * size // self.pieces
 
-    def start_shift(self, tensors, like_owner: int, into):
-        """Posts sends of ``tensors`` to the next rank and receives of the previous rank's (the
-        block of ``like_owner``) into the buffers ``into``; returns (received, pending requests)."""
-        rows = self.sizes[like_owner]
+    def rows(self, owner: int, piece: int) -> int:
+        lo, hi = self.bounds(owner, piece)
+        return hi - lo
+
+    def offset(self, owner: int, piece: int) -> int:
+        """Global index of the first column of ``owner``'s piece."""
+        return sum(self.sizes[:owner]) + self.bounds(owner, piece)[0]
+
+    def shift(self, tensors, incoming_rows: int, into, first_tag: int = 0):
+        """Sends ``tensors`` (the block held now) to the next rank and receives the previous
+        rank's (``incoming_rows`` rows) into the buffers ``into``; returns (received, requests).
+        Both ends know every piece's size, so an empty piece is not posted on either side."""
         ops, received = [], []
-        for tag, (t, buf) in enumerate(zip(tensors, into)):
-            buf = buf[:rows]
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
+        for tag, (t, buf) in enumerate(zip(tensors, into), start=first_tag):
+            buf = buf[:incoming_rows]
+            if t.shape[0] > 0:
+                ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag))
+            if incoming_rows > 0:
+                ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
             received.append(buf)
-        return received, dist.batch_isend_irecv(ops)
+        return received, (dist.batch_isend_irecv(ops) if ops else [])
+
+
+_ACCUMULATOR_TAGS = 8      # accumulators travel with tags of their own, beside their block's
 
 
 class _DoubleBuffer:
-    """Two alternating sets of receive buffers, each as large as the largest block: a rotation
-    receives into one set while the other (already sent on) is free; nothing is allocated per step."""
+    """Two alternating sets of buffers, each as large as the largest piece: a rotation receives
+    into one set while the other (already sent on) is free; nothing is allocated per step."""
 
     def __init__(self, templates, rows: int):
         self.sets = [[t.new_empty((rows,) + tuple(t.shape[1:])) for t in templates] for _ in range(2)]
@@ -58,6 +78,10 @@ class _DoubleBuffer:
     def next(self):
         self.turn ^= 1
         return self.sets[self.turn]
+
+    def zeroed(self, rows: int):
+        """The next set, its first ``rows`` rows set to zero (a fresh accumulator)."""
+        return [b[:rows].zero_() for b in self.next()]
 
 
 def _wait(requests):
@@ -77,46 +101,65 @@ def _block_from(tensors, template: cb.Block, offset: int) -> cb.Block:
     return cb.Block(y, offset, labels, z_cols)
 
 
+def _own_piece(ring: Ring, own: cb.Block, piece: int) -> cb.Block:
+    lo, hi = ring.bounds(ring.rank, piece)
+    return _block_from([t[lo:hi] for t in _block_tensors(own)], own, own.offset + lo)
+
+
 def _cast_block(block: cb.Block, acc) -> cb.Block:
     return cb.Block(block.y.to(acc), block.offset, block.col_labels,
                     None if block.z_cols is None else block.z_cols.to(acc))
 
 
-def rotate(ring: Ring, own: cb.Block, visit, acc):
-    """Calls ``visit(block)`` on every global column block, this rank's first; the next block's
-    transfer overlaps the current block's compute."""
-    block = own
-    buffers = _DoubleBuffer(_block_tensors(own), max(ring.sizes)) if ring.world > 1 else None
+def _travel(ring: Ring, own: cb.Block, piece: int, buffers: Optional[_DoubleBuffer], acc):
+    """Yields (step, block held at that step, or None when it has no rows) for one piece of
+    every rank around the ring; the next block's transfer is posted before the current one is
+    yielded, so it overlaps the caller's compute, and is awaited when the caller resumes."""
+    block = _own_piece(ring, own, piece)
     for step in range(ring.world):
-        pending = []
-        if step + 1 < ring.world:
-            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1), buffers.next())
-        visit(_cast_block(block, acc))
-        if pending:
+        last = step + 1 == ring.world
+        if not last:
+            incoming = ring.rows(ring.owner(step + 1), piece)
+            received, pending = ring.shift(_block_tensors(block), incoming, buffers.next())
+        yield step, (_cast_block(block, acc) if block.y.shape[0] > 0 else None)
+        if not last:
             _wait(pending)
-            block = _block_from(received, own, ring.offset(ring.owner(step + 1)))
+            block = _block_from(received, own, ring.offset(ring.owner(step + 1), piece))
+
+
+def rotate(ring: Ring, own: cb.Block, visit, acc):
+    """Calls ``visit(block)`` on every non-empty global column block."""
+    buffers = _DoubleBuffer(_block_tensors(own), ring.block_rows) if ring.world > 1 else None
+    for piece in range(ring.pieces):
+        for _, block in _travel(ring, own, piece, buffers, acc):
+            if block is not None:
+                visit(block)
 
 
 def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc):
     """Like ``rotate``, but each block carries accumulators (dL/dy, dL/dz_cols) to which
-    ``visit(block, accumulators)`` adds in place. Returns this rank's own accumulators, summed
-    over every rank."""
-    block = own
-    if ring.world > 1:
-        buffers = _DoubleBuffer(_block_tensors(own), max(ring.sizes))
-        acc_buffers = _DoubleBuffer(accumulators, max(ring.sizes))
-    for step in range(ring.world):
-        pending = []
-        if step + 1 < ring.world:
-            received, pending = ring.start_shift(_block_tensors(block), ring.owner(step + 1), buffers.next())
-        visit(_cast_block(block, acc), accumulators)
-        if ring.world > 1:
+    ``visit(block, accumulators)`` adds in place. ``accumulators`` are this rank's, full size
+    and zero; on return they hold the sum over every rank."""
+    if ring.world == 1:                       # nothing travels: add straight into the result
+        for piece in range(ring.pieces):
+            lo, hi = ring.bounds(ring.rank, piece)
+            if hi > lo:
+                visit(_cast_block(_own_piece(ring, own, piece), acc), [a[lo:hi] for a in accumulators])
+        return accumulators
+    buffers = _DoubleBuffer(_block_tensors(own), ring.block_rows)
+    acc_buffers = _DoubleBuffer(accumulators, ring.block_rows)
+    for piece in range(ring.pieces):
+        lo, hi = ring.bounds(ring.rank, piece)
+        carried = acc_buffers.zeroed(hi - lo)
+        for step, block in _travel(ring, own, piece, buffers, acc):
+            if block is not None:
+                visit(block, carried)
             # the accumulators follow their block; after the last step they reach its owner
-            arrived, acc_pending = ring.start_shift(accumulators, ring.owner(step + 1), acc_buffers.next())
-            _wait(pending + acc_pending)
-            accumulators = arrived
-            if step + 1 < ring.world:
-                block = _block_from(received, own, ring.offset(ring.owner(step + 1)))
+            carried, pending = ring.shift(carried, ring.rows(ring.owner(step + 1), piece), acc_buffers.next(),
+                                          first_tag=_ACCUMULATOR_TAGS)
+            _wait(pending)
+        for total, arrived in zip(accumulators, carried):
+            total[lo:hi] = arrived
     return accumulators
 
 
@@ -139,7 +182,7 @@ class RingRowLosses(torch.autograd.Function):
             nonlocal sums
             sums = cb.merge(sums, cb.loss_partials(rows, block, normalisers, mass))
         rotate(ring, own, pass2, acc)
-        row_loss, included = cb.finish_rows(rows, sums, has_p)
+        row_loss, included = cb.finish_rows(rows, sums, mass, has_p)
         ctx.rows, ctx.own, ctx.ring = rows, own, ring
         ctx.stats, ctx.mass, ctx.included = {**normalisers, **sums}, mass, included
         ctx.dtypes = [None if t is None else t.dtype for t in (x, y_local, param, z, z_cols, t_param)]
@@ -161,7 +204,7 @@ class RingRowLosses(torch.autograd.Function):
 
         def visit(block, block_grads):
             cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads)
-        col_grads = rotate_with_accumulators(ring, own, visit, col_grads, acc)
+        rotate_with_accumulators(ring, own, visit, col_grads, acc)
 
         def param_grad(rows_grad, param):
             return rows_grad if param.dim() == 1 else rows_grad.sum()

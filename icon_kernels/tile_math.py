@@ -6,6 +6,8 @@ Kernels here are the op-level ones: "cosine" arrives as "dot" on pre-normalised 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,6 +28,17 @@ def where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def finite_shift(lse: torch.Tensor) -> torch.Tensor:
     """A row LSE as the shift for ``chain``; -inf (no valid column) becomes 0, NaN stays."""
     return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
+
+
+def labels_entropy(k: torch.Tensor, alpha: float, m_valid: int) -> torch.Tensor:
+    """sum_j p~ log p~ of a Labels row with k positives among m_valid columns, in closed form:
+    k a log a + (m_valid - k) b log b with b = alpha / m_valid, a = (1 - alpha) / k + b."""
+    a = (1 - alpha) / k.clamp_min(1) + alpha / m_valid
+    entropy = k * a * torch.log(a)
+    if alpha > 0:
+        b = alpha / m_valid
+        entropy = entropy + (m_valid - k) * b * math.log(b)
+    return entropy
 
 
 def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):

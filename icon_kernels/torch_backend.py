@@ -10,7 +10,6 @@ The functions take the flat arguments of the op schema in ``ops.py``.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Optional
 
@@ -149,16 +148,10 @@ def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tenso
 
 
 def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
-    """sum_j p~ log p~ per row; closed form for Labels: K a log a + (M' - K) b log b."""
+    """sum_j p~ log p~ per row; closed form for Labels."""
     if tile.count is None:
         return tile_math.where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
-    k, m_valid = tile.count, pb.m_valid
-    a = (1 - pb.alpha) / k.clamp_min(1) + pb.alpha / m_valid
-    entropy = k * a * torch.log(a)
-    if pb.alpha > 0:
-        b = pb.alpha / m_valid
-        entropy = entropy + (m_valid - k) * b * math.log(b)
-    return entropy
+    return tile_math.labels_entropy(tile.count, pb.alpha, pb.m_valid)
 
 
 def _forward_chunk(pb: Problem, r0: int, r1: int):

@@ -73,7 +73,7 @@ def leaves(x, y, target):
     return out
 
 
-def run_case(build, backend, mode, rank, world):
+def run_case(build, backend, mode, rank, world, block_rows=None):
     sizes = SHARDS[:world]
     n = sum(sizes)
     off = sum(sizes[:rank])
@@ -96,7 +96,8 @@ def run_case(build, backend, mode, rank, world):
     if isinstance(ltarget, ik.Affinity):
         ltarget = ik.Affinity(ltarget.z.clone().requires_grad_(), kernel=ltarget.kernel, sigma=ltarget.sigma,
                               dof=ltarget.dof)
-    got = ik.distributed.icon_loss(lx, ly, target=ltarget, backend=backend, dist_mode=mode,
+    ring = dict(ring_block_rows=block_rows) if block_rows else {}
+    got = ik.distributed.icon_loss(lx, ly, target=ltarget, backend=backend, dist_mode=mode, **ring,
                                    weight=None if weight is None else weight[sl], **kw)
     got_grads = torch.autograd.grad(got, leaves(lx, ly, ltarget))
     errors = []
@@ -116,15 +117,19 @@ def run(rank, world, init_file, out_dir):
     trace.write("initialised\n")
     report = []
     try:
-        # gather mode through each fused CPU backend; ring mode computes its blocks itself
-        modes = [("gather", b) for b in ("torch", "cpu") if b in ik.available_backends()] + [("ring", "auto")]
+        # gather mode through each fused CPU backend; ring mode computes its blocks itself, with
+        # the default blocks (a quarter of the largest shard) and with one-row blocks, so that
+        # smaller shards have empty pieces
+        modes = [("gather", b, None) for b in ("torch", "cpu") if b in ik.available_backends()] \
+            + [("ring", "auto", None), ("ring", "auto", 1)]
         n = sum(SHARDS[:world])
-        for mode, backend in modes:
+        for mode, backend, block_rows in modes:
             for name, build in cases(n, n, torch.Generator().manual_seed(0)):
                 torch.manual_seed(0)
-                trace.write(f"{mode} {backend} {name}\n")
-                errors = run_case(build, backend, mode, rank, world)
-                report.append(f"{mode} {backend} {name}: " + ("ok" if not errors else "; ".join(errors)))
+                label = f"{mode} {backend}" + (f" block_rows={block_rows}" if block_rows else "")
+                trace.write(f"{label} {name}\n")
+                errors = run_case(build, backend, mode, rank, world, block_rows)
+                report.append(f"{label} {name}: " + ("ok" if not errors else "; ".join(errors)))
         # a bad process group raises on every rank
         try:
             ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
@@ -142,6 +147,27 @@ def run(rank, world, init_file, out_dir):
                 except ValueError as exc:
                     ok = "differs across ranks" in str(exc)
                     report.append(f"{mode} {what} mismatch check: " + ("ok" if ok else str(exc)))
+        # ring_block_rows differs across ranks, or is given to gather mode
+        try:
+            ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
+                                     dist_mode="ring", ring_block_rows=2 + rank)
+            report.append("ring_block_rows mismatch check: no error raised")
+        except ValueError as exc:
+            ok = "ring_block_rows differs across ranks" in str(exc)
+            report.append("ring_block_rows mismatch check: " + ("ok" if ok else str(exc)))
+        for bad in (0, 2.5, True):
+            try:
+                ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
+                                         dist_mode="ring", ring_block_rows=bad)
+                report.append(f"ring_block_rows={bad!r} check: no error raised")
+            except ValueError as exc:
+                report.append(f"ring_block_rows={bad!r} check: " + ("ok" if "positive int" in str(exc) else str(exc)))
+        try:
+            ik.distributed.icon_loss(torch.randn(3, 4, dtype=torch.float64), target=ik.Labels(torch.arange(3)),
+                                     dist_mode="gather", ring_block_rows=2)
+            report.append("ring_block_rows with gather check: no error raised")
+        except ValueError as exc:
+            report.append("ring_block_rows with gather check: " + ("ok" if "ring_block_rows" in str(exc) else str(exc)))
         # a process group this rank is not part of
         others = dist.new_group([r for r in range(world) if r != 0])
         try:
