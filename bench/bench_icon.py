@@ -18,9 +18,12 @@ import pytest
 import torch
 
 import icon_kernels as ik
-import worker
+from child_process import run_spawned
 from configs import CONFIGS, floor_operands
 from contenders import NAIVE, build, label
+from failure_status import classify
+from fwd_bwd import clear_grads, fwd_bwd
+from gemm_floor import gemm_floor
 
 _SEEN = {}        # group -> {"floor": median s, "naive": median s, "naive_mem": MiB}
 
@@ -37,14 +40,14 @@ def _versions():
 
 def _peak_mib(cname, name, n, d, dtype, device, fn, inp):
     if device == "cuda":
-        worker._clear(inp)
+        clear_grads(inp)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        worker.fwd_bwd(fn, inp, device)
+        fwd_bwd(fn, inp, device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda max_memory_allocated"
-    r = worker.run_spawned({"job": "memory", "config": cname, "contender": name, "n": n, "d": d,
-                            "dtype": dtype, "device": device, "warm_n": 320}, timeout=600)
+    r = run_spawned({"job": "memory", "config": cname, "contender": name, "n": n, "d": d,
+                     "dtype": dtype, "device": device, "warm_n": 320}, timeout=600)
     return (r.get("peak_mib"), r.get("memory_counter")) if r.get("ok") else (None, r.get("status"))
 
 
@@ -65,16 +68,16 @@ def test_icon_loss(benchmark, icon_case, request):
         x, y = floor_operands(cfg, inp)
 
         def run():
-            worker.gemm_floor(x, y, device)
+            gemm_floor(x, y, device)
     else:
         fn = build(name, cfg, inp)
 
         def run():
-            worker.fwd_bwd(fn, inp, device)
+            fwd_bwd(fn, inp, device)
     try:
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     except Exception as exc:  # noqa: BLE001 - OOM or a compile failure is a result, not an error
-        status, msg = worker.classify(exc, name)
+        status, msg = classify(exc, name)
         pytest.skip(f"{status}: {msg}")
     median = benchmark.stats.stats.median
     info = {"config": cname, "contender": benchmark.name, "n": n, "m": cfg.m_of_n(n), "d": d,
