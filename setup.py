@@ -21,7 +21,7 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     # ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
     cxx_flags = ["-O3", "-fopenmp"] + sanitizer_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
-    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_ops.cpp"]
+    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_ops.cpp"]
     # CUDA kernels whenever a toolkit and a CUDA build of torch are present, GPU or not.
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda and nvcc and os.environ.get("ICON_KERNELS_NO_CUDA") != "1")

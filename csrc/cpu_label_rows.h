@@ -36,9 +36,25 @@ struct LabelRow {
   int64_t m_valid;
 };
 
-// Row loss from logits s (overwritten); returns included, writes loss and LSE.
+// Positives of a row among its valid columns.
+inline int64_t label_count(const LabelRow& r) {
+  int64_t k = 0;
+#pragma omp simd reduction(+ : k)
+  for (int64_t j = 0; j < r.m; ++j) k += r.col_labels[j] == r.label && j != r.self;
+  return k;
+}
+
+// A row's statistics over its columns (all of them, or one block of them in ring mode, where
+// they are merged across blocks): LSE and the sums of s over valid columns and over positives.
 template <typename T>
-inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse_out) {
+struct LabelSums {
+  T lse, sum_s, pos_s;
+  int64_t k;
+};
+
+// The statistics of the logits s (overwritten: the self entry becomes -inf).
+template <typename T>
+inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
   const int64_t m = r.m;
   T sum_s = 0, pos_s = 0;
   int64_t k = 0;
@@ -63,11 +79,19 @@ inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse
     for (int64_t j = 0; j < m; ++j) se += vexp(s[j] - mx);
     lse = mx + std::log(se);
   }
-  *lse_out = lse;
+  return {lse, sum_s, pos_s, k};
+}
+
+// Row loss from logits s (overwritten); returns included, writes loss and LSE.
+template <typename T>
+inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse_out) {
+  const LabelSums<T> st = label_row_sums(r, s);
+  const int64_t k = st.k;
+  *lse_out = st.lse;
   const bool included = k > 0 && r.m_valid > 0;
   if (!included) { *loss = T(0); return false; }
   const T alpha = T(r.alpha), b = alpha / T(r.m_valid);
-  const T cross = (T(1) - alpha) * pos_s / T(k) + b * sum_s - lse;
+  const T cross = (T(1) - alpha) * st.pos_s / T(k) + b * st.sum_s - st.lse;
   T ent = 0;
   if (kl) {
     const T a = (T(1) - alpha) / T(k) + b;
@@ -77,14 +101,12 @@ inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse
   return true;
 }
 
-// W in place of the Gram row w (beta = 0); returns this row's dL/dparam and sum_j W_ij.
+// W in place of the Gram row w (beta = 0) under the row's LSE and positive count k (over all
+// columns, also when w is one block of them); returns this row's dL/dparam and sum_j W_ij.
 template <typename T, int K>
-inline void fast_label_backward(const LabelRow& r, T* w, const T* b_sq, T a_sq, T prm, T lse,
-                                T g, T* d_prm, T* row_sum) {
+inline void fast_label_backward(const LabelRow& r, int64_t k, T* w, const T* b_sq, T a_sq, T prm,
+                                T lse, T g, T* d_prm, T* row_sum) {
   const int64_t m = r.m;
-  int64_t k = 0;
-#pragma omp simd reduction(+ : k)
-  for (int64_t j = 0; j < m; ++j) k += r.col_labels[j] == r.label && j != r.self;
   const T alpha = T(r.alpha), b = alpha / T(std::max<int64_t>(r.m_valid, 1));
   const T pos = k > 0 ? (T(1) - alpha) / T(k) : T(0);
   const T shift = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;

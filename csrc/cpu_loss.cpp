@@ -292,10 +292,11 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         if (pb.fast_labels()) {
           T* d_prm = dprm.template data_ptr<T>() + i;
           T* rs = w_rowsum.template data_ptr<T>() + (i - r0);
+          const LabelRow row = pb.label_row(i);
           if (pb.kernel == kDot)
-            fast_label_backward<T, kDot>(pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
+            fast_label_backward<T, kDot>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
           else
-            fast_label_backward<T, kGaussian>(pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
+            fast_label_backward<T, kGaussian>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
           continue;
         }
         int64_t count;

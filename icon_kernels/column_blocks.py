@@ -29,7 +29,7 @@ from . import tile_math, torch_backend
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
-_SUMS = ("mass", "cross", "entropy", "r", "h")     # plain sums
+_SUMS = ("mass", "cross", "entropy", "r", "h", "pos_s", "sum_s")     # plain sums
 
 
 def merge(total: Optional[Dict[str, torch.Tensor]], part: Dict[str, torch.Tensor]):
@@ -93,6 +93,7 @@ class RowSide:
     t_param: Optional[torch.Tensor] = None
     t_kernel: str = "dot"
     tile_elements: int = 1 << 20
+    fused: bool = False                 # blocks through the fused CPU label kernel (label_blocks.py)
 
     @property
     def m_valid(self) -> int:

@@ -9,8 +9,11 @@ and every fused backend's exclude_self applies unchanged. Memory per rank is O(N
 
 ``dist_mode="ring"`` never gathers: column blocks rotate around the ranks (ring.py), with the
 row statistics merged block by block (column_blocks.py); memory per rank is
-O((N_local + block) * d), with blocks of at most ``ring_block_rows`` rows. Its blocks are computed with the blockwise torch tile math on the
-inputs' device, whatever ``backend`` says.
+O((N_local + block) * d), with blocks of at most ``ring_block_rows`` rows. With the ``cpu``
+backend (what "auto" picks on the CPU when it is built), the hot case (Labels, beta = 0, dot,
+cosine or gaussian kernel) runs its blocks on the fused CPU kernel in one forward rotation
+(label_blocks.py); every other case, and every other backend, uses the blockwise torch tile math
+on the inputs' device.
 
 Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
 global column indices; Affinity column features are gathered (or rotated) with gradients;
@@ -21,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import column_blocks, ring
+from . import column_blocks, label_blocks, ring
+from .backends import resolve_backend
 from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
 from .targets import Affinity, Dense, Labels, Neighbors
 from .torch_backend import accumulation_dtype
@@ -133,7 +137,7 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
         rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group,
-                                          ring_block_rows)
+                                          ring_block_rows, backend)
     return reduce_global(rows, included, weight, reduction, group).to(x.dtype)
 
 
@@ -178,9 +182,10 @@ def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, 
     return row_losses(problem, backend)
 
 
-def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, block_rows):
+def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, block_rows, backend):
     """Local rows x the global columns, block by block around the ring (never gathered)."""
     rank = dist.get_rank(group)
+    backend = resolve_backend(backend, x.device)
     the_ring = ring.Ring(group, col_sizes, block_rows or max(1, -(-max(col_sizes) // 4)))
     cols_local = x if y is None else y
     # Neighbors / Dense address global columns: validate them against a stand-in of the global
@@ -200,6 +205,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
         alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
         tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
+    rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend)
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
     z = z_cols = t_param = None
     if isinstance(t, Labels):

@@ -6,9 +6,10 @@ computed, block k + 1 is already in flight (isend / irecv). A rank's columns tra
 uneven shards give pieces of different, possibly zero, sizes; a zero-row piece is neither sent
 nor visited). Forward makes two passes over all blocks: pass 1 merges the row normalisers (LSE,
 target mass or LSE^p), pass 2 the loss sums under the global normalisers (see column_blocks.py
-for the math and the one shared merge). Backward makes one more pass in which every block
-travels with its dL/dy accumulator; after a piece's last step the accumulator arrives at the
-piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one rows-chunk x block
+for the math and the one shared merge); the fused CPU label blocks (label_blocks.py) need only
+one, since their loss follows from the merged statistics. Backward makes one more pass in which
+every block travels with its dL/dy accumulator; after a piece's last step the accumulator
+arrives at the piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one rows-chunk x block
 tile: two receive buffers of one block and two of its accumulator, whatever the world size.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import column_blocks as cb
+from . import label_blocks
 
 
 class Ring:
@@ -163,29 +165,48 @@ def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc
     return accumulators
 
 
+def _forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring):
+    """Two rotations: the row normalisers, then the loss sums under them."""
+    acc = rows.x.dtype
+    normalisers: Optional[dict] = None
+
+    def pass1(block):
+        nonlocal normalisers
+        normalisers = cb.merge(normalisers, cb.normaliser_partials(rows, block))
+    rotate(ring, own, pass1, acc)
+    mass, has_p = cb.row_normalisers(rows, normalisers)
+    sums: Optional[dict] = None
+
+    def pass2(block):
+        nonlocal sums
+        sums = cb.merge(sums, cb.loss_partials(rows, block, normalisers, mass))
+    rotate(ring, own, pass2, acc)
+    row_loss, included = cb.finish_rows(rows, sums, mass, has_p)
+    ctx.stats, ctx.mass, ctx.included = {**normalisers, **sums}, mass, included
+    return row_loss, included
+
+
+def _fused_forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring):
+    """One rotation of the fused label blocks; the loss follows from the merged statistics."""
+    stats: Optional[dict] = None
+
+    def visit(block):
+        nonlocal stats
+        stats = cb.merge(stats, label_blocks.partials(rows, block))
+    rotate(ring, own, visit, rows.x.dtype)
+    row_loss, included = label_blocks.finish_rows(rows, stats)
+    ctx.stats, ctx.mass, ctx.included = stats, None, included
+    return row_loss, included
+
+
 class RingRowLosses(torch.autograd.Function):
     """(x, y_local, param, z, z_cols_local, t_param) -> (L_i of this rank's rows, included)."""
 
     @staticmethod
     def forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring, x, y_local, param, z, z_cols, t_param):
-        acc = rows.x.dtype
-        normalisers: Optional[dict] = None
-
-        def pass1(block):
-            nonlocal normalisers
-            normalisers = cb.merge(normalisers, cb.normaliser_partials(rows, block))
-        rotate(ring, own, pass1, acc)
-        mass, has_p = cb.row_normalisers(rows, normalisers)
-        sums: Optional[dict] = None
-
-        def pass2(block):
-            nonlocal sums
-            sums = cb.merge(sums, cb.loss_partials(rows, block, normalisers, mass))
-        rotate(ring, own, pass2, acc)
-        row_loss, included = cb.finish_rows(rows, sums, mass, has_p)
         ctx.rows, ctx.own, ctx.ring = rows, own, ring
-        ctx.stats, ctx.mass, ctx.included = {**normalisers, **sums}, mass, included
         ctx.dtypes = [None if t is None else t.dtype for t in (x, y_local, param, z, z_cols, t_param)]
+        row_loss, included = (_fused_forward if rows.fused else _forward)(ctx, rows, own, ring)
         ctx.mark_non_differentiable(included)
         return row_loss, included
 
@@ -203,7 +224,10 @@ class RingRowLosses(torch.autograd.Function):
             col_grads.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
 
         def visit(block, block_grads):
-            cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads)
+            if rows.fused:
+                label_blocks.gradient_block(rows, block, ctx.stats, g, row_grads, block_grads)
+            else:
+                cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads)
         rotate_with_accumulators(ring, own, visit, col_grads, acc)
 
         def param_grad(rows_grad, param):

@@ -10,8 +10,21 @@ import torch
 import torch.distributed as dist
 
 import icon_kernels as ik
+from icon_kernels import label_blocks
 
 SHARDS = [5, 9, 7, 6]          # uneven rows per rank
+HOT = ("labels-cosine", "labels-gaussian-rect")     # ring blocks on the fused CPU kernel
+FUSED_CALLS = [0]
+
+
+def _count_fused(partials):
+    def counted(*args, **kwargs):
+        FUSED_CALLS[0] += 1
+        return partials(*args, **kwargs)
+    return counted
+
+
+label_blocks.partials = _count_fused(label_blocks.partials)
 TOL = 1e-9
 
 
@@ -52,7 +65,20 @@ def cases(n, m, gen):
         z = torch.randn(n, 3, generator=gen, dtype=torch.float64)
         return x, None, ik.Affinity(z, kernel="student_t", dof=2.0), dict(kernel="gaussian", sigma=0.8, alpha=0.2, beta=0.1)
 
-    return [("labels", labels(False)), ("labels-rect", labels(True)), ("neighbors", neighbors),
+    def labels_hot(kernel, rect, **kw):          # beta = 0: ring blocks on the fused CPU kernel
+        def build():
+            x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+            y = torch.randn(m, 6, generator=gen, dtype=torch.float64) if rect else None
+            rows = torch.randint(0, 3, (n,), generator=gen)
+            cols = torch.randint(0, 3, (m,), generator=gen) if rect else None
+            return x, y, ik.Labels(rows, cols), dict(kernel=kernel, **kw)
+        return build
+
+    return [("labels", labels(False)), ("labels-rect", labels(True)),
+            ("labels-cosine", labels_hot("cosine", False, temperature=0.1, alpha=0.1)),
+            ("labels-gaussian-rect", labels_hot("gaussian", True, sigma=1.7, divergence="cross_entropy",
+                                                reduction="sum")),
+            ("neighbors", neighbors),
             ("affinity", affinity), ("affinity-mixed", affinity_mixed), ("dense", dense)]
 
 
@@ -117,18 +143,23 @@ def run(rank, world, init_file, out_dir):
     trace.write("initialised\n")
     report = []
     try:
-        # gather mode through each fused CPU backend; ring mode computes its blocks itself, with
-        # the default blocks (a quarter of the largest shard) and with one-row blocks, so that
-        # smaller shards have empty pieces
+        # gather mode through each fused CPU backend; ring mode with the default blocks (a quarter
+        # of the largest shard) and with one-row blocks, so that smaller shards have empty pieces
+        # ("auto": the fused CPU label blocks where they apply), and on the torch tile math only
         modes = [("gather", b, None) for b in ("torch", "cpu") if b in ik.available_backends()] \
-            + [("ring", "auto", None), ("ring", "auto", 1)]
+            + [("ring", "auto", None), ("ring", "auto", 1), ("ring", "torch", None)]
         n = sum(SHARDS[:world])
         for mode, backend, block_rows in modes:
             for name, build in cases(n, n, torch.Generator().manual_seed(0)):
                 torch.manual_seed(0)
                 label = f"{mode} {backend}" + (f" block_rows={block_rows}" if block_rows else "")
                 trace.write(f"{label} {name}\n")
+                fused_before = FUSED_CALLS[0]
                 errors = run_case(build, backend, mode, rank, world, block_rows)
+                fused = FUSED_CALLS[0] > fused_before
+                want_fused = mode == "ring" and backend == "auto" and name in HOT and "cpu" in ik.available_backends()
+                if fused != want_fused:
+                    errors.append(f"fused label blocks used: {fused}, expected {want_fused}")
                 report.append(f"{label} {name}: " + ("ok" if not errors else "; ".join(errors)))
         # a bad process group raises on every rank
         try:

@@ -32,9 +32,10 @@ def test_gather_and_ring_modes_match_single_process(tmp_path, world):
         pytest.fail(f"{exc}; progress per rank: {traces}")
     for rank in range(world):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
-        assert len(lines) >= 24, lines
-        assert sum(line.startswith("ring auto ") for line in lines) == 12, lines
-        assert sum(line.startswith("ring auto block_rows=1 ") for line in lines) == 6, lines
+        assert len(lines) >= 40, lines
+        assert sum(line.startswith("ring auto ") for line in lines) == 16, lines
+        assert sum(line.startswith("ring auto block_rows=1 ") for line in lines) == 8, lines
+        assert sum(line.startswith("ring torch ") for line in lines) == 8, lines
         assert sum("ring_block_rows" in line for line in lines) == 5, lines
         bad = [line for line in lines if not line.endswith("ok")]
         assert not bad, f"rank {rank}: {bad}"

@@ -1,0 +1,63 @@
+"""Ring mode's column blocks of the hot case through the fused CPU kernel
+(csrc/cpu_label_blocks.cpp): Labels target, beta = 0, dot or gaussian kernel, the ``cpu`` backend.
+
+One rotation gives the loss. Each block's partial statistics (LSE, positive count K, sum of s
+over the positives S+ and over the valid columns S) merge in ``column_blocks.merge``, and the
+row loss follows from the merged ones in closed form (DESIGN.md §1 with p~ = (1 - alpha) [pos]/K
++ alpha/M' and log q = s - LSE):
+
+    cross_i = (1 - alpha) S+_i / K_i + (alpha / M') S_i - LSE_i,
+    L_i = sum_j p~ log p~ - cross_i (KL)   or   -cross_i (cross-entropy).
+
+The backward rotation adds each block's dL/dx, dL/dy and per-row dL/dparam in place under the
+merged LSE and K.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from . import tile_math
+
+KERNELS = ("dot", "gaussian")
+
+
+def applies(target: str, beta: float, kernel: str, backend: str) -> bool:
+    """Whether ring blocks of this problem run on the fused kernel (``backend`` resolved)."""
+    return backend == "cpu" and target == "labels" and beta == 0 and kernel in KERNELS
+
+
+def _diagonal(rs, block) -> int:
+    """Block column of local row 0's self pair."""
+    return rs.row_offset - block.offset
+
+
+def partials(rs, block) -> Dict[str, torch.Tensor]:
+    st = torch.ops.icon_kernels.cpu_label_block_stats(
+        rs.x, block.y, rs.param, rs.kernel, rs.row_labels, block.col_labels, rs.exclude_self,
+        _diagonal(rs, block), rs.tile_elements)
+    return {"lse": st[0], "mass": st[1], "pos_s": st[2], "sum_s": st[3]}
+
+
+def finish_rows(rs, stats):
+    """(L_i, 0 for rows left out; included) from the merged statistics."""
+    k = stats["mass"]
+    included = (k > 0) & (rs.m_valid > 0)
+    k = torch.where(k > 0, k, 1.0)
+    cross = (1 - rs.alpha) * stats["pos_s"] / k - stats["lse"]
+    if rs.alpha > 0:
+        cross = cross + rs.alpha / max(rs.m_valid, 1) * stats["sum_s"]
+    row = -cross
+    if rs.kl:
+        row = row + tile_math.labels_entropy(k, rs.alpha, max(rs.m_valid, 1))
+    return torch.where(included, row, 0.0), included
+
+
+def gradient_block(rs, block, stats, g, row_grads, block_grads) -> None:
+    """Adds the block's gradients: dL/dx and dL/dparam per row into ``row_grads``, dL/dy into
+    ``block_grads[0]``. ``g`` is the upstream gradient per row, 0 for rows left out."""
+    torch.ops.icon_kernels.cpu_label_block_backward(
+        g, rs.x, block.y, rs.param, rs.kernel, rs.row_labels, block.col_labels, rs.alpha,
+        rs.exclude_self, _diagonal(rs, block), rs.m_valid, stats["lse"], stats["mass"],
+        rs.tile_elements, row_grads[0], block_grads[0], row_grads[1])
