@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import icon_kernels as ik
 from icon_kernels import label_blocks
+from worker_exit import skip_native_teardown
 
 SHARDS = [5, 9, 7, 6]          # uneven rows per rank
 HOT = ("labels-cosine", "labels-gaussian-rect")     # ring blocks on the fused CPU kernel
@@ -215,3 +216,6 @@ def run(rank, world, init_file, out_dir):
         dist.barrier()
         dist.destroy_process_group()
         trace.write("destroyed\n")
+        trace.close()
+    skip_native_teardown()
+

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import icon_kernels as ik
+from worker_exit import skip_native_teardown
 
 TOL = 1e-9
 
@@ -79,3 +80,4 @@ def run(rank, world, init_file, out_dir, backend):
         lines.append("ERROR " + traceback.format_exc().replace("\n", " | "))
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    skip_native_teardown()
