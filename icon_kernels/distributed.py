@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import column_blocks, label_blocks, ring
 from .backends import resolve_backend
 from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
-from .targets import Affinity, Dense, Labels, Neighbors
+from .targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
 from .torch_backend import accumulation_dtype
 from .validation import check_arguments
 
@@ -83,7 +83,42 @@ def _check_group(process_group, dist_mode):
     return group
 
 
-def _check_ring_block_rows(ring_block_rows, dist_mode):
+def _collectively(group, device, check, *args, **kwargs):
+    """``check(*args, **kwargs)`` on this rank's inputs, its verdict shared by one all-reduce: if
+    it raises ValueError / TypeError on any rank, every rank raises (that error where it
+    happened, a ValueError naming the rank elsewhere), so no rank is left waiting in a collective."""
+    error, result = None, None
+    try:
+        result = check(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        error = exc
+    failed = torch.tensor([-1 if error is None else dist.get_rank(group)], device=device, dtype=torch.int64)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(failed) >= 0:
+        raise ValueError(f"the inputs of rank {int(failed)} of the process group are invalid (that rank "
+                         "raised the reason); every rank stops")
+    return result
+
+
+def _flag_device(x, group) -> torch.device:
+    """Where this rank's small control tensors live: x's device, or the current GPU for NCCL."""
+    if isinstance(x, torch.Tensor):
+        return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_inputs(x, y, target, dist_mode, ring_block_rows) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a 2-D tensor of this rank's rows")
+    if not isinstance(target, TARGET_TYPES):
+        raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
+                        f"got {type(target).__name__}")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 2):
+        raise ValueError("y must be None or a 2-D tensor of this rank's columns")
     if ring_block_rows is None:
         return
     if dist_mode != "ring":
@@ -92,13 +127,16 @@ def _check_ring_block_rows(ring_block_rows, dist_mode):
         raise ValueError(f"ring_block_rows must be a positive int or None; got {ring_block_rows!r}")
 
 
-def _check_consistent(x: torch.Tensor, ring_block_rows, group) -> None:
-    """d, dtype and ring_block_rows must agree on every rank; every rank raises if any
-    disagrees (no hang)."""
+def _check_consistent(x: torch.Tensor, y, target, ring_block_rows, group) -> None:
+    """d, dtype, the target type and ring_block_rows must agree on every rank, and no rank's
+    shard may be empty; every rank raises if any disagrees (no hang)."""
     dtype_code = [torch.float64, torch.float32, torch.float16, torch.bfloat16].index(x.dtype) \
         if x.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) else 9
     block_code = 0 if ring_block_rows is None else ring_block_rows
-    code = torch.tensor([x.shape[1], dtype_code, block_code], device=x.device, dtype=torch.int64)
+    filled = int(x.shape[0] > 0 and (y is None or y.shape[0] > 0))
+    target_code = [isinstance(target, t) for t in TARGET_TYPES].index(True)
+    code = torch.tensor([x.shape[1], dtype_code, block_code, filled, target_code], device=x.device,
+                        dtype=torch.int64)
     lo, hi = code.clone(), code.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
@@ -106,6 +144,39 @@ def _check_consistent(x: torch.Tensor, ring_block_rows, group) -> None:
         raise ValueError("x: the feature dimension d or the dtype differs across ranks")
     if lo[2] != hi[2]:
         raise ValueError("ring_block_rows differs across ranks")
+    if lo[3] == 0:
+        raise ValueError("x: a rank's shard is empty; every rank needs at least one row (and column)")
+    if lo[4] != hi[4]:
+        raise ValueError("target: its type differs across ranks")
+
+
+def _check_options(x, y, target, exclude_self, n_cols, reduction, weight, kwargs) -> dict:
+    if exclude_self and n_cols != x.shape[0]:
+        raise ValueError("exclude_self=True needs this rank's columns to be its rows")
+    if isinstance(target, Affinity) and target.z_cols is None and y is not None:
+        raise ValueError("z_cols (this rank's column target features) is required when y is given")
+    _check_target_shard(target, x.shape[0], n_cols)
+    return dict(reduction=reduction, weight=weight, **_loss_options(kwargs))
+
+
+def _check_target_shard(target, n_rows: int, n_cols: int) -> None:
+    """The row counts of this rank's target parts, checked before they travel (check_arguments
+    checks the rest once the columns are global)."""
+    def rows_of(name, t, want):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] != want:
+            raise ValueError(f"target.{name} has {t.shape[0]} rows on this rank; expected {want}")
+    if isinstance(target, Labels):
+        rows_of("row_labels", target.row_labels, n_rows)
+        if target.col_labels is None:       # the row labels label the columns too
+            rows_of("row_labels (also the column labels)", target.row_labels, n_cols)
+        rows_of("col_labels", target.col_labels, n_cols)
+    elif isinstance(target, Affinity):
+        rows_of("z", target.z, n_rows)
+        rows_of("z_cols", target.z if target.z_cols is None else target.z_cols, n_cols)
+    elif isinstance(target, Neighbors):
+        rows_of("indices", target.indices, n_rows)
+    else:
+        rows_of("p", target.p, n_rows)
 
 
 def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", exclude_self=None,
@@ -117,22 +188,18 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
     ``ring_block_rows`` (ring mode, the same on every rank) caps the rows of one travelling
     column block; the default is a quarter of the largest shard, so the ring's four transfer
     buffers (two blocks, two dL/dy accumulators) together hold one shard's features.
+    Invalid inputs on any rank raise on every rank (never a hang); no shard may be empty.
     """
     group = _check_group(process_group, dist_mode)
-    _check_ring_block_rows(ring_block_rows, dist_mode)
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError("x must be a 2-D tensor of this rank's rows")
-    _check_consistent(x, ring_block_rows, group)
+    device = _flag_device(x, group)
+    _collectively(group, device, _check_inputs, x, y, target, dist_mode, ring_block_rows)
+    _check_consistent(x, y, target, ring_block_rows, group)
     rank = dist.get_rank(group)
     col_sizes = _sizes((x if y is None else y).shape[0], x.device, group)
-    n_cols = col_sizes[rank]
     if exclude_self is None:
         exclude_self = y is None
-    if exclude_self and n_cols != x.shape[0]:
-        raise ValueError("exclude_self=True needs this rank's columns to be its rows")
-    if isinstance(target, Affinity) and target.z_cols is None and y is not None:
-        raise ValueError("z_cols (this rank's column target features) is required when y is given")
-    options = dict(reduction=reduction, weight=weight, **_loss_options(kwargs))
+    options = _collectively(group, device, _check_options, x, y, target, exclude_self, col_sizes[rank],
+                            reduction, weight, kwargs)
     if dist_mode == "gather":
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
@@ -176,8 +243,11 @@ def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, 
     position = torch.empty_like(order)
     position[order] = torch.arange(m, device=x.device)
     cols = _AllGatherRows.apply(x if y is None else y, col_sizes, group)[order]
-    target = _global_columns(target, y is None, col_sizes, order, position, group)
-    problem = check_arguments(x, cols, target=target, exclude_self=False, **options)
+    target = _global_columns(target, col_sizes, order, position, group)
+    def check():
+        return resolve_backend(backend, x.device), check_arguments(x, cols, target=target,
+                                                                  exclude_self=False, **options)
+    backend, problem = _collectively(group, x.device, check)
     problem.exclude_self = exclude_self
     return row_losses(problem, backend)
 
@@ -185,7 +255,6 @@ def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, 
 def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, block_rows, backend):
     """Local rows x the global columns, block by block around the ring (never gathered)."""
     rank = dist.get_rank(group)
-    backend = resolve_backend(backend, x.device)
     the_ring = ring.Ring(group, col_sizes, block_rows or max(1, -(-max(col_sizes) // 4)))
     cols_local = x if y is None else y
     # Neighbors / Dense address global columns: validate them against a stand-in of the global
@@ -195,7 +264,10 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         check_cols = cols_local.new_zeros(1, d).expand(m, d)
     else:
         check_cols = y
-    problem = check_arguments(x, check_cols, target=target, exclude_self=False, **options)
+    def check():
+        return resolve_backend(backend, x.device), check_arguments(x, check_cols, target=target,
+                                                                  exclude_self=False, **options)
+    backend, problem = _collectively(group, x.device, check)
     t = problem.target
     acc = accumulation_dtype(x.dtype)
     xk, yk, kernel, param = _kernel_inputs(problem.kernel, x, y, problem.param)
@@ -232,7 +304,7 @@ def _loss_options(kwargs):
     return {**defaults, **kwargs}
 
 
-def _global_columns(target, self_mode, col_sizes, order, position, group):
+def _global_columns(target, col_sizes, order, position, group):
     """The target with its column side made global (and in the reordered column order)."""
     if isinstance(target, Labels):
         cols = target.row_labels if target.col_labels is None else target.col_labels
@@ -243,13 +315,8 @@ def _global_columns(target, self_mode, col_sizes, order, position, group):
         remapped = torch.where(idx >= position.numel(), idx, remapped)   # out of range: validation reports it
         return Neighbors(remapped, target.weights)
     if isinstance(target, Affinity):
-        if target.z_cols is None and not self_mode:
-            raise ValueError("z_cols (this rank's column target features) is required when y is given")
         z_cols = target.z if target.z_cols is None else target.z_cols
         gathered = _AllGatherRows.apply(z_cols, col_sizes, group)[order]
         return Affinity(target.z, gathered, kernel=target.kernel, sigma=target.sigma,
                         temperature=target.temperature, dof=target.dof)
-    if isinstance(target, Dense):
-        return Dense(target.p[:, order])
-    raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
-                    f"got {type(target).__name__}")
+    return Dense(target.p[:, order])                   # Dense (the type was checked on entry)

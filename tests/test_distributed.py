@@ -36,7 +36,10 @@ def test_gather_and_ring_modes_match_single_process(tmp_path, world):
         assert sum(line.startswith("ring auto ") for line in lines) == 16, lines
         assert sum(line.startswith("ring auto block_rows=1 ") for line in lines) == 8, lines
         assert sum(line.startswith("ring torch ") for line in lines) == 8, lines
-        assert sum("ring_block_rows" in line for line in lines) == 5, lines
+        assert sum("ring_block_rows" in line for line in lines) == 6, lines
+        assert sum(" on rank 1 check: " in line for line in lines) == 5, lines
+        assert sum(line.endswith(("empty shard on rank 0 check: ok", "target type differs check: ok"))
+                   for line in lines) == 4, lines
         bad = [line for line in lines if not line.endswith("ok")]
         assert not bad, f"rank {rank}: {bad}"
 
