@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .preset_base import PresetLoss, check_labels
-from .validation import check_matrix
+from .preset_base import PresetLoss
+from .validation import check_labels, check_matrix
 from .preset_dispatch import all_reduce_sum, gather_rows
 from .targets import Labels, Neighbors
 
@@ -62,7 +62,7 @@ class InfoNCEClustering(PresetLoss):
         if sample_ids is None and neighbors is None:
             raise ValueError("give sample_ids (augmentation target), neighbors (kNN target) or both")
         if sample_ids is not None:
-            check_labels("sample_ids", sample_ids, n, logits.device)
+            check_labels("sample_ids", sample_ids, n, logits.device, "logits")
         if neighbors is not None:
             if isinstance(neighbors, torch.Tensor):
                 neighbors = Neighbors(neighbors)

@@ -10,11 +10,19 @@ import math
 
 import torch
 
-from .preset_base import PresetLoss, check_labels, check_positive, check_views
-from .validation import check_matrix
+from .preset_base import PresetLoss, check_positive, check_views
 from .preset_dispatch import global_ids, run_loss_replicated_columns
 from .targets import Labels
-from .validation import KERNEL_PARAM
+from .validation import KERNEL_PARAM, check_labels, check_matrix
+
+
+def _two_view_loss(preset, view1, view2, **kernel):
+    """The augmentation-target loss of two views (each view's positive is the other view of its
+    sample), in the cross-entropy form, with the learned kernel ``kernel``."""
+    check_views(view1, view2)
+    z = torch.cat([view1, view2])
+    ids = global_ids(view1.shape[0], preset.placement, z.device).repeat(2)
+    return preset._loss(z, target=Labels(ids), divergence="cross_entropy", **kernel)
 
 
 class InfoNCE(PresetLoss):
@@ -34,11 +42,7 @@ class InfoNCE(PresetLoss):
         self.temperature = check_positive("temperature", temperature)
 
     def forward(self, view1, view2):
-        check_views(view1, view2)
-        z = torch.cat([view1, view2])
-        ids = global_ids(view1.shape[0], self.placement, z.device).repeat(2)
-        return self._loss(z, target=Labels(ids), kernel="cosine", temperature=self.temperature,
-                          divergence="cross_entropy")
+        return _two_view_loss(self, view1, view2, kernel="cosine", temperature=self.temperature)
 
 
 class SimCLR(InfoNCE):
@@ -61,11 +65,7 @@ class TSimCLR(PresetLoss):
         self.dof = check_positive("dof", dof)
 
     def forward(self, view1, view2):
-        check_views(view1, view2)
-        z = torch.cat([view1, view2])
-        ids = global_ids(view1.shape[0], self.placement, z.device).repeat(2)
-        return self._loss(z, target=Labels(ids), kernel="student_t", dof=self.dof,
-                          divergence="cross_entropy")
+        return _two_view_loss(self, view1, view2, kernel="student_t", dof=self.dof)
 
 
 class SupCon(PresetLoss):
@@ -85,7 +85,7 @@ class SupCon(PresetLoss):
 
     def forward(self, embeddings, labels):
         check_matrix("embeddings", embeddings)
-        check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        check_labels("labels", labels, embeddings.shape[0], embeddings.device, "embeddings")
         return self._loss(embeddings, target=Labels(labels), kernel="cosine",
                           temperature=self.temperature, divergence="cross_entropy")
 
@@ -168,7 +168,7 @@ class PrototypeCrossEntropy(PresetLoss):
 
     def forward(self, embeddings, labels, prototypes=None):
         check_matrix("embeddings", embeddings)
-        check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        check_labels("labels", labels, embeddings.shape[0], embeddings.device, "embeddings")
         w = self.prototypes if prototypes is None else prototypes
         check_matrix("prototypes", w)
         if w.shape[1] != embeddings.shape[1]:

@@ -233,6 +233,12 @@ def gather_rows(t: torch.Tensor, group):
     return _gather_rows(t.detach(), sizes, group), sum(sizes[:dist.get_rank(group)])
 
 
+def _backend_and_problem(backend, x, cols, target, options):
+    """The resolved backend and the checked problem (self pairs handled by the caller)."""
+    return resolve_backend(backend, x.device), check_arguments(x, cols, target=target, exclude_self=False,
+                                                               **options)
+
+
 def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, group):
     """Local rows x all gathered columns through the fused backend."""
     rank = dist.get_rank(group)
@@ -244,10 +250,7 @@ def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, 
     position[order] = torch.arange(m, device=x.device)
     cols = _AllGatherRows.apply(x if y is None else y, col_sizes, group)[order]
     target = _global_columns(target, col_sizes, order, position, group)
-    def check():
-        return resolve_backend(backend, x.device), check_arguments(x, cols, target=target,
-                                                                  exclude_self=False, **options)
-    backend, problem = _collectively(group, x.device, check)
+    backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, cols, target, options)
     problem.exclude_self = exclude_self
     return row_losses(problem, backend)
 
@@ -264,10 +267,8 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         check_cols = cols_local.new_zeros(1, d).expand(m, d)
     else:
         check_cols = y
-    def check():
-        return resolve_backend(backend, x.device), check_arguments(x, check_cols, target=target,
-                                                                  exclude_self=False, **options)
-    backend, problem = _collectively(group, x.device, check)
+    backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, check_cols, target,
+                                     options)
     t = problem.target
     acc = accumulation_dtype(x.dtype)
     xk, yk, kernel, param = _kernel_inputs(problem.kernel, x, y, problem.param)

@@ -31,18 +31,6 @@ def check_positive(name: str, value):
     return float(value)
 
 
-def check_labels(name: str, t, length: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
-    return t
-
-
 def check_views(view1, view2):
     check_matrix("view1", view1)
     check_matrix("view2", view2)

@@ -9,8 +9,9 @@ target mass or LSE^p), pass 2 the loss sums under the global normalisers (see co
 for the math and the one shared merge); the fused CPU label blocks (label_blocks.py) need only
 one, since their loss follows from the merged statistics. Backward makes one more pass in which
 every block travels with its dL/dy accumulator; after a piece's last step the accumulator
-arrives at the piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one rows-chunk x block
-tile: two receive buffers of one block and two of its accumulator, whatever the world size.
+arrives at the piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one
+rows-chunk x block tile: two receive buffers of one block and two of its accumulator, whatever
+the world size.
 """
 from __future__ import annotations
 

@@ -107,14 +107,17 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_labels(name: str, t, length: int, x: torch.Tensor) -> None:
+def check_labels(name: str, t, length: int, device, other: str = "x") -> torch.Tensor:
+    """A 1-D integer (or bool) tensor of ``length`` labels on ``device`` (where ``other`` is)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must be an integer or bool tensor, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
-    _check_device(name, t, x)
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {other} is on {device}; put them on one device")
+    return t
 
 
 def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m: int):
@@ -123,13 +126,13 @@ def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m:
         raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
                         f"got {type(target).__name__}")
     if isinstance(target, Labels):
-        _check_labels("row_labels", target.row_labels, n, x)
+        check_labels("row_labels", target.row_labels, n, x.device)
         col = target.col_labels
         if col is None:
             if m != n:
                 raise ValueError(f"col_labels is required when y has {m} rows and x has {n}")
             col = target.row_labels
-        _check_labels("col_labels", col, m, x)
+        check_labels("col_labels", col, m, x.device)
         return Labels(target.row_labels, col)
     if isinstance(target, Neighbors):
         idx, w = target.indices, target.weights

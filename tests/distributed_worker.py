@@ -206,9 +206,11 @@ def run(rank, world, init_file, out_dir):
         for mode in ("gather", "ring"):
             one_rank_cases = [
                 ("bad ring_block_rows on rank 1", "ring_block_rows must be a positive int",
-                 lambda: ik.distributed.icon_loss(x3, target=lab3, dist_mode="ring", ring_block_rows=0 if rank == 1 else 2)),
+                 lambda: ik.distributed.icon_loss(x3, target=lab3, dist_mode="ring",
+                                                  ring_block_rows=0 if rank == 1 else 2)),
                 ("wrong label count on rank 1", "target.row_labels has 2 rows",
-                 lambda: ik.distributed.icon_loss(x3, target=ik.Labels(torch.arange(2 if rank == 1 else 3)), dist_mode=mode)),
+                 lambda: ik.distributed.icon_loss(x3, target=ik.Labels(torch.arange(2 if rank == 1 else 3)),
+                                                  dist_mode=mode)),
                 ("negative temperature on rank 1", "temperature",
                  lambda: ik.distributed.icon_loss(x3, target=lab3, dist_mode=mode, kernel="dot",
                                                   temperature=-1.0 if rank == 1 else 0.5)),
