@@ -30,9 +30,20 @@ def finite_shift(lse: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
+def row_lse(s: torch.Tensor) -> torch.Tensor:
+    """logsumexp over each row of a masked logits tile (-inf off the valid set). A row with a +inf
+    logit gets NaN, as log_softmax gives (Inf in the inputs never yields a finite or +inf loss by
+    way of -inf log q elsewhere in the row); a row with no valid column stays at -inf."""
+    lse = torch.logsumexp(s, dim=1)
+    return torch.where(lse == float("inf"), float("nan"), lse)
+
+
 def labels_entropy(k: torch.Tensor, alpha: float, m_valid: int) -> torch.Tensor:
     """sum_j p~ log p~ of a Labels row with k positives among m_valid columns, in closed form:
-    k a log a + (m_valid - k) b log b with b = alpha / m_valid, a = (1 - alpha) / k + b."""
+    k a log a + (m_valid - k) b log b with b = alpha / m_valid, a = (1 - alpha) / k + b.
+    With m_valid = 0 (no valid column: the row is left out) the value is unused and 0 is returned
+    for the uniform part."""
+    m_valid = max(m_valid, 1)
     a = (1 - alpha) / k.clamp_min(1) + alpha / m_valid
     entropy = k * a * torch.log(a)
     if alpha > 0:

@@ -70,6 +70,12 @@ class Problem(NamedTuple):
     def m_valid(self) -> int:
         return self.y.shape[0] - int(self.exclude_self)
 
+    @property
+    def m_mix(self) -> int:
+        """M' as the denominator of the uniform mixtures; 1 when a row has no valid column (such
+        rows are left out, and this keeps their unused values finite)."""
+        return max(self.m_valid, 1)
+
 
 def _cast(args) -> Problem:
     prob = Problem(*args)
@@ -112,8 +118,8 @@ def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = N
     t, t_aux = tile_math.logits(pb.t_kernel, pb.z[r0:r1], pb.z_cols, tile_math.rows_of(pb.t_param, r0, r1))
     t_masked = _off_self(t.clone(), r0, pb.exclude_self, float("-inf"))
     if lse_p is None:
-        lse_p = torch.logsumexp(t_masked, dim=1)
-    p = torch.exp(t_masked - lse_p[:, None])
+        lse_p = tile_math.row_lse(t_masked)
+    p = torch.exp(t_masked - tile_math.finite_shift(lse_p)[:, None])   # rows without columns: 0
     has_p = torch.full((r1 - r0,), pb.m_valid > 0, dtype=torch.bool, device=t.device)
     return Tile(p, has_p, t, t_aux, lse_p)
 
@@ -122,12 +128,12 @@ def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
     """p~ = (1 - alpha) p + alpha / M' on the valid set, 0 on self pairs."""
     if pb.alpha == 0:
         return tile.p
-    return _off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_valid, r0, pb.exclude_self, 0.0)
+    return _off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_mix, r0, pb.exclude_self, 0.0)
 
 
 def _mixed_q(pb: Problem, q: torch.Tensor) -> torch.Tensor:
     """q~ = (1 - beta) q + beta / M' (beta > 0)."""
-    return (1 - pb.beta) * q + pb.beta / pb.m_valid
+    return (1 - pb.beta) * q + pb.beta / pb.m_mix
 
 
 def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
@@ -157,7 +163,7 @@ def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
 def _forward_chunk(pb: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
     s_masked, _ = _learned_tile(pb, r0, r1)
-    lse = torch.logsumexp(s_masked, dim=1)
+    lse = tile_math.row_lse(s_masked)
     log_q = s_masked - lse[:, None]
     del s_masked
     tile = target_tile(pb, r0, r1)
