@@ -27,15 +27,16 @@ def _row(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 def pair_logits(kernel: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                param: torch.Tensor):
-    """(s, aux) of shape (N, k) for the pairs (i, idx[i, k]); param is per row (N,)."""
-    s = torch.zeros(idx.shape, dtype=torch.float32, device=x.device)
+                param: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """(s, aux) of shape (N, k) for the pairs (i, idx[i, k]), computed in ``dtype``; param is
+    per row (N,)."""
+    s = torch.zeros(idx.shape, dtype=dtype, device=x.device)
     aux = torch.zeros_like(s)
     for r0, r1 in _chunks(*idx.shape, x.shape[1]):
-        a = x[r0:r1].float()
-        b = y.float()[idx[r0:r1].clamp_min(0)]                     # (R, k, d)
+        a = x[r0:r1].to(dtype)
+        b = y.to(dtype)[idx[r0:r1].clamp_min(0)]                    # (R, k, d)
         ab = torch.einsum("rd,rkd->rk", a, b)
-        prm = _row(param, r0, r1)
+        prm = _row(param, r0, r1).to(dtype)
         if kernel in ("dot", "log_dot"):
             aux[r0:r1] = ab
             s[r0:r1] = ab / prm if kernel == "dot" else torch.log(ab)

@@ -15,6 +15,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import target_weight_grads
+
 ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
         "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
         "Tensor? t_param, str t_kernel, Tensor? dense_p, float alpha, float beta, "
@@ -23,7 +25,7 @@ FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad)"
                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 N_ARGS = 18          # arguments of the forward schema
-Z, Z_COLS, T_PARAM = 9, 10, 11
+NBR_WEIGHT, Z, Z_COLS, T_PARAM, DENSE_P = 8, 9, 10, 11, 13
 
 _FORWARD_OPS: Dict[str, object] = {}
 
@@ -70,8 +72,45 @@ def _make_autograd(backward_op):
         grads[0], grads[1], grads[2] = dx, dy, dparam
         if need_target:
             grads[Z], grads[Z_COLS], grads[T_PARAM] = dz, dz_cols, dt_param
+        if need[NBR_WEIGHT] or need[DENSE_P]:      # the weights of a Neighbors or Dense target
+            g = torch.where(valid, grad_rows.to(stats.dtype), 0.0)
+            slot, grad_of = ((NBR_WEIGHT, target_weight_grads.neighbors_grad) if need[NBR_WEIGHT]
+                             else (DENSE_P, target_weight_grads.dense_grad))
+            with no_autocast(g.device):
+                grads[slot] = grad_of(args, g, stats)
         return tuple(grads)
     return backward
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for the op's own computation. The fused ops accumulate in fp32 and pick
+    their own GEMM precision; under torch.autocast a matmul inside them would otherwise run in
+    bf16/fp16 (and the C++ kernels, which read fp32 buffers, would get bf16 ones). The C++ ops
+    exclude the autocast dispatch keys themselves."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _without_autocast(impl: Callable, first_tensor: int) -> Callable:
+    """``impl`` run with autocast disabled on the device of its argument ``first_tensor``."""
+    def run(*args):
+        with no_autocast(args[first_tensor].device):
+            return impl(*args)
+    return run
+
+
+def _double_backward_error(name: str):
+    """The autograd rule of a backward op: a second backward through it raises (gradient
+    penalties need backend="reference", whose dense autograd graph is differentiable twice)."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward (torch.autograd.grad(..., create_graph=True) and a second backward, "
+            f"e.g. a gradient penalty) is not supported by the fused backend {name!r}; use "
+            f"backend='reference', which supports it")
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    pass
 
 
 def register_backend(name: str, forward_impl: Optional[Callable] = None,
@@ -89,14 +128,16 @@ def register_backend(name: str, forward_impl: Optional[Callable] = None,
         fwd = getattr(torch.ops.icon_kernels, f"{name}_forward").default
         bwd = getattr(torch.ops.icon_kernels, f"{name}_backward").default
         torch.library.register_autograd(fwd_name, _make_autograd(bwd), setup_context=_setup_context)
+        torch.library.register_autograd(bwd_name, _double_backward_error(name), setup_context=_no_context)
     else:
-        fwd = torch.library.custom_op(fwd_name, forward_impl, mutates_args=(),
+        fwd = torch.library.custom_op(fwd_name, _without_autocast(forward_impl, 0), mutates_args=(),
                                       device_types=device_types, schema=FORWARD_SCHEMA)
-        bwd = torch.library.custom_op(bwd_name, backward_impl, mutates_args=(),
+        bwd = torch.library.custom_op(bwd_name, _without_autocast(backward_impl, 1), mutates_args=(),
                                       device_types=device_types, schema=BACKWARD_SCHEMA)
         fwd.register_fake(_fake_forward)
         bwd.register_fake(_fake_backward)
         fwd.register_autograd(_make_autograd(bwd), setup_context=_setup_context)
+        bwd.register_autograd(_double_backward_error(name), setup_context=_no_context)
     _FORWARD_OPS[name] = fwd
     return fwd
 

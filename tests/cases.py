@@ -35,13 +35,13 @@ def make_target(kind: str, n: int, m: int, rect: bool, dtype, gen, t_kernel="gau
         if missing_rows:
             idx[0] = -1            # an empty list
             idx[1] = torch.tensor([1, 1, -1, -1, -1])  # only itself: empty once self is excluded
-        weights = torch.rand(n, 5, generator=gen, dtype=torch.float64).to(dtype) + 0.1
-        return ik.Neighbors(idx, weights if n % 2 else None)
+        weights = (torch.rand(n, 5, generator=gen, dtype=torch.float64).to(dtype) + 0.1).requires_grad_(target_grad)
+        return ik.Neighbors(idx, weights if n % 2 or target_grad else None)
     if kind == "dense":
         p = torch.rand(n, m, generator=gen, dtype=torch.float64)
         if missing_rows:
             p[2] = 0
-        return ik.Dense(p.to(dtype))
+        return ik.Dense(p.to(dtype).requires_grad_(target_grad))
     z = features(n, 6, t_kernel, dtype, gen).requires_grad_(target_grad)
     z_cols = features(m, 6, t_kernel, dtype, gen).requires_grad_(target_grad) if rect else None
     sigma = torch.tensor(1.3, dtype=dtype, requires_grad=target_grad)
@@ -55,6 +55,10 @@ def leaves(x, y, target, kwargs):
     if isinstance(target, ik.Affinity):
         found += [t for t in (target.z, target.z_cols, target.sigma, target.temperature, target.dof)
                   if isinstance(t, torch.Tensor)]
+    if isinstance(target, ik.Neighbors) and target.weights is not None:
+        found.append(target.weights)
+    if isinstance(target, ik.Dense):
+        found.append(target.p)
     return [t for t in found if t.requires_grad]
 
 

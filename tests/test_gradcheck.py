@@ -66,3 +66,23 @@ def test_dense_target_self_mode(small_chunks, backend):
         return ik.icon_loss(x, target=ik.Dense(p), kernel="gaussian", sigma=0.9, beta=0.2,
                             reduction="sum", backend=backend)
     assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha,beta,divergence", [(0.0, 0.0, "kl"), (0.2, 0.3, "cross_entropy")])
+def test_dense_and_neighbors_weights(small_chunks, backend, alpha, beta, divergence):
+    """The target's own weights (Dense p, Neighbors weights) as differentiable inputs."""
+    x = _x(6, 3, 7)
+    gen = torch.Generator().manual_seed(8)
+    p = (torch.rand(6, 6, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    idx = torch.tensor([[1, 2, 2], [0, 3, -1], [4, 1, 0], [2, 5, 5], [3, 0, 1], [1, 4, 2]])
+    w = (torch.rand(6, 3, generator=gen, dtype=torch.float64) + 0.1).requires_grad_()
+    upstream = torch.linspace(-1, 2, 6, dtype=torch.float64)
+
+    def f(x, p, w):
+        common = dict(kernel="student_t", alpha=alpha, beta=beta, divergence=divergence,
+                      reduction="none", backend=backend)
+        dense = ik.icon_loss(x, target=ik.Dense(p), **common)
+        sparse = ik.icon_loss(x, target=ik.Neighbors(idx, w), **common)
+        return ((dense + sparse) * upstream).sum()
+    assert torch.autograd.gradcheck(f, (x, p, w))
