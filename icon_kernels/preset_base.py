@@ -9,6 +9,8 @@ reasonable start (this range is our reading, not a figure checked against the pa
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends import ALL_BACKENDS
@@ -26,8 +28,8 @@ def check_positive(name: str, value):
         if bool((value.detach() <= 0).any()):
             raise ValueError(f"{name} must be > 0")
         return value
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 

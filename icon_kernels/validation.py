@@ -6,7 +6,8 @@ because they would need a host sync; shape, dtype and device checks always run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -81,6 +82,8 @@ def check_unit_interval(name: str, value) -> float:
 
 def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
     check_matrix(name, t, rows)
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has d = 0 features; the kernels need at least one")
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has feature dimension {t.shape[1]} but x has {d}")
     _check_device(name, t, x)
@@ -98,8 +101,17 @@ def check_positive(name: str, value, x: torch.Tensor, n_rows: int) -> None:
         _check_device(name, value, x)
         if _checking_values() and bool((value <= 0).any()):
             raise ValueError(f"{name} must be > 0")
-    elif value <= 0:  # NaN passes on purpose: NaN inputs give a NaN loss
-        raise ValueError(f"{name} must be > 0, got {value}")
+    elif value <= 0 or value == math.inf:  # NaN passes on purpose: NaN inputs give a NaN loss
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def inf_to_nan(value):
+    """A tensor parameter with +-inf entries becomes NaN there (no host sync): Inf inside an
+    input tensor gives a NaN loss (DESIGN.md §2), where tau = inf would otherwise give a finite
+    uniform q. Floats (checked finite above) pass unchanged."""
+    if isinstance(value, torch.Tensor):
+        return torch.where(torch.isinf(value), float("nan"), value)
+    return value
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -136,8 +148,10 @@ def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m:
         return Labels(target.row_labels, col)
     if isinstance(target, Neighbors):
         idx, w = target.indices, target.weights
-        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
-            raise TypeError("indices must be an integer tensor of shape (N, k)")
+        if (not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex()
+                or idx.dtype == torch.bool):
+            raise TypeError("indices must be an integer tensor of shape (N, k)"
+                            + (f", got dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else ""))
         if idx.dim() != 2 or idx.shape[0] != n:
             raise ValueError(f"indices must have shape ({n}, k), got {tuple(idx.shape)}")
         _check_device("indices", idx, x)
@@ -163,7 +177,8 @@ def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m:
             _check_features("z_cols", z_cols, m, target.z.shape[1], x)
         for name in ("sigma", "temperature", "dof"):
             check_positive(name, getattr(target, name), x, n)
-        return target
+        return replace(target, **{name: inf_to_nan(getattr(target, name))
+                                  for name in ("sigma", "temperature", "dof")})
     # Dense
     p = target.p
     if not isinstance(p, torch.Tensor) or not p.is_floating_point():
@@ -187,6 +202,8 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     n, d = x.shape
     if n == 0:
         raise ValueError("x has N = 0 rows; the loss needs at least one row")
+    if d == 0:
+        raise ValueError("x has d = 0 features; the kernels need at least one")
     if y is not None:
         _check_features("y", y, None, d, x)
         if y.dtype != x.dtype:
@@ -213,9 +230,11 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
         if tuple(weight.shape) != (n,):
             raise ValueError(f"weight must have shape ({n},), got {tuple(weight.shape)}")
         _check_device("weight", weight, x)
+        if _checking_values() and bool((weight < 0).any()):
+            raise ValueError("weight must be >= 0 (all-zero weights give a loss of 0 with zero gradients)")
     target = _check_target(target, x, y, n, m)
     param_name = KERNEL_PARAM[kernel]
     param = {"temperature": temperature, "sigma": sigma, "dof": dof, None: 1.0}[param_name]
-    return Problem(x=x, y=y, kernel=kernel, param=param, target=target, alpha=float(alpha),
+    return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),
                    beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl",
                    reduction=reduction, weight=weight)

@@ -428,3 +428,87 @@ def test_nan_y_rectangular(backend, no_hang):
     loss = ik.icon_loss(data(), y, target=ik.Labels(labels(), torch.arange(7) // 2),
                         kernel="cosine", backend=backend)
     assert torch.isnan(loss).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13, items 11-15: bad input that used to be accepted, and an Inf that gave +inf
+# ----------------------------------------------------------------------------------------------
+def test_negative_row_weights_raise(backend):
+    wt = torch.ones(N, dtype=torch.float64)
+    wt[2] = -0.5
+    raises(ValueError, "weight", lambda: ik.icon_loss(data(), target=ik.Labels(labels()), weight=wt,
+                                                      backend=backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_zero_row_weights_give_zero_loss_and_zero_gradients(backend, reduction):
+    x = data().requires_grad_()
+    loss = ik.icon_loss(x, target=ik.Labels(labels()), weight=torch.zeros(N, dtype=torch.float64),
+                        reduction=reduction, backend=backend)
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+INFINITE_FLOATS = [("temperature", "cosine", {}), ("sigma", "gaussian", {}), ("dof", "student_t", {}),
+                   ("sigma", "dot", {"affinity": True}), ("temperature", "dot", {"affinity": True}),
+                   ("dof", "dot", {"affinity": True})]
+
+
+@pytest.mark.parametrize("name,kernel,where", INFINITE_FLOATS)
+def test_infinite_float_parameter_raises(backend, name, kernel, where):
+    if where:
+        target = ik.Affinity(data(seed=1), kernel={"sigma": "gaussian", "temperature": "dot",
+                                                   "dof": "student_t"}[name], **{name: float("inf")})
+        call = lambda: ik.icon_loss(data(), target=target, kernel=kernel, backend=backend)
+    else:
+        call = lambda: ik.icon_loss(data(), target=ik.Labels(labels()), kernel=kernel, backend=backend,
+                                    **{name: float("inf")})
+    raises(ValueError, name, call)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("name,kernel", [("temperature", "dot"), ("temperature", "cosine"),
+                                         ("sigma", "gaussian"), ("dof", "student_t")])
+def test_infinite_tensor_parameter_gives_nan(backend, name, kernel, per_row, no_hang):
+    """tau = inf would make q uniform and the loss finite; Inf inside a tensor gives NaN."""
+    value = torch.full((N,) if per_row else (), 0.7, dtype=torch.float64)
+    value.view(-1)[0] = float("inf")
+    loss = ik.icon_loss(data(), target=ik.Labels(labels()), kernel=kernel, backend=backend,
+                        **{name: value})
+    assert torch.isnan(loss).item()
+    target = ik.Affinity(data(seed=1), kernel=kernel, **{name: value})
+    loss = ik.icon_loss(data(), target=target, kernel="gaussian", backend=backend)
+    assert torch.isnan(loss).item()
+
+
+@pytest.mark.parametrize("which", ["x", "y", "z"])
+def test_zero_feature_dim_raises(backend, which):
+    x, y, z = data(d=0 if which in "xy" else D), None, data(seed=1, d=0 if which == "z" else 3)
+    if which == "y":
+        x, y = data(), data(7, 0)
+        raises(ValueError, "y", lambda: ik.icon_loss(x, y, target=ik.Labels(labels(), labels(7)),
+                                                     backend=backend))
+        return
+    target = ik.Affinity(z) if which == "z" else ik.Labels(labels())
+    raises(ValueError, which, lambda: ik.icon_loss(x, target=target, backend=backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32, torch.bool])
+def test_non_integer_neighbor_indices_raise_type_error(backend, dtype):
+    idx = torch.zeros(N, 2).to(dtype)
+    raises(TypeError, "indices", lambda: ik.icon_loss(data(), target=ik.Neighbors(idx), backend=backend))
+
+
+def test_minus_inf_in_y_with_neighbors_and_dot_gives_nan(backend, no_hang):
+    """A -inf feature makes row 1's logit at column 2 +inf: its log-softmax is NaN, as the dense
+    reference gives (the torch backend's logsumexp returned +inf there, and the row loss at the
+    other positives became +inf). Row 0 sees -inf at column 2, a non-positive (finite on most
+    backends; NaN is within the contract too)."""
+    x = torch.tensor([[1.0, 0.5, 0.2], [-0.3, 0.9, 0.0]], dtype=torch.float64)
+    y = data(5, 3, seed=2)
+    y[2, 0] = -float("inf")
+    target = ik.Neighbors(torch.tensor([[0, 1], [0, 1]]))
+    rows = ik.icon_loss(x, y, target=target, kernel="dot", reduction="none", backend=backend)
+    assert torch.isnan(rows[1]).item() and not (rows == float("inf")).any()
+    assert torch.isnan(ik.icon_loss(x, y, target=target, kernel="dot", backend=backend)).item()
