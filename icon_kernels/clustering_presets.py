@@ -6,7 +6,7 @@ import torch
 
 from .preset_base import PresetLoss
 from .validation import check_labels, check_matrix
-from .preset_dispatch import all_reduce_sum, gather_rows
+from .preset_dispatch import all_reduce_sum, gather_rows, global_first_row
 from .targets import Labels, Neighbors
 
 
@@ -28,24 +28,33 @@ class InfoNCEClustering(PresetLoss):
 
     ``logits`` (N, n_clusters) are a cluster head's outputs; phi = softmax(logits) are the soft
     assignments. I-Con pair: q(j|i) = sum_c phi_ic phi_jc / n_c with n_c = sum_k phi_kc (the
-    cluster kernel: the log_dot kernel with x = phi, y = phi / n), renormalised over j != i;
-    p(j|i) uniform over i's positives: the other views of the same sample (``sample_ids``: rows
-    with equal ids are augmentations of one sample), the entries of a kNN graph (``neighbors``:
-    ik.Neighbors or an (N, k) index tensor, e.g. ik.knn or ik.propagate), or both (the union of
-    the two lists: partners with weight 1, neighbour entries with their weights). I-Con's result:
-    this is the "InfoNCE clustering" of the I-Con table, and with ``alpha`` > 0 the debiased
-    InfoNCE clustering behind the paper's ImageNet-1K results. Distributed: sample ids are global
-    (equal across ranks for views of one sample), neighbour indices are global row indices, and
-    n_c is summed over all ranks (with its gradient).
+    cluster kernel: the log_dot kernel with x = phi, y = phi / n); p(j|i) uniform over i's
+    positives j != i: the other views of the same sample (``sample_ids``: rows with equal ids
+    are augmentations of one sample), the entries of a kNN graph (``neighbors``: ik.Neighbors or
+    an (N, k) index tensor, e.g. ik.knn or ik.propagate), or both (the union of the two lists:
+    partners with weight 1, neighbour entries with their weights). I-Con's result: this is the
+    "InfoNCE clustering" of the I-Con table, and with ``alpha`` > 0 the debiased InfoNCE
+    clustering behind the paper's ImageNet-1K results.
+
+    ``exclude_self=False`` (the default) follows the paper and the authors' code: q(.|i) is
+    normalised over all j, the self pair included (it sums to 1 without renormalising), and p
+    puts no mass on j = i (self entries of a neighbour list are dropped). ``exclude_self=True``
+    leaves the self pair out of q as well and renormalises q over j != i; the two differ by
+    mean_i -log(1 - q(i|i)) for one positive per row.
+
+    Distributed: sample ids are global (equal across ranks for views of one sample), neighbour
+    indices are global row indices, and n_c is summed over all ranks (with its gradient).
     """
 
-    def __init__(self, n_clusters, **kwargs):
+    def __init__(self, n_clusters, *, exclude_self=False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
             raise TypeError(f"n_clusters must be an int, got {type(n_clusters).__name__}")
         if n_clusters < 2:
             raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
-        self.n_clusters = n_clusters
+        if not isinstance(exclude_self, bool):
+            raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+        self.n_clusters, self.exclude_self = n_clusters, exclude_self
 
     def forward(self, logits, *, sample_ids=None, neighbors=None):
         check_matrix("logits", logits)
@@ -54,8 +63,8 @@ class InfoNCEClustering(PresetLoss):
         target = self._target(logits, sample_ids, neighbors)
         phi = logits.softmax(dim=1)
         sizes = all_reduce_sum(phi.sum(0), self.placement)
-        return self._loss(phi, phi / sizes, target=target, kernel="log_dot", exclude_self=True,
-                          divergence="kl")
+        return self._loss(phi, phi / sizes, target=target, kernel="log_dot",
+                          exclude_self=self.exclude_self, divergence="kl")
 
     def _target(self, logits, sample_ids, neighbors):
         n = logits.shape[0]
@@ -70,14 +79,24 @@ class InfoNCEClustering(PresetLoss):
                 raise TypeError(f"neighbors must be ik.Neighbors or an (N, k) index tensor, got {type(neighbors).__name__}")
             if neighbors.indices.dim() != 2 or neighbors.indices.shape[0] != n:
                 raise ValueError(f"neighbors must have {n} rows, got shape {tuple(neighbors.indices.shape)}")
-        if neighbors is None:
+        if neighbors is None and self.exclude_self:
             return Labels(sample_ids)
-        if sample_ids is None:
-            return neighbors
-        all_ids, _ = gather_rows(sample_ids, self.placement)
-        partners = same_id_neighbors(sample_ids, all_ids)
-        weights = neighbors.weights
-        if weights is None:
-            weights = torch.ones(neighbors.indices.shape, dtype=logits.dtype, device=logits.device)
-        ones = torch.ones(partners.shape, dtype=weights.dtype, device=weights.device)
-        return Neighbors(torch.cat([partners, neighbors.indices.long()], 1), torch.cat([ones, weights], 1))
+        first_row = None
+        parts = []
+        if sample_ids is not None:
+            all_ids, first_row = gather_rows(sample_ids, self.placement)
+            partners = same_id_neighbors(sample_ids, all_ids)
+            parts.append((partners, torch.ones(partners.shape, dtype=logits.dtype, device=logits.device)))
+        if neighbors is not None:
+            weights = neighbors.weights
+            if weights is None:
+                weights = torch.ones(neighbors.indices.shape, dtype=logits.dtype, device=logits.device)
+            parts.append((neighbors.indices.long(), weights))
+        indices = torch.cat([idx for idx, _ in parts], 1)
+        weights = torch.cat([w.to(parts[-1][1].dtype) for _, w in parts], 1)
+        if not self.exclude_self:            # p(.|i) is over the other points: drop j = i
+            if first_row is None:
+                first_row = global_first_row(n, self.placement, logits.device)
+            own = first_row + torch.arange(n, device=indices.device)[:, None]
+            indices = torch.where(indices == own, -1, indices)
+        return Neighbors(indices, weights)

@@ -90,6 +90,14 @@ def gather_rows(t: torch.Tensor, placement: Placement):
     return _distributed.gather_rows(t, checked_group(placement))
 
 
+def global_first_row(n_local: int, placement: Placement, device) -> int:
+    """The global index of this rank's first row (0 in one process): rows are numbered in rank
+    order, as ik.distributed.icon_loss numbers its global columns."""
+    if not placement.distributed:
+        return 0
+    return _distributed.gather_rows(torch.zeros(n_local, 1, device=device), checked_group(placement))[1]
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the gradients over ranks too (every rank's loss uses it)."""
 

@@ -237,25 +237,37 @@ def test_infonce_clustering_equals_dense_cluster_kernel_kl(backend):
     x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     nbrs = ik.knn(x, 2)
 
-    def dense(use_ids, use_knn):
+    def dense(use_ids, use_knn, renormalised):
+        """The paper's cluster kernel: q(j|i) = sum_c phi_ic phi_jc / n_c over all j, the self
+        pair included (rows sum to 1 as they are); or without the self pair, renormalised."""
         phi = logits.softmax(1)
         q = (phi / phi.sum(0)) @ phi.T
         eye = torch.eye(n, dtype=torch.bool)
-        q = torch.where(eye, 0.0, q)
-        log_q = torch.log(torch.where(eye, 1.0, q / q.sum(1, keepdim=True)))
+        if renormalised:
+            q = torch.where(eye, 0.0, q)
+            log_q = torch.log(torch.where(eye, 1.0, q / q.sum(1, keepdim=True)))
+        else:
+            assert torch.allclose(q.sum(1), torch.ones(n, dtype=torch.float64))
+            log_q = torch.log(q)
         p = torch.zeros(n, n, dtype=torch.float64)
         if use_ids:
             p += (ids[:, None] == ids[None, :]).double()
         if use_knn:
             p.scatter_add_(1, nbrs, torch.ones(n, 2, dtype=torch.float64))
-        p = torch.where(eye, 0.0, p)
+        p = torch.where(eye, 0.0, p)          # p is over the other points in both forms
         p = p / p.sum(1, keepdim=True)
         return conditional_kl(p, log_q)
 
-    crit = ik.InfoNCEClustering(c, backend=backend)
-    check(lambda: crit(logits, sample_ids=ids), lambda: dense(True, False), [logits])
-    check(lambda: crit(logits, neighbors=nbrs), lambda: dense(False, True), [logits])
-    check(lambda: crit(logits, sample_ids=ids, neighbors=ik.Neighbors(nbrs)), lambda: dense(True, True), [logits])
+    for renormalised in (False, True):
+        crit = ik.InfoNCEClustering(c, backend=backend, **({"exclude_self": True} if renormalised else {}))
+        check(lambda: crit(logits, sample_ids=ids), lambda: dense(True, False, renormalised), [logits])
+        check(lambda: crit(logits, neighbors=nbrs), lambda: dense(False, True, renormalised), [logits])
+        check(lambda: crit(logits, sample_ids=ids, neighbors=ik.Neighbors(nbrs)),
+              lambda: dense(True, True, renormalised), [logits])
+    # the two forms differ (by mean -log(1 - q_ii) for one positive per row)
+    paper = ik.InfoNCEClustering(c, backend=backend)(logits, sample_ids=ids)
+    renorm = ik.InfoNCEClustering(c, backend=backend, exclude_self=True)(logits, sample_ids=ids)
+    assert abs((paper - renorm).item()) > 1e-3
 
 
 def test_presets_are_modules_and_learnable_temperature_gets_a_gradient():
