@@ -1,6 +1,7 @@
 """Which backends exist, which are usable here (and why not), and what ``backend="auto"`` picks."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -23,6 +24,18 @@ def _unavailable_reason(name: str) -> Optional[str]:
     if name == "triton":
         return triton_backend.unavailable_reason()
     return cuda_backend.unavailable_reason()
+
+
+_WARNED_TRITON_FLOAT64 = []
+
+
+def warn_triton_float64() -> None:
+    """Once per process: the Triton kernels compute float64 inputs in fp32."""
+    if not _WARNED_TRITON_FLOAT64:
+        _WARNED_TRITON_FLOAT64.append(True)
+        warnings.warn("backend 'triton' computes float64 inputs in fp32 (about 1e-7 relative error "
+                      "against a float64 evaluation); use backend 'torch' or 'cpu' (or 'cuda') "
+                      "for float64 accuracy", stacklevel=4)
 
 
 def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, Optional[str]]]:

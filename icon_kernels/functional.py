@@ -57,13 +57,27 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
               weight=None, backend="auto"):
     """The I-Con loss mean_i KL(p(.|i) || q(.|i)) between a supervisory target and learned kernel.
 
-    x: (N, d) row embeddings; y: (M, d) column embeddings, or None for y = x with self-pairs
-    excluded. target: ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine,
-    gaussian, student_t or log_dot, with temperature (dot, cosine), sigma (gaussian) or dof
-    (student_t), each a float or a scalar / (N,) tensor that may require grad. alpha / beta mix
-    a uniform distribution into p / q. divergence: "kl" or "cross_entropy". reduction: "mean"
-    (weighted by ``weight`` over rows that have a target), "sum" or "none" (an N-vector, 0 for
-    rows without a target). backend: "auto", "reference", "torch" (see ik.available_backends()).
+    x: (N, d) row embeddings; y: (M, d) column embeddings, or None for y = x. target:
+    ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine, gaussian, student_t
+    or log_dot, with temperature (dot, cosine), sigma (gaussian) or dof (student_t), each a
+    finite float > 0 or a scalar / (N,) tensor that may require grad. alpha / beta mix a uniform
+    distribution into p / q. divergence: "kl" or "cross_entropy".
+
+    exclude_self: None (the default) leaves the self pairs (i, i) out exactly when y is None;
+    passing y=x explicitly keeps them (give exclude_self=True to drop them). A row with no valid
+    column or no positive is left out: 0 in "none", out of the mean's denominator.
+
+    reduction: "mean" (weighted by ``weight`` over the rows that are included), "sum" (of
+    w_i L_i), or "none": an N-vector of w_i L_i when ``weight`` is given (L_i without it), 0 for
+    rows left out. ``weight`` is an (N,) tensor of weights >= 0; all-zero weights give a loss of
+    0 with zero gradients.
+
+    Gradients reach x, y, the kernel parameters and every target tensor that requires grad
+    (Affinity z, z_cols and parameters, Neighbors weights, Dense p) on every backend. Double
+    backward (create_graph=True, then a second backward) needs backend="reference"; the fused
+    backends raise NotImplementedError there. Under torch.autocast the fused backends run
+    their GEMMs outside autocast and accumulate in fp32. NaN or Inf inside an input tensor gives
+    a NaN loss. backend: "auto", or one of ik.available_backends().
     """
     problem = check_arguments(x, y, target=target, kernel=kernel, temperature=temperature,
                               sigma=sigma, dof=dof, alpha=alpha, beta=beta,
@@ -76,6 +90,8 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
 def row_losses(problem: Problem, backend: str):
     """(L_i per row, 0 where left out; which rows are included) on the chosen backend."""
     name = backends.resolve_backend(backend, problem.x.device)
+    if name == "triton" and problem.x.dtype == torch.float64:
+        backends.warn_triton_float64()
     if name == "reference":
         return reference.row_losses(problem)
     rows, included, _ = forward_op(name)(*_op_arguments(problem))

@@ -10,7 +10,10 @@ class ICon(torch.nn.Module):
     """``ICon(kernel="student_t", dof=1.0, ...)(x, y=None, target=..., weight=None)``.
 
     Holds every keyword of ``ik.icon_loss`` except the per-call tensors. A tensor temperature,
-    sigma or dof given here is used as is (wrap it in nn.Parameter to learn it).
+    sigma or dof given here is used as is (wrap it in nn.Parameter to learn it). As in
+    ``ik.icon_loss``: ``reduction="none"`` returns w_i L_i per row when ``weight`` is given (0 for
+    rows left out); ``exclude_self=None`` drops the self pairs only when y is None (passing
+    y=x keeps them).
     """
 
     def __init__(self, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
