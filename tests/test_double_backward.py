@@ -1,7 +1,6 @@
 """Double backward (a gradient penalty: grad with create_graph=True, then a second backward)
 raises a clear NotImplementedError on the fused backends that names backend="reference", which
 supports it (issue 13 item 9: the errors were opaque, from mm(out=...) or a missing formula)."""
-import os
 
 import pytest
 import torch
@@ -9,19 +8,18 @@ import torch
 import icon_kernels as ik
 
 
-def _problem():
+def _problem(device="cpu"):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(8, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    return x, ik.Labels(torch.arange(8) // 2)
+    x = torch.randn(8, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    return x, ik.Labels(torch.arange(8, device=device) // 2)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
 def test_second_backward_raises_naming_the_reference(backend):
     if backend not in ik.available_backends():
         pytest.skip(f"{backend} backend unavailable here")
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU tensors reach triton only through the interpreter")
-    x, target = _problem()
+    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    x, target = _problem("cuda" if on_gpu else "cpu")
     loss = ik.icon_loss(x, target=target, kernel="gaussian", backend=backend)
     (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     # the first backward itself is exact (triton computes float64 inputs in fp32)
