@@ -10,9 +10,12 @@ into row normalisers and row losses:
   Dense row sums) or LSE^p_i (Affinity);
 * pass 2, ``loss_partials``: with the global normalisers, sum_j p~ log q~, sum_j p~ log p~
   (except Labels, whose entropy ``finish_rows`` takes in closed form from K_i),
-  R_i = sum_j p~ q / q~ (beta > 0) and H_i = sum_j p h (Affinity);
+  R_i = sum_j p~ q / q~ (beta > 0) and H_i = sum_j p h (Affinity; Dense / Neighbors when their
+  weights require grad, with h of ``target_weight_grads``);
 * backward, ``gradient_block``: dL/dx of the rows, dL/dy of the block (sent back to its owner),
-  the per-row parameter gradient, and the same for Affinity target features.
+  the per-row parameter gradient, the same for Affinity target features, and the gradient of
+  Dense p / Neighbors weights (local rows, so it stays on this rank):
+  dL/dw_ij = g_i (1 - alpha) (h_ij - H_i) / W_i on valid columns, W_i the row's weight sum.
 
 Tiles are rows-chunk x block, never rows x all columns. The math is torch_backend's (DESIGN.md
 §1) with global column indices: a self pair is (row_offset + i, block.offset + j).
@@ -94,10 +97,17 @@ class RowSide:
     t_kernel: str = "dot"
     tile_elements: int = 1 << 20
     fused: bool = False                 # blocks through the fused CPU label kernel (label_blocks.py)
+    weight_grad: bool = False           # Dense p / Neighbors weights require grad
 
     @property
     def m_valid(self) -> int:
         return self.m_total - int(self.exclude_self)
+
+    @property
+    def m_mix(self) -> int:
+        """M' as the denominator of the uniform mixtures: 1 when a row has no valid column
+        (N = 1 with y = None on one rank); such rows are left out, this keeps them finite."""
+        return max(self.m_valid, 1)
 
 
 def _chunks(rs: RowSide, block: Block):
@@ -142,11 +152,11 @@ def normaliser_partials(rs: RowSide, block: Block) -> Dict[str, torch.Tensor]:
     out = {"lse": rs.x.new_empty(n), ("lse_p" if rs.target == "affinity" else "mass"): rs.x.new_empty(n)}
     for r0, r1 in _chunks(rs, block):
         s, _ = _learned(rs, block, r0, r1)
-        out["lse"][r0:r1] = torch.logsumexp(s, dim=1)
+        out["lse"][r0:r1] = tile_math.row_lse(s)          # +inf logit: NaN, as log_softmax
         del s
         raw, _ = _target_raw(rs, block, r0, r1)
         if rs.target == "affinity":
-            out["lse_p"][r0:r1] = torch.logsumexp(raw, dim=1)
+            out["lse_p"][r0:r1] = tile_math.row_lse(raw)
         else:
             out["mass"][r0:r1] = raw.sum(1)
     return out
@@ -166,31 +176,40 @@ class _Tile:
     the global normalisers."""
 
     def __init__(self, rs: RowSide, block: Block, r0: int, r1: int, stats, mass):
+        # a row without valid columns has LSE = -inf: shift by 0 there, so its q and p are 0
+        # (not NaN) and its left-out gradients stay zero
         self.log_q, self.aux = _learned(rs, block, r0, r1)
-        self.log_q -= stats["lse"][r0:r1, None]               # s - LSE, in place
+        self.log_q -= tile_math.finite_shift(stats["lse"][r0:r1])[:, None]     # s - LSE, in place
         raw, self.t_aux = _target_raw(rs, block, r0, r1)
         if rs.target == "affinity":
-            self.p = torch.exp(raw - stats["lse_p"][r0:r1, None])
+            self.p = torch.exp(raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None])
         else:
             self.p = raw / mass[r0:r1, None]
         self.p_mix = self.p
         if rs.alpha > 0:
-            self.p_mix = _off_self((1 - rs.alpha) * self.p + rs.alpha / rs.m_valid, rs, block, r0, 0.0)
+            self.p_mix = _off_self((1 - rs.alpha) * self.p + rs.alpha / rs.m_mix, rs, block, r0, 0.0)
         self.log_q_mix = self.log_q
         if rs.beta > 0:
             self.q = torch.exp(self.log_q)
-            self.q_mix = (1 - rs.beta) * self.q + rs.beta / rs.m_valid
+            self.q_mix = (1 - rs.beta) * self.q + rs.beta / rs.m_mix
             self.log_q_mix = torch.log(self.q_mix)
 
     def h(self, rs: RowSide):
         """dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
         return torch.log(self.p_mix) - self.log_q_mix if rs.kl else -self.log_q_mix
 
+    def h_weights(self, rs: RowSide):
+        """dL_i/dp~_ij of a Dense / Neighbors target: log p~ - log q~ + 1 (KL) or -log q~, and 0
+        where p~ = 0 (a structural zero contributes nothing; as target_weight_grads, the
+        single-process rule)."""
+        h = self.h(rs) + 1 if rs.kl else self.h(rs)
+        return torch.where(self.p_mix == 0, 0.0, h)
+
 
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
     keys = ["cross"] + (["entropy"] if rs.kl and rs.target != "labels" else []) \
-        + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" else [])
+        + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" or rs.weight_grad else [])
     out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
     for r0, r1 in _chunks(rs, block):
         tl = _Tile(rs, block, r0, r1, stats, mass)
@@ -202,6 +221,8 @@ def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Ten
             out["r"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
         if rs.target == "affinity":
             out["h"][r0:r1] = positive(tl.p, tl.p * tl.h(rs)).sum(1)
+        elif rs.weight_grad:
+            out["h"][r0:r1] = positive(tl.p, tl.p * tl.h_weights(rs)).sum(1)
         del tl
     return out
 
@@ -211,15 +232,17 @@ def finish_rows(rs: RowSide, stats, mass, has_p):
     entropy in closed form from the positive count K = mass)."""
     row = -stats["cross"]
     if rs.kl:
-        row = row + (tile_math.labels_entropy(mass, rs.alpha, rs.m_valid) if rs.target == "labels"
+        row = row + (tile_math.labels_entropy(mass, rs.alpha, rs.m_mix) if rs.target == "labels"
                      else stats["entropy"])
     included = has_p & (rs.m_valid > 0)
     return torch.where(included, row, 0.0), included
 
 
-def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_grads) -> None:
+def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_grads,
+                   weight_grads=None) -> None:
     """Backward on one block, added in place: ``row_grads`` = [dx, dparam per row] (+ [dz,
-    dt_param per row] for Affinity target gradients), ``block_grads`` = [dy] (+ [dz_cols]).
+    dt_param per row] for Affinity target gradients), ``block_grads`` = [dy] (+ [dz_cols]),
+    ``weight_grads`` = dL/dp (rows x global columns) or dL/dweights (rows x k) when given.
 
     ``g`` is the upstream gradient per row, already 0 for rows left out. The parameter chain uses
     the row's global LSE as its shift: it is the same in every block, so the shifts cancel once
@@ -239,6 +262,8 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
                                   tile_math.finite_shift(stats["lse"][r0:r1]),
                                   out_b=block_grads[0])]
         del grad_s
+        if weight_grads is not None:
+            _weight_grad_block(rs, block, tl, stats, mass, g_rows, r0, r1, weight_grads)
         if need_target:
             grad_t = tile_math.where_positive(
                 tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
@@ -249,3 +274,18 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
         for side, (d_a, _, d_p) in enumerate(pieces):      # the block's share went into out_b
             row_grads[2 * side][r0:r1] += d_a
             row_grads[2 * side + 1][r0:r1] += d_p
+
+
+def _weight_grad_block(rs: RowSide, block: Block, tl: _Tile, stats, mass, g_rows, r0: int, r1: int,
+                       weight_grads) -> None:
+    """Adds dL/dw of rows r0:r1 over the block's columns: Dense p's block of columns, or the
+    Neighbors entries whose index falls in the block (repeats share their column's value)."""
+    grad = g_rows * (1 - rs.alpha) * (tl.h_weights(rs) - stats["h"][r0:r1, None]) / mass[r0:r1, None]
+    grad = _off_self(torch.where(g_rows != 0, grad, 0.0), rs, block, r0, 0.0)     # valid columns only
+    mb = block.y.shape[0]
+    if rs.target == "dense":
+        weight_grads[r0:r1, block.offset:block.offset + mb] += grad
+        return
+    idx = rs.nbr_index[r0:r1] - block.offset
+    inside = (rs.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < mb)
+    weight_grads[r0:r1] += torch.where(inside, grad.gather(1, torch.where(inside, idx, 0)), 0.0)

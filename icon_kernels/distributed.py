@@ -17,21 +17,29 @@ on the inputs' device.
 
 Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
 global column indices; Affinity column features are gathered (or rotated) with gradients;
-Dense holds local rows x global columns. Shards may be uneven.
+Dense holds local rows x global columns. Shards may be uneven. Dense p and Neighbors weights
+that require grad get their gradient in both modes (gather: through the backend's op; ring:
+``column_blocks``, on this rank's rows, so it never travels).
+
+Agreement (DESIGN.md §2 "Distributed"): before any data moves, each rank checks what it can
+alone and one all-gather shares its verdict, its shard sizes and a fixed-length code of every
+loss option (``rank_agreement.agree``). The all-gather is the first collective of both modes, so even a
+dist_mode that differs is reported, on every rank, by a ValueError that names each option that
+differs and the ranks holding each value: never an abort (collectives of different sizes), a
+hang (different collectives) or a silent wrong answer (different math per rank).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from . import column_blocks, label_blocks, ring
+from . import column_blocks, label_blocks, ring, second_backward
 from .backends import resolve_backend
 from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
-from .targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
+from .rank_agreement import agree, invalid_on
+from .targets import Affinity, Dense, Labels, Neighbors
 from .torch_backend import accumulation_dtype
 from .validation import check_arguments
-
-DIST_MODES = ("gather", "ring")
 
 
 def _sizes(n: int, device, group) -> list:
@@ -61,16 +69,20 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        rank = dist.get_rank(ctx.group)
-        start = sum(ctx.sizes[:rank])
-        return grad[start:start + ctx.sizes[rank]], None, None
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():                # the all-reduce is not differentiable again
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, group=ctx.group)
+            rank = dist.get_rank(ctx.group)
+            start = sum(ctx.sizes[:rank])
+        with torch.set_grad_enabled(create_graph):
+            (grad,) = second_backward.guard([grad[start:start + ctx.sizes[rank]]],
+                                            "ik.distributed.icon_loss (gather mode)")
+        return grad, None, None
 
 
-def _check_group(process_group, dist_mode):
-    if dist_mode not in DIST_MODES:
-        raise ValueError(f"dist_mode must be one of {', '.join(DIST_MODES)}; got {dist_mode!r}")
+def _check_group(process_group):
+    """The process group; raised on this rank only, since without a group nothing can be shared."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group)")
     group = dist.group.WORLD if process_group is None else process_group
@@ -97,8 +109,7 @@ def _collectively(group, device, check, *args, **kwargs):
     if error is not None:
         raise error
     if int(failed) >= 0:
-        raise ValueError(f"the inputs of rank {int(failed)} of the process group are invalid (that rank "
-                         "raised the reason); every rank stops")
+        raise invalid_on([int(failed)])
     return result
 
 
@@ -111,74 +122,6 @@ def _flag_device(x, group) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_inputs(x, y, target, dist_mode, ring_block_rows) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError("x must be a 2-D tensor of this rank's rows")
-    if not isinstance(target, TARGET_TYPES):
-        raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
-                        f"got {type(target).__name__}")
-    if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 2):
-        raise ValueError("y must be None or a 2-D tensor of this rank's columns")
-    if ring_block_rows is None:
-        return
-    if dist_mode != "ring":
-        raise ValueError("ring_block_rows applies to dist_mode='ring' only")
-    if isinstance(ring_block_rows, bool) or not isinstance(ring_block_rows, int) or ring_block_rows < 1:
-        raise ValueError(f"ring_block_rows must be a positive int or None; got {ring_block_rows!r}")
-
-
-def _check_consistent(x: torch.Tensor, y, target, ring_block_rows, group) -> None:
-    """d, dtype, the target type and ring_block_rows must agree on every rank, and no rank's
-    shard may be empty; every rank raises if any disagrees (no hang)."""
-    dtype_code = [torch.float64, torch.float32, torch.float16, torch.bfloat16].index(x.dtype) \
-        if x.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16) else 9
-    block_code = 0 if ring_block_rows is None else ring_block_rows
-    filled = int(x.shape[0] > 0 and (y is None or y.shape[0] > 0))
-    target_code = [isinstance(target, t) for t in TARGET_TYPES].index(True)
-    code = torch.tensor([x.shape[1], dtype_code, block_code, filled, target_code], device=x.device,
-                        dtype=torch.int64)
-    lo, hi = code.clone(), code.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(lo[:2], hi[:2]):
-        raise ValueError("x: the feature dimension d or the dtype differs across ranks")
-    if lo[2] != hi[2]:
-        raise ValueError("ring_block_rows differs across ranks")
-    if lo[3] == 0:
-        raise ValueError("x: a rank's shard is empty; every rank needs at least one row (and column)")
-    if lo[4] != hi[4]:
-        raise ValueError("target: its type differs across ranks")
-
-
-def _check_options(x, y, target, exclude_self, n_cols, reduction, weight, kwargs) -> dict:
-    if exclude_self and n_cols != x.shape[0]:
-        raise ValueError("exclude_self=True needs this rank's columns to be its rows")
-    if isinstance(target, Affinity) and target.z_cols is None and y is not None:
-        raise ValueError("z_cols (this rank's column target features) is required when y is given")
-    _check_target_shard(target, x.shape[0], n_cols)
-    return dict(reduction=reduction, weight=weight, **_loss_options(kwargs))
-
-
-def _check_target_shard(target, n_rows: int, n_cols: int) -> None:
-    """The row counts of this rank's target parts, checked before they travel (check_arguments
-    checks the rest once the columns are global)."""
-    def rows_of(name, t, want):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] != want:
-            raise ValueError(f"target.{name} has {t.shape[0]} rows on this rank; expected {want}")
-    if isinstance(target, Labels):
-        rows_of("row_labels", target.row_labels, n_rows)
-        if target.col_labels is None:       # the row labels label the columns too
-            rows_of("row_labels (also the column labels)", target.row_labels, n_cols)
-        rows_of("col_labels", target.col_labels, n_cols)
-    elif isinstance(target, Affinity):
-        rows_of("z", target.z, n_rows)
-        rows_of("z_cols", target.z if target.z_cols is None else target.z_cols, n_cols)
-    elif isinstance(target, Neighbors):
-        rows_of("indices", target.indices, n_rows)
-    else:
-        rows_of("p", target.p, n_rows)
-
-
 def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", exclude_self=None,
               reduction="mean", weight=None, backend="auto", ring_block_rows=None, **kwargs):
     """``ik.icon_loss`` over the global batch; x, y, target and weight hold this rank's part.
@@ -188,18 +131,15 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
     ``ring_block_rows`` (ring mode, the same on every rank) caps the rows of one travelling
     column block; the default is a quarter of the largest shard, so the ring's four transfer
     buffers (two blocks, two dL/dy accumulators) together hold one shard's features.
-    Invalid inputs on any rank raise on every rank (never a hang); no shard may be empty.
+    Every loss option must be the same on every rank, and invalid inputs on any rank raise on
+    every rank (never a hang): one all-gather of each rank's verdict and option codes comes
+    before any data moves. No shard may be empty.
     """
-    group = _check_group(process_group, dist_mode)
+    group = _check_group(process_group)
     device = _flag_device(x, group)
-    _collectively(group, device, _check_inputs, x, y, target, dist_mode, ring_block_rows)
-    _check_consistent(x, y, target, ring_block_rows, group)
-    rank = dist.get_rank(group)
-    col_sizes = _sizes((x if y is None else y).shape[0], x.device, group)
-    if exclude_self is None:
-        exclude_self = y is None
-    options = _collectively(group, device, _check_options, x, y, target, exclude_self, col_sizes[rank],
-                            reduction, weight, kwargs)
+    exclude_self, options, col_sizes = agree(group, device, x, y, target, dist_mode, exclude_self, reduction,
+                                              weight, backend, ring_block_rows, kwargs)
+    options = dict(reduction=reduction, weight=weight, **options)
     if dist_mode == "gather":
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
@@ -280,36 +220,30 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
     rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend)
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
-    z = z_cols = t_param = None
+    z = z_cols = t_param = weights = None
     if isinstance(t, Labels):
-        rows.row_labels, own.col_labels = t.row_labels, t.col_labels
+        rows.row_labels, own.col_labels = t.row_labels.long(), t.col_labels.long()   # equal sizes on the ring
     elif isinstance(t, Neighbors):
         rows.nbr_index = t.indices
-        rows.nbr_weight = None if t.weights is None else t.weights.to(acc)
+        rows.nbr_weight = None if t.weights is None else t.weights.detach().to(acc)
+        weights = t.weights
     elif isinstance(t, Dense):
-        rows.dense_p = t.p.to(acc)
+        rows.dense_p = t.p.detach().to(acc)
+        weights = t.p
     else:
         z, z_cols, rows.t_kernel, t_param = affinity_inputs(t)
         rows.z, rows.t_param = z.detach().to(acc), t_param.detach().to(acc)
         own.z_cols = z_cols.detach()
-    return ring.RingRowLosses.apply(rows, own, the_ring, xk, yk, param, z, z_cols, t_param)
-
-
-def _loss_options(kwargs):
-    allowed = {"kernel", "temperature", "sigma", "dof", "alpha", "beta", "divergence"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    defaults = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
-                    divergence="kl")
-    return {**defaults, **kwargs}
+    rows.weight_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+    return ring.RingRowLosses.apply(rows, own, the_ring, xk, yk, param, z, z_cols, t_param, weights)
 
 
 def _global_columns(target, col_sizes, order, position, group):
     """The target with its column side made global (and in the reordered column order)."""
     if isinstance(target, Labels):
         cols = target.row_labels if target.col_labels is None else target.col_labels
-        return Labels(target.row_labels, _gather_rows(cols, col_sizes, group)[order])
+        # int64 on every rank, so the all-gather moves equal sizes whatever integer dtype each holds
+        return Labels(target.row_labels.long(), _gather_rows(cols.long(), col_sizes, group)[order])
     if isinstance(target, Neighbors):
         idx = target.indices
         remapped = torch.where(idx >= 0, position[idx.clamp(0, position.numel() - 1)], idx)

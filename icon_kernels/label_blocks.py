@@ -47,10 +47,10 @@ def finish_rows(rs, stats):
     k = torch.where(k > 0, k, 1.0)
     cross = (1 - rs.alpha) * stats["pos_s"] / k - stats["lse"]
     if rs.alpha > 0:
-        cross = cross + rs.alpha / max(rs.m_valid, 1) * stats["sum_s"]
+        cross = cross + rs.alpha / rs.m_mix * stats["sum_s"]
     row = -cross
     if rs.kl:
-        row = row + tile_math.labels_entropy(k, rs.alpha, max(rs.m_valid, 1))
+        row = row + tile_math.labels_entropy(k, rs.alpha, rs.m_mix)
     return torch.where(included, row, 0.0), included
 
 
@@ -59,5 +59,5 @@ def gradient_block(rs, block, stats, g, row_grads, block_grads) -> None:
     ``block_grads[0]``. ``g`` is the upstream gradient per row, 0 for rows left out."""
     torch.ops.icon_kernels.cpu_label_block_backward(
         g, rs.x, block.y, rs.param, rs.kernel, rs.row_labels, block.col_labels, rs.alpha,
-        rs.exclude_self, _diagonal(rs, block), rs.m_valid, stats["lse"], stats["mass"],
+        rs.exclude_self, _diagonal(rs, block), rs.m_mix, stats["lse"], stats["mass"],
         rs.tile_elements, row_grads[0], block_grads[0], row_grads[1])

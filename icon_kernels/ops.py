@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import target_weight_grads
+from . import second_backward, target_weight_grads
 
 ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
         "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
@@ -102,10 +102,7 @@ def _double_backward_error(name: str):
     """The autograd rule of a backward op: a second backward through it raises (gradient
     penalties need backend="reference", whose dense autograd graph is differentiable twice)."""
     def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"double backward (torch.autograd.grad(..., create_graph=True) and a second backward, "
-            f"e.g. a gradient penalty) is not supported by the fused backend {name!r}; use "
-            f"backend='reference', which supports it")
+        raise NotImplementedError(second_backward.message(f"the fused backend {name!r}"))
     return backward
 
 

@@ -14,9 +14,8 @@ import torch.distributed as dist
 
 from . import distributed as _distributed
 from .functional import icon_loss, row_losses
+from .rank_agreement import DIST_MODES
 from .validation import check_arguments
-
-DIST_MODES = ("gather", "ring")
 LOSS_DEFAULTS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
                      exclude_self=None, divergence="kl")
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import column_blocks as cb
+from . import second_backward
 from . import label_blocks
 
 
@@ -201,18 +202,31 @@ def _fused_forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring):
 
 
 class RingRowLosses(torch.autograd.Function):
-    """(x, y_local, param, z, z_cols_local, t_param) -> (L_i of this rank's rows, included)."""
+    """(x, y_local, param, z, z_cols_local, t_param, target_weights) -> (L_i of this rank's rows,
+    included); target_weights is Dense p or Neighbors weights (local rows), or None."""
 
     @staticmethod
-    def forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring, x, y_local, param, z, z_cols, t_param):
+    def forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring, x, y_local, param, z, z_cols, t_param,
+                target_weights=None):
         ctx.rows, ctx.own, ctx.ring = rows, own, ring
-        ctx.dtypes = [None if t is None else t.dtype for t in (x, y_local, param, z, z_cols, t_param)]
+        ctx.dtypes = [None if t is None else t.dtype
+                      for t in (x, y_local, param, z, z_cols, t_param, target_weights)]
+        ctx.weights_shape = None if target_weights is None else target_weights.shape
         row_loss, included = (_fused_forward if rows.fused else _forward)(ctx, rows, own, ring)
         ctx.mark_non_differentiable(included)
         return row_loss, included
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_included):
+        create_graph = torch.is_grad_enabled()          # torch.autograd.grad(..., create_graph=True)
+        with torch.no_grad():
+            grads = RingRowLosses._gradients(ctx, grad_rows)
+        with torch.set_grad_enabled(create_graph):
+            grads = second_backward.guard(grads, "ik.distributed.icon_loss (ring mode)")
+        return (None, None, None, *grads)
+
+    @staticmethod
+    def _gradients(ctx, grad_rows):
         rows, own, ring = ctx.rows, ctx.own, ctx.ring
         need = ctx.needs_input_grad
         need_target = rows.target == "affinity" and any(need[i] for i in (6, 7, 8))
@@ -223,20 +237,26 @@ class RingRowLosses(torch.autograd.Function):
         if need_target:
             row_grads += [torch.zeros_like(rows.z), rows.x.new_zeros(n)]
             col_grads.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
+        # Dense p / Neighbors weights: local rows, so their gradient never travels
+        weight_grads = rows.x.new_zeros(ctx.weights_shape) if rows.weight_grad and need[9] else None
 
         def visit(block, block_grads):
             if rows.fused:
                 label_blocks.gradient_block(rows, block, ctx.stats, g, row_grads, block_grads)
             else:
-                cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads)
+                cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads, weight_grads)
         rotate_with_accumulators(ring, own, visit, col_grads, acc)
 
         def param_grad(rows_grad, param):
             return rows_grad if param.dim() == 1 else rows_grad.sum()
-        x_dt, y_dt, p_dt, z_dt, zc_dt, tp_dt = ctx.dtypes
+        x_dt, y_dt, p_dt, z_dt, zc_dt, tp_dt, w_dt = ctx.dtypes
         grads = [row_grads[0].to(x_dt), col_grads[0].to(y_dt), param_grad(row_grads[1], rows.param).to(p_dt),
-                 None, None, None]
+                 None, None, None, None]
         if need_target:
-            grads[3:] = [row_grads[2].to(z_dt), col_grads[1].to(zc_dt),
-                         param_grad(row_grads[3], rows.t_param).to(tp_dt)]
-        return (None, None, None, *grads)
+            grads[3:6] = [row_grads[2].to(z_dt), col_grads[1].to(zc_dt),
+                          param_grad(row_grads[3], rows.t_param).to(tp_dt)]
+        if weight_grads is not None:
+            grads[6] = weight_grads.to(w_dt)
+        return grads
+
+

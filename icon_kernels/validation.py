@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from .targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
+from .targets import TARGET_TYPES, Affinity, Labels, Neighbors
 
 KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
 # which keyword carries each kernel's parameter; log_dot has none
