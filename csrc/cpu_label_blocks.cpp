@@ -15,6 +15,7 @@
 
 #include "cpu_label_blocks.h"
 #include "cpu_label_rows.h"
+#include "op_checks.h"
 #include "op_codes.h"
 
 namespace icon {
@@ -34,7 +35,6 @@ struct LabelBlock {
              int64_t m_valid_, double alpha_, int64_t tile_elements)
       : kernel(kernel_code(k)), n(x_in.size(0)), m(y_in.size(0)), diagonal(diag), m_valid(m_valid_),
         exclude_self(excl), alpha(alpha_) {
-    TORCH_CHECK(kernel == kDot || kernel == kGaussian, "label blocks take the dot or gaussian kernel");
     const auto acc = c10::CppTypeToScalarType<T>::value;
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
@@ -103,10 +103,14 @@ void backward_impl(const LabelBlock<T>& b, const at::Tensor& grad_rows, const at
         }
         const T *y_sq = b.y_sq.template data_ptr<T>(), x_sq = b.x_sq.template data_ptr<T>()[i];
         const T prm = b.prm.template data_ptr<T>()[i];
-        T* dp = d_prm.template data_ptr<T>() + i;
-        T* rs = w_rowsum.template data_ptr<T>() + (i - r0);
-        if (gaussian) fast_label_backward<T, kGaussian>(b.row(i), count[i], w, y_sq, x_sq, prm, lse[i], g[i], dp, rs);
-        else fast_label_backward<T, kDot>(b.row(i), count[i], w, y_sq, x_sq, prm, lse[i], g[i], dp, rs);
+        // one block of the row's columns: dL/dparam stays shifted by the global LSE, not centred
+        // (centred_sum needs the whole row)
+        const LabelGradSums sums =
+            gaussian ? fast_label_backward<T, kGaussian>(b.row(i), count[i], w, y_sq, x_sq, prm, lse[i], g[i])
+                     : fast_label_backward<T, kDot>(b.row(i), count[i], w, y_sq, x_sq, prm, lse[i], g[i]);
+        const T scale = gaussian ? fast_param_scale<T, kGaussian>(prm) : fast_param_scale<T, kDot>(prm);
+        d_prm.template data_ptr<T>()[i] = T(scale * sums.dp);
+        w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
       }
     });
     auto x_blk = b.x.narrow(0, r0, nr);
@@ -126,6 +130,8 @@ at::Tensor cpu_label_block_stats(const at::Tensor& x, const at::Tensor& y, const
                                  c10::string_view kernel, const at::Tensor& row_labels,
                                  const at::Tensor& col_labels, bool exclude_self, int64_t diagonal,
                                  int64_t tile_elements) {
+  const NoAutocast no_autocast;
+  check_label_block_args(x, y, param, kernel, row_labels, col_labels, diagonal, tile_elements);
   if (x.scalar_type() == at::kDouble)
     return stats_impl(LabelBlock<double>(x, y, param, kernel, row_labels, col_labels, exclude_self, diagonal,
                                          0, 0.0, tile_elements));
@@ -139,8 +145,9 @@ void cpu_label_block_backward(const at::Tensor& grad_rows, const at::Tensor& x, 
                               bool exclude_self, int64_t diagonal, int64_t m_valid,
                               const at::Tensor& lse, const at::Tensor& count, int64_t tile_elements,
                               at::Tensor& dx, at::Tensor& dy, at::Tensor& dparam) {
-  TORCH_CHECK(dx.scalar_type() == x.scalar_type() && dy.scalar_type() == x.scalar_type() &&
-                  dparam.scalar_type() == x.scalar_type(), "label block gradients must have x's dtype");
+  const NoAutocast no_autocast;
+  check_label_block_args(x, y, param, kernel, row_labels, col_labels, diagonal, tile_elements);
+  check_label_block_backward_args(grad_rows, x, y, exclude_self, m_valid, lse, count, dx, dy, dparam);
   if (x.scalar_type() == at::kDouble)
     backward_impl(LabelBlock<double>(x, y, param, kernel, row_labels, col_labels, exclude_self, diagonal,
                                      m_valid, alpha, tile_elements), grad_rows, lse, count, dx, dy, dparam);

@@ -3,6 +3,7 @@
 // self pair is masked by index, and exp is the vectorisable icon::vexp, so `omp simd` loops run
 // as SIMD code. Every other case takes the generic per-pair path in cpu_loss.cpp.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -52,19 +53,30 @@ struct LabelSums {
   int64_t k;
 };
 
+// Row sums run in blocks of kSumBlock columns: the SIMD lanes sum a block in T and the block sums
+// add up in double, so sums over 1e5 columns and more keep about T's own accuracy (DESIGN.md §5:
+// no long running fp32 sum) at the speed of the plain SIMD loop.
+constexpr int64_t kSumBlock = 512;
+
 // The statistics of the logits s (overwritten: the self entry becomes -inf).
 template <typename T>
 inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
   const int64_t m = r.m;
-  T sum_s = 0, pos_s = 0;
+  double sum_s = 0, pos_s = 0;
   int64_t k = 0;
-#pragma omp simd reduction(+ : sum_s, pos_s, k)
-  for (int64_t j = 0; j < m; ++j) {
-    const bool hit = r.col_labels[j] == r.label && j != r.self;
-    const bool valid = j != r.self;
-    sum_s += valid ? s[j] : T(0);
-    pos_s += hit ? s[j] : T(0);
-    k += hit;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bs = 0, bp = 0;
+#pragma omp simd reduction(+ : bs, bp, k)
+    for (int64_t j = j0; j < j1; ++j) {
+      const bool hit = r.col_labels[j] == r.label && j != r.self;
+      const bool valid = j != r.self;
+      bs += valid ? s[j] : T(0);
+      bp += hit ? s[j] : T(0);
+      k += hit;
+    }
+    sum_s += bs;
+    pos_s += bp;
   }
   if (r.self >= 0) s[r.self] = -std::numeric_limits<T>::infinity();
   T mx = -std::numeric_limits<T>::infinity();
@@ -74,12 +86,17 @@ inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
   if (mx == -std::numeric_limits<T>::infinity()) {
     lse = std::isnan(sum_s) ? std::numeric_limits<T>::quiet_NaN() : mx;
   } else {
-    T se = 0;
-#pragma omp simd reduction(+ : se)
-    for (int64_t j = 0; j < m; ++j) se += vexp(s[j] - mx);
-    lse = mx + std::log(se);
+    double se = 0;
+    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+      const int64_t j1 = std::min(m, j0 + kSumBlock);
+      T bse = 0;
+#pragma omp simd reduction(+ : bse)
+      for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - mx);
+      se += bse;
+    }
+    lse = T(double(mx) + std::log(se));
   }
-  return {lse, sum_s, pos_s, k};
+  return {lse, T(sum_s), T(pos_s), k};
 }
 
 // Row loss from logits s (overwritten); returns included, writes loss and LSE.
@@ -101,37 +118,69 @@ inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse
   return true;
 }
 
-// W in place of the Gram row w (beta = 0) under the row's LSE and positive count k (over all
-// columns, also when w is one block of them); returns this row's dL/dparam and sum_j W_ij.
+// A row's sums from fast_label_backward, in double. dp = sum_j G_ij (s_ij - shift_i) with shift_i
+// the row's LSE; g_sum = sum_j G_ij, q_basis = sum_j q_ij (s_ij - shift_i) and q_sum = sum_j q_ij
+// centre it over a whole row (centred_sum); row_sum = sum_j W_ij.
+struct LabelGradSums {
+  double dp, g_sum, q_basis, q_sum, row_sum;
+};
+
+// sum_j G_ij (b_ij - c_i) = dp - g_sum * c_i, with c_i the q-weighted mean of b over the row: the
+// G_ij of a row sum to zero in exact arithmetic, so this is dp; in floating point it drops the
+// rounding that G's row sum carries (e.g. from the LSE), which dp alone multiplies by |b - 0|.
+inline double centred_sum(double dp, double g_sum, double q_basis, double q_sum) {
+  return q_sum > 0 ? dp - g_sum * (q_basis / q_sum) : dp;
+}
+
+// dL/dparam = fast_param_scale * sum_j G_ij (s_ij - shift_i) for the dot and Gaussian kernels.
 template <typename T, int K>
-inline void fast_label_backward(const LabelRow& r, int64_t k, T* w, const T* b_sq, T a_sq, T prm,
-                                T lse, T g, T* d_prm, T* row_sum) {
+inline T fast_param_scale(T prm) {
+  return (K == kDot ? T(-1) : T(-2)) / prm;
+}
+
+// W in place of the Gram row w (beta = 0) under the row's LSE and positive count k (over all
+// columns, also when w is one block of them); returns the row's sums (dL/dparam's and sum_j W_ij).
+template <typename T, int K>
+inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, const T* b_sq, T a_sq, T prm,
+                                         T lse, T g) {
   const int64_t m = r.m;
   const T alpha = T(r.alpha), b = alpha / T(std::max<int64_t>(r.m_valid, 1));
   const T pos = k > 0 ? (T(1) - alpha) / T(k) : T(0);
   const T shift = lse == -std::numeric_limits<T>::infinity() ? T(0) : lse;
   const T inv = T(1) / prm, c = T(-1) / (T(2) * prm * prm), w_scale = K == kDot ? inv : inv * inv;
-  T dp = 0, rs = 0;
-#pragma omp simd reduction(+ : dp, rs)
-  for (int64_t j = 0; j < m; ++j) {
-    T s;
-    if constexpr (K == kDot) {
-      s = w[j] * inv;
-    } else {
-      T sq = a_sq + b_sq[j] - T(2) * w[j];
-      s = (sq < T(0) ? T(0) : sq) * c;
+  LabelGradSums out{0, 0, 0, 0, 0};
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
+#pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
+    for (int64_t j = j0; j < j1; ++j) {
+      T s;
+      if constexpr (K == kDot) {
+        s = w[j] * inv;
+      } else {
+        T sq = a_sq + b_sq[j] - T(2) * w[j];
+        s = (sq < T(0) ? T(0) : sq) * c;
+      }
+      const bool valid = j != r.self;
+      const T q = valid ? vexp(s - lse) : T(0);
+      const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
+      const T grad = g * (q - p_mix);
+      const T basis = s - shift;
+      dp += grad == T(0) ? T(0) : grad * basis;
+      gs += grad;
+      qb += q == T(0) ? T(0) : q * basis;
+      qs += q;
+      const T wj = grad * w_scale;
+      w[j] = wj;
+      rs += wj;
     }
-    const bool valid = j != r.self;
-    const T q = valid ? vexp(s - lse) : T(0);
-    const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
-    const T grad = g * (q - p_mix);
-    dp += grad == T(0) ? T(0) : grad * (s - shift);
-    const T wj = grad * w_scale;
-    w[j] = wj;
-    rs += wj;
+    out.dp += dp;
+    out.g_sum += gs;
+    out.q_basis += qb;
+    out.q_sum += qs;
+    out.row_sum += rs;
   }
-  *d_prm = (K == kDot ? -dp : T(-2) * dp) * inv;
-  *row_sum = rs;
+  return out;
 }
 
 }  // namespace icon

@@ -9,6 +9,11 @@
 // needs no per-thread copies. GEMMs stay outside the parallel region on purpose: BLAS calls from
 // worker threads retained hundreds of MB here. Memory: a few tiles of kTileElements on top of the
 // inputs and gradients.
+//
+// Accuracy: every per-row sum over the columns (LSE, the loss terms, the row statistics, the
+// parameter and row sums of the backward) accumulates in double, also for float inputs, so that
+// rows of 1e5 columns keep fp32's own accuracy; the hot SIMD loops (cpu_label_rows.h) sum blocks
+// of columns in T and the blocks in double. dL/dparam is centred (tile_math.h, param_basis).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -19,6 +24,7 @@
 
 #include "cpu_label_rows.h"
 #include "cpu_loss.h"
+#include "op_checks.h"
 #include "op_codes.h"
 #include "tile_math.h"
 
@@ -112,10 +118,10 @@ T logits_and_lse(const Problem<T>& pb, int kernel, T* row, const T* b_sq, T a_sq
     for (int64_t j = 0; j < m; ++j) nan |= pb.valid(i, j) && std::isnan(row[j]);
     return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
   }
-  T sum = 0;
+  double sum = 0;
   for (int64_t j = 0; j < m; ++j)
     if (pb.valid(i, j)) sum += std::exp(row[j] - mx);
-  return mx + std::log(sum);
+  return T(double(mx) + std::log(sum));
 }
 
 // p(.|i) into p[0..m) (0 off the valid set); returns whether the row has any target mass.
@@ -134,11 +140,17 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
     *count = k;
     return k > 0;
   }
-  if (pb.target == kAffinity) {
-    for (int64_t j = 0; j < m; ++j) p[j] = pb.valid(i, j) ? std::exp(t[j] - lse_p) : T(0);
+  if (pb.target == kAffinity) {   // renormalised: the fp32 LSE^p leaves sum_j p = 1 only up to its rounding
+    double total = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      p[j] = pb.valid(i, j) ? std::exp(t[j] - lse_p) : T(0);
+      total += p[j];
+    }
+    if (total > 0)
+      for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
     return pb.m_valid > 0;
   }
-  T total = 0;
+  double total = 0;
   if (pb.target == kDense) {
     const T* w = pb.dense.template data_ptr<T>() + i * m;
     for (int64_t j = 0; j < m; ++j) { p[j] = pb.valid(i, j) ? w[j] : T(0); total += p[j]; }
@@ -150,8 +162,8 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
     for (int64_t c = 0; c < k; ++c)
       if (idx[c] >= 0 && idx[c] < m && pb.valid(i, idx[c])) { p[idx[c]] += w[c]; total += w[c]; }
   }
-  if (total == T(0)) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
-  for (int64_t j = 0; j < m; ++j) p[j] /= total;
+  if (total == 0) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
+  for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
   return true;
 }
 
@@ -201,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         }
         int64_t count;
         const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count);
-        T cross = 0, ent = 0, r_stat = 0, h_stat = 0;
+        double cross = 0, ent = 0, r_stat = 0, h_stat = 0;
         for (int64_t j = 0; j < m; ++j) {
           if (!pb.valid(i, j)) continue;
           const T pm = (T(1) - pb.alpha) * p[j] + b;
@@ -225,11 +237,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
           ent = T(count) * a * std::log(a) + (b > 0 ? T(pb.m_valid - count) * b * std::log(b) : T(0));
         }
         const bool inc = has && pb.m_valid > 0;
-        loss_p[i] = inc ? (pb.kl ? ent - cross : -cross) : T(0);
+        loss_p[i] = inc ? T(pb.kl ? ent - cross : -cross) : T(0);
         inc_p[i] = inc;
         st[i] = lse;
-        if (pb.beta > 0) st[n + i] = r_stat;
-        if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = h_stat; }
+        if (pb.beta > 0) st[n + i] = T(r_stat);
+        if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(h_stat); }
       }
     });
   }
@@ -238,6 +250,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
 
 template <typename T>
 T finite_shift(T v) { return v == -std::numeric_limits<T>::infinity() ? T(0) : v; }
+
+// param_basis in double: s - shift exactly (s - LSE in T would round coarser than s itself), and
+// the Student-t basis to well under T's rounding (in T it came out 5x PyTorch's error at M = 2e4).
+template <typename T>
+double basis_of(int kernel, T s, T aux, T prm, T shift) {
+  return param_basis<double>(kernel, s, aux, prm, shift);
+}
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
@@ -256,12 +275,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   const T b = pb.alpha / mv;
   const bool dist = is_distance(pb.kernel), t_dist = is_distance(pb.t_kernel);
   auto dx = at::zeros({n, d}, opts), dy = at::zeros({m, d}, opts);
-  auto dprm = at::zeros({n}, opts), colsum = at::zeros({m}, opts);
+  // dL/dparam per row in double: a scalar parameter's gradient is their sum, rounded once
+  auto dprm = at::zeros({n}, opts.dtype(at::kDouble)), colsum = at::zeros({m}, opts);
   at::Tensor dz, dzc, dtprm, t_colsum;
   if (target_grad) {
     dz = at::zeros({n, pb.dz}, opts);
     dzc = at::zeros({m, pb.dz}, opts);
-    dtprm = at::zeros({n}, opts);
+    dtprm = at::zeros({n}, opts.dtype(at::kDouble));
     t_colsum = at::zeros({m}, opts);
   }
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -271,7 +291,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), t_aux(m);
+      std::vector<T> p(m), t_aux(m), h(target_grad ? m : 0), s_row(m), aux_row(m), q_row(m);
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
         const T lse = st[i], shift = finite_shift(lse);
@@ -290,28 +310,43 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           continue;
         }
         if (pb.fast_labels()) {
-          T* d_prm = dprm.template data_ptr<T>() + i;
-          T* rs = w_rowsum.template data_ptr<T>() + (i - r0);
           const LabelRow row = pb.label_row(i);
-          if (pb.kernel == kDot)
-            fast_label_backward<T, kDot>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
-          else
-            fast_label_backward<T, kGaussian>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i], d_prm, rs);
+          const bool dot = pb.kernel == kDot;
+          const LabelGradSums sums =
+              dot ? fast_label_backward<T, kDot>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i])
+                  : fast_label_backward<T, kGaussian>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i]);
+          const double scale =
+              dot ? fast_param_scale<double, kDot>(prm[i]) : fast_param_scale<double, kGaussian>(prm[i]);
+          dprm.template data_ptr<double>()[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+          w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
           continue;
         }
         int64_t count;
         target_row<T>(pb, i, p.data(), tr, lse_p, &count);
-        T d_prm = 0, d_tprm = 0, rs = 0, trs = 0;
-        const T r_stat = st[n + i], h_stat = st[3 * n + i];
+        // learned side: sum_j G b, sum_j G, sum_j q b, sum_j q (b = param_basis; centred_sum), sum_j W;
+        // target side: the same with G^t and p, and sum_j p h for H
+        double d_prm = 0, g_sum = 0, q_basis = 0, q_sum = 0, rs = 0;
+        double d_tprm = 0, gt_sum = 0, p_basis = 0, p_sum = 0, trs = 0, ph_sum = 0;
+        const T r_stat = st[n + i];
         const T tp = pb.target == kAffinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
         const T shift_p = finite_shift(lse_p);
+        // q = exp(s - LSE), renormalised over the row: the saved fp32 LSE leaves sum_j q = 1 only up
+        // to its rounding, an error shared by the whole row that dL/dx would carry times the
+        // q-mean of y - x_i (DESIGN.md §5, large M)
+        double q_total = 0;
         for (int64_t j = 0; j < m; ++j) {
-          T aux;
-          const T s = logit<T>(pb.kernel, w[j], x_sq[i], y_sq[j], prm[i], &aux);
-          T grad = 0, log_qm = 0, pm = 0;
+          s_row[j] = logit<T>(pb.kernel, w[j], x_sq[i], y_sq[j], prm[i], &aux_row[j]);
+          q_row[j] = pb.valid(i, j) ? std::exp(s_row[j] - lse) : T(0);
+          q_total += q_row[j];
+        }
+        const double q_scale = q_total > 0 ? 1.0 / q_total : 1.0;
+        const T log_q_scale = T(std::log(q_scale));
+        for (int64_t j = 0; j < m; ++j) {
+          const T s = s_row[j], aux = aux_row[j];
+          T grad = 0, log_qm = 0, pm = 0, q = 0;
           if (pb.valid(i, j)) {
-            const T log_q = s - lse;
-            const T q = std::exp(log_q);
+            const T log_q = (s - lse) + log_q_scale;
+            q = T(q_row[j] * q_scale);
             pm = (T(1) - pb.alpha) * p[j] + b;
             if (pb.beta > 0) {
               const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
@@ -322,25 +357,43 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
               log_qm = log_q;
             }
           }
-          d_prm += param_term<T>(pb.kernel, grad, s, aux, prm[i], shift);
+          if (grad != T(0) || q != T(0)) {
+            const double basis = basis_of<T>(pb.kernel, s, aux, prm[i], shift);
+            if (grad != T(0)) { d_prm += grad * basis; g_sum += grad; }
+            if (q != T(0)) { q_basis += q * basis; q_sum += q; }
+          }
           w[j] = grad_weight<T>(pb.kernel, grad, aux, prm[i]);
           rs += w[j];
-          if (target_grad) {
+          if (target_grad && p[j] != T(0)) {
+            h[j] = pb.kl ? std::log(pm) - log_qm : -log_qm;
+            ph_sum += double(p[j]) * h[j];
+            p_sum += p[j];
+          }
+        }
+        if (target_grad) {
+          // G^t = g (1 - alpha) p (h - H) with H = sum_j p h over this row's own h, in double: h - H
+          // cancels to the spread of h and dL/dz is a p-weighted covariance, so the saved fp32 H's
+          // rounding would come back times the p-mean of z_cols - z_i (DESIGN.md §5, large M).
+          const double h_mean = p_sum > 0 ? ph_sum / p_sum : 0.0;
+          for (int64_t j = 0; j < m; ++j) {
             T gt = 0;
             if (p[j] != T(0)) {
-              const T h = pb.kl ? std::log(pm) - log_qm : -log_qm;
-              gt = g[i] * (T(1) - pb.alpha) * p[j] * (h - h_stat);
+              gt = T(double(g[i]) * (1.0 - double(pb.alpha)) * p[j] * (h[j] - h_mean));
+              const double basis = basis_of<T>(pb.t_kernel, tr[j], t_aux[j], tp, shift_p);
+              if (gt != T(0)) { d_tprm += gt * basis; gt_sum += gt; }
+              p_basis += p[j] * basis;
             }
-            d_tprm += param_term<T>(pb.t_kernel, gt, tr[j], t_aux[j], tp, shift_p);
             tr[j] = grad_weight<T>(pb.t_kernel, gt, t_aux[j], tp);
             trs += tr[j];
           }
         }
-        dprm.template data_ptr<T>()[i] = d_prm;
-        w_rowsum.template data_ptr<T>()[i - r0] = rs;
+        dprm.template data_ptr<double>()[i] =
+            param_scale<double>(pb.kernel, prm[i]) * centred_sum(d_prm, g_sum, q_basis, q_sum);
+        w_rowsum.template data_ptr<T>()[i - r0] = T(rs);
         if (target_grad) {
-          dtprm.template data_ptr<T>()[i] = d_tprm;
-          wt_rowsum.template data_ptr<T>()[i - r0] = trs;
+          dtprm.template data_ptr<double>()[i] =
+              param_scale<double>(pb.t_kernel, tp) * centred_sum(d_tprm, gt_sum, p_basis, p_sum);
+          wt_rowsum.template data_ptr<T>()[i - r0] = T(trs);
         }
       }
     });
@@ -367,6 +420,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) {
+  const NoAutocast no_autocast;
+  check_forward_args(ICON_FORWARD_ARGS);
   if (x.scalar_type() == at::kDouble) return forward_impl<double>(Problem<double>(ICON_FORWARD_ARGS));
   return forward_impl<float>(Problem<float>(ICON_FORWARD_ARGS));
 }
@@ -374,6 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid,
     const at::Tensor& stats, bool need_target_grad) {
+  const NoAutocast no_autocast;
+  check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
       ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad)

@@ -23,11 +23,12 @@ namespace icon {
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The backward op's outputs from the accumulation-type gradients {dx, dy, dparam per row, dz,
-// dz_cols, dt_param per row}: input dtypes, scalar parameters summed, empty target grads.
+// dz_cols, dt_param per row} (the CPU kernel keeps the per-row parameter gradients in double):
+// input dtypes, scalar parameters summed, empty target grads.
 inline BackwardOutputs backward_outputs(const std::vector<at::Tensor>& g, ICON_FORWARD_PARAMS,
                                         bool target_grad) {
-  auto reduce = [](const at::Tensor& per_row, const at::Tensor& p) {
-    return (p.dim() == 0 ? per_row.sum() : per_row).to(p.scalar_type());
+  auto reduce = [](const at::Tensor& per_row, const at::Tensor& p) {   // p: one value, or one per row
+    return (p.numel() == 1 ? per_row.sum().reshape(p.sizes()) : per_row).to(p.scalar_type());
   };
   auto empty = [&]() { return at::empty({0}, x.options()); };
   return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), reduce(g[2], param),

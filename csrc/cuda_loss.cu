@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_loss.h"   // ICON_FORWARD_PARAMS
+#include "op_checks.h"
 #include "op_codes.h"
 #include "tile_math.h"
 
@@ -395,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_t(ICON_FORWARD_PARAMS) {
   auto loss = at::zeros({p.n}, opts), stats = at::zeros({4, p.n}, opts), norms = at::zeros({p.n}, opts);
   auto included = at::zeros({p.n}, opts.dtype(at::kBool));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (p.n == 0) return {loss, included, stats};   // an empty grid is a launch error
   forward_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
       p, loss.template data_ptr<T>(), included.template data_ptr<bool>(), stats.template data_ptr<T>(),
       norms.template data_ptr<T>());
@@ -414,13 +416,14 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
   // the per-row target normaliser, recomputed by a forward pass into scratch outputs
   auto loss = at::zeros({p.n}, opts), stats2 = at::zeros({4, p.n}, opts), norms = at::zeros({p.n}, opts);
   auto inc = at::zeros({p.n}, opts.dtype(at::kBool));
+  auto dx = at::zeros({p.n, p.d}, opts), dy = at::zeros({p.m, p.d}, opts), dprm = at::zeros({p.n}, opts);
+  auto dz = at::zeros({p.n, std::max<int64_t>(p.dz, 1)}, opts), dzc = at::zeros({p.m, std::max<int64_t>(p.dz, 1)}, opts);
+  auto dtprm = at::zeros({p.n}, opts);
+  if (p.n == 0 || p.m == 0) return {dx, dy, dprm, dz, dzc, dtprm};   // nothing to add; no empty grids
   forward_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
       p, loss.template data_ptr<T>(), inc.template data_ptr<bool>(), stats2.template data_ptr<T>(),
       norms.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto dx = at::zeros({p.n, p.d}, opts), dy = at::zeros({p.m, p.d}, opts), dprm = at::zeros({p.n}, opts);
-  auto dz = at::zeros({p.n, std::max<int64_t>(p.dz, 1)}, opts), dzc = at::zeros({p.m, std::max<int64_t>(p.dz, 1)}, opts);
-  auto dtprm = at::zeros({p.n}, opts);
   backward_rows_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
       p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), target_grad,
       dx.template data_ptr<T>(), dprm.template data_ptr<T>(), dz.template data_ptr<T>(), dtprm.template data_ptr<T>());
@@ -435,6 +438,8 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS) {
+  const NoAutocast no_autocast;
+  check_forward_args(ICON_FORWARD_ARGS);
   c10::cuda::CUDAGuard guard(x.device());
   if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_FORWARD_ARGS);
   return forward_t<float>(ICON_FORWARD_ARGS);
@@ -443,6 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid, const at::Tensor& stats,
     bool need_target_grad) {
+  const NoAutocast no_autocast;
+  check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   c10::cuda::CUDAGuard guard(x.device());
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble

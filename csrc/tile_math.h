@@ -52,4 +52,23 @@ ICON_HD T param_term(int kernel, T g, T s, T aux, T prm, T shift) {
   return T(0);
 }
 
+// The same split in two: param_term = g * param_basis * param_scale. A row's dL/dparam is then
+// param_scale * sum_j G_ij b_ij, and, since the G_ij of a row sum to zero, any row constant may be
+// taken off b_ij: the CPU kernel takes off b's q-weighted mean, which cancels the rounding that
+// G's row sum carries (DESIGN.md §5, accuracy at large M).
+template <typename T>
+ICON_HD T param_basis(int kernel, T s, T aux, T prm, T shift) {
+  if (kernel == kDot || kernel == kGaussian) return s - shift;
+  if (kernel == kStudentT)
+    return -T(0.5) * std::log1p(aux / prm) + T(0.5) * (prm + T(1)) * aux / (prm * (prm + aux));
+  return T(0);
+}
+
+template <typename T>
+ICON_HD T param_scale(int kernel, T prm) {
+  if (kernel == kDot) return T(-1) / prm;
+  if (kernel == kGaussian) return T(-2) / prm;
+  return kernel == kStudentT ? T(1) : T(0);
+}
+
 }  // namespace icon
