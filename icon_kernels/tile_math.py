@@ -20,6 +20,23 @@ def _per_row(param_rows: torch.Tensor) -> torch.Tensor:
     return param_rows[:, 0] if param_rows.dim() == 2 else param_rows
 
 
+SUM_BLOCK = 1024   # columns summed in the tile's dtype by row_sum before a float64 total
+
+
+def row_sum(t: torch.Tensor) -> torch.Tensor:
+    """Row sums of an R x M tile, in float64 (MPS: the tile's dtype): blocks of SUM_BLOCK
+    columns summed in the tile's dtype, the block sums in float64, with no float64 copy of the
+    tile. Row sums over 1e5 columns keep fp32's own accuracy, and a row loss formed from two such
+    sums rounds once (DESIGN.md §5)."""
+    r, m = t.shape
+    acc = t.dtype if t.device.type == "mps" else torch.float64     # MPS has no float64
+    full = m - m % SUM_BLOCK
+    total = t[:, full:].sum(1, dtype=acc)
+    if full:
+        total += t[:, :full].reshape(r, full // SUM_BLOCK, SUM_BLOCK).sum(2).sum(1, dtype=acc)
+    return total
+
+
 def where_positive(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """values where p != 0 (0 log 0 = 0); NaN in p stays NaN."""
     return torch.where(p == 0, 0.0, values)
@@ -33,8 +50,13 @@ def finite_shift(lse: torch.Tensor) -> torch.Tensor:
 def row_lse(s: torch.Tensor) -> torch.Tensor:
     """logsumexp over each row of a masked logits tile (-inf off the valid set). A row with a +inf
     logit gets NaN, as log_softmax gives (Inf in the inputs never yields a finite or +inf loss by
-    way of -inf log q elsewhere in the row); a row with no valid column stays at -inf."""
-    lse = torch.logsumexp(s, dim=1)
+    way of -inf log q elsewhere in the row); a row with no valid column stays at -inf.
+    The sum of exponentials runs in float64 (row_sum), so the LSE is only rounded to s's dtype:
+    its error shifts every log q of the row, which the mixtures (alpha, beta > 0) do not cancel."""
+    mx = s.amax(1)
+    mx = torch.where(torch.isinf(mx), 0.0, mx)          # -inf rows stay -inf, +inf rows give inf
+    se = row_sum(torch.exp(s - mx[:, None]))
+    lse = (mx.to(se.dtype) + torch.log(se)).to(s.dtype)
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 
@@ -71,30 +93,52 @@ def _to_columns(w: torch.Tensor, a: torch.Tensor, out_b):
     return None
 
 
+def _param_sum(grad: torch.Tensor, s: torch.Tensor, shift, weights) -> torch.Tensor:
+    """sum_j G_ij (s_ij - c_i) per row, for any row constant c_i, since every row of G sums to zero.
+    Without ``weights``, c is ``shift`` (the row's LSE). With ``weights`` (R x M, >= 0: q for the
+    learned side, p for the target side), c is s's weighted row mean and the sum is centred again
+    in float64 (row_sum): that cancels the rounding that G's row sum carries (from the LSE, say),
+    and s - c rounds no coarser than s itself, where s - LSE can (DESIGN.md §5, large M). The
+    centred sum stays in float64, so a scalar parameter's gradient, the sum over rows, rounds once."""
+    if weights is None:
+        return (grad * (s - shift)).sum(1)
+    total = row_sum(weights)
+    total = torch.where(total > 0, total, 1.0)
+    centre = (row_sum(where_positive(weights, weights * s)) / total).to(s.dtype)
+    b = s - centre[:, None]
+    return row_sum(grad * b) - row_sum(grad) * row_sum(where_positive(weights, weights * b)) / total
+
+
 def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
-          prm: torch.Tensor, shift: torch.Tensor, out_b=None):
+          prm: torch.Tensor, shift: torch.Tensor, out_b=None, weights=None):
     """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row); with ``out_b``, dL/db is
     added into it in place (no M x d temporary) and returned as None.
 
     Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
     constant; shifting by the row's LSE keeps that sum from cancelling catastrophically.
+    ``weights`` (q for the learned side, p for the target side) centres that sum (_param_sum).
     """
     shift = shift[:, None]
     if kernel == "dot":
         scaled = grad / prm
-        d_param = -(grad * (aux / prm - shift)).sum(1) / _per_row(prm)   # -sum_j G s / tau
+        d_param = -_param_sum(grad, aux / prm, shift, weights) / _per_row(prm)   # -sum_j G s / tau
         return scaled @ b, _to_columns(scaled, a, out_b), d_param
     if kernel == "log_dot":
         w = grad / aux
         return w @ b, _to_columns(w, a, out_b), torch.zeros_like(grad[:, 0])
     if kernel == "gaussian":
         w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
-        d_param = -2 * (grad * (aux / (-2 * prm * prm) - shift)).sum(1) / _per_row(prm)
+        d_param = -2 * _param_sum(grad, aux / (-2 * prm * prm), shift, weights) / _per_row(prm)
     else:  # student_t, nu = prm
         w = grad * (prm + 1) / (prm + aux)
-        ds_dnu = -0.5 * torch.log1p(aux / prm) + 0.5 * (prm + 1) * aux / (prm * (prm + aux))
-        d_param = (grad * ds_dnu).sum(1)
-    d_a = w @ b - w.sum(1, keepdim=True) * a
+        # ds/dnu evaluated in float64 and rounded once: in fp32 its two terms leave ~1 ulp of 1 on
+        # every pair, which came back in dL/dnu at up to 5x PyTorch's own error at M = 2e4
+        acc = aux.dtype if aux.device.type == "mps" else torch.float64
+        a64, p64 = aux.to(acc), prm.to(acc)
+        ds_dnu = (-0.5 * torch.log1p(a64 / p64) + 0.5 * (p64 + 1) * a64 / (p64 * (p64 + a64))).to(aux.dtype)
+        del a64
+        d_param = _param_sum(grad, ds_dnu, 0.0, weights)
+    d_a = w @ b - row_sum(w).to(w.dtype)[:, None] * a
     if out_b is None:
         return d_a, w.T @ a - w.sum(0)[:, None] * b, d_param
     out_b.addmm_(w.T, a).addcmul_(w.sum(0)[:, None], b, value=-1)

@@ -94,7 +94,7 @@ def _off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Te
 
 
 def _normalised(w: torch.Tensor):
-    total = w.sum(1, keepdim=True)
+    total = tile_math.row_sum(w).to(w.dtype)[:, None]
     empty = total == 0        # a NaN total keeps its row, so NaN inputs give a NaN loss
     return w / torch.where(empty, 1.0, total), ~empty[:, 0]
 
@@ -120,8 +120,18 @@ def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = N
     if lse_p is None:
         lse_p = tile_math.row_lse(t_masked)
     p = torch.exp(t_masked - tile_math.finite_shift(lse_p)[:, None])   # rows without columns: 0
+    p = p / _row_total(p)      # sum_j p = 1 up to rounding per entry, not per row (the fp32 LSE^p's)
     has_p = torch.full((r1 - r0,), pb.m_valid > 0, dtype=torch.bool, device=t.device)
     return Tile(p, has_p, t, t_aux, lse_p)
+
+
+def _row_total(t: torch.Tensor) -> torch.Tensor:
+    """Row sums of a tile of probabilities (float64 sums, rounded once), 1 where a row has none, as
+    an R x 1 divisor that renormalises the rows: exp(s - LSE) with an fp32 LSE sums to 1 only up
+    to the LSE's rounding, an error shared by the whole row, which the gradients carry times the
+    row's mean of y - x_i (DESIGN.md §5, large M)."""
+    total = tile_math.row_sum(t)
+    return torch.where(total > 0, total, 1.0).to(t.dtype)[:, None]
 
 
 def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
@@ -156,7 +166,7 @@ def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tenso
 def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
     """sum_j p~ log p~ per row; closed form for Labels."""
     if tile.count is None:
-        return tile_math.where_positive(p_mix, p_mix * torch.log(p_mix)).sum(1)
+        return tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * torch.log(p_mix)))
     return tile_math.labels_entropy(tile.count, pb.alpha, pb.m_valid)
 
 
@@ -175,14 +185,14 @@ def _forward_chunk(pb: Problem, r0: int, r1: int):
         q = torch.exp(log_q)
         q_mix = _mixed_q(pb, q)
         log_q_mix = torch.log(q_mix)
-        r_stat = tile_math.where_positive(p_mix, p_mix * q / q_mix).sum(1)
+        r_stat = tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * q / q_mix))
         del q, q_mix
-    row = -tile_math.where_positive(p_mix, p_mix * log_q_mix).sum(1)
+    row = -tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * log_q_mix))   # float64, rounded once
     if pb.kl:
         row = row + _entropy(pb, tile, p_mix)
     h_stat = None
     if pb.target == "affinity":
-        h_stat = tile_math.where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)).sum(1)
+        h_stat = tile_math.row_sum(tile_math.where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)))
     included = tile.has_p & (pb.m_valid > 0)
     return torch.where(included, row, 0.0), included, (lse, r_stat, tile.lse_p, h_stat)
 
@@ -217,6 +227,9 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
     q = torch.exp(log_q)
+    q_total = _row_total(q)
+    q = q / q_total
+    log_q = log_q - torch.log(q_total)
     tile = target_tile(pb, r0, r1, stats[LSE_P, r0:r1] if pb.target == "affinity" else None)
     p_mix = _mixed_target(pb, tile, r0)
     g_rows = g[r0:r1, None]
@@ -224,17 +237,25 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
         grad_s = g_rows * (q - p_mix)
     else:
         grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / _mixed_q(pb, q))
-    del q
     grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
     learned = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux,
-                              tile_math.rows_of(pb.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]))
-    del grad_s, aux
+                              tile_math.rows_of(pb.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]),
+                              weights=torch.where(valid[r0:r1, None], q, 0.0))   # rows left out: 0, not NaN
+    del grad_s, aux, q
     if not target_grad:
         return learned, None
     h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
-    grad_t = tile_math.where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * (h - stats[H_STAT, r0:r1, None]))
+    # H = sum_j p h again, in float64 from this very tile (not the saved fp32 H), subtracted as two
+    # fp32 parts: h - H cancels to the spread of h and dL/dz is a p-weighted covariance, so H's
+    # rounding would come back times the p-mean of z_cols - z_i (DESIGN.md §5, large M).
+    h_mean = tile_math.row_sum(tile_math.where_positive(tile.p, tile.p * h)) / tile_math.row_sum(tile.p)
+    h_hi = h_mean.to(h.dtype)
+    h_lo = (h_mean - h_hi).to(h.dtype)
+    h_dev = (h - h_hi[:, None]) - h_lo[:, None]
+    grad_t = tile_math.where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * h_dev)
     target = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
-                             tile_math.rows_of(pb.t_param, r0, r1), tile_math.finite_shift(stats[LSE_P, r0:r1]))
+                             tile_math.rows_of(pb.t_param, r0, r1), tile_math.finite_shift(stats[LSE_P, r0:r1]),
+                             weights=tile.p)
     return learned, target
 
 
