@@ -261,7 +261,7 @@ double basis_of(int kernel, T s, T aux, T prm, T shift) {
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
                                       const at::Tensor& valid, const at::Tensor& stats_in,
-                                      bool target_grad) {
+                                      bool target_grad, bool param_grad) {
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const auto opts = pb.x.options();
   auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
@@ -357,7 +357,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
               log_qm = log_q;
             }
           }
-          if (grad != T(0) || q != T(0)) {
+          if (param_grad && (grad != T(0) || q != T(0))) {   // a float parameter needs none
             const double basis = basis_of<T>(pb.kernel, s, aux, prm[i], shift);
             if (grad != T(0)) { d_prm += grad * basis; g_sum += grad; }
             if (q != T(0)) { q_basis += q * basis; q_sum += q; }
@@ -428,13 +428,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid,
-    const at::Tensor& stats, bool need_target_grad) {
+    const at::Tensor& stats, bool need_target_grad, bool need_param_grad) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
-      ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad)
-      : backward_impl<float>(Problem<float>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad);
+      ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad)
+      : backward_impl<float>(Problem<float>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad);
   return backward_outputs(g, ICON_FORWARD_ARGS, target_grad);
 }
 

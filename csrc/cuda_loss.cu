@@ -447,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid, const at::Tensor& stats,
-    bool need_target_grad) {
+    bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   c10::cuda::CUDAGuard guard(x.device());

@@ -8,6 +8,9 @@ Triton or CUDA kernels) only supplies the two compute functions, in Python or vi
 
 forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp64) where the
 statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see torch_backend.
+backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
+need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
+backend may skip that work).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_l
         "Tensor? t_param, str t_kernel, Tensor? dense_p, float alpha, float beta, "
         "bool exclude_self, bool kl")
 FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
-BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad)"
+BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad, "
+                   "bool need_param_grad)"
                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 N_ARGS = 18          # arguments of the forward schema
 NBR_WEIGHT, Z, Z_COLS, T_PARAM, DENSE_P = 8, 9, 10, 11, 13
@@ -41,7 +45,7 @@ def _fake_forward(x, y, *rest):
 
 
 def _fake_backward(grad_rows, *rest):
-    *args, valid, stats, need_target_grad = rest
+    *args, valid, stats, need_target_grad, _need_param_grad = rest
     x, y, param = args[0], args[1], args[2]
     grads = [torch.empty_like(x), torch.empty_like(y), torch.empty_like(param)]
     if need_target_grad and args[4] == "affinity":
@@ -67,7 +71,8 @@ def _make_autograd(backward_op):
             args[slot] = t
         need = ctx.needs_input_grad
         need_target = args[4] == "affinity" and any(need[i] for i in (Z, Z_COLS, T_PARAM))
-        dx, dy, dparam, dz, dz_cols, dt_param = backward_op(grad_rows, *args, valid, stats, need_target)
+        dx, dy, dparam, dz, dz_cols, dt_param = backward_op(grad_rows, *args, valid, stats, need_target,
+                                                            need[2])
         grads = [None] * N_ARGS
         grads[0], grads[1], grads[2] = dx, dy, dparam
         if need_target:
@@ -77,7 +82,7 @@ def _make_autograd(backward_op):
             slot, grad_of = ((NBR_WEIGHT, target_weight_grads.neighbors_grad) if need[NBR_WEIGHT]
                              else (DENSE_P, target_weight_grads.dense_grad))
             with no_autocast(g.device):
-                grads[slot] = grad_of(args, g, stats)
+                grads[slot] = grad_of(args, g, stats).to(args[slot].dtype)
         return tuple(grads)
     return backward
 

@@ -82,7 +82,9 @@ def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
     sq = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * (a @ b.T)).clamp_min_(0)
     if kernel == "gaussian":
         return sq / (-2 * prm * prm), sq
-    return -0.5 * (prm + 1) * torch.log1p(sq / prm), sq  # student_t
+    if kernel == "student_t":
+        return -0.5 * (prm + 1) * torch.log1p(sq / prm), sq
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 def _to_columns(w: torch.Tensor, a: torch.Tensor, out_b):
@@ -109,35 +111,51 @@ def _param_sum(grad: torch.Tensor, s: torch.Tensor, shift, weights) -> torch.Ten
     return row_sum(grad * b) - row_sum(grad) * row_sum(where_positive(weights, weights * b)) / total
 
 
-def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
-          prm: torch.Tensor, shift: torch.Tensor, out_b=None, weights=None):
-    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row); with ``out_b``, dL/db is
-    added into it in place (no M x d temporary) and returned as None.
+def param_grad(kernel: str, grad: torch.Tensor, aux: torch.Tensor, prm: torch.Tensor, shift: torch.Tensor,
+               weights=None) -> torch.Tensor:
+    """dL/dparam per row from G = dL/ds (R x M): -sum_j G s / tau (dot), -2 sum_j G s / sigma
+    (gaussian), sum_j G ds/dnu (student_t), 0 (log_dot: no parameter).
 
     Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
     constant; shifting by the row's LSE keeps that sum from cancelling catastrophically.
-    ``weights`` (q for the learned side, p for the target side) centres that sum (_param_sum).
-    """
+    ``weights`` (q for the learned side, p for the target side) centres that sum (_param_sum)."""
     shift = shift[:, None]
     if kernel == "dot":
-        scaled = grad / prm
-        d_param = -_param_sum(grad, aux / prm, shift, weights) / _per_row(prm)   # -sum_j G s / tau
-        return scaled @ b, _to_columns(scaled, a, out_b), d_param
-    if kernel == "log_dot":
-        w = grad / aux
-        return w @ b, _to_columns(w, a, out_b), torch.zeros_like(grad[:, 0])
+        return -_param_sum(grad, aux / prm, shift, weights) / _per_row(prm)
     if kernel == "gaussian":
-        w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
-        d_param = -2 * _param_sum(grad, aux / (-2 * prm * prm), shift, weights) / _per_row(prm)
-    else:  # student_t, nu = prm
-        w = grad * (prm + 1) / (prm + aux)
+        return -2 * _param_sum(grad, aux / (-2 * prm * prm), shift, weights) / _per_row(prm)
+    if kernel == "student_t":
         # ds/dnu evaluated in float64 and rounded once: in fp32 its two terms leave ~1 ulp of 1 on
         # every pair, which came back in dL/dnu at up to 5x PyTorch's own error at M = 2e4
         acc = aux.dtype if aux.device.type == "mps" else torch.float64
         a64, p64 = aux.to(acc), prm.to(acc)
         ds_dnu = (-0.5 * torch.log1p(a64 / p64) + 0.5 * (p64 + 1) * a64 / (p64 * (p64 + a64))).to(aux.dtype)
         del a64
-        d_param = _param_sum(grad, ds_dnu, 0.0, weights)
+        return _param_sum(grad, ds_dnu, 0.0, weights)
+    if kernel == "log_dot":
+        return torch.zeros_like(grad[:, 0])
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
+          prm: torch.Tensor, shift: torch.Tensor, out_b=None, weights=None, with_param: bool = True):
+    """From G = dL/ds (R x M) to (dL/da, dL/db, dL/dparam per row); with ``out_b``, dL/db is
+    added into it in place (no M x d temporary) and returned as None. ``with_param=False`` skips
+    the parameter's gradient (zeros), which costs several passes over the tile (param_grad)."""
+    d_param = (param_grad(kernel, grad, aux, prm, shift, weights) if with_param
+               else torch.zeros_like(grad[:, 0]))
+    if kernel == "dot":
+        scaled = grad / prm
+        return scaled @ b, _to_columns(scaled, a, out_b), d_param
+    if kernel == "log_dot":
+        w = grad / aux
+        return w @ b, _to_columns(w, a, out_b), d_param
+    if kernel == "gaussian":
+        w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
+    elif kernel == "student_t":                                   # nu = prm
+        w = grad * (prm + 1) / (prm + aux)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
     d_a = w @ b - row_sum(w).to(w.dtype)[:, None] * a
     if out_b is None:
         return d_a, w.T @ a - w.sum(0)[:, None] * b, d_param

@@ -77,7 +77,7 @@ class Problem(NamedTuple):
         return max(self.m_valid, 1)
 
 
-def _cast(args) -> Problem:
+def cast_args(args) -> Problem:
     prob = Problem(*args)
     acc = accumulation_dtype(prob.x.dtype)
     up = lambda t: None if t is None else t.to(acc)
@@ -86,7 +86,7 @@ def _cast(args) -> Problem:
                          nbr_weight=up(prob.nbr_weight))
 
 
-def _off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Tensor:
+def off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Tensor:
     """Sets the self pairs (i, i) of rows r0.. to ``fill`` in place."""
     if exclude_self:
         tile.diagonal(r0).fill_(fill)
@@ -103,7 +103,7 @@ def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = N
     """p for rows r0:r1. For Affinity, ``lse_p`` (saved in forward) is reused when given."""
     m, acc = pb.y.shape[0], pb.x.dtype
     if pb.target == "labels":
-        same = _off_self((pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc), r0,
+        same = off_self((pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc), r0,
                          pb.exclude_self, 0.0)
         return Tile(*_normalised(same), count=same.sum(1))
     if pb.target == "neighbors":
@@ -111,12 +111,12 @@ def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = N
         w = torch.ones(idx.shape, dtype=acc, device=idx.device) if pb.nbr_weight is None else pb.nbr_weight[r0:r1]
         dense = torch.zeros(r1 - r0, m, dtype=acc, device=idx.device)
         dense.scatter_add_(1, idx.clamp_min(0), w * (idx >= 0))
-        return Tile(*_normalised(_off_self(dense, r0, pb.exclude_self, 0.0)))
+        return Tile(*_normalised(off_self(dense, r0, pb.exclude_self, 0.0)))
     if pb.target == "dense":
-        return Tile(*_normalised(_off_self(pb.dense_p[r0:r1].clone(), r0, pb.exclude_self, 0.0)))
+        return Tile(*_normalised(off_self(pb.dense_p[r0:r1].clone(), r0, pb.exclude_self, 0.0)))
     # affinity: p = softmax over valid j of t
     t, t_aux = tile_math.logits(pb.t_kernel, pb.z[r0:r1], pb.z_cols, tile_math.rows_of(pb.t_param, r0, r1))
-    t_masked = _off_self(t.clone(), r0, pb.exclude_self, float("-inf"))
+    t_masked = off_self(t.clone(), r0, pb.exclude_self, float("-inf"))
     if lse_p is None:
         lse_p = tile_math.row_lse(t_masked)
     p = torch.exp(t_masked - tile_math.finite_shift(lse_p)[:, None])   # rows without columns: 0
@@ -138,7 +138,7 @@ def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
     """p~ = (1 - alpha) p + alpha / M' on the valid set, 0 on self pairs."""
     if pb.alpha == 0:
         return tile.p
-    return _off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_mix, r0, pb.exclude_self, 0.0)
+    return off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_mix, r0, pb.exclude_self, 0.0)
 
 
 def _mixed_q(pb: Problem, q: torch.Tensor) -> torch.Tensor:
@@ -152,10 +152,10 @@ def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
 
 
 
-def _learned_tile(pb: Problem, r0: int, r1: int):
+def learned_tile(pb: Problem, r0: int, r1: int):
     """(s with self pairs at -inf, aux) for rows r0:r1; the chain rule needs only aux."""
     s, aux = tile_math.logits(pb.kernel, pb.x[r0:r1], pb.y, tile_math.rows_of(pb.param, r0, r1))
-    return _off_self(s, r0, pb.exclude_self, float("-inf")), aux
+    return off_self(s, r0, pb.exclude_self, float("-inf")), aux
 
 
 def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
 
 def _forward_chunk(pb: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
-    s_masked, _ = _learned_tile(pb, r0, r1)
+    s_masked, _ = learned_tile(pb, r0, r1)
     lse = tile_math.row_lse(s_masked)
     log_q = s_masked - lse[:, None]
     del s_masked
@@ -198,7 +198,7 @@ def _forward_chunk(pb: Problem, r0: int, r1: int):
 
 
 def forward(*args):
-    pb = _cast(args)
+    pb = cast_args(args)
     n = pb.x.shape[0]
     loss = torch.zeros(n, dtype=pb.x.dtype, device=pb.x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=pb.x.device)
@@ -221,9 +221,9 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
 
 
 def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
-                    stats: torch.Tensor, target_grad: bool):
+                    stats: torch.Tensor, target_grad: bool, param_grad: bool):
     """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
-    s_masked, aux = _learned_tile(pb, r0, r1)
+    s_masked, aux = learned_tile(pb, r0, r1)
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
     q = torch.exp(log_q)
@@ -240,7 +240,8 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
     grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
     learned = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux,
                               tile_math.rows_of(pb.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]),
-                              weights=torch.where(valid[r0:r1, None], q, 0.0))   # rows left out: 0, not NaN
+                              weights=torch.where(valid[r0:r1, None], q, 0.0),   # rows left out: 0, not NaN
+                              with_param=param_grad)
     del grad_s, aux, q
     if not target_grad:
         return learned, None
@@ -261,8 +262,8 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
 
 def backward(grad_rows, *rest):
     """Gradients (dx, dy, dparam, dz, dz_cols, dt_param); target grads are empty unless requested."""
-    *args, valid, stats, need_target_grad = rest
-    pb = _cast(args)
+    *args, valid, stats, need_target_grad, need_param_grad = rest
+    pb = cast_args(args)
     g = torch.where(valid, grad_rows.to(pb.x.dtype), 0.0)
     target_grad = need_target_grad and pb.target == "affinity"
     # (rows, columns, parameter) accumulators of the learned side, then of the target side
@@ -270,7 +271,7 @@ def backward(grad_rows, *rest):
     if target_grad:
         sides.append((torch.zeros_like(pb.z), torch.zeros_like(pb.z_cols), torch.zeros_like(pb.t_param)))
     for r0, r1 in row_chunks(pb.x.shape[0], pb.y.shape[0]):
-        pieces = _backward_chunk(pb, r0, r1, g, valid, stats, target_grad)
+        pieces = _backward_chunk(pb, r0, r1, g, valid, stats, target_grad, need_param_grad)
         for (d_rows, d_cols, d_param), piece in zip(sides, pieces):
             d_rows[r0:r1] = piece[0]
             d_cols += piece[1]

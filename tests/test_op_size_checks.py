@@ -78,7 +78,8 @@ def _call_backward(device, args, grad_rows=None, valid=None, stats=None, need_ta
     _, inc, st = _call_forward(device, ok) if None in (valid, stats) else (None, None, None)
     grad_rows = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=device) if grad_rows is None else grad_rows
     return getattr(torch.ops.icon_kernels, f"{device}_backward")(
-        grad_rows, *args.values(), inc if valid is None else valid, st if stats is None else stats, need_target_grad)
+        grad_rows, *args.values(), inc if valid is None else valid, st if stats is None else stats, need_target_grad,
+        True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -57,14 +57,14 @@ def test_opcheck_forward(backend, target_kind, dtype):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("target_kind", ["labels", "affinity"])
-@pytest.mark.parametrize("need_target_grad", [False, True])
-def test_opcheck_backward(backend, target_kind, need_target_grad):
+@pytest.mark.parametrize("need_target_grad,need_param_grad", [(False, True), (True, True), (False, False)])
+def test_opcheck_backward(backend, target_kind, need_target_grad, need_param_grad):
     device = device_of(backend)
     args = _problem(target_kind, requires_grad=False, device=device)
     _, valid, stats = forward_op(backend)(*args)
     grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64, device=device)
     op = getattr(torch.ops.icon_kernels, f"{backend}_backward").default
-    torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad))
+    torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad, need_param_grad))
 
 
 @pytest.mark.parametrize("backend", FUSED)

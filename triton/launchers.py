@@ -199,7 +199,7 @@ def _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs):
 
 
 def _backward(grad_rows, *rest):
-    *args, valid, stats, need_target_grad = rest
+    *args, valid, stats, need_target_grad, _need_param_grad = rest   # dparam is always computed
     tensors, sizes, flags, _, beta, pairs = _prepare(args)
     x, y, param, z, z_cols, t_param = args[0], args[1], args[2], args[9], args[10], args[11]
     n, m, d, dz = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"]
