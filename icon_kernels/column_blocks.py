@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import tile_math, torch_backend
+from . import target_weight_grads, tile_math, torch_backend
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
@@ -118,7 +118,7 @@ def _chunks(rs: RowSide, block: Block):
 
 def _off_self(tile, rs: RowSide, block: Block, r0: int, fill):
     """Self pairs of rows r0.. (global row row_offset + r0 + i, column block.offset + j) to fill."""
-    return torch_backend._off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
+    return torch_backend.off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
 
 
 def _learned(rs: RowSide, block: Block, r0: int, r1: int):
@@ -199,11 +199,9 @@ class _Tile:
         return torch.log(self.p_mix) - self.log_q_mix if rs.kl else -self.log_q_mix
 
     def h_weights(self, rs: RowSide):
-        """dL_i/dp~_ij of a Dense / Neighbors target: log p~ - log q~ + 1 (KL) or -log q~, and 0
-        where p~ = 0 (a structural zero contributes nothing; as target_weight_grads, the
-        single-process rule)."""
-        h = self.h(rs) + 1 if rs.kl else self.h(rs)
-        return torch.where(self.p_mix == 0, 0.0, h)
+        """dL_i/dp~_ij of a Dense / Neighbors target (the single-process rule of
+        target_weight_grads)."""
+        return target_weight_grads.h(self.p_mix, self.log_q_mix, rs.kl)
 
 
 def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:

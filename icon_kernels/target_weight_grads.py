@@ -14,86 +14,89 @@ the chain rule through the row normalisation gives, on valid columns (0 elsewher
     dL/dw_ij = g_i (1 - alpha) (h_ij - H_i) / W_i.
 
 Every backend saves the row LSE_i (row 0 of its statistics), from which log q~ follows at any
-pair, so one implementation serves them all. It recomputes what it needs in the accumulation
-dtype: the (N, k) pair logits for Neighbors (an O(N k d) gather, never N x M), and row chunks of
-the logits tile for Dense (whose p is itself N x M).
+pair, so one implementation serves them all (ring mode's blocks use ``h`` too). It recomputes
+what it needs in the accumulation dtype: the (N, k) pair logits for Neighbors (an O(N k d)
+gather and an O(N k log k) merge of repeated indices, never N x M), and row chunks of the
+logits tile for Dense (whose p is itself N x M). Row sums run in float64 blocks
+(tile_math.row_sum), as the loss's own do.
 """
 from __future__ import annotations
 
 import torch
 
-from . import neighbor_pairs, torch_backend
-
-PAIRS_ELEMENTS = 1 << 22        # (rows x k x k) entries per chunk when merging repeated indices
+from . import neighbor_pairs, tile_math, torch_backend
 
 
-def _h(pb, p_mix: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """h on the entries of a tile of p~ and log q (see the module docstring)."""
-    if pb.beta > 0:
-        log_q = torch.log((1 - pb.beta) * log_q.exp() + pb.beta / pb.m_mix)
-    h = torch.log(p_mix) - log_q + 1 if pb.kl else -log_q
-    return torch.where(p_mix == 0, 0.0, h)
+def h(p_mix: torch.Tensor, log_q_mix: torch.Tensor, kl: bool) -> torch.Tensor:
+    """dL_i/dp~_ij of the rule above, from p~ and log q~ (0 where p~ = 0; NaN stays NaN)."""
+    value = torch.log(p_mix) - log_q_mix + 1 if kl else -log_q_mix
+    return torch.where(p_mix == 0, 0.0, value)
+
+
+def _log_q_mix(pb, log_q: torch.Tensor) -> torch.Tensor:
+    if pb.beta == 0:
+        return log_q
+    return torch.log((1 - pb.beta) * log_q.exp() + pb.beta / pb.m_mix)
 
 
 def _weight_grad(pb, g_rows, w, total, p_mix, log_q, valid):
-    """g (1 - alpha) (h - H) / W on ``valid`` entries of a (rows x entries) tile of weights w."""
-    p = w / torch.where(total == 0, 1.0, total)
-    h = _h(pb, p_mix, log_q)
-    big_h = torch.where(p == 0, 0.0, p * h).sum(1, keepdim=True)
-    grad = g_rows * (1 - pb.alpha) * (h - big_h) / torch.where(total == 0, 1.0, total)
+    """g (1 - alpha) (h - H) / W on the ``valid`` entries of a (rows x entries) tile of weights w,
+    where ``total`` (rows x 1) is W."""
+    safe_total = torch.where(total == 0, 1.0, total)
+    p = w / safe_total
+    hh = h(p_mix, _log_q_mix(pb, log_q), pb.kl)
+    big_h = tile_math.row_sum(tile_math.where_positive(p, p * hh)).to(hh.dtype)[:, None]
+    grad = g_rows * (1 - pb.alpha) * (hh - big_h) / safe_total
     return torch.where(valid & (g_rows != 0), grad, 0.0)
 
 
 def dense_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """dL/dp of a Dense target (N x M), in p's dtype."""
-    pb = torch_backend._cast(args)
+    """dL/dp of a Dense target (N x M), in the accumulation dtype; ``args`` are the op's."""
+    pb = torch_backend.cast_args(args)
     n, m = pb.x.shape[0], pb.y.shape[0]
-    lse = stats[0].to(pb.x.dtype)
+    shift = tile_math.finite_shift(stats[0].to(pb.x.dtype))
     grad = torch.zeros(n, m, dtype=pb.x.dtype, device=pb.x.device)
     for r0, r1 in torch_backend.row_chunks(n, m):
-        s, _ = torch_backend._learned_tile(pb, r0, r1)
-        log_q = s - tile_shift(lse[r0:r1])
-        valid = torch.ones(r1 - r0, m, dtype=torch.bool, device=s.device)
-        torch_backend._off_self(valid, r0, pb.exclude_self, False)
+        s, _ = torch_backend.learned_tile(pb, r0, r1)
+        log_q = s - shift[r0:r1, None]
+        valid = torch_backend.off_self(torch.ones(r1 - r0, m, dtype=torch.bool, device=s.device), r0,
+                                       pb.exclude_self, False)
         w = torch.where(valid, pb.dense_p[r0:r1], 0.0)
-        total = w.sum(1, keepdim=True)
+        total = tile_math.row_sum(w).to(w.dtype)[:, None]
         p_mix = torch.where(valid, (1 - pb.alpha) * w / torch.where(total == 0, 1.0, total)
                             + pb.alpha / pb.m_mix, 0.0)
         grad[r0:r1] = _weight_grad(pb, g[r0:r1, None], w, total, p_mix, log_q, valid)
-    return grad.to(args[13].dtype)
-
-
-def tile_shift(lse: torch.Tensor) -> torch.Tensor:
-    """The row LSE as a column, -inf (no valid column) as 0 so masked entries stay -inf."""
-    return torch.where(lse == float("-inf"), 0.0, lse)[:, None]
+    return grad
 
 
 def _merged_weights(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """For each entry (i, k): the sum of row i's weights at column idx[i, k] (repeats add up)."""
-    n, k = idx.shape
-    merged = torch.empty_like(w)
-    step = max(1, PAIRS_ELEMENTS // max(k * k, 1))
-    for r0 in range(0, n, step):
-        i = idx[r0:r0 + step]
-        same = i[:, :, None] == i[:, None, :]
-        merged[r0:r0 + step] = (same * w[r0:r0 + step, None, :]).sum(2)
-    return merged
+    """For each entry (i, k): the sum of row i's weights at column idx[i, k] (repeats add up);
+    by sorting each row's indices, O(N k log k)."""
+    order = torch.argsort(idx, dim=1)
+    sorted_idx = torch.gather(idx, 1, order)
+    starts = torch.ones_like(sorted_idx, dtype=torch.bool)
+    starts[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    run = starts.long().cumsum(1) - 1                      # which run of equal indices, per row
+    run_sums = torch.zeros_like(w).scatter_add_(1, run, torch.gather(w, 1, order))
+    return torch.empty_like(w).scatter_(1, order, torch.gather(run_sums, 1, run))
 
 
 def neighbors_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """dL/dweights of a Neighbors target (N x k), in the weights' dtype."""
-    pb = torch_backend._cast(args)
+    """dL/dweights of a Neighbors target (N x k). Everything here is O(N k), so it runs in
+    float64 (where the device has it): the pair logits, log q~ and h - H keep fp32 inputs' own
+    accuracy at large M, where q~ mixes q ~ 1/M with beta / M'."""
+    pb = torch_backend.cast_args(args)
     n = pb.x.shape[0]
+    acc = pb.x.dtype if pb.x.device.type == "mps" else torch.float64
     idx = pb.nbr_index
     valid = idx >= 0
     if pb.exclude_self:
         valid &= idx != torch.arange(n, device=idx.device)[:, None]
-    w = torch.where(valid, pb.nbr_weight, 0.0)
+    w = torch.where(valid, pb.nbr_weight.to(acc), 0.0)
     total = w.sum(1, keepdim=True)
     s, _ = neighbor_pairs.pair_logits(pb.kernel, pb.x, pb.y, torch.where(valid, idx, 0),
-                                      pb.param.expand(n), dtype=pb.x.dtype)
-    log_q = s - tile_shift(stats[0].to(pb.x.dtype))
+                                      pb.param.to(acc).expand(n), dtype=acc)
+    log_q = s - tile_math.finite_shift(stats[0].to(acc))[:, None]
     merged = _merged_weights(torch.where(valid, idx, -1), w)
     p_mix = (1 - pb.alpha) * merged / torch.where(total == 0, 1.0, total) + pb.alpha / pb.m_mix
-    grad = _weight_grad(pb, g[:, None], w, total, p_mix, log_q, valid)
-    return grad.to(args[8].dtype)
+    return _weight_grad(pb, g[:, None].to(acc), w, total, p_mix, log_q, valid)

@@ -4,8 +4,8 @@ float64 evaluation is at most twice PyTorch's own fp32 error, for the loss and e
 PyTorch's own error is that of the dense ``reference`` backend run in fp32 on the same
 fp32-rounded inputs; both are measured against the reference in float64 on those inputs, as
 norm-wise relative errors ||got - want|| / ||want|| of the per-row losses (reduction="none", an
-upstream gradient != 1) and of the gradient of every leaf (x, y, the kernel parameter, and for an
-Affinity target its features z, z_cols and sigma). The bound is
+upstream gradient != 1) and of the gradient of every leaf (x, y, the kernel parameter, and the
+target's tensors: Affinity z, z_cols and sigma, Neighbors weights, Dense p). The bound is
 
     err_backend <= 2 * err_pytorch + FLOOR,   FLOOR = 2.4e-7 (two fp32 ulps, relative),
 
@@ -41,7 +41,7 @@ def _problem(kernel, target_kind, option, n=N, m=M, rect=True):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kernel}{target_kind}{option}{n}{m}".encode()))
     x = features(n, D, kernel, torch.float64, gen).requires_grad_()
     y = features(m, D, kernel, torch.float64, gen).requires_grad_() if rect else None
-    target = make_target(target_kind, n, m, rect, torch.float64, gen, target_grad=target_kind == "affinity",
+    target = make_target(target_kind, n, m, rect, torch.float64, gen, target_grad=True,
                          missing_rows=False)
     kwargs = dict(kernel=kernel, reduction="none", exclude_self=not rect, **OPTIONS[option])
     if kernel in PARAM_OF:

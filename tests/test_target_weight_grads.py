@@ -40,7 +40,7 @@ def _check(backend, kernel, target_kind, setting, dtype, n=37, m=29, d=13):
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s[0] for s in SETTINGS])
 @pytest.mark.parametrize("kernel,target_kind", CASES)
 @pytest.mark.parametrize("backend", ["torch", "cpu", "cuda"])
-def test_weights_gradient(backend, kernel, target_kind, setting, dtype):
+def test_weights_gradient(small_chunks, backend, kernel, target_kind, setting, dtype):
     _check(backend, kernel, target_kind, setting, dtype)
 
 
