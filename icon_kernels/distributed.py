@@ -97,12 +97,13 @@ def _check_group(process_group):
 
 def _collectively(group, device, check, *args, **kwargs):
     """``check(*args, **kwargs)`` on this rank's inputs, its verdict shared by one all-reduce: if
-    it raises ValueError / TypeError on any rank, every rank raises (that error where it
-    happened, a ValueError naming the rank elsewhere), so no rank is left waiting in a collective."""
+    it raises on any rank (anything: an unexpected error must not strand the others either),
+    every rank raises (that error where it happened, a ValueError naming the rank elsewhere), so
+    no rank is left waiting in a collective."""
     error, result = None, None
     try:
         result = check(*args, **kwargs)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has heard of it
         error = exc
     failed = torch.tensor([-1 if error is None else dist.get_rank(group)], device=device, dtype=torch.int64)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
@@ -155,16 +156,20 @@ def reduce_global(rows, included, weight, reduction, group):
         rows = rows * weight.to(rows.dtype)
     if reduction == "none":
         return rows
-    local = rows.sum()
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
-    loss = local + (total - local.detach())          # global value, this rank's gradient path
+    loss = _global_sum(rows.sum(), group)
     if reduction == "mean":
         counted = included.to(rows.dtype) if weight is None else torch.where(included, weight.to(rows.dtype), 0.0)
-        denominator = counted.sum().detach()
-        dist.all_reduce(denominator, group=group)
+        # differentiable in the row weights too (d/dw of the mean's denominator), as in one process
+        denominator = _global_sum(counted.sum(), group)
         loss = loss / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
     return loss
+
+
+def _global_sum(local: torch.Tensor, group) -> torch.Tensor:
+    """The sum of a scalar over the ranks: its global value, with this rank's gradient path."""
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    return local + (total - local.detach())
 
 
 def gather_rows(t: torch.Tensor, group):

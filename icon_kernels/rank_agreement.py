@@ -155,6 +155,7 @@ def _agreed_fields(x, y, target, dist_mode, exclude_self, reduction, weight, bac
         ("dist_mode", dist_mode, None),
         ("the feature dimension d of x", x.shape[1], None),
         ("the dtype of x", x.dtype, None),
+        ("the device type of x", x.device.type, None),
         ("target type", type(target).__name__, None),
         ("y (given or None)", "None" if y is None else "given", None),
         ("exclude_self", exclude_self, None),
@@ -268,7 +269,7 @@ def _field_count() -> int:
                if n != "kernel" and n not in kernel_params]
     extra = [f.name for f in dataclasses.fields(Affinity)
              if f.name not in ("z", "z_cols", "kernel") and f.name not in _AFFINITY_PARAMS]
-    return 12 + len(options) + 5 + len(extra) + 1
+    return 13 + len(options) + 5 + len(extra) + 1
 
 
 def _check_agreement(table: torch.Tensor, fields) -> None:
@@ -357,9 +358,8 @@ def _check_target_shard(target, x: torch.Tensor, n_cols: int) -> None:
             raise ValueError(f"target.z_cols has {z_cols.shape[1]} features; target.z has {target.z.shape[1]}")
     elif isinstance(target, Neighbors):
         idx = target.indices
-        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
-                or idx.dtype == torch.bool or idx.dim() != 2:
-            raise TypeError("target.indices must be a 2-D integer tensor (this rank's rows x k) of global "
+        if not validation.is_index_tensor(idx) or idx.dim() != 2:
+            raise TypeError("target.indices must be a 2-D signed integer tensor (this rank's rows x k) of global "
                             "column indices")
         rows_of("indices", idx, n_rows)
     else:

@@ -119,6 +119,12 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def is_index_tensor(t) -> bool:
+    """A tensor of signed integers (indices with -1 padding; unsigned dtypes would wrap -1)."""
+    return (isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()
+            and t.dtype.is_signed)
+
+
 def check_labels(name: str, t, length: int, device, other: str = "x") -> torch.Tensor:
     """A 1-D integer (or bool) tensor of ``length`` labels on ``device`` (where ``other`` is)."""
     if not isinstance(t, torch.Tensor):
@@ -148,9 +154,8 @@ def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m:
         return Labels(target.row_labels, col)
     if isinstance(target, Neighbors):
         idx, w = target.indices, target.weights
-        if (not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex()
-                or idx.dtype == torch.bool):
-            raise TypeError("indices must be an integer tensor of shape (N, k)"
+        if not is_index_tensor(idx):
+            raise TypeError("indices must be a signed integer tensor of shape (N, k)"
                             + (f", got dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else ""))
         if idx.dim() != 2 or idx.shape[0] != n:
             raise ValueError(f"indices must have shape ({n}, k), got {tuple(idx.shape)}")

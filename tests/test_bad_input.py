@@ -494,7 +494,7 @@ def test_zero_feature_dim_raises(backend, which):
     raises(ValueError, which, lambda: ik.icon_loss(x, target=target, backend=backend))
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32, torch.bool, torch.uint8, torch.uint32])
 def test_non_integer_neighbor_indices_raise_type_error(backend, dtype):
     idx = torch.zeros(N, 2).to(dtype)
     raises(TypeError, "indices", lambda: ik.icon_loss(data(), target=ik.Neighbors(idx), backend=backend))
