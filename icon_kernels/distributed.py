@@ -172,6 +172,12 @@ def _global_sum(local: torch.Tensor, group) -> torch.Tensor:
     return local + (total - local.detach())
 
 
+def first_global_row(n_local: int, device, group) -> int:
+    """The global index of this rank's first row: rows are numbered in rank order (one
+    all-gather of the row counts)."""
+    return sum(_sizes(n_local, device, group)[:dist.get_rank(group)])
+
+
 def gather_rows(t: torch.Tensor, group):
     """(every rank's rows of t in rank order, no gradient; the first global row of this rank)."""
     sizes = _sizes(t.shape[0], t.device, group)

@@ -16,6 +16,7 @@ from . import distributed as _distributed
 from .functional import icon_loss, row_losses
 from .rank_agreement import DIST_MODES
 from .validation import check_arguments
+
 LOSS_DEFAULTS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
                      exclude_self=None, divergence="kl")
 
@@ -94,7 +95,7 @@ def global_first_row(n_local: int, placement: Placement, device) -> int:
     order, as ik.distributed.icon_loss numbers its global columns."""
     if not placement.distributed:
         return 0
-    return _distributed.gather_rows(torch.zeros(n_local, 1, device=device), checked_group(placement))[1]
+    return _distributed.first_global_row(n_local, device, checked_group(placement))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -41,6 +41,9 @@ def cases(gen):
         ("InfoNCEClustering", lambda **p: ik.InfoNCEClustering(4, alpha=0.2, **p),
          [r(n, 4), torch.arange(n) % 6, knn_idx], 1,
          lambda c, t: c(t[0], sample_ids=t[1], neighbors=t[2])),
+        # a neighbour list that holds each row itself: the preset drops it by its global row index
+        ("InfoNCEClustering-knn", lambda **p: ik.InfoNCEClustering(4, **p),
+         [r(n, 4), torch.cat([torch.arange(n)[:, None], knn_idx], 1)], 1, lambda c, t: c(t[0], neighbors=t[1])),
     ]
 
 
