@@ -7,7 +7,8 @@
 // in shared memory, online LSE per thread merged across the block, and the second pass over the
 // row with the LSE known. No atomics: dX is row-parallel and dY column-parallel, with a shared
 // tile of gradient weights turned into the feature sums by all threads. Launched on the current
-// stream. Tensor-core (mma/WMMA) paths are not written yet.
+// stream. Tensor-core (mma/WMMA) paths are not written yet. Every kernel name starts with
+// icon_cuda_, the filter bench/gpu_check.sh gives compute-sanitizer (--kernel-name kns=icon_cuda_).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,6 +17,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_loss.h"   // ICON_FORWARD_PARAMS
@@ -175,8 +177,8 @@ __device__ T target_p(const Dev<T>& p, int64_t i, int64_t j, T norm) {
 }
 
 template <typename T>
-__global__ void forward_kernel(Dev<T> p, T* loss, bool* included, T* stats, T* norms) {
-  extern __shared__ unsigned char smem_raw[];
+__global__ void icon_cuda_forward_kernel(Dev<T> p, T* loss, bool* included, T* stats, T* norms) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
   T* xs = reinterpret_cast<T*>(smem_raw);
   T* zs = xs + p.d;
   T* red = zs + p.dz;
@@ -283,9 +285,9 @@ __device__ void pair_grad(const Dev<T>& p, int64_t i, int64_t j, T ab, T tab, co
 
 // Row-parallel backward: dX_i, dparam_i (and dZ_i, dtparam_i).
 template <typename T>
-__global__ void backward_rows_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
+__global__ void icon_cuda_backward_rows_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
                                      bool target_grad, T* dx, T* dprm, T* dz, T* dtprm) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
   T* xs = reinterpret_cast<T*>(smem_raw);
   T* zs = xs + p.d;
   T* acc = zs + p.dz;          // dX_i accumulator (d), then dZ_i (dz)
@@ -338,9 +340,9 @@ __global__ void backward_rows_kernel(Dev<T> p, const T* stats, const T* grad, co
 
 // Column-parallel backward: dY_j (and dZ_cols_j).
 template <typename T>
-__global__ void backward_cols_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
+__global__ void icon_cuda_backward_cols_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
                                      bool target_grad, T* dy, T* dzc) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
   T* ys = reinterpret_cast<T*>(smem_raw);
   T* zcs = ys + p.d;
   T* acc = zcs + p.dz;
@@ -388,6 +390,26 @@ __global__ void backward_cols_kernel(Dev<T> p, const T* stats, const T* grad, co
 template <typename T>
 size_t shared_bytes(const Dev<T>& p) { return sizeof(T) * (2 * (p.d + p.dz) + 4 * kThreads); }
 
+// The dynamic shared memory of one launch of `kernel`. Above the default 48 KB a kernel must opt
+// in (cudaFuncAttributeMaxDynamicSharedMemorySize), else the launch fails with "invalid argument";
+// the opt-in is capped by the device (227 KB on sm_90), beyond which these kernels cannot run.
+// Set per launch (cheap, host-side) so it holds on whichever device is current, and to the device
+// limit rather than this launch's need, so that concurrent launches with other d never shrink it.
+template <typename T, typename Kernel>
+size_t launch_shared_bytes(Kernel kernel, const Dev<T>& p) {
+  const size_t bytes = shared_bytes(p);
+  if (bytes <= 48 * 1024) return bytes;
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "icon_loss backend 'cuda': feature dimensions d = ", p.d,
+              " and dz = ", p.dz, " in ", std::is_same<T, double>::value ? "float64" : "float32", " need ", bytes,
+              " bytes of shared memory per block, more than this device's limit of ", limit,
+              " bytes; use backend 'triton' or 'torch' for such feature dimensions");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  return bytes;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_t(ICON_FORWARD_PARAMS) {
   Holder<T> h = prepare<T>(ICON_FORWARD_ARGS);
@@ -397,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_t(ICON_FORWARD_PARAMS) {
   auto included = at::zeros({p.n}, opts.dtype(at::kBool));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (p.n == 0) return {loss, included, stats};   // an empty grid is a launch error
-  forward_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
+  icon_cuda_forward_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_forward_kernel<T>, p), stream>>>(
       p, loss.template data_ptr<T>(), included.template data_ptr<bool>(), stats.template data_ptr<T>(),
       norms.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -420,15 +442,15 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
   auto dz = at::zeros({p.n, std::max<int64_t>(p.dz, 1)}, opts), dzc = at::zeros({p.m, std::max<int64_t>(p.dz, 1)}, opts);
   auto dtprm = at::zeros({p.n}, opts);
   if (p.n == 0 || p.m == 0) return {dx, dy, dprm, dz, dzc, dtprm};   // nothing to add; no empty grids
-  forward_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
+  icon_cuda_forward_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_forward_kernel<T>, p), stream>>>(
       p, loss.template data_ptr<T>(), inc.template data_ptr<bool>(), stats2.template data_ptr<T>(),
       norms.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  backward_rows_kernel<T><<<p.n, kThreads, shared_bytes(p), stream>>>(
+  icon_cuda_backward_rows_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_backward_rows_kernel<T>, p), stream>>>(
       p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), target_grad,
       dx.template data_ptr<T>(), dprm.template data_ptr<T>(), dz.template data_ptr<T>(), dtprm.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  backward_cols_kernel<T><<<p.m, kThreads, shared_bytes(p), stream>>>(
+  icon_cuda_backward_cols_kernel<T><<<p.m, kThreads, launch_shared_bytes(&icon_cuda_backward_cols_kernel<T>, p), stream>>>(
       p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), target_grad,
       dy.template data_ptr<T>(), dzc.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -9,7 +9,25 @@ if not torch.cuda.is_available():
 
 import pytest
 
+import gpu_selection
 from icon_kernels import torch_backend
+
+
+def pytest_report_header(config):
+    """Say once why the Triton tests skip, e.g. an interpreter that breaks with this numpy."""
+    import icon_kernels as ik
+
+    why = ik.available_backends(with_reasons=True)["triton"]
+    return [f"icon_kernels: triton backend unavailable: {why}"] if why else []
+
+
+def pytest_collection_modifyitems(config, items):
+    """ICON_KERNELS_GPU_SELECTION=1: keep only the GPU selection (bench/gpu_check.sh)."""
+    if os.environ.get(gpu_selection.ENV) != "1":
+        return
+    keep = [item for item in items if gpu_selection.selected(item.nodeid)]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 @pytest.fixture

@@ -1,72 +1,185 @@
 """Compiles the Triton kernels ahead of time for a GPU target, without a GPU.
 
-Run in a process *without* TRITON_INTERPRET (tests/test_triton_gpu_compile.py does that): it
-lowers every kernel through Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
-the bundled ptxas) for sm_90 (Hopper) and sm_80 (Ampere). This catches code that the
-interpreter accepts but the GPU compiler rejects. Prints one line per compiled variant.
+Run in a process *without* TRITON_INTERPRET (tests/test_triton_gpu_compile.py and
+tests/test_triton_resources.py do that): it lowers kernels through Triton's real pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for sm_90 (Hopper) or sm_80
+(Ampere). This catches code that the interpreter accepts but the GPU compiler rejects, and gives
+each cubin's shared memory and per-thread stack (spills).
+
+    python tests/triton_aot_compile.py [ARCH...]       # every code path, one line per variant
+    python tests/triton_aot_compile.py --keys KEYS.json [--configs all|default] [--arch 90]
+        # the launch keys recorded by tests/compile_keys.py: one JSON line per (key, config)
 """
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from icon_kernels._triton import launchers
 from icon_kernels._triton.backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from icon_kernels._triton.forward_kernels import icon_forward_kernel, icon_mixture_kernel
 
-INTS = {"N", "M", "D", "DZ", "stride_dense", "stride_x", "stride_y", "stride_z", "stride_zc"}
+KERNELS = {fn.__name__: fn for fn in (icon_forward_kernel, icon_mixture_kernel,
+                                      icon_backward_rows_kernel, icon_backward_cols_kernel)}
+STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
+         "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward"}
+POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
+           "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 FLOATS = {"m_valid", "alpha", "beta"}
-INT_POINTERS = {"LAB", "CLAB"}
-FEATURES = {"X", "Y"}
+INTS = {"N", "M", "D", "DZ", "N_BUCKET", "M_BUCKET"}          # and every stride_*
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+DEFAULT_CONFIG = (64, 64, 4, 2)
 
 
-def signature(fn, constexprs, feature_dtype):
+def signature(fn, key):
     sig = {}
     for name in fn.arg_names:
-        if name in constexprs:
+        if name in key["constexprs"] or name in ("BLOCK_M", "BLOCK_N"):
             sig[name] = "constexpr"
-        elif name in INTS:
-            sig[name] = "i32"
         elif name in FLOATS:
             sig[name] = "fp32"
-        elif name in INT_POINTERS:
-            sig[name] = "*i64"
-        elif name in FEATURES:
-            sig[name] = feature_dtype
-        else:
-            sig[name] = "*fp32"
+        elif name in INTS or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:                                           # a pointer: fp32 buffers unless recorded
+            sig[name] = POINTER[key["tensors"].get(name, ["float32"])[0]]
     return sig
 
 
+def compile_key(key, config=DEFAULT_CONFIG, arch=90):
+    """(compiled kernel, seconds) for one recorded launch key and one (BM, BN, warps, stages)."""
+    fn = KERNELS[key["kernel"]]
+    bm, bn, warps, stages = config
+    constexprs = dict(key["constexprs"], BLOCK_M=bm, BLOCK_N=bn)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature(fn, key), constexprs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return compiled, time.perf_counter() - start
+
+
+def resource_usage(compiled) -> dict:
+    """Shared memory (bytes per block, what the launch needs) and registers and stack (bytes per
+    thread: register spills land there) from the cubin, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    fields = dict(tok.split(":", 1) for line in out.splitlines() if "REG:" in line
+                  for tok in line.split() if ":" in tok)
+    return {"shared": int(compiled.metadata.shared), "regs": int(fields["REG"]),
+            "stack": int(fields["STACK"]), "local": int(fields["LOCAL"])}
+
+
+def _launch_args(key) -> dict:
+    """What launchers' pruning reads of a launch: its constexprs and the feature tensors' dtypes."""
+    import torch
+    args = dict(key["constexprs"])
+    for name in ("X", "Z", "DENSE"):
+        args[name] = torch.empty(0, dtype=getattr(torch, key["tensors"].get(name, ["float32"])[0]))
+    return args
+
+
+def _config(shape):
+    bm, bn, warps, stages = shape
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def estimated_shared(key, shape) -> int:
+    """launchers' pre-compile estimate (its autotune pruning) for this key and shape."""
+    return launchers.estimated_shared_bytes(_config(shape), _launch_args(key), STAGE[key["kernel"]])
+
+
+def launched_shapes(key, autotune: bool):
+    """The (BM, BN, warps, stages) launchers would compile for this key: every shape its pruning
+    keeps when autotuning, else the one of ICON_KERNELS_TRITON_AUTOTUNE=0."""
+    previous = os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE")
+    os.environ["ICON_KERNELS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    try:
+        kept = launchers._pruner(STAGE[key["kernel"]])([_config(s) for s in launchers.AUTOTUNE_SHAPES],
+                                                       None, **_launch_args(key))
+    finally:
+        if previous is None:
+            del os.environ["ICON_KERNELS_TRITON_AUTOTUNE"]
+        else:
+            os.environ["ICON_KERNELS_TRITON_AUTOTUNE"] = previous
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+
 def variants():
-    """(kernel function, constexprs, feature pointer type) covering every code path."""
-    base = dict(T_KERNEL=1, EXCLUDE_SELF=True, KL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_DZ=16,
-                PRECISION="ieee")
+    """Keys covering every code path (kernel codes, targets, dtypes, chunked d, all kernels)."""
+    base = dict(T_KERNEL=1, EXCLUDE_SELF=True, KL=True, BLOCK_DZ=16, PRECISION="tf32x3")
     cases = [  # (KERNEL, TARGET, dtype, D_CHUNKED, BLOCK_D)
-        (0, 0, "*bf16", False, 128), (1, 1, "*fp16", False, 128), (2, 2, "*fp32", False, 64),
-        (3, 3, "*fp32", True, 128), (0, 2, "*bf16", True, 128),
+        (0, 0, "bfloat16", False, 128), (1, 1, "float16", False, 128), (2, 2, "float32", False, 64),
+        (3, 3, "float32", True, 128), (0, 2, "bfloat16", True, 128),
     ]
     for kernel, target, dtype, chunked, block_d in cases:
+        upcast = dtype == "float32"
         c = dict(base, KERNEL=kernel, TARGET=target, D_CHUNKED=chunked, BLOCK_D=block_d,
-                 UPCAST=dtype == "*fp32")
-        yield icon_forward_kernel, dict(c, ONE_PASS=True), dtype
-        yield icon_forward_kernel, dict(c, ONE_PASS=False), dtype
-        yield icon_mixture_kernel, dict(c, HAS_BETA=True), dtype
-        for fn in (icon_backward_rows_kernel, icon_backward_cols_kernel):
-            yield fn, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2), dtype
+                 UPCAST=upcast, UPCAST_Z=upcast)
+        tensors = {"X": [dtype, True], "Y": [dtype, True], "Z": [dtype, True], "ZC": [dtype, True],
+                   "LAB": ["int64", True], "CLAB": ["int64", True]}
+        per_kernel = [("icon_forward_kernel", dict(c, ONE_PASS=True)),
+                      ("icon_forward_kernel", dict(c, ONE_PASS=False)),
+                      ("icon_mixture_kernel", dict(c, HAS_BETA=True))]
+        per_kernel += [(name, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2))
+                       for name in ("icon_backward_rows_kernel", "icon_backward_cols_kernel")]
+        for name, constexprs in per_kernel:
+            yield {"kernel": name, "constexprs": constexprs, "tensors": tensors, "ints": {}}
 
 
-def main(archs):
+def compile_all(archs):
     for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
-        for fn, constexprs, dtype in variants():
-            src = ASTSource(fn, signature(fn, constexprs, dtype), constexprs)
-            compiled = triton.compile(src, target=target, options={"num_warps": 4})
+        for key in variants():
+            compiled, _ = compile_key(key, arch=arch)
             assert compiled.asm.get("cubin"), "no cubin produced"
-            print(f"sm_{arch} {fn.__name__} {dtype} KERNEL={constexprs['KERNEL']} "
-                  f"TARGET={constexprs['TARGET']} D_CHUNKED={constexprs['D_CHUNKED']}: ok", flush=True)
+            c = key["constexprs"]
+            print(f"sm_{arch} {key['kernel']} {key['tensors']['X'][0]} KERNEL={c['KERNEL']} "
+                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']}: ok", flush=True)
+    return 0
+
+
+def _measure(job):
+    key, shape, arch = job
+    compiled, seconds = compile_key(key, shape, arch)
+    return {"key": key, "config": shape, "seconds": round(seconds, 2),
+            "estimated_shared": estimated_shared(key, shape), **resource_usage(compiled)}
+
+
+def compile_recorded(path, configs, arch, workers=1):
+    """One JSON line per (key, shape launchers would compile): compile seconds, resources and the
+    shared-memory estimate. ``configs``: "all" (autotuning) or "default" (autotune off)."""
+    with open(path) as f:
+        keys = json.load(f)["keys"]
+    jobs = [(key, shape, arch) for key in keys for shape in launched_shapes(key, configs == "all")]
+    if workers > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.imap(_measure, jobs)
+            for r in results:
+                print(json.dumps(r), flush=True)
+    else:
+        for job in jobs:
+            print(json.dumps(_measure(job)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]] or [90]))
+    p = argparse.ArgumentParser()
+    p.add_argument("archs", nargs="*", type=int)
+    p.add_argument("--keys")
+    p.add_argument("--configs", choices=["default", "all"], default="default")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args()
+    sys.exit(compile_recorded(a.keys, a.configs, a.arch, a.workers) if a.keys
+             else compile_all(a.archs or [90]))

@@ -70,7 +70,7 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
 @triton.jit
 def row_side(rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, d0,
              TARGET: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr,
-             UPCAST: tl.constexpr):
+             UPCAST: tl.constexpr, UPCAST_Z: tl.constexpr):
     """Everything the backward needs about a block of rows: features (columns d0 : d0 + BLOCK_D),
     norms, parameter, saved statistics, upstream gradient and, for Affinity, the target side."""
     x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, d0)
@@ -85,7 +85,7 @@ def row_side(rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, s
     lse_p = lse
     h_stat = r_stat
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
@@ -112,19 +112,20 @@ def _finite(lse):
 def icon_backward_rows_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DX, DPRM, DZ_ROWS, DTPRM,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta, N_BUCKET,
+        M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        D_CHUNKED: tl.constexpr):
+        UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
     c = tl.program_id(1)          # the chunk of d this program writes (all of d unless D_CHUNKED)
     first = c == 0                # per-row outputs are written by the first chunk's program
     x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat = row_side(
         rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, c * BLOCK_D,
-        TARGET, BLOCK_D, BLOCK_DZ, UPCAST)
+        TARGET, BLOCK_D, BLOCK_DZ, UPCAST, UPCAST_Z)
     dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
     dprm = tl.zeros([BLOCK_M], tl.float32)
@@ -138,7 +139,7 @@ def icon_backward_rows_kernel(
         zc = y
         zc_sq = y_sq
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
             zc_sq = load_vec(ZCSQ, cols, M, 0.0)
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
@@ -161,7 +162,7 @@ def icon_backward_rows_kernel(
     tl.store(DPRM + rows, dprm, mask=in_rows & first)
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
-            dz -= wt_sum[:, None] * z
+            dz -= wt_sum[:, None] * z.to(tl.float32)
         dkz = tl.arange(0, BLOCK_DZ)
         tl.store(DZ_ROWS + rows.to(tl.int64)[:, None] * DZ + dkz[None, :], dz,
                  mask=(in_rows & first)[:, None] & (dkz < DZ)[None, :])
@@ -172,12 +173,13 @@ def icon_backward_rows_kernel(
 def icon_backward_cols_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DY, DZ_COLS,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta, N_BUCKET,
+        M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        D_CHUNKED: tl.constexpr):
+        UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cols = cols < M
     c = tl.program_id(1)          # the chunk of d this program writes (all of d unless D_CHUNKED)
@@ -187,7 +189,7 @@ def icon_backward_cols_kernel(
     zc = y
     zc_sq = y_sq
     if TARGET == 2:
-        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+        zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
         zc_sq = load_vec(ZCSQ, cols, M, 0.0)
     dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_N], tl.float32)
@@ -197,7 +199,7 @@ def icon_backward_cols_kernel(
         rows = i0 + tl.arange(0, BLOCK_M)
         x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat = row_side(
             rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, c * BLOCK_D,
-            TARGET, BLOCK_D, BLOCK_DZ, UPCAST)
+            TARGET, BLOCK_D, BLOCK_DZ, UPCAST, UPCAST_Z)
         w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
@@ -216,7 +218,7 @@ def icon_backward_cols_kernel(
              mask=in_cols[:, None] & (dk < D)[None, :])
     if TARGET_GRAD:
         if T_KERNEL == 1 or T_KERNEL == 2:
-            dzc -= wt_sum[:, None] * zc
+            dzc -= wt_sum[:, None] * zc.to(tl.float32)
         dkz = tl.arange(0, BLOCK_DZ)
         tl.store(DZ_COLS + cols.to(tl.int64)[:, None] * DZ + dkz[None, :], dzc,
                  mask=(in_cols & first)[:, None] & (dkz < DZ)[None, :])

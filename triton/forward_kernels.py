@@ -5,6 +5,12 @@ is linear in log q (beta = 0) and p's entropy has a closed form (not Affinity wi
 also finishes the row loss in the same pass. Otherwise ``icon_mixture_kernel`` makes the second
 pass over the tiles with the LSEs known (DESIGN.md §1 'Streaming forward').
 Statistics rows: 0 LSE, 1 R, 2 LSE^p, 3 H.
+
+Every kernel here and in backward_kernels.py takes N_BUCKET and M_BUCKET, the next powers of two
+of N and M. The kernels never read them: they are the autotuner's key (launchers.py), so a new
+batch size reuses the configuration tuned for its bucket instead of benchmarking again.
+UPCAST (features) and UPCAST_Z (Affinity target features) convert loaded blocks to fp32; fp16 and
+bf16 stay native so both Grams run on tensor cores with fp32 accumulation.
 """
 import triton
 import triton.language as tl
@@ -17,18 +23,18 @@ from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, t
 def icon_forward_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, N_BUCKET, M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, ONE_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        D_CHUNKED: tl.constexpr):
+        UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -50,7 +56,7 @@ def icon_forward_kernel(
         l = l * exp_(m - m_new) + tl.sum(exp_(s_m - m_new[:, None]), 1)
         m = m_new
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
             t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq,
                                    load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             t_m = tl.where(valid, t, float("-inf"))
@@ -95,12 +101,13 @@ def icon_forward_kernel(
 def icon_mixture_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, LOSS, STATS,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta, N_BUCKET,
+        M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        D_CHUNKED: tl.constexpr):
+        UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     """Second pass: log q~ and log p~ are logs of mixtures, so the LSEs are needed first."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
@@ -109,7 +116,7 @@ def icon_mixture_kernel(
     prm = load_vec(PRM, rows, N, 1.0)
     lse = tl.load(STATS + rows, mask=in_rows, other=0.0)
     if TARGET == 2:
-        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, True, 0)
+        z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = tl.load(STATS + 2 * N + rows, mask=in_rows, other=0.0)
@@ -133,7 +140,7 @@ def icon_mixture_kernel(
             q_mix = q
             log_q_mix = log_q
         if TARGET == 2:
-            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, True, 0)
+            zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
             t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq,
                                    load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)

@@ -22,30 +22,109 @@ MAX_BLOCK_D = 256     # larger feature dims are looped over in chunks of D_CHUNK
 D_CHUNK = 128
 
 
+FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
 def fp32_precision() -> str:
-    """tl.dot input precision for fp32 inputs: "ieee" unless ICON_KERNELS_TRITON_FP32=tf32."""
-    return "tf32" if os.environ.get("ICON_KERNELS_TRITON_FP32", "ieee") == "tf32" else "ieee"
+    """tl.dot input precision for fp32 inputs, from ICON_KERNELS_TRITON_FP32.
+
+    "tf32x3" (default): three TF32 tensor-core products per dot (hi*hi + hi*lo + lo*hi), close to
+    fp32 accuracy at tensor-core speed. "ieee": exact fp32 FMA dots; on sm_90 they spill 10-60 KB
+    per thread and compile for minutes, so they are an opt-in for bit-level fp32 checks. "tf32":
+    one TF32 product (about 1e-3 relative error per dot), the fastest."""
+    value = os.environ.get("ICON_KERNELS_TRITON_FP32", "tf32x3")
+    if value not in FP32_PRECISIONS:
+        raise ValueError(f"ICON_KERNELS_TRITON_FP32 must be one of {', '.join(FP32_PRECISIONS)}, "
+                         f"got {value!r}")
+    return value
+
+
+AUTOTUNE_SHAPES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2),
+                   (32, 32, 4, 2)]      # (BLOCK_M, BLOCK_N, warps, stages); the last always fits
 
 
 def _configs():
-    """Tile shapes for Ampere/Hopper; exactly one under the interpreter, and one when
-    ICON_KERNELS_TRITON_AUTOTUNE=0 (tests on a GPU: each autotune miss compiles every config)."""
+    """Tile shapes for Ampere/Hopper; exactly one under the interpreter. With
+    ICON_KERNELS_TRITON_AUTOTUNE=0 (tests and the first benchmark on a GPU: each autotune miss
+    compiles every config) the pruning below keeps one: default_shape()."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
-    if os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE") == "0":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    shapes = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in shapes]
+            for bm, bn, w, st in AUTOTUNE_SHAPES]
 
 
-# the compile-time variant is part of the key: a config tuned for a light variant may not fit a
-# heavy one (e.g. Affinity targets with target grads)
-_KEY = ["N", "M", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "UPCAST", "D_CHUNKED"]
-_forward_kernel = triton.autotune(_configs(), key=_KEY)(icon_forward_kernel)
-_mixture_kernel = triton.autotune(_configs(), key=_KEY)(icon_mixture_kernel)
-_rows_kernel = triton.autotune(_configs(), key=_KEY)(icon_backward_rows_kernel)
-_cols_kernel = triton.autotune(_configs(), key=_KEY)(icon_backward_cols_kernel)
+def default_shape(args) -> tuple:
+    """The one shape used without autotuning: 64 x 64 tiles when the Grams' operands are bf16 and
+    there is no target Gram; else 64 x 32. On sm_90 64 x 64 tiles spill 1.2-2.2 KB per thread in
+    the fp32 (and fp16: its gradient dots run in fp32) backward, and 1.1 KB with a bf16 Affinity
+    target; 64 x 32 tiles stay under 1 KB (tests/test_triton_resources.py)."""
+    bf16 = not args["UPCAST"] and args["X"].dtype == torch.bfloat16
+    return (64, 64, 4, 2) if bf16 and args["TARGET"] != TARGET_CODES["affinity"] else (64, 32, 4, 2)
+
+
+# Shared memory of one program on sm_90, an upper bound fitted to the cubins of every recorded
+# variant (tests/test_triton_resources.py checks that it stays above them): the column tiles staged
+# once per pipeline stage and the row block, for the features and (Affinity) the target features;
+# fp32 operands take 5/3 of their size (tf32x3 stages hi and lo parts), bf16 1x; the backward adds
+# four BLOCK_M x BLOCK_N fp32 tiles (the gradient weights, transposed for the column dots); a Dense
+# target stages its BLOCK_M x BLOCK_N tiles.
+SHARED_LIMIT = 232448          # bytes per block on sm_90 (227 KB)
+
+
+def _operand_bytes(args, tensor: str, upcast: str, stage: str) -> float:
+    """Shared bytes per staged operand element: fp16 operands of the backward's gradient dots are
+    upcast to fp32 there (grad_dot in backward_kernels.py)."""
+    element = args[tensor].element_size()
+    fp32_dot = args[upcast] or element != 2 or (stage == "backward" and args[tensor].dtype == torch.float16)
+    return max(element, 4) * 5 / 3 if fp32_dot else element
+
+
+def estimated_shared_bytes(config, args, stage: str) -> int:
+    meta = config.kwargs
+    bm, bn, stages = meta["BLOCK_M"], meta["BLOCK_N"], max(1, config.num_stages)
+    rows = (max(bm, bn) + stages * max(bm, bn))      # either side may be the staged one
+    total = rows * args["BLOCK_D"] * _operand_bytes(args, "X", "UPCAST", stage)
+    if args["TARGET"] == TARGET_CODES["affinity"]:
+        total += rows * args["BLOCK_DZ"] * _operand_bytes(args, "Z", "UPCAST_Z", stage)
+    if args["TARGET"] == TARGET_CODES["dense"]:           # the target's tiles are staged too
+        total += stages * bm * bn * max(args["DENSE"].element_size(), 4)
+    if stage == "backward":
+        total += 4 * bm * bn * 4
+    return int(total)
+
+
+def _pruner(stage: str):
+    """early_config_prune: drop the configs that cannot fit in shared memory before they are
+    compiled (compiling one takes seconds, and then it fails); without autotuning keep only
+    default_shape() (or, if it cannot fit, the smallest)."""
+    def prune(configs, _named_args, **kwargs):
+        def shape(c):
+            return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+        fit = [c for c in configs if estimated_shared_bytes(c, kwargs, stage) <= SHARED_LIMIT]
+        fit = fit or [min(configs, key=lambda c: estimated_shared_bytes(c, kwargs, stage))]
+        if os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE") == "0":
+            fit = [c for c in fit if shape(c) == default_shape(kwargs)] or fit[-1:]
+        return fit
+    return prune
+
+
+# The key holds every constexpr that changes the compiled code (a config tuned for a light
+# variant may not fit a heavy one, e.g. Affinity targets with target grads) and the power-of-two
+# buckets of N and M, not N and M: a new batch size must not benchmark every config again.
+_KEY = ["N_BUCKET", "M_BUCKET", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "EXCLUDE_SELF", "KL",
+        "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
+
+
+def _autotuned(kernel, stage):
+    return triton.autotune(_configs(), key=_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(stage)})(kernel)
+
+
+_forward_kernel = _autotuned(icon_forward_kernel, "forward")
+_mixture_kernel = _autotuned(icon_mixture_kernel, "forward")
+_rows_kernel = _autotuned(icon_backward_rows_kernel, "backward")
+_cols_kernel = _autotuned(icon_backward_cols_kernel, "backward")
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -71,6 +150,12 @@ def _row_param(param, n):
 
 def _sq(t):
     return t.float().square().sum(1)
+
+
+def _bucket(n: int) -> int:
+    """The autotuner's size key: the next power of two, at least 16 (so that, as an integer
+    argument, it always has the same divisibility and never adds a compile variant)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _prepare(args):
@@ -112,7 +197,9 @@ def _prepare(args):
         has = total != 0
         norm = torch.where(has, total, 1.0)
     else:
-        zz, zc = z.float().contiguous(), z_cols.float().contiguous()
+        # the input dtype, not fp32: fp16/bf16 target Grams then run on tensor cores too
+        z_dtype = torch.promote_types(z.dtype, z_cols.dtype)
+        zz, zc = z.to(z_dtype).contiguous(), z_cols.to(z_dtype).contiguous()
         zsq, zcsq, tprm = _sq(zz), _sq(zc), _row_param(t_param, n)
         has = torch.ones(n, dtype=torch.bool, device=dev)
     included = has & (m_valid > 0)
@@ -122,10 +209,11 @@ def _prepare(args):
                    Z=zz, ZC=zc, ZSQ=zsq, ZCSQ=zcsq, TPRM=tprm)
     sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
                  stride_y=y.stride(0), stride_z=zz.stride(0), stride_zc=zc.stride(0),
-                 m_valid=float(max(m_valid, 1)), alpha=float(alpha))
+                 m_valid=float(max(m_valid, 1)), alpha=float(alpha), N_BUCKET=_bucket(n),
+                 M_BUCKET=_bucket(m))
     flags = dict(KERNEL=KERNEL_CODES[kernel], T_KERNEL=KERNEL_CODES[t_kernel],
                  TARGET=TARGET_CODES[target], EXCLUDE_SELF=bool(exclude_self), KL=bool(kl),
-                 PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype),
+                 PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype), UPCAST_Z=_upcast(zz.dtype),
                  D_CHUNKED=x.shape[1] > MAX_BLOCK_D, BLOCK_D=_block_d(x.shape[1]),
                  BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
     return tensors, sizes, flags, included, float(beta), pairs

@@ -1,0 +1,94 @@
+"""The tests bench/gpu_check.sh runs on the GPU: a representative subset, sized for one 600 s run.
+
+CI runs the full matrix under the Triton interpreter; on the device every Triton variant is a cold
+JIT compile of seconds, so the selection covers every kernel x target x dtype once, the options
+matrix on two targets, and the files that only mean something on a GPU (the CUDA extension, the
+torch backend on CUDA, the ops' opcheck and torch.compile, large N). tests/conftest.py applies it
+when ICON_KERNELS_GPU_SELECTION=1; tests/compile_keys.py counts its compiles.
+"""
+from __future__ import annotations
+
+ENV = "ICON_KERNELS_GPU_SELECTION"
+
+# whole files
+FILES = ("test_cuda_build.py", "test_cuda_vs_reference.py", "test_torch_backend_cuda.py",
+         "test_triton_gpu.py", "test_ops.py")
+# (file, test function, predicate on the parametrisation id, or None for every case)
+OPTION_TARGETS = ("dot-labels-", "student_t-affinity-")
+CASES = (
+    # every kernel x target in fp32 (self-kl-mean), and the four option settings on two targets
+    ("test_triton_vs_reference.py", "test_every_kernel_target_and_option",
+     lambda ident: "self-kl-mean" in ident or ident.startswith(OPTION_TARGETS)),
+    # ... and in fp16 and bf16
+    ("test_triton_vs_reference.py", "test_every_kernel_and_target_in_half_precision", None),
+    ("test_triton_vs_reference.py", "test_affinity_target_gradients", lambda ident: "self-kl-mean" in ident),
+    ("test_triton_vs_reference.py", "test_feature_dim_300_uses_chunks", None),
+    ("test_triton_vs_reference.py", "test_low_temperature_huge_logits", None),
+    ("test_triton_vs_reference.py", "test_learnable_kernel_parameter", lambda ident: "rows" in ident.split("-")),
+    # the CUDA extension's parts of the cross-backend files (no Triton compile)
+    ("test_left_out_rows.py", "test_single_row_without_columns_is_left_out", lambda ident: "cuda" in ident),
+    ("test_target_weight_grads.py", "test_weights_gradient", lambda ident: ident.startswith("cuda")),
+    ("test_target_weight_grads.py", "test_weights_gradient_triton", lambda ident: "self-kl-mean" in ident),
+)
+
+
+def files() -> list:
+    """The test files the selection draws from (pytest then imports only these)."""
+    return sorted(set(FILES) | {f for f, _, _ in CASES})
+
+
+def selected(nodeid: str) -> bool:
+    """Is the pytest node ``tests/<file>::<function>[<id>]`` part of the GPU selection?"""
+    path, _, rest = nodeid.partition("::")
+    name = path.rsplit("/", 1)[-1]
+    if name in FILES:
+        return True
+    function, _, ident = rest.partition("[")
+    ident = ident.rstrip("]")
+    return any(name == f and function == fn and (pred is None or pred(ident))
+               for f, fn, pred in CASES)
+
+
+# The compile budget of the test step: at most COMPILE_BUDGET_S of Triton compiles per worker when
+# the distinct keys are spread over the pytest workers. The 276 keys this selection triggered on
+# 2026-12-02 compiled ahead of time for sm_90 in 1.67 s each on average (median 1.44, 90th
+# percentile 3.1, max 4.6; triton 3.8, one core of the 2-core development VM,
+# tests/triton_aot_compile.py --keys). COMPILE_S_PER_KEY allows 1.5x that: keys that two workers
+# compile at once, and the GPU machine's JIT path (it also loads the cubin).
+COMPILE_BUDGET_S = 150
+COMPILE_S_PER_KEY = 2.5
+
+
+def max_compile_keys(workers: int) -> int:
+    return int(COMPILE_BUDGET_S * workers / COMPILE_S_PER_KEY)
+
+
+def budget_line(keys_json: str, workers: int) -> int:
+    """Prints the plan's compile line; 1 when the selection is over budget or did not pass."""
+    import json
+
+    with open(keys_json) as f:
+        recorded = json.load(f)
+    keys, limit = len(recorded["keys"]), max_compile_keys(workers)
+    seconds = keys * COMPILE_S_PER_KEY / workers
+    print(f"  Triton compiles  {keys} distinct keys, about {seconds:.0f} s on {workers} workers "
+          f"(budget {COMPILE_BUDGET_S} s: at most {limit} keys; {COMPILE_S_PER_KEY} s per key)")
+    if recorded["pytest_exit"] != 0:
+        print(f"gpu_check plan: ERROR - the selection failed under the interpreter (pytest exit "
+              f"{recorded['pytest_exit']})")
+        return 1
+    if keys > limit:
+        print("gpu_check plan: ERROR - the GPU selection compiles more than its budget")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--files"]:
+        print(" ".join(f"tests/{name}" for name in files()))
+        sys.exit(0)
+    if sys.argv[1:2] != ["--budget-line"] or len(sys.argv) != 4:
+        sys.exit("usage: python tests/gpu_selection.py --files | --budget-line KEYS.json WORKERS")
+    sys.exit(budget_line(sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,100 @@
+"""The Triton launch settings that matter on a GPU, checked on the CPU: the fp32 dot precision,
+Affinity targets in their own dtype, the autotune key and the pruning of configs that cannot fit,
+and the interpreter / numpy compatibility check."""
+import pytest
+import torch
+import triton
+
+import icon_kernels as ik
+from compile_keys import Recorder
+from icon_kernels import triton_backend
+
+pytestmark = pytest.mark.skipif("triton" not in ik.available_backends(),
+                                reason=f"triton backend unavailable: {ik.available_backends(with_reasons=True)['triton']}")
+
+
+def _launches(dtype, target="labels", **kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g).to(dtype).requires_grad_()
+    if target == "affinity":
+        t = ik.Affinity(torch.randn(40, 8, generator=g).to(dtype), kernel="gaussian", sigma=1.0)
+    else:
+        t = ik.Labels(torch.arange(40) // 2)
+    recorder = Recorder().install()
+    try:
+        ik.icon_loss(x, target=t, kernel="student_t", dof=1.0, backend="triton", **kw).backward()
+    finally:
+        recorder.uninstall()
+    return recorder.distinct()
+
+
+def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch):
+    monkeypatch.delenv("ICON_KERNELS_TRITON_FP32", raising=False)
+    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"tf32x3"}
+    monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "ieee")
+    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"ieee"}
+    monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "fp32")
+    with pytest.raises(ValueError, match="ICON_KERNELS_TRITON_FP32"):
+        _launches(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_affinity_target_features_stay_in_the_input_dtype(dtype):
+    """No fp32 copy of z: a GPU then runs the target Gram on tensor cores too."""
+    keys = _launches(dtype, target="affinity")
+    name = str(dtype).replace("torch.", "")
+    assert keys and all(k["tensors"]["Z"][0] == name and k["tensors"]["ZC"][0] == name for k in keys)
+    assert all(k["constexprs"]["UPCAST_Z"] is False for k in keys)
+
+
+def test_autotune_key_uses_power_of_two_buckets_of_n_and_m():
+    from icon_kernels._triton import launchers
+
+    assert "N" not in launchers._KEY and "M" not in launchers._KEY
+    assert {"N_BUCKET", "M_BUCKET", "TARGET_GRAD", "UPCAST_Z"} <= set(launchers._KEY)
+    assert [launchers._bucket(n) for n in (1, 16, 17, 4000, 4096, 4097)] == [16, 16, 32, 4096, 4096, 8192]
+
+
+def _args(dtype, target, block_d, block_dz=16):
+    return dict(X=torch.empty(0, dtype=dtype), Z=torch.empty(0, dtype=dtype),
+                DENSE=torch.empty(0, dtype=dtype), BLOCK_D=block_d,
+                BLOCK_DZ=block_dz, UPCAST=dtype not in (torch.float16, torch.bfloat16),
+                UPCAST_Z=dtype not in (torch.float16, torch.bfloat16), TARGET=target)
+
+
+def _shapes(configs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+def test_pruning_drops_configs_that_cannot_fit_and_keeps_one(monkeypatch):
+    from icon_kernels._triton import launchers
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in launchers.AUTOTUNE_SHAPES]
+    monkeypatch.setenv("ICON_KERNELS_TRITON_AUTOTUNE", "1")
+    heavy = _args(torch.float32, 2, 256, 256)
+    kept = launchers._pruner("backward")(configs, None, **heavy)
+    fits = [c for c in configs if launchers.estimated_shared_bytes(c, heavy, "backward") <= launchers.SHARED_LIMIT]
+    assert len(fits) < len(configs)                      # fp32, d = dz = 256: some cannot fit
+    assert _shapes(kept) == (_shapes(fits) or [(32, 32, 4, 2)])   # never empty: the smallest
+    light = _args(torch.bfloat16, 0, 128)
+    assert len(launchers._pruner("forward")(configs, None, **light)) == len(configs)
+    monkeypatch.setenv("ICON_KERNELS_TRITON_AUTOTUNE", "0")
+    assert _shapes(launchers._pruner("forward")(configs, None, **light)) == [(64, 64, 4, 2)]
+    assert _shapes(launchers._pruner("backward")(configs, None, **_args(torch.float32, 0, 128))) == [(64, 32, 4, 2)]
+    assert _shapes(launchers._pruner("backward")(configs, None, **_args(torch.bfloat16, 2, 128, 128))) == [(64, 32, 4, 2)]
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,breaks", [
+    ("3.6.0", "2.5.0", True), ("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.5.0", False), ("3.8.0", "2.5.0", False), ("3.5.1", "2.4.0rc1", True)])
+def test_interpreter_numpy_compatibility(triton_version, numpy_version, breaks):
+    assert triton_backend.interpreter_breaks(triton_version, numpy_version) is breaks
+
+
+def test_a_broken_interpreter_stack_makes_triton_unavailable_with_its_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_backend, "_REASON", triton_backend._REASON)   # restored afterwards
+    monkeypatch.setattr(triton_backend, "interpreter_breaks", lambda *_: True)
+    triton_backend.register()
+    assert "numpy<2.4 or triton>=3.7" in triton_backend.unavailable_reason()
