@@ -3,9 +3,10 @@
 # cores, no network; only $OUT and the output's last 12,000 characters come back):
 #   build (with the CUDA kernels; without them if that fails) -> the GPU test selection in
 #   parallel -> compute-sanitizer on this project's CUDA kernels -> the GPU benchmark.
-# Every step runs under its own `timeout -k`; the limits add up to BUDGET_S (540 s). Everything is
-# teed to $OUT/gpu_check.log from the first line; pytest writes $OUT/pytest.xml and the benchmark
-# its CSV/JSON after every row (4 files in all, at most 8 come back).
+# Every step runs under its own `timeout -k`; the limits add up to BUDGET_S (540 s), and no step
+# may run past HARD_DEADLINE_S (575 s after the start, whatever happened before: a fallback build,
+# kill grace periods). Everything is teed to $OUT/gpu_check.log from the first line; pytest writes
+# $OUT/pytest.xml and the benchmark its CSV/JSON after every row (4 files in all, 8 come back).
 #
 #   bash bench/gpu_check.sh --plan   # no GPU needed: the steps, their limits, the number of GPU
 #                                    # tests and of the Triton compiles they trigger (~1 min)
@@ -18,13 +19,16 @@ if [ -n "${OUT:-}" ] && [ "${1:-}" != "--plan" ]; then
 fi
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 BUDGET_S=540
+HARD_DEADLINE_S=575
+export PYTHONUNBUFFERED=1                    # a killed step still shows what it printed
 # name:limit in seconds. The build is one nvcc unit (~75 s) and three C++ units in parallel; the
 # tests' Triton compiles are counted by --plan (tests/gpu_selection.py holds their budget); the
 # benchmark also gets whatever the earlier steps left unused.
 STEPS="build:150 tests:200 memcheck:45 racecheck:45 bench:100"
+FALLBACK_BUILD_S=45                          # only if the build fails; taken from the bench
 PYTEST_WORKERS=8
 export ICON_KERNELS_GPU_SELECTION=1          # tests/conftest.py keeps tests/gpu_selection.py's tests
-export ICON_KERNELS_TRITON_AUTOTUNE=0        # one config per variant: no autotune benchmarking
+export ICON_KERNELS_TRITON_AUTOTUNE=0        # one shape per variant, launched without the autotuner
 
 TEST_FILES=$("$PY" tests/gpu_selection.py --files)
 
@@ -37,7 +41,8 @@ plan() {
     printf "  step %-10s limit %4d s\n" "${s%%:*}" "${s##*:}"
     total=$((total + ${s##*:}))
   done
-  echo "  total            ${total} s (budget ${BUDGET_S} s)"
+  echo "  total            ${total} s (budget ${BUDGET_S} s; no step runs past ${HARD_DEADLINE_S} s)"
+  echo "  fallback build   ${FALLBACK_BUILD_S} s, only if the build fails, taken from the bench"
   [ "$total" -le "$BUDGET_S" ] || { echo "gpu_check plan: ERROR - the step limits exceed the budget"; return 1; }
   local collected
   # shellcheck disable=SC2086
@@ -69,18 +74,25 @@ if [ ! -f "$OUT/gpu_check.log" ]; then       # not teed yet ($OUT was not set by
   exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 fi
 [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
-START=$(date +%s)
 SUMMARY=()
-elapsed() { echo $(( $(date +%s) - START )); }
+elapsed() { echo "$SECONDS"; }               # bash counts from the script's start
 
-# step NAME LIMIT CMD...: runs CMD under `timeout -k 10 LIMIT`, prints and records the outcome.
+# step NAME LIMIT CMD...: runs CMD under `timeout -k 10 LIMIT` (signal $STEP_SIGNAL, TERM unless
+# set), never past HARD_DEADLINE_S; prints and records the outcome.
 step() {
   local name=$1 limit=$2 t0 rc
   shift 2
+  local left=$(( HARD_DEADLINE_S - SECONDS - 12 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    SUMMARY+=("$(printf '%-10s %s' "$name" "NOT RUN: no time left before the ${HARD_DEADLINE_S} s deadline")")
+    echo "gpu_check: step ${name} not run: no time left"
+    return 124
+  fi
   echo
   echo "=== gpu_check step ${name}: limit ${limit} s, $(elapsed) s elapsed, $(date -u +%H:%M:%S) UTC ==="
   t0=$(date +%s)
-  timeout -k 10 "$limit" "$@"
+  timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@"
   rc=$?
   local took=$(( $(date +%s) - t0 )) verdict=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT"; elif [ $rc -ne 0 ]; then verdict="FAILED (rc $rc)"; fi
@@ -101,7 +113,7 @@ status=0
 if ! step build "$(limit_of build)" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
     MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .; then
   status=1
-  step build-noext 60 env ICON_KERNELS_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+  step build-noext "$FALLBACK_BUILD_S" env ICON_KERNELS_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
     || { note build "no package could be installed; stopping"; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
   note build "extension build failed: continuing without it (ICON_KERNELS_NO_EXT=1)"
 fi
@@ -114,8 +126,14 @@ if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n "$PYTEST_WORKERS")
 else echo "gpu_check: pytest-xdist missing: the tests run in one process"; fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 120);
 else echo "gpu_check: pytest-timeout missing: no per-test limit"; fi
+# SIGINT on timeout: pytest then still prints its summary and writes the JUnit XML
+pytest_log=$(mktemp)
 # shellcheck disable=SC2086
-step tests "$(limit_of tests)" "$PY" -m pytest "${PYTEST_ARGS[@]}" $TEST_FILES || status=1
+STEP_SIGNAL=INT step tests "$(limit_of tests)" "$PY" -m pytest "${PYTEST_ARGS[@]}" $TEST_FILES \
+  > >(tee "$pytest_log") 2>&1 || status=1
+sleep 1                                      # let tee finish writing the log
+note pytest "$(grep -E "[0-9]+ (passed|failed|error)" "$pytest_log" | tail -n 1)"
+rm -f "$pytest_log"
 
 # 3. compute-sanitizer on a small cuda-backend run, only this project's kernels (icon_cuda_*), the
 # caching allocator off so that an overrun leaves its allocation
@@ -126,18 +144,21 @@ elif ! "$PY" -c "import sys, icon_kernels as ik; sys.exit('cuda' not in ik.avail
   note sanitizer "NOT RUN: the cuda backend is unavailable"
 else
   "$SAN" --version | tail -n 2
+  "$SAN" --help 2>&1 | grep -A 3 -- "--kernel-name " | head -n 8
   for tool in memcheck racecheck; do
     log=$(mktemp)
     step "$tool" "$(limit_of "$tool")" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
       --kernel-name kns=icon_cuda_ --error-exitcode 9 "$PY" bench/cuda_sanitizer_case.py > "$log" 2>&1
     rc=$?
     tail -n 40 "$log"
+    # memcheck ends with "ERROR SUMMARY: 0 errors", racecheck with "RACECHECK SUMMARY: 0 hazards"
+    case $tool in memcheck) clean="ERROR SUMMARY: 0 errors" ;; *) clean="RACECHECK SUMMARY: 0 hazards" ;; esac
     if grep -qiE "device not supported|not supported on this device|error 999" "$log"; then
       note "$tool" "NOT RUN: the sanitizer does not support this device (not a pass)"
-    elif ! grep -q "ERROR SUMMARY: 0 errors" "$log"; then
-      [ $rc -eq 0 ] && note "$tool" "FAILED: no 'ERROR SUMMARY: 0 errors' line"
-      status=1
     elif [ $rc -ne 0 ]; then
+      status=1
+    elif ! grep -q "$clean" "$log"; then
+      note "$tool" "FAILED: no '$clean' line"
       status=1
     fi
     rm -f "$log"
@@ -145,12 +166,18 @@ else
 fi
 
 # 4. the GPU benchmark: autotune off, no probe, no plots; gets the time the other steps left
-left=$(( BUDGET_S - $(elapsed) ))
-[ "$left" -lt "$(limit_of bench)" ] && left=$(limit_of bench)
-step bench "$left" "$PY" bench/run_bench.py --device cuda --deadline $(( left - 25 )) --no-probe \
-  --no-plots --results-dir "$OUT" || status=1
+left=$(( HARD_DEADLINE_S - SECONDS - 15 ))
+if [ "$left" -ge 40 ]; then
+  step bench "$left" "$PY" bench/run_bench.py --device cuda --deadline $(( left - 25 )) --no-probe \
+    --no-plots --results-dir "$OUT" || status=1
+else
+  note bench "NOT RUN: ${left} s left"
+  status=1
+fi
 
 echo
 echo "=== gpu_check summary: $(elapsed) s in all (budget ${BUDGET_S} s), status $status ==="
 printf '  %s\n' "${SUMMARY[@]}"
+exec 1>&- 2>&-                               # close the pipe to tee and let it finish
+wait
 exit $status

@@ -2,8 +2,8 @@
 
 On a GPU every distinct (kernel, constexprs, argument dtypes, integer and pointer specialisation)
 is one cold JIT compile of several seconds. ``bench/gpu_check.sh`` has a fixed time budget, so the
-GPU test selection's compile work is counted here on the CPU: a hook on the autotuner records
-what each launch would compile, while the interpreter runs the kernels as usual.
+GPU test selection's compile work is counted here on the CPU: a hook on the interpreted kernels'
+launch records what each launch would compile, while the interpreter runs the kernels as usual.
 
     python tests/compile_keys.py OUT.json [pytest args...]   # run pytest, write the distinct keys
 
@@ -20,10 +20,10 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch                                                       # noqa: E402
-from triton.runtime.autotuner import Autotuner                     # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction         # noqa: E402
 import triton.language as tl                                       # noqa: E402
 
-_CONFIG_META = {"BLOCK_M", "BLOCK_N"}            # set by the autotune config, not by the launch
+_CONFIG_META = {"BLOCK_M", "BLOCK_N"}            # the tile shape: one per key on the GPU
 # the interpreter upcasts bf16 at load; a GPU keeps it native (launchers._upcast)
 _NATIVE = {torch.float16, torch.bfloat16}
 
@@ -65,26 +65,26 @@ def launch_key(fn, kwargs: dict) -> dict:
 
 
 class Recorder:
-    """Records the launch key of every autotuned kernel call while installed."""
+    """Records the launch key of every kernel launch while installed (under the interpreter)."""
 
     def __init__(self):
         self.keys: dict[str, dict] = {}
         self._run = None
 
     def install(self):
-        self._run = Autotuner.run
+        self._run = InterpretedFunction.run
         recorder = self
 
-        def run(tuner, *args, **kwargs):
-            key = launch_key(tuner.base_fn, kwargs)
+        def run(kernel, *args, **kwargs):
+            key = launch_key(kernel, kwargs)
             recorder.keys.setdefault(json.dumps(key, sort_keys=True), key)
-            return recorder._run(tuner, *args, **kwargs)
+            return recorder._run(kernel, *args, **kwargs)
 
-        Autotuner.run = run
+        InterpretedFunction.run = run
         return self
 
     def uninstall(self):
-        Autotuner.run = self._run
+        InterpretedFunction.run = self._run
 
     def distinct(self) -> list[dict]:
         return [self.keys[k] for k in sorted(self.keys)]

@@ -22,7 +22,7 @@ import icon_kernels as ik                              # noqa: E402
 from compile_keys import Recorder                      # noqa: E402
 from configs import CONFIGS                            # noqa: E402
 
-N, D = 48, 128          # keys depend on d and the dtypes, not on N (both multiples of 16)
+N, D = 64, 128          # keys depend on d, the dtypes and N, M mod 16, not on N (clip: M = N / 2)
 
 
 def record(calls):

@@ -44,7 +44,6 @@ def test_affinity_target_features_stay_in_the_input_dtype(dtype):
     keys = _launches(dtype, target="affinity")
     name = str(dtype).replace("torch.", "")
     assert keys and all(k["tensors"]["Z"][0] == name and k["tensors"]["ZC"][0] == name for k in keys)
-    assert all(k["constexprs"]["UPCAST_Z"] is False for k in keys)
 
 
 def test_autotune_key_uses_power_of_two_buckets_of_n_and_m():
@@ -66,23 +65,27 @@ def _shapes(configs):
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
 
-def test_pruning_drops_configs_that_cannot_fit_and_keeps_one(monkeypatch):
+def test_pruning_drops_configs_that_cannot_fit_and_keeps_one():
     from icon_kernels._triton import launchers
 
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in launchers.AUTOTUNE_SHAPES]
-    monkeypatch.setenv("ICON_KERNELS_TRITON_AUTOTUNE", "1")
-    heavy = _args(torch.float32, 2, 256, 256)
-    kept = launchers._pruner("backward")(configs, None, **heavy)
-    fits = [c for c in configs if launchers.estimated_shared_bytes(c, heavy, "backward") <= launchers.SHARED_LIMIT]
-    assert len(fits) < len(configs)                      # fp32, d = dz = 256: some cannot fit
-    assert _shapes(kept) == (_shapes(fits) or [(32, 32, 4, 2)])   # never empty: the smallest
     light = _args(torch.bfloat16, 0, 128)
     assert len(launchers._pruner("forward")(configs, None, **light)) == len(configs)
-    monkeypatch.setenv("ICON_KERNELS_TRITON_AUTOTUNE", "0")
-    assert _shapes(launchers._pruner("forward")(configs, None, **light)) == [(64, 64, 4, 2)]
-    assert _shapes(launchers._pruner("backward")(configs, None, **_args(torch.float32, 0, 128))) == [(64, 32, 4, 2)]
-    assert _shapes(launchers._pruner("backward")(configs, None, **_args(torch.bfloat16, 2, 128, 128))) == [(64, 32, 4, 2)]
+    medium = _args(torch.float32, 0, 128)              # fp32, d = 128: the 128-row tiles cannot fit
+    kept = _shapes(launchers._pruner("backward")(configs, None, **medium))
+    assert (64, 32, 4, 2) in kept and not any(bm == 128 for bm, *_ in kept)
+    heavy = _args(torch.float32, 2, 256, 256)          # nothing is estimated to fit: the smallest
+    assert _shapes(launchers._pruner("backward")(configs, None, **heavy)) == [(32, 32, 4, 2)]
+
+
+def test_without_autotuning_one_shape_per_variant():
+    from icon_kernels._triton import launchers
+
+    assert launchers.fixed_shape(_args(torch.bfloat16, 0, 128), "forward") == (64, 64, 4, 2)
+    assert launchers.fixed_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 4, 2)
+    assert launchers.fixed_shape(_args(torch.bfloat16, 2, 128, 128), "backward") == (64, 32, 4, 2)
+    assert launchers.fixed_shape(_args(torch.float32, 2, 256, 256), "backward") == (32, 32, 4, 2)
 
 
 @pytest.mark.parametrize("triton_version,numpy_version,breaks", [

@@ -54,14 +54,29 @@ def signature(fn, key):
     return sig
 
 
+def specialisation(fn, key):
+    """What the GPU's JIT specialises, from the recorded launch: pointers aligned to 16 bytes and
+    integers that are multiples of 16 get tt.divisibility 16; integers equal to 1 become constants."""
+    attrs, ones = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        aligned = key["tensors"].get(name, [None, False])[1]
+        is_one, div16 = key["ints"].get(name, [False, False])
+        if is_one:
+            ones[name] = 1
+        elif aligned or div16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs, ones
+
+
 def compile_key(key, config=DEFAULT_CONFIG, arch=90):
     """(compiled kernel, seconds) for one recorded launch key and one (BM, BN, warps, stages)."""
     fn = KERNELS[key["kernel"]]
     bm, bn, warps, stages = config
-    constexprs = dict(key["constexprs"], BLOCK_M=bm, BLOCK_N=bn)
+    attrs, ones = specialisation(fn, key)
+    constexprs = dict(key["constexprs"], BLOCK_M=bm, BLOCK_N=bn, **ones)
+    sig = dict(signature(fn, key), **{name: "constexpr" for name in ones})
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature(fn, key), constexprs),
-                              target=GPUTarget("cuda", arch, 32),
+    compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
     return compiled, time.perf_counter() - start
 
@@ -101,17 +116,11 @@ def estimated_shared(key, shape) -> int:
 
 def launched_shapes(key, autotune: bool):
     """The (BM, BN, warps, stages) launchers would compile for this key: every shape its pruning
-    keeps when autotuning, else the one of ICON_KERNELS_TRITON_AUTOTUNE=0."""
-    previous = os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE")
-    os.environ["ICON_KERNELS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
-    try:
-        kept = launchers._pruner(STAGE[key["kernel"]])([_config(s) for s in launchers.AUTOTUNE_SHAPES],
-                                                       None, **_launch_args(key))
-    finally:
-        if previous is None:
-            del os.environ["ICON_KERNELS_TRITON_AUTOTUNE"]
-        else:
-            os.environ["ICON_KERNELS_TRITON_AUTOTUNE"] = previous
+    keeps when autotuning, else its one shape of ICON_KERNELS_TRITON_AUTOTUNE=0."""
+    args, stage = _launch_args(key), STAGE[key["kernel"]]
+    if not autotune:
+        return [launchers.fixed_shape(args, stage)]
+    kept = launchers._pruner(stage)([_config(s) for s in launchers.AUTOTUNE_SHAPES], None, **args)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 

@@ -41,14 +41,10 @@ def fp32_precision() -> str:
 
 AUTOTUNE_SHAPES = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2),
                    (32, 32, 4, 2)]      # (BLOCK_M, BLOCK_N, warps, stages); the last always fits
+INTERPRETER_SHAPE = (32, 32, 4, 2)      # warps and stages mean nothing to the interpreter
 
 
 def _configs():
-    """Tile shapes for Ampere/Hopper; exactly one under the interpreter. With
-    ICON_KERNELS_TRITON_AUTOTUNE=0 (tests and the first benchmark on a GPU: each autotune miss
-    compiles every config) the pruning below keeps one: default_shape()."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in AUTOTUNE_SHAPES]
 
@@ -67,7 +63,7 @@ def default_shape(args) -> tuple:
 # once per pipeline stage and the row block, for the features and (Affinity) the target features;
 # fp32 operands take 5/3 of their size (tf32x3 stages hi and lo parts), bf16 1x; the backward adds
 # four BLOCK_M x BLOCK_N fp32 tiles (the gradient weights, transposed for the column dots); a Dense
-# target stages its BLOCK_M x BLOCK_N tiles.
+# target stages its BLOCK_M x BLOCK_N tiles; 4 KB for the rest.
 SHARED_LIMIT = 232448          # bytes per block on sm_90 (227 KB)
 
 
@@ -90,22 +86,28 @@ def estimated_shared_bytes(config, args, stage: str) -> int:
         total += stages * bm * bn * max(args["DENSE"].element_size(), 4)
     if stage == "backward":
         total += 4 * bm * bn * 4
-    return int(total)
+    return int(total) + 4096                              # reduction and barrier scratch
+
+
+def _config(shape):
+    bm, bn, warps, stages = shape
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def fixed_shape(args, stage: str) -> tuple:
+    """The shape of a launch without autotuning: default_shape(), or the smallest if it cannot fit."""
+    shape = default_shape(args)
+    if estimated_shared_bytes(_config(shape), args, stage) <= SHARED_LIMIT:
+        return shape
+    return min(AUTOTUNE_SHAPES, key=lambda s: estimated_shared_bytes(_config(s), args, stage))
 
 
 def _pruner(stage: str):
     """early_config_prune: drop the configs that cannot fit in shared memory before they are
-    compiled (compiling one takes seconds, and then it fails); without autotuning keep only
-    default_shape() (or, if it cannot fit, the smallest)."""
+    compiled (compiling one takes seconds, and then it fails); never all of them."""
     def prune(configs, _named_args, **kwargs):
-        def shape(c):
-            return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-
         fit = [c for c in configs if estimated_shared_bytes(c, kwargs, stage) <= SHARED_LIMIT]
-        fit = fit or [min(configs, key=lambda c: estimated_shared_bytes(c, kwargs, stage))]
-        if os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE") == "0":
-            fit = [c for c in fit if shape(c) == default_shape(kwargs)] or fit[-1:]
-        return fit
+        return fit or [min(configs, key=lambda c: estimated_shared_bytes(c, kwargs, stage))]
     return prune
 
 
@@ -116,15 +118,30 @@ _KEY = ["N_BUCKET", "M_BUCKET", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "EXCL
         "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
 
 
-def _autotuned(kernel, stage):
-    return triton.autotune(_configs(), key=_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(stage)})(kernel)
+class _Launcher:
+    """One kernel: autotuned, or with one fixed shape straight through the jit function under the
+    interpreter and with ICON_KERNELS_TRITON_AUTOTUNE=0 (tests and the first benchmark on a GPU,
+    where each autotune miss compiles every config; and Triton < 3.7 benchmarks even the single
+    config a pruning leaves)."""
+
+    def __init__(self, kernel, stage: str):
+        self.kernel, self.stage = kernel, stage
+        self.tuned = None if INTERPRET else triton.autotune(
+            _configs(), key=_KEY, prune_configs_by={"early_config_prune": _pruner(stage)})(kernel)
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            if self.tuned is not None and os.environ.get("ICON_KERNELS_TRITON_AUTOTUNE") != "0":
+                return self.tuned[grid](**kwargs)
+            bm, bn, warps, stages = INTERPRETER_SHAPE if INTERPRET else fixed_shape(kwargs, self.stage)
+            return self.kernel[grid](**kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return launch
 
 
-_forward_kernel = _autotuned(icon_forward_kernel, "forward")
-_mixture_kernel = _autotuned(icon_mixture_kernel, "forward")
-_rows_kernel = _autotuned(icon_backward_rows_kernel, "backward")
-_cols_kernel = _autotuned(icon_backward_cols_kernel, "backward")
+_forward_kernel = _Launcher(icon_forward_kernel, "forward")
+_mixture_kernel = _Launcher(icon_mixture_kernel, "forward")
+_rows_kernel = _Launcher(icon_backward_rows_kernel, "backward")
+_cols_kernel = _Launcher(icon_backward_cols_kernel, "backward")
 
 
 def _upcast(dtype: torch.dtype) -> bool:
