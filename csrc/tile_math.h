@@ -11,45 +11,67 @@
 
 namespace icon {
 
+// The codes of icon_kernels/families.py (and triton/launchers.py); tests/test_families.py checks
+// that the three agree. Every switch below names each code and ends in a default that cannot be
+// reached from an op, because the op's entry turns the kernel name into a code with kernel_code()
+// (op_codes.h), which TORCH_CHECKs unknown names: the default returns NaN (the math here runs on
+// the device and inside OpenMP loops, where it cannot throw), never the last kernel's value.
 enum Kernel : int { kDot = 0, kGaussian = 1, kStudentT = 2, kLogDot = 3 };
 enum Target : int { kLabels = 0, kNeighbors = 1, kAffinity = 2, kDense = 3 };
+
+template <typename T>
+ICON_HD T unknown_code() { return T(NAN); }
+
+ICON_HD bool is_distance(int kernel) { return kernel == kGaussian || kernel == kStudentT; }
 
 // s_ij from the Gram entry ab = a_i.b_j (and the squared norms for distance kernels); *aux gets
 // a.b (dot, log_dot) or the squared distance clamped at 0 (NaN kept).
 template <typename T>
 ICON_HD T logit(int kernel, T ab, T a_sq, T b_sq, T prm, T* aux) {
-  if (kernel == kDot) { *aux = ab; return ab / prm; }
-  if (kernel == kLogDot) { *aux = ab; return std::log(ab); }
-  T sq = a_sq + b_sq - T(2) * ab;
-  sq = sq < T(0) ? T(0) : sq;
-  *aux = sq;
-  if (kernel == kGaussian) return -sq / (T(2) * prm * prm);
-  return -T(0.5) * (prm + T(1)) * std::log1p(sq / prm);
+  *aux = ab;
+  if (is_distance(kernel)) {
+    T sq = a_sq + b_sq - T(2) * ab;
+    *aux = sq = sq < T(0) ? T(0) : sq;
+  }
+  switch (kernel) {
+    case kDot: return ab / prm;
+    case kLogDot: return std::log(ab);
+    case kGaussian: return -*aux / (T(2) * prm * prm);
+    case kStudentT: return -T(0.5) * (prm + T(1)) * std::log1p(*aux / prm);
+    default: return unknown_code<T>();
+  }
 }
 
 // W_ij such that dL/da_i = sum_j W_ij b_j - [distance kernel] (sum_j W_ij) a_i, from G = dL/ds.
 template <typename T>
 ICON_HD T grad_weight(int kernel, T g, T aux, T prm) {
-  if (kernel == kDot) return g / prm;
-  if (kernel == kLogDot) return g == T(0) ? T(0) : g / aux;
-  if (kernel == kGaussian) return g / (prm * prm);
-  return g * (prm + T(1)) / (prm + aux);
+  switch (kernel) {
+    case kDot: return g / prm;
+    case kLogDot: return g == T(0) ? T(0) : g / aux;
+    case kGaussian: return g / (prm * prm);
+    case kStudentT: return g * (prm + T(1)) / (prm + aux);
+    default: return unknown_code<T>();
+  }
 }
 
-ICON_HD bool is_distance(int kernel) { return kernel == kGaussian || kernel == kStudentT; }
+// ds/dnu of the Student-t kernel.
+template <typename T>
+ICON_HD T student_t_ddof(T aux, T prm) {
+  return -T(0.5) * std::log1p(aux / prm) + T(0.5) * (prm + T(1)) * aux / (prm * (prm + aux));
+}
 
 // This pair's share of dL/dparam. Rows of G sum to zero, so s is shifted by the row LSE to keep
 // the sum from cancelling catastrophically.
 template <typename T>
 ICON_HD T param_term(int kernel, T g, T s, T aux, T prm, T shift) {
   if (g == T(0)) return T(0);
-  if (kernel == kDot) return -g * (s - shift) / prm;
-  if (kernel == kGaussian) return T(-2) * g * (s - shift) / prm;
-  if (kernel == kStudentT) {
-    T ds = -T(0.5) * std::log1p(aux / prm) + T(0.5) * (prm + T(1)) * aux / (prm * (prm + aux));
-    return g * ds;
+  switch (kernel) {
+    case kDot: return -g * (s - shift) / prm;
+    case kGaussian: return T(-2) * g * (s - shift) / prm;
+    case kStudentT: return g * student_t_ddof(aux, prm);
+    case kLogDot: return T(0);                 // no parameter
+    default: return unknown_code<T>();
   }
-  return T(0);
 }
 
 // The same split in two: param_term = g * param_basis * param_scale. A row's dL/dparam is then
@@ -58,17 +80,23 @@ ICON_HD T param_term(int kernel, T g, T s, T aux, T prm, T shift) {
 // G's row sum carries (DESIGN.md §5, accuracy at large M).
 template <typename T>
 ICON_HD T param_basis(int kernel, T s, T aux, T prm, T shift) {
-  if (kernel == kDot || kernel == kGaussian) return s - shift;
-  if (kernel == kStudentT)
-    return -T(0.5) * std::log1p(aux / prm) + T(0.5) * (prm + T(1)) * aux / (prm * (prm + aux));
-  return T(0);
+  switch (kernel) {
+    case kDot: case kGaussian: return s - shift;
+    case kStudentT: return student_t_ddof(aux, prm);
+    case kLogDot: return T(0);
+    default: return unknown_code<T>();
+  }
 }
 
 template <typename T>
 ICON_HD T param_scale(int kernel, T prm) {
-  if (kernel == kDot) return T(-1) / prm;
-  if (kernel == kGaussian) return T(-2) / prm;
-  return kernel == kStudentT ? T(1) : T(0);
+  switch (kernel) {
+    case kDot: return T(-1) / prm;
+    case kGaussian: return T(-2) / prm;
+    case kStudentT: return T(1);
+    case kLogDot: return T(0);
+    default: return unknown_code<T>();
+  }
 }
 
 }  // namespace icon

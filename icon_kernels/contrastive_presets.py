@@ -13,7 +13,7 @@ import torch
 from .preset_base import PresetLoss, check_positive, check_views
 from .preset_dispatch import global_ids, run_loss_replicated_columns
 from .targets import Labels
-from .validation import KERNEL_PARAM, check_labels, check_matrix
+from .validation import KERNEL_PARAM, check_labels, check_matrix, check_parametric_kernel
 
 
 def _two_view_loss(preset, view1, view2, **kernel):
@@ -158,9 +158,7 @@ class PrototypeCrossEntropy(PresetLoss):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if kernel not in ("dot", "cosine", "gaussian", "student_t"):
-            raise ValueError(f"kernel must be one of dot, cosine, gaussian, student_t; got {kernel!r}")
-        self.n_classes, self.dim, self.kernel = n_classes, dim, kernel
+        self.n_classes, self.dim, self.kernel = n_classes, dim, check_parametric_kernel(kernel)
         self.temperature = check_positive("temperature", temperature)
         self.sigma = check_positive("sigma", sigma)
         self.dof = check_positive("dof", dof)

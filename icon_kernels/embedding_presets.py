@@ -19,7 +19,7 @@ from .preset_base import PresetLoss, check_positive
 from .validation import check_matrix
 from .preset_dispatch import all_ranks_agree, gather_rows
 from .targets import Affinity, Neighbors
-from .validation import KERNEL_PARAM
+from .validation import KERNEL_PARAM, check_parametric_kernel
 
 
 def _check_pair(embeddings, inputs):
@@ -118,9 +118,7 @@ class UniformKNN(_InputTargetLoss):
         self.steps = check_count("steps", steps, 1, 3)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
-        if kernel not in KERNEL_PARAM or kernel == "log_dot":
-            raise ValueError(f"kernel must be one of dot, cosine, gaussian, student_t; got {kernel!r}")
-        self.metric, self.kernel = metric, kernel
+        self.metric, self.kernel = metric, check_parametric_kernel(kernel)
         self.temperature = check_positive("temperature", temperature)
         self.sigma = check_positive("sigma", sigma)
         self.dof = check_positive("dof", dof)

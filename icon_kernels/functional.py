@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, reference
+from .families import target_name
 from .ops import forward_op
 from .reduction import reduce_rows
 from .targets import Affinity, Dense, Labels, Neighbors
@@ -43,12 +44,12 @@ def _op_arguments(pb: Problem):
 
 def target_kind(t) -> str:
     """The op-level name of a target: labels, neighbors, affinity or dense."""
-    return {Labels: "labels", Neighbors: "neighbors", Affinity: "affinity", Dense: "dense"}[type(t)]
+    return target_name(t)
 
 
 def affinity_inputs(t: Affinity):
     """Op-level (z, z_cols, kernel, parameter tensor) of an Affinity target."""
-    value = {"temperature": t.temperature, "sigma": t.sigma, "dof": t.dof, None: 1.0}[KERNEL_PARAM[t.kernel]]
+    value = getattr(t, KERNEL_PARAM[t.kernel]) if KERNEL_PARAM[t.kernel] else 1.0
     return _kernel_inputs(t.kernel, t.z, t.z_cols, value)
 
 

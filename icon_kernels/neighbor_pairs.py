@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .families import learned_kernel
+
 GATHER_ELEMENTS = 1 << 22
 
 
@@ -30,6 +32,7 @@ def pair_logits(kernel: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
                 param: torch.Tensor, dtype: torch.dtype = torch.float32):
     """(s, aux) of shape (N, k) for the pairs (i, idx[i, k]), computed in ``dtype``; param is
     per row (N,)."""
+    row = learned_kernel(kernel)
     s = torch.zeros(idx.shape, dtype=dtype, device=x.device)
     aux = torch.zeros_like(s)
     for r0, r1 in _chunks(*idx.shape, x.shape[1]):
@@ -37,13 +40,10 @@ def pair_logits(kernel: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
         b = y.to(dtype)[idx[r0:r1].clamp_min(0)]                    # (R, k, d)
         ab = torch.einsum("rd,rkd->rk", a, b)
         prm = _row(param, r0, r1).to(dtype)
-        if kernel in ("dot", "log_dot"):
-            aux[r0:r1] = ab
-            s[r0:r1] = ab / prm if kernel == "dot" else torch.log(ab)
-            continue
-        sq = (a.square().sum(1, keepdim=True) + b.square().sum(2) - 2 * ab).clamp_min(0)
-        aux[r0:r1] = sq
-        s[r0:r1] = sq / (-2 * prm * prm) if kernel == "gaussian" else -0.5 * (prm + 1) * torch.log1p(sq / prm)
+        if row.distance:
+            ab = (a.square().sum(1, keepdim=True) + b.square().sum(2) - 2 * ab).clamp_min(0)
+        aux[r0:r1] = ab
+        s[r0:r1] = row.logit(ab, prm)
     return s, aux
 
 
@@ -74,6 +74,7 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
     """Pull dL/ds on the pairs (N, k) back to (dX (N, d), dY (M, d), dparam per row (N,)).
 
     The parameter term uses s - shift, with the same row shift as the kernel's dense part."""
+    row = learned_kernel(kernel)
     grad = torch.where(grad != 0, grad, 0.0)
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dy = torch.zeros(y.shape, dtype=torch.float32, device=x.device)
@@ -83,21 +84,13 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
         b = y.float()[j]
         prm, sh = _row(param, r0, r1), shift[r0:r1, None]
         sa, aux_r = s[r0:r1], aux[r0:r1]
-        if kernel == "dot":
-            w = g / prm
-            dparam[r0:r1] = -torch.where(g != 0, g * (sa - sh), 0.0).sum(1) / prm[:, 0]
-        elif kernel == "log_dot":
-            w = torch.where(g != 0, g / aux_r, 0.0)
-        elif kernel == "gaussian":
-            w = g / (prm * prm)
-            dparam[r0:r1] = -2 * torch.where(g != 0, g * (sa - sh), 0.0).sum(1) / prm[:, 0]
-        else:
-            w = g * (prm + 1) / (prm + aux_r)
-            ds = -0.5 * torch.log1p(aux_r / prm) + 0.5 * (prm + 1) * aux_r / (prm * (prm + aux_r))
-            dparam[r0:r1] = torch.where(g != 0, g * ds, 0.0).sum(1)
+        w = row.weight(g, aux_r, prm)
+        if row.param is not None:
+            basis = sa - sh if row.param_basis is None else row.param_basis(aux_r, prm)
+            dparam[r0:r1] = row.param_scale(prm[:, 0]) * torch.where(g != 0, g * basis, 0.0).sum(1)
         rows_part = torch.einsum("rk,rkd->rd", w, b)
         cols_part = w[:, :, None] * a[:, None, :]                   # (R, k, d)
-        if kernel in ("gaussian", "student_t"):
+        if row.distance:
             rows_part -= w.sum(1, keepdim=True) * a
             cols_part -= w[:, :, None] * b
         dx[r0:r1] = rows_part

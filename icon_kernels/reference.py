@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .targets import Affinity, Dense, Labels, Neighbors
-from .validation import Problem
+from .validation import KERNEL_PARAM, Problem
 
 
 def _as_column(param):
@@ -65,8 +65,7 @@ def target_probabilities(target, valid: torch.Tensor):
         return _normalise_rows(target.p * valid)
     if isinstance(target, Affinity):
         z_cols = target.z if target.z_cols is None else target.z_cols
-        param = {"dot": target.temperature, "cosine": target.temperature, "gaussian": target.sigma,
-                 "student_t": target.dof, "log_dot": 1.0}[target.kernel]
+        param = getattr(target, KERNEL_PARAM[target.kernel]) if KERNEL_PARAM[target.kernel] else 1.0
         t = pairwise_logits(target.kernel, target.z, z_cols, param)
         p = torch.where(valid, _masked_log_softmax(t, valid).exp(), 0.0)
         return p, valid.any(1)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .families import learned_kernel
+
 
 def rows_of(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     """The parameter for rows r0:r1, shaped to scale the rows of an R x M tile."""
@@ -76,15 +78,11 @@ def labels_entropy(k: torch.Tensor, alpha: float, m_valid: int) -> torch.Tensor:
 
 def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
     """(s, aux) for rows a (R x d) against columns b (M x d); aux is a.b or the squared distance."""
-    if kernel in ("dot", "log_dot"):
-        ab = a @ b.T
-        return (ab / prm if kernel == "dot" else torch.log(ab)), ab
-    sq = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * (a @ b.T)).clamp_min_(0)
-    if kernel == "gaussian":
-        return sq / (-2 * prm * prm), sq
-    if kernel == "student_t":
-        return -0.5 * (prm + 1) * torch.log1p(sq / prm), sq
-    raise ValueError(f"unknown kernel {kernel!r}")
+    row = learned_kernel(kernel)
+    ab = a @ b.T
+    if row.distance:
+        ab = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * ab).clamp_min_(0)
+    return row.logit(ab, prm), ab
 
 
 def _to_columns(w: torch.Tensor, a: torch.Tensor, out_b):
@@ -113,28 +111,21 @@ def _param_sum(grad: torch.Tensor, s: torch.Tensor, shift, weights) -> torch.Ten
 
 def param_grad(kernel: str, grad: torch.Tensor, aux: torch.Tensor, prm: torch.Tensor, shift: torch.Tensor,
                weights=None) -> torch.Tensor:
-    """dL/dparam per row from G = dL/ds (R x M): -sum_j G s / tau (dot), -2 sum_j G s / sigma
-    (gaussian), sum_j G ds/dnu (student_t), 0 (log_dot: no parameter).
+    """dL/dparam per row from G = dL/ds (R x M): c_i sum_j G_ij basis_ij with the kernel's scale c
+    and basis (families.py): -sum_j G s / tau (dot), -2 sum_j G s / sigma (gaussian),
+    sum_j G ds/dnu (student_t), 0 (log_dot: no parameter).
 
     Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
     constant; shifting by the row's LSE keeps that sum from cancelling catastrophically.
     ``weights`` (q for the learned side, p for the target side) centres that sum (_param_sum)."""
-    shift = shift[:, None]
-    if kernel == "dot":
-        return -_param_sum(grad, aux / prm, shift, weights) / _per_row(prm)
-    if kernel == "gaussian":
-        return -2 * _param_sum(grad, aux / (-2 * prm * prm), shift, weights) / _per_row(prm)
-    if kernel == "student_t":
-        # ds/dnu evaluated in float64 and rounded once: in fp32 its two terms leave ~1 ulp of 1 on
-        # every pair, which came back in dL/dnu at up to 5x PyTorch's own error at M = 2e4
-        acc = aux.dtype if aux.device.type == "mps" else torch.float64
-        a64, p64 = aux.to(acc), prm.to(acc)
-        ds_dnu = (-0.5 * torch.log1p(a64 / p64) + 0.5 * (p64 + 1) * a64 / (p64 * (p64 + a64))).to(aux.dtype)
-        del a64
-        return _param_sum(grad, ds_dnu, 0.0, weights)
-    if kernel == "log_dot":
+    row = learned_kernel(kernel)
+    if row.param is None:
         return torch.zeros_like(grad[:, 0])
-    raise ValueError(f"unknown kernel {kernel!r}")
+    if row.param_basis is None:
+        total = _param_sum(grad, row.logit(aux, prm), shift[:, None], weights)
+    else:
+        total = _param_sum(grad, row.param_basis(aux, prm), 0.0, weights)
+    return row.param_scale(_per_row(prm)) * total
 
 
 def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,
@@ -144,19 +135,11 @@ def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux
     the parameter's gradient (zeros), which costs several passes over the tile (param_grad)."""
     d_param = (param_grad(kernel, grad, aux, prm, shift, weights) if with_param
                else torch.zeros_like(grad[:, 0]))
-    if kernel == "dot":
-        scaled = grad / prm
-        return scaled @ b, _to_columns(scaled, a, out_b), d_param
-    if kernel == "log_dot":
-        w = grad / aux
+    row = learned_kernel(kernel)
+    w = row.weight(grad, aux, prm)
+    if not row.distance:
         return w @ b, _to_columns(w, a, out_b), d_param
-    if kernel == "gaussian":
-        w = grad / (prm * prm)                                    # dL/d(sq) = -w / 2
-    elif kernel == "student_t":                                   # nu = prm
-        w = grad * (prm + 1) / (prm + aux)
-    else:
-        raise ValueError(f"unknown kernel {kernel!r}")
-    d_a = w @ b - row_sum(w).to(w.dtype)[:, None] * a
+    d_a = w @ b - row_sum(w).to(w.dtype)[:, None] * a          # dL/d(sq) = -w / 2
     if out_b is None:
         return d_a, w.T @ a - w.sum(0)[:, None] * b, d_param
     out_b.addmm_(w.T, a).addcmul_(w.sum(0)[:, None], b, value=-1)

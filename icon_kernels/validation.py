@@ -12,13 +12,16 @@ from typing import Optional, Union
 
 import torch
 
+from .families import DIVERGENCES as DIVERGENCE_ROWS
+from .families import LEARNED_KERNELS
 from .targets import TARGET_TYPES, Affinity, Labels, Neighbors
 
-KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
+KERNELS = tuple(LEARNED_KERNELS)
 # which keyword carries each kernel's parameter; log_dot has none
-KERNEL_PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma",
-                "student_t": "dof", "log_dot": None}
-DIVERGENCES = ("kl", "cross_entropy")
+KERNEL_PARAM = {name: row.param for name, row in LEARNED_KERNELS.items()}
+DIVERGENCES = tuple(DIVERGENCE_ROWS)
+# the kernels with a parameter (the presets that take a kernel choice accept these)
+PARAMETRIC_KERNELS = tuple(name for name, row in LEARNED_KERNELS.items() if row.param)
 REDUCTIONS = ("mean", "sum", "none")
 
 Scalar = Union[float, torch.Tensor]
@@ -243,3 +246,10 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),
                    beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl",
                    reduction=reduction, weight=weight)
+
+
+def check_parametric_kernel(kernel) -> str:
+    """A learned kernel with a parameter (every kernel but log_dot)."""
+    if not isinstance(kernel, str) or kernel not in PARAMETRIC_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(PARAMETRIC_KERNELS)}; got {kernel!r}")
+    return kernel

@@ -1,14 +1,13 @@
 """@triton.jit helpers shared by the I-Con forward and backward kernels.
 
-Codes (constexpr): kernel 0 dot, 1 gaussian, 2 student_t, 3 log_dot (cosine arrives as dot on
-normalised rows); target 0 labels, 1 neighbors, 2 affinity, 3 dense. Everything is fp32.
+Codes (constexpr, launchers.KERNEL_CODES / TARGET_CODES, the same numbers as
+icon_kernels/families.py and csrc/tile_math.h; tests/test_families.py checks they agree): kernel
+0 dot, 1 gaussian, 2 student_t, 3 log_dot (cosine arrives as dot on normalised rows); target
+0 labels, 1 neighbors, 2 affinity, 3 dense. Every switch over a code ends in a static_assert, so an
+unknown code fails to compile instead of computing the last kernel. Everything is fp32.
 """
 import triton
 import triton.language as tl
-
-DOT, GAUSSIAN, STUDENT_T, LOG_DOT = 0, 1, 2, 3
-LABELS, NEIGHBORS, AFFINITY, DENSE = 0, 1, 2, 3
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -66,8 +65,10 @@ def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
         aux = tl.where(aux < 0.0, 0.0, aux)        # clamp at 0, but keep NaN (tl.maximum drops it)
         if KERNEL == 1:
             s = -aux / (2.0 * prm * prm)[:, None]
-        else:
+        elif KERNEL == 2:
             s = -0.5 * (prm + 1.0)[:, None] * tl.log(1.0 + aux / prm[:, None])
+        else:
+            tl.static_assert(False, "pair_logits: unknown kernel code")
     return s, aux
 
 
@@ -80,8 +81,10 @@ def grad_weight(grad, aux, prm, KERNEL: tl.constexpr):
         w = tl.where(grad != 0.0, grad / aux, 0.0)     # padding has a.b = 0 and grad = 0
     elif KERNEL == 1:
         w = grad / (prm * prm)[:, None]
-    else:
+    elif KERNEL == 2:
         w = grad * (prm + 1.0)[:, None] / (prm[:, None] + aux)
+    else:
+        tl.static_assert(False, "grad_weight: unknown kernel code")
     return w
 
 
@@ -96,8 +99,10 @@ def param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
         nu = prm[:, None]
         ds = -0.5 * tl.log(1.0 + aux / nu) + 0.5 * (nu + 1.0) * aux / (nu * (nu + aux))
         d = tl.sum(grad * ds, 1)
+    elif KERNEL == 3:
+        d = tl.sum(grad * 0.0, 1)                 # log_dot has no parameter
     else:
-        d = tl.sum(grad * 0.0, 1)
+        tl.static_assert(False, "param_grad: unknown kernel code")
     return d
 
 
@@ -123,9 +128,11 @@ def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense
         p = tl.where((li[:, None] == cj[None, :]) & valid, 1.0 / k[:, None], 0.0)
     elif TARGET == 1:
         p = tl.zeros(valid.shape, tl.float32)
-    else:
+    elif TARGET == 3:
         offsets = rows.to(tl.int64)[:, None] * stride_dense + cols[None, :]   # N*M may pass 2^31
         w = tl.load(DENSE + offsets, mask=valid, other=0.0)
         norm = tl.load(NORM + rows, mask=rows < N, other=1.0)
         p = w.to(tl.float32) / norm[:, None]
+    else:
+        tl.static_assert(False, "target_weights: unknown or Affinity target code (Affinity p comes from its own Gram)")
     return p

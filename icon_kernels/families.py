@@ -1,0 +1,111 @@
+"""One table per axis of the I-Con family: learned kernels, target types, divergences.
+
+Every layer reads names, parameter keywords and op codes from here: validation, the torch paths
+(whose per-pair math is the ``logit`` / ``weight`` / parameter functions of each kernel row), the
+presets and the tests. The Triton launchers (triton/launchers.py, which imports nothing from this
+package) and the C++ enums (csrc/tile_math.h) hold copies of the codes; tests/test_families.py
+checks that all three agree. DESIGN.md §1 gives the math.
+
+To add a learned kernel: a row in LEARNED_KERNELS here (CONTRIBUTING.md has the whole recipe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .targets import Affinity, Dense, Labels, Neighbors
+
+
+@dataclass(frozen=True)
+class LearnedKernel:
+    """One learned kernel q_ij ∝ exp(s_ij). ``aux`` is a_i·b_j, or the squared distance clamped
+    at 0 for a distance kernel; ``prm`` is the per-row parameter (a column R x 1)."""
+    name: str
+    param: Optional[str]        # keyword of its parameter (None: no parameter)
+    code: int                   # op code: triton/launchers.py KERNEL_CODES, csrc/tile_math.h enum Kernel
+    distance: bool              # s depends on ||a - b||² (the op needs the squared norms)
+    symmetric: bool             # s(a, b) = s(b, a) for a shared parameter
+    normalise: bool             # rows are L2-normalised first (cosine: dot on unit rows)
+    logit: Callable             # (aux, prm) -> s
+    weight: Callable            # (G, aux, prm) -> W with dL/da_i = sum_j W_ij b_j - [distance] (sum_j W_ij) a_i
+    param_scale: Optional[Callable] = None   # prm -> c with dL/dprm_i = c_i sum_j G_ij basis_ij
+    param_basis: Optional[Callable] = None   # (aux, prm) -> basis; None: basis = s (shifted by a row constant)
+
+
+def _student_t_dlogit_ddof(aux: torch.Tensor, prm: torch.Tensor) -> torch.Tensor:
+    """ds/dnu, evaluated in float64 and rounded once: in fp32 its two terms leave ~1 ulp of 1 on
+    every pair, which came back in dL/dnu at up to 5x PyTorch's own error at M = 2e4."""
+    acc = aux.dtype if aux.device.type == "mps" else torch.float64
+    a64, p64 = aux.to(acc), prm.to(acc)
+    return (-0.5 * torch.log1p(a64 / p64) + 0.5 * (p64 + 1) * a64 / (p64 * (p64 + a64))).to(aux.dtype)
+
+
+_DOT = dict(param="temperature", code=0, distance=False, symmetric=True,
+            logit=lambda aux, prm: aux / prm,
+            weight=lambda g, aux, prm: g / prm,
+            param_scale=lambda prm: -1 / prm)
+
+LEARNED_KERNELS: Dict[str, LearnedKernel] = {k.name: k for k in (
+    LearnedKernel("dot", normalise=False, **_DOT),
+    LearnedKernel("cosine", normalise=True, **_DOT),
+    LearnedKernel("gaussian", param="sigma", code=1, distance=True, symmetric=True, normalise=False,
+                  logit=lambda aux, prm: aux / (-2 * prm * prm),
+                  weight=lambda g, aux, prm: g / (prm * prm),
+                  param_scale=lambda prm: -2 / prm),
+    LearnedKernel("student_t", param="dof", code=2, distance=True, symmetric=True, normalise=False,
+                  logit=lambda aux, prm: -0.5 * (prm + 1) * torch.log1p(aux / prm),
+                  weight=lambda g, aux, prm: g * (prm + 1) / (prm + aux),
+                  param_scale=lambda prm: torch.ones_like(prm),
+                  param_basis=_student_t_dlogit_ddof),
+    # the cluster kernel of I-Con's k-means: s = log(a.b) on soft assignments, no parameter
+    LearnedKernel("log_dot", param=None, code=3, distance=False, symmetric=True, normalise=False,
+                  logit=lambda aux, prm: torch.log(aux),
+                  weight=lambda g, aux, prm: torch.where(g != 0, g / aux, 0.0)),   # padding: a.b = 0, g = 0
+)}
+# the op codes (cosine arrives as dot on normalised rows)
+KERNEL_CODES: Dict[str, int] = {k.name: k.code for k in LEARNED_KERNELS.values() if not k.normalise}
+
+
+@dataclass(frozen=True)
+class TargetType:
+    name: str                   # the op's target argument
+    code: int                   # triton/launchers.py TARGET_CODES, csrc/tile_math.h enum Target
+    cls: type                   # its public class (targets.py)
+
+
+TARGET_TYPES_BY_NAME: Dict[str, TargetType] = {t.name: t for t in (
+    TargetType("labels", 0, Labels), TargetType("neighbors", 1, Neighbors),
+    TargetType("affinity", 2, Affinity), TargetType("dense", 3, Dense),
+)}
+TARGET_CODES: Dict[str, int] = {t.name: t.code for t in TARGET_TYPES_BY_NAME.values()}
+
+
+@dataclass(frozen=True)
+class Divergence:
+    name: str
+    code: int
+    has_entropy: bool           # kl adds sum p~ log p~ to the cross term; cross_entropy does not
+
+
+DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
+    Divergence("kl", 0, has_entropy=True),
+    Divergence("cross_entropy", 1, has_entropy=False),
+)}
+
+
+def learned_kernel(name: str) -> LearnedKernel:
+    """The row of ``name``; ValueError for a name not in the table (never a fall-through)."""
+    try:
+        return LEARNED_KERNELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown kernel {name!r}; known: {', '.join(LEARNED_KERNELS)}") from None
+
+
+def target_name(target) -> str:
+    """The op's target argument for a target object."""
+    for row in TARGET_TYPES_BY_NAME.values():
+        if isinstance(target, row.cls):
+            return row.name
+    raise TypeError(f"unknown target type {type(target).__name__}")

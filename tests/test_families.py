@@ -1,0 +1,93 @@
+"""The family tables (icon_kernels/families.py) are the one source of the names and codes: the
+Triton launchers and the C++ enums hold the same numbers, and every backend's dispatch rejects a
+code it does not know instead of computing the last kernel in its switch."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import icon_kernels as ik
+from icon_kernels import families, tile_math, validation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpp_enum(name):
+    text = (ROOT / "csrc" / "tile_math.h").read_text()
+    body = re.search(rf"enum {name} : int {{([^}}]*)}}", text).group(1)
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
+
+
+def _cpp_name(name):
+    return "k" + "".join(part.title() for part in name.split("_"))
+
+
+def test_python_triton_and_cpp_codes_agree():
+    from icon_kernels._triton import launchers
+
+    assert launchers.KERNEL_CODES == families.KERNEL_CODES
+    assert launchers.TARGET_CODES == families.TARGET_CODES
+    assert {_cpp_name(k): c for k, c in families.KERNEL_CODES.items()} == _cpp_enum("Kernel")
+    assert {_cpp_name(t): c for t, c in families.TARGET_CODES.items()} == _cpp_enum("Target")
+    assert len(set(families.KERNEL_CODES.values())) == len(families.KERNEL_CODES)
+
+
+def test_validation_and_the_public_docs_read_the_table():
+    assert validation.KERNELS == tuple(families.LEARNED_KERNELS)
+    assert validation.KERNEL_PARAM == {k: r.param for k, r in families.LEARNED_KERNELS.items()}
+    assert validation.DIVERGENCES == tuple(families.DIVERGENCES)
+    assert {t.cls for t in families.TARGET_TYPES_BY_NAME.values()} == set(ik.targets.TARGET_TYPES)
+
+
+def _op_args(kernel, n=6, d=3):
+    """The forward op's 18 arguments for a small Labels problem with ``kernel``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    labels = torch.arange(n) // 2
+    return (x, x, torch.ones(n), kernel, "labels", labels, labels, None, None, None, None, None,
+            "gaussian", None, 0.0, 0.0, True, True)
+
+
+PLANTED = "planted"          # a kernel name the backends were never taught
+
+
+def test_torch_backend_rejects_an_unknown_kernel():
+    with pytest.raises(ValueError, match="unknown kernel 'planted'"):
+        torch.ops.icon_kernels.torch_forward(*_op_args(PLANTED))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tile_math.chain(PLANTED, torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(2, 3),
+                        torch.zeros(2, 2), torch.ones(2, 1), torch.zeros(2))
+
+
+@pytest.mark.skipif("cpu" not in ik.available_backends(), reason="C++ extension not built")
+def test_cpp_kernels_reject_an_unknown_kernel():
+    with pytest.raises(RuntimeError, match="unknown kernel planted"):
+        torch.ops.icon_kernels.cpu_forward(*_op_args(PLANTED))
+
+
+@pytest.mark.skipif("triton" not in ik.available_backends(),
+                    reason=f"triton backend unavailable: {ik.available_backends(with_reasons=True)['triton']}")
+def test_triton_kernels_reject_an_unknown_kernel_code(monkeypatch):
+    """A code the launcher passes but the kernels' switches do not list fails at compile time
+    (tl.static_assert) instead of computing student_t."""
+    from icon_kernels._triton import launchers
+
+    monkeypatch.setitem(launchers.KERNEL_CODES, PLANTED, 9)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _op_args(PLANTED))
+    with pytest.raises(Exception, match="unknown kernel code"):
+        torch.ops.icon_kernels.triton_forward(*args)
+
+
+def test_the_torch_paths_compute_each_kernel_from_its_row():
+    """Every learned kernel's table row gives the reference's logits (the oracle keeps its own
+    formulas)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(5, 4, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(7, 4, generator=g, dtype=torch.float64) + 0.1
+    prm = torch.full((5, 1), 0.7, dtype=torch.float64)
+    for name, row in families.KERNEL_CODES.items():
+        s, _ = tile_math.logits(name, a, b, prm)
+        want = ik.reference.pairwise_logits(name, a, b, prm[:, 0])
+        torch.testing.assert_close(s, want)
