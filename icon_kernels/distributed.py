@@ -38,7 +38,7 @@ from .backends import resolve_backend
 from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
 from .rank_agreement import agree, invalid_on
 from .targets import Affinity, Dense, Labels, Neighbors
-from .torch_backend import accumulation_dtype
+from .tile_math import accumulation_dtype
 from .validation import check_arguments
 
 

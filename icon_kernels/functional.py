@@ -9,7 +9,7 @@ from .families import target_name
 from .ops import forward_op
 from .reduction import reduce_rows
 from .targets import Affinity, Dense, Labels, Neighbors
-from .torch_backend import accumulation_dtype
+from .tile_math import accumulation_dtype
 from .validation import KERNEL_PARAM, Problem, check_arguments
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import second_backward, target_weight_grads
+from .tile_math import accumulation_dtype
 
 ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
         "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
@@ -34,12 +35,8 @@ NBR_WEIGHT, Z, Z_COLS, T_PARAM, DENSE_P = 8, 9, 10, 11, 13
 _FORWARD_OPS: Dict[str, object] = {}
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake_forward(x, y, *rest):
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     n = x.shape[0]
     return x.new_empty(n, dtype=acc), x.new_empty(n, dtype=torch.bool), x.new_empty(4, n, dtype=acc)
 

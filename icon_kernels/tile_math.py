@@ -13,6 +13,11 @@ import torch
 from .families import learned_kernel
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where row statistics and losses accumulate: float64 for float64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rows_of(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     """The parameter for rows r0:r1, shaped to scale the rows of an R x M tile."""
     return param[r0:r1, None] if param.dim() == 1 else param

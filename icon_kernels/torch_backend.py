@@ -23,8 +23,6 @@ CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20
 LSE, R_STAT, LSE_P, H_STAT = range(4)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_chunks(n: int, m: int):
@@ -79,7 +77,7 @@ class Problem(NamedTuple):
 
 def cast_args(args) -> Problem:
     prob = Problem(*args)
-    acc = accumulation_dtype(prob.x.dtype)
+    acc = tile_math.accumulation_dtype(prob.x.dtype)
     up = lambda t: None if t is None else t.to(acc)
     return prob._replace(x=up(prob.x), y=up(prob.y), param=up(prob.param), z=up(prob.z),
                          z_cols=up(prob.z_cols), t_param=up(prob.t_param), dense_p=up(prob.dense_p),
