@@ -18,12 +18,9 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from child_process import run_spawned
-from configs import CONFIGS, floor_operands
-from contenders import NAIVE, build, label
-from failure_status import classify
-from fwd_bwd import clear_grads, fwd_bwd
-from gemm_floor import gemm_floor
+from measure import classify, run_spawned
+from workloads import (CONFIGS, FLOOR, NAIVE, build, cuda_peak_mib, floor_operands, fwd_bwd, gemm_floor,
+                       label)
 
 _SEEN = {}        # group -> {"floor": median s, "naive": median s, "naive_mem": MiB}
 
@@ -40,12 +37,7 @@ def _versions():
 
 def _peak_mib(cname, name, n, d, dtype, device, fn, inp):
     if device == "cuda":
-        clear_grads(inp)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fwd_bwd(fn, inp, device)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda max_memory_allocated"
+        return cuda_peak_mib(fn, inp)[0], "cuda max_memory_allocated"
     r = run_spawned({"job": "memory", "config": cname, "contender": name, "n": n, "d": d,
                      "dtype": dtype, "device": device, "warm_n": 320}, timeout=600)
     return (r.get("peak_mib"), r.get("memory_counter")) if r.get("ok") else (None, r.get("status"))
@@ -60,7 +52,7 @@ def test_icon_loss(benchmark, icon_case, request):
     cfg = CONFIGS[cname]
     group = f"{cname}-{dtype}-N{n}"
     benchmark.group = group
-    benchmark.name = label(name) if name != "floor" else "GEMM floor"
+    benchmark.name = label(name) if name != "floor" else FLOOR
     seen = _SEEN.setdefault(group, {})
     gc.collect()
     inp = cfg.make(n, d, getattr(torch, dtype), device)

@@ -37,8 +37,7 @@ DEFAULT_SIZES = {("cpu", "infonce"): (1024, 4096), ("cpu", "tsne"): (1024, 2048)
 def pytest_generate_tests(metafunc):
     if "icon_case" not in metafunc.fixturenames:
         return
-    from configs import CONFIGS
-    from contenders import contenders_for
+    from workloads import CONFIGS, contenders_for
 
     opt = metafunc.config.getoption
     device = opt("--icon-device")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from report import FLOOR, group_key
+from workloads import FLOOR
 
 STYLE = {"naive": ("tab:red", "o"), "naive+compile": ("tab:orange", "v"), "torch": ("tab:blue", "s"),
          "cpu": ("tab:green", "D"), "triton": ("tab:purple", "^"), "cuda": ("tab:brown", "P"),
@@ -82,12 +82,9 @@ def plot_group(rows, path, title, small=False):
     return path
 
 
-def plot_all(records, out_dir, stem, machine_line):
-    """One PNG per (device, configuration, dtype); returns the paths written."""
-    groups = {}
-    for r in records:
-        if r.get("kind") == "sweep":
-            groups.setdefault(group_key(r), []).append(r)
+def plot_all(groups, out_dir, stem, machine_line):
+    """One PNG per (device, configuration, dtype) group of sweep records (report.sweep_groups);
+    returns the paths written."""
     paths = []
     for (device, config, dtype), rows in groups.items():
         if len({r["n"] for r in rows}) < 1:

@@ -1,8 +1,8 @@
 """Benchmark the I-Con loss: every backend against naive PyTorch, eager and compiled, on this machine.
 
-What ``make bench`` runs. Configurations (bench/configs.py): InfoNCE/SupCon (labels, dot kernel),
+What ``make bench`` runs. Configurations (bench/workloads.py): InfoNCE/SupCon (labels, dot kernel),
 t-SNE (Affinity target with a Gaussian kernel, student_t kernel) and CLIP-style (rectangular y).
-Contenders (bench/contenders.py): naive PyTorch (backend "reference"), the same under
+Contenders (bench/workloads.py): naive PyTorch (backend "reference"), the same under
 torch.compile, every usable fused backend of the device, and optional peers
 (pytorch-metric-learning's SupConLoss, KeOps) when installed.
 
@@ -34,82 +34,79 @@ import os
 # CPU jobs it forks stay clean (GPU jobs run in fresh interpreters).
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-import datetime  # noqa: E402
+import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-
-from bench_args import parse_args  # noqa: E402
-from bench_output import BenchOutput  # noqa: E402
-from configs import MODES  # noqa: E402
-from largest_n_probe import LargestNProbe  # noqa: E402
-from machine_info import machine_info  # noqa: E402
-from row_results import RowResults  # noqa: E402
-from sweep_plan import SweepPlan  # noqa: E402
-from sweep_row import SweepRow  # noqa: E402
-from time_budget import TimeBudget  # noqa: E402
+from runner import Bench  # noqa: E402
+from workloads import CONFIGS  # noqa: E402
 
 
-class Bench(SweepPlan, TimeBudget, SweepRow, RowResults, LargestNProbe, BenchOutput):
-    """One benchmark run: the sweep of rows, then the largest-N probe, then the output."""
+def _list(values, cast=str):
+    out = []
+    for v in values or []:
+        out += [cast(s) for s in str(v).split(",") if s.strip()]
+    return out or None
 
-    threads = None
-    _gpu_name = None
 
-    def __init__(self, a):
-        self.a = a
-        self.mode_name = "quick" if a.quick else "full" if a.full else "default"
-        self.info = machine_info()
-        self.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.t0 = time.time()
-        self.records = []
-        self.est = {}            # (device, config, dtype, contender) -> (n, m, seconds per run)
-        self.oom_at = {}         # (device, config, dtype, contender) -> smallest N that ran out of memory
-        self.done_steps, self.cell_costs, self.row_index = 0, [], 0
-        self.devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-                        if a.device == "auto" else [a.device])
-        if "cuda" in self.devices and not torch.cuda.is_available():
-            sys.exit("--device cuda: torch sees no CUDA device")
-        self.deadline = None
-        deadlines = [MODES[(d, self.mode_name)].deadline_s for d in self.devices]
-        if a.deadline is not None:
-            self.deadline = self.t0 + a.deadline if a.deadline > 0 else None
-        elif all(deadlines):
-            self.deadline = self.t0 + sum(deadlines)
-        self.sweep_deadline = self.deadline
-        if self.deadline and not a.no_probe:
-            self.sweep_deadline = self.deadline - min(90.0, self.probe_estimate)
-        avail = self.info.get("mem_available_gib") or 8.0
-        self.mem_limit_mib = 1024 * (a.mem_limit if a.mem_limit else 0.8 * avail)
-        os.makedirs(a.results_dir, exist_ok=True)
-        self.stem = os.path.join(a.results_dir, f"{self.info['host']}-{self.stamp}")
-        self.rows = self.plan()
-        self.total_steps = sum((len(r["contenders"]) + 1) if r["device"] == "cpu" else 1 for r in self.rows)
-
-    def run(self):
-        if self.a.from_json:
-            return self.replay(self.a.from_json)
-        self.header()
-        for self.row_index, row in enumerate(self.rows):
-            self.run_row(row)
-        self.row_index = len(self.rows)
-        if not self.a.no_probe:
-            for device in self.devices:
-                if self.deadline and time.time() > self.deadline:
-                    print(f"\nLargest-N probe on {device}: skipped (deadline)")
-                    continue
-                self.probe(device)
-        return self.finish()
+def parse_args(argv=None):
+    """Options of ``argv``; this module's docstring gives the description and the examples."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[-4:]))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes")
+    g.add_argument("--full", action="store_true", help="the whole sweep (long)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CPU, and CUDA when present")
+    p.add_argument("--configs", nargs="+", help=f"subset of {', '.join(CONFIGS)}")
+    p.add_argument("--sizes", nargs="+", help="N values for every configuration (overrides the plan)")
+    p.add_argument("--dtypes", nargs="+", help="dtypes (overrides the plan), e.g. float32 bfloat16")
+    p.add_argument("--contenders", nargs="+",
+                   help="subset of naive, compiled, torch, cpu, triton, cuda, pml-supcon, keops")
+    p.add_argument("--d", type=int, default=128, help="embedding dimension (default 128)")
+    p.add_argument("--repeats", type=int, help="timed runs per contender after the warm-up (at most)")
+    p.add_argument("--budget", type=float,
+                   help="seconds per contender and row (memory run + warm-up + timed runs)")
+    p.add_argument("--deadline", type=float,
+                   help="seconds for the whole run, after which cells are skipped (0: none; default: "
+                        "110 with --quick, 560 by default, none with --full; on CUDA 110 / 200 / none)")
+    p.add_argument("--mem-limit", type=float,
+                   help="GiB a CPU run may add to its address space before it counts as OOM "
+                        "(default: 80%% of MemAvailable at start)")
+    p.add_argument("--no-probe", action="store_true", help="skip the largest-N probe")
+    p.add_argument("--probe-mem", type=float, help="GiB, memory budget of the largest-N probe "
+                   "(default: 4 on CPU, 1 with --quick; 90%% of device memory on CUDA)")
+    p.add_argument("--probe-step-s", type=float, help="no probe step predicted to take longer")
+    p.add_argument("--probe-steps", type=int, help="probe runs per contender, at most")
+    p.add_argument("--probe-max-n", type=int, help="largest N the probe tries")
+    p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--plot-dir", help="where the PNG plots go (default: the results directory)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--readme-plot", metavar="PNG",
+                   help="also write one small PNG (infonce on the first device) for the README, "
+                        "e.g. bench/plots/cpu-infonce.png")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="measure nothing: print the table of an earlier run and write its plots "
+                        "(with --readme-plot, the README's plot)")
+    p.add_argument("--spawn", action="store_true",
+                   help="run CPU jobs in fresh interpreters instead of forked children")
+    a = p.parse_args(argv)
+    a.configs = _list(a.configs)
+    a.sizes = _list(a.sizes, int)
+    a.dtypes = _list(a.dtypes)
+    a.contenders = _list(a.contenders)
+    for c in a.configs or []:
+        if c not in CONFIGS:
+            p.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+    return a
 
 
 def main(argv=None):
-    a = parse_args(argv, __doc__)
-    return Bench(a).run()
+    return Bench(parse_args(argv)).run()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Records, under the Triton interpreter, the compile keys of the launches whose GPU resources
 tests/test_triton_resources.py checks ahead of time for sm_90:
 
-- ``benchmark``: the GPU benchmark's configurations (bench/configs.py: infonce in bf16 and fp32,
+- ``benchmark``: the GPU benchmark's configurations (bench/workloads.py: infonce in bf16 and fp32,
   tsne and clip in bf16), as bench/gpu_check.sh runs them;
 - ``worst``: the heaviest variants: fp32, d = dz = 256, an Affinity target with target gradients
   and alpha, beta > 0 (both forward passes), and the bf16 t-SNE of the benchmark.
@@ -20,7 +20,7 @@ import torch                                           # noqa: E402
 
 import icon_kernels as ik                              # noqa: E402
 from compile_keys import Recorder                      # noqa: E402
-from configs import CONFIGS                            # noqa: E402
+from workloads import CONFIGS                          # noqa: E402
 
 N, D = 64, 128          # keys depend on d, the dtypes and N, M mod 16, not on N (clip: M = N / 2)
 

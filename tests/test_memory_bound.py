@@ -1,8 +1,9 @@
 """The blockwise "torch" backend must not materialise N x N matrices (DESIGN.md §1, §5).
 
-Peak memory of forward + backward is measured as in the benchmark: bench/measure_worker.py in a
-fresh process, the peak RSS (VmHWM, the counter behind ru_maxrss, reset just before) after the
-first loss call minus the RSS just before it (tracemalloc cannot see torch tensors). Problem: fp32, d = 128, labels arange(N)//2, y = None, kernel "dot".
+Peak memory of forward + backward is measured as in the benchmark: bench/measure.py's
+``backend_point`` job in a fresh process, the peak RSS (VmHWM, the counter behind ru_maxrss, reset
+just before) after the first loss call minus the RSS just before it (tracemalloc cannot see torch
+tensors). Problem: fp32, d = 128, labels arange(N)//2, y = None, kernel "dot".
 """
 import json
 import os
@@ -11,8 +12,7 @@ import sys
 
 import pytest
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench",
-                      "measure_worker.py")
+MEASURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench", "measure.py")
 # N = 8192, not 4096: the torch backend's working set (a handful of chunk tiles, measured
 # 38-106 MiB here, run to run) does not grow with N, while one N x N fp32 matrix is 64 MiB at
 # N = 4096 (lost in that spread) and 256 MiB at N = 8192. The reference measured ~1990 MiB.
@@ -23,8 +23,8 @@ TORCH_MAX_FRACTION_OF_NAIVE = 0.1     # measured 0.02-0.05
 
 
 def peak_increase_mib(backend):
-    cmd = [sys.executable, WORKER, "--backend", backend, "--n", str(N), "--d", str(D),
-           "--repeats", "0"]
+    spec = {"job": "backend_point", "backend": backend, "n": N, "d": D, "repeats": 0}
+    cmd = [sys.executable, MEASURE, json.dumps(spec)]
     # The default chunk budget is what is under test, not a budget set in this shell.
     env = {k: v for k, v in os.environ.items() if k != "ICON_KERNELS_TORCH_CHUNK_ELEMENTS"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
