@@ -71,6 +71,8 @@ def test_icon_loss(benchmark, icon_case, request):
     except Exception as exc:  # noqa: BLE001 - OOM or a compile failure is a result, not an error
         status, msg = classify(exc, name)
         pytest.skip(f"{status}: {msg}")
+    if benchmark.disabled:
+        return      # --benchmark-disable: the run above was a smoke test; there are no timings
     median = benchmark.stats.stats.median
     info = {"config": cname, "contender": benchmark.name, "n": n, "m": cfg.m_of_n(n), "d": d,
             "dtype": dtype, "device": device, **_versions()}
