@@ -1,5 +1,8 @@
-"""Builders of small, ragged I-Con problems shared by the tests."""
+"""Builders of small, ragged I-Con problems shared by the tests, and the check against the
+float64 dense reference."""
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -9,6 +12,14 @@ KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
 TARGETS = ("labels", "neighbors", "affinity", "dense")
 PARAM_OF = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof"}
 DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5}
+
+# (name, rect, exclude_self, alpha, beta, divergence, reduction, weighted)
+SETTINGS = [
+    ("self-kl-mean", False, None, 0.0, 0.0, "kl", "mean", False),
+    ("self-debiased-ce-none", False, None, 0.2, 0.3, "cross_entropy", "none", False),
+    ("rect-alpha-kl-sum-weighted", True, False, 0.1, 0.0, "kl", "sum", True),
+    ("square-keepself-beta-mean-weighted", False, False, 0.0, 0.15, "kl", "mean", True),
+]
 
 
 def features(n: int, d: int, kernel: str, dtype, gen: torch.Generator) -> torch.Tensor:
@@ -46,6 +57,67 @@ def make_target(kind: str, n: int, m: int, rect: bool, dtype, gen, t_kernel="gau
     z_cols = features(m, 6, t_kernel, dtype, gen).requires_grad_(target_grad) if rect else None
     sigma = torch.tensor(1.3, dtype=dtype, requires_grad=target_grad)
     return ik.Affinity(z, z_cols, kernel=t_kernel, sigma=sigma, temperature=0.7, dof=2.0)
+
+
+def build(kernel, target_kind, setting, dtype, seed, param_tensor=False, target_grad=False,
+          t_kernel="gaussian", n=37, m=29, d=13):
+    """One problem ``(x, y, target, kwargs)`` in ``dtype`` (drawn in float64) and its upstream
+    gradient. ``param_tensor``: the kernel parameter as a float (False), a 0-d tensor ("scalar")
+    or one value per row ("rows"), tensors requiring grad; ``m`` is used only when the setting is
+    rectangular."""
+    _, rect, exclude_self, alpha, beta, divergence, reduction, weighted = setting
+    gen = torch.Generator().manual_seed(seed)
+    m = m if rect else n
+    x = features(n, d, kernel, torch.float64, gen).requires_grad_()
+    y = features(m, d, kernel, torch.float64, gen).requires_grad_() if rect else None
+    target = make_target(target_kind, n, m, rect, torch.float64, gen, t_kernel, target_grad)
+    kwargs = dict(kernel=kernel, alpha=alpha, beta=beta, exclude_self=exclude_self,
+                  divergence=divergence, reduction=reduction)
+    if kernel in PARAM_OF:
+        name = PARAM_OF[kernel]
+        value = DEFAULT_PARAM[name]
+        if param_tensor == "scalar":
+            value = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        elif param_tensor == "rows":
+            spread = 0.75 + 0.5 * torch.rand(n, generator=gen, dtype=torch.float64)
+            value = (value * spread).requires_grad_()
+        kwargs[name] = value
+    if weighted:
+        kwargs["weight"] = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    if reduction == "none":
+        upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    else:
+        upstream = torch.tensor(0.7, dtype=torch.float64)
+    return clone_problem(x, y, target, kwargs, dtype), upstream
+
+
+def seed_of(*parts) -> int:
+    """A seed in [0, 1000) that names a case: the CRC-32 of its parts' strings."""
+    return zlib.crc32("".join(map(str, parts)).encode()) % 1000
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live: cuda on a GPU; Triton without one runs under the
+    interpreter (TRITON_INTERPRET=1, set by conftest.py) on CPU tensors."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def check_against_reference(problem, upstream, dtype, tol, backend):
+    """The backend's loss and every gradient within relative error ``tol`` of the float64 dense
+    reference (on CPU), the loss in the inputs' dtype."""
+    want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
+    device = device_of(backend)
+    got_loss, got_grads = loss_and_grads(*to_device(problem, device), backend, upstream.to(device))
+    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
+    assert got_loss.dtype == dtype
+    assert torch.isfinite(want_loss).all()
+    assert relative_error(got_loss, want_loss) <= tol, (got_loss, want_loss)
+    assert len(got_grads) == len(want_grads)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert g.shape == w.shape
+        assert relative_error(g, w) <= tol, f"gradient {i}: rel err {relative_error(g, w)}"
 
 
 def leaves(x, y, target, kwargs):

@@ -34,3 +34,20 @@ def pytest_collection_modifyitems(config, items):
 def small_chunks(monkeypatch):
     """Forces the torch backend into many ragged row chunks on tiny problems."""
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 150)
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend named by indirect parametrisation (``parametrize("backend", [...],
+    indirect=True)``), skipped with ``ik.available_backends``' reason where it is unusable. The
+    torch backend runs in many ragged row chunks (as ``small_chunks``). A test that parametrises
+    ``backend`` directly gets the plain name instead."""
+    import icon_kernels as ik
+
+    name = request.param
+    why = ik.available_backends(with_reasons=True)[name]
+    if why is not None:
+        pytest.skip(f"{name} backend unavailable: {why}")
+    if name == "torch":
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 150)
+    return name
