@@ -11,20 +11,31 @@ from __future__ import annotations
 ENV = "ICON_KERNELS_GPU_SELECTION"
 
 # whole files
-FILES = ("test_cuda_build.py", "test_cuda_vs_reference.py", "test_torch_backend_cuda.py",
+FILES = ("test_cuda_build.py", "test_cuda_shared_memory.py", "test_torch_backend_cuda.py",
          "test_triton_gpu.py", "test_ops.py")
-# (file, test function, predicate on the parametrisation id, or None for every case)
-OPTION_TARGETS = ("dot-labels-", "student_t-affinity-")
+SUITE = "test_backends_vs_reference.py"     # ids start with the backend: "triton-dot-labels-..."
+OPTION_TARGETS = ("triton-dot-labels-", "triton-student_t-affinity-")
+
+
+def triton(predicate=None):
+    """The suite's Triton cases, those for which ``predicate(ident)`` holds (all for None)."""
+    return lambda ident: ident.startswith("triton-") and (predicate is None or predicate(ident))
+
+
+# (file, test function or None for every function, predicate on the parametrisation id or None
+# for every case)
 CASES = (
+    # every cuda-backend case of the suite (no Triton compile)
+    (SUITE, None, lambda ident: ident.startswith("cuda-")),
     # every kernel x target in fp32 (self-kl-mean), and the four option settings on two targets
-    ("test_triton_vs_reference.py", "test_every_kernel_target_and_option",
-     lambda ident: "self-kl-mean" in ident or ident.startswith(OPTION_TARGETS)),
+    (SUITE, "test_every_kernel_target_and_option",
+     triton(lambda ident: "-self-kl-mean-" in ident or ident.startswith(OPTION_TARGETS))),
     # ... and in fp16 and bf16
-    ("test_triton_vs_reference.py", "test_every_kernel_and_target_in_half_precision", None),
-    ("test_triton_vs_reference.py", "test_affinity_target_gradients", lambda ident: "self-kl-mean" in ident),
-    ("test_triton_vs_reference.py", "test_feature_dim_300_uses_chunks", None),
-    ("test_triton_vs_reference.py", "test_low_temperature_huge_logits", None),
-    ("test_triton_vs_reference.py", "test_learnable_kernel_parameter", lambda ident: "rows" in ident.split("-")),
+    (SUITE, "test_half_precision_error_within_twice_pytorchs_own", triton()),
+    (SUITE, "test_affinity_target_gradients", triton(lambda ident: "-self-kl-mean-" in ident)),
+    (SUITE, "test_wide_feature_dim", triton()),                 # d = 300: chunks of d
+    (SUITE, "test_low_temperature_and_huge_logits", triton()),
+    (SUITE, "test_learnable_kernel_parameter", triton(lambda ident: "rows" in ident.split("-"))),
     # the CUDA extension's parts of the cross-backend files (no Triton compile)
     ("test_left_out_rows.py", "test_single_row_without_columns_is_left_out", lambda ident: "cuda" in ident),
     ("test_target_weight_grads.py", "test_weights_gradient", lambda ident: ident.startswith("cuda")),
@@ -45,7 +56,7 @@ def selected(nodeid: str) -> bool:
         return True
     function, _, ident = rest.partition("[")
     ident = ident.rstrip("]")
-    return any(name == f and function == fn and (pred is None or pred(ident))
+    return any(name == f and fn in (None, function) and (pred is None or pred(ident))
                for f, fn, pred in CASES)
 
 
