@@ -7,10 +7,11 @@ import zlib
 import torch
 
 import icon_kernels as ik
+from icon_kernels import families
 
-KERNELS = ("dot", "cosine", "gaussian", "student_t", "log_dot")
-TARGETS = ("labels", "neighbors", "affinity", "dense")
-PARAM_OF = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof"}
+KERNELS = tuple(families.LEARNED_KERNELS)        # a new kernel is checked on every backend
+TARGETS = tuple(families.TARGET_TYPES_BY_NAME)
+PARAM_OF = {name: row.param for name, row in families.LEARNED_KERNELS.items() if row.param}
 DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5}
 
 # (name, rect, exclude_self, alpha, beta, divergence, reduction, weighted)

@@ -7,7 +7,7 @@ import torch
 
 import icon_kernels as ik
 from cases import clone_problem, loss_and_grads, relative_error, to_device
-from test_torch_vs_reference import SETTINGS, build
+from cases import SETTINGS, build
 
 DEVICE = {"torch": "cpu", "cpu": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu",
           "cuda": "cuda"}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cases import KERNELS, TARGETS, clone_problem, loss_and_grads, relative_error, to_device
-from test_torch_vs_reference import SETTINGS, build
+from cases import SETTINGS, build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
