@@ -69,7 +69,7 @@ struct Problem {
     kl = kl_;
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
-    const bool distance = kernel == kGaussian || kernel == kStudentT;   // only they need norms
+    const bool distance = is_distance(kernel);   // only distance kernels need norms
     x_sq = distance ? x.square().sum(1) : at::zeros({n}, x.options());
     y_sq = distance ? y.square().sum(1) : at::zeros({m}, y.options());
     prm = per_row(param, n, acc);
@@ -312,9 +312,11 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         if (pb.fast_labels()) {
           const LabelRow row = pb.label_row(i);
           const bool dot = pb.kernel == kDot;
-          const LabelGradSums sums =
-              dot ? fast_label_backward<T, kDot>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i])
-                  : fast_label_backward<T, kGaussian>(row, label_count(row), w, y_sq, x_sq[i], prm[i], lse, g[i]);
+          const int64_t k = label_count(row);
+          LabelGradSums sums = dot ? fast_label_backward<T, kDot>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i])
+                                   : fast_label_backward<T, kGaussian>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i]);
+          if (dot) renormalise_label_row<T, kDot>(row, k, w, prm[i], g[i], &sums);
+          else renormalise_label_row<T, kGaussian>(row, k, w, prm[i], g[i], &sums);
           const double scale =
               dot ? fast_param_scale<double, kDot>(prm[i]) : fast_param_scale<double, kGaussian>(prm[i]);
           dprm.template data_ptr<double>()[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
