@@ -2,9 +2,9 @@
 
 Every layer reads names, parameter keywords and op codes from here: validation, the torch paths
 (whose per-pair math is the ``logit`` / ``weight`` / parameter functions of each kernel row), the
-presets and the tests. The Triton launchers (triton/launchers.py, which imports nothing from this
-package) and the C++ enums (csrc/tile_math.h) hold copies of the codes; tests/test_families.py
-checks that all three agree. DESIGN.md §1 gives the math.
+presets and the tests. The Triton launchers (triton/launchers.py) and the C++ enums
+(csrc/tile_math.h) hold copies of the codes, since those layers do not import this package;
+tests/test_families.py checks that all three agree. The oracle (reference.py) keeps its own formulas. DESIGN.md §1 gives the math.
 
 To add a learned kernel: a row in LEARNED_KERNELS here (CONTRIBUTING.md has the whole recipe).
 """
@@ -30,7 +30,7 @@ class LearnedKernel:
     normalise: bool             # rows are L2-normalised first (cosine: dot on unit rows)
     logit: Callable             # (aux, prm) -> s
     weight: Callable            # (G, aux, prm) -> W with dL/da_i = sum_j W_ij b_j - [distance] (sum_j W_ij) a_i
-    param_scale: Optional[Callable] = None   # prm -> c with dL/dprm_i = c_i sum_j G_ij basis_ij
+    param_from_sum: Optional[Callable] = None   # (sum_j G_ij basis_ij, prm_i) -> dL/dprm_i
     param_basis: Optional[Callable] = None   # (aux, prm) -> basis; None: basis = s (shifted by a row constant)
 
 
@@ -45,7 +45,7 @@ def _student_t_dlogit_ddof(aux: torch.Tensor, prm: torch.Tensor) -> torch.Tensor
 _DOT = dict(param="temperature", code=0, distance=False, symmetric=True,
             logit=lambda aux, prm: aux / prm,
             weight=lambda g, aux, prm: g / prm,
-            param_scale=lambda prm: -1 / prm)
+            param_from_sum=lambda total, prm: -total / prm)
 
 LEARNED_KERNELS: Dict[str, LearnedKernel] = {k.name: k for k in (
     LearnedKernel("dot", normalise=False, **_DOT),
@@ -53,11 +53,11 @@ LEARNED_KERNELS: Dict[str, LearnedKernel] = {k.name: k for k in (
     LearnedKernel("gaussian", param="sigma", code=1, distance=True, symmetric=True, normalise=False,
                   logit=lambda aux, prm: aux / (-2 * prm * prm),
                   weight=lambda g, aux, prm: g / (prm * prm),
-                  param_scale=lambda prm: -2 / prm),
+                  param_from_sum=lambda total, prm: -2 * total / prm),
     LearnedKernel("student_t", param="dof", code=2, distance=True, symmetric=True, normalise=False,
                   logit=lambda aux, prm: -0.5 * (prm + 1) * torch.log1p(aux / prm),
                   weight=lambda g, aux, prm: g * (prm + 1) / (prm + aux),
-                  param_scale=lambda prm: torch.ones_like(prm),
+                  param_from_sum=lambda total, prm: total,
                   param_basis=_student_t_dlogit_ddof),
     # the cluster kernel of I-Con's k-means: s = log(a.b) on soft assignments, no parameter
     LearnedKernel("log_dot", param=None, code=3, distance=False, symmetric=True, normalise=False,

@@ -87,7 +87,7 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
         w = row.weight(g, aux_r, prm)
         if row.param is not None:
             basis = sa - sh if row.param_basis is None else row.param_basis(aux_r, prm)
-            dparam[r0:r1] = row.param_scale(prm[:, 0]) * torch.where(g != 0, g * basis, 0.0).sum(1)
+            dparam[r0:r1] = row.param_from_sum(torch.where(g != 0, g * basis, 0.0).sum(1), prm[:, 0])
         rows_part = torch.einsum("rk,rkd->rd", w, b)
         cols_part = w[:, :, None] * a[:, None, :]                   # (R, k, d)
         if row.distance:

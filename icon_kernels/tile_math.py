@@ -116,8 +116,8 @@ def _param_sum(grad: torch.Tensor, s: torch.Tensor, shift, weights) -> torch.Ten
 
 def param_grad(kernel: str, grad: torch.Tensor, aux: torch.Tensor, prm: torch.Tensor, shift: torch.Tensor,
                weights=None) -> torch.Tensor:
-    """dL/dparam per row from G = dL/ds (R x M): c_i sum_j G_ij basis_ij with the kernel's scale c
-    and basis (families.py): -sum_j G s / tau (dot), -2 sum_j G s / sigma (gaussian),
+    """dL/dparam per row from G = dL/ds (R x M), from sum_j G_ij basis_ij by the kernel's row
+    (families.py): -sum_j G s / tau (dot), -2 sum_j G s / sigma (gaussian),
     sum_j G ds/dnu (student_t), 0 (log_dot: no parameter).
 
     Every row of G sums to zero, so sum_j G_ij s_ij = sum_j G_ij (s_ij - shift_i) for any row
@@ -130,7 +130,7 @@ def param_grad(kernel: str, grad: torch.Tensor, aux: torch.Tensor, prm: torch.Te
         total = _param_sum(grad, row.logit(aux, prm), shift[:, None], weights)
     else:
         total = _param_sum(grad, row.param_basis(aux, prm), 0.0, weights)
-    return row.param_scale(_per_row(prm)) * total
+    return row.param_from_sum(total, _per_row(prm))
 
 
 def chain(kernel: str, grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor,

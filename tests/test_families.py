@@ -23,14 +23,30 @@ def _cpp_name(name):
     return "k" + "".join(part.title() for part in name.split("_"))
 
 
-def test_python_triton_and_cpp_codes_agree():
+def test_python_and_cpp_codes_agree():
+    assert {_cpp_name(k): c for k, c in families.KERNEL_CODES.items()} == _cpp_enum("Kernel")
+    assert {_cpp_name(t): c for t, c in families.TARGET_CODES.items()} == _cpp_enum("Target")
+    assert len(set(families.KERNEL_CODES.values())) == len(families.KERNEL_CODES)
+    # the op entry's name -> code map (csrc/op_codes.h) and the distance kernels (tile_math.h)
+    op_codes = (ROOT / "csrc" / "op_codes.h").read_text()
+    names = dict(re.findall(r'if \((?:k|t) == "(\w+)"\) return (k\w+);', op_codes))
+    assert names == {**{k: _cpp_name(k) for k in families.KERNEL_CODES},
+                     **{t: _cpp_name(t) for t in families.TARGET_CODES}}
+    distance = re.search(r"bool is_distance\(int kernel\) \{ return ([^;]*);", (ROOT / "csrc" / "tile_math.h").read_text())
+    assert set(re.findall(r"kernel == (k\w+)", distance.group(1))) == {
+        _cpp_name(k) for k in families.KERNEL_CODES if families.LEARNED_KERNELS[k].distance}
+
+
+def test_python_and_triton_codes_agree():
+    pytest.importorskip("triton")
     from icon_kernels._triton import launchers
 
     assert launchers.KERNEL_CODES == families.KERNEL_CODES
     assert launchers.TARGET_CODES == families.TARGET_CODES
-    assert {_cpp_name(k): c for k, c in families.KERNEL_CODES.items()} == _cpp_enum("Kernel")
-    assert {_cpp_name(t): c for t, c in families.TARGET_CODES.items()} == _cpp_enum("Target")
-    assert len(set(families.KERNEL_CODES.values())) == len(families.KERNEL_CODES)
+    # the backward's distance-kernel tests (dx -= sum_j W_ij x_i)
+    text = (ROOT / "triton" / "backward_kernels.py").read_text()
+    codes = {int(c) for c in re.findall(r"if KERNEL == (\d) or KERNEL == (\d):", text)[0]}
+    assert codes == {r.code for r in families.LEARNED_KERNELS.values() if r.distance}
 
 
 def test_validation_and_the_public_docs_read_the_table():
