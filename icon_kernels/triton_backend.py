@@ -51,5 +51,8 @@ def register() -> None:
     except Exception as exc:  # noqa: BLE001 - the reason is reported by available_backends()
         _REASON = f"triton kernels failed to import: {type(exc).__name__}: {exc}"
         return
+    from . import neighbor_pairs
+
+    launchers.use_neighbor_pairs(neighbor_pairs)
     register_backend("triton", launchers.forward, launchers.backward)
     _REASON = None

@@ -101,3 +101,15 @@ def test_a_broken_interpreter_stack_makes_triton_unavailable_with_its_reason(mon
     monkeypatch.setattr(triton_backend, "interpreter_breaks", lambda *_: True)
     triton_backend.register()
     assert "numpy<2.4 or triton>=3.7" in triton_backend.unavailable_reason()
+
+
+def test_the_triton_folder_imports_nothing_from_the_package():
+    """triton/ holds kernels and launchers only; the package hands in what they need."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "triton").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "icon_kernels" for n in names), f"{path.name} imports {names}"
