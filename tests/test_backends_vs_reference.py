@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from cases import (KERNELS, SETTINGS, TARGETS, build, check_against_reference, clone_problem,
+from cases import (KERNELS, PARAM_OF, SETTINGS, TARGETS, build, check_against_reference, clone_problem,
                    device_of, loss_and_grads, relative_error, seed_of, to_device)
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
@@ -95,8 +95,7 @@ LEARNABLE = {    # backend: (settings, variants)
 
 def _learnable(backend, entry):
     settings, variants = entry
-    for kernel, setting, param_tensor in itertools.product(("dot", "cosine", "gaussian", "student_t"),
-                                                           settings, ("scalar", "rows")):
+    for kernel, setting, param_tensor in itertools.product(PARAM_OF, settings, ("scalar", "rows")):
         for dtype, tol, (n, m, d) in variants:
             yield (f"{kernel}-{setting[0]}-{param_tensor}-{DTYPE_ID[dtype]}-{shape_id(n, m, d, setting[1])}",
                    (kernel, setting, param_tensor, dtype, tol, (n, m, d)))

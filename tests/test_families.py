@@ -107,3 +107,11 @@ def test_the_torch_paths_compute_each_kernel_from_its_row():
         s, _ = tile_math.logits(name, a, b, prm)
         want = ik.reference.pairwise_logits(name, a, b, prm[:, 0])
         torch.testing.assert_close(s, want)
+
+
+def test_log_dot_weight_is_zero_where_the_gradient_is():
+    """Padding and pairs with a.b = 0 carry G = 0: their weight is 0, not 0/0, in the torch paths
+    as in the C++, CUDA and Triton kernels (the dense reference gives NaN there)."""
+    weight = families.LEARNED_KERNELS["log_dot"].weight
+    w = weight(torch.tensor([[0.0, 1.0, -2.0]]), torch.tensor([[0.0, 2.0, 4.0]]), None)
+    assert w.tolist() == [[0.0, 0.5, -0.5]]
