@@ -3,19 +3,19 @@
     import icon_kernels as ik
     loss = ik.icon_loss(x, target=ik.Labels(labels), kernel="cosine", temperature=0.1)
 """
-from . import cpu_backend as _cpu_backend
-from . import cuda_backend as _cuda_backend
-from . import torch_backend as _torch_backend
-from . import triton_backend as _triton_backend
+from .backends import cpu as _cpu_backend
+from .backends import cuda as _cuda_backend
+from .backends import blockwise as _torch_backend
+from .backends import triton as _triton_backend
 from . import distributed
-from .backends import available_backends
+from .backends.registry import available_backends
 from .functional import icon_loss
 from .modules import ICon
-from .neighbors_graph import knn, knn_target, propagate
-from .perplexity import calibrate_sigma
+from .helpers.knn import knn, knn_target, propagate
+from .helpers.perplexity import calibrate_sigma
 from .presets import (SNE, TSNE, CLIPLoss, InfoNCE, InfoNCEClustering, PrototypeCrossEntropy,
                       SimCLR, SupCon, TSimCLR, UniformKNN)
-from .ops import register_backend as _register_backend
+from .backends.ops import register_backend as _register_backend
 from .targets import Affinity, Dense, Labels, Neighbors
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .backends import available_backends
+from .backends.registry import available_backends
 
 
 def _version(module: str) -> str:

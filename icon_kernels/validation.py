@@ -22,6 +22,11 @@ KERNEL_PARAM = {name: row.param for name, row in LEARNED_KERNELS.items()}
 DIVERGENCES = tuple(DIVERGENCE_ROWS)
 # the kernels with a parameter (the presets that take a kernel choice accept these)
 PARAMETRIC_KERNELS = tuple(name for name, row in LEARNED_KERNELS.items() if row.param)
+# The loss options of ik.icon_loss with their defaults, besides target, exclude_self, reduction,
+# weight and backend: the one list that ik.icon_loss's signature, the presets and the
+# distributed rank agreement read (tests/test_api.py checks the signature against it).
+LOSS_OPTIONS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
+                    divergence="kl")
 REDUCTIONS = ("mean", "sum", "none")
 
 Scalar = Union[float, torch.Tensor]

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import gpu_selection
-from icon_kernels import torch_backend
+from icon_kernels.backends import blockwise as torch_backend
 
 
 def pytest_report_header(config):

@@ -59,7 +59,7 @@ def test_training_step_under_autocast(backend, target, dtype):
 def test_fused_row_losses_accumulate_in_fp32_under_autocast(backend, dtype):
     """The per-row losses the fused op returns (fp32, before the cast to the inputs' dtype) are
     fp32-accurate on low-precision inputs under autocast: the op's GEMMs are not autocast."""
-    from icon_kernels.functional import row_losses
+    from icon_kernels.backends.dispatch import row_losses
     from icon_kernels.validation import check_arguments
     _usable(backend)
     device = "cuda" if backend == "cuda" else DEVICE

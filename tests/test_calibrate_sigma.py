@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from icon_kernels import pair_blocks
+from icon_kernels.helpers import pair_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from big_tensor_probe import LargestTensor  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from icon_kernels import backends
+from icon_kernels.backends import registry as backends
 
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
 

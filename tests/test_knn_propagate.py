@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import icon_kernels as ik
-from icon_kernels import pair_blocks
+from icon_kernels.helpers import pair_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from big_tensor_probe import LargestTensor  # noqa: E402
@@ -29,7 +29,7 @@ def dense_scores(z, metric):
 def small_blocks(monkeypatch):
     """Many ragged row chunks and column tiles on small problems."""
     monkeypatch.setattr(pair_blocks, "BLOCK_ELEMENTS", 300)
-    from icon_kernels import neighbors_graph
+    from icon_kernels.helpers import knn as neighbors_graph
     monkeypatch.setattr(neighbors_graph, "COLUMN_TILE", 17)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from icon_kernels.functional import _op_arguments
-from icon_kernels.ops import forward_op
+from icon_kernels.backends.dispatch import op_arguments
+from icon_kernels.backends.ops import forward_op
 from icon_kernels.validation import check_arguments
 
 
@@ -42,7 +42,7 @@ def _cpu_problem(target_kind, dtype, requires_grad):
     pb = check_arguments(x, y, target=targets[target_kind], kernel="dot", temperature=tau, sigma=1.0,
                          dof=1.0, alpha=0.1, beta=0.2, exclude_self=False, divergence="kl",
                          reduction="mean", weight=None)
-    return _op_arguments(pb)
+    return op_arguments(pb)
 
 
 FUSED = [b for b in ("torch", "cpu", "triton", "cuda") if b in ik.available_backends()]

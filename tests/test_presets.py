@@ -192,7 +192,7 @@ def test_sne_and_tsne_equal_conditional_kl(backend):
 
 
 def test_tsne_caches_sigma_per_inputs_tensor(monkeypatch):
-    from icon_kernels import embedding_presets
+    from icon_kernels.presets import embedding as embedding_presets
     calls = []
     real = embedding_presets.sigma_for_rows
     monkeypatch.setattr(embedding_presets, "sigma_for_rows", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -7,7 +7,7 @@ import triton
 
 import icon_kernels as ik
 from compile_keys import Recorder
-from icon_kernels import triton_backend
+from icon_kernels.backends import triton as triton_backend
 
 pytestmark = pytest.mark.skipif("triton" not in ik.available_backends(),
                                 reason=f"triton backend unavailable: {ik.available_backends(with_reasons=True)['triton']}")

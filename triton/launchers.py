@@ -1,5 +1,5 @@
 """Launchers of the Triton kernels: the ``forward`` / ``backward`` implementations of the
-``icon_kernels::triton_*`` ops (same flat arguments as the op schema in icon_kernels/ops.py).
+``icon_kernels::triton_*`` ops (same flat arguments as the op schema in icon_kernels/backends/ops.py).
 
 They prepare O(N + M) side inputs in torch (squared norms, per-row parameters, the target's
 per-row normaliser), choose block sizes and launch. No N x M buffer is allocated; a Dense target
@@ -14,8 +14,8 @@ import triton
 from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
 
-# The Neighbors targets' sparse O(N k d) gather (icon_kernels/neighbor_pairs.py) is handed in by
-# the package when it registers this backend (icon_kernels/triton_backend.py): this folder imports
+# The Neighbors targets' sparse O(N k d) gather (icon_kernels/backends/neighbor_pairs.py) is handed in by
+# the package when it registers this backend (icon_kernels/backends/triton.py): this folder imports
 # nothing from icon_kernels.
 neighbor_pairs = None
 

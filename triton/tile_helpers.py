@@ -118,7 +118,7 @@ def valid_pairs(rows, cols, N, M, EXCLUDE_SELF: tl.constexpr):
 def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense,
                    TARGET: tl.constexpr):
     """p_ij for labels and dense targets (zero off the valid set); 0 for Neighbors, whose pairs
-    are handled by a sparse gather outside the tile loop (icon_kernels/neighbor_pairs.py).
+    are handled by a sparse gather outside the tile loop (icon_kernels/backends/neighbor_pairs.py).
 
     NORM holds the per-row normaliser: K_i for labels, the row sum for dense."""
     if TARGET == 0:

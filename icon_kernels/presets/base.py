@@ -1,5 +1,5 @@
 """What every preset loss shares: debiasing, reduction, backend and placement arguments, their
-checks, and the evaluation through ``preset_dispatch.run_loss``.
+checks, and the evaluation through ``dispatch.run_loss``.
 
 Debiasing (I-Con §3.3.2, uniform mixing): ``alpha`` mixes a uniform distribution into the
 target, p~ = (1 - alpha) p + alpha / M'; ``beta`` mixes one into the learned side,
@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from .backends import ALL_BACKENDS
-from .preset_dispatch import make_placement, run_loss
-from .validation import REDUCTIONS, check_matrix, check_unit_interval
+from ..backends.registry import ALL_BACKENDS
+from ..validation import REDUCTIONS, check_matrix, check_unit_interval
+from .dispatch import make_placement, run_loss
 
 
 def check_positive(name: str, value):

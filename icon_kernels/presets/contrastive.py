@@ -2,7 +2,7 @@
 PrototypeCrossEntropy, each one ``ik.icon_loss`` call (two for CLIP) with its (p, q) pair.
 
 Every preset also takes ``alpha`` / ``beta`` (debiasing), ``reduction``, ``backend`` and
-``process_group`` / ``dist_mode`` / ``distributed`` (see preset_base.PresetLoss).
+``process_group`` / ``dist_mode`` / ``distributed`` (see base.PresetLoss).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from .preset_base import PresetLoss, check_positive, check_views
-from .preset_dispatch import global_ids, run_loss_replicated_columns
-from .targets import Labels
-from .validation import KERNEL_PARAM, check_labels, check_matrix, check_parametric_kernel
+from ..targets import Labels
+from ..validation import KERNEL_PARAM, check_labels, check_matrix, check_parametric_kernel
+from .base import PresetLoss, check_positive, check_views
+from .dispatch import global_ids, run_loss_replicated_columns
 
 
 def _two_view_loss(preset, view1, view2, **kernel):

@@ -11,15 +11,14 @@ import math
 
 import torch
 
+from ..helpers.knn import METRICS, knn_rows, propagate_rows
+from ..helpers.pair_blocks import check_count
+from ..helpers.perplexity import check_perplexity, sigma_for_rows
+from ..targets import Affinity, Neighbors
+from ..validation import KERNEL_PARAM, check_matrix, check_parametric_kernel
+from .base import PresetLoss, check_positive
+from .dispatch import all_ranks_agree, gather_rows
 from .inputs_cache import InputsCache
-from .neighbors_graph import METRICS, knn_rows, propagate_rows
-from .pair_blocks import check_count
-from .perplexity import check_perplexity, sigma_for_rows
-from .preset_base import PresetLoss, check_positive
-from .validation import check_matrix
-from .preset_dispatch import all_ranks_agree, gather_rows
-from .targets import Affinity, Neighbors
-from .validation import KERNEL_PARAM, check_parametric_kernel
 
 
 def _check_pair(embeddings, inputs):

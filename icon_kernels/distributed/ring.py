@@ -20,8 +20,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from ..backends import second_backward
 from . import column_blocks as cb
-from . import second_backward
 from . import label_blocks
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..targets import Neighbors
 from .pair_blocks import COLUMN_TILE, check_count, check_points, row_chunks, self_pair_mask, squared_distances
-from .targets import Neighbors
 
 METRICS = ("euclidean", "cosine", "dot")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_matrix
+from ..validation import check_matrix
 
 BLOCK_ELEMENTS = 1 << 21      # entries of one (rows x columns) block
 COLUMN_TILE = 4096            # columns per tile in knn

@@ -12,8 +12,6 @@ fields, so an option added there is checked here without an edit.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import struct
 import zlib
@@ -21,10 +19,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import functional, validation
-from .backends import ALL_BACKENDS, resolve_backend
-from .targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
-from .validation import KERNEL_PARAM, check_arguments, check_labels, check_matrix
+from .. import validation
+from ..backends.registry import ALL_BACKENDS, resolve_backend
+from ..targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
+from ..validation import KERNEL_PARAM, LOSS_OPTIONS, check_labels, check_matrix
 
 DIST_MODES = ("gather", "ring")
 
@@ -99,23 +97,8 @@ def _describe(kind: int, payload: int, strings: dict) -> str:
     return "an object of another type"
 
 
-def _loss_defaults() -> dict:
-    """The loss options of ik.icon_loss that distributed.icon_loss passes on, with their
-    defaults (kernel, temperature, sigma, dof, alpha, beta, divergence, and any option added
-    there later, e.g. normalization): read from ik.icon_loss's signature."""
-    return dict(_signature_defaults(functional.icon_loss, check_arguments))
-
-
-@functools.lru_cache(maxsize=4)
-def _signature_defaults(loss_fn, check_fn) -> tuple:
-    own = {"target", "exclude_self", "reduction", "weight", "backend"}
-    takes = inspect.signature(check_fn).parameters
-    return tuple((name, p.default) for name, p in inspect.signature(loss_fn).parameters.items()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in own and name in takes)
-
-
 def _loss_options(kwargs) -> dict:
-    defaults = _loss_defaults()
+    defaults = LOSS_OPTIONS
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -265,8 +248,7 @@ class _Grads:
 def _field_count() -> int:
     """The number of agreed fields: the same on every rank (it depends on the code only)."""
     kernel_params = set(v for v in KERNEL_PARAM.values() if v)
-    options = [n for n, _ in _signature_defaults(functional.icon_loss, check_arguments)
-               if n != "kernel" and n not in kernel_params]
+    options = [n for n in LOSS_OPTIONS if n != "kernel" and n not in kernel_params]
     extra = [f.name for f in dataclasses.fields(Affinity)
              if f.name not in ("z", "z_cols", "kernel") and f.name not in _AFFINITY_PARAMS]
     return 13 + len(options) + 5 + len(extra) + 1

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .families import learned_kernel
+from ..families import learned_kernel
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

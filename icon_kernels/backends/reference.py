@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .targets import Affinity, Dense, Labels, Neighbors
-from .validation import KERNEL_PARAM, Problem
+from ..targets import Affinity, Dense, Labels, Neighbors
+from ..validation import KERNEL_PARAM, Problem
 
 
 def _as_column(param):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import neighbor_pairs, tile_math, torch_backend
+from . import blockwise, neighbor_pairs, tile_math
 
 
 def h(p_mix: torch.Tensor, log_q_mix: torch.Tensor, kl: bool) -> torch.Tensor:
@@ -52,14 +52,14 @@ def _weight_grad(pb, g_rows, w, total, p_mix, log_q, valid):
 
 def dense_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """dL/dp of a Dense target (N x M), in the accumulation dtype; ``args`` are the op's."""
-    pb = torch_backend.cast_args(args)
+    pb = blockwise.cast_args(args)
     n, m = pb.x.shape[0], pb.y.shape[0]
     shift = tile_math.finite_shift(stats[0].to(pb.x.dtype))
     grad = torch.zeros(n, m, dtype=pb.x.dtype, device=pb.x.device)
-    for r0, r1 in torch_backend.row_chunks(n, m):
-        s, _ = torch_backend.learned_tile(pb, r0, r1)
+    for r0, r1 in blockwise.row_chunks(n, m):
+        s, _ = blockwise.learned_tile(pb, r0, r1)
         log_q = s - shift[r0:r1, None]
-        valid = torch_backend.off_self(torch.ones(r1 - r0, m, dtype=torch.bool, device=s.device), r0,
+        valid = blockwise.off_self(torch.ones(r1 - r0, m, dtype=torch.bool, device=s.device), r0,
                                        pb.exclude_self, False)
         w = torch.where(valid, pb.dense_p[r0:r1], 0.0)
         total = tile_math.row_sum(w).to(w.dtype)[:, None]
@@ -85,7 +85,7 @@ def neighbors_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """dL/dweights of a Neighbors target (N x k). Everything here is O(N k), so it runs in
     float64 (where the device has it): the pair logits, log q~ and h - H keep fp32 inputs' own
     accuracy at large M, where q~ mixes q ~ 1/M with beta / M'."""
-    pb = torch_backend.cast_args(args)
+    pb = blockwise.cast_args(args)
     n = pb.x.shape[0]
     acc = pb.x.dtype if pb.x.device.type == "mps" else torch.float64
     idx = pb.nbr_index

@@ -19,7 +19,7 @@ def register() -> None:
     kernels come from icon_kernels._C."""
     global _REASON
     try:
-        from . import _C  # noqa: F401 - importing it registers the C++ kernels
+        from .. import _C  # noqa: F401 - importing it registers the C++ kernels
     except ImportError as exc:
         skipped = os.environ.get("ICON_KERNELS_NO_EXT") == "1"
         _REASON = ("the C++ extension icon_kernels._C is not built"

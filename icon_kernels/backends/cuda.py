@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_backend
+from . import cpu as cpu_backend
 from .ops import register_backend
 
 _REASON: Optional[str] = "not registered"

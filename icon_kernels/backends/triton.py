@@ -47,7 +47,7 @@ def register() -> None:
                        f"numpy {numpy.__version__}: use numpy<2.4 or triton>=3.7")
             return
     try:
-        from ._triton import launchers
+        from .._triton import launchers
     except Exception as exc:  # noqa: BLE001 - the reason is reported by available_backends()
         _REASON = f"triton kernels failed to import: {type(exc).__name__}: {exc}"
         return

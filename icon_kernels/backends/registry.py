@@ -6,7 +6,9 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import cpu_backend, cuda_backend, triton_backend
+from . import cpu as cpu_backend
+from . import cuda as cuda_backend
+from . import triton as triton_backend
 
 ALL_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 # fastest first; "auto" takes the first usable one for the inputs' device

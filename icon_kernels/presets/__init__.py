@@ -13,12 +13,12 @@
 | InfoNCEClustering(n_clusters) | other views and/or kNN | cluster kernel (log_dot on soft assignments) |
 
 All take ``alpha`` / ``beta`` (debiasing), ``reduction``, ``backend`` and ``process_group`` /
-``dist_mode`` / ``distributed`` (see preset_base.PresetLoss).
+``dist_mode`` / ``distributed`` (see presets/base.py, PresetLoss).
 """
-from .clustering_presets import InfoNCEClustering
-from .contrastive_presets import CLIPLoss, InfoNCE, PrototypeCrossEntropy, SimCLR, SupCon, TSimCLR
-from .embedding_presets import SNE, TSNE, UniformKNN
-from .preset_base import PresetLoss
+from .base import PresetLoss
+from .clustering import InfoNCEClustering
+from .contrastive import CLIPLoss, InfoNCE, PrototypeCrossEntropy, SimCLR, SupCon, TSimCLR
+from .embedding import SNE, TSNE, UniformKNN
 
 __all__ = ["InfoNCE", "SimCLR", "TSimCLR", "SupCon", "CLIPLoss", "PrototypeCrossEntropy", "SNE",
            "TSNE", "UniformKNN", "InfoNCEClustering", "PresetLoss"]

@@ -7,7 +7,7 @@ Triton or CUDA kernels) only supplies the two compute functions, in Python or vi
 ``TORCH_LIBRARY_IMPL``, and the public API does not change.
 
 forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp64) where the
-statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see torch_backend.
+statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see blockwise.py.
 backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
 need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
 backend may skip that work).

@@ -1,6 +1,6 @@
 """The loss over a stream of column blocks: partial row statistics and their one shared merge.
 
-Ring mode (``distributed.py``) sees the global columns one block at a time, so nothing per row
+Ring mode (``entry.py``) sees the global columns one block at a time, so nothing per row
 may be normalised inside a block. Every function here takes this rank's rows (``RowSide``) and one
 block of global columns (``Block``) and returns *partial* row statistics; ``merge`` is the one
 place where partials of different blocks combine, and ``finish_*`` turns the merged statistics
@@ -17,8 +17,8 @@ into row normalisers and row losses:
   Dense p / Neighbors weights (local rows, so it stays on this rank):
   dL/dw_ij = g_i (1 - alpha) (h_ij - H_i) / W_i on valid columns, W_i the row's weight sum.
 
-Tiles are rows-chunk x block, never rows x all columns. The math is torch_backend's (DESIGN.md
-§1) with global column indices: a self pair is (row_offset + i, block.offset + j).
+Tiles are rows-chunk x block, never rows x all columns. The math is the blockwise backend's
+(DESIGN.md §1) with global column indices: a self pair is (row_offset + i, block.offset + j).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import target_weight_grads, tile_math, torch_backend
+from ..backends import blockwise, target_weight_grads, tile_math
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
@@ -118,7 +118,7 @@ def _chunks(rs: RowSide, block: Block):
 
 def _off_self(tile, rs: RowSide, block: Block, r0: int, fill):
     """Self pairs of rows r0.. (global row row_offset + r0 + i, column block.offset + j) to fill."""
-    return torch_backend.off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
+    return blockwise.off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
 
 
 def _learned(rs: RowSide, block: Block, r0: int, r1: int):

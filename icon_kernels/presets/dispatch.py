@@ -12,13 +12,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import distributed as _distributed
-from .functional import icon_loss, row_losses
-from .rank_agreement import DIST_MODES
-from .validation import check_arguments
-
-LOSS_DEFAULTS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
-                     exclude_self=None, divergence="kl")
+from ..backends.dispatch import loss as icon_loss
+from ..backends.dispatch import row_losses
+from ..distributed import entry as _distributed
+from ..distributed.rank_agreement import DIST_MODES
+from ..validation import LOSS_OPTIONS, check_arguments
 
 
 @dataclass
@@ -58,7 +56,7 @@ def run_loss_replicated_columns(x, y, *, target, placement: Placement, reduction
         return icon_loss(x, y, target=target, reduction=reduction, backend=backend, **kwargs)
     group = checked_group(placement)
     problem = check_arguments(x, y, target=target, reduction=reduction, weight=None,
-                              **{**LOSS_DEFAULTS, **kwargs})
+                              **{"exclude_self": None, **LOSS_OPTIONS, **kwargs})
     rows, included = row_losses(problem, backend)
     return _distributed.reduce_global(rows, included, None, reduction, group).to(x.dtype)
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .families import learned_kernel
+from ..families import learned_kernel
 
 GATHER_ELEMENTS = 1 << 22
 

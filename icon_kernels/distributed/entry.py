@@ -33,13 +33,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import column_blocks, label_blocks, ring, second_backward
-from .backends import resolve_backend
-from .functional import _kernel_inputs, affinity_inputs, row_losses, target_kind
+from ..backends import second_backward
+from ..backends.dispatch import affinity_inputs, kernel_inputs, row_losses, target_kind
+from ..backends.registry import resolve_backend
+from ..backends.tile_math import accumulation_dtype
+from ..targets import Affinity, Dense, Labels, Neighbors
+from ..validation import check_arguments
+from . import column_blocks, label_blocks, ring
 from .rank_agreement import agree, invalid_on
-from .targets import Affinity, Dense, Labels, Neighbors
-from .tile_math import accumulation_dtype
-from .validation import check_arguments
 
 
 def _sizes(n: int, device, group) -> list:
@@ -222,7 +223,7 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
                                      options)
     t = problem.target
     acc = accumulation_dtype(x.dtype)
-    xk, yk, kernel, param = _kernel_inputs(problem.kernel, x, y, problem.param)
+    xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
     rows = column_blocks.RowSide(
         x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel,
         target=target_kind(t),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .preset_base import PresetLoss
-from .validation import check_labels, check_matrix
-from .preset_dispatch import all_reduce_sum, gather_rows, global_first_row
-from .targets import Labels, Neighbors
+from ..targets import Labels, Neighbors
+from ..validation import check_labels, check_matrix
+from .base import PresetLoss
+from .dispatch import all_reduce_sum, gather_rows, global_first_row
 
 
 def same_id_neighbors(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:

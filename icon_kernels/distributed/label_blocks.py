@@ -18,7 +18,7 @@ from typing import Dict
 
 import torch
 
-from . import tile_math
+from ..backends import tile_math
 
 KERNELS = ("dot", "gaussian")
 
