@@ -7,14 +7,13 @@ because they would need a host sync; shape, dtype and device checks always run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from .families import DIVERGENCES as DIVERGENCE_ROWS
 from .families import LEARNED_KERNELS
-from .targets import TARGET_TYPES, Affinity, Labels, Neighbors
 
 KERNELS = tuple(LEARNED_KERNELS)
 # which keyword carries each kernel's parameter; log_dot has none
@@ -57,11 +56,11 @@ class Problem:
         return self.x.shape[0] if self.y is None else self.y.shape[0]
 
 
-def _checking_values() -> bool:
+def checking_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+def check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
 
@@ -88,13 +87,13 @@ def check_unit_interval(name: str, value) -> float:
     return float(value)
 
 
-def _check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
+def check_features(name: str, t, rows: Optional[int], d: Optional[int], x: torch.Tensor) -> None:
     check_matrix(name, t, rows)
     if t.shape[1] == 0:
         raise ValueError(f"{name} has d = 0 features; the kernels need at least one")
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name} has feature dimension {t.shape[1]} but x has {d}")
-    _check_device(name, t, x)
+    check_device(name, t, x)
 
 
 def check_positive(name: str, value, x: torch.Tensor, n_rows: int) -> None:
@@ -106,8 +105,8 @@ def check_positive(name: str, value, x: torch.Tensor, n_rows: int) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n_rows):
             raise ValueError(f"{name} must be a scalar or have shape ({n_rows},), got {tuple(value.shape)}")
-        _check_device(name, value, x)
-        if _checking_values() and bool((value <= 0).any()):
+        check_device(name, value, x)
+        if checking_values() and bool((value <= 0).any()):
             raise ValueError(f"{name} must be > 0")
     elif value <= 0 or value == math.inf:  # NaN passes on purpose: NaN inputs give a NaN loss
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -122,7 +121,7 @@ def inf_to_nan(value):
     return value
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -146,64 +145,6 @@ def check_labels(name: str, t, length: int, device, other: str = "x") -> torch.T
     return t
 
 
-def _check_target(target, x: torch.Tensor, y: Optional[torch.Tensor], n: int, m: int):
-    """Returns the target with defaults filled in (column labels / column features)."""
-    if not isinstance(target, TARGET_TYPES):
-        raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
-                        f"got {type(target).__name__}")
-    if isinstance(target, Labels):
-        check_labels("row_labels", target.row_labels, n, x.device)
-        col = target.col_labels
-        if col is None:
-            if m != n:
-                raise ValueError(f"col_labels is required when y has {m} rows and x has {n}")
-            col = target.row_labels
-        check_labels("col_labels", col, m, x.device)
-        return Labels(target.row_labels, col)
-    if isinstance(target, Neighbors):
-        idx, w = target.indices, target.weights
-        if not is_index_tensor(idx):
-            raise TypeError("indices must be a signed integer tensor of shape (N, k)"
-                            + (f", got dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else ""))
-        if idx.dim() != 2 or idx.shape[0] != n:
-            raise ValueError(f"indices must have shape ({n}, k), got {tuple(idx.shape)}")
-        _check_device("indices", idx, x)
-        if _checking_values() and idx.numel() and bool(((idx < -1) | (idx >= m)).any()):
-            raise ValueError(f"indices must lie in [0, {m}) or be -1 for padding")
-        if w is not None:
-            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-                raise TypeError("weights must be a floating-point tensor")
-            if w.shape != idx.shape:
-                raise ValueError(f"weights must have the shape of indices {tuple(idx.shape)}, got {tuple(w.shape)}")
-            _check_device("weights", w, x)
-            if _checking_values() and bool((w < 0).any()):
-                raise ValueError("weights must be >= 0")
-        return Neighbors(idx.long(), w)
-    if isinstance(target, Affinity):
-        _check_choice("kernel", target.kernel, KERNELS)
-        _check_features("z", target.z, n, None, x)
-        z_cols = target.z_cols
-        if z_cols is None:
-            if y is not None and m != n:
-                raise ValueError(f"z_cols is required when y has {m} rows and x has {n}")
-        else:
-            _check_features("z_cols", z_cols, m, target.z.shape[1], x)
-        for name in ("sigma", "temperature", "dof"):
-            check_positive(name, getattr(target, name), x, n)
-        return replace(target, **{name: inf_to_nan(getattr(target, name))
-                                  for name in ("sigma", "temperature", "dof")})
-    # Dense
-    p = target.p
-    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-        raise TypeError("p must be a floating-point tensor of shape (N, M)")
-    if tuple(p.shape) != (n, m):
-        raise ValueError(f"p must have shape ({n}, {m}), got {tuple(p.shape)}")
-    _check_device("p", p, x)
-    if _checking_values() and bool((p < 0).any()):
-        raise ValueError("p must be >= 0")
-    return target
-
-
 def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, beta, exclude_self,
                     divergence, reduction, weight) -> Problem:
     if not isinstance(x, torch.Tensor):
@@ -218,13 +159,13 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     if d == 0:
         raise ValueError("x has d = 0 features; the kernels need at least one")
     if y is not None:
-        _check_features("y", y, None, d, x)
+        check_features("y", y, None, d, x)
         if y.dtype != x.dtype:
             raise TypeError(f"y has dtype {y.dtype} but x has {x.dtype}")
         if y.shape[0] == 0:
             raise ValueError("y has M = 0 rows")
     m = n if y is None else y.shape[0]
-    _check_choice("kernel", kernel, KERNELS)
+    check_choice("kernel", kernel, KERNELS)
     for name, value in (("temperature", temperature), ("sigma", sigma), ("dof", dof)):
         check_positive(name, value, x, n)
     for name, value in (("alpha", alpha), ("beta", beta)):
@@ -235,17 +176,19 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
         raise TypeError(f"exclude_self must be a bool or None, got {type(exclude_self).__name__}")
     if exclude_self and m != n:
         raise ValueError(f"exclude_self=True needs as many columns as rows; y has {m} rows, x has {n}")
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError("weight must be a floating-point tensor of shape (N,)")
         if tuple(weight.shape) != (n,):
             raise ValueError(f"weight must have shape ({n},), got {tuple(weight.shape)}")
-        _check_device("weight", weight, x)
-        if _checking_values() and bool((weight < 0).any()):
+        check_device("weight", weight, x)
+        if checking_values() and bool((weight < 0).any()):
             raise ValueError("weight must be >= 0 (all-zero weights give a loss of 0 with zero gradients)")
-    target = _check_target(target, x, y, n, m)
+    # the target's own checks live in its adapter, which builds on the checks above
+    from .target_adapters import adapter_for
+    target = adapter_for(target).check(target, x, y, n, m)
     param_name = KERNEL_PARAM[kernel]
     param = {"temperature": temperature, "sigma": sigma, "dof": dof, None: 1.0}[param_name]
     return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),

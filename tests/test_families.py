@@ -116,3 +116,23 @@ def test_log_dot_weight_is_zero_where_the_gradient_is():
     weight = families.LEARNED_KERNELS["log_dot"].weight
     w = weight(torch.tensor([[0.0, 1.0, -2.0]]), torch.tensor([[0.0, 2.0, 4.0]]), None)
     assert w.tolist() == [[0.0, 0.5, -0.5]]
+
+
+def test_every_target_type_has_its_adapter():
+    from icon_kernels.target_adapters import adapter_for
+    for name, row in families.TARGET_TYPES_BY_NAME.items():
+        fields = {f: None for f in row.cls.__dataclass_fields__}
+        assert adapter_for(row.cls(**fields)).name == name
+
+    class NotATarget:
+        pass
+    with pytest.raises(TypeError, match="target must be ik.Labels"):
+        adapter_for(NotATarget())
+
+
+def test_target_arguments_are_the_op_schemas_target_slots():
+    # dispatch.TargetArguments names the op schema's arguments between kernel and alpha, in order
+    from icon_kernels.backends.dispatch import TargetArguments
+    from icon_kernels.backends.ops import ARGS
+    names = [a.strip().split(" ")[-1] for a in ARGS.split(",")]
+    assert list(TargetArguments._fields) == names[names.index("kernel") + 1:names.index("alpha")]

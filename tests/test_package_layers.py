@@ -6,12 +6,12 @@ a new one must be placed here before it imports anything."""
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "icon_kernels"
 
 CORE, BACKENDS, SIDE, PRESETS, API = range(5)
 LAYER_OF_TOP_MODULE = {"targets": CORE, "families": CORE, "validation": CORE, "reduction": CORE,
+                       "target_adapters": CORE,
                        "_C": BACKENDS, "_triton": BACKENDS, "backends": BACKENDS,
                        "helpers": SIDE, "distributed": SIDE, "presets": PRESETS,
                        "functional": API, "modules": API, "env_report": API, "__main__": API,

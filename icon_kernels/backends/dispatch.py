@@ -3,13 +3,14 @@ backend, and the loss reduced over rows. ``ik.icon_loss``, the presets and ``ik.
 all evaluate the loss through here, so it sits below them (DESIGN.md §3)."""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
-from ..families import target_name
 from ..reduction import reduce_rows
-from ..targets import Affinity, Dense, Labels, Neighbors
-from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
+from ..target_adapters import adapter_for
+from ..validation import LOSS_OPTIONS, Problem, check_arguments
 from . import reference, registry
 from .ops import forward_op
 from .tile_math import accumulation_dtype
@@ -39,29 +40,39 @@ def kernel_inputs(kernel: str, a: torch.Tensor, b, param):
     return a, (a if b is None else b), kernel, _param_tensor(param, a)
 
 
-def op_arguments(problem: Problem):
-    x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
-    t = problem.target
-    labels = (t.row_labels, t.col_labels) if isinstance(t, Labels) else (None, None)
-    neighbors = (t.indices, t.weights) if isinstance(t, Neighbors) else (None, None)
-    dense_p = t.p if isinstance(t, Dense) else None
+class TargetArguments(NamedTuple):
+    """The target's slots of the op schema (ops.ARGS), prepared like x and y."""
+
+    target: str
+    row_labels: Optional[torch.Tensor]
+    col_labels: Optional[torch.Tensor]
+    nbr_index: Optional[torch.Tensor]
+    nbr_weight: Optional[torch.Tensor]
+    z: Optional[torch.Tensor]
+    z_cols: Optional[torch.Tensor]
+    t_param: Optional[torch.Tensor]
+    t_kernel: str
+    dense_p: Optional[torch.Tensor]
+
+
+def target_arguments(target) -> TargetArguments:
+    """The op's target arguments of a checked target, from its adapter; an Affinity target's
+    features and parameter are prepared as the learned kernel's are (cosine: normalised rows)."""
+    adapter = adapter_for(target)
+    slots = adapter.op_slots(target)
     z = z_cols = t_param = None
     t_kernel = "dot"
-    if isinstance(t, Affinity):
-        z, z_cols, t_kernel, t_param = affinity_inputs(t)
-    return (x, y, param, kernel, target_kind(t), *labels, *neighbors, z, z_cols, t_param, t_kernel,
-            dense_p, problem.alpha, problem.beta, problem.exclude_self, problem.kl)
+    if slots.affinity is not None:
+        z, z_cols, t_kernel, t_param = kernel_inputs(*slots.affinity)
+    return TargetArguments(adapter.name, slots.row_labels, slots.col_labels, slots.nbr_index,
+                           slots.nbr_weight, z, z_cols, t_param, t_kernel, slots.dense_p)
 
 
-def target_kind(t) -> str:
-    """The op-level name of a target: labels, neighbors, affinity or dense."""
-    return target_name(t)
-
-
-def affinity_inputs(t: Affinity):
-    """Op-level (z, z_cols, kernel, parameter tensor) of an Affinity target."""
-    value = getattr(t, KERNEL_PARAM[t.kernel]) if KERNEL_PARAM[t.kernel] else 1.0
-    return kernel_inputs(t.kernel, t.z, t.z_cols, value)
+def op_arguments(problem: Problem):
+    """The forward op's flat arguments (ops.ARGS order) of a checked problem."""
+    x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
+    return (x, y, param, kernel, *target_arguments(problem.target), problem.alpha, problem.beta,
+            problem.exclude_self, problem.kl)
 
 
 def row_losses(problem: Problem, backend: str):

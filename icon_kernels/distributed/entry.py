@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 from ..backends import second_backward
-from ..backends.dispatch import affinity_inputs, kernel_inputs, row_losses, target_kind
+from ..backends.dispatch import kernel_inputs, row_losses, target_arguments
 from ..backends.registry import resolve_backend
 from ..backends.tile_math import accumulation_dtype
-from ..targets import Affinity, Dense, Labels, Neighbors
+from ..target_adapters import adapter_for
 from ..validation import check_arguments
 from . import column_blocks, label_blocks, ring
 from .rank_agreement import agree, invalid_on
@@ -214,56 +214,40 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
     cols_local = x if y is None else y
     # Neighbors / Dense address global columns: validate them against a stand-in of the global
     # column block (a zero-stride view, no memory); Labels / Affinity columns are local.
-    if isinstance(target, (Neighbors, Dense)):
+    if adapter_for(target).addresses_global_columns:
         m, d = sum(col_sizes), x.shape[1]
         check_cols = cols_local.new_zeros(1, d).expand(m, d)
     else:
         check_cols = y
     backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, check_cols, target,
                                      options)
-    t = problem.target
     acc = accumulation_dtype(x.dtype)
     xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
+    t = target_arguments(problem.target)
     rows = column_blocks.RowSide(
-        x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel,
-        target=target_kind(t),
+        x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel, target=t.target,
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
         alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
         tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
     rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend)
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
-    z = z_cols = t_param = weights = None
-    if isinstance(t, Labels):
+    # the target's op arguments split into this rank's row side and its travelling column block
+    if t.row_labels is not None:
         rows.row_labels, own.col_labels = t.row_labels.long(), t.col_labels.long()   # equal sizes on the ring
-    elif isinstance(t, Neighbors):
-        rows.nbr_index = t.indices
-        rows.nbr_weight = None if t.weights is None else t.weights.detach().to(acc)
-        weights = t.weights
-    elif isinstance(t, Dense):
-        rows.dense_p = t.p.detach().to(acc)
-        weights = t.p
-    else:
-        z, z_cols, rows.t_kernel, t_param = affinity_inputs(t)
-        rows.z, rows.t_param = z.detach().to(acc), t_param.detach().to(acc)
-        own.z_cols = z_cols.detach()
+    rows.nbr_index = t.nbr_index
+    rows.nbr_weight = None if t.nbr_weight is None else t.nbr_weight.detach().to(acc)
+    rows.dense_p = None if t.dense_p is None else t.dense_p.detach().to(acc)
+    if t.z is not None:
+        rows.z, rows.t_param, rows.t_kernel = t.z.detach().to(acc), t.t_param.detach().to(acc), t.t_kernel
+        own.z_cols = t.z_cols.detach()
+    weights = adapter_for(problem.target).weight_tensor(problem.target)
     rows.weight_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+    z, z_cols, t_param = t.z, t.z_cols, t.t_param
     return ring.RingRowLosses.apply(rows, own, the_ring, xk, yk, param, z, z_cols, t_param, weights)
 
 
 def _global_columns(target, col_sizes, order, position, group):
     """The target with its column side made global (and in the reordered column order)."""
-    if isinstance(target, Labels):
-        cols = target.row_labels if target.col_labels is None else target.col_labels
-        # int64 on every rank, so the all-gather moves equal sizes whatever integer dtype each holds
-        return Labels(target.row_labels.long(), _gather_rows(cols.long(), col_sizes, group)[order])
-    if isinstance(target, Neighbors):
-        idx = target.indices
-        remapped = torch.where(idx >= 0, position[idx.clamp(0, position.numel() - 1)], idx)
-        remapped = torch.where(idx >= position.numel(), idx, remapped)   # out of range: validation reports it
-        return Neighbors(remapped, target.weights)
-    if isinstance(target, Affinity):
-        z_cols = target.z if target.z_cols is None else target.z_cols
-        gathered = _AllGatherRows.apply(z_cols, col_sizes, group)[order]
-        return Affinity(target.z, gathered, kernel=target.kernel, sigma=target.sigma,
-                        temperature=target.temperature, dof=target.dof)
-    return Dense(target.p[:, order])                   # Dense (the type was checked on entry)
+    return adapter_for(target).global_columns(
+        target, gather=lambda t: _gather_rows(t, col_sizes, group),
+        gather_with_grad=lambda t: _AllGatherRows.apply(t, col_sizes, group), order=order, position=position)

@@ -19,10 +19,11 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .. import validation
 from ..backends.registry import ALL_BACKENDS, resolve_backend
-from ..targets import TARGET_TYPES, Affinity, Dense, Labels, Neighbors
-from ..validation import KERNEL_PARAM, LOSS_OPTIONS, check_labels, check_matrix
+from .. import validation
+from ..target_adapters import adapter_for
+from ..targets import TARGET_TYPES, Affinity, Dense
+from ..validation import KERNEL_PARAM, LOSS_OPTIONS
 
 DIST_MODES = ("gather", "ring")
 
@@ -113,16 +114,8 @@ def _grad_mask(x, y, target, param) -> int:
     """Which inputs require grad (each one's gradient runs collectives in backward)."""
     if not torch.is_grad_enabled():
         return 0
-    z = z_cols = t_param = p = weights = None
-    if isinstance(target, Affinity):
-        z, z_cols = target.z, target.z_cols
-        if isinstance(target.kernel, str):
-            t_param = getattr(target, KERNEL_PARAM.get(target.kernel) or "", None)
-    elif isinstance(target, Dense):
-        p = target.p
-    elif isinstance(target, Neighbors):
-        weights = target.weights
-    tensors = (x, y, param, z, z_cols, t_param, p, weights)
+    parts = adapter_for(target).grad_tensors(target)
+    tensors = (x, y, param, *(parts.get(k) for k in ("z", "z_cols", "t_param", "p", "weights")))
     return sum(1 << k for k, t in enumerate(tensors) if isinstance(t, torch.Tensor) and t.requires_grad)
 
 
@@ -189,9 +182,7 @@ def _local_checks(x, y, target, dist_mode, exclude_self, ring_block_rows, backen
     n_cols = (x if y is None else y).shape[0]
     if exclude_self and n_cols != x.shape[0]:
         raise ValueError("exclude_self=True needs this rank's columns to be its rows")
-    if isinstance(target, Affinity) and target.z_cols is None and y is not None:
-        raise ValueError("z_cols (this rank's column target features) is required when y is given")
-    _check_target_shard(target, x, n_cols)
+    adapter_for(target).check_shard(target, x, y, n_cols)
     backend_name = None
     if dist_mode == "ring":
         backend_name = resolve_backend(backend, x.device)
@@ -297,9 +288,7 @@ def _check_shapes(table: torch.Tensor, target) -> None:
 def _check_inputs(x, y, target, dist_mode, ring_block_rows) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a 2-D tensor of this rank's rows")
-    if not isinstance(target, TARGET_TYPES):
-        raise TypeError("target must be ik.Labels, ik.Neighbors, ik.Affinity or ik.Dense, "
-                        f"got {type(target).__name__}")
+    adapter_for(target)                     # TypeError for anything but the four target types
     if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 2):
         raise ValueError("y must be None or a 2-D tensor of this rank's columns")
     if y is not None and (y.shape[1] != x.shape[1] or y.dtype != x.dtype or y.device != x.device):
@@ -311,41 +300,3 @@ def _check_inputs(x, y, target, dist_mode, ring_block_rows) -> None:
         raise ValueError("ring_block_rows applies to dist_mode='ring' only")
     if isinstance(ring_block_rows, bool) or not isinstance(ring_block_rows, int) or ring_block_rows < 1:
         raise ValueError(f"ring_block_rows must be a positive int or None; got {ring_block_rows!r}")
-
-
-def _check_target_shard(target, x: torch.Tensor, n_cols: int) -> None:
-    """This rank's target parts, as far as they travel or are indexed before check_arguments
-    sees the global columns: their type, dimensions and row counts (Dense p's width is checked
-    against the global column count by every rank, from the all-gathered table)."""
-    n_rows = x.shape[0]
-
-    def rows_of(name, t, want):
-        if t.device != x.device:
-            raise ValueError(f"target.{name} is on {t.device} but x is on {x.device}; put them on one device")
-        if t.shape[0] != want:
-            raise ValueError(f"target.{name} has {t.shape[0]} rows on this rank; expected {want}")
-    if isinstance(target, Labels):
-        check_labels("target.row_labels", target.row_labels, n_rows, x.device)
-        if target.col_labels is None:       # the row labels label the columns too
-            rows_of("row_labels (also the column labels)", target.row_labels, n_cols)
-        else:
-            check_labels("target.col_labels", target.col_labels, n_cols, x.device, "x")
-    elif isinstance(target, Affinity):
-        check_matrix("target.z", target.z)
-        rows_of("z", target.z, n_rows)
-        z_cols = target.z if target.z_cols is None else target.z_cols
-        check_matrix("target.z_cols", z_cols)
-        rows_of("z_cols", z_cols, n_cols)
-        if z_cols.shape[1] != target.z.shape[1]:
-            raise ValueError(f"target.z_cols has {z_cols.shape[1]} features; target.z has {target.z.shape[1]}")
-    elif isinstance(target, Neighbors):
-        idx = target.indices
-        if not validation.is_index_tensor(idx) or idx.dim() != 2:
-            raise TypeError("target.indices must be a 2-D signed integer tensor (this rank's rows x k) of global "
-                            "column indices")
-        rows_of("indices", idx, n_rows)
-    else:
-        p = target.p
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.dim() != 2:
-            raise TypeError("target.p must be a 2-D floating-point tensor (this rank's rows x the global columns)")
-        rows_of("p", p, n_rows)
