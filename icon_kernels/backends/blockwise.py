@@ -23,12 +23,9 @@ CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20
 LSE, R_STAT, LSE_P, H_STAT = range(4)
 
 
-
-
-def row_chunks(n: int, m: int):
-    step = max(1, CHUNK_ELEMENTS // max(m, 1))
-    for r0 in range(0, n, step):
-        yield r0, min(n, r0 + step)
+def row_chunks(n_rows: int, n_cols: int):
+    """(r0, r1) row ranges whose rows x n_cols tiles hold about CHUNK_ELEMENTS entries."""
+    return tile_math.row_ranges(n_rows, n_cols, CHUNK_ELEMENTS)
 
 
 class Tile(NamedTuple):
@@ -76,12 +73,13 @@ class Problem(NamedTuple):
 
 
 def cast_args(args) -> Problem:
-    prob = Problem(*args)
-    acc = tile_math.accumulation_dtype(prob.x.dtype)
-    up = lambda t: None if t is None else t.to(acc)
-    return prob._replace(x=up(prob.x), y=up(prob.y), param=up(prob.param), z=up(prob.z),
-                         z_cols=up(prob.z_cols), t_param=up(prob.t_param), dense_p=up(prob.dense_p),
-                         nbr_weight=up(prob.nbr_weight))
+    problem = Problem(*args)
+    acc = tile_math.accumulation_dtype(problem.x.dtype)
+    to_acc = lambda t: None if t is None else t.to(acc)
+    return problem._replace(x=to_acc(problem.x), y=to_acc(problem.y), param=to_acc(problem.param),
+                            z=to_acc(problem.z), z_cols=to_acc(problem.z_cols),
+                            t_param=to_acc(problem.t_param), dense_p=to_acc(problem.dense_p),
+                            nbr_weight=to_acc(problem.nbr_weight))
 
 
 def off_self(tile: torch.Tensor, r0: int, exclude_self: bool, fill) -> torch.Tensor:
@@ -97,29 +95,31 @@ def _normalised(w: torch.Tensor):
     return w / torch.where(empty, 1.0, total), ~empty[:, 0]
 
 
-def target_tile(pb: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = None) -> Tile:
+def target_tile(problem: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = None) -> Tile:
     """p for rows r0:r1. For Affinity, ``lse_p`` (saved in forward) is reused when given."""
-    m, acc = pb.y.shape[0], pb.x.dtype
-    if pb.target == "labels":
-        same = off_self((pb.row_labels[r0:r1, None] == pb.col_labels[None, :]).to(acc), r0,
-                         pb.exclude_self, 0.0)
+    m, acc = problem.y.shape[0], problem.x.dtype
+    if problem.target == "labels":
+        same = off_self((problem.row_labels[r0:r1, None] == problem.col_labels[None, :]).to(acc), r0,
+                        problem.exclude_self, 0.0)
         return Tile(*_normalised(same), count=same.sum(1))
-    if pb.target == "neighbors":
-        idx = pb.nbr_index[r0:r1]
-        w = torch.ones(idx.shape, dtype=acc, device=idx.device) if pb.nbr_weight is None else pb.nbr_weight[r0:r1]
+    if problem.target == "neighbors":
+        idx = problem.nbr_index[r0:r1]
+        w = (torch.ones(idx.shape, dtype=acc, device=idx.device) if problem.nbr_weight is None
+             else problem.nbr_weight[r0:r1])
         dense = torch.zeros(r1 - r0, m, dtype=acc, device=idx.device)
         dense.scatter_add_(1, idx.clamp_min(0), w * (idx >= 0))
-        return Tile(*_normalised(off_self(dense, r0, pb.exclude_self, 0.0)))
-    if pb.target == "dense":
-        return Tile(*_normalised(off_self(pb.dense_p[r0:r1].clone(), r0, pb.exclude_self, 0.0)))
+        return Tile(*_normalised(off_self(dense, r0, problem.exclude_self, 0.0)))
+    if problem.target == "dense":
+        return Tile(*_normalised(off_self(problem.dense_p[r0:r1].clone(), r0, problem.exclude_self, 0.0)))
     # affinity: p = softmax over valid j of t
-    t, t_aux = tile_math.logits(pb.t_kernel, pb.z[r0:r1], pb.z_cols, tile_math.rows_of(pb.t_param, r0, r1))
-    t_masked = off_self(t.clone(), r0, pb.exclude_self, float("-inf"))
+    t, t_aux = tile_math.logits(problem.t_kernel, problem.z[r0:r1], problem.z_cols,
+                                tile_math.rows_of(problem.t_param, r0, r1))
+    t_masked = off_self(t.clone(), r0, problem.exclude_self, float("-inf"))
     if lse_p is None:
         lse_p = tile_math.row_lse(t_masked)
     p = torch.exp(t_masked - tile_math.finite_shift(lse_p)[:, None])   # rows without columns: 0
     p = p / _row_total(p)      # sum_j p = 1 up to rounding per entry, not per row (the fp32 LSE^p's)
-    has_p = torch.full((r1 - r0,), pb.m_valid > 0, dtype=torch.bool, device=t.device)
+    has_p = torch.full((r1 - r0,), problem.m_valid > 0, dtype=torch.bool, device=t.device)
     return Tile(p, has_p, t, t_aux, lse_p)
 
 
@@ -132,83 +132,82 @@ def _row_total(t: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, total, 1.0).to(t.dtype)[:, None]
 
 
-def _mixed_target(pb: Problem, tile: Tile, r0: int) -> torch.Tensor:
+def _mixed_target(problem: Problem, tile: Tile, r0: int) -> torch.Tensor:
     """p~ = (1 - alpha) p + alpha / M' on the valid set, 0 on self pairs."""
-    if pb.alpha == 0:
+    if problem.alpha == 0:
         return tile.p
-    return off_self((1 - pb.alpha) * tile.p + pb.alpha / pb.m_mix, r0, pb.exclude_self, 0.0)
+    return off_self((1 - problem.alpha) * tile.p + problem.alpha / problem.m_mix, r0,
+                    problem.exclude_self, 0.0)
 
 
-def _mixed_q(pb: Problem, q: torch.Tensor) -> torch.Tensor:
+def _mixed_q(problem: Problem, q: torch.Tensor) -> torch.Tensor:
     """q~ = (1 - beta) q + beta / M' (beta > 0)."""
-    return (1 - pb.beta) * q + pb.beta / pb.m_mix
+    return (1 - problem.beta) * q + problem.beta / problem.m_mix
 
 
-def _log_mixed_q(pb: Problem, log_q: torch.Tensor) -> torch.Tensor:
-    return log_q if pb.beta == 0 else torch.log(_mixed_q(pb, log_q.exp()))
+def _log_mixed_q(problem: Problem, log_q: torch.Tensor) -> torch.Tensor:
+    return log_q if problem.beta == 0 else torch.log(_mixed_q(problem, log_q.exp()))
 
 
-
-
-def learned_tile(pb: Problem, r0: int, r1: int):
+def learned_tile(problem: Problem, r0: int, r1: int):
     """(s with self pairs at -inf, aux) for rows r0:r1; the chain rule needs only aux."""
-    s, aux = tile_math.logits(pb.kernel, pb.x[r0:r1], pb.y, tile_math.rows_of(pb.param, r0, r1))
-    return off_self(s, r0, pb.exclude_self, float("-inf")), aux
+    s, aux = tile_math.logits(problem.kernel, problem.x[r0:r1], problem.y,
+                              tile_math.rows_of(problem.param, r0, r1))
+    return off_self(s, r0, problem.exclude_self, float("-inf")), aux
 
 
-def _h(pb: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
-    """dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
-    return torch.log(p_mix) - log_q_mix if pb.kl else -log_q_mix
+def _dloss_dp_mix(problem: Problem, p_mix: torch.Tensor, log_q_mix: torch.Tensor) -> torch.Tensor:
+    """h_ij = dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
+    return torch.log(p_mix) - log_q_mix if problem.kl else -log_q_mix
 
 
-def _entropy(pb: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
+def _entropy(problem: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
     """sum_j p~ log p~ per row; closed form for Labels."""
     if tile.count is None:
         return tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * torch.log(p_mix)))
-    return tile_math.labels_entropy(tile.count, pb.alpha, pb.m_valid)
+    return tile_math.labels_entropy(tile.count, problem.alpha, problem.m_valid)
 
 
-def _forward_chunk(pb: Problem, r0: int, r1: int):
+def _forward_chunk(problem: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
-    s_masked, _ = learned_tile(pb, r0, r1)
+    s_masked, _ = learned_tile(problem, r0, r1)
     lse = tile_math.row_lse(s_masked)
     log_q = s_masked - lse[:, None]
     del s_masked
-    tile = target_tile(pb, r0, r1)
-    p_mix = _mixed_target(pb, tile, r0)
+    tile = target_tile(problem, r0, r1)
+    p_mix = _mixed_target(problem, tile, r0)
     r_stat = None
-    if pb.beta == 0:
+    if problem.beta == 0:
         log_q_mix = log_q
     else:
         q = torch.exp(log_q)
-        q_mix = _mixed_q(pb, q)
+        q_mix = _mixed_q(problem, q)
         log_q_mix = torch.log(q_mix)
         r_stat = tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * q / q_mix))
         del q, q_mix
     row = -tile_math.row_sum(tile_math.where_positive(p_mix, p_mix * log_q_mix))   # float64, rounded once
-    if pb.kl:
-        row = row + _entropy(pb, tile, p_mix)
+    if problem.kl:
+        row = row + _entropy(problem, tile, p_mix)
     h_stat = None
-    if pb.target == "affinity":
-        h_stat = tile_math.row_sum(tile_math.where_positive(tile.p, tile.p * _h(pb, p_mix, log_q_mix)))
-    included = tile.has_p & (pb.m_valid > 0)
+    if problem.target == "affinity":
+        h = _dloss_dp_mix(problem, p_mix, log_q_mix)
+        h_stat = tile_math.row_sum(tile_math.where_positive(tile.p, tile.p * h))
+    included = tile.has_p & (problem.m_valid > 0)
     return torch.where(included, row, 0.0), included, (lse, r_stat, tile.lse_p, h_stat)
 
 
 def forward(*args):
-    pb = cast_args(args)
-    n = pb.x.shape[0]
-    loss = torch.zeros(n, dtype=pb.x.dtype, device=pb.x.device)
-    valid = torch.zeros(n, dtype=torch.bool, device=pb.x.device)
-    stats = torch.zeros(4, n, dtype=pb.x.dtype, device=pb.x.device)
-    for r0, r1 in row_chunks(n, pb.y.shape[0]):
-        loss[r0:r1], valid[r0:r1], row_stats = _forward_chunk(pb, r0, r1)
+    problem = cast_args(args)
+    n = problem.x.shape[0]
+    loss = torch.zeros(n, dtype=problem.x.dtype, device=problem.x.device)
+    valid = torch.zeros(n, dtype=torch.bool, device=problem.x.device)
+    stats = torch.zeros(4, n, dtype=problem.x.dtype, device=problem.x.device)
+    for r0, r1 in row_chunks(n, problem.y.shape[0]):
+        loss[r0:r1], valid[r0:r1], row_stats = _forward_chunk(problem, r0, r1)
         for k, value in enumerate(row_stats):
             if value is not None:
                 stats[k, r0:r1] = value
     return loss, valid, stats
-
-
 
 
 def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: int) -> None:
@@ -218,32 +217,34 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
         d_param += rows.sum()
 
 
-def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
+def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
                     stats: torch.Tensor, target_grad: bool, param_grad: bool):
     """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
-    s_masked, aux = learned_tile(pb, r0, r1)
+    s_masked, aux = learned_tile(problem, r0, r1)
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
     q = torch.exp(log_q)
     q_total = _row_total(q)
     q = q / q_total
     log_q = log_q - torch.log(q_total)
-    tile = target_tile(pb, r0, r1, stats[LSE_P, r0:r1] if pb.target == "affinity" else None)
-    p_mix = _mixed_target(pb, tile, r0)
+    tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
+    p_mix = _mixed_target(problem, tile, r0)
     g_rows = g[r0:r1, None]
-    if pb.beta == 0:
+    if problem.beta == 0:
         grad_s = g_rows * (q - p_mix)
     else:
-        grad_s = g_rows * (1 - pb.beta) * q * (stats[R_STAT, r0:r1, None] - p_mix / _mixed_q(pb, q))
+        grad_s = (g_rows * (1 - problem.beta) * q
+                  * (stats[R_STAT, r0:r1, None] - p_mix / _mixed_q(problem, q)))
     grad_s = torch.where(valid[r0:r1, None], grad_s, 0.0)   # rows left out (even M' = 0)
-    learned = tile_math.chain(pb.kernel, grad_s, pb.x[r0:r1], pb.y, aux,
-                              tile_math.rows_of(pb.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]),
+    learned = tile_math.chain(problem.kernel, grad_s, problem.x[r0:r1], problem.y, aux,
+                              tile_math.rows_of(problem.param, r0, r1),
+                              tile_math.finite_shift(stats[LSE, r0:r1]),
                               weights=torch.where(valid[r0:r1, None], q, 0.0),   # rows left out: 0, not NaN
                               with_param=param_grad)
     del grad_s, aux, q
     if not target_grad:
         return learned, None
-    h = _h(pb, p_mix, _log_mixed_q(pb, log_q))
+    h = _dloss_dp_mix(problem, p_mix, _log_mixed_q(problem, log_q))
     # H = sum_j p h again, in float64 from this very tile (not the saved fp32 H), subtracted as two
     # fp32 parts: h - H cancels to the spread of h and dL/dz is a p-weighted covariance, so H's
     # rounding would come back times the p-mean of z_cols - z_i (DESIGN.md §5, large M).
@@ -251,31 +252,34 @@ def _backward_chunk(pb: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch
     h_hi = h_mean.to(h.dtype)
     h_lo = (h_mean - h_hi).to(h.dtype)
     h_dev = (h - h_hi[:, None]) - h_lo[:, None]
-    grad_t = tile_math.where_positive(tile.p, g_rows * (1 - pb.alpha) * tile.p * h_dev)
-    target = tile_math.chain(pb.t_kernel, grad_t, pb.z[r0:r1], pb.z_cols, tile.t_aux,
-                             tile_math.rows_of(pb.t_param, r0, r1), tile_math.finite_shift(stats[LSE_P, r0:r1]),
-                             weights=tile.p)
+    grad_t = tile_math.where_positive(tile.p, g_rows * (1 - problem.alpha) * tile.p * h_dev)
+    target = tile_math.chain(problem.t_kernel, grad_t, problem.z[r0:r1], problem.z_cols, tile.t_aux,
+                             tile_math.rows_of(problem.t_param, r0, r1),
+                             tile_math.finite_shift(stats[LSE_P, r0:r1]), weights=tile.p)
     return learned, target
 
 
 def backward(grad_rows, *rest):
     """Gradients (dx, dy, dparam, dz, dz_cols, dt_param); target grads are empty unless requested."""
     *args, valid, stats, need_target_grad, need_param_grad = rest
-    pb = cast_args(args)
-    g = torch.where(valid, grad_rows.to(pb.x.dtype), 0.0)
-    target_grad = need_target_grad and pb.target == "affinity"
+    inputs = Problem(*args)               # the op's arguments by name, in their own dtypes
+    problem = cast_args(args)
+    g = torch.where(valid, grad_rows.to(problem.x.dtype), 0.0)
+    target_grad = need_target_grad and problem.target == "affinity"
     # (rows, columns, parameter) accumulators of the learned side, then of the target side
-    sides = [(torch.zeros_like(pb.x), torch.zeros_like(pb.y), torch.zeros_like(pb.param))]
+    sides = [(torch.zeros_like(problem.x), torch.zeros_like(problem.y), torch.zeros_like(problem.param))]
     if target_grad:
-        sides.append((torch.zeros_like(pb.z), torch.zeros_like(pb.z_cols), torch.zeros_like(pb.t_param)))
-    for r0, r1 in row_chunks(pb.x.shape[0], pb.y.shape[0]):
-        pieces = _backward_chunk(pb, r0, r1, g, valid, stats, target_grad, need_param_grad)
+        sides.append((torch.zeros_like(problem.z), torch.zeros_like(problem.z_cols),
+                      torch.zeros_like(problem.t_param)))
+    for r0, r1 in row_chunks(problem.x.shape[0], problem.y.shape[0]):
+        pieces = _backward_chunk(problem, r0, r1, g, valid, stats, target_grad, need_param_grad)
         for (d_rows, d_cols, d_param), piece in zip(sides, pieces):
             d_rows[r0:r1] = piece[0]
             d_cols += piece[1]
             _accumulate_param(d_param, piece[2], r0, r1)
     # back to the dtypes of the op's inputs: x, y, param and, for targets, z, z_cols, t_param
-    originals = (args[0], args[1], args[2], args[9], args[10], args[11])
-    grads = [grad.to(orig.dtype) for grad, orig in zip([g for side in sides for g in side], originals)]
-    grads += [args[0].new_empty(0) for _ in range(6 - len(grads))]
+    originals = (inputs.x, inputs.y, inputs.param, inputs.z, inputs.z_cols, inputs.t_param)
+    accumulated = [grad for side in sides for grad in side]
+    grads = [grad.to(original.dtype) for grad, original in zip(accumulated, originals)]
+    grads += [inputs.x.new_empty(0) for _ in range(6 - len(grads))]
     return tuple(grads)

@@ -14,17 +14,18 @@ import math
 import torch
 
 from ..families import learned_kernel
+from .tile_math import row_ranges
 
-GATHER_ELEMENTS = 1 << 22
-
-
-def _chunks(n: int, k: int, d: int):
-    step = max(1, GATHER_ELEMENTS // max(k * d, 1))
-    for r0 in range(0, n, step):
-        yield r0, min(n, r0 + step)
+GATHER_ELEMENTS = 1 << 22     # entries of one chunk's gathered (rows x k x d) columns
 
 
-def _row(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+def _row_chunks(n_rows: int, k: int, d: int):
+    """(r0, r1) row ranges whose gathered (rows x k x d) columns hold about GATHER_ELEMENTS entries."""
+    return row_ranges(n_rows, k * d, GATHER_ELEMENTS)
+
+
+def _param_rows(param: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """The per-row parameter of rows r0:r1 as an R x 1 column."""
     return param[r0:r1, None]
 
 
@@ -35,15 +36,15 @@ def pair_logits(kernel: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
     row = learned_kernel(kernel)
     s = torch.zeros(idx.shape, dtype=dtype, device=x.device)
     aux = torch.zeros_like(s)
-    for r0, r1 in _chunks(*idx.shape, x.shape[1]):
+    for r0, r1 in _row_chunks(*idx.shape, x.shape[1]):
         a = x[r0:r1].to(dtype)
         b = y.to(dtype)[idx[r0:r1].clamp_min(0)]                    # (R, k, d)
         ab = torch.einsum("rd,rkd->rk", a, b)
-        prm = _row(param, r0, r1).to(dtype)
+        param_rows = _param_rows(param, r0, r1).to(dtype)
         if row.distance:
             ab = (a.square().sum(1, keepdim=True) + b.square().sum(2) - 2 * ab).clamp_min(0)
         aux[r0:r1] = ab
-        s[r0:r1] = row.logit(ab, prm)
+        s[r0:r1] = row.logit(ab, param_rows)
     return s, aux
 
 
@@ -79,20 +80,22 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     dy = torch.zeros(y.shape, dtype=torch.float32, device=x.device)
     dparam = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    for r0, r1 in _chunks(*idx.shape, x.shape[1]):
-        g, a, j = grad[r0:r1], x[r0:r1].float(), idx[r0:r1].clamp_min(0)
-        b = y.float()[j]
-        prm, sh = _row(param, r0, r1), shift[r0:r1, None]
-        sa, aux_r = s[r0:r1], aux[r0:r1]
-        w = row.weight(g, aux_r, prm)
+    for r0, r1 in _row_chunks(*idx.shape, x.shape[1]):
+        grad_rows, a, col_idx = grad[r0:r1], x[r0:r1].float(), idx[r0:r1].clamp_min(0)
+        b = y.float()[col_idx]
+        param_rows, shift_rows = _param_rows(param, r0, r1), shift[r0:r1, None]
+        s_rows, aux_rows = s[r0:r1], aux[r0:r1]
+        w = row.weight(grad_rows, aux_rows, param_rows)
         if row.param is not None:
-            basis = sa - sh if row.param_basis is None else row.param_basis(aux_r, prm)
-            dparam[r0:r1] = row.param_from_sum(torch.where(g != 0, g * basis, 0.0).sum(1), prm[:, 0])
+            basis = (s_rows - shift_rows if row.param_basis is None
+                     else row.param_basis(aux_rows, param_rows))
+            dparam[r0:r1] = row.param_from_sum(torch.where(grad_rows != 0, grad_rows * basis, 0.0).sum(1),
+                                               param_rows[:, 0])
         rows_part = torch.einsum("rk,rkd->rd", w, b)
         cols_part = w[:, :, None] * a[:, None, :]                   # (R, k, d)
         if row.distance:
             rows_part -= w.sum(1, keepdim=True) * a
             cols_part -= w[:, :, None] * b
         dx[r0:r1] = rows_part
-        dy.index_add_(0, j.reshape(-1), cols_part.reshape(-1, x.shape[1]))
+        dy.index_add_(0, col_idx.reshape(-1), cols_part.reshape(-1, x.shape[1]))
     return dx, dy, dparam

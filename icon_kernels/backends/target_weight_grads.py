@@ -33,39 +33,39 @@ def h(p_mix: torch.Tensor, log_q_mix: torch.Tensor, kl: bool) -> torch.Tensor:
     return torch.where(p_mix == 0, 0.0, value)
 
 
-def _log_q_mix(pb, log_q: torch.Tensor) -> torch.Tensor:
-    if pb.beta == 0:
+def _log_q_mix(problem, log_q: torch.Tensor) -> torch.Tensor:
+    if problem.beta == 0:
         return log_q
-    return torch.log((1 - pb.beta) * log_q.exp() + pb.beta / pb.m_mix)
+    return torch.log((1 - problem.beta) * log_q.exp() + problem.beta / problem.m_mix)
 
 
-def _weight_grad(pb, g_rows, w, total, p_mix, log_q, valid):
+def _weight_grad(problem, g_rows, w, total, p_mix, log_q, valid):
     """g (1 - alpha) (h - H) / W on the ``valid`` entries of a (rows x entries) tile of weights w,
-    where ``total`` (rows x 1) is W."""
+    where ``total`` (rows x 1) is W and H (``h_mean``) is sum_j p h, h's p-weighted row mean."""
     safe_total = torch.where(total == 0, 1.0, total)
     p = w / safe_total
-    hh = h(p_mix, _log_q_mix(pb, log_q), pb.kl)
-    big_h = tile_math.row_sum(tile_math.where_positive(p, p * hh)).to(hh.dtype)[:, None]
-    grad = g_rows * (1 - pb.alpha) * (hh - big_h) / safe_total
+    h_values = h(p_mix, _log_q_mix(problem, log_q), problem.kl)
+    h_mean = tile_math.row_sum(tile_math.where_positive(p, p * h_values)).to(h_values.dtype)[:, None]
+    grad = g_rows * (1 - problem.alpha) * (h_values - h_mean) / safe_total
     return torch.where(valid & (g_rows != 0), grad, 0.0)
 
 
 def dense_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """dL/dp of a Dense target (N x M), in the accumulation dtype; ``args`` are the op's."""
-    pb = blockwise.cast_args(args)
-    n, m = pb.x.shape[0], pb.y.shape[0]
-    shift = tile_math.finite_shift(stats[0].to(pb.x.dtype))
-    grad = torch.zeros(n, m, dtype=pb.x.dtype, device=pb.x.device)
+    problem = blockwise.cast_args(args)
+    n, m = problem.x.shape[0], problem.y.shape[0]
+    shift = tile_math.finite_shift(stats[blockwise.LSE].to(problem.x.dtype))
+    grad = torch.zeros(n, m, dtype=problem.x.dtype, device=problem.x.device)
     for r0, r1 in blockwise.row_chunks(n, m):
-        s, _ = blockwise.learned_tile(pb, r0, r1)
+        s, _ = blockwise.learned_tile(problem, r0, r1)
         log_q = s - shift[r0:r1, None]
         valid = blockwise.off_self(torch.ones(r1 - r0, m, dtype=torch.bool, device=s.device), r0,
-                                       pb.exclude_self, False)
-        w = torch.where(valid, pb.dense_p[r0:r1], 0.0)
+                                   problem.exclude_self, False)
+        w = torch.where(valid, problem.dense_p[r0:r1], 0.0)
         total = tile_math.row_sum(w).to(w.dtype)[:, None]
-        p_mix = torch.where(valid, (1 - pb.alpha) * w / torch.where(total == 0, 1.0, total)
-                            + pb.alpha / pb.m_mix, 0.0)
-        grad[r0:r1] = _weight_grad(pb, g[r0:r1, None], w, total, p_mix, log_q, valid)
+        p_mix = torch.where(valid, (1 - problem.alpha) * w / torch.where(total == 0, 1.0, total)
+                            + problem.alpha / problem.m_mix, 0.0)
+        grad[r0:r1] = _weight_grad(problem, g[r0:r1, None], w, total, p_mix, log_q, valid)
     return grad
 
 
@@ -85,18 +85,20 @@ def neighbors_grad(args, g: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """dL/dweights of a Neighbors target (N x k). Everything here is O(N k), so it runs in
     float64 (where the device has it): the pair logits, log q~ and h - H keep fp32 inputs' own
     accuracy at large M, where q~ mixes q ~ 1/M with beta / M'."""
-    pb = blockwise.cast_args(args)
-    n = pb.x.shape[0]
-    acc = pb.x.dtype if pb.x.device.type == "mps" else torch.float64
-    idx = pb.nbr_index
+    problem = blockwise.cast_args(args)
+    n = problem.x.shape[0]
+    acc = problem.x.dtype if problem.x.device.type == "mps" else torch.float64
+    idx = problem.nbr_index
     valid = idx >= 0
-    if pb.exclude_self:
+    if problem.exclude_self:
         valid &= idx != torch.arange(n, device=idx.device)[:, None]
-    w = torch.where(valid, pb.nbr_weight.to(acc), 0.0)
+    w = torch.where(valid, problem.nbr_weight.to(acc), 0.0)
     total = w.sum(1, keepdim=True)
-    s, _ = neighbor_pairs.pair_logits(pb.kernel, pb.x, pb.y, torch.where(valid, idx, 0),
-                                      pb.param.to(acc).expand(n), dtype=acc)
-    log_q = s - tile_math.finite_shift(stats[0].to(acc))[:, None]
+    s, _ = neighbor_pairs.pair_logits(problem.kernel, problem.x, problem.y,
+                                      torch.where(valid, idx, 0), problem.param.to(acc).expand(n),
+                                      dtype=acc)
+    log_q = s - tile_math.finite_shift(stats[blockwise.LSE].to(acc))[:, None]
     merged = _merged_weights(torch.where(valid, idx, -1), w)
-    p_mix = (1 - pb.alpha) * merged / torch.where(total == 0, 1.0, total) + pb.alpha / pb.m_mix
-    return _weight_grad(pb, g[:, None].to(acc), w, total, p_mix, log_q, valid)
+    p_mix = ((1 - problem.alpha) * merged / torch.where(total == 0, 1.0, total)
+             + problem.alpha / problem.m_mix)
+    return _weight_grad(problem, g[:, None].to(acc), w, total, p_mix, log_q, valid)

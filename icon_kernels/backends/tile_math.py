@@ -27,6 +27,16 @@ def _per_row(param_rows: torch.Tensor) -> torch.Tensor:
     return param_rows[:, 0] if param_rows.dim() == 2 else param_rows
 
 
+def row_ranges(n_rows: int, per_row_elements: int, budget: int):
+    """(r0, r1) ranges over n_rows rows, each of max(1, budget // per_row_elements) rows (the
+    last one shorter), so a chunk's tile of ``per_row_elements`` entries per row holds about
+    ``budget`` entries. The one row-chunk generator of the backends, ring mode and the helpers;
+    each passes its own budget, read when it is called (tests shrink them)."""
+    step = max(1, budget // max(per_row_elements, 1))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
 SUM_BLOCK = 1024   # columns summed in the tile's dtype by row_sum before a float64 total
 
 
@@ -60,10 +70,10 @@ def row_lse(s: torch.Tensor) -> torch.Tensor:
     way of -inf log q elsewhere in the row); a row with no valid column stays at -inf.
     The sum of exponentials runs in float64 (row_sum), so the LSE is only rounded to s's dtype:
     its error shifts every log q of the row, which the mixtures (alpha, beta > 0) do not cancel."""
-    mx = s.amax(1)
-    mx = torch.where(torch.isinf(mx), 0.0, mx)          # -inf rows stay -inf, +inf rows give inf
-    se = row_sum(torch.exp(s - mx[:, None]))
-    lse = (mx.to(se.dtype) + torch.log(se)).to(s.dtype)
+    row_max = s.amax(1)
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)   # -inf rows stay -inf, +inf rows give inf
+    exp_sum = row_sum(torch.exp(s - row_max[:, None]))
+    lse = (row_max.to(exp_sum.dtype) + torch.log(exp_sum)).to(s.dtype)
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 
@@ -110,8 +120,9 @@ def _param_sum(grad: torch.Tensor, s: torch.Tensor, shift, weights) -> torch.Ten
     total = row_sum(weights)
     total = torch.where(total > 0, total, 1.0)
     centre = (row_sum(where_positive(weights, weights * s)) / total).to(s.dtype)
-    b = s - centre[:, None]
-    return row_sum(grad * b) - row_sum(grad) * row_sum(where_positive(weights, weights * b)) / total
+    centred = s - centre[:, None]
+    return (row_sum(grad * centred)
+            - row_sum(grad) * row_sum(where_positive(weights, weights * centred)) / total)
 
 
 def param_grad(kernel: str, grad: torch.Tensor, aux: torch.Tensor, prm: torch.Tensor, shift: torch.Tensor,

@@ -110,61 +110,62 @@ class RowSide:
         return max(self.m_valid, 1)
 
 
-def _chunks(rs: RowSide, block: Block):
-    step = max(1, rs.tile_elements // max(block.y.shape[0], 1))
-    for r0 in range(0, rs.x.shape[0], step):
-        yield r0, min(rs.x.shape[0], r0 + step)
+def _row_chunks(rows: RowSide, block: Block):
+    """(r0, r1) ranges of this rank's rows whose rows x block tiles hold about tile_elements entries."""
+    return tile_math.row_ranges(rows.x.shape[0], block.y.shape[0], rows.tile_elements)
 
 
-def _off_self(tile, rs: RowSide, block: Block, r0: int, fill):
+def _off_self(tile, rows: RowSide, block: Block, r0: int, fill):
     """Self pairs of rows r0.. (global row row_offset + r0 + i, column block.offset + j) to fill."""
-    return blockwise.off_self(tile, rs.row_offset + r0 - block.offset, rs.exclude_self, fill)
+    return blockwise.off_self(tile, rows.row_offset + r0 - block.offset, rows.exclude_self, fill)
 
 
-def _learned(rs: RowSide, block: Block, r0: int, r1: int):
-    s, aux = tile_math.logits(rs.kernel, rs.x[r0:r1], block.y, tile_math.rows_of(rs.param, r0, r1))
-    return _off_self(s, rs, block, r0, float("-inf")), aux
+def _learned(rows: RowSide, block: Block, r0: int, r1: int):
+    s, aux = tile_math.logits(rows.kernel, rows.x[r0:r1], block.y, tile_math.rows_of(rows.param, r0, r1))
+    return _off_self(s, rows, block, r0, float("-inf")), aux
 
 
-def _target_raw(rs: RowSide, block: Block, r0: int, r1: int):
+def _target_raw(rows: RowSide, block: Block, r0: int, r1: int):
     """Unnormalised p of the tile (Labels / Neighbors / Dense), or (t masked, t_aux) for Affinity."""
-    mb, acc = block.y.shape[0], rs.x.dtype
-    if rs.target == "labels":
-        raw = (rs.row_labels[r0:r1, None] == block.col_labels[None, :]).to(acc)
-    elif rs.target == "dense":
-        raw = rs.dense_p[r0:r1, block.offset:block.offset + mb].clone()
-    elif rs.target == "neighbors":
-        idx = rs.nbr_index[r0:r1] - block.offset
-        inside = (rs.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < mb)
-        w = torch.ones(idx.shape, dtype=acc, device=idx.device) if rs.nbr_weight is None else rs.nbr_weight[r0:r1]
-        raw = torch.zeros(r1 - r0, mb, dtype=acc, device=idx.device)
+    block_cols, acc = block.y.shape[0], rows.x.dtype
+    if rows.target == "labels":
+        raw = (rows.row_labels[r0:r1, None] == block.col_labels[None, :]).to(acc)
+    elif rows.target == "dense":
+        raw = rows.dense_p[r0:r1, block.offset:block.offset + block_cols].clone()
+    elif rows.target == "neighbors":
+        idx = rows.nbr_index[r0:r1] - block.offset
+        inside = (rows.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < block_cols)
+        w = (torch.ones(idx.shape, dtype=acc, device=idx.device) if rows.nbr_weight is None
+             else rows.nbr_weight[r0:r1])
+        raw = torch.zeros(r1 - r0, block_cols, dtype=acc, device=idx.device)
         raw.scatter_add_(1, torch.where(inside, idx, 0), torch.where(inside, w, 0.0))
     else:
-        t, t_aux = tile_math.logits(rs.t_kernel, rs.z[r0:r1], block.z_cols,
-                                    tile_math.rows_of(rs.t_param, r0, r1))
-        return _off_self(t, rs, block, r0, float("-inf")), t_aux
-    return _off_self(raw, rs, block, r0, 0.0), None
+        t, t_aux = tile_math.logits(rows.t_kernel, rows.z[r0:r1], block.z_cols,
+                                    tile_math.rows_of(rows.t_param, r0, r1))
+        return _off_self(t, rows, block, r0, float("-inf")), t_aux
+    return _off_self(raw, rows, block, r0, 0.0), None
 
 
-def normaliser_partials(rs: RowSide, block: Block) -> Dict[str, torch.Tensor]:
+def normaliser_partials(rows: RowSide, block: Block) -> Dict[str, torch.Tensor]:
     """Pass 1 on one block: LSE of the logits and the target's mass (or LSE^p)."""
-    n = rs.x.shape[0]
-    out = {"lse": rs.x.new_empty(n), ("lse_p" if rs.target == "affinity" else "mass"): rs.x.new_empty(n)}
-    for r0, r1 in _chunks(rs, block):
-        s, _ = _learned(rs, block, r0, r1)
+    n = rows.x.shape[0]
+    out = {"lse": rows.x.new_empty(n),
+           ("lse_p" if rows.target == "affinity" else "mass"): rows.x.new_empty(n)}
+    for r0, r1 in _row_chunks(rows, block):
+        s, _ = _learned(rows, block, r0, r1)
         out["lse"][r0:r1] = tile_math.row_lse(s)          # +inf logit: NaN, as log_softmax
         del s
-        raw, _ = _target_raw(rs, block, r0, r1)
-        if rs.target == "affinity":
+        raw, _ = _target_raw(rows, block, r0, r1)
+        if rows.target == "affinity":
             out["lse_p"][r0:r1] = tile_math.row_lse(raw)
         else:
             out["mass"][r0:r1] = raw.sum(1)
     return out
 
-def row_normalisers(rs: RowSide, stats: Dict[str, torch.Tensor]):
+def row_normalisers(rows: RowSide, stats: Dict[str, torch.Tensor]):
     """(mass with empty rows set to 1, which rows have a target) from the merged pass-1 stats."""
-    if rs.target == "affinity":
-        has_p = torch.full_like(stats["lse"], rs.m_valid > 0, dtype=torch.bool)
+    if rows.target == "affinity":
+        has_p = torch.full_like(stats["lse"], rows.m_valid > 0, dtype=torch.bool)
         return None, has_p
     mass = stats["mass"]
     empty = mass == 0                   # a NaN mass keeps its row, so NaN inputs give a NaN loss
@@ -175,68 +176,68 @@ class _Tile:
     """p, p~, log q and log q~ (and q, q~ when beta > 0) of one rows-chunk x block tile under
     the global normalisers."""
 
-    def __init__(self, rs: RowSide, block: Block, r0: int, r1: int, stats, mass):
+    def __init__(self, rows: RowSide, block: Block, r0: int, r1: int, stats, mass):
         # a row without valid columns has LSE = -inf: shift by 0 there, so its q and p are 0
         # (not NaN) and its left-out gradients stay zero
-        self.log_q, self.aux = _learned(rs, block, r0, r1)
+        self.log_q, self.aux = _learned(rows, block, r0, r1)
         self.log_q -= tile_math.finite_shift(stats["lse"][r0:r1])[:, None]     # s - LSE, in place
-        raw, self.t_aux = _target_raw(rs, block, r0, r1)
-        if rs.target == "affinity":
+        raw, self.t_aux = _target_raw(rows, block, r0, r1)
+        if rows.target == "affinity":
             self.p = torch.exp(raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None])
         else:
             self.p = raw / mass[r0:r1, None]
         self.p_mix = self.p
-        if rs.alpha > 0:
-            self.p_mix = _off_self((1 - rs.alpha) * self.p + rs.alpha / rs.m_mix, rs, block, r0, 0.0)
+        if rows.alpha > 0:
+            self.p_mix = _off_self((1 - rows.alpha) * self.p + rows.alpha / rows.m_mix, rows, block, r0, 0.0)
         self.log_q_mix = self.log_q
-        if rs.beta > 0:
+        if rows.beta > 0:
             self.q = torch.exp(self.log_q)
-            self.q_mix = (1 - rs.beta) * self.q + rs.beta / rs.m_mix
+            self.q_mix = (1 - rows.beta) * self.q + rows.beta / rows.m_mix
             self.log_q_mix = torch.log(self.q_mix)
 
-    def h(self, rs: RowSide):
-        """dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
-        return torch.log(self.p_mix) - self.log_q_mix if rs.kl else -self.log_q_mix
+    def dloss_dp_mix(self, rows: RowSide):
+        """h_ij = dL_i/dp~_ij up to a row constant: log p~ - log q~ (KL) or -log q~ (cross-entropy)."""
+        return torch.log(self.p_mix) - self.log_q_mix if rows.kl else -self.log_q_mix
 
-    def h_weights(self, rs: RowSide):
-        """dL_i/dp~_ij of a Dense / Neighbors target (the single-process rule of
+    def dloss_dp_mix_of_weights(self, rows: RowSide):
+        """h_ij = dL_i/dp~_ij of a Dense / Neighbors target (the single-process rule of
         target_weight_grads)."""
-        return target_weight_grads.h(self.p_mix, self.log_q_mix, rs.kl)
+        return target_weight_grads.h(self.p_mix, self.log_q_mix, rows.kl)
 
 
-def loss_partials(rs: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
+def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
-    keys = ["cross"] + (["entropy"] if rs.kl and rs.target != "labels" else []) \
-        + (["r"] if rs.beta > 0 else []) + (["h"] if rs.target == "affinity" or rs.weight_grad else [])
-    out = {k: rs.x.new_empty(rs.x.shape[0]) for k in keys}
-    for r0, r1 in _chunks(rs, block):
-        tl = _Tile(rs, block, r0, r1, stats, mass)
+    keys = ["cross"] + (["entropy"] if rows.kl and rows.target != "labels" else []) \
+        + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target == "affinity" or rows.weight_grad else [])
+    out = {k: rows.x.new_empty(rows.x.shape[0]) for k in keys}
+    for r0, r1 in _row_chunks(rows, block):
+        tile = _Tile(rows, block, r0, r1, stats, mass)
         positive = tile_math.where_positive
-        out["cross"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.log_q_mix).sum(1)
+        out["cross"][r0:r1] = positive(tile.p_mix, tile.p_mix * tile.log_q_mix).sum(1)
         if "entropy" in out:
-            out["entropy"][r0:r1] = positive(tl.p_mix, tl.p_mix * torch.log(tl.p_mix)).sum(1)
-        if rs.beta > 0:
-            out["r"][r0:r1] = positive(tl.p_mix, tl.p_mix * tl.q / tl.q_mix).sum(1)
-        if rs.target == "affinity":
-            out["h"][r0:r1] = positive(tl.p, tl.p * tl.h(rs)).sum(1)
-        elif rs.weight_grad:
-            out["h"][r0:r1] = positive(tl.p, tl.p * tl.h_weights(rs)).sum(1)
-        del tl
+            out["entropy"][r0:r1] = positive(tile.p_mix, tile.p_mix * torch.log(tile.p_mix)).sum(1)
+        if rows.beta > 0:
+            out["r"][r0:r1] = positive(tile.p_mix, tile.p_mix * tile.q / tile.q_mix).sum(1)
+        if rows.target == "affinity":
+            out["h"][r0:r1] = positive(tile.p, tile.p * tile.dloss_dp_mix(rows)).sum(1)
+        elif rows.weight_grad:
+            out["h"][r0:r1] = positive(tile.p, tile.p * tile.dloss_dp_mix_of_weights(rows)).sum(1)
+        del tile
     return out
 
 
-def finish_rows(rs: RowSide, stats, mass, has_p):
+def finish_rows(rows: RowSide, stats, mass, has_p):
     """(L_i, 0 for rows left out; included) from the merged pass-2 statistics (Labels: the
     entropy in closed form from the positive count K = mass)."""
     row = -stats["cross"]
-    if rs.kl:
-        row = row + (tile_math.labels_entropy(mass, rs.alpha, rs.m_mix) if rs.target == "labels"
+    if rows.kl:
+        row = row + (tile_math.labels_entropy(mass, rows.alpha, rows.m_mix) if rows.target == "labels"
                      else stats["entropy"])
-    included = has_p & (rs.m_valid > 0)
+    included = has_p & (rows.m_valid > 0)
     return torch.where(included, row, 0.0), included
 
 
-def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_grads,
+def gradient_block(rows: RowSide, block: Block, stats, mass, g, row_grads, block_grads,
                    weight_grads=None) -> None:
     """Backward on one block, added in place: ``row_grads`` = [dx, dparam per row] (+ [dz,
     dt_param per row] for Affinity target gradients), ``block_grads`` = [dy] (+ [dz_cols]),
@@ -247,43 +248,46 @@ def gradient_block(rs: RowSide, block: Block, stats, mass, g, row_grads, block_g
     the blocks are summed (each full row of dL/ds sums to zero).
     """
     need_target = len(row_grads) > 2
-    for r0, r1 in _chunks(rs, block):
-        tl = _Tile(rs, block, r0, r1, stats, mass)
+    for r0, r1 in _row_chunks(rows, block):
+        tile = _Tile(rows, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
-        if rs.beta == 0:
-            grad_s = torch.exp(tl.log_q).sub_(tl.p_mix).mul_(g_rows)
+        if rows.beta == 0:
+            grad_s = torch.exp(tile.log_q).sub_(tile.p_mix).mul_(g_rows)
         else:
-            grad_s = (stats["r"][r0:r1, None] - tl.p_mix / tl.q_mix).mul_(tl.q).mul_(g_rows * (1 - rs.beta))
+            grad_s = ((stats["r"][r0:r1, None] - tile.p_mix / tile.q_mix)
+                      .mul_(tile.q).mul_(g_rows * (1 - rows.beta)))
         grad_s.masked_fill_(g_rows == 0, 0.0)                 # rows left out (even M' = 0)
-        pieces = [tile_math.chain(rs.kernel, grad_s, rs.x[r0:r1], block.y, tl.aux,
-                                  tile_math.rows_of(rs.param, r0, r1),
+        pieces = [tile_math.chain(rows.kernel, grad_s, rows.x[r0:r1], block.y, tile.aux,
+                                  tile_math.rows_of(rows.param, r0, r1),
                                   tile_math.finite_shift(stats["lse"][r0:r1]),
                                   out_b=block_grads[0])]
         del grad_s
         if weight_grads is not None:
-            _weight_grad_block(rs, block, tl, stats, mass, g_rows, r0, r1, weight_grads)
+            _weight_grad_block(rows, block, tile, stats, mass, g_rows, r0, r1, weight_grads)
         if need_target:
-            grad_t = tile_math.where_positive(
-                tl.p, g_rows * (1 - rs.alpha) * tl.p * (tl.h(rs) - stats["h"][r0:r1, None]))
-            pieces.append(tile_math.chain(rs.t_kernel, grad_t, rs.z[r0:r1], block.z_cols, tl.t_aux,
-                                          tile_math.rows_of(rs.t_param, r0, r1),
-                                          tile_math.finite_shift(stats["lse_p"][r0:r1]), out_b=block_grads[1]))
-        del tl
+            h_dev = tile.dloss_dp_mix(rows) - stats["h"][r0:r1, None]
+            grad_t = tile_math.where_positive(tile.p, g_rows * (1 - rows.alpha) * tile.p * h_dev)
+            pieces.append(tile_math.chain(rows.t_kernel, grad_t, rows.z[r0:r1], block.z_cols, tile.t_aux,
+                                          tile_math.rows_of(rows.t_param, r0, r1),
+                                          tile_math.finite_shift(stats["lse_p"][r0:r1]),
+                                          out_b=block_grads[1]))
+        del tile
         for side, (d_a, _, d_p) in enumerate(pieces):      # the block's share went into out_b
             row_grads[2 * side][r0:r1] += d_a
             row_grads[2 * side + 1][r0:r1] += d_p
 
 
-def _weight_grad_block(rs: RowSide, block: Block, tl: _Tile, stats, mass, g_rows, r0: int, r1: int,
+def _weight_grad_block(rows: RowSide, block: Block, tile: _Tile, stats, mass, g_rows, r0: int, r1: int,
                        weight_grads) -> None:
     """Adds dL/dw of rows r0:r1 over the block's columns: Dense p's block of columns, or the
     Neighbors entries whose index falls in the block (repeats share their column's value)."""
-    grad = g_rows * (1 - rs.alpha) * (tl.h_weights(rs) - stats["h"][r0:r1, None]) / mass[r0:r1, None]
-    grad = _off_self(torch.where(g_rows != 0, grad, 0.0), rs, block, r0, 0.0)     # valid columns only
-    mb = block.y.shape[0]
-    if rs.target == "dense":
-        weight_grads[r0:r1, block.offset:block.offset + mb] += grad
+    h_dev = tile.dloss_dp_mix_of_weights(rows) - stats["h"][r0:r1, None]
+    grad = g_rows * (1 - rows.alpha) * h_dev / mass[r0:r1, None]
+    grad = _off_self(torch.where(g_rows != 0, grad, 0.0), rows, block, r0, 0.0)     # valid columns only
+    block_cols = block.y.shape[0]
+    if rows.target == "dense":
+        weight_grads[r0:r1, block.offset:block.offset + block_cols] += grad
         return
-    idx = rs.nbr_index[r0:r1] - block.offset
-    inside = (rs.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < mb)
+    idx = rows.nbr_index[r0:r1] - block.offset
+    inside = (rows.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < block_cols)
     weight_grads[r0:r1] += torch.where(inside, grad.gather(1, torch.where(inside, idx, 0)), 0.0)

@@ -28,36 +28,36 @@ def applies(target: str, beta: float, kernel: str, backend: str) -> bool:
     return backend == "cpu" and target == "labels" and beta == 0 and kernel in KERNELS
 
 
-def _diagonal(rs, block) -> int:
+def _diagonal(rows, block) -> int:
     """Block column of local row 0's self pair."""
-    return rs.row_offset - block.offset
+    return rows.row_offset - block.offset
 
 
-def partials(rs, block) -> Dict[str, torch.Tensor]:
-    st = torch.ops.icon_kernels.cpu_label_block_stats(
-        rs.x, block.y, rs.param, rs.kernel, rs.row_labels, block.col_labels, rs.exclude_self,
-        _diagonal(rs, block), rs.tile_elements)
-    return {"lse": st[0], "mass": st[1], "pos_s": st[2], "sum_s": st[3]}
+def partials(rows, block) -> Dict[str, torch.Tensor]:
+    lse, count, positive_sum, valid_sum = torch.ops.icon_kernels.cpu_label_block_stats(
+        rows.x, block.y, rows.param, rows.kernel, rows.row_labels, block.col_labels, rows.exclude_self,
+        _diagonal(rows, block), rows.tile_elements)
+    return {"lse": lse, "mass": count, "pos_s": positive_sum, "sum_s": valid_sum}
 
 
-def finish_rows(rs, stats):
+def finish_rows(rows, stats):
     """(L_i, 0 for rows left out; included) from the merged statistics."""
-    k = stats["mass"]
-    included = (k > 0) & (rs.m_valid > 0)
-    k = torch.where(k > 0, k, 1.0)
-    cross = (1 - rs.alpha) * stats["pos_s"] / k - stats["lse"]
-    if rs.alpha > 0:
-        cross = cross + rs.alpha / rs.m_mix * stats["sum_s"]
+    count = stats["mass"]                    # K_i, the row's positives
+    included = (count > 0) & (rows.m_valid > 0)
+    count = torch.where(count > 0, count, 1.0)
+    cross = (1 - rows.alpha) * stats["pos_s"] / count - stats["lse"]
+    if rows.alpha > 0:
+        cross = cross + rows.alpha / rows.m_mix * stats["sum_s"]
     row = -cross
-    if rs.kl:
-        row = row + tile_math.labels_entropy(k, rs.alpha, rs.m_mix)
+    if rows.kl:
+        row = row + tile_math.labels_entropy(count, rows.alpha, rows.m_mix)
     return torch.where(included, row, 0.0), included
 
 
-def gradient_block(rs, block, stats, g, row_grads, block_grads) -> None:
+def gradient_block(rows, block, stats, g, row_grads, block_grads) -> None:
     """Adds the block's gradients: dL/dx and dL/dparam per row into ``row_grads``, dL/dy into
     ``block_grads[0]``. ``g`` is the upstream gradient per row, 0 for rows left out."""
     torch.ops.icon_kernels.cpu_label_block_backward(
-        g, rs.x, block.y, rs.param, rs.kernel, rs.row_labels, block.col_labels, rs.alpha,
-        rs.exclude_self, _diagonal(rs, block), rs.m_mix, stats["lse"], stats["mass"],
-        rs.tile_elements, row_grads[0], block_grads[0], row_grads[1])
+        g, rows.x, block.y, rows.param, rows.kernel, rows.row_labels, block.col_labels, rows.alpha,
+        rows.exclude_self, _diagonal(rows, block), rows.m_mix, stats["lse"], stats["mass"],
+        rows.tile_elements, row_grads[0], block_grads[0], row_grads[1])

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..backends import second_backward
-from . import column_blocks as cb
+from . import column_blocks
+from .column_blocks import Block, RowSide
 from . import label_blocks
 
 
@@ -93,29 +94,29 @@ def _wait(requests):
         req.wait()
 
 
-def _block_tensors(block: cb.Block):
+def _block_tensors(block: Block):
     return [t for t in (block.y, block.col_labels, block.z_cols) if t is not None]
 
 
-def _block_from(tensors, template: cb.Block, offset: int) -> cb.Block:
-    it = iter(tensors)
-    y = next(it)
-    labels = next(it) if template.col_labels is not None else None
-    z_cols = next(it) if template.z_cols is not None else None
-    return cb.Block(y, offset, labels, z_cols)
+def _block_from(tensors, template: Block, offset: int) -> Block:
+    remaining = iter(tensors)
+    y = next(remaining)
+    labels = next(remaining) if template.col_labels is not None else None
+    z_cols = next(remaining) if template.z_cols is not None else None
+    return Block(y, offset, labels, z_cols)
 
 
-def _own_piece(ring: Ring, own: cb.Block, piece: int) -> cb.Block:
+def _own_piece(ring: Ring, own: Block, piece: int) -> Block:
     lo, hi = ring.bounds(ring.rank, piece)
     return _block_from([t[lo:hi] for t in _block_tensors(own)], own, own.offset + lo)
 
 
-def _cast_block(block: cb.Block, acc) -> cb.Block:
-    return cb.Block(block.y.to(acc), block.offset, block.col_labels,
+def _cast_block(block: Block, acc) -> Block:
+    return Block(block.y.to(acc), block.offset, block.col_labels,
                     None if block.z_cols is None else block.z_cols.to(acc))
 
 
-def _travel(ring: Ring, own: cb.Block, piece: int, buffers: Optional[_DoubleBuffer], acc):
+def _travel(ring: Ring, own: Block, piece: int, buffers: Optional[_DoubleBuffer], acc):
     """Yields (step, block held at that step, or None when it has no rows) for one piece of
     every rank around the ring; the next block's transfer is posted before the current one is
     yielded, so it overlaps the caller's compute, and is awaited when the caller resumes."""
@@ -131,7 +132,7 @@ def _travel(ring: Ring, own: cb.Block, piece: int, buffers: Optional[_DoubleBuff
             block = _block_from(received, own, ring.offset(ring.owner(step + 1), piece))
 
 
-def rotate(ring: Ring, own: cb.Block, visit, acc):
+def rotate(ring: Ring, own: Block, visit, acc):
     """Calls ``visit(block)`` on every non-empty global column block."""
     buffers = _DoubleBuffer(_block_tensors(own), ring.block_rows) if ring.world > 1 else None
     for piece in range(ring.pieces):
@@ -140,7 +141,7 @@ def rotate(ring: Ring, own: cb.Block, visit, acc):
                 visit(block)
 
 
-def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc):
+def rotate_with_accumulators(ring: Ring, own: Block, visit, accumulators, acc):
     """Like ``rotate``, but each block carries accumulators (dL/dy, dL/dz_cols) to which
     ``visit(block, accumulators)`` adds in place. ``accumulators`` are this rank's, full size
     and zero; on return they hold the sum over every rank."""
@@ -167,38 +168,42 @@ def rotate_with_accumulators(ring: Ring, own: cb.Block, visit, accumulators, acc
     return accumulators
 
 
-def _forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring):
+def _forward(ctx, rows: RowSide, own: Block, ring: Ring):
     """Two rotations: the row normalisers, then the loss sums under them."""
     acc = rows.x.dtype
     normalisers: Optional[dict] = None
 
     def pass1(block):
         nonlocal normalisers
-        normalisers = cb.merge(normalisers, cb.normaliser_partials(rows, block))
+        normalisers = column_blocks.merge(normalisers, column_blocks.normaliser_partials(rows, block))
     rotate(ring, own, pass1, acc)
-    mass, has_p = cb.row_normalisers(rows, normalisers)
+    mass, has_p = column_blocks.row_normalisers(rows, normalisers)
     sums: Optional[dict] = None
 
     def pass2(block):
         nonlocal sums
-        sums = cb.merge(sums, cb.loss_partials(rows, block, normalisers, mass))
+        sums = column_blocks.merge(sums, column_blocks.loss_partials(rows, block, normalisers, mass))
     rotate(ring, own, pass2, acc)
-    row_loss, included = cb.finish_rows(rows, sums, mass, has_p)
+    row_loss, included = column_blocks.finish_rows(rows, sums, mass, has_p)
     ctx.stats, ctx.mass, ctx.included = {**normalisers, **sums}, mass, included
     return row_loss, included
 
 
-def _fused_forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring):
+def _fused_forward(ctx, rows: RowSide, own: Block, ring: Ring):
     """One rotation of the fused label blocks; the loss follows from the merged statistics."""
     stats: Optional[dict] = None
 
     def visit(block):
         nonlocal stats
-        stats = cb.merge(stats, label_blocks.partials(rows, block))
+        stats = column_blocks.merge(stats, label_blocks.partials(rows, block))
     rotate(ring, own, visit, rows.x.dtype)
     row_loss, included = label_blocks.finish_rows(rows, stats)
     ctx.stats, ctx.mass, ctx.included = stats, None, included
     return row_loss, included
+
+
+# where RingRowLosses.forward's z, z_cols, t_param and target_weights sit in ctx.needs_input_grad
+_Z, _Z_COLS, _T_PARAM, _TARGET_WEIGHTS = 6, 7, 8, 9
 
 
 class RingRowLosses(torch.autograd.Function):
@@ -206,7 +211,7 @@ class RingRowLosses(torch.autograd.Function):
     included); target_weights is Dense p or Neighbors weights (local rows), or None."""
 
     @staticmethod
-    def forward(ctx, rows: cb.RowSide, own: cb.Block, ring: Ring, x, y_local, param, z, z_cols, t_param,
+    def forward(ctx, rows: RowSide, own: Block, ring: Ring, x, y_local, param, z, z_cols, t_param,
                 target_weights=None):
         ctx.rows, ctx.own, ctx.ring = rows, own, ring
         ctx.dtypes = [None if t is None else t.dtype
@@ -229,7 +234,7 @@ class RingRowLosses(torch.autograd.Function):
     def _gradients(ctx, grad_rows):
         rows, own, ring = ctx.rows, ctx.own, ctx.ring
         need = ctx.needs_input_grad
-        need_target = rows.target == "affinity" and any(need[i] for i in (6, 7, 8))
+        need_target = rows.target == "affinity" and any(need[i] for i in (_Z, _Z_COLS, _T_PARAM))
         g = torch.where(ctx.included, grad_rows.to(rows.x.dtype), 0.0)
         n, acc = rows.x.shape[0], rows.x.dtype
         row_grads = [torch.zeros_like(rows.x), rows.x.new_zeros(n)]
@@ -238,25 +243,27 @@ class RingRowLosses(torch.autograd.Function):
             row_grads += [torch.zeros_like(rows.z), rows.x.new_zeros(n)]
             col_grads.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
         # Dense p / Neighbors weights: local rows, so their gradient never travels
-        weight_grads = rows.x.new_zeros(ctx.weights_shape) if rows.weight_grad and need[9] else None
+        weight_grads = (rows.x.new_zeros(ctx.weights_shape) if rows.weight_grad and need[_TARGET_WEIGHTS]
+                        else None)
 
         def visit(block, block_grads):
             if rows.fused:
                 label_blocks.gradient_block(rows, block, ctx.stats, g, row_grads, block_grads)
             else:
-                cb.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads, weight_grads)
+                column_blocks.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads,
+                                             weight_grads)
         rotate_with_accumulators(ring, own, visit, col_grads, acc)
 
         def param_grad(rows_grad, param):
             return rows_grad if param.dim() == 1 else rows_grad.sum()
-        x_dt, y_dt, p_dt, z_dt, zc_dt, tp_dt, w_dt = ctx.dtypes
-        grads = [row_grads[0].to(x_dt), col_grads[0].to(y_dt), param_grad(row_grads[1], rows.param).to(p_dt),
-                 None, None, None, None]
+        x_dtype, y_dtype, param_dtype, z_dtype, z_cols_dtype, t_param_dtype, weights_dtype = ctx.dtypes
+        grads = [row_grads[0].to(x_dtype), col_grads[0].to(y_dtype),
+                 param_grad(row_grads[1], rows.param).to(param_dtype), None, None, None, None]
         if need_target:
-            grads[3:6] = [row_grads[2].to(z_dt), col_grads[1].to(zc_dt),
-                          param_grad(row_grads[3], rows.t_param).to(tp_dt)]
+            grads[3:6] = [row_grads[2].to(z_dtype), col_grads[1].to(z_cols_dtype),
+                          param_grad(row_grads[3], rows.t_param).to(t_param_dtype)]
         if weight_grads is not None:
-            grads[6] = weight_grads.to(w_dt)
+            grads[6] = weight_grads.to(weights_dtype)
         return grads
 
 

@@ -148,10 +148,10 @@ def propagate_rows(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, steps
     cur_idx, cur_w = base_idx[rows], base_w[rows]
     parts = [(cur_idx, cur_w)]
     for _ in range(steps - 1):
-        src = cur_idx.clamp_min(0)
-        nxt_idx = base_idx[src]                                  # (R, U, k)
-        nxt_w = cur_w[:, :, None] * base_w[src]
-        cur_idx, cur_w = _merge(nxt_idx.flatten(1), nxt_w.flatten(1), n)
+        positions = cur_idx.clamp_min(0)                           # where each walk stands
+        next_idx = base_idx[positions]                             # (R, U, k)
+        next_w = cur_w[:, :, None] * base_w[positions]
+        cur_idx, cur_w = _merge(next_idx.flatten(1), next_w.flatten(1), n)
         parts.append((cur_idx, cur_w))
     if cumulative:
         cur_idx, cur_w = _merge(torch.cat([p[0] for p in parts], 1),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.tile_math import row_ranges
 from ..validation import check_matrix
 
 BLOCK_ELEMENTS = 1 << 21      # entries of one (rows x columns) block
@@ -15,9 +16,7 @@ COLUMN_TILE = 4096            # columns per tile in knn
 
 def row_chunks(n_rows: int, width: int):
     """(r0, r1) row ranges whose blocks of ``width`` columns hold about BLOCK_ELEMENTS entries."""
-    step = max(1, BLOCK_ELEMENTS // max(width, 1))
-    for r0 in range(0, n_rows, step):
-        yield r0, min(n_rows, r0 + step)
+    return row_ranges(n_rows, width, BLOCK_ELEMENTS)
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
