@@ -3,10 +3,12 @@
 
 They prepare O(N + M) side inputs in torch (squared norms, per-row parameters, the target's
 per-row normaliser), choose block sizes and launch. No N x M buffer is allocated; a Dense target
-is itself N x M and is read in place.
+is itself N x M and is read in place. The target's normaliser is computed by the forward only
+(_forward_target) and handed to the backward in the stats it returns (NORM_ROW).
 """
 import contextlib
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -185,65 +187,153 @@ def _bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _prepare(args):
-    """Kernel arguments (pointers, sizes, flags) and the mask of rows that have a target."""
-    (x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols,
-     t_param, t_kernel, dense_p, alpha, beta, exclude_self, kl) = args
-    n, m = x.shape[0], y.shape[0]
-    m_valid = m - int(exclude_self)
-    dev = x.device
-    x, y = x.contiguous(), y.contiguous()
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
-    lab, clab, norm, dense, pairs = dummy_i, dummy_i, dummy_f, dummy_f, None
-    zz, zc, zsq, zcsq, tprm = x, y, dummy_f, dummy_f, dummy_f
-    if target == "labels":
-        _, inverse = torch.unique(torch.cat([row_labels, col_labels]), return_inverse=True)
+class OpArgs(NamedTuple):
+    """The arguments of the forward op, named as in its schema (ARGS in
+    icon_kernels/backends/ops.py; tests/test_triton_prepared_inputs.py checks the names)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    param: torch.Tensor
+    kernel: str
+    target: str
+    row_labels: Optional[torch.Tensor]
+    col_labels: Optional[torch.Tensor]
+    nbr_index: Optional[torch.Tensor]
+    nbr_weight: Optional[torch.Tensor]
+    z: Optional[torch.Tensor]
+    z_cols: Optional[torch.Tensor]
+    t_param: Optional[torch.Tensor]
+    t_kernel: str
+    dense_p: Optional[torch.Tensor]
+    alpha: float
+    beta: float
+    exclude_self: bool
+    kl: bool
+
+
+class BackwardArgs(NamedTuple):
+    """The backward op's arguments after grad_rows and the forward's (BACKWARD_SCHEMA)."""
+    valid: torch.Tensor
+    stats: torch.Tensor
+    need_target_grad: bool
+    need_param_grad: bool
+
+
+# The row of the forward's stats [4, N] that keeps a Labels, Dense or Neighbors target's row
+# normaliser (its positive count after exclude_self, p's row total, the weight total; 1 for a row
+# without target) for the backward. These targets have no LSE^p: only Affinity targets use this
+# row (the kernels write and read it for them alone), and outside the Triton backward only row 0
+# (LSE) of a forward's stats is ever read (icon_kernels/backends/target_weight_grads.py, for a
+# target that requires grad); the loss itself drops them.
+NORM_ROW = 2
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous at a 16-byte aligned address (a copy if need be): Triton specialises pointer
+    arguments on that alignment, so e.g. a view into stats would add compile variants."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _no_target(x, y) -> dict:
+    """The target arguments of the kernels, with dummies for what the target does not use."""
+    dummy_f = torch.zeros(1, dtype=torch.float32, device=x.device)
+    dummy_i = torch.zeros(1, dtype=torch.int64, device=x.device)
+    return dict(LAB=dummy_i, CLAB=dummy_i, NORM=dummy_f, DENSE=dummy_f, Z=x, ZC=y, ZSQ=dummy_f,
+                ZCSQ=dummy_f, TPRM=dummy_f)
+
+
+def _labels(a: OpArgs) -> dict:
+    """The raw labels as int64: the kernels only test them for equality (target_weights)."""
+    return dict(LAB=_aligned(a.row_labels.long()), CLAB=_aligned(a.col_labels.long()))
+
+
+def _affinity(a: OpArgs, n: int) -> dict:
+    # the input dtype, not fp32: fp16/bf16 target Grams then run on tensor cores too
+    z_dtype = torch.promote_types(a.z.dtype, a.z_cols.dtype)
+    zz, zc = a.z.to(z_dtype).contiguous(), a.z_cols.to(z_dtype).contiguous()
+    return dict(Z=zz, ZC=zc, ZSQ=_sq(zz), ZCSQ=_sq(zc), TPRM=_row_param(a.t_param, n))
+
+
+def _neighbor_weights(a: OpArgs, n: int):
+    """(the kept entries, their fp32 weights, 0 where dropped) of a Neighbors target."""
+    idx = a.nbr_index
+    w = torch.ones(idx.shape, device=idx.device) if a.nbr_weight is None else a.nbr_weight.float()
+    keep = idx >= 0
+    if a.exclude_self:
+        keep &= idx != torch.arange(n, device=idx.device)[:, None]
+    return keep, torch.where(keep, w, 0.0)
+
+
+def _forward_target(a: OpArgs, x, y):
+    """The target's kernel arguments, its row normaliser (None for Affinity), the rows that have
+    a target, and the Neighbors pairs (index with -1 where dropped, normalised weight)."""
+    n, dev = x.shape[0], x.device
+    target, norm, pairs = _no_target(x, y), None, None
+    if a.target == "labels":
+        _, inverse = torch.unique(torch.cat([a.row_labels, a.col_labels]), return_inverse=True)
         ri, ci = inverse[:n], inverse[n:]
         count = torch.bincount(ci, minlength=int(inverse.max()) + 1 if inverse.numel() else 1)[ri]
-        if exclude_self:
+        if a.exclude_self:
             count = count - (ri == ci[:n]).long()
         has = count > 0
-        lab, clab = ri.contiguous(), ci.contiguous()
         norm = torch.where(has, count, 1).float()
-    elif target == "neighbors":
-        idx = nbr_index
-        w = torch.ones(idx.shape, device=dev) if nbr_weight is None else nbr_weight.float()
-        keep = idx >= 0
-        if exclude_self:
-            keep &= idx != torch.arange(n, device=dev)[:, None]
-        w = torch.where(keep, w, 0.0)
-        total = w.sum(1, keepdim=True)
-        has = total[:, 0] != 0
-        pairs = (torch.where(keep, idx, -1), w / torch.where(total == 0, 1.0, total))
-    elif target == "dense":
-        dense = dense_p.contiguous()
+        target.update(_labels(a), NORM=norm)
+    elif a.target == "neighbors":
+        keep, w = _neighbor_weights(a, n)
+        total = w.sum(1)
+        has = total != 0
+        norm = torch.where(has, total, 1.0)
+        pairs = (torch.where(keep, a.nbr_index, -1), w / norm[:, None])
+    elif a.target == "dense":
+        dense = a.dense_p.contiguous()
         total = dense.sum(1, dtype=torch.float32)           # no fp32 copy of the N x M target
-        if exclude_self:
+        if a.exclude_self:
             total = total - dense.diagonal().float()
         has = total != 0
         norm = torch.where(has, total, 1.0)
+        target.update(DENSE=dense, NORM=norm)
     else:
-        # the input dtype, not fp32: fp16/bf16 target Grams then run on tensor cores too
-        z_dtype = torch.promote_types(z.dtype, z_cols.dtype)
-        zz, zc = z.to(z_dtype).contiguous(), z_cols.to(z_dtype).contiguous()
-        zsq, zcsq, tprm = _sq(zz), _sq(zc), _row_param(t_param, n)
+        target.update(_affinity(a, n))
         has = torch.ones(n, dtype=torch.bool, device=dev)
-    included = has & (m_valid > 0)
-    tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(param, n), LAB=lab, CLAB=clab,
-                   NORM=norm, DENSE=dense,
-                   stride_dense=dense.stride(0) if dense.dim() == 2 else 0,
-                   Z=zz, ZC=zc, ZSQ=zsq, ZCSQ=zcsq, TPRM=tprm)
+    return target, norm, has, pairs
+
+
+def _backward_target(a: OpArgs, x, y, stats):
+    """The target's kernel arguments and Neighbors pairs as the forward made them, with the row
+    normaliser read from stats[NORM_ROW]: no torch.unique / bincount, no sum over p."""
+    n = x.shape[0]
+    target, pairs = _no_target(x, y), None
+    norm = _aligned(stats[NORM_ROW])
+    if a.target == "labels":
+        target.update(_labels(a), NORM=norm)
+    elif a.target == "neighbors":
+        keep, w = _neighbor_weights(a, n)
+        pairs = (torch.where(keep, a.nbr_index, -1), w / norm[:, None])
+    elif a.target == "dense":
+        target.update(DENSE=a.dense_p.contiguous(), NORM=norm)
+    else:
+        target.update(_affinity(a, n))
+    return target, pairs
+
+
+def _kernel_arguments(a: OpArgs, x, y, target: dict):
+    """The kernels' tensors, sizes and flags: the features' side (norms, per-row parameter) with
+    the target's arguments (from _forward_target or _backward_target)."""
+    n, m = x.shape[0], y.shape[0]
+    m_valid = m - int(a.exclude_self)
+    zz, zc, dense = target["Z"], target["ZC"], target["DENSE"]
+    tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(a.param, n), **target,
+                   stride_dense=dense.stride(0) if dense.dim() == 2 else 0)
     sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
                  stride_y=y.stride(0), stride_z=zz.stride(0), stride_zc=zc.stride(0),
-                 m_valid=float(max(m_valid, 1)), alpha=float(alpha), N_BUCKET=_bucket(n),
+                 m_valid=float(max(m_valid, 1)), alpha=float(a.alpha), N_BUCKET=_bucket(n),
                  M_BUCKET=_bucket(m))
-    flags = dict(KERNEL=KERNEL_CODES[kernel], T_KERNEL=KERNEL_CODES[t_kernel],
-                 TARGET=TARGET_CODES[target], EXCLUDE_SELF=bool(exclude_self), KL=bool(kl),
+    flags = dict(KERNEL=KERNEL_CODES[a.kernel], T_KERNEL=KERNEL_CODES[a.t_kernel],
+                 TARGET=TARGET_CODES[a.target], EXCLUDE_SELF=bool(a.exclude_self), KL=bool(a.kl),
                  PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype), UPCAST_Z=_upcast(zz.dtype),
                  D_CHUNKED=x.shape[1] > MAX_BLOCK_D, BLOCK_D=_block_d(x.shape[1]),
                  BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
-    return tensors, sizes, flags, included, float(beta), pairs
+    return tensors, sizes, flags
 
 
 def _on_device(t: torch.Tensor):
@@ -252,39 +342,46 @@ def _on_device(t: torch.Tensor):
 
 
 def forward(*args):
-    with _on_device(args[0]):
-        return _forward(*args)
+    a = OpArgs(*args)
+    with _on_device(a.x):
+        return _forward(a)
 
 
 def backward(grad_rows, *rest):
-    with _on_device(rest[0]):
-        return _backward(grad_rows, *rest)
+    a, b = OpArgs(*rest[:len(OpArgs._fields)]), BackwardArgs(*rest[len(OpArgs._fields):])
+    with _on_device(a.x):
+        return _backward(grad_rows, a, b)
 
 
-def _forward(*args):
-    tensors, sizes, flags, included, beta, pairs = _prepare(args)
-    n, dev = sizes["N"], tensors["X"].device
-    acc = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+def _forward(a: OpArgs):
+    x, y = a.x.contiguous(), a.y.contiguous()
+    target, norm, has, pairs = _forward_target(a, x, y)
+    tensors, sizes, flags = _kernel_arguments(a, x, y, target)
+    n, dev, beta = sizes["N"], x.device, float(a.beta)
+    included = has & (y.shape[0] - int(a.exclude_self) > 0)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.zeros(4, n, dtype=torch.float32, device=dev)
-    two_pass = beta > 0 or (flags["TARGET"] == 2 and sizes["alpha"] > 0)
+    if norm is not None:
+        stats[NORM_ROW] = norm              # for the backward (_backward_target)
+    two_pass = beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
     _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
                                    ONE_PASS=not two_pass, **flags)
     if two_pass:
         _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
                                        HAS_BETA=beta > 0, **flags)
     if pairs is not None:
-        loss = loss + _neighbor_forward(args, tensors, sizes, stats, beta, pairs)
+        loss = loss + _neighbor_forward(a, tensors, sizes, stats, beta, pairs)
     loss = torch.where(included, loss, 0.0)
     return loss.to(acc), included, stats.to(acc)
 
 
-def _neighbor_forward(args, tensors, sizes, stats, beta, pairs):
+def _neighbor_forward(a: OpArgs, tensors, sizes, stats, beta, pairs):
     """What the kernels (which saw p = 0) miss of a Neighbors target: the pairs' share of the
     cross term (linear in p) and of R_i, and the entropy over the merged support."""
     idx, w = pairs
-    alpha, m_valid, kl = sizes["alpha"], sizes["m_valid"], args[17]
-    s, _ = neighbor_pairs.pair_logits(args[3], tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    alpha, m_valid = sizes["alpha"], sizes["m_valid"]
+    s, _ = neighbor_pairs.pair_logits(a.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
     if beta == 0:
         cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, s)
     else:
@@ -293,35 +390,36 @@ def _neighbor_forward(args, tensors, sizes, stats, beta, pairs):
         cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, torch.log(q_mix))
         stats[1] += (1 - alpha) * neighbor_pairs.weighted_sum(w, q / q_mix)
     correction = -cross
-    if kl:
+    if a.kl:
         correction = correction + neighbor_pairs.entropy_correction(idx, w, alpha, int(m_valid))
     return correction
 
 
-def _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs):
+def _neighbor_backward(a: OpArgs, tensors, sizes, stats, g, beta, pairs):
     """Gradient of the pairs' share: dL/ds on each pair is -g (1 - alpha) w (beta = 0), or
     -g (1 - beta)(1 - alpha) w q / q~ (beta > 0), chained in O(N k d)."""
     idx, w = pairs
     alpha, m_valid = sizes["alpha"], sizes["m_valid"]
-    s, aux = neighbor_pairs.pair_logits(args[3], tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    s, aux = neighbor_pairs.pair_logits(a.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
     grad = -g[:, None] * (1 - alpha) * w
     if beta > 0:
         q = torch.exp(s - stats[0, :, None])
         grad = grad * (1 - beta) * q / ((1 - beta) * q + beta / m_valid)
     shift = torch.where(stats[0] == float("-inf"), 0.0, stats[0])
-    return neighbor_pairs.chain(args[3], torch.where(w != 0, grad, 0.0), tensors["X"], tensors["Y"],
+    return neighbor_pairs.chain(a.kernel, torch.where(w != 0, grad, 0.0), tensors["X"], tensors["Y"],
                                 idx, s, aux, tensors["PRM"], shift)
 
 
-def _backward(grad_rows, *rest):
-    *args, valid, stats, need_target_grad, _need_param_grad = rest   # dparam is always computed
-    tensors, sizes, flags, _, beta, pairs = _prepare(args)
-    x, y, param, z, z_cols, t_param = args[0], args[1], args[2], args[9], args[10], args[11]
-    n, m, d, dz = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"]
-    target_grad = bool(need_target_grad) and args[4] == "affinity"
+def _backward(grad_rows, a: OpArgs, b: BackwardArgs):
+    """dparam is always computed (b.need_param_grad is not read)."""
+    x, y = a.x.contiguous(), a.y.contiguous()
+    stats = b.stats.float().contiguous()
+    target, pairs = _backward_target(a, x, y, stats)
+    tensors, sizes, flags = _kernel_arguments(a, x, y, target)
+    n, m, d, dz, beta = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"], float(a.beta)
+    target_grad = bool(b.need_target_grad) and a.target == "affinity"
     dev = x.device
-    g = torch.where(valid, grad_rows.float(), 0.0).contiguous()
-    stats = stats.float().contiguous()
+    g = torch.where(b.valid, grad_rows.float(), 0.0).contiguous()
     dx = torch.empty(n, d, dtype=torch.float32, device=dev)
     dy = torch.empty(m, d, dtype=torch.float32, device=dev)
     dprm = torch.empty(n, dtype=torch.float32, device=dev)
@@ -335,15 +433,15 @@ def _backward(grad_rows, *rest):
     _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
                                                                             **common)
     if pairs is not None:
-        pair_dx, pair_dy, pair_dprm = _neighbor_backward(args, tensors, sizes, stats, g, beta, pairs)
+        pair_dx, pair_dy, pair_dprm = _neighbor_backward(a, tensors, sizes, stats, g, beta, pairs)
         dx += pair_dx
         dy += pair_dy
         dprm += pair_dprm
-    grads = [dx.to(x.dtype), dy.to(y.dtype), _reduce_param(dprm, param)]
+    grads = [dx.to(a.x.dtype), dy.to(a.y.dtype), _reduce_param(dprm, a.param)]
     if target_grad:
-        grads += [dz_rows.to(z.dtype), dz_cols.to(z_cols.dtype), _reduce_param(dtprm, t_param)]
+        grads += [dz_rows.to(a.z.dtype), dz_cols.to(a.z_cols.dtype), _reduce_param(dtprm, a.t_param)]
     else:
-        grads += [x.new_empty(0) for _ in range(3)]
+        grads += [a.x.new_empty(0) for _ in range(3)]
     return tuple(grads)
 
 

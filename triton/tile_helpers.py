@@ -120,7 +120,8 @@ def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense
     """p_ij for labels and dense targets (zero off the valid set); 0 for Neighbors, whose pairs
     are handled by a sparse gather outside the tile loop (icon_kernels/backends/neighbor_pairs.py).
 
-    NORM holds the per-row normaliser: K_i for labels, the row sum for dense."""
+    LAB / CLAB hold the row and column labels (int64, as given: only their equality matters);
+    NORM the per-row normaliser: K_i for labels, the row sum for dense (launchers.NORM_ROW)."""
     if TARGET == 0:
         li = tl.load(LAB + rows, mask=rows < N, other=0)
         cj = tl.load(CLAB + cols, mask=cols < M, other=0)
