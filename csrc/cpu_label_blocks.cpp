@@ -1,9 +1,9 @@
 // Ring-mode column blocks of the CPU hot case (Labels target, beta = 0, dot or Gaussian kernel).
 //
-// In ring mode a rank sees the global columns one block at a time (icon_kernels/ring.py).
+// In ring mode a rank sees the global columns one block at a time (icon_kernels/distributed/ring.py).
 // icon_kernels::cpu_label_block_stats gives every row's partial statistics over one block: LSE,
 // positive count K, sum of s over the positives and over the valid columns; they are merged across
-// blocks in one place, icon_kernels/column_blocks.py, and the loss follows from the merged
+// blocks in one place, icon_kernels/distributed/column_blocks.py, and the loss follows from the merged
 // statistics in closed form (no second pass). icon_kernels::cpu_label_block_backward adds the
 // block's dL/dx, dL/dy and per-row dL/dparam, under the merged LSE and K, into its outputs in
 // place. Row loops are the single-process kernel's (cpu_label_rows.h); the self pair of local row

@@ -1,5 +1,5 @@
 // Declarations of the ring-mode block ops of the CPU hot case (schemas in
-// icon_kernels/label_block_ops.py).
+// icon_kernels/backends/label_block_ops.py).
 #pragma once
 #include <ATen/ATen.h>
 

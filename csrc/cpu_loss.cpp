@@ -1,5 +1,5 @@
 // Fused CPU implementation of the I-Con loss ops icon_kernels::cpu_forward / cpu_backward
-// (schemas in icon_kernels/ops.py; math in DESIGN.md §1).
+// (schemas in icon_kernels/backends/ops.py; math in DESIGN.md §1).
 //
 // Rows are processed in chunks of about kTileElements pairs. A chunk's Gram tile X_c Y^T comes
 // from one GEMM (multithreaded by the BLAS). Every per-pair quantity (logit, q, p, the gradient

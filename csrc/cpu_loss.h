@@ -1,4 +1,4 @@
-// Declarations of the fused CPU ops (their schemas are defined in icon_kernels/ops.py).
+// Declarations of the fused CPU ops (their schemas are defined in icon_kernels/backends/ops.py).
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,5 +1,5 @@
 // Fused CUDA kernels of the I-Con loss ops icon_kernels::cuda_forward / cuda_backward (schemas
-// in icon_kernels/ops.py; math in DESIGN.md §1; per-pair math shared with the CPU kernel through
+// in icon_kernels/backends/ops.py; math in DESIGN.md §1; per-pair math shared with the CPU kernel through
 // tile_math.h).
 //
 // This first version is the plain, FFMA one: one thread block per row (forward, dX) or per column

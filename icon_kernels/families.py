@@ -101,11 +101,3 @@ def learned_kernel(name: str) -> LearnedKernel:
         return LEARNED_KERNELS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown kernel {name!r}; known: {', '.join(LEARNED_KERNELS)}") from None
-
-
-def target_name(target) -> str:
-    """The op's target argument for a target object."""
-    for row in TARGET_TYPES_BY_NAME.values():
-        if isinstance(target, row.cls):
-            return row.name
-    raise TypeError(f"unknown target type {type(target).__name__}")

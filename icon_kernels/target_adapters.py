@@ -77,6 +77,11 @@ class TargetAdapter:
     def weight_tensor(self, target) -> Optional[torch.Tensor]:
         return None
 
+    def global_width(self, target) -> int:
+        """The global column count a shard's target fixes by its own shape (Dense p's width);
+        -1 when it fixes none. Every rank checks it against the sum of the shards."""
+        return -1
+
     def global_columns(self, target, gather: Gather, gather_with_grad: Gather, order: torch.Tensor,
                        position: torch.Tensor):
         """The target with its column side made global, in the reordered column order."""
@@ -234,6 +239,9 @@ class DenseAdapter(TargetAdapter):
 
     def weight_tensor(self, target):
         return target.p
+
+    def global_width(self, target):
+        return target.p.shape[1]
 
     def global_columns(self, target, gather, gather_with_grad, order, position):
         return Dense(target.p[:, order])

@@ -31,8 +31,9 @@ def test_triton_float64_is_documented_and_warned_once():
     backends._WARNED_TRITON_FLOAT64.clear()
     x = torch.randn(6, 3, dtype=torch.float64)
     target = ik.Labels(torch.arange(6) // 2)
-    with pytest.warns(UserWarning, match="float64 inputs in fp32"):
+    with pytest.warns(UserWarning, match="float64 inputs in fp32") as caught:
         ik.icon_loss(x, target=target, backend="triton")
+    assert caught[0].filename == __file__            # the user's line, not the package's
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ik.icon_loss(x, target=target, backend="triton")         # once per process

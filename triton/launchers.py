@@ -242,94 +242,94 @@ def _no_target(x, y) -> dict:
                 ZCSQ=dummy_f, TPRM=dummy_f)
 
 
-def _labels(a: OpArgs) -> dict:
+def _labels(op: OpArgs) -> dict:
     """The raw labels as int64: the kernels only test them for equality (target_weights)."""
-    return dict(LAB=_aligned(a.row_labels.long()), CLAB=_aligned(a.col_labels.long()))
+    return dict(LAB=_aligned(op.row_labels.long()), CLAB=_aligned(op.col_labels.long()))
 
 
-def _affinity(a: OpArgs, n: int) -> dict:
+def _affinity(op: OpArgs, n: int) -> dict:
     # the input dtype, not fp32: fp16/bf16 target Grams then run on tensor cores too
-    z_dtype = torch.promote_types(a.z.dtype, a.z_cols.dtype)
-    zz, zc = a.z.to(z_dtype).contiguous(), a.z_cols.to(z_dtype).contiguous()
-    return dict(Z=zz, ZC=zc, ZSQ=_sq(zz), ZCSQ=_sq(zc), TPRM=_row_param(a.t_param, n))
+    z_dtype = torch.promote_types(op.z.dtype, op.z_cols.dtype)
+    zz, zc = op.z.to(z_dtype).contiguous(), op.z_cols.to(z_dtype).contiguous()
+    return dict(Z=zz, ZC=zc, ZSQ=_sq(zz), ZCSQ=_sq(zc), TPRM=_row_param(op.t_param, n))
 
 
-def _neighbor_weights(a: OpArgs, n: int):
+def _neighbor_weights(op: OpArgs, n: int):
     """(the kept entries, their fp32 weights, 0 where dropped) of a Neighbors target."""
-    idx = a.nbr_index
-    w = torch.ones(idx.shape, device=idx.device) if a.nbr_weight is None else a.nbr_weight.float()
+    idx = op.nbr_index
+    w = torch.ones(idx.shape, device=idx.device) if op.nbr_weight is None else op.nbr_weight.float()
     keep = idx >= 0
-    if a.exclude_self:
+    if op.exclude_self:
         keep &= idx != torch.arange(n, device=idx.device)[:, None]
     return keep, torch.where(keep, w, 0.0)
 
 
-def _forward_target(a: OpArgs, x, y):
+def _forward_target(op: OpArgs, x, y):
     """The target's kernel arguments, its row normaliser (None for Affinity), the rows that have
     a target, and the Neighbors pairs (index with -1 where dropped, normalised weight)."""
     n, dev = x.shape[0], x.device
     target, norm, pairs = _no_target(x, y), None, None
-    if a.target == "labels":
-        _, inverse = torch.unique(torch.cat([a.row_labels, a.col_labels]), return_inverse=True)
+    if op.target == "labels":
+        _, inverse = torch.unique(torch.cat([op.row_labels, op.col_labels]), return_inverse=True)
         ri, ci = inverse[:n], inverse[n:]
         count = torch.bincount(ci, minlength=int(inverse.max()) + 1 if inverse.numel() else 1)[ri]
-        if a.exclude_self:
+        if op.exclude_self:
             count = count - (ri == ci[:n]).long()
         has = count > 0
         norm = torch.where(has, count, 1).float()
-        target.update(_labels(a), NORM=norm)
-    elif a.target == "neighbors":
-        keep, w = _neighbor_weights(a, n)
+        target.update(_labels(op), NORM=norm)
+    elif op.target == "neighbors":
+        keep, w = _neighbor_weights(op, n)
         total = w.sum(1)
         has = total != 0
         norm = torch.where(has, total, 1.0)
-        pairs = (torch.where(keep, a.nbr_index, -1), w / norm[:, None])
-    elif a.target == "dense":
-        dense = a.dense_p.contiguous()
+        pairs = (torch.where(keep, op.nbr_index, -1), w / norm[:, None])
+    elif op.target == "dense":
+        dense = op.dense_p.contiguous()
         total = dense.sum(1, dtype=torch.float32)           # no fp32 copy of the N x M target
-        if a.exclude_self:
+        if op.exclude_self:
             total = total - dense.diagonal().float()
         has = total != 0
         norm = torch.where(has, total, 1.0)
         target.update(DENSE=dense, NORM=norm)
     else:
-        target.update(_affinity(a, n))
+        target.update(_affinity(op, n))
         has = torch.ones(n, dtype=torch.bool, device=dev)
     return target, norm, has, pairs
 
 
-def _backward_target(a: OpArgs, x, y, stats):
+def _backward_target(op: OpArgs, x, y, stats):
     """The target's kernel arguments and Neighbors pairs as the forward made them, with the row
     normaliser read from stats[NORM_ROW]: no torch.unique / bincount, no sum over p."""
     n = x.shape[0]
     target, pairs = _no_target(x, y), None
-    norm = _aligned(stats[NORM_ROW])
-    if a.target == "labels":
-        target.update(_labels(a), NORM=norm)
-    elif a.target == "neighbors":
-        keep, w = _neighbor_weights(a, n)
-        pairs = (torch.where(keep, a.nbr_index, -1), w / norm[:, None])
-    elif a.target == "dense":
-        target.update(DENSE=a.dense_p.contiguous(), NORM=norm)
+    norm = _aligned(stats[NORM_ROW]) if op.target != "affinity" else None
+    if op.target == "labels":
+        target.update(_labels(op), NORM=norm)
+    elif op.target == "neighbors":
+        keep, w = _neighbor_weights(op, n)
+        pairs = (torch.where(keep, op.nbr_index, -1), w / norm[:, None])
+    elif op.target == "dense":
+        target.update(DENSE=op.dense_p.contiguous(), NORM=norm)
     else:
-        target.update(_affinity(a, n))
+        target.update(_affinity(op, n))
     return target, pairs
 
 
-def _kernel_arguments(a: OpArgs, x, y, target: dict):
+def _kernel_arguments(op: OpArgs, x, y, target: dict):
     """The kernels' tensors, sizes and flags: the features' side (norms, per-row parameter) with
     the target's arguments (from _forward_target or _backward_target)."""
     n, m = x.shape[0], y.shape[0]
-    m_valid = m - int(a.exclude_self)
+    m_valid = m - int(op.exclude_self)
     zz, zc, dense = target["Z"], target["ZC"], target["DENSE"]
-    tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(a.param, n), **target,
+    tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(op.param, n), **target,
                    stride_dense=dense.stride(0) if dense.dim() == 2 else 0)
     sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
                  stride_y=y.stride(0), stride_z=zz.stride(0), stride_zc=zc.stride(0),
-                 m_valid=float(max(m_valid, 1)), alpha=float(a.alpha), N_BUCKET=_bucket(n),
+                 m_valid=float(max(m_valid, 1)), alpha=float(op.alpha), N_BUCKET=_bucket(n),
                  M_BUCKET=_bucket(m))
-    flags = dict(KERNEL=KERNEL_CODES[a.kernel], T_KERNEL=KERNEL_CODES[a.t_kernel],
-                 TARGET=TARGET_CODES[a.target], EXCLUDE_SELF=bool(a.exclude_self), KL=bool(a.kl),
+    flags = dict(KERNEL=KERNEL_CODES[op.kernel], T_KERNEL=KERNEL_CODES[op.t_kernel],
+                 TARGET=TARGET_CODES[op.target], EXCLUDE_SELF=bool(op.exclude_self), KL=bool(op.kl),
                  PRECISION=fp32_precision(), UPCAST=_upcast(x.dtype), UPCAST_Z=_upcast(zz.dtype),
                  D_CHUNKED=x.shape[1] > MAX_BLOCK_D, BLOCK_D=_block_d(x.shape[1]),
                  BLOCK_DZ=max(16, triton.next_power_of_2(zz.shape[1])))
@@ -342,23 +342,23 @@ def _on_device(t: torch.Tensor):
 
 
 def forward(*args):
-    a = OpArgs(*args)
-    with _on_device(a.x):
-        return _forward(a)
+    op = OpArgs(*args)
+    with _on_device(op.x):
+        return _forward(op)
 
 
 def backward(grad_rows, *rest):
-    a, b = OpArgs(*rest[:len(OpArgs._fields)]), BackwardArgs(*rest[len(OpArgs._fields):])
-    with _on_device(a.x):
-        return _backward(grad_rows, a, b)
+    op, saved = OpArgs(*rest[:len(OpArgs._fields)]), BackwardArgs(*rest[len(OpArgs._fields):])
+    with _on_device(op.x):
+        return _backward(grad_rows, op, saved)
 
 
-def _forward(a: OpArgs):
-    x, y = a.x.contiguous(), a.y.contiguous()
-    target, norm, has, pairs = _forward_target(a, x, y)
-    tensors, sizes, flags = _kernel_arguments(a, x, y, target)
-    n, dev, beta = sizes["N"], x.device, float(a.beta)
-    included = has & (y.shape[0] - int(a.exclude_self) > 0)
+def _forward(op: OpArgs):
+    x, y = op.x.contiguous(), op.y.contiguous()
+    target, norm, has, pairs = _forward_target(op, x, y)
+    tensors, sizes, flags = _kernel_arguments(op, x, y, target)
+    n, dev, beta = sizes["N"], x.device, float(op.beta)
+    included = has & (y.shape[0] - int(op.exclude_self) > 0)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.zeros(4, n, dtype=torch.float32, device=dev)
@@ -371,17 +371,17 @@ def _forward(a: OpArgs):
         _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
                                        HAS_BETA=beta > 0, **flags)
     if pairs is not None:
-        loss = loss + _neighbor_forward(a, tensors, sizes, stats, beta, pairs)
+        loss = loss + _neighbor_forward(op, tensors, sizes, stats, beta, pairs)
     loss = torch.where(included, loss, 0.0)
     return loss.to(acc), included, stats.to(acc)
 
 
-def _neighbor_forward(a: OpArgs, tensors, sizes, stats, beta, pairs):
+def _neighbor_forward(op: OpArgs, tensors, sizes, stats, beta, pairs):
     """What the kernels (which saw p = 0) miss of a Neighbors target: the pairs' share of the
     cross term (linear in p) and of R_i, and the entropy over the merged support."""
     idx, w = pairs
     alpha, m_valid = sizes["alpha"], sizes["m_valid"]
-    s, _ = neighbor_pairs.pair_logits(a.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    s, _ = neighbor_pairs.pair_logits(op.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
     if beta == 0:
         cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, s)
     else:
@@ -390,36 +390,36 @@ def _neighbor_forward(a: OpArgs, tensors, sizes, stats, beta, pairs):
         cross = (1 - alpha) * neighbor_pairs.weighted_sum(w, torch.log(q_mix))
         stats[1] += (1 - alpha) * neighbor_pairs.weighted_sum(w, q / q_mix)
     correction = -cross
-    if a.kl:
+    if op.kl:
         correction = correction + neighbor_pairs.entropy_correction(idx, w, alpha, int(m_valid))
     return correction
 
 
-def _neighbor_backward(a: OpArgs, tensors, sizes, stats, g, beta, pairs):
+def _neighbor_backward(op: OpArgs, tensors, sizes, stats, g, beta, pairs):
     """Gradient of the pairs' share: dL/ds on each pair is -g (1 - alpha) w (beta = 0), or
     -g (1 - beta)(1 - alpha) w q / q~ (beta > 0), chained in O(N k d)."""
     idx, w = pairs
     alpha, m_valid = sizes["alpha"], sizes["m_valid"]
-    s, aux = neighbor_pairs.pair_logits(a.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
+    s, aux = neighbor_pairs.pair_logits(op.kernel, tensors["X"], tensors["Y"], idx, tensors["PRM"])
     grad = -g[:, None] * (1 - alpha) * w
     if beta > 0:
         q = torch.exp(s - stats[0, :, None])
         grad = grad * (1 - beta) * q / ((1 - beta) * q + beta / m_valid)
     shift = torch.where(stats[0] == float("-inf"), 0.0, stats[0])
-    return neighbor_pairs.chain(a.kernel, torch.where(w != 0, grad, 0.0), tensors["X"], tensors["Y"],
+    return neighbor_pairs.chain(op.kernel, torch.where(w != 0, grad, 0.0), tensors["X"], tensors["Y"],
                                 idx, s, aux, tensors["PRM"], shift)
 
 
-def _backward(grad_rows, a: OpArgs, b: BackwardArgs):
-    """dparam is always computed (b.need_param_grad is not read)."""
-    x, y = a.x.contiguous(), a.y.contiguous()
-    stats = b.stats.float().contiguous()
-    target, pairs = _backward_target(a, x, y, stats)
-    tensors, sizes, flags = _kernel_arguments(a, x, y, target)
-    n, m, d, dz, beta = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"], float(a.beta)
-    target_grad = bool(b.need_target_grad) and a.target == "affinity"
+def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
+    """dparam is always computed (saved.need_param_grad is not read)."""
+    x, y = op.x.contiguous(), op.y.contiguous()
+    stats = saved.stats.float().contiguous()
+    target, pairs = _backward_target(op, x, y, stats)
+    tensors, sizes, flags = _kernel_arguments(op, x, y, target)
+    n, m, d, dz, beta = sizes["N"], sizes["M"], sizes["D"], sizes["DZ"], float(op.beta)
+    target_grad = bool(saved.need_target_grad) and op.target == "affinity"
     dev = x.device
-    g = torch.where(b.valid, grad_rows.float(), 0.0).contiguous()
+    g = torch.where(saved.valid, grad_rows.float(), 0.0).contiguous()
     dx = torch.empty(n, d, dtype=torch.float32, device=dev)
     dy = torch.empty(m, d, dtype=torch.float32, device=dev)
     dprm = torch.empty(n, dtype=torch.float32, device=dev)
@@ -433,15 +433,15 @@ def _backward(grad_rows, a: OpArgs, b: BackwardArgs):
     _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
                                                                             **common)
     if pairs is not None:
-        pair_dx, pair_dy, pair_dprm = _neighbor_backward(a, tensors, sizes, stats, g, beta, pairs)
+        pair_dx, pair_dy, pair_dprm = _neighbor_backward(op, tensors, sizes, stats, g, beta, pairs)
         dx += pair_dx
         dy += pair_dy
         dprm += pair_dprm
-    grads = [dx.to(a.x.dtype), dy.to(a.y.dtype), _reduce_param(dprm, a.param)]
+    grads = [dx.to(op.x.dtype), dy.to(op.y.dtype), _reduce_param(dprm, op.param)]
     if target_grad:
-        grads += [dz_rows.to(a.z.dtype), dz_cols.to(a.z_cols.dtype), _reduce_param(dtprm, a.t_param)]
+        grads += [dz_rows.to(op.z.dtype), dz_cols.to(op.z_cols.dtype), _reduce_param(dtprm, op.t_param)]
     else:
-        grads += [a.x.new_empty(0) for _ in range(3)]
+        grads += [op.x.new_empty(0) for _ in range(3)]
     return tuple(grads)
 
 

@@ -7,3 +7,6 @@ oracle), ``blockwise.py`` (torch tile by tile), ``cpu.py`` (the C++ kernels of c
 ``triton.py`` (the kernels of triton/) and ``cuda.py``. ``tile_math.py``, ``neighbor_pairs.py``,
 ``target_weight_grads.py`` and ``second_backward.py`` are the torch tile math they share.
 """
+from .registry import ALL_BACKENDS, available_backends, resolve_backend
+
+__all__ = ["ALL_BACKENDS", "available_backends", "resolve_backend"]

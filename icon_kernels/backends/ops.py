@@ -8,6 +8,8 @@ Triton or CUDA kernels) only supplies the two compute functions, in Python or vi
 
 forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp64) where the
 statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see blockwise.py.
+For other targets a backend may keep its own data in rows 2-3 (the Triton forward keeps the
+target's row normaliser in row 2 for its backward), so a backward op takes its own forward's stats.
 backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
 need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
 backend may skip that work).

@@ -1,6 +1,8 @@
 """Which backends exist, which are usable here (and why not), and what ``backend="auto"`` picks."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Dict, List, Optional, Union
 
@@ -38,7 +40,19 @@ def warn_triton_float64() -> None:
         warnings.warn("backend 'triton' computes float64 inputs in fp32 (about 1e-7 relative error "
                       "against a float64 evaluation with exact fp32 dots, a little more with the "
                       "GPU's default tf32x3 dots); use backend 'torch' or 'cpu' (or 'cuda') "
-                      "for float64 accuracy", stacklevel=4)
+                      "for float64 accuracy", stacklevel=_caller_outside_the_package())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _caller_outside_the_package() -> int:
+    """The stacklevel of the first frame outside icon_kernels (ik.icon_loss, a preset, ICon or
+    ik.distributed reach the warning through different depths), so it points at the user's line."""
+    frame, level = sys._getframe(1), 1        # level 1: the frame that calls warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, Optional[str]]]:

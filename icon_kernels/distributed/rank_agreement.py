@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..backends.registry import ALL_BACKENDS, resolve_backend
 from .. import validation
 from ..target_adapters import adapter_for
-from ..targets import TARGET_TYPES, Affinity, Dense
+from ..targets import TARGET_TYPES, Affinity
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS
 
 DIST_MODES = ("gather", "ring")
@@ -204,7 +204,7 @@ def agree(group, device, x, y, target, dist_mode, exclude_self, reduction, weigh
         fields = _agreed_fields(x, y, target, dist_mode, exclude_self, reduction, weight, backend_name,
                                 ring_block_rows, options)
         fields.append(("which inputs require grad", _Grads(_grad_mask(x, y, target, param)), None))
-        dense_cols = target.p.shape[1] if isinstance(target, Dense) else -1
+        dense_cols = adapter_for(target).global_width(target)
         header = [0, x.shape[0], (x if y is None else y).shape[0], dense_cols]
     except Exception as exc:  # noqa: BLE001 - raised below, after every rank has heard of it
         error = exc
@@ -276,7 +276,7 @@ def _check_shapes(table: torch.Tensor, target) -> None:
     if empty:
         raise ValueError(f"x: a rank's shard is empty ({_ranks(empty)}); every rank needs at least one row "
                          "(and column)")
-    if isinstance(target, Dense):
+    if adapter_for(target).global_width(target) >= 0:
         m = int(cols.sum())
         wrong = [r for r in range(table.shape[0]) if dense_cols[r] != m]
         if wrong:
