@@ -25,7 +25,8 @@ class Labels:
 
 @dataclass
 class Neighbors:
-    """p_ij = w_ik / sum_k w_ik at j = indices[i, k]; -1 pads, repeats add up, invalid j drop."""
+    """p_ij = w_ik / sum_k w_ik at j = indices[i, k]; -1 pads (their weights are ignored),
+    repeats add up, invalid j drop."""
 
     indices: torch.Tensor
     weights: Optional[torch.Tensor] = None

@@ -350,6 +350,19 @@ def test_nonfinite_x_gives_nan(backend, kernel, bad, no_hang):
     loss.backward()  # must not raise either
 
 
+@pytest.mark.parametrize("pad_weight", [float("nan"), float("inf")])
+def test_a_padding_slots_weight_is_ignored(backend, pad_weight, no_hang):
+    # -1 pads carry no weight, whatever their weights slot holds: every backend (the torch
+    # backend and the oracle used to give NaN here while cpu, Triton and ring mode ignored it)
+    idx = torch.tensor([[1, -1], [0, 2], [3, -1], [2, 4], [5, 3], [4, -1]])
+    w = torch.rand(N, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.1
+    clean = ik.icon_loss(data(), target=ik.Neighbors(idx, w), kernel="gaussian", backend=backend)
+    w[idx < 0] = pad_weight
+    padded = ik.icon_loss(data(), target=ik.Neighbors(idx, w), kernel="gaussian", backend=backend)
+    assert torch.isfinite(padded).item()
+    torch.testing.assert_close(padded, clean, rtol=0, atol=0)
+
+
 def test_nan_x_with_affinity_target(backend, no_hang):
     x = data()
     x[0, 0] = float("nan")

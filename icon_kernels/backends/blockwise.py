@@ -98,22 +98,13 @@ def _normalised(w: torch.Tensor):
 def target_tile(problem: Problem, r0: int, r1: int, lse_p: Optional[torch.Tensor] = None) -> Tile:
     """p for rows r0:r1. For Affinity, ``lse_p`` (saved in forward) is reused when given."""
     m, acc = problem.y.shape[0], problem.x.dtype
-    if problem.target == "labels":
-        same = off_self((problem.row_labels[r0:r1, None] == problem.col_labels[None, :]).to(acc), r0,
-                        problem.exclude_self, 0.0)
-        return Tile(*_normalised(same), count=same.sum(1))
-    if problem.target == "neighbors":
-        idx = problem.nbr_index[r0:r1]
-        w = (torch.ones(idx.shape, dtype=acc, device=idx.device) if problem.nbr_weight is None
-             else problem.nbr_weight[r0:r1])
-        dense = torch.zeros(r1 - r0, m, dtype=acc, device=idx.device)
-        dense.scatter_add_(1, idx.clamp_min(0), w * (idx >= 0))
-        return Tile(*_normalised(off_self(dense, r0, problem.exclude_self, 0.0)))
-    if problem.target == "dense":
-        return Tile(*_normalised(off_self(problem.dense_p[r0:r1].clone(), r0, problem.exclude_self, 0.0)))
+    side, t_aux = tile_math.target_side(problem.target, problem, problem.col_labels, problem.z_cols,
+                                        r0, r1, 0, m, acc)
+    if problem.target != "affinity":     # p: the target's weights renormalised over valid columns
+        raw = off_self(side, r0, problem.exclude_self, 0.0)
+        return Tile(*_normalised(raw), count=raw.sum(1) if problem.target == "labels" else None)
     # affinity: p = softmax over valid j of t
-    t, t_aux = tile_math.logits(problem.t_kernel, problem.z[r0:r1], problem.z_cols,
-                                tile_math.rows_of(problem.t_param, r0, r1))
+    t = side
     t_masked = off_self(t.clone(), r0, problem.exclude_self, float("-inf"))
     if lse_p is None:
         lse_p = tile_math.row_lse(t_masked)

@@ -59,7 +59,8 @@ def target_probabilities(target, valid: torch.Tensor):
         if target.weights is not None:
             w = target.weights.double()
         dense = torch.zeros(n, m, dtype=torch.float64, device=valid.device)
-        dense.scatter_add_(1, target.indices.clamp_min(0), w * (target.indices >= 0))
+        # a -1 pad's weight is no weight: ignored, also when it is NaN or Inf
+        dense.scatter_add_(1, target.indices.clamp_min(0), torch.where(target.indices >= 0, w, 0.0))
         return _normalise_rows(dense * valid)
     if isinstance(target, Dense):
         return _normalise_rows(target.p * valid)

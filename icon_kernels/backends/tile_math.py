@@ -100,6 +100,32 @@ def logits(kernel: str, a: torch.Tensor, b: torch.Tensor, prm: torch.Tensor):
     return row.logit(ab, prm), ab
 
 
+def target_side(target: str, rows, col_labels, z_cols, r0: int, r1: int, col_offset: int,
+                n_cols: int, dtype: torch.dtype):
+    """The target side of rows r0:r1 x columns [col_offset, col_offset + n_cols), self pairs not
+    yet masked: (unnormalised p, None) for Labels, Neighbors and Dense, (logits t, aux) for
+    Affinity. ``rows`` holds the row side (row_labels, nbr_index, nbr_weight, dense_p, z,
+    t_param, t_kernel) as the blockwise backend's problem and ring mode's RowSide both do; the
+    column side is the columns' labels or target features. One place per target type for the
+    whole-row tiles of the torch backend and the column blocks of ring mode."""
+    if target == "labels":
+        return (rows.row_labels[r0:r1, None] == col_labels[None, :]).to(dtype), None
+    if target == "dense":
+        return rows.dense_p[r0:r1, col_offset:col_offset + n_cols].clone(), None
+    if target == "neighbors":
+        global_idx = rows.nbr_index[r0:r1]
+        idx = global_idx - col_offset
+        inside = (global_idx >= 0) & (idx >= 0) & (idx < n_cols)     # -1 pads and other blocks drop
+        w = (torch.ones(idx.shape, dtype=dtype, device=idx.device) if rows.nbr_weight is None
+             else rows.nbr_weight[r0:r1])
+        raw = torch.zeros(r1 - r0, n_cols, dtype=dtype, device=idx.device)
+        raw.scatter_add_(1, torch.where(inside, idx, 0), torch.where(inside, w, 0.0))
+        return raw, None
+    if target == "affinity":
+        return logits(rows.t_kernel, rows.z[r0:r1], z_cols, rows_of(rows.t_param, r0, r1))
+    raise ValueError(f"unknown target {target!r}")
+
+
 def _to_columns(w: torch.Tensor, a: torch.Tensor, out_b):
     """w^T a: a new tensor, or added into ``out_b`` in place (then None is returned)."""
     if out_b is None:

@@ -127,23 +127,9 @@ def _learned(rows: RowSide, block: Block, r0: int, r1: int):
 
 def _target_raw(rows: RowSide, block: Block, r0: int, r1: int):
     """Unnormalised p of the tile (Labels / Neighbors / Dense), or (t masked, t_aux) for Affinity."""
-    block_cols, acc = block.y.shape[0], rows.x.dtype
-    if rows.target == "labels":
-        raw = (rows.row_labels[r0:r1, None] == block.col_labels[None, :]).to(acc)
-    elif rows.target == "dense":
-        raw = rows.dense_p[r0:r1, block.offset:block.offset + block_cols].clone()
-    elif rows.target == "neighbors":
-        idx = rows.nbr_index[r0:r1] - block.offset
-        inside = (rows.nbr_index[r0:r1] >= 0) & (idx >= 0) & (idx < block_cols)
-        w = (torch.ones(idx.shape, dtype=acc, device=idx.device) if rows.nbr_weight is None
-             else rows.nbr_weight[r0:r1])
-        raw = torch.zeros(r1 - r0, block_cols, dtype=acc, device=idx.device)
-        raw.scatter_add_(1, torch.where(inside, idx, 0), torch.where(inside, w, 0.0))
-    else:
-        t, t_aux = tile_math.logits(rows.t_kernel, rows.z[r0:r1], block.z_cols,
-                                    tile_math.rows_of(rows.t_param, r0, r1))
-        return _off_self(t, rows, block, r0, float("-inf")), t_aux
-    return _off_self(raw, rows, block, r0, 0.0), None
+    raw, t_aux = tile_math.target_side(rows.target, rows, block.col_labels, block.z_cols, r0, r1,
+                                       block.offset, block.y.shape[0], rows.x.dtype)
+    return _off_self(raw, rows, block, r0, float("-inf") if rows.target == "affinity" else 0.0), t_aux
 
 
 def normaliser_partials(rows: RowSide, block: Block) -> Dict[str, torch.Tensor]:
