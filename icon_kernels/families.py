@@ -11,7 +11,7 @@ To add a learned kernel: a row in LEARNED_KERNELS here (CONTRIBUTING.md has the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -87,11 +87,20 @@ class Divergence:
     name: str
     code: int
     has_entropy: bool           # kl adds sum p~ log p~ to the cross term; cross_entropy does not
+    # the backends that compute it; "auto" picks among these (the f-divergences of DESIGN.md
+    # §1.1 beyond kl run on the dense reference until the fused backends gain them)
+    backends: Tuple[str, ...] = ("reference", "torch", "cpu", "triton", "cuda")
 
 
+_ORACLE_ONLY = ("reference",)
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
     Divergence("kl", 0, has_entropy=True),
     Divergence("cross_entropy", 1, has_entropy=False),
+    Divergence("reverse_kl", 2, has_entropy=False, backends=_ORACLE_ONLY),
+    Divergence("tv", 3, has_entropy=False, backends=_ORACLE_ONLY),
+    Divergence("hellinger", 4, has_entropy=False, backends=_ORACLE_ONLY),
+    Divergence("js", 5, has_entropy=False, backends=_ORACLE_ONLY),
+    Divergence("chi2", 6, has_entropy=False, backends=_ORACLE_ONLY),
 )}
 
 

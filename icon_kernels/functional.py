@@ -13,7 +13,9 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
     ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine, gaussian, student_t
     or log_dot, with temperature (dot, cosine), sigma (gaussian) or dof (student_t), each a
     finite float > 0 or a scalar / (N,) tensor that may require grad. alpha / beta mix a uniform
-    distribution into p / q. divergence: "kl" or "cross_entropy".
+    distribution into p / q. divergence: "kl" or "cross_entropy", or one of the
+    f-divergences "reverse_kl", "tv", "hellinger", "js", "chi2" (DESIGN.md §1.1), which run on
+    the dense reference backend for now ("auto" picks it; the fused backends raise).
 
     exclude_self: None (the default) leaves the self pairs (i, i) out exactly when y is None;
     passing y=x explicitly keeps them (give exclude_self=True to drop them). A row with no valid

@@ -44,6 +44,7 @@ class Problem:
     beta: float
     exclude_self: bool
     kl: bool
+    divergence: str                    # kl, cross_entropy, or an f-divergence (DESIGN.md §1.1)
     reduction: str
     weight: Optional[torch.Tensor]
 
@@ -189,10 +190,13 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     # the target's own checks live in its adapter, which builds on the checks above
     from .target_adapters import adapter_for
     target = adapter_for(target).check(target, x, y, n, m)
+    if divergence == "reverse_kl" and alpha == 0 and adapter_for(target).name in ("labels", "neighbors"):
+        raise ValueError("divergence='reverse_kl' against a Labels or Neighbors target with alpha = 0 is "
+                         "+inf (p is 0 off the positives and q is not): set alpha > 0")
     param_name = KERNEL_PARAM[kernel]
     param = {"temperature": temperature, "sigma": sigma, "dof": dof, None: 1.0}[param_name]
     return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),
-                   beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl",
+                   beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl", divergence=divergence,
                    reduction=reduction, weight=weight)
 
 

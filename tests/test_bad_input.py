@@ -200,7 +200,7 @@ def test_unknown_affinity_kernel(backend):
 
 def test_unknown_divergence(backend):
     raises(ValueError, "divergence", lambda: ik.icon_loss(
-        data(), target=ik.Labels(labels()), divergence="js", backend=backend))
+        data(), target=ik.Labels(labels()), divergence="jensen-shannon", backend=backend))
 
 
 def test_unknown_reduction(backend):

@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..families import DIVERGENCES
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import LOSS_OPTIONS, Problem, check_arguments
@@ -77,7 +78,8 @@ def op_arguments(problem: Problem):
 
 def row_losses(problem: Problem, backend: str):
     """(L_i per row, 0 where left out; which rows are included) on the chosen backend."""
-    name = registry.resolve_backend(backend, problem.x.device)
+    name = registry.resolve_backend(backend, problem.x.device,
+                                    only=DIVERGENCES[problem.divergence].backends)
     if name == "triton" and problem.x.dtype == torch.float64:
         registry.warn_triton_float64()
     if name == "reference":

@@ -73,6 +73,34 @@ def target_probabilities(target, valid: torch.Tensor):
     raise TypeError(f"unknown target {type(target).__name__}")
 
 
+def _log_or_zero(t: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """log t where ``positive``, else 0: the log is never taken of 0, so no NaN gradient leaks
+    through the branch torch.where does not pick."""
+    return torch.log(torch.where(positive, t, 1.0))
+
+
+def f_divergence_terms(name: str, p: torch.Tensor, q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """q f(p / q) per pair for the f-divergences of DESIGN.md §1.1, written from the table there
+    (p, q the mixed distributions; log q given, as the softmax gives it). Every term is formed from
+    p, q and their logs, never from a ratio that overflows; the value at p = 0 is the table's."""
+    has_p = p > 0
+    log_p = _log_or_zero(p, has_p)
+    if name == "reverse_kl":                       # q (log q - log p); +inf where p = 0 < q
+        return torch.where(has_p, q * (log_q - log_p), torch.where(q > 0, float("inf"), 0.0).to(q.dtype))
+    if name == "tv":
+        return 0.5 * (p - q).abs()
+    if name == "hellinger":                        # (sqrt p - sqrt q)^2 = p + q - 2 sqrt(p q)
+        return p + q - 2 * torch.where(has_p, torch.exp(0.5 * (log_p + log_q)), 0.0)
+    if name == "js":                               # m = (p + q) / 2
+        log_m = _log_or_zero(0.5 * (p + q), (p + q) > 0)
+        return 0.5 * (torch.where(has_p, p * (log_p - log_m), 0.0)
+                      + torch.where(q > 0, q * (log_q - log_m), 0.0))
+    if name == "chi2":                             # (p - q)^2 / q = exp(2 log|p - q| - log q)
+        gap = (p - q).abs()
+        return torch.where(gap > 0, torch.exp(2 * _log_or_zero(gap, gap > 0) - log_q), 0.0)
+    raise ValueError(f"unknown f-divergence {name!r}")
+
+
 def row_losses(problem: Problem):
     """(L_i for every row, 0 where left out; which rows are included)."""
     x, alpha, beta = problem.x, problem.alpha, problem.beta
@@ -93,6 +121,12 @@ def row_losses(problem: Problem):
         log_q_mix = torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / m_safe), 0.0)
     else:
         log_q_mix = log_q
+    if problem.divergence not in ("kl", "cross_entropy"):
+        q_mix = torch.where(valid, log_q_mix.exp(), 0.0)
+        terms = f_divergence_terms(problem.divergence, p_mix, q_mix, log_q_mix)
+        loss = torch.where(valid, terms, 0.0).sum(1)
+        included = has_p & (m_valid[:, 0] > 0)
+        return torch.where(included, loss, 0.0), included
     zero = p_mix == 0         # 0 log 0 = 0; NaN stays NaN
     cross = (p_mix * torch.where(zero, 0.0, log_q_mix)).sum(1)
     loss = -cross

@@ -64,16 +64,21 @@ def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str,
     return [name for name, why in reasons.items() if why is None]
 
 
-def resolve_backend(backend, device: torch.device) -> str:
-    """The backend to run for tensors on ``device``; ValueError naming ``backend`` otherwise."""
+def resolve_backend(backend, device: torch.device, only=ALL_BACKENDS) -> str:
+    """The backend to run for tensors on ``device``; ValueError naming ``backend`` otherwise.
+    ``only``: the backends that compute what is asked (a divergence's row in families.py);
+    "auto" picks among them, falling back to the dense reference."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in ALL_BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {', '.join(ALL_BACKENDS)}; got {backend!r}")
     usable = available_backends()
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            if name in usable:
+            if name in usable and name in only:
                 return name
-        return "torch"
+        return "torch" if "torch" in only else "reference"
+    if backend not in only:
+        raise ValueError(f"backend {backend!r} does not compute this divergence yet; it runs on "
+                         f"{', '.join(only)} (backend='auto' picks among them)")
     why = _unavailable_reason(backend)
     if why is not None:
         raise ValueError(f"backend {backend!r} is not available: {why}. "

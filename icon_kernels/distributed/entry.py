@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..backends import second_backward
 from ..backends.dispatch import kernel_inputs, row_losses, target_arguments
 from ..backends.registry import resolve_backend
+from ..families import DIVERGENCES
 from ..backends.tile_math import accumulation_dtype
 from ..target_adapters import adapter_for
 from ..validation import check_arguments
@@ -187,8 +188,10 @@ def gather_rows(t: torch.Tensor, group):
 
 def _backend_and_problem(backend, x, cols, target, options):
     """The resolved backend and the checked problem (self pairs handled by the caller)."""
-    return resolve_backend(backend, x.device), check_arguments(x, cols, target=target, exclude_self=False,
-                                                               **options)
+    divergence = options.get("divergence")
+    row = DIVERGENCES.get(divergence) if isinstance(divergence, str) else None   # checked just below
+    name = resolve_backend(backend, x.device, **({"only": row.backends} if row else {}))
+    return name, check_arguments(x, cols, target=target, exclude_self=False, **options)
 
 
 def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, group):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends.registry import ALL_BACKENDS, resolve_backend
+from ..families import DIVERGENCES
 from .. import validation
 from ..target_adapters import adapter_for
 from ..targets import TARGET_TYPES, Affinity
@@ -185,6 +186,10 @@ def _local_checks(x, y, target, dist_mode, exclude_self, ring_block_rows, backen
     adapter_for(target).check_shard(target, x, y, n_cols)
     backend_name = None
     if dist_mode == "ring":
+        row = DIVERGENCES.get(options["divergence"]) if isinstance(options["divergence"], str) else None
+        if row is not None and "torch" not in row.backends:     # ring mode runs the torch tile math
+            raise ValueError(f"dist_mode='ring' does not compute divergence={row.name!r} yet; "
+                             "use dist_mode='gather'")
         backend_name = resolve_backend(backend, x.device)
     return exclude_self, options, backend_name
 

@@ -1,0 +1,131 @@
+"""The f-divergences of DESIGN.md §1.1 (reverse_kl, tv, hellinger, js, chi2) on the dense
+reference, the oracle the fused backends will be checked against: the per-pair terms against
+q f(p / q) written independently, both gradients against the closed forms of §1.1, gradcheck,
+extreme logits, and the backends that do not compute them yet refusing instead of computing KL."""
+import math
+
+import pytest
+import torch
+
+import icon_kernels as ik
+from icon_kernels.backends.reference import f_divergence_terms
+
+F_DIVERGENCES = ["reverse_kl", "tv", "hellinger", "js", "chi2"]
+
+# f(r) (the generator), g(r) = f(r) - r f'(r) and f'(r), as functions of r = p / q
+GENERATOR = {
+    "kl": (lambda r: r * torch.log(r), lambda r: -r, lambda r: torch.log(r) + 1),
+    "reverse_kl": (lambda r: -torch.log(r), lambda r: 1 - torch.log(r), lambda r: -1 / r),
+    "tv": (lambda r: 0.5 * (r - 1).abs(), lambda r: -0.5 * torch.sign(r - 1), lambda r: 0.5 * torch.sign(r - 1)),
+    "hellinger": (lambda r: (r.sqrt() - 1) ** 2, lambda r: 1 - r.sqrt(), lambda r: 1 - 1 / r.sqrt()),
+    "js": (lambda r: 0.5 * (r * torch.log(2 * r / (r + 1)) + torch.log(2 / (r + 1))),
+           lambda r: 0.5 * torch.log(2 / (r + 1)), lambda r: 0.5 * torch.log(2 * r / (r + 1))),
+    "chi2": (lambda r: (r - 1) ** 2, lambda r: 1 - r ** 2, lambda r: 2 * (r - 1)),
+}
+AT_P_ZERO = {"reverse_kl": lambda q: torch.where(q > 0, math.inf, 0.0).to(q.dtype), "tv": lambda q: 0.5 * q,
+             "hellinger": lambda q: q, "js": lambda q: 0.5 * math.log(2) * q, "chi2": lambda q: q}
+
+
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_terms_are_q_f_of_the_ratio(name):
+    gen = torch.Generator().manual_seed(1)
+    p = torch.rand(50, generator=gen, dtype=torch.float64) * 0.3
+    q = torch.rand(50, generator=gen, dtype=torch.float64) * 0.3 + 1e-3
+    p[:5] = 0
+    got = f_divergence_terms(name, p, q, torch.log(q))
+    f = GENERATOR[name][0]
+    torch.testing.assert_close(got[5:], q[5:] * f(p[5:] / q[5:]), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got[:5], AT_P_ZERO[name](q[:5]), rtol=1e-12, atol=0)
+
+
+def _identity_problem(n=7, m=6, seed=0):
+    """Logits s = x and target logits t = z: the dot kernel at temperature 1 against y = I and
+    an Affinity target with z_cols = I, so dL/dx and dL/dz are dL/ds and dL/dt."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, m, generator=gen, dtype=torch.float64).requires_grad_()
+    z = torch.randn(n, m, generator=gen, dtype=torch.float64).requires_grad_()
+    eye = torch.eye(m, dtype=torch.float64)
+    target = ik.Affinity(z, eye, kernel="dot", temperature=1.0)
+    return x, z, eye, target
+
+
+@pytest.mark.parametrize("name", ["kl"] + F_DIVERGENCES)
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.1, 0.2)])
+def test_gradients_are_the_closed_forms(name, alpha, beta):
+    x, z, eye, target = _identity_problem()
+    loss = ik.icon_loss(x, eye, target=target, kernel="dot", temperature=1.0, alpha=alpha, beta=beta,
+                        divergence=name, reduction="sum", backend="reference")
+    dx, dz = torch.autograd.grad(loss, [x, z])
+    m = x.shape[1]
+    q, p = x.detach().softmax(1), z.detach().softmax(1)
+    q_mix, p_mix = (1 - beta) * q + beta / m, (1 - alpha) * p + alpha / m
+    r = p_mix / q_mix
+    _, g_of, f_prime = GENERATOR[name]
+    g, fp = g_of(r), f_prime(r)
+    want_dx = (1 - beta) * q * (g - (q * g).sum(1, keepdim=True))
+    want_dz = (1 - alpha) * p * (fp - (p * fp).sum(1, keepdim=True))
+    torch.testing.assert_close(dx, want_dx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dz, want_dz, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_gradcheck(name):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def loss(x, z, sigma):
+        return ik.icon_loss(x, target=ik.Affinity(z, kernel="gaussian", sigma=sigma), kernel="student_t",
+                            alpha=0.1, beta=0.05, divergence=name, backend="reference")
+    assert torch.autograd.gradcheck(loss, (x, z, sigma))
+
+
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_extreme_logits_stay_finite(name):
+    # tau = 0.01 on the learned side and far-apart target points: p and q reach e^-200 and below
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = (torch.randn(16, 4, generator=gen, dtype=torch.float64) * 30).requires_grad_()
+    loss = ik.icon_loss(x, target=ik.Affinity(z, kernel="gaussian", sigma=1.0), kernel="cosine",
+                        temperature=0.01, alpha=0.05, divergence=name, backend="reference")
+    dx, dz = torch.autograd.grad(loss, [x, z])
+    assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dz).all()
+
+
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_auto_runs_them_on_the_reference(name):
+    x, z, eye, target = _identity_problem()
+    auto = ik.icon_loss(x, eye, target=target, kernel="cosine", alpha=0.1, divergence=name)
+    ref = ik.icon_loss(x, eye, target=target, kernel="cosine", alpha=0.1, divergence=name, backend="reference")
+    assert torch.equal(auto, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_fused_backends_refuse_them_instead_of_computing_kl(backend, name):
+    # the refusal comes before availability, so it holds where the backend is not built too
+    x, z, eye, target = _identity_problem()
+    with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute this divergence yet.*reference"):
+        ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=name, backend=backend)
+
+
+def test_reverse_kl_against_a_target_with_zeros_asks_for_alpha():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    labels = ik.Labels(torch.arange(6) // 2)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        ik.icon_loss(x, target=labels, divergence="reverse_kl")
+    loss = ik.icon_loss(x, target=labels, divergence="reverse_kl", alpha=0.1)
+    assert torch.isfinite(loss)
+
+
+def test_ring_mode_refuses_them_before_anything_travels():
+    # ring mode runs the torch tile math, which does not compute them yet (gather mode with the
+    # reference backend does); the check is local, before the ranks' first collective
+    from icon_kernels.distributed import rank_agreement
+    x = torch.randn(4, 3, dtype=torch.float64)
+    target = ik.Labels(torch.arange(4) // 2)
+    with pytest.raises(ValueError, match="dist_mode='ring' does not compute divergence='tv'"):
+        rank_agreement._local_checks(x, None, target, "ring", None, None, "auto",
+                                     dict(divergence="tv", alpha=0.1))
+    rank_agreement._local_checks(x, None, target, "ring", None, None, "auto", dict(divergence="kl"))
