@@ -129,3 +129,48 @@ def test_ring_mode_refuses_them_before_anything_travels():
         rank_agreement._local_checks(x, None, target, "ring", None, None, "auto",
                                      dict(divergence="tv", alpha=0.1))
     rank_agreement._local_checks(x, None, target, "ring", None, None, "auto", dict(divergence="kl"))
+
+
+def _preset_calls():
+    """(preset class, constructor keywords, a forward call on small float64 inputs)."""
+    gen = torch.Generator().manual_seed(7)
+    emb = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    views = (emb[:6], emb[6:])
+    labels = torch.arange(12) % 3
+    inputs = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    logits = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+    return [
+        (ik.InfoNCE, {}, lambda p: p(*views)), (ik.SimCLR, {}, lambda p: p(*views)),
+        (ik.TSimCLR, {}, lambda p: p(*views)), (ik.SupCon, {}, lambda p: p(emb, labels)),
+        (ik.CLIPLoss, {}, lambda p: p(*views)),
+        (ik.PrototypeCrossEntropy, dict(n_classes=3, dim=5), lambda p: p(emb, labels)),
+        (ik.SNE, dict(perplexity=4.0), lambda p: p(emb, inputs)),
+        (ik.TSNE, dict(perplexity=4.0), lambda p: p(emb, inputs)),
+        (ik.UniformKNN, dict(k=3), lambda p: p(emb, inputs)),
+        (ik.InfoNCEClustering, dict(n_clusters=4), lambda p: p(logits.softmax(1), sample_ids=labels)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_every_preset_takes_a_divergence(index):
+    cls, kwargs, call = _preset_calls()[index]
+    own = cls(**kwargs).double()
+    torch.manual_seed(0)
+    other = cls(**kwargs, divergence="hellinger", alpha=0.1).double()
+    other.load_state_dict(own.state_dict())
+    assert other.divergence == "hellinger" and "divergence='hellinger'" in repr(other)
+    assert own.divergence == cls.DIVERGENCE
+    value = call(other)
+    assert torch.isfinite(value)
+    assert not torch.allclose(value, call(own))          # it is passed on, not dropped
+    with pytest.raises(ValueError, match="divergence"):
+        cls(**kwargs, divergence="bogus")
+
+
+def test_supcon_with_tv_is_icon_loss_with_tv():
+    emb = torch.randn(10, 4, dtype=torch.float64)
+    labels = torch.arange(10) % 3
+    got = ik.SupCon(0.2, divergence="tv")(emb, labels)
+    want = ik.icon_loss(emb, target=ik.Labels(labels), kernel="cosine", temperature=0.2, divergence="tv",
+                        backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

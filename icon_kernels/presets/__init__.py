@@ -12,7 +12,9 @@
 | UniformKNN(k, steps) | uniform over the kNN of the inputs (propagated) | Student-t (or any) |
 | InfoNCEClustering(n_clusters) | other views and/or kNN | cluster kernel (log_dot on soft assignments) |
 
-All take ``alpha`` / ``beta`` (debiasing), ``reduction``, ``backend`` and ``process_group`` /
+All take ``divergence`` (the preset's own by default: cross_entropy for the contrastive ones,
+kl for the others; e.g. SupCon with "tv" as Beyond I-Con does), ``alpha`` / ``beta``
+(debiasing), ``reduction``, ``backend`` and ``process_group`` /
 ``dist_mode`` / ``distributed`` (see presets/base.py, PresetLoss).
 """
 from .base import PresetLoss

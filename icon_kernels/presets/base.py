@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..backends.registry import ALL_BACKENDS
-from ..validation import REDUCTIONS, check_matrix, check_unit_interval
+from ..validation import DIVERGENCES, REDUCTIONS, check_choice, check_matrix, check_unit_interval
 from .dispatch import make_placement, run_loss
 
 
@@ -47,12 +47,18 @@ class PresetLoss(torch.nn.Module):
 
     ``process_group`` (or ``distributed=True`` for the default group) makes the preset evaluate
     ``ik.distributed.icon_loss`` on this rank's rows with ``dist_mode`` ("gather" or "ring");
-    otherwise it calls ``ik.icon_loss``.
+    otherwise it calls ``ik.icon_loss``. ``divergence`` replaces the preset's own (its paper's:
+    ``DIVERGENCE``), e.g. SupCon with "tv" as Beyond I-Con (arXiv 2509.04734) does.
     """
 
+    DIVERGENCE = "kl"
+
     def __init__(self, *, alpha=0.0, beta=0.0, reduction="mean", backend="auto",
-                 process_group=None, dist_mode="gather", distributed=False):
+                 process_group=None, dist_mode="gather", distributed=False, divergence=None):
         super().__init__()
+        if divergence is not None:
+            check_choice("divergence", divergence, DIVERGENCES)
+        self.divergence = type(self).DIVERGENCE if divergence is None else divergence
         self.alpha = check_unit_interval("alpha", alpha)
         self.beta = check_unit_interval("beta", beta)
         if reduction not in REDUCTIONS:
@@ -64,9 +70,10 @@ class PresetLoss(torch.nn.Module):
 
     def _loss(self, x, y=None, *, target, **kwargs):
         return run_loss(x, y, target=target, placement=self.placement, alpha=self.alpha,
-                        beta=self.beta, reduction=self.reduction, backend=self.backend, **kwargs)
+                        beta=self.beta, reduction=self.reduction, backend=self.backend,
+                        divergence=self.divergence, **kwargs)
 
     def extra_repr(self) -> str:
         where = f", dist_mode={self.placement.dist_mode!r}" if self.placement.distributed else ""
-        return (f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
+        return (f"divergence={self.divergence!r}, alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}{where}")

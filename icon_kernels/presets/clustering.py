@@ -64,7 +64,7 @@ class InfoNCEClustering(PresetLoss):
         phi = logits.softmax(dim=1)
         sizes = all_reduce_sum(phi.sum(0), self.placement)
         return self._loss(phi, phi / sizes, target=target, kernel="log_dot",
-                          exclude_self=self.exclude_self, divergence="kl")
+                          exclude_self=self.exclude_self)
 
     def _target(self, logits, sample_ids, neighbors):
         n = logits.shape[0]

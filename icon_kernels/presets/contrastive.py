@@ -22,7 +22,7 @@ def _two_view_loss(preset, view1, view2, **kernel):
     check_views(view1, view2)
     z = torch.cat([view1, view2])
     ids = global_ids(view1.shape[0], preset.placement, z.device).repeat(2)
-    return preset._loss(z, target=Labels(ids), divergence="cross_entropy", **kernel)
+    return preset._loss(z, target=Labels(ids), **kernel)
 
 
 class InfoNCE(PresetLoss):
@@ -36,6 +36,8 @@ class InfoNCE(PresetLoss):
     NT-Xent (e.g. pytorch-metric-learning's NTXentLoss) at the same temperature.
     Distributed: sample ids are made unique across ranks (local i on rank r -> i * W + r).
     """
+
+    DIVERGENCE = "cross_entropy"
 
     def __init__(self, temperature=0.1, **kwargs):
         super().__init__(**kwargs)
@@ -60,6 +62,8 @@ class TSimCLR(PresetLoss):
     mean_i -log q(partner(i)|i), equal to the KL with one positive per row.
     """
 
+    DIVERGENCE = "cross_entropy"
+
     def __init__(self, dof=1.0, **kwargs):
         super().__init__(**kwargs)
         self.dof = check_positive("dof", dof)
@@ -79,6 +83,8 @@ class SupCon(PresetLoss):
     labels. Labels are global class ids, also across ranks.
     """
 
+    DIVERGENCE = "cross_entropy"
+
     def __init__(self, temperature=0.1, **kwargs):
         super().__init__(**kwargs)
         self.temperature = check_positive("temperature", temperature)
@@ -87,7 +93,7 @@ class SupCon(PresetLoss):
         check_matrix("embeddings", embeddings)
         check_labels("labels", labels, embeddings.shape[0], embeddings.device, "embeddings")
         return self._loss(embeddings, target=Labels(labels), kernel="cosine",
-                          temperature=self.temperature, divergence="cross_entropy")
+                          temperature=self.temperature)
 
 
 class CLIPLoss(PresetLoss):
@@ -102,6 +108,8 @@ class CLIPLoss(PresetLoss):
     directions from one pass over the tiles yet, so the two directions are two fused calls.
     Distributed: each rank passes its own pairs; pair ids are made unique across ranks.
     """
+
+    DIVERGENCE = "cross_entropy"
 
     def __init__(self, logit_scale=math.log(1 / 0.07), *, learnable=True, max_logit_scale=100.0,
                  **kwargs):
@@ -131,8 +139,7 @@ class CLIPLoss(PresetLoss):
         temperature = scale.reciprocal().to(device=image_emb.device, dtype=image_emb.dtype)
         img_ids = global_ids(n, self.placement, image_emb.device)
         txt_ids = global_ids(m, self.placement, image_emb.device)
-        common = dict(kernel="cosine", temperature=temperature, exclude_self=False,
-                      divergence="cross_entropy")
+        common = dict(kernel="cosine", temperature=temperature, exclude_self=False)
         image_to_text = self._loss(image_emb, text_emb, target=Labels(img_ids, txt_ids), **common)
         text_to_image = self._loss(text_emb, image_emb, target=Labels(txt_ids, img_ids), **common)
         return (image_to_text + text_to_image) / 2
@@ -150,6 +157,8 @@ class PrototypeCrossEntropy(PresetLoss):
     ``forward(..., prototypes=W)`` uses a given matrix instead. Distributed: the prototypes are the
     same on every rank, so they are not gathered; only the mean is global.
     """
+
+    DIVERGENCE = "cross_entropy"
 
     def __init__(self, n_classes, dim, *, kernel="dot", temperature=1.0, sigma=1.0, dof=1.0, **kwargs):
         super().__init__(**kwargs)
@@ -181,4 +190,4 @@ class PrototypeCrossEntropy(PresetLoss):
             embeddings, w, target=Labels(labels, classes), placement=self.placement,
             reduction=self.reduction, backend=self.backend, kernel=self.kernel,
             **{name: params[name]}, alpha=self.alpha, beta=self.beta, exclude_self=False,
-            divergence="cross_entropy")
+            divergence=self.divergence)

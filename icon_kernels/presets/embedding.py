@@ -76,7 +76,7 @@ class SNE(_InputTargetLoss):
     def forward(self, embeddings, inputs):
         _check_pair(embeddings, inputs)
         return self._loss(embeddings, target=self._target(embeddings, inputs), kernel="gaussian",
-                          sigma=self.q_sigma, divergence="kl")
+                          sigma=self.q_sigma)
 
 
 class TSNE(SNE):
@@ -96,7 +96,7 @@ class TSNE(SNE):
     def forward(self, embeddings, inputs):
         _check_pair(embeddings, inputs)
         return self._loss(embeddings, target=self._target(embeddings, inputs), kernel="student_t",
-                          dof=self.dof, divergence="kl")
+                          dof=self.dof)
 
 
 class UniformKNN(_InputTargetLoss):
@@ -143,5 +143,4 @@ class UniformKNN(_InputTargetLoss):
             target = Neighbors(target.indices, target.weights.to(embeddings.dtype))
         params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof}
         name = KERNEL_PARAM[self.kernel]
-        return self._loss(embeddings, target=target, kernel=self.kernel, **{name: params[name]},
-                          divergence="kl")
+        return self._loss(embeddings, target=target, kernel=self.kernel, **{name: params[name]})
