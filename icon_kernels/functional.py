@@ -7,7 +7,8 @@ from .backends.dispatch import loss
 def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0,
               alpha=0.0, beta=0.0, exclude_self=None, divergence="kl", reduction="mean",
               weight=None, backend="auto"):
-    """The I-Con loss mean_i KL(p(.|i) || q(.|i)) between a supervisory target and learned kernel.
+    """The I-Con loss mean_i D(p(.|i) || q(.|i)) between a supervisory target and a learned kernel
+    (D is the KL divergence by default).
 
     x: (N, d) row embeddings; y: (M, d) column embeddings, or None for y = x. target:
     ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine, gaussian, student_t

@@ -32,7 +32,7 @@ def test_terms_are_q_f_of_the_ratio(name):
     p = torch.rand(50, generator=gen, dtype=torch.float64) * 0.3
     q = torch.rand(50, generator=gen, dtype=torch.float64) * 0.3 + 1e-3
     p[:5] = 0
-    got = f_divergence_terms(name, p, q, torch.log(q))
+    got = f_divergence_terms(name, torch.log(p), torch.log(q))     # log 0 = -inf marks p = 0
     f = GENERATOR[name][0]
     torch.testing.assert_close(got[5:], q[5:] * f(p[5:] / q[5:]), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(got[:5], AT_P_ZERO[name](q[:5]), rtol=1e-12, atol=0)
@@ -151,15 +151,20 @@ def _preset_calls():
     ]
 
 
+# each preset's own divergence, as its paper reports it (the defaults did not change with divergence=)
+OWN_DIVERGENCE = {"InfoNCE": "cross_entropy", "SimCLR": "cross_entropy", "TSimCLR": "cross_entropy",
+                  "SupCon": "cross_entropy", "CLIPLoss": "cross_entropy", "PrototypeCrossEntropy": "cross_entropy",
+                  "SNE": "kl", "TSNE": "kl", "UniformKNN": "kl", "InfoNCEClustering": "kl"}
+
+
 @pytest.mark.parametrize("index", range(10))
 def test_every_preset_takes_a_divergence(index):
     cls, kwargs, call = _preset_calls()[index]
-    own = cls(**kwargs).double()
-    torch.manual_seed(0)
+    own = cls(**kwargs, alpha=0.1).double()
     other = cls(**kwargs, divergence="hellinger", alpha=0.1).double()
-    other.load_state_dict(own.state_dict())
+    other.load_state_dict(own.state_dict())             # the same parameters: only the divergence differs
     assert other.divergence == "hellinger" and "divergence='hellinger'" in repr(other)
-    assert own.divergence == cls.DIVERGENCE
+    assert own.divergence == OWN_DIVERGENCE[cls.__name__]
     value = call(other)
     assert torch.isfinite(value)
     assert not torch.allclose(value, call(own))          # it is passed on, not dropped
@@ -174,3 +179,77 @@ def test_supcon_with_tv_is_icon_loss_with_tv():
     want = ik.icon_loss(emb, target=ik.Labels(labels), kernel="cosine", temperature=0.2, divergence="tv",
                         backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["tv", "hellinger", "js"])
+@pytest.mark.parametrize("target_kind", ["labels", "dense"])
+def test_zeros_in_the_target_at_tau_001(name, dtype, target_kind):
+    # alpha = 0: p~ is exactly 0 off the positives, and q~ underflows at tau = 0.01 (the js mean
+    # of a subnormal q once rounded to 0 and gave +inf). The bounded divergences stay finite;
+    # chi2 is unbounded (2e54 here, beyond fp32, so +inf is its honest fp32 value)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(16, 8, generator=gen, dtype=dtype, requires_grad=True)
+    labels = torch.arange(16) % 4
+    target = (ik.Labels(labels) if target_kind == "labels"
+              else ik.Dense((labels[:, None] == labels[None, :]).to(dtype)))
+    loss = ik.icon_loss(x, target=target, kernel="cosine", temperature=0.01, divergence=name)
+    dx, = torch.autograd.grad(loss, [x])
+    assert torch.isfinite(loss) and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_far_apart_clusters_keep_finite_gradients(name):
+    # q underflows to 0 across the clusters while log q stays finite (two clusters 60 apart,
+    # gaussian kernel), and p is 0 there: chi2's unpicked branch exp(-log q) once sent a NaN
+    # through the gradient of a finite loss
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(6, 3, generator=gen, dtype=torch.float64),
+                   torch.randn(6, 3, generator=gen, dtype=torch.float64) + 60]).requires_grad_()
+    clusters = ik.Labels(torch.arange(12) // 6)
+    loss = ik.icon_loss(x, target=clusters, kernel="gaussian", alpha=0.1 if name == "reverse_kl" else 0.0,
+                        divergence=name)
+    dx, = torch.autograd.grad(loss, [x])
+    assert torch.isfinite(loss) and torch.isfinite(dx).all()
+
+
+def test_reverse_kl_uses_the_targets_exact_log_probabilities():
+    # an Affinity target's p underflows (log p ~ -5000) where q does not: q log(q / p) is finite
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(10, 2, generator=gen, dtype=torch.float64) * 30
+    t = ik.Affinity(z, kernel="gaussian", sigma=1.0)
+    loss = ik.icon_loss(x, target=t, kernel="gaussian", divergence="reverse_kl")
+    valid = ~torch.eye(10, dtype=torch.bool)
+    d2 = lambda a: torch.cdist(a, a) ** 2
+    log_q = (-d2(x.detach()) / 2).masked_fill(~valid, -math.inf).log_softmax(1)
+    log_p = (-d2(z) / 2).masked_fill(~valid, -math.inf).log_softmax(1)
+    want = torch.where(valid, log_q.exp() * (log_q - log_p), 0.0).sum(1).mean()
+    assert log_p[valid].min() < -1000
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-10, atol=0)
+
+
+def test_reverse_kl_against_neighbors_asks_for_alpha_too():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        ik.icon_loss(x, target=ik.Neighbors(torch.tensor([[1], [0], [3], [2], [5], [4]])),
+                     divergence="reverse_kl")
+
+
+def test_hellinger_has_no_cancellation_near_p_equals_q():
+    p = torch.full((1000,), 1e-3, dtype=torch.float32)
+    q = p * (1 + 1e-3)
+    got = f_divergence_terms("hellinger", p.log(), q.log()).sum()
+    want = ((p.double().sqrt() - q.double().sqrt()) ** 2).sum()
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+
+def test_no_fused_op_takes_them():
+    # a second gate behind the backend choice: the ops' `kl` flag knows kl and cross_entropy only
+    from icon_kernels.backends.dispatch import op_arguments
+    from icon_kernels.validation import LOSS_OPTIONS, check_arguments
+    x = torch.randn(5, 3, dtype=torch.float64)
+    problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
+                              reduction="mean", weight=None, **{**LOSS_OPTIONS, "divergence": "tv"})
+    with pytest.raises(ValueError, match="no fused op"):
+        op_arguments(problem)

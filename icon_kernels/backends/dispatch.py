@@ -71,6 +71,8 @@ def target_arguments(target) -> TargetArguments:
 
 def op_arguments(problem: Problem):
     """The forward op's flat arguments (ops.ARGS order) of a checked problem."""
+    if problem.divergence not in ("kl", "cross_entropy"):      # the op's `kl` flag knows these two only
+        raise ValueError(f"divergence {problem.divergence!r} has no fused op yet")
     x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
     return (x, y, param, kernel, *target_arguments(problem.target), problem.alpha, problem.beta,
             problem.exclude_self, problem.kl)

@@ -6,6 +6,8 @@ float64 for tests; in fp16/bf16 it shows PyTorch's own low-precision error).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,11 +51,12 @@ def _normalise_rows(w: torch.Tensor):
 
 
 def target_probabilities(target, valid: torch.Tensor):
-    """p_ij over the valid columns (rows sum to 1) and which rows have any p."""
+    """p_ij over the valid columns (rows sum to 1), which rows have any p, and log p where the
+    target gives it exactly (Affinity's log-softmax, finite where p underflows; else None)."""
     n, m = valid.shape
     if isinstance(target, Labels):
         same = (target.row_labels[:, None] == target.col_labels[None, :]) & valid
-        return _normalise_rows(same.double())
+        return (*_normalise_rows(same.double()), None)
     if isinstance(target, Neighbors):
         w = torch.ones(target.indices.shape, dtype=torch.float64, device=valid.device)
         if target.weights is not None:
@@ -61,43 +64,48 @@ def target_probabilities(target, valid: torch.Tensor):
         dense = torch.zeros(n, m, dtype=torch.float64, device=valid.device)
         # a -1 pad's weight is no weight: ignored, also when it is NaN or Inf
         dense.scatter_add_(1, target.indices.clamp_min(0), torch.where(target.indices >= 0, w, 0.0))
-        return _normalise_rows(dense * valid)
+        return (*_normalise_rows(dense * valid), None)
     if isinstance(target, Dense):
-        return _normalise_rows(target.p * valid)
+        return (*_normalise_rows(target.p * valid), None)
     if isinstance(target, Affinity):
         z_cols = target.z if target.z_cols is None else target.z_cols
         param = getattr(target, KERNEL_PARAM[target.kernel]) if KERNEL_PARAM[target.kernel] else 1.0
         t = pairwise_logits(target.kernel, target.z, z_cols, param)
-        p = torch.where(valid, _masked_log_softmax(t, valid).exp(), 0.0)
-        return p, valid.any(1)
+        log_p = torch.where(valid, _masked_log_softmax(t, valid), float("-inf"))
+        return torch.where(valid, log_p.exp(), 0.0), valid.any(1), log_p
     raise TypeError(f"unknown target {type(target).__name__}")
 
 
-def _log_or_zero(t: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """log t where ``positive``, else 0: the log is never taken of 0, so no NaN gradient leaks
-    through the branch torch.where does not pick."""
-    return torch.log(torch.where(positive, t, 1.0))
+def _where_log(positive: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    """log_t where ``positive``, else 0: a branch torch.where does not pick stays finite, so no
+    NaN gradient leaks through it."""
+    return torch.where(positive, log_t, 0.0)
 
 
-def f_divergence_terms(name: str, p: torch.Tensor, q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """q f(p / q) per pair for the f-divergences of DESIGN.md §1.1, written from the table there
-    (p, q the mixed distributions; log q given, as the softmax gives it). Every term is formed from
-    p, q and their logs, never from a ratio that overflows; the value at p = 0 is the table's."""
-    has_p = p > 0
-    log_p = _log_or_zero(p, has_p)
+def f_divergence_terms(name: str, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """q f(p / q) per pair for the f-divergences of DESIGN.md §1.1, from log p and log q alone
+    (-inf where a probability is 0; p, q the mixed distributions), written from the table there:
+    no ratio that overflows, no log of an underflowed probability, the table's value at p = 0."""
+    has_p, has_q = log_p > float("-inf"), log_q > float("-inf")
+    lp, lq = _where_log(has_p, log_p), _where_log(has_q, log_q)
+    p, q = torch.where(has_p, lp.exp(), 0.0), torch.where(has_q, lq.exp(), 0.0)
+    inf = torch.full_like(p, float("inf"))
     if name == "reverse_kl":                       # q (log q - log p); +inf where p = 0 < q
-        return torch.where(has_p, q * (log_q - log_p), torch.where(q > 0, float("inf"), 0.0).to(q.dtype))
+        return torch.where(has_q, torch.where(has_p, q * (lq - lp), inf), 0.0)
     if name == "tv":
         return 0.5 * (p - q).abs()
-    if name == "hellinger":                        # (sqrt p - sqrt q)^2 = p + q - 2 sqrt(p q)
-        return p + q - 2 * torch.where(has_p, torch.exp(0.5 * (log_p + log_q)), 0.0)
-    if name == "js":                               # m = (p + q) / 2
-        log_m = _log_or_zero(0.5 * (p + q), (p + q) > 0)
-        return 0.5 * (torch.where(has_p, p * (log_p - log_m), 0.0)
-                      + torch.where(q > 0, q * (log_q - log_m), 0.0))
+    if name == "hellinger":                        # (sqrt p - sqrt q)^2, no cancellation near p = q
+        return (torch.where(has_p, (0.5 * lp).exp(), 0.0) - torch.where(has_q, (0.5 * lq).exp(), 0.0)) ** 2
+    if name == "js":                               # log m = log((p + q) / 2), formed in logs
+        either = has_p | has_q
+        log_m = torch.where(either, torch.logaddexp(torch.where(either, log_p, 0.0),
+                                                    torch.where(either, log_q, 0.0)), 0.0) - math.log(2)
+        return 0.5 * (torch.where(has_p, p * (lp - log_m), 0.0) + torch.where(has_q, q * (lq - log_m), 0.0))
     if name == "chi2":                             # (p - q)^2 / q = exp(2 log|p - q| - log q)
         gap = (p - q).abs()
-        return torch.where(gap > 0, torch.exp(2 * _log_or_zero(gap, gap > 0) - log_q), 0.0)
+        both = (gap > 0) & has_q
+        finite = torch.exp(2 * _where_log(both, torch.log(torch.where(both, gap, 1.0))) - _where_log(both, lq))
+        return torch.where(both, finite, torch.where(gap > 0, inf, 0.0))
     raise ValueError(f"unknown f-divergence {name!r}")
 
 
@@ -114,7 +122,7 @@ def row_losses(problem: Problem):
 
     logits = pairwise_logits(problem.kernel, x, y, problem.param)
     log_q = _masked_log_softmax(logits, valid)
-    p, has_p = target_probabilities(problem.target, valid)
+    p, has_p, log_p = target_probabilities(problem.target, valid)
     p = p.to(log_q.dtype)
     p_mix = torch.where(valid, (1 - alpha) * p + alpha / m_safe, 0.0)
     if beta > 0:
@@ -122,11 +130,7 @@ def row_losses(problem: Problem):
     else:
         log_q_mix = log_q
     if problem.divergence not in ("kl", "cross_entropy"):
-        q_mix = torch.where(valid, log_q_mix.exp(), 0.0)
-        terms = f_divergence_terms(problem.divergence, p_mix, q_mix, log_q_mix)
-        loss = torch.where(valid, terms, 0.0).sum(1)
-        included = has_p & (m_valid[:, 0] > 0)
-        return torch.where(included, loss, 0.0), included
+        return _f_divergence_rows(problem, valid, log_q_mix, p, p_mix, log_p, has_p, m_valid)
     zero = p_mix == 0         # 0 log 0 = 0; NaN stays NaN
     cross = (p_mix * torch.where(zero, 0.0, log_q_mix)).sum(1)
     loss = -cross
@@ -134,3 +138,22 @@ def row_losses(problem: Problem):
         loss = loss + (p_mix * torch.log(torch.where(zero, 1.0, p_mix))).sum(1)
     included = has_p & (m_valid[:, 0] > 0)
     return torch.where(included, loss, 0.0), included
+
+
+def _f_divergence_rows(problem: Problem, valid, log_q_mix, p, p_mix, log_p, has_p, m_valid):
+    """L_i = sum_j q~ f(p~ / q~) over the valid columns, in fp32 at least (half-precision terms
+    overflow), from log p~ and log q~ (DESIGN.md §1.1)."""
+    acc = torch.promote_types(log_q_mix.dtype, torch.float32)
+    if log_p is None:                       # log p~ of a target given by its probabilities
+        log_p_mix = torch.log(torch.where(p_mix > 0, p_mix, 1.0)).to(acc)
+        log_p_mix = torch.where(p_mix > 0, log_p_mix, float("-inf"))
+    elif problem.alpha == 0:                # the exact log-softmax, also where p underflows
+        log_p_mix = log_p.to(acc)
+    else:                                   # p~ >= alpha / M' here, so the linear mix is exact enough
+        log_p_mix = torch.log(torch.where(valid, p_mix, 1.0)).to(acc)
+    log_p_mix = torch.where(valid, log_p_mix, float("-inf"))
+    log_q = torch.where(valid, log_q_mix.to(acc), float("-inf"))
+    terms = f_divergence_terms(problem.divergence, log_p_mix, log_q)
+    loss = torch.where(valid, terms, 0.0).sum(1)
+    included = has_p & (m_valid[:, 0] > 0)
+    return torch.where(included, loss, 0.0).to(log_q_mix.dtype), included

@@ -224,6 +224,8 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         check_cols = y
     backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, check_cols, target,
                                      options)
+    if problem.divergence not in ("kl", "cross_entropy"):      # refused in rank_agreement already
+        raise ValueError(f"dist_mode='ring' does not compute divergence={problem.divergence!r} yet")
     acc = accumulation_dtype(x.dtype)
     xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
     t = target_arguments(problem.target)

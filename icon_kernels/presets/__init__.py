@@ -13,7 +13,7 @@
 | InfoNCEClustering(n_clusters) | other views and/or kNN | cluster kernel (log_dot on soft assignments) |
 
 All take ``divergence`` (the preset's own by default: cross_entropy for the contrastive ones,
-kl for the others; e.g. SupCon with "tv" as Beyond I-Con does), ``alpha`` / ``beta``
+kl for the others; e.g. SupCon with "tv", after Beyond I-Con), ``alpha`` / ``beta``
 (debiasing), ``reduction``, ``backend`` and ``process_group`` /
 ``dist_mode`` / ``distributed`` (see presets/base.py, PresetLoss).
 """

@@ -48,7 +48,8 @@ class PresetLoss(torch.nn.Module):
     ``process_group`` (or ``distributed=True`` for the default group) makes the preset evaluate
     ``ik.distributed.icon_loss`` on this rank's rows with ``dist_mode`` ("gather" or "ring");
     otherwise it calls ``ik.icon_loss``. ``divergence`` replaces the preset's own (its paper's:
-    ``DIVERGENCE``), e.g. SupCon with "tv" as Beyond I-Con (arXiv 2509.04734) does.
+    ``DIVERGENCE``), e.g. SupCon with "tv" (Beyond I-Con, arXiv 2509.04734, reports TV and JS
+    winning on supervised contrastive learning).
     """
 
     DIVERGENCE = "kl"
