@@ -132,7 +132,9 @@ def test_every_target_type_has_its_adapter():
 
 def test_target_arguments_are_the_op_schemas_target_slots():
     # dispatch.TargetArguments names the op schema's arguments between kernel and alpha, in order
+    from icon_kernels.backends.blockwise import Problem
     from icon_kernels.backends.dispatch import TargetArguments
     from icon_kernels.backends.ops import ARGS
     names = [a.strip().split(" ")[-1] for a in ARGS.split(",")]
+    assert list(Problem._fields) == names          # the torch backend's names of the op's arguments
     assert list(TargetArguments._fields) == names[names.index("kernel") + 1:names.index("alpha")]

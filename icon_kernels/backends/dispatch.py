@@ -3,7 +3,7 @@ backend, and the loss reduced over rows. ``ik.icon_loss``, the presets and ``ik.
 all evaluate the loss through here, so it sits below them (DESIGN.md §3)."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import LOSS_OPTIONS, Problem, check_arguments
 from . import reference, registry
+from .blockwise import Problem as OpArguments
 from .ops import forward_op
 from .tile_math import accumulation_dtype
 
@@ -41,19 +42,11 @@ def kernel_inputs(kernel: str, a: torch.Tensor, b, param):
     return a, (a if b is None else b), kernel, _param_tensor(param, a)
 
 
-class TargetArguments(NamedTuple):
-    """The target's slots of the op schema (ops.ARGS), prepared like x and y."""
-
-    target: str
-    row_labels: Optional[torch.Tensor]
-    col_labels: Optional[torch.Tensor]
-    nbr_index: Optional[torch.Tensor]
-    nbr_weight: Optional[torch.Tensor]
-    z: Optional[torch.Tensor]
-    z_cols: Optional[torch.Tensor]
-    t_param: Optional[torch.Tensor]
-    t_kernel: str
-    dense_p: Optional[torch.Tensor]
+# The target's slots of the op schema (ops.ARGS, named by blockwise.Problem): from `target` up to
+# `alpha`, prepared like x and y.
+_OP_FIELDS = OpArguments._fields
+TargetArguments = namedtuple("TargetArguments",
+                             _OP_FIELDS[_OP_FIELDS.index("target"):_OP_FIELDS.index("alpha")])
 
 
 def target_arguments(target) -> TargetArguments:
