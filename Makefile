@@ -46,6 +46,7 @@ bench-distributed: install-bench
 examples: install-examples
 	$(VPY) examples/cluster_digits.py
 	$(VPY) examples/tsne_digits.py
+	$(VPY) examples/joint_tsne_digits.py
 	$(VPY) examples/simclr_huge_batch.py
 
 clean:

@@ -13,8 +13,10 @@ from .functional import icon_loss
 from .modules import ICon
 from .helpers.knn import knn, knn_target, propagate
 from .helpers.perplexity import calibrate_sigma
-from .presets import (SNE, TSNE, CLIPLoss, InfoNCE, InfoNCEClustering, PrototypeCrossEntropy,
-                      SimCLR, SupCon, TSimCLR, UniformKNN)
+from .presets import (SNE, TSNE, CLIPLoss, HarmonicLoss, InfoNCE, InfoNCEClustering,
+                      PrototypeCrossEntropy, SimCLR, SupCon, TSimCLR, UniformKNN)
+from .presets import KMeans, SpectralClustering
+from .presets import JointTSNE
 from .backends.ops import register_backend as _register_backend
 from .targets import Affinity, Dense, Labels, Neighbors
 
@@ -26,5 +28,7 @@ _cpu_backend.register()
 _cuda_backend.register()
 
 __all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends",
-           "InfoNCE", "SimCLR", "TSimCLR", "SupCon", "CLIPLoss", "PrototypeCrossEntropy", "SNE", "TSNE",
-           "UniformKNN", "InfoNCEClustering", "knn", "knn_target", "propagate", "calibrate_sigma"]
+           "InfoNCE", "SimCLR", "TSimCLR", "SupCon", "CLIPLoss", "PrototypeCrossEntropy", "HarmonicLoss", "SNE",
+           "TSNE", "UniformKNN", "InfoNCEClustering", "knn", "knn_target", "propagate", "calibrate_sigma"]
+__all__ += ["KMeans", "SpectralClustering"]
+__all__ += ["JointTSNE"]

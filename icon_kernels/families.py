@@ -42,6 +42,17 @@ def _student_t_dlogit_ddof(aux: torch.Tensor, prm: torch.Tensor) -> torch.Tensor
     return (-0.5 * torch.log1p(a64 / p64) + 0.5 * (p64 + 1) * a64 / (p64 * (p64 + a64))).to(aux.dtype)
 
 
+# the power kernel's epsilon: s = -(n/2) log(d² + POWER_EPS) stays finite at d² = 0 (the self pair
+# when it is valid). A library constant, not an argument; csrc/tile_math.h and
+# triton/tile_helpers.py hold copies (tests/test_families.py checks they agree).
+POWER_EPS = 1e-12
+
+
+def _power_basis(aux: torch.Tensor, prm) -> torch.Tensor:
+    """ds/dn of the power kernel: -(1/2) log(d² + eps)."""
+    return -0.5 * torch.log(aux + POWER_EPS)
+
+
 _DOT = dict(param="temperature", code=0, distance=False, symmetric=True,
             logit=lambda aux, prm: aux / prm,
             weight=lambda g, aux, prm: g / prm,
@@ -63,6 +74,12 @@ LEARNED_KERNELS: Dict[str, LearnedKernel] = {k.name: k for k in (
     LearnedKernel("log_dot", param=None, code=3, distance=False, symmetric=True, normalise=False,
                   logit=lambda aux, prm: torch.log(aux),
                   weight=lambda g, aux, prm: torch.where(g != 0, g / aux, 0.0)),   # padding: a.b = 0, g = 0
+    # harmonic loss (Baek et al., arXiv 2502.01628): q ∝ (d² + eps)^(-n/2), exponent n
+    LearnedKernel("power", param="exponent", code=4, distance=True, symmetric=True, normalise=False,
+                  logit=lambda aux, prm: prm * _power_basis(aux, prm),
+                  weight=lambda g, aux, prm: g * prm / (aux + POWER_EPS),
+                  param_from_sum=lambda total, prm: total,
+                  param_basis=_power_basis),
 )}
 # the op codes (cosine arrives as dot on normalised rows)
 KERNEL_CODES: Dict[str, int] = {k.name: k.code for k in LEARNED_KERNELS.values() if not k.normalise}
@@ -88,20 +105,42 @@ class Divergence:
     code: int
     has_entropy: bool           # kl adds sum p~ log p~ to the cross term; cross_entropy does not
     # the backends that compute it; "auto" picks among these (the f-divergences of DESIGN.md
-    # §1.1 beyond kl run on the dense reference until the fused backends gain them)
+    # §1.1 beyond kl are not in the Triton and CUDA kernels yet)
     backends: Tuple[str, ...] = ("reference", "torch", "cpu", "triton", "cuda")
 
 
-_ORACLE_ONLY = ("reference",)
+_NOT_ON_GPU_KERNELS = ("reference", "torch", "cpu")
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
     Divergence("kl", 0, has_entropy=True),
     Divergence("cross_entropy", 1, has_entropy=False),
-    Divergence("reverse_kl", 2, has_entropy=False, backends=_ORACLE_ONLY),
-    Divergence("tv", 3, has_entropy=False, backends=_ORACLE_ONLY),
-    Divergence("hellinger", 4, has_entropy=False, backends=_ORACLE_ONLY),
-    Divergence("js", 5, has_entropy=False, backends=_ORACLE_ONLY),
-    Divergence("chi2", 6, has_entropy=False, backends=_ORACLE_ONLY),
+    Divergence("reverse_kl", 2, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
+    Divergence("tv", 3, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
+    Divergence("hellinger", 4, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
+    Divergence("js", 5, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
+    Divergence("chi2", 6, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
 )}
+
+
+# normalization= (DESIGN.md §1.2) -> the backends that compute it: "conditional" is one distribution
+# per row (everywhere), "joint" one distribution over all valid pairs (the dense reference for now)
+NORMALIZATIONS: Dict[str, Tuple[str, ...]] = {
+    "conditional": ("reference", "torch", "cpu", "triton", "cuda"),
+    "joint": ("reference",),
+}
+# the backends that build a symmetrised target (Affinity / Neighbors with symmetrize=True)
+SYMMETRIZED_TARGET_BACKENDS: Tuple[str, ...] = ("reference",)
+
+
+_DIVERGENCE_BY_CODE: Dict[int, Divergence] = {d.code: d for d in DIVERGENCES.values()}
+F_DIVERGENCE_CODES = tuple(d.code for d in DIVERGENCES.values() if d.name not in ("kl", "cross_entropy"))
+
+
+def divergence_by_code(code: int) -> Divergence:
+    """The row of op code ``code``; ValueError for a code not in the table."""
+    try:
+        return _DIVERGENCE_BY_CODE[int(code)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"unknown divergence code {code!r}; known: {sorted(_DIVERGENCE_BY_CODE)}") from None
 
 
 def learned_kernel(name: str) -> LearnedKernel:

@@ -5,18 +5,31 @@ from .backends.dispatch import loss
 
 
 def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0,
-              alpha=0.0, beta=0.0, exclude_self=None, divergence="kl", reduction="mean",
-              weight=None, backend="auto"):
+              exponent=1.0, alpha=0.0, beta=0.0, exclude_self=None, divergence="kl",
+              normalization="conditional", reduction="mean", weight=None, backend="auto"):
     """The I-Con loss mean_i D(p(.|i) || q(.|i)) between a supervisory target and a learned kernel
     (D is the KL divergence by default).
 
     x: (N, d) row embeddings; y: (M, d) column embeddings, or None for y = x. target:
-    ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine, gaussian, student_t
-    or log_dot, with temperature (dot, cosine), sigma (gaussian) or dof (student_t), each a
-    finite float > 0 or a scalar / (N,) tensor that may require grad. alpha / beta mix a uniform
-    distribution into p / q. divergence: "kl" or "cross_entropy", or one of the
+    ik.Labels | ik.Neighbors | ik.Affinity | ik.Dense. kernel: dot, cosine, gaussian, student_t,
+    power or log_dot, with temperature (dot, cosine), sigma (gaussian), dof (student_t) or
+    exponent (power: s = -(n/2) log(||x_i - y_j||^2 + eps), eps = families.POWER_EPS = 1e-12, a
+    library constant), each a finite float > 0 or a scalar / (N,) tensor that may require grad.
+    alpha / beta mix a uniform distribution into p / q. divergence: "kl" or "cross_entropy", or one of the
     f-divergences "reverse_kl", "tv", "hellinger", "js", "chi2" (DESIGN.md §1.1), which run on
     the dense reference backend for now ("auto" picks it; the fused backends raise).
+
+    normalization: "conditional" (the default: one distribution q(.|i) per row, the loss a mean
+    of row divergences) or "joint" (DESIGN.md §1.2; van der Maaten's t-SNE): q_ij = e^{s_ij} / Z
+    over all valid pairs, p the target's weights renormalised over all valid pairs (Labels: 1
+    on positives; Neighbors: its weights; Dense: p; Affinity: its rows p(j|i)), alpha / beta
+    mix in 1 / (number of valid pairs), and the loss is the single divergence
+    sum_ij D-term(p_ij, q_ij). Under "joint", reduction "mean" and "sum" both return that one
+    divergence (no mean over rows), "none" returns the per-row contributions sum_j D-term(p_ij,
+    q_ij), which sum to it (a row's contribution may be negative for kl); ``weight`` raises
+    (there are no row losses to weight). Joint runs on the dense reference backend for now
+    ("auto" picks it; the fused backends and ik.distributed raise), as does a target with
+    symmetrize=True (Affinity, Neighbors: p_ij ∝ (p_{j|i} + p_{i|j}) / 2; square problems only).
 
     exclude_self: None (the default) leaves the self pairs (i, i) out exactly when y is None;
     passing y=x explicitly keeps them (give exclude_self=True to drop them). A row with no valid
@@ -35,5 +48,5 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
     a NaN loss. backend: "auto", or one of ik.available_backends().
     """
     return loss(x, y, target=target, kernel=kernel, temperature=temperature, sigma=sigma, dof=dof,
-                alpha=alpha, beta=beta, exclude_self=exclude_self, divergence=divergence,
-                reduction=reduction, weight=weight, backend=backend)
+                exponent=exponent, alpha=alpha, beta=beta, exclude_self=exclude_self, divergence=divergence,
+                normalization=normalization, reduction=reduction, weight=weight, backend=backend)

@@ -10,25 +10,29 @@ class ICon(torch.nn.Module):
     """``ICon(kernel="student_t", dof=1.0, ...)(x, y=None, target=..., weight=None)``.
 
     Holds every keyword of ``ik.icon_loss`` except the per-call tensors. A tensor temperature,
-    sigma or dof given here is used as is (wrap it in nn.Parameter to learn it). As in
+    sigma, dof or exponent given here is used as is (wrap it in nn.Parameter to learn it). As in
     ``ik.icon_loss``: ``reduction="none"`` returns w_i L_i per row when ``weight`` is given (0 for
     rows left out); ``exclude_self=None`` drops the self pairs only when y is None (passing
-    y=x keeps them).
+    y=x keeps them). ``normalization="joint"`` makes the loss one divergence over all pairs
+    (see ``ik.icon_loss``: "mean" and "sum" return it, "none" its per-row contributions).
     """
 
-    def __init__(self, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
-                 exclude_self=None, divergence="kl", reduction="mean", backend="auto"):
+    def __init__(self, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, exponent=1.0, alpha=0.0,
+                 beta=0.0, exclude_self=None, divergence="kl", reduction="mean", backend="auto",
+                 normalization="conditional"):
         super().__init__()
         self.kernel, self.temperature, self.sigma, self.dof = kernel, temperature, sigma, dof
+        self.exponent = exponent
         self.alpha, self.beta, self.exclude_self = alpha, beta, exclude_self
         self.divergence, self.reduction, self.backend = divergence, reduction, backend
+        self.normalization = normalization
 
     def forward(self, x, y=None, *, target, weight=None):
         return icon_loss(x, y, target=target, kernel=self.kernel, temperature=self.temperature,
-                         sigma=self.sigma, dof=self.dof, alpha=self.alpha, beta=self.beta,
+                         sigma=self.sigma, dof=self.dof, exponent=self.exponent, alpha=self.alpha, beta=self.beta,
                          exclude_self=self.exclude_self, divergence=self.divergence,
-                         reduction=self.reduction, weight=weight, backend=self.backend)
+                         normalization=self.normalization, reduction=self.reduction, weight=weight, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel!r}, divergence={self.divergence!r}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"normalization={self.normalization!r}, reduction={self.reduction!r}, backend={self.backend!r}")

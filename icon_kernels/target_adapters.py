@@ -54,6 +54,21 @@ def _rows_on_rank(name: str, t: torch.Tensor, want: int, x: torch.Tensor) -> Non
         raise ValueError(f"target.{name} has {t.shape[0]} rows on this rank; expected {want}")
 
 
+def check_symmetrize(target, n: int, m: int) -> None:
+    """``symmetrize`` (Affinity, Neighbors) is a bool; True needs a square problem: p_{i|j} is
+    row j's probability of column i, so the columns must be the rows (y None or M == N) and an
+    Affinity target's column features its row features (z_cols None)."""
+    if not isinstance(target.symmetrize, bool):
+        raise TypeError(f"symmetrize must be a bool, got {type(target.symmetrize).__name__}")
+    if not target.symmetrize:
+        return
+    if m != n:
+        raise ValueError(f"symmetrize=True needs a square problem (the columns are the rows); y has {m} rows "
+                         f"and x has {n}")
+    if getattr(target, "z_cols", None) is not None:
+        raise ValueError("symmetrize=True needs z_cols=None (the target's columns are its rows z)")
+
+
 class TargetAdapter:
     name: str = ""                          # the op's target argument (families table)
     addresses_global_columns = False
@@ -139,7 +154,8 @@ class NeighborsAdapter(TargetAdapter):
             check_device("weights", w, x)
             if checking_values() and bool((w < 0).any()):
                 raise ValueError("weights must be >= 0")
-        return Neighbors(idx.long(), w)
+        check_symmetrize(target, n, m)
+        return Neighbors(idx.long(), w, target.symmetrize)
 
     def check_shard(self, target, x, y, n_cols):
         idx = target.indices
@@ -161,7 +177,11 @@ class NeighborsAdapter(TargetAdapter):
         idx = target.indices
         remapped = torch.where(idx >= 0, position[idx.clamp(0, position.numel() - 1)], idx)
         remapped = torch.where(idx >= position.numel(), idx, remapped)   # out of range: validation reports it
-        return Neighbors(remapped, target.weights)
+        return Neighbors(remapped, target.weights, target.symmetrize)
+
+
+# the kernel-parameter fields of ik.Affinity (temperature, sigma, dof, exponent), from the table
+_PARAMS = tuple(dict.fromkeys(name for name in KERNEL_PARAM.values() if name))
 
 
 class AffinityAdapter(TargetAdapter):
@@ -180,10 +200,10 @@ class AffinityAdapter(TargetAdapter):
                 raise ValueError(f"z_cols is required when y has {m} rows and x has {n}")
         else:
             check_features("z_cols", z_cols, m, target.z.shape[1], x)
-        for name in ("sigma", "temperature", "dof"):
+        check_symmetrize(target, n, m)
+        for name in _PARAMS:
             check_positive(name, getattr(target, name), x, n)
-        return replace(target, **{name: inf_to_nan(getattr(target, name))
-                                  for name in ("sigma", "temperature", "dof")})
+        return replace(target, **{name: inf_to_nan(getattr(target, name)) for name in _PARAMS})
 
     def check_shard(self, target, x, y, n_cols):
         if target.z_cols is None and y is not None:

@@ -14,6 +14,7 @@ import torch
 
 from .families import DIVERGENCES as DIVERGENCE_ROWS
 from .families import LEARNED_KERNELS
+from .families import NORMALIZATIONS as NORMALIZATION_ROWS
 
 KERNELS = tuple(LEARNED_KERNELS)
 # which keyword carries each kernel's parameter; log_dot has none
@@ -24,9 +25,10 @@ PARAMETRIC_KERNELS = tuple(name for name, row in LEARNED_KERNELS.items() if row.
 # The loss options of ik.icon_loss with their defaults, besides target, exclude_self, reduction,
 # weight and backend: the one list that ik.icon_loss's signature, the presets and the
 # distributed rank agreement read (tests/test_api.py checks the signature against it).
-LOSS_OPTIONS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, alpha=0.0, beta=0.0,
-                    divergence="kl")
+LOSS_OPTIONS = dict(kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, exponent=1.0, alpha=0.0,
+                    beta=0.0, divergence="kl", normalization="conditional")
 REDUCTIONS = ("mean", "sum", "none")
+NORMALIZATIONS = tuple(NORMALIZATION_ROWS)     # conditional | joint (DESIGN.md §1.2)
 
 Scalar = Union[float, torch.Tensor]
 
@@ -38,7 +40,7 @@ class Problem:
     x: torch.Tensor
     y: Optional[torch.Tensor]          # None: the columns are the rows
     kernel: str
-    param: Scalar                       # the kernel's parameter (tau, sigma or nu); 1.0 for log_dot
+    param: Scalar                       # the kernel's parameter (tau, sigma, nu or n); 1.0 for log_dot
     target: object
     alpha: float
     beta: float
@@ -47,6 +49,8 @@ class Problem:
     divergence: str                    # kl, cross_entropy, or an f-divergence (DESIGN.md §1.1)
     reduction: str
     weight: Optional[torch.Tensor]
+    # conditional (one distribution per row) or joint (one over all valid pairs; DESIGN.md §1.2)
+    normalization: str = "conditional"
 
     @property
     def n_rows(self) -> int:
@@ -146,8 +150,8 @@ def check_labels(name: str, t, length: int, device, other: str = "x") -> torch.T
     return t
 
 
-def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, beta, exclude_self,
-                    divergence, reduction, weight) -> Problem:
+def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, exponent, alpha, beta, exclude_self,
+                    divergence, reduction, weight, normalization="conditional") -> Problem:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -167,7 +171,7 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
             raise ValueError("y has M = 0 rows")
     m = n if y is None else y.shape[0]
     check_choice("kernel", kernel, KERNELS)
-    for name, value in (("temperature", temperature), ("sigma", sigma), ("dof", dof)):
+    for name, value in (("temperature", temperature), ("sigma", sigma), ("dof", dof), ("exponent", exponent)):
         check_positive(name, value, x, n)
     for name, value in (("alpha", alpha), ("beta", beta)):
         check_unit_interval(name, value)
@@ -178,7 +182,11 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
     if exclude_self and m != n:
         raise ValueError(f"exclude_self=True needs as many columns as rows; y has {m} rows, x has {n}")
     check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("normalization", normalization, NORMALIZATIONS)
     check_choice("reduction", reduction, REDUCTIONS)
+    if normalization == "joint" and weight is not None:
+        raise ValueError("weight is not defined with normalization='joint': the loss is one divergence over "
+                         "all pairs, not a sum of row losses to weight (pass weight=None)")
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError("weight must be a floating-point tensor of shape (N,)")
@@ -194,10 +202,10 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, alpha, bet
         raise ValueError("divergence='reverse_kl' against a Labels or Neighbors target with alpha = 0 is "
                          "+inf (p is 0 off the positives and q is not): set alpha > 0")
     param_name = KERNEL_PARAM[kernel]
-    param = {"temperature": temperature, "sigma": sigma, "dof": dof, None: 1.0}[param_name]
+    param = {"temperature": temperature, "sigma": sigma, "dof": dof, "exponent": exponent, None: 1.0}[param_name]
     return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),
                    beta=float(beta), exclude_self=exclude_self, kl=divergence == "kl", divergence=divergence,
-                   reduction=reduction, weight=weight)
+                   reduction=reduction, weight=weight, normalization=normalization)
 
 
 def check_parametric_kernel(kernel) -> str:

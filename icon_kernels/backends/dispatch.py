@@ -8,7 +8,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from ..families import DIVERGENCES
+from ..families import DIVERGENCES, NORMALIZATIONS, SYMMETRIZED_TARGET_BACKENDS
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import LOSS_OPTIONS, Problem, check_arguments
@@ -24,7 +24,10 @@ def loss(x, y=None, *, target, backend="auto", exclude_self=None, reduction="mea
     problem = check_arguments(x, y, target=target, exclude_self=exclude_self, reduction=reduction,
                               weight=weight, **{**LOSS_OPTIONS, **options})
     rows, included = row_losses(problem, backend)
-    return reduce_rows(rows, included, problem.weight, problem.reduction).to(x.dtype)
+    reduction = problem.reduction
+    if problem.normalization == "joint" and reduction == "mean":
+        reduction = "sum"      # the one divergence over all pairs: no mean over rows (DESIGN.md §1.2)
+    return reduce_rows(rows, included, problem.weight, reduction).to(x.dtype)
 
 
 def _param_tensor(value, like: torch.Tensor) -> torch.Tensor:
@@ -64,17 +67,28 @@ def target_arguments(target) -> TargetArguments:
 
 def op_arguments(problem: Problem):
     """The forward op's flat arguments (ops.ARGS order) of a checked problem."""
-    if problem.divergence not in ("kl", "cross_entropy"):      # the op's `kl` flag knows these two only
-        raise ValueError(f"divergence {problem.divergence!r} has no fused op yet")
     x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
     return (x, y, param, kernel, *target_arguments(problem.target), problem.alpha, problem.beta,
-            problem.exclude_self, problem.kl)
+            problem.exclude_self, DIVERGENCES[problem.divergence].code)
+
+
+def computing_backends(problem: Problem, backend: str):
+    """(the backends that compute ``problem``: those of its divergence, its normalization and a
+    symmetrised target, all at once; what the named ``backend`` lacks, for its error)."""
+    needs = [(DIVERGENCES[problem.divergence].backends, "this divergence"),
+             (NORMALIZATIONS[problem.normalization], "joint normalisation")]
+    if getattr(problem.target, "symmetrize", False):
+        needs.append((SYMMETRIZED_TARGET_BACKENDS, "a target with symmetrize=True"))
+    only = tuple(name for name in registry.ALL_BACKENDS if all(name in allowed for allowed, _ in needs))
+    what = next((label for allowed, label in needs if backend not in allowed), "this problem")
+    return only, what
 
 
 def row_losses(problem: Problem, backend: str):
-    """(L_i per row, 0 where left out; which rows are included) on the chosen backend."""
-    name = registry.resolve_backend(backend, problem.x.device,
-                                    only=DIVERGENCES[problem.divergence].backends)
+    """(L_i per row, 0 where left out; which rows are included) on the chosen backend; under
+    joint normalisation, each row's contribution to the one divergence."""
+    only, what = computing_backends(problem, backend)
+    name = registry.resolve_backend(backend, problem.x.device, only=only, what=what)
     if name == "triton" and problem.x.dtype == torch.float64:
         registry.warn_triton_float64()
     if name == "reference":

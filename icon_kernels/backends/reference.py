@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..families import POWER_EPS
 from ..targets import Affinity, Dense, Labels, Neighbors
 from ..validation import KERNEL_PARAM, Problem
 
@@ -36,6 +37,11 @@ def pairwise_logits(kernel: str, a: torch.Tensor, b: torch.Tensor, param) -> tor
         return -sq_dist / (2 * param**2)
     if kernel == "student_t":
         return -(param + 1) / 2 * torch.log1p(sq_dist / param)
+    if kernel == "power":           # harmonic: q ∝ (d² + eps)^(-n/2), eps a library constant
+        # eps = 1e-12 underflows in fp16: the log is taken in fp32 at least (-inf and, in
+        # backward, 0 / 0 at a masked self pair otherwise)
+        acc = torch.promote_types(sq_dist.dtype, torch.float32)
+        return -param / 2 * torch.log(sq_dist.to(acc) + POWER_EPS).to(sq_dist.dtype)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
@@ -53,10 +59,53 @@ def _normalise_rows(w: torch.Tensor):
 def target_probabilities(target, valid: torch.Tensor):
     """p_ij over the valid columns (rows sum to 1), which rows have any p, and log p where the
     target gives it exactly (Affinity's log-softmax, finite where p underflows; else None)."""
+    if getattr(target, "symmetrize", False):
+        w, log_w = _symmetrized(target, valid)
+        p, has_p = _normalise_rows(w)
+        if log_w is None:
+            return p, has_p, None
+        log_total = torch.log(torch.where(has_p, w.sum(1), 1.0))[:, None]
+        return p, has_p, torch.where(valid, log_w - log_total, float("-inf"))
+    return _conditional_rows(target, valid)
+
+
+def _symmetrized(target, valid: torch.Tensor):
+    """w_ij = (p_{j|i} + p_{i|j}) / 2 of the target's conditional rows (a square problem, so
+    ``valid`` is symmetric), and log w from their logs where the rows have exact ones (Affinity)."""
+    p, _, log_p = _conditional_rows(target, valid)
+    w = 0.5 * (p + p.T)
+    if log_p is None:
+        return w, None
+    lp = torch.where(valid, log_p, 0.0)
+    return w, torch.where(valid, torch.logaddexp(lp, lp.T) - math.log(2), float("-inf"))
+
+
+def joint_target(target, valid: torch.Tensor):
+    """DESIGN.md §1.2: (p over all valid pairs, summing to 1; log p where exact, else None;
+    whether any pair has p). p is the target's weights renormalised over all valid pairs: Labels
+    1 on the positives, Neighbors its (summed) weights, Dense p, Affinity its rows p(j|i), and a
+    symmetrised target (p_{j|i} + p_{i|j}) / 2, so p_ij = (p_{j|i} + p_{i|j}) / 2N."""
+    if getattr(target, "symmetrize", False):
+        w, log_w = _symmetrized(target, valid)
+    elif isinstance(target, Affinity):
+        w, _, log_w = _conditional_rows(target, valid)
+    else:                                   # the weights before the rows' renormalisation
+        w, _, log_w = _conditional_rows(target, valid, normalise=lambda t: (t, None))
+    total = w.sum()
+    some = total != 0                       # a NaN total keeps p NaN
+    p = w / torch.where(some, total, 1.0)
+    if log_w is not None:
+        log_w = torch.where(valid, log_w - torch.log(torch.where(some, total, 1.0)), float("-inf"))
+    return p, log_w, some
+
+
+def _conditional_rows(target, valid: torch.Tensor, normalise=_normalise_rows):
+    """The target's rows over the valid columns, normalised by ``normalise`` (Affinity's are its
+    row softmax); see target_probabilities."""
     n, m = valid.shape
     if isinstance(target, Labels):
         same = (target.row_labels[:, None] == target.col_labels[None, :]) & valid
-        return (*_normalise_rows(same.double()), None)
+        return (*normalise(same.double()), None)
     if isinstance(target, Neighbors):
         w = torch.ones(target.indices.shape, dtype=torch.float64, device=valid.device)
         if target.weights is not None:
@@ -64,9 +113,9 @@ def target_probabilities(target, valid: torch.Tensor):
         dense = torch.zeros(n, m, dtype=torch.float64, device=valid.device)
         # a -1 pad's weight is no weight: ignored, also when it is NaN or Inf
         dense.scatter_add_(1, target.indices.clamp_min(0), torch.where(target.indices >= 0, w, 0.0))
-        return (*_normalise_rows(dense * valid), None)
+        return (*normalise(dense * valid), None)
     if isinstance(target, Dense):
-        return (*_normalise_rows(target.p * valid), None)
+        return (*normalise(target.p * valid), None)
     if isinstance(target, Affinity):
         z_cols = target.z if target.z_cols is None else target.z_cols
         param = getattr(target, KERNEL_PARAM[target.kernel]) if KERNEL_PARAM[target.kernel] else 1.0
@@ -86,7 +135,7 @@ def f_divergence_terms(name: str, log_p: torch.Tensor, log_q: torch.Tensor) -> t
     """q f(p / q) per pair for the f-divergences of DESIGN.md §1.1, from log p and log q alone
     (-inf where a probability is 0; p, q the mixed distributions), written from the table there:
     no ratio that overflows, no log of an underflowed probability, the table's value at p = 0."""
-    has_p, has_q = log_p > float("-inf"), log_q > float("-inf")
+    has_p, has_q = log_p != float("-inf"), log_q != float("-inf")   # NaN counts: NaN in, NaN out
     lp, lq = _where_log(has_p, log_p), _where_log(has_q, log_q)
     p, q = torch.where(has_p, lp.exp(), 0.0), torch.where(has_q, lq.exp(), 0.0)
     inf = torch.full_like(p, float("inf"))
@@ -103,9 +152,9 @@ def f_divergence_terms(name: str, log_p: torch.Tensor, log_q: torch.Tensor) -> t
         return 0.5 * (torch.where(has_p, p * (lp - log_m), 0.0) + torch.where(has_q, q * (lq - log_m), 0.0))
     if name == "chi2":                             # (p - q)^2 / q = exp(2 log|p - q| - log q)
         gap = (p - q).abs()
-        both = (gap > 0) & has_q
+        both = (gap != 0) & has_q                  # a NaN gap counts: NaN in, NaN out
         finite = torch.exp(2 * _where_log(both, torch.log(torch.where(both, gap, 1.0))) - _where_log(both, lq))
-        return torch.where(both, finite, torch.where(gap > 0, inf, 0.0))
+        return torch.where(both, finite, torch.where(gap != 0, inf, 0.0))
     raise ValueError(f"unknown f-divergence {name!r}")
 
 
@@ -121,6 +170,8 @@ def row_losses(problem: Problem):
     m_safe = m_valid.clamp_min(1)
 
     logits = pairwise_logits(problem.kernel, x, y, problem.param)
+    if problem.normalization == "joint":
+        return _joint_rows(problem, valid, logits)
     log_q = _masked_log_softmax(logits, valid)
     p, has_p, log_p = target_probabilities(problem.target, valid)
     p = p.to(log_q.dtype)
@@ -157,3 +208,36 @@ def _f_divergence_rows(problem: Problem, valid, log_q_mix, p, p_mix, log_p, has_
     loss = torch.where(valid, terms, 0.0).sum(1)
     included = has_p & (m_valid[:, 0] > 0)
     return torch.where(included, loss, 0.0).to(log_q_mix.dtype), included
+
+
+def _joint_rows(problem: Problem, valid, logits):
+    """Joint normalisation (DESIGN.md §1.2): q_ij = e^{s_ij} / Z over all valid pairs, with
+    log Z = logsumexp_i LSE_i, p the target renormalised over all valid pairs (joint_target),
+    alpha / beta mixing in 1 / (number of valid pairs). Returns each row's contribution
+    sum_j D-term(p~_ij, q~_ij) to the one divergence, and which rows have a valid column. No
+    valid pair, or no pair with p, gives 0 with zero gradients (as an all-left-out batch)."""
+    alpha, beta = problem.alpha, problem.beta
+    has_cols = valid.any(1)
+    nothing = torch.where(valid, logits, 0.0).sum(1) * 0          # zeros, connected to the inputs
+    if not bool(has_cols.any()):
+        return nothing, has_cols
+    n_pairs = valid.sum().to(logits.dtype)
+    log_z = torch.logsumexp(logits.masked_fill(~valid, float("-inf")).flatten(), 0)
+    log_q = torch.where(valid, logits - log_z, 0.0)
+    p, log_p, some = joint_target(problem.target, valid)
+    p = p.to(log_q.dtype)
+    p_mix = torch.where(valid, (1 - alpha) * p + alpha / n_pairs, 0.0)
+    if beta > 0:
+        log_q_mix = torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / n_pairs), 0.0)
+    else:
+        log_q_mix = log_q
+    if problem.divergence not in ("kl", "cross_entropy"):
+        every_row = torch.ones_like(has_cols)          # a row without p still holds q's mass
+        rows, _ = _f_divergence_rows(problem, valid, log_q_mix, p, p_mix, log_p, every_row,
+                                     valid.sum(1, keepdim=True))
+    else:
+        zero = p_mix == 0                                # 0 log 0 = 0; NaN stays NaN
+        rows = -(p_mix * torch.where(zero, 0.0, log_q_mix)).sum(1)
+        if problem.kl:
+            rows = rows + (p_mix * torch.log(torch.where(zero, 1.0, p_mix))).sum(1)
+    return torch.where(some, rows, nothing), has_cols

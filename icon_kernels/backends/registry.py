@@ -64,10 +64,11 @@ def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str,
     return [name for name, why in reasons.items() if why is None]
 
 
-def resolve_backend(backend, device: torch.device, only=ALL_BACKENDS) -> str:
+def resolve_backend(backend, device: torch.device, only=ALL_BACKENDS, what="this divergence") -> str:
     """The backend to run for tensors on ``device``; ValueError naming ``backend`` otherwise.
-    ``only``: the backends that compute what is asked (a divergence's row in families.py);
-    "auto" picks among them, falling back to the dense reference."""
+    ``only``: the backends that compute what is asked (a divergence's row in families.py, a
+    normalization's); "auto" picks among them, falling back to the dense reference. ``what``
+    names, in the error, what a backend outside ``only`` lacks."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in ALL_BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {', '.join(ALL_BACKENDS)}; got {backend!r}")
     usable = available_backends()
@@ -77,7 +78,7 @@ def resolve_backend(backend, device: torch.device, only=ALL_BACKENDS) -> str:
                 return name
         return "torch" if "torch" in only else "reference"
     if backend not in only:
-        raise ValueError(f"backend {backend!r} does not compute this divergence yet; it runs on "
+        raise ValueError(f"backend {backend!r} does not compute {what} yet; it runs on "
                          f"{', '.join(only)} (backend='auto' picks among them)")
     why = _unavailable_reason(backend)
     if why is not None:

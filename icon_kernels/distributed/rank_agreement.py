@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends.registry import ALL_BACKENDS, resolve_backend
-from ..families import DIVERGENCES
+from ..families import DIVERGENCES, F_DIVERGENCE_CODES
 from .. import validation
 from ..target_adapters import adapter_for
 from ..targets import TARGET_TYPES, Affinity
@@ -41,7 +41,8 @@ def invalid_on(ranks) -> ValueError:
 
 _NONE, _BOOL, _INT, _FLOAT, _STR, _TENSOR, _GRADS, _OTHER = range(8)
 _HEADER = ("failed", "rows", "cols", "dense_cols")      # per-rank facts, not compared
-_AFFINITY_PARAMS = ("temperature", "sigma", "dof")             # kernel-parameter keywords of ik.Affinity
+# the kernel-parameter keywords of ik.Affinity (temperature, sigma, dof, exponent), from the table
+_AFFINITY_PARAMS = tuple(dict.fromkeys(name for name in KERNEL_PARAM.values() if name))
 
 
 def _crc(text: str) -> int:
@@ -184,10 +185,18 @@ def _local_checks(x, y, target, dist_mode, exclude_self, ring_block_rows, backen
     if exclude_self and n_cols != x.shape[0]:
         raise ValueError("exclude_self=True needs this rank's columns to be its rows")
     adapter_for(target).check_shard(target, x, y, n_cols)
+    if isinstance(options["normalization"], str) and options["normalization"] == "joint":
+        # gather mode would need the global normaliser Z = sum over all ranks' pairs, ring mode too
+        raise ValueError(f"normalization='joint' is not computed by ik.distributed.icon_loss yet (either "
+                         f"dist_mode, here {dist_mode!r}): it needs one normaliser over all ranks' pairs; use "
+                         "ik.icon_loss on the whole batch")
+    if getattr(target, "symmetrize", False) is True:
+        raise ValueError("symmetrize=True is not computed by ik.distributed.icon_loss yet (either dist_mode): "
+                         "p_{i|j} is another rank's row; use ik.icon_loss on the whole batch")
     backend_name = None
     if dist_mode == "ring":
         row = DIVERGENCES.get(options["divergence"]) if isinstance(options["divergence"], str) else None
-        if row is not None and "torch" not in row.backends:     # ring mode runs the torch tile math
+        if row is not None and row.code in F_DIVERGENCE_CODES:    # ring mode's tile math has kl and CE only
             raise ValueError(f"dist_mode='ring' does not compute divergence={row.name!r} yet; "
                              "use dist_mode='gather'")
         backend_name = resolve_backend(backend, x.device)

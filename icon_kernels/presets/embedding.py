@@ -1,5 +1,5 @@
-"""Neighbour-embedding presets: SNE, TSNE (perplexity-calibrated Gaussian targets from the input
-features) and UniformKNN (a uniform kNN target, optionally propagated).
+"""Neighbour-embedding presets: SNE, TSNE, JointTSNE (perplexity-calibrated Gaussian targets from
+the input features) and UniformKNN (a uniform kNN target, optionally propagated).
 
 The target is built from ``inputs`` without gradients and cached per inputs tensor (see
 inputs_cache), so full-batch training calibrates once. Distributed: each rank passes its own rows
@@ -99,6 +99,39 @@ class TSNE(SNE):
                           dof=self.dof)
 
 
+class JointTSNE(SNE):
+    """t-SNE as van der Maaten & Hinton define it: ``JointTSNE(perplexity, dof=1)(embeddings, inputs)``.
+
+    (p, q, divergence): p_ij = (p_{j|i} + p_{i|j}) / 2N, the symmetrised perplexity-calibrated
+    Gaussian conditionals p(j|i) ∝ exp(-||x_i - x_j||^2 / (2 sigma_i^2)), j != i, of SNE on the
+    inputs (``ik.Affinity(..., symmetrize=True)``); q_ij = (1 + ||z_i - z_j||^2 / dof)^(-(dof + 1)/2)
+    / Z, one Student-t distribution over all pairs i != j of the embeddings
+    (``normalization="joint"``); divergence kl (``divergence=`` replaces it). The loss is the one
+    KL(P || Q) = sum_ij p_ij log(p_ij / q_ij), the objective of scikit-learn's
+    ``TSNE(method="exact")`` and of openTSNE, for the same sigma_i (tests check it against
+    scikit-learn's). Paper: L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 9
+    (2008). ``ik.TSNE`` is I-Con's conditional form (a mean of row KLs) instead.
+
+    It runs on the dense reference backend (N x N memory) until the fused backends compute joint
+    normalisation, and in one process only (not distributed yet). Early exaggeration (P times
+    e in the gradient, q - e p) is e * loss - (e - 1) * log Z; examples/joint_tsne_digits.py
+    shows it.
+    """
+
+    def __init__(self, perplexity=30.0, dof=1.0, **kwargs):
+        super().__init__(perplexity, **kwargs)
+        self.dof = check_positive("dof", dof)
+        if self.placement.distributed:
+            raise ValueError("process_group / distributed: JointTSNE is not distributed yet (joint "
+                             "normalisation needs one normaliser over all ranks' pairs)")
+
+    def forward(self, embeddings, inputs):
+        _check_pair(embeddings, inputs)
+        sigma = self.input_sigma(inputs).to(embeddings.dtype)
+        target = Affinity(inputs.detach().to(embeddings.dtype), kernel="gaussian", sigma=sigma, symmetrize=True)
+        return self._loss(embeddings, target=target, kernel="student_t", dof=self.dof, normalization="joint")
+
+
 class UniformKNN(_InputTargetLoss):
     """Uniform kNN target: ``UniformKNN(k, steps=1)(embeddings, inputs)``.
 
@@ -111,7 +144,7 @@ class UniformKNN(_InputTargetLoss):
     """
 
     def __init__(self, k=10, *, steps=1, metric="euclidean", kernel="student_t", temperature=0.1,
-                 sigma=1.0, dof=1.0, **kwargs):
+                 sigma=1.0, dof=1.0, exponent=1.0, **kwargs):
         super().__init__(**kwargs)
         self.k = check_count("k", k, 1)
         self.steps = check_count("steps", steps, 1, 3)
@@ -121,6 +154,7 @@ class UniformKNN(_InputTargetLoss):
         self.temperature = check_positive("temperature", temperature)
         self.sigma = check_positive("sigma", sigma)
         self.dof = check_positive("dof", dof)
+        self.exponent = check_positive("exponent", exponent)
 
     def input_neighbors(self, inputs: torch.Tensor) -> Neighbors:
         """This rank's rows of the (propagated) kNN target of ``inputs``, global indices (cached)."""
@@ -141,6 +175,7 @@ class UniformKNN(_InputTargetLoss):
         target = self.input_neighbors(inputs)
         if target.weights is not None:
             target = Neighbors(target.indices, target.weights.to(embeddings.dtype))
-        params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof}
+        params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof,
+                  "exponent": self.exponent}
         name = KERNEL_PARAM[self.kernel]
         return self._loss(embeddings, target=target, kernel=self.kernel, **{name: params[name]})
