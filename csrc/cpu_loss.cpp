@@ -24,6 +24,7 @@
 
 #include "cpu_label_rows.h"
 #include "cpu_loss.h"
+#include "divergence_math.h"
 #include "op_checks.h"
 #include "op_codes.h"
 #include "tile_math.h"
@@ -41,9 +42,9 @@ at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
 template <typename T>
 struct Problem {
   int64_t n, m, d, dz = 0, m_valid;
-  int kernel, target, t_kernel;
+  int kernel, target, t_kernel, divergence;
   T alpha, beta;
-  bool exclude_self, kl;
+  bool exclude_self, kl, f_div;   // forward KL (entropy term); an f-divergence of DESIGN.md §1.1
   at::Tensor x, y, x_sq, y_sq, prm, labels, col_labels, nbr_index, nbr_weight, dense, z, zc,
       z_sq, zc_sq, t_prm;
 
@@ -54,7 +55,7 @@ struct Problem {
           const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& z_cols,
           const c10::optional<at::Tensor>& t_param, c10::string_view t_kernel_name,
           const c10::optional<at::Tensor>& dense_p, double alpha_, double beta_, bool excl,
-          bool kl_) {
+          int64_t divergence_) {
     const auto acc = c10::CppTypeToScalarType<T>::value;
     n = x_in.size(0);
     m = y_in.size(0);
@@ -66,7 +67,9 @@ struct Problem {
     alpha = T(alpha_);
     beta = T(beta_);
     exclude_self = excl;
-    kl = kl_;
+    divergence = int(divergence_);
+    kl = divergence == kKl;
+    f_div = is_f_divergence(divergence);
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
     const bool distance = is_distance(kernel);   // only distance kernels need norms
@@ -96,7 +99,9 @@ struct Problem {
   int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
   bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
   // the hot case with SIMD row loops (cpu_label_rows.h)
-  bool fast_labels() const { return target == kLabels && beta == T(0) && (kernel == kDot || kernel == kGaussian); }
+  bool fast_labels() const {
+    return target == kLabels && beta == T(0) && !f_div && (kernel == kDot || kernel == kGaussian);
+  }
   LabelRow label_row(int64_t i) const {
     return {col_labels.template data_ptr<int64_t>(), labels.template data_ptr<int64_t>()[i], m,
             exclude_self ? i : -1, double(alpha), m_valid};
@@ -127,7 +132,8 @@ T logits_and_lse(const Problem<T>& pb, int kernel, T* row, const T* b_sq, T a_sq
 // p(.|i) into p[0..m) (0 off the valid set); returns whether the row has any target mass.
 // For Affinity, t holds the row's target logits and lse_p their LSE.
 template <typename T>
-bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int64_t* count) {
+bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int64_t* count,
+                double* log_total = nullptr) {
   const int64_t m = pb.m;
   *count = -1;
   if (pb.target == kLabels) {
@@ -148,6 +154,7 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
     }
     if (total > 0)
       for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
+    if (log_total) *log_total = total > 0 ? std::log(total) : 0.0;
     return pb.m_valid > 0;
   }
   double total = 0;
@@ -165,6 +172,30 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
   if (total == 0) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
   for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
   return true;
+}
+
+// One pair of an f-divergence row (divergence_math.h), with the factors q / q~ and p / p~ that
+// turn q~ g into q g and p~ f' into p f'. ``log_p_exact`` is log p~ of an Affinity target with
+// alpha = 0 (t - LSE^p, finite where p underflows), used when ``exact``.
+template <typename T>
+struct FPair {
+  PairTerms<T> f;
+  T q_ratio, p_ratio;
+};
+
+template <typename T>
+FPair<T> f_pair(const Problem<T>& pb, T p, T log_q, bool exact, T log_p_exact, T mv) {
+  const T pm = (T(1) - pb.alpha) * p + pb.alpha / mv;
+  const T lp = exact ? log_p_exact : (pm == T(0) ? -std::numeric_limits<T>::infinity() : std::log(pm));
+  const T q = std::exp(log_q);
+  T qm = q, lqm = log_q, q_ratio = T(1);
+  if (pb.beta > T(0)) {
+    qm = (T(1) - pb.beta) * q + pb.beta / mv;
+    lqm = std::log(qm);
+    q_ratio = q / qm;
+  }
+  const T p_ratio = exact ? T(1) : (pm != T(0) ? p / pm : T(0));
+  return {f_pair_terms<T>(pb.divergence, pm, qm, lp, lqm), q_ratio, p_ratio};
 }
 
 template <typename T>
@@ -212,7 +243,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
           t = tr;
         }
         int64_t count;
-        const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count);
+        double log_total = 0;
+        const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count, &log_total);
+        if (pb.f_div) {   // L_i = sum_j q~ f(p~ / q~); Gamma_i and Phi_i into the R and H rows
+          const bool exact = pb.target == kAffinity && pb.alpha == T(0);
+          double sum = 0, gamma = 0, phi = 0;
+          for (int64_t j = 0; j < m; ++j) {
+            if (!pb.valid(i, j)) continue;
+            const FPair<T> fp = f_pair<T>(pb, p[j], s[j] - lse, exact, exact ? T(t[j] - lse_p - log_total) : T(0), mv);
+            sum += fp.f.term;
+            if (fp.q_ratio != T(0)) gamma += double(fp.q_ratio) * fp.f.q_g;
+            if (fp.p_ratio != T(0)) phi += double(fp.p_ratio) * fp.f.p_fp;
+          }
+          const bool inc = has && pb.m_valid > 0;
+          loss_p[i] = inc ? T(sum) : T(0);
+          inc_p[i] = inc;
+          st[i] = lse;
+          st[n + i] = T(gamma);
+          if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(phi); }
+          continue;
+        }
         double cross = 0, ent = 0, r_stat = 0, h_stat = 0;
         for (int64_t j = 0; j < m; ++j) {
           if (!pb.valid(i, j)) continue;
@@ -292,6 +342,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), t_aux(m), h(target_grad ? m : 0), s_row(m), aux_row(m), q_row(m);
+      std::vector<T> qg_row(pb.f_div ? m : 0), pf_row(pb.f_div && target_grad ? m : 0);   // q g, p f'
+
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
         const T lse = st[i], shift = finite_shift(lse);
@@ -324,7 +376,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           continue;
         }
         int64_t count;
-        target_row<T>(pb, i, p.data(), tr, lse_p, &count);
+        double log_total = 0;
+        target_row<T>(pb, i, p.data(), tr, lse_p, &count, &log_total);
         // learned side: sum_j G b, sum_j G, sum_j q b, sum_j q (b = param_basis; centred_sum), sum_j W;
         // target side: the same with G^t and p, and sum_j p h for H
         double d_prm = 0, g_sum = 0, q_basis = 0, q_sum = 0, rs = 0;
@@ -343,6 +396,27 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         }
         const double q_scale = q_total > 0 ? 1.0 / q_total : 1.0;
         const T log_q_scale = T(std::log(q_scale));
+        // f-divergence: q g and p f' per pair, and Gamma = sum_j q g, Phi = sum_j p f' / sum_j p of
+        // this very row in double (not the saved fp32 statistics: G = q (g - Gamma) cancels to
+        // the spread of g, and Gamma's rounding would come back times the q-mean of y - x_i)
+        double gamma = 0, phi_sum = 0, fp_p_sum = 0;
+        if (pb.f_div) {
+          const bool exact = pb.target == kAffinity && pb.alpha == T(0);
+          for (int64_t j = 0; j < m; ++j) {
+            qg_row[j] = T(0);
+            if (target_grad) pf_row[j] = T(0);
+            if (!pb.valid(i, j)) continue;
+            const FPair<T> fp = f_pair<T>(pb, p[j], (s_row[j] - lse) + log_q_scale, exact,
+                                          exact ? T(tr[j] - lse_p - log_total) : T(0), mv);
+            if (fp.q_ratio != T(0)) qg_row[j] = fp.q_ratio * fp.f.q_g;
+            gamma += qg_row[j];
+            if (target_grad) {
+              if (fp.p_ratio != T(0)) pf_row[j] = fp.p_ratio * fp.f.p_fp;
+              phi_sum += pf_row[j];
+              fp_p_sum += p[j];
+            }
+          }
+        }
         for (int64_t j = 0; j < m; ++j) {
           const T s = s_row[j], aux = aux_row[j];
           T grad = 0, log_qm = 0, pm = 0, q = 0;
@@ -350,7 +424,9 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
             const T log_q = (s - lse) + log_q_scale;
             q = T(q_row[j] * q_scale);
             pm = (T(1) - pb.alpha) * p[j] + b;
-            if (pb.beta > 0) {
+            if (pb.f_div) {
+              grad = T(double(g[i]) * (1.0 - double(pb.beta)) * (double(qg_row[j]) - double(q) * gamma));
+            } else if (pb.beta > 0) {
               const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
               grad = g[i] * (T(1) - pb.beta) * q * (r_stat - pm / qm);
               log_qm = std::log(qm);
@@ -366,7 +442,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           }
           w[j] = grad_weight<T>(pb.kernel, grad, aux, prm[i]);
           rs += w[j];
-          if (target_grad && p[j] != T(0)) {
+          if (target_grad && !pb.f_div && p[j] != T(0)) {
             h[j] = pb.kl ? std::log(pm) - log_qm : -log_qm;
             ph_sum += double(p[j]) * h[j];
             p_sum += p[j];
@@ -377,10 +453,14 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           // cancels to the spread of h and dL/dz is a p-weighted covariance, so the saved fp32 H's
           // rounding would come back times the p-mean of z_cols - z_i (DESIGN.md §5, large M).
           const double h_mean = p_sum > 0 ? ph_sum / p_sum : 0.0;
+          const double phi = fp_p_sum > 0 ? phi_sum / fp_p_sum : 0.0;
+          if (pb.f_div) p_sum = fp_p_sum;    // the p-weighted centring of dL/dt_param
           for (int64_t j = 0; j < m; ++j) {
             T gt = 0;
-            if (p[j] != T(0)) {
-              gt = T(double(g[i]) * (1.0 - double(pb.alpha)) * p[j] * (h[j] - h_mean));
+            // an f-divergence's p f' may be nonzero where p underflowed (reverse KL: -q~)
+            if (p[j] != T(0) || (pb.f_div && pf_row[j] != T(0))) {
+              gt = pb.f_div ? T(double(g[i]) * (1.0 - double(pb.alpha)) * (double(pf_row[j]) - double(p[j]) * phi))
+                            : T(double(g[i]) * (1.0 - double(pb.alpha)) * p[j] * (h[j] - h_mean));
               const double basis = basis_of<T>(pb.t_kernel, tr[j], t_aux[j], tp, shift_p);
               if (gt != T(0)) { d_tprm += gt * basis; gt_sum += gt; }
               p_basis += p[j] * basis;

@@ -60,7 +60,7 @@ Holder<T> prepare(ICON_FORWARD_PARAMS) {
   v.n = x.size(0); v.m = y.size(0); v.d = x.size(1);
   v.m_valid = v.m - (exclude_self ? 1 : 0);
   v.kernel = kernel_code(kernel); v.target = target_code(target); v.t_kernel = kernel_code(t_kernel);
-  v.alpha = T(alpha); v.beta = T(beta); v.exclude_self = exclude_self; v.kl = kl;
+  v.alpha = T(alpha); v.beta = T(beta); v.exclude_self = exclude_self; v.kl = divergence == kKl;
   v.x = h.ptr(xa); v.y = h.ptr(ya);
   v.x_sq = h.ptr(xa.square().sum(1)); v.y_sq = h.ptr(ya.square().sum(1));
   v.prm = h.ptr(param.to(acc).expand({v.n}).contiguous());
@@ -457,11 +457,19 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
   return {dx, dy, dprm, dz, dzc, dtprm};
 }
 
+// The f-divergences (csrc/divergence_math.h) are not in these kernels yet; the Python layer
+// (families.DIVERGENCES backends) never sends them, and a direct op call gets this error.
+void check_kl_or_cross_entropy(int64_t divergence) {
+  TORCH_CHECK(divergence == kKl || divergence == kCrossEntropy, "the cuda backend computes kl and "
+              "cross_entropy only; divergence code ", divergence, " is not in its kernels yet");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS) {
   const NoAutocast no_autocast;
   check_forward_args(ICON_FORWARD_ARGS);
+  check_kl_or_cross_entropy(divergence);
   c10::cuda::CUDAGuard guard(x.device());
   if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_FORWARD_ARGS);
   return forward_t<float>(ICON_FORWARD_ARGS);
@@ -472,6 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
+  check_kl_or_cross_entropy(divergence);
   c10::cuda::CUDAGuard guard(x.device());
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble

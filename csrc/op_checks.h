@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "cpu_loss.h"   // ICON_FORWARD_PARAMS
+#include "divergence_math.h"
 #include "op_codes.h"
 
 namespace icon {
@@ -76,7 +77,9 @@ inline void features(const at::Tensor& x, const at::Tensor& y) {
 
 // The arguments of icon_kernels::{cpu,cuda}_forward (and the forward part of _backward).
 inline void check_forward_args(ICON_FORWARD_PARAMS) {
-  (void)alpha; (void)beta; (void)exclude_self; (void)kl;
+  (void)alpha; (void)beta; (void)exclude_self;
+  TORCH_CHECK(divergence >= 0 && divergence < kDivergenceCount, "unknown divergence code ", divergence,
+              " (icon_kernels.families.DIVERGENCES has 0..", kDivergenceCount - 1, ")");
   check::features(x, y);
   const int64_t n = x.size(0), m = y.size(0);
   check::param("param", param, n, x);

@@ -1,7 +1,7 @@
 """The f-divergences of DESIGN.md §1.1 (reverse_kl, tv, hellinger, js, chi2) on the dense
 reference, the oracle the fused backends will be checked against: the per-pair terms against
 q f(p / q) written independently, both gradients against the closed forms of §1.1, gradcheck,
-extreme logits, and the backends that do not compute them yet refusing instead of computing KL."""
+extreme logits. The fused backends are checked against it in test_f_divergences_backends.py."""
 import math
 
 import pytest
@@ -93,23 +93,6 @@ def test_extreme_logits_stay_finite(name):
     assert torch.isfinite(loss) and torch.isfinite(dx).all() and torch.isfinite(dz).all()
 
 
-@pytest.mark.parametrize("name", F_DIVERGENCES)
-def test_auto_runs_them_on_the_reference(name):
-    x, z, eye, target = _identity_problem()
-    auto = ik.icon_loss(x, eye, target=target, kernel="cosine", alpha=0.1, divergence=name)
-    ref = ik.icon_loss(x, eye, target=target, kernel="cosine", alpha=0.1, divergence=name, backend="reference")
-    assert torch.equal(auto, ref)
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
-@pytest.mark.parametrize("name", F_DIVERGENCES)
-def test_fused_backends_refuse_them_instead_of_computing_kl(backend, name):
-    # the refusal comes before availability, so it holds where the backend is not built too
-    x, z, eye, target = _identity_problem()
-    with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute this divergence yet.*reference"):
-        ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=name, backend=backend)
-
-
 def test_reverse_kl_against_a_target_with_zeros_asks_for_alpha():
     x = torch.randn(6, 3, dtype=torch.float64)
     labels = ik.Labels(torch.arange(6) // 2)
@@ -144,6 +127,7 @@ def _preset_calls():
         (ik.TSimCLR, {}, lambda p: p(*views)), (ik.SupCon, {}, lambda p: p(emb, labels)),
         (ik.CLIPLoss, {}, lambda p: p(*views)),
         (ik.PrototypeCrossEntropy, dict(n_classes=3, dim=5), lambda p: p(emb, labels)),
+        (ik.HarmonicLoss, dict(n_classes=3, dim=5, exponent=2.0), lambda p: p(emb, labels)),
         (ik.SNE, dict(perplexity=4.0), lambda p: p(emb, inputs)),
         (ik.TSNE, dict(perplexity=4.0), lambda p: p(emb, inputs)),
         (ik.UniformKNN, dict(k=3), lambda p: p(emb, inputs)),
@@ -154,10 +138,11 @@ def _preset_calls():
 # each preset's own divergence, as its paper reports it (the defaults did not change with divergence=)
 OWN_DIVERGENCE = {"InfoNCE": "cross_entropy", "SimCLR": "cross_entropy", "TSimCLR": "cross_entropy",
                   "SupCon": "cross_entropy", "CLIPLoss": "cross_entropy", "PrototypeCrossEntropy": "cross_entropy",
+                  "HarmonicLoss": "cross_entropy",
                   "SNE": "kl", "TSNE": "kl", "UniformKNN": "kl", "InfoNCEClustering": "kl"}
 
 
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(11))
 def test_every_preset_takes_a_divergence(index):
     cls, kwargs, call = _preset_calls()[index]
     own = cls(**kwargs, alpha=0.1).double()
@@ -242,14 +227,3 @@ def test_hellinger_has_no_cancellation_near_p_equals_q():
     got = f_divergence_terms("hellinger", p.log(), q.log()).sum()
     want = ((p.double().sqrt() - q.double().sqrt()) ** 2).sum()
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
-
-
-def test_no_fused_op_takes_them():
-    # a second gate behind the backend choice: the ops' `kl` flag knows kl and cross_entropy only
-    from icon_kernels.backends.dispatch import op_arguments
-    from icon_kernels.validation import LOSS_OPTIONS, check_arguments
-    x = torch.randn(5, 3, dtype=torch.float64)
-    problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
-                              reduction="mean", weight=None, **{**LOSS_OPTIONS, "divergence": "tv"})
-    with pytest.raises(ValueError, match="no fused op"):
-        op_arguments(problem)

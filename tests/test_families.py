@@ -14,14 +14,20 @@ from icon_kernels.backends import reference, tile_math
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpp_enum(name):
-    text = (ROOT / "csrc" / "tile_math.h").read_text()
+def _cpp_enum(name, header="tile_math.h"):
+    text = (ROOT / "csrc" / header).read_text()
     body = re.search(rf"enum {name} : int {{([^}}]*)}}", text).group(1)
     return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(","))}
 
 
 def _cpp_name(name):
     return "k" + "".join(part.title() for part in name.split("_"))
+
+
+def test_python_and_cpp_divergence_codes_agree():
+    codes = {_cpp_name(d.name): d.code for d in families.DIVERGENCES.values()}
+    assert codes == _cpp_enum("Divergence", "divergence_math.h")
+    assert set(families.F_DIVERGENCE_CODES) == {d.code for d in families.DIVERGENCES.values()} - {0, 1}
 
 
 def test_python_and_cpp_codes_agree():
@@ -38,16 +44,32 @@ def test_python_and_cpp_codes_agree():
         _cpp_name(k) for k in families.KERNEL_CODES if families.LEARNED_KERNELS[k].distance}
 
 
+def test_the_power_kernels_epsilon_is_one_constant():
+    """families.POWER_EPS is a library constant (not an op argument); the C++ and Triton kernels
+    hold copies."""
+    assert families.POWER_EPS == 1e-12
+    text = (ROOT / "csrc" / "tile_math.h").read_text()
+    assert float(re.search(r"constexpr double kPowerEps = ([^;]+);", text).group(1)) == families.POWER_EPS
+    text = (ROOT / "triton" / "tile_helpers.py").read_text()
+    assert float(re.search(r"^POWER_EPS = tl\.constexpr\(([^)]+)\)$", text, re.M).group(1)) == families.POWER_EPS
+
+
 def test_python_and_triton_codes_agree():
     pytest.importorskip("triton")
     from icon_kernels._triton import launchers
 
     assert launchers.KERNEL_CODES == families.KERNEL_CODES
     assert launchers.TARGET_CODES == families.TARGET_CODES
-    # the backward's distance-kernel tests (dx -= sum_j W_ij x_i)
+    # the Triton kernels compute kl and cross_entropy; their codes are the table's
+    assert launchers.DIVERGENCE_CODES == {k: families.DIVERGENCES[k].code for k in launchers.DIVERGENCE_CODES}
+    # the backward's distance-kernel tests (dx -= sum_j W_ij x_i), learned and target side
     text = (ROOT / "triton" / "backward_kernels.py").read_text()
-    codes = {int(c) for c in re.findall(r"if KERNEL == (\d) or KERNEL == (\d):", text)[0]}
-    assert codes == {r.code for r in families.LEARNED_KERNELS.values() if r.distance}
+    tests = re.findall(r"if ((T_)?KERNEL == \d[^:]*):", text)
+    assert len(tests) == 4
+    distance = {r.code for r in families.LEARNED_KERNELS.values() if r.distance}
+    for condition, prefix in tests:
+        assert {int(c) for c in re.findall(rf"\b{prefix}KERNEL == (\d)", condition)} == distance, condition
+        assert len(re.findall(r"KERNEL", condition)) == len(distance), condition
 
 
 def test_validation_and_the_public_docs_read_the_table():
@@ -63,7 +85,7 @@ def _op_args(kernel, n=6, d=3):
     x = torch.randn(n, d, generator=g)
     labels = torch.arange(n) // 2
     return (x, x, torch.ones(n), kernel, "labels", labels, labels, None, None, None, None, None,
-            "gaussian", None, 0.0, 0.0, True, True)
+            "gaussian", None, 0.0, 0.0, True, 0)
 
 
 PLANTED = "planted"          # a kernel name the backends were never taught

@@ -25,7 +25,7 @@ def _valid(target, device="cpu"):
     args = dict(x=t(N, D), y=t(M, D), param=torch.tensor(0.5, dtype=torch.float64), kernel="gaussian",
                 target=target, row_labels=None, col_labels=None, nbr_index=None, nbr_weight=None, z=None,
                 z_cols=None, t_param=None, t_kernel="dot", dense_p=None, alpha=0.1, beta=0.2,
-                exclude_self=False, kl=True)
+                exclude_self=False, divergence=0)
     if target == "labels":
         args.update(row_labels=torch.randint(0, 3, (N,), generator=g), col_labels=torch.randint(0, 3, (M,), generator=g))
     elif target == "neighbors":

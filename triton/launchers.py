@@ -27,8 +27,10 @@ def use_neighbor_pairs(module) -> None:
     neighbor_pairs = module
 
 
-KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3}
+KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3, "power": 4}
 TARGET_CODES = {"labels": 0, "neighbors": 1, "affinity": 2, "dense": 3}
+# the divergences these kernels compute (the codes of families.DIVERGENCES; tests/test_families.py)
+DIVERGENCE_CODES = {"kl": 0, "cross_entropy": 1}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_D = 256     # larger feature dims are looped over in chunks of D_CHUNK
 D_CHUNK = 128
@@ -207,7 +209,19 @@ class OpArgs(NamedTuple):
     alpha: float
     beta: float
     exclude_self: bool
-    kl: bool
+    divergence: int             # the op code of DIVERGENCE_CODES
+
+    @property
+    def kl(self) -> bool:
+        return self.divergence == DIVERGENCE_CODES["kl"]
+
+
+def _computed_divergence(op: OpArgs) -> None:
+    """The f-divergences (DESIGN.md §1.1) are not in these kernels yet; the package never sends
+    them here (families.DIVERGENCES lists the backends of each), a direct op call gets this."""
+    if op.divergence not in DIVERGENCE_CODES.values():
+        raise ValueError(f"the triton backend computes {', '.join(DIVERGENCE_CODES)} only; divergence "
+                         f"code {op.divergence} is not in its kernels yet")
 
 
 class BackwardArgs(NamedTuple):
@@ -343,12 +357,14 @@ def _on_device(t: torch.Tensor):
 
 def forward(*args):
     op = OpArgs(*args)
+    _computed_divergence(op)
     with _on_device(op.x):
         return _forward(op)
 
 
 def backward(grad_rows, *rest):
     op, saved = OpArgs(*rest[:len(OpArgs._fields)]), BackwardArgs(*rest[len(OpArgs._fields):])
+    _computed_divergence(op)
     with _on_device(op.x):
         return _backward(grad_rows, op, saved)
 

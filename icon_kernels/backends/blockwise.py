@@ -15,7 +15,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import tile_math
+from ..families import DIVERGENCES, F_DIVERGENCE_CODES, divergence_by_code
+from . import f_divergences, tile_math
 
 CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20))
 
@@ -59,7 +60,17 @@ class Problem(NamedTuple):
     alpha: float
     beta: float
     exclude_self: bool
-    kl: bool
+    divergence: int             # the op code of families.DIVERGENCES
+
+    @property
+    def kl(self) -> bool:
+        """Forward KL: the cross term plus the entropy of p~ (cross_entropy drops the entropy)."""
+        return self.divergence == DIVERGENCES["kl"].code
+
+    @property
+    def f_divergence(self) -> bool:
+        """One of the f-divergences of DESIGN.md §1.1 beyond kl, evaluated per pair."""
+        return self.divergence in F_DIVERGENCE_CODES
 
     @property
     def m_valid(self) -> int:
@@ -74,6 +85,7 @@ class Problem(NamedTuple):
 
 def cast_args(args) -> Problem:
     problem = Problem(*args)
+    divergence_by_code(problem.divergence)      # an unknown code raises, never computes another
     acc = tile_math.accumulation_dtype(problem.x.dtype)
     to_acc = lambda t: None if t is None else t.to(acc)
     return problem._replace(x=to_acc(problem.x), y=to_acc(problem.y), param=to_acc(problem.param),
@@ -159,8 +171,64 @@ def _entropy(problem: Problem, tile: Tile, p_mix: torch.Tensor) -> torch.Tensor:
     return tile_math.labels_entropy(tile.count, problem.alpha, problem.m_valid)
 
 
+class FTile(NamedTuple):
+    """The f-divergence quantities of a chunk (f_divergences.py): the per-pair terms and the
+    factors that turn q~ g into q g and p~ f' into p f'."""
+    terms: f_divergences.PairTerms
+    valid: torch.Tensor
+    q: torch.Tensor             # q, unmixed, 0 off the valid set
+    q_ratio: torch.Tensor       # q / q~
+    p_ratio: torch.Tensor       # p / p~ (1 where alpha = 0)
+
+
+def _f_tile(problem: Problem, tile: Tile, log_q: torch.Tensor, r0: int) -> FTile:
+    """The per-pair f-divergence terms of a chunk, from log p~ and log q~ (DESIGN.md §1.1): an
+    Affinity target with alpha = 0 takes the exact log-softmax of t, finite where p underflows."""
+    inf = float("-inf")
+    valid = off_self(torch.ones_like(log_q, dtype=torch.bool), r0, problem.exclude_self, False)
+    p_mix = _mixed_target(problem, tile, r0)
+    if problem.target == "affinity" and problem.alpha == 0:
+        t_masked = off_self(tile.t.clone(), r0, problem.exclude_self, inf)
+        log_p_mix = torch.where(valid, torch.log_softmax(t_masked, dim=1), inf)
+        p_ratio = valid.to(p_mix.dtype)
+    else:
+        positive = p_mix != 0        # NaN counts, so a NaN target gives a NaN loss
+        log_p_mix = torch.where(positive, torch.log(torch.where(positive, p_mix, 1.0)), inf)
+        p_ratio = torch.where(positive, tile.p / torch.where(positive, p_mix, 1.0), 0.0)
+    q = torch.where(valid, torch.exp(log_q), 0.0)
+    if problem.beta == 0:
+        q_mix, log_q_mix, q_ratio = q, torch.where(valid, log_q, inf), valid.to(q.dtype)
+    else:
+        q_mix = torch.where(valid, _mixed_q(problem, q), 0.0)
+        log_q_mix = torch.where(valid, torch.log(torch.where(valid, q_mix, 1.0)), inf)
+        q_ratio = torch.where(valid, q / torch.where(valid, q_mix, 1.0), 0.0)
+    terms = f_divergences.pair_terms(problem.divergence, p_mix, q_mix, log_p_mix, log_q_mix)
+    return FTile(terms, valid, q, q_ratio, p_ratio)
+
+
+def _f_forward_chunk(problem: Problem, r0: int, r1: int):
+    """_forward_chunk for an f-divergence: L_i = sum_j q~ f(p~ / q~), with Gamma_i in the R row
+    and, for Affinity, Phi_i in the H row of the statistics (the torch backward recomputes both
+    from its own tile, in float64)."""
+    s_masked, _ = learned_tile(problem, r0, r1)
+    lse = tile_math.row_lse(s_masked)
+    log_q = s_masked - lse[:, None]
+    del s_masked
+    tile = target_tile(problem, r0, r1)
+    f = _f_tile(problem, tile, log_q, r0)
+    row = tile_math.row_sum(torch.where(f.valid, f.terms.term, 0.0))
+    gamma = tile_math.row_sum(tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g))
+    phi = None
+    if problem.target == "affinity":
+        phi = tile_math.row_sum(tile_math.where_positive(f.p_ratio, f.p_ratio * f.terms.p_fprime))
+    included = tile.has_p & (problem.m_valid > 0)
+    return torch.where(included, row, 0.0), included, (lse, gamma, tile.lse_p, phi)
+
+
 def _forward_chunk(problem: Problem, r0: int, r1: int):
     """Row losses and statistics of rows r0:r1 (a function, so its tiles die on return)."""
+    if problem.f_divergence:
+        return _f_forward_chunk(problem, r0, r1)
     s_masked, _ = learned_tile(problem, r0, r1)
     lse = tile_math.row_lse(s_masked)
     log_q = s_masked - lse[:, None]
@@ -221,7 +289,11 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
     p_mix = _mixed_target(problem, tile, r0)
     g_rows = g[r0:r1, None]
-    if problem.beta == 0:
+    f = _f_tile(problem, tile, log_q, r0) if problem.f_divergence else None
+    if f is not None:            # (1 - beta) q (g - Gamma), Gamma = sum_j q g from this tile
+        q_g = tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g)
+        grad_s = g_rows * (1 - problem.beta) * _minus_row_mean(q_g, q, tile_math.row_sum(q))
+    elif problem.beta == 0:
         grad_s = g_rows * (q - p_mix)
     else:
         grad_s = (g_rows * (1 - problem.beta) * q
@@ -235,6 +307,10 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     del grad_s, aux, q
     if not target_grad:
         return learned, None
+    if f is not None:            # (1 - alpha) p (f' - Phi), Phi = sum_j p f' from this tile
+        p_fprime = torch.where(f.valid, f.p_ratio * f.terms.p_fprime, 0.0)
+        grad_t = g_rows * (1 - problem.alpha) * _minus_row_mean(p_fprime, tile.p, tile_math.row_sum(tile.p))
+        return learned, _target_chain(problem, grad_t, tile, stats, r0, r1)
     h = _dloss_dp_mix(problem, p_mix, _log_mixed_q(problem, log_q))
     # H = sum_j p h again, in float64 from this very tile (not the saved fp32 H), subtracted as two
     # fp32 parts: h - H cancels to the spread of h and dL/dz is a p-weighted covariance, so H's
@@ -244,10 +320,24 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     h_lo = (h_mean - h_hi).to(h.dtype)
     h_dev = (h - h_hi[:, None]) - h_lo[:, None]
     grad_t = tile_math.where_positive(tile.p, g_rows * (1 - problem.alpha) * tile.p * h_dev)
-    target = tile_math.chain(problem.t_kernel, grad_t, problem.z[r0:r1], problem.z_cols, tile.t_aux,
-                             tile_math.rows_of(problem.t_param, r0, r1),
-                             tile_math.finite_shift(stats[LSE_P, r0:r1]), weights=tile.p)
-    return learned, target
+    return learned, _target_chain(problem, grad_t, tile, stats, r0, r1)
+
+
+def _target_chain(problem: Problem, grad_t: torch.Tensor, tile: Tile, stats: torch.Tensor, r0: int, r1: int):
+    """dL/dt of rows r0:r1 chained to (dz rows, dz_cols, dt_param per row)."""
+    return tile_math.chain(problem.t_kernel, grad_t, problem.z[r0:r1], problem.z_cols, tile.t_aux,
+                           tile_math.rows_of(problem.t_param, r0, r1),
+                           tile_math.finite_shift(stats[LSE_P, r0:r1]), weights=tile.p)
+
+
+def _minus_row_mean(values: torch.Tensor, weights: torch.Tensor, weight_total: torch.Tensor) -> torch.Tensor:
+    """values - weights * c_i with c_i = sum_j values / sum_j weights (float64 row sums), c taken
+    off as two parts in the tile's dtype: the difference cancels to the spread of the values, so
+    c's own rounding would come back times the weighted mean of the features (DESIGN.md §5)."""
+    centre = tile_math.row_sum(values) / torch.where(weight_total > 0, weight_total, 1.0)
+    hi = centre.to(values.dtype)
+    lo = (centre - hi).to(values.dtype)
+    return (values - weights * hi[:, None]) - weights * lo[:, None]
 
 
 def backward(grad_rows, *rest):

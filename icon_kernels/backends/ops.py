@@ -26,7 +26,7 @@ from .tile_math import accumulation_dtype
 ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
         "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
         "Tensor? t_param, str t_kernel, Tensor? dense_p, float alpha, float beta, "
-        "bool exclude_self, bool kl")
+        "bool exclude_self, int divergence")
 FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad, "
                    "bool need_param_grad)"

@@ -4,7 +4,8 @@ DESIGN.md §2: a target tensor that requires grad gets its exact gradient, never
 The target is p_ij = w_ij / W_i with W_i the sum of row i's weights over its valid columns, and
 p~ = (1 - alpha) p + alpha / M'. With
 
-    h_ij = log p~_ij - log q~_ij + 1  (kl)   or   -log q~_ij  (cross_entropy)   where p~_ij > 0,
+    h_ij = log p~_ij - log q~_ij + 1  (kl),   -log q~_ij  (cross_entropy),
+           f'(p~_ij / q~_ij)  (the f-divergences, DESIGN.md §1.1)   where p~_ij > 0,
     h_ij = 0 where p~_ij = 0 (a structural zero: the one-sided derivative of p log p there is
            -inf; like the dense reference, its own term contributes nothing),
     H_i  = sum_j p_ij h_ij,
@@ -24,12 +25,21 @@ from __future__ import annotations
 
 import torch
 
-from . import blockwise, neighbor_pairs, tile_math
+from ..families import DIVERGENCES, F_DIVERGENCE_CODES
+from . import blockwise, f_divergences, neighbor_pairs, tile_math
 
 
-def h(p_mix: torch.Tensor, log_q_mix: torch.Tensor, kl: bool) -> torch.Tensor:
-    """dL_i/dp~_ij of the rule above, from p~ and log q~ (0 where p~ = 0; NaN stays NaN)."""
-    value = torch.log(p_mix) - log_q_mix + 1 if kl else -log_q_mix
+def h(p_mix: torch.Tensor, log_q_mix: torch.Tensor, divergence: int) -> torch.Tensor:
+    """dL_i/dp~_ij of the rule above, from p~ and log q~ (0 where p~ = 0; NaN stays NaN); for an
+    f-divergence (op code ``divergence``) it is f'(p~ / q~) of DESIGN.md §1.1."""
+    if divergence in F_DIVERGENCE_CODES:
+        positive = p_mix != 0
+        log_p = torch.where(positive, torch.log(torch.where(positive, p_mix, 1.0)), float("-inf"))
+        value = f_divergences.fprime(divergence, p_mix, log_p, log_q_mix)
+    elif divergence == DIVERGENCES["kl"].code:
+        value = torch.log(p_mix) - log_q_mix + 1
+    else:
+        value = -log_q_mix
     return torch.where(p_mix == 0, 0.0, value)
 
 
@@ -44,7 +54,7 @@ def _weight_grad(problem, g_rows, w, total, p_mix, log_q, valid):
     where ``total`` (rows x 1) is W and H (``h_mean``) is sum_j p h, h's p-weighted row mean."""
     safe_total = torch.where(total == 0, 1.0, total)
     p = w / safe_total
-    h_values = h(p_mix, _log_q_mix(problem, log_q), problem.kl)
+    h_values = h(p_mix, _log_q_mix(problem, log_q), problem.divergence)
     h_mean = tile_math.row_sum(tile_math.where_positive(p, p * h_values)).to(h_values.dtype)[:, None]
     grad = g_rows * (1 - problem.alpha) * (h_values - h_mean) / safe_total
     return torch.where(valid & (g_rows != 0), grad, 0.0)

@@ -28,6 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..families import DIVERGENCES
 from ..backends import blockwise, target_weight_grads, tile_math
 
 # how each partial statistic combines across blocks
@@ -188,7 +189,8 @@ class _Tile:
     def dloss_dp_mix_of_weights(self, rows: RowSide):
         """h_ij = dL_i/dp~_ij of a Dense / Neighbors target (the single-process rule of
         target_weight_grads)."""
-        return target_weight_grads.h(self.p_mix, self.log_q_mix, rows.kl)
+        return target_weight_grads.h(self.p_mix, self.log_q_mix,
+                                     DIVERGENCES["kl" if rows.kl else "cross_entropy"].code)
 
 
 def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:

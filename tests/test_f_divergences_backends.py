@@ -1,0 +1,231 @@
+"""The f-divergences of DESIGN.md §1.1 on the fused backends that compute them (families.DIVERGENCES
+lists them per divergence): against closed forms written here (the identity problem, where dL/dx
+and dL/dz are dL/ds and dL/dt), against the float64 dense reference over every kernel x target x
+option, gradcheck, the op checks, extreme logits, NaN inputs, and the backends without them
+refusing."""
+import itertools
+
+import pytest
+import torch
+
+import icon_kernels as ik
+from cases import (KERNELS, TARGETS, build, check_against_reference, clone_problem, loss_and_grads,
+                   relative_error, seed_of)
+from icon_kernels import families
+from icon_kernels.backends.dispatch import op_arguments
+from icon_kernels.backends.ops import forward_op
+from icon_kernels.validation import LOSS_OPTIONS, check_arguments
+from test_divergences import F_DIVERGENCES, GENERATOR, _identity_problem
+
+FUSED = [name for name in ("torch", "cpu", "triton", "cuda")
+         if all(name in families.DIVERGENCES[d].backends for d in F_DIVERGENCES)]
+WITHOUT = [name for name in ("torch", "cpu", "triton", "cuda") if name not in FUSED]
+
+
+def test_the_table_says_torch_and_cpu():
+    assert FUSED == ["torch", "cpu"]
+
+
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
+@pytest.mark.parametrize("name", ["kl"] + F_DIVERGENCES)
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.1, 0.2)])
+def test_gradients_are_the_closed_forms(backend, name, alpha, beta):
+    x, z, eye, target = _identity_problem(n=9, m=7)
+    upstream = torch.linspace(0.5, 1.5, 9, dtype=torch.float64)
+    rows = ik.icon_loss(x, eye, target=target, kernel="dot", temperature=1.0, alpha=alpha, beta=beta,
+                        divergence=name, reduction="none", backend=backend)
+    dx, dz = torch.autograd.grad(rows, [x, z], grad_outputs=upstream)
+    m = x.shape[1]
+    q, p = x.detach().softmax(1), z.detach().softmax(1)
+    q_mix, p_mix = (1 - beta) * q + beta / m, (1 - alpha) * p + alpha / m
+    r = p_mix / q_mix
+    f, g_of, f_prime = GENERATOR[name]
+    g, fp = g_of(r), f_prime(r)
+    want_rows = (q_mix * f(r)).sum(1)
+    want_dx = upstream[:, None] * (1 - beta) * q * (g - (q * g).sum(1, keepdim=True))
+    want_dz = upstream[:, None] * (1 - alpha) * p * (fp - (p * fp).sum(1, keepdim=True))
+    torch.testing.assert_close(rows.detach(), want_rows, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dz, want_dz, rtol=1e-9, atol=1e-12)
+
+
+# (name, rect, exclude_self, alpha, beta, reduction, weighted): the option settings of the matrix
+F_SETTINGS = [
+    ("self-mean", False, None, 0.0, 0.0, "mean", False),
+    ("rect-alpha-none", True, False, 0.1, 0.0, "none", False),
+    ("keepself-alpha-beta-sum-weighted", False, False, 0.15, 0.2, "sum", True),
+]
+F_SHAPE = (23, 19, 7)
+
+
+def _has_zeros(target_kind, alpha):
+    """reverse_kl needs alpha > 0 against a target with zeros (every type but Affinity)."""
+    return target_kind != "affinity" and alpha == 0
+
+
+def _matrix():
+    return list(_matrix_cases())
+
+
+def _matrix_cases():
+    for backend, divergence, kernel, target_kind, setting in itertools.product(
+            FUSED, F_DIVERGENCES, KERNELS, TARGETS, F_SETTINGS):
+        if divergence == "reverse_kl" and _has_zeros(target_kind, setting[3]):
+            continue
+        yield pytest.param(backend, divergence, kernel, target_kind, setting,
+                           id=f"{backend}-{divergence}-{kernel}-{target_kind}-{setting[0]}")
+
+
+@pytest.mark.parametrize("backend,divergence,kernel,target_kind,setting", _matrix(), indirect=["backend"])
+def test_every_kernel_target_and_option(backend, divergence, kernel, target_kind, setting):
+    """Loss and every gradient (x, y, the kernel parameter, the target's features, sigma,
+    Neighbors weights, Dense p) within 1e-9 of the float64 reference."""
+    name, rect, exclude_self, alpha, beta, reduction, weighted = setting
+    full = (name, rect, exclude_self, alpha, beta, divergence, reduction, weighted)
+    n, m, d = F_SHAPE
+    problem, upstream = build(kernel, target_kind, full, torch.float64, seed=seed_of(kernel, target_kind, name),
+                              param_tensor="scalar", target_grad=True, n=n, m=m, d=d)
+    check_close_to_reference(problem, upstream, backend)
+
+
+def check_close_to_reference(problem, upstream, backend, tol=1e-9, floor=1e-13):
+    """cases.check_against_reference in float64, with an absolute floor: a gradient that is 0 in
+    exact arithmetic (tv's dL/dw when every neighbour sits on one side of q) is 1e-16 noise on
+    both sides, where a relative error means nothing."""
+    want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
+    got_loss, got_grads = loss_and_grads(*clone_problem(*problem, torch.float64), backend, upstream)
+    assert torch.isfinite(want_loss).all()
+    for i, (g, w) in enumerate(zip([got_loss, *got_grads], [want_loss, *want_grads])):
+        err = (g - w).norm().item()
+        assert err <= tol * w.norm().item() + floor, f"output {i}: error {err}, norm {w.norm().item()}"
+
+
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_fp32_within_tolerance(backend, divergence):
+    problem, upstream = build("gaussian", "affinity", ("f32", False, None, 0.1, 0.1, divergence, "mean", False),
+                              torch.float32, seed=3, target_grad=True, n=41, m=41, d=9)
+    check_against_reference(problem, upstream, torch.float32, 2e-5, backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_gradcheck(backend, divergence):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    dof = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+
+    def loss(x, z, sigma, dof):
+        return ik.icon_loss(x, target=ik.Affinity(z, kernel="gaussian", sigma=sigma), kernel="student_t",
+                            dof=dof, alpha=0.1, beta=0.05, divergence=divergence, backend=backend)
+    assert torch.autograd.gradcheck(loss, (x, z, sigma, dof))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+@pytest.mark.parametrize("target_kind", ["labels", "affinity"])
+def test_opcheck(backend, divergence, target_kind):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 4, generator=gen)
+    target = (ik.Labels(torch.arange(9) % 3) if target_kind == "labels"
+              else ik.Affinity(torch.randn(9, 3, generator=gen).requires_grad_()))
+    problem = check_arguments(x.requires_grad_(), None, target=target, exclude_self=None, reduction="mean",
+                              weight=None, **{**LOSS_OPTIONS, "divergence": divergence, "alpha": 0.1,
+                                              "beta": 0.1})
+    torch.library.opcheck(forward_op(backend), op_arguments(problem))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_extreme_logits_match_the_reference(backend, divergence):
+    # tau = 0.01 and far-apart target points: p and q reach e^-200 and below, and log p of the
+    # Affinity target (alpha = 0) is finite where p itself underflows
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    z = torch.randn(16, 4, generator=gen, dtype=torch.float64) * 30
+    alpha = 0.05 if divergence == "chi2" else 0.0    # chi2 with alpha = 0 is e^+400 here: inf in any dtype
+
+    def run(name):
+        xs, zs = x.clone().requires_grad_(), z.clone().requires_grad_()
+        loss = ik.icon_loss(xs, target=ik.Affinity(zs, kernel="gaussian", sigma=1.0), kernel="cosine",
+                            temperature=0.01, alpha=alpha, divergence=divergence, backend=name)
+        return (loss, *torch.autograd.grad(loss, [xs, zs]))
+    got, want = run(backend), run("reference")
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        # 1e-6, not 1e-9: dL/dz = p (f' - Phi) cancels here (tv: f' - Phi = 1/2 - Phi with
+        # Phi -> 1/2), and the two sides round that difference differently
+        assert relative_error(g, w) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+@pytest.mark.parametrize("where", ["x", "z"])
+def test_nan_inputs_give_nan(backend, divergence, where):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    z = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    (x if where == "x" else z)[2, 1] = float("nan")
+    for name in (backend, "reference"):
+        loss = ik.icon_loss(x, target=ik.Affinity(z), kernel="gaussian", alpha=0.1, divergence=divergence,
+                            backend=name)
+        assert torch.isnan(loss), name
+
+
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_error_within_twice_pytorchs_own(backend, divergence, dtype):
+    """DESIGN §5, as test_backends_vs_reference's test of the same name: fp16/bf16 inputs, the
+    loss and gradients within twice the dense reference's own error in that dtype (+1e-4)."""
+    setting = ("half", False, None, 0.1, 0.0, divergence, "mean", False)
+    problem, upstream = build("cosine", "labels", setting, dtype, seed=5, n=64, m=64, d=32)
+    exact = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
+    naive = loss_and_grads(*problem, "reference", upstream)
+    ours = loss_and_grads(*problem, backend, upstream)
+    assert ours[0].dtype == dtype
+    for mine, theirs, want in zip([ours[0], *ours[1]], [naive[0], *naive[1]], [exact[0], *exact[1]]):
+        assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 1e-4
+
+
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_auto_picks_a_fused_backend(divergence):
+    x, z, eye, target = _identity_problem()
+    auto = ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence)
+    ref = ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence, backend="reference")
+    torch.testing.assert_close(auto, ref, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("backend", WITHOUT)
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_backends_without_them_refuse(backend, divergence):
+    # the refusal comes before availability, so it holds where the backend is not built too
+    x, z, eye, target = _identity_problem()
+    with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute this divergence yet"):
+        ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence, backend=backend)
+
+
+def test_the_triton_op_refuses_an_f_divergence_code():
+    # a second gate behind the table: a direct op call with a code its kernels lack
+    pytest.importorskip("triton")
+    from icon_kernels._triton import launchers
+    x = torch.randn(5, 3)
+    problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
+                              reduction="mean", weight=None, **{**LOSS_OPTIONS, "divergence": "tv"})
+    with pytest.raises(ValueError, match="triton backend computes kl, cross_entropy only"):
+        launchers.forward(*op_arguments(problem))
+
+
+def test_an_unknown_divergence_code_is_refused_by_the_ops():
+    x = torch.randn(5, 3)
+    problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
+                              reduction="mean", weight=None, **LOSS_OPTIONS)
+    args = list(op_arguments(problem))
+    args[-1] = 99
+    with pytest.raises(ValueError, match="unknown divergence code 99"):
+        forward_op("torch")(*args)
+    if "cpu" in ik.available_backends():
+        with pytest.raises(RuntimeError, match="unknown divergence code 99"):
+            forward_op("cpu")(*args)
