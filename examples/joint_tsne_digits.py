@@ -17,7 +17,7 @@ It is minimised twice:
 Reported: sklearn.manifold.trustworthiness (n_neighbors=5) of each embedding, beside scikit-learn's
 TSNE(method="exact") and its default Barnes-Hut TSNE on the same points (perplexity 30, init
 "pca", the same seed), the final KL of each embedding under the same P, and run times. JointTSNE
-runs on the dense reference backend (N x N), so by default the script uses the first 500 of the
+runs on the dense reference backend (N x N), so by default the script uses the first 400 of the
 1797 digits (--n) to stay within 5 minutes on two cores.
 
     .venv/bin/python examples/joint_tsne_digits.py      # needs scikit-learn
@@ -91,10 +91,10 @@ def parametric(x: torch.Tensor, criterion, steps: int, seed: int) -> np.ndarray:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=500, help="the first n of the 1797 digits")
+    parser.add_argument("--n", type=int, default=400, help="the first n of the 1797 digits")
     parser.add_argument("--perplexity", type=float, default=30.0)
     parser.add_argument("--steps", type=int, default=1000, help="free-embedding steps (scikit-learn's max_iter)")
-    parser.add_argument("--mlp-steps", type=int, default=300, help="full-batch Adam steps of the MLP")
+    parser.add_argument("--mlp-steps", type=int, default=200, help="full-batch Adam steps of the MLP")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
