@@ -12,6 +12,7 @@ inline int kernel_code(c10::string_view k) {
   if (k == "gaussian") return kGaussian;
   if (k == "student_t") return kStudentT;
   if (k == "log_dot") return kLogDot;
+  if (k == "power") return kPower;
   TORCH_CHECK(false, "unknown kernel ", k);
 }
 

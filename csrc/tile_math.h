@@ -16,13 +16,21 @@ namespace icon {
 // reached from an op, because the op's entry turns the kernel name into a code with kernel_code()
 // (op_codes.h), which TORCH_CHECKs unknown names: the default returns NaN (the math here runs on
 // the device and inside OpenMP loops, where it cannot throw), never the last kernel's value.
-enum Kernel : int { kDot = 0, kGaussian = 1, kStudentT = 2, kLogDot = 3 };
+enum Kernel : int { kDot = 0, kGaussian = 1, kStudentT = 2, kLogDot = 3, kPower = 4 };
 enum Target : int { kLabels = 0, kNeighbors = 1, kAffinity = 2, kDense = 3 };
 
 template <typename T>
 ICON_HD T unknown_code() { return T(NAN); }
 
-ICON_HD bool is_distance(int kernel) { return kernel == kGaussian || kernel == kStudentT; }
+ICON_HD bool is_distance(int kernel) { return kernel == kGaussian || kernel == kStudentT || kernel == kPower; }
+
+// The power kernel's epsilon, s = -(n/2) log(d^2 + eps): a library constant, not an op argument
+// (families.POWER_EPS; tests/test_families.py checks the copies agree).
+constexpr double kPowerEps = 1e-12;
+
+// ds/dn of the power kernel: -(1/2) log(d^2 + eps).
+template <typename T>
+ICON_HD T power_basis(T aux) { return T(-0.5) * std::log(aux + T(kPowerEps)); }
 
 // s_ij from the Gram entry ab = a_i.b_j (and the squared norms for distance kernels); *aux gets
 // a.b (dot, log_dot) or the squared distance clamped at 0 (NaN kept).
@@ -38,6 +46,7 @@ ICON_HD T logit(int kernel, T ab, T a_sq, T b_sq, T prm, T* aux) {
     case kLogDot: return std::log(ab);
     case kGaussian: return -*aux / (T(2) * prm * prm);
     case kStudentT: return -T(0.5) * (prm + T(1)) * std::log1p(*aux / prm);
+    case kPower: return prm * power_basis(*aux);
     default: return unknown_code<T>();
   }
 }
@@ -50,6 +59,7 @@ ICON_HD T grad_weight(int kernel, T g, T aux, T prm) {
     case kLogDot: return g == T(0) ? T(0) : g / aux;
     case kGaussian: return g / (prm * prm);
     case kStudentT: return g * (prm + T(1)) / (prm + aux);
+    case kPower: return g * prm / (aux + T(kPowerEps));
     default: return unknown_code<T>();
   }
 }
@@ -69,6 +79,7 @@ ICON_HD T param_term(int kernel, T g, T s, T aux, T prm, T shift) {
     case kDot: return -g * (s - shift) / prm;
     case kGaussian: return T(-2) * g * (s - shift) / prm;
     case kStudentT: return g * student_t_ddof(aux, prm);
+    case kPower: return g * power_basis(aux);
     case kLogDot: return T(0);                 // no parameter
     default: return unknown_code<T>();
   }
@@ -83,6 +94,7 @@ ICON_HD T param_basis(int kernel, T s, T aux, T prm, T shift) {
   switch (kernel) {
     case kDot: case kGaussian: return s - shift;
     case kStudentT: return student_t_ddof(aux, prm);
+    case kPower: return power_basis(aux);
     case kLogDot: return T(0);
     default: return unknown_code<T>();
   }
@@ -93,7 +105,7 @@ ICON_HD T param_scale(int kernel, T prm) {
   switch (kernel) {
     case kDot: return T(-1) / prm;
     case kGaussian: return T(-2) / prm;
-    case kStudentT: return T(1);
+    case kStudentT: case kPower: return T(1);
     case kLogDot: return T(0);
     default: return unknown_code<T>();
   }
