@@ -66,7 +66,9 @@ def selected(nodeid: str) -> bool:
 # average (median 0.94, 90th percentile 1.6, max 3.4; triton 3.8, 2 processes on the 2-core
 # development VM, tests/triton_aot_compile.py --keys --workers 2). COMPILE_S_PER_KEY allows 2.5 s:
 # keys that several workers compile at once, triton 3.6 on the device, and the JIT path's extra
-# work (it also loads each cubin).
+# work (it also loads each cubin). With the power kernel (kernel code 4) the selection triggers
+# 319 keys (bench/gpu_check.sh --plan, 2026-12-02, a tree that also held uncommitted divergence
+# work), about 100 s on 8 workers: within the budget's 480.
 COMPILE_BUDGET_S = 150
 COMPILE_S_PER_KEY = 2.5
 

@@ -130,11 +130,14 @@ def variants():
     cases = [  # (KERNEL, TARGET, dtype, D_CHUNKED, BLOCK_D)
         (0, 0, "bfloat16", False, 128), (1, 1, "float16", False, 128), (2, 2, "float32", False, 64),
         (3, 3, "float32", True, 128), (0, 2, "bfloat16", True, 128),
+        (4, 2, "float16", False, 128),      # the power kernel, learned and as the Affinity target's
     ]
     for kernel, target, dtype, chunked, block_d in cases:
         upcast = dtype == "float32"
         c = dict(base, KERNEL=kernel, TARGET=target, D_CHUNKED=chunked, BLOCK_D=block_d,
                  UPCAST=upcast, UPCAST_Z=upcast)
+        if kernel == 4:
+            c["T_KERNEL"] = 4
         tensors = {"X": [dtype, True], "Y": [dtype, True], "Z": [dtype, True], "ZC": [dtype, True],
                    "LAB": ["int64", True], "CLAB": ["int64", True]}
         per_kernel = [("icon_forward_kernel", dict(c, ONE_PASS=True)),

@@ -154,14 +154,14 @@ def icon_backward_rows_kernel(
             dz += grad_dot(w_t, zc, PRECISION)
             wt_sum += tl.sum(w_t, 1)
             dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
-    if KERNEL == 1 or KERNEL == 2:
+    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
         dx -= w_sum[:, None] * x.to(tl.float32)
     dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
     tl.store(DX + rows.to(tl.int64)[:, None] * D + dk[None, :], dx,
              mask=in_rows[:, None] & (dk < D)[None, :])
     tl.store(DPRM + rows, dprm, mask=in_rows & first)
     if TARGET_GRAD:
-        if T_KERNEL == 1 or T_KERNEL == 2:
+        if T_KERNEL == 1 or T_KERNEL == 2 or T_KERNEL == 4:
             dz -= wt_sum[:, None] * z.to(tl.float32)
         dkz = tl.arange(0, BLOCK_DZ)
         tl.store(DZ_ROWS + rows.to(tl.int64)[:, None] * DZ + dkz[None, :], dz,
@@ -211,13 +211,13 @@ def icon_backward_cols_kernel(
         if TARGET_GRAD:
             dzc += grad_dot(tl.trans(w_t), z, PRECISION)
             wt_sum += tl.sum(w_t, 0)
-    if KERNEL == 1 or KERNEL == 2:
+    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
         dy -= w_sum[:, None] * y.to(tl.float32)
     dk = c * BLOCK_D + tl.arange(0, BLOCK_D)
     tl.store(DY + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
              mask=in_cols[:, None] & (dk < D)[None, :])
     if TARGET_GRAD:
-        if T_KERNEL == 1 or T_KERNEL == 2:
+        if T_KERNEL == 1 or T_KERNEL == 2 or T_KERNEL == 4:
             dzc -= wt_sum[:, None] * zc.to(tl.float32)
         dkz = tl.arange(0, BLOCK_DZ)
         tl.store(DZ_COLS + cols.to(tl.int64)[:, None] * DZ + dkz[None, :], dzc,

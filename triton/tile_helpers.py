@@ -2,12 +2,16 @@
 
 Codes (constexpr, launchers.KERNEL_CODES / TARGET_CODES, the same numbers as
 icon_kernels/families.py and csrc/tile_math.h; tests/test_families.py checks they agree): kernel
-0 dot, 1 gaussian, 2 student_t, 3 log_dot (cosine arrives as dot on normalised rows); target
+0 dot, 1 gaussian, 2 student_t, 3 log_dot, 4 power (cosine arrives as dot on normalised rows); target
 0 labels, 1 neighbors, 2 affinity, 3 dense. Every switch over a code ends in a static_assert, so an
 unknown code fails to compile instead of computing the last kernel. Everything is fp32.
 """
 import triton
 import triton.language as tl
+
+# the power kernel's epsilon, s = -(n/2) log(d² + eps): a library constant, not an op argument
+# (icon_kernels/families.py POWER_EPS, csrc/tile_math.h kPowerEps; tests/test_families.py)
+POWER_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -53,7 +57,7 @@ def gram_block(a, b, A, B, ia, ib, na, nb, stride_a, stride_b, d, BLOCK_D: tl.co
 def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
     """(s, aux) from the Gram block ab [BM, BN]; prm is per row [BM].
 
-    aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t)."""
+    aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t, power)."""
     if KERNEL == 0:
         s = ab / prm[:, None]
         aux = ab
@@ -67,6 +71,8 @@ def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
             s = -aux / (2.0 * prm * prm)[:, None]
         elif KERNEL == 2:
             s = -0.5 * (prm + 1.0)[:, None] * tl.log(1.0 + aux / prm[:, None])
+        elif KERNEL == 4:
+            s = -0.5 * prm[:, None] * tl.log(aux + POWER_EPS)
         else:
             tl.static_assert(False, "pair_logits: unknown kernel code")
     return s, aux
@@ -83,6 +89,8 @@ def grad_weight(grad, aux, prm, KERNEL: tl.constexpr):
         w = grad / (prm * prm)[:, None]
     elif KERNEL == 2:
         w = grad * (prm + 1.0)[:, None] / (prm[:, None] + aux)
+    elif KERNEL == 4:
+        w = grad * prm[:, None] / (aux + POWER_EPS)
     else:
         tl.static_assert(False, "grad_weight: unknown kernel code")
     return w
@@ -99,6 +107,8 @@ def param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
         nu = prm[:, None]
         ds = -0.5 * tl.log(1.0 + aux / nu) + 0.5 * (nu + 1.0) * aux / (nu * (nu + aux))
         d = tl.sum(grad * ds, 1)
+    elif KERNEL == 4:
+        d = tl.sum(grad * (-0.5 * tl.log(aux + POWER_EPS)), 1)
     elif KERNEL == 3:
         d = tl.sum(grad * 0.0, 1)                 # log_dot has no parameter
     else:
