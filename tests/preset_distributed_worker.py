@@ -35,6 +35,8 @@ def cases(gen):
         ("CLIPLoss", lambda **p: ik.CLIPLoss(**p).double(), [r(8, 5), r(8, 5)], 2, lambda c, t: c(*t)),
         ("PrototypeCrossEntropy", lambda **p: _seeded(lambda: ik.PrototypeCrossEntropy(3, 5, **p).double()),
          [r(n, 5), torch.randint(0, 3, (n,), generator=gen)], 1, lambda c, t: c(*t)),
+        ("HarmonicLoss", lambda **p: _seeded(lambda: ik.HarmonicLoss(3, 5, 2.0, **p).double()),
+         [r(n, 5), torch.randint(0, 3, (n,), generator=gen)], 1, lambda c, t: c(*t)),
         ("SNE", lambda **p: ik.SNE(3.0, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
         ("TSNE", lambda **p: ik.TSNE(3.0, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
         ("UniformKNN", lambda **p: ik.UniformKNN(3, steps=2, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),

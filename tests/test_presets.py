@@ -1,8 +1,8 @@
 """The presets against independent dense implementations of their literature formulas, written
 here without icon_kernels: NT-Xent (InfoNCE / SimCLR), SupCon's L_out, CLIP's symmetric
 cross-entropy, t-SimCLR, softmax cross-entropy on prototypes, SNE / t-SNE's conditional KL,
-uniform-kNN t-SNE and InfoNCE clustering. Loss and gradients, float64, every usable backend
-(the Triton interpreter included when it is on), relative error <= 1e-6."""
+uniform-kNN t-SNE, InfoNCE clustering and the harmonic loss. Loss and gradients, float64, every
+usable backend (the Triton interpreter included when it is on), relative error <= 1e-6."""
 import math
 
 import pytest
@@ -176,6 +176,29 @@ def test_prototype_cross_entropy_equals_softmax_cross_entropy(backend):
     check(lambda: crit_g(z, labels), lambda: F.cross_entropy(-sq_dists(z, wg) / (2 * 0.8**2), labels), [z, wg])
 
 
+def harmonic_loss(z, w, labels, n):
+    """Baek et al. (arXiv 2502.01628): distances d_c = ||z - w_c||, HarMax q_c = d_c^(-n) /
+    sum_c' d_c'^(-n), the loss mean_i -log q_{label_i}."""
+    log_q = (-n * sq_dists(z, w).sqrt().log()).log_softmax(1)
+    return -log_q[torch.arange(z.shape[0]), labels].mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_harmonic_loss_equals_harmax_cross_entropy(backend):
+    gen = torch.Generator().manual_seed(8)
+    z = leaf(9, 4, gen=gen)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0])
+    crit = ik.HarmonicLoss(3, 4, exponent=2.5, backend=backend).double()
+    w = crit.prototypes
+    assert (crit.kernel, crit.divergence) == ("power", "cross_entropy")
+    check(lambda: crit(z, labels), lambda: harmonic_loss(z, w, labels, 2.5), [z, w])
+    # a learnable exponent, and a given prototype matrix
+    n = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    w2 = leaf(3, 4, gen=gen)
+    crit_n = ik.HarmonicLoss(3, 4, exponent=n, backend=backend)
+    check(lambda: crit_n(z, labels, prototypes=w2), lambda: harmonic_loss(z, w2, labels, n), [z, w2, n])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sne_and_tsne_equal_conditional_kl(backend):
     gen = torch.Generator().manual_seed(8)
@@ -295,6 +318,10 @@ def test_presets_are_modules_and_learnable_temperature_gets_a_gradient():
     (lambda: ik.UniformKNN(3, metric="manhattan"), None, "metric"),
     (lambda: ik.InfoNCEClustering(1), None, "n_clusters"),
     (lambda: ik.PrototypeCrossEntropy(3, 0), None, "dim"),
+    (lambda: ik.HarmonicLoss(3, 2, exponent=0.0), None, "exponent"),
+    (lambda: ik.HarmonicLoss(3, 2, exponent=float("inf")), None, "exponent"),
+    (lambda: ik.HarmonicLoss(3, 2, kernel="dot"), None, "kernel"),
+    (lambda: ik.HarmonicLoss(3, 2), lambda c: c(torch.randn(4, 2), torch.tensor([0, 1, 2, 3])), "labels"),
     (lambda: ik.InfoNCE(0.1), lambda c: c(torch.randn(4, 3), torch.randn(5, 3)), "view2"),
     (lambda: ik.SupCon(0.1), lambda c: c(torch.randn(4, 3), torch.zeros(3, dtype=torch.long)), "labels"),
     (lambda: ik.TSNE(2.0), lambda c: c(torch.randn(4, 2), torch.randn(5, 3)), "inputs"),

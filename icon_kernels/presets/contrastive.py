@@ -1,5 +1,6 @@
-"""Contrastive and supervised presets: InfoNCE / SimCLR, SupCon, CLIPLoss, TSimCLR and
-PrototypeCrossEntropy, each one ``ik.icon_loss`` call (two for CLIP) with its (p, q) pair.
+"""Contrastive and supervised presets: InfoNCE / SimCLR, SupCon, CLIPLoss, TSimCLR,
+PrototypeCrossEntropy and HarmonicLoss, each one ``ik.icon_loss`` call (two for CLIP) with its
+(p, q) pair.
 
 Every preset also takes ``alpha`` / ``beta`` (debiasing), ``reduction``, ``backend`` and
 ``process_group`` / ``dist_mode`` / ``distributed`` (see base.PresetLoss).
@@ -153,14 +154,16 @@ class PrototypeCrossEntropy(PresetLoss):
     ``kernel="dot"`` and temperature 1 that is softmax(z W^T), i.e. ordinary softmax
     cross-entropy of a bias-free linear classifier. I-Con's result: supervised cross-entropy is
     I-Con with data->label pairs. "cosine" gives a cosine classifier, "gaussian" / "student_t"
-    distance-based prototypes. ``prototypes`` is a learnable (n_classes, dim) nn.Parameter;
-    ``forward(..., prototypes=W)`` uses a given matrix instead. Distributed: the prototypes are the
+    distance-based prototypes, "power" (with ``exponent``) the harmonic loss (``HarmonicLoss``).
+    ``prototypes`` is a learnable (n_classes, dim) nn.Parameter; ``forward(..., prototypes=W)``
+    uses a given matrix instead. Distributed: the prototypes are the
     same on every rank, so they are not gathered; only the mean is global.
     """
 
     DIVERGENCE = "cross_entropy"
 
-    def __init__(self, n_classes, dim, *, kernel="dot", temperature=1.0, sigma=1.0, dof=1.0, **kwargs):
+    def __init__(self, n_classes, dim, *, kernel="dot", temperature=1.0, sigma=1.0, dof=1.0, exponent=1.0,
+                 **kwargs):
         super().__init__(**kwargs)
         for name, value in (("n_classes", n_classes), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -171,6 +174,7 @@ class PrototypeCrossEntropy(PresetLoss):
         self.temperature = check_positive("temperature", temperature)
         self.sigma = check_positive("sigma", sigma)
         self.dof = check_positive("dof", dof)
+        self.exponent = check_positive("exponent", exponent)
         self.prototypes = torch.nn.Parameter(torch.randn(n_classes, dim) / math.sqrt(dim))
 
     def forward(self, embeddings, labels, prototypes=None):
@@ -184,10 +188,39 @@ class PrototypeCrossEntropy(PresetLoss):
             raise ValueError(f"labels must lie in [0, {w.shape[0]})")
         w = w.to(device=embeddings.device, dtype=embeddings.dtype)
         classes = torch.arange(w.shape[0], device=embeddings.device)
-        params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof}
+        params = {"temperature": self.temperature, "sigma": self.sigma, "dof": self.dof,
+                  "exponent": self.exponent}
         name = KERNEL_PARAM[self.kernel]
         return run_loss_replicated_columns(
             embeddings, w, target=Labels(labels, classes), placement=self.placement,
             reduction=self.reduction, backend=self.backend, kernel=self.kernel,
             **{name: params[name]}, alpha=self.alpha, beta=self.beta, exclude_self=False,
             divergence=self.divergence)
+
+
+class HarmonicLoss(PrototypeCrossEntropy):
+    """Harmonic loss: ``HarmonicLoss(n_classes, dim, exponent)(embeddings, labels)``.
+
+    Baek, Liu, Tyagi, Tegmark, "Harmonic Loss Trains Interpretable AI Models" (arXiv 2502.01628):
+    the logits of a classifier are Euclidean distances d_c = ||z_i - w_c|| to class centres w_c,
+    normalised by HarMax, q(c|i) = d_c^(-n) / sum_c' d_c'^(-n) with the harmonic exponent n, and
+    the loss is -log q(label_i|i). I-Con pair: the columns y are the C learnable prototypes w
+    (``prototypes``, an (n_classes, dim) nn.Parameter; ``forward(..., prototypes=W)`` uses a given
+    matrix); p(c|i) = 1 for i's class (Labels with the row labels against the column labels
+    0..C-1, the self pair not excluded); q(c|i) = the ``power`` kernel, softmax_c of
+    -(n/2) log(||z_i - w_c||^2 + eps) with eps = 1e-12 (families.POWER_EPS, a library constant
+    that keeps q finite where z_i sits on a prototype); divergence: cross_entropy, the paper's
+    -log q. ``exponent`` is a float > 0 or a tensor (an nn.Parameter to learn it). Distributed:
+    as PrototypeCrossEntropy (prototypes replicated, the mean global).
+    """
+
+    DIVERGENCE = "cross_entropy"
+
+    def __init__(self, n_classes, dim, exponent=1.0, **kwargs):
+        fixed = sorted(set(kwargs) & {"kernel", "temperature", "sigma", "dof"})
+        if fixed:
+            raise TypeError(f"HarmonicLoss has the power kernel; it takes no {', '.join(fixed)}")
+        super().__init__(n_classes, dim, kernel="power", exponent=exponent, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"n_classes={self.n_classes}, dim={self.dim}, exponent={self.exponent}, " + super().extra_repr()
