@@ -12,7 +12,7 @@ from icon_kernels import families
 KERNELS = tuple(families.LEARNED_KERNELS)        # a new kernel is checked on every backend
 TARGETS = tuple(families.TARGET_TYPES_BY_NAME)
 PARAM_OF = {name: row.param for name, row in families.LEARNED_KERNELS.items() if row.param}
-DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5}
+DEFAULT_PARAM = {"temperature": 0.5, "sigma": 1.7, "dof": 1.5, "exponent": 1.3}
 
 # (name, rect, exclude_self, alpha, beta, divergence, reduction, weighted)
 SETTINGS = [
@@ -21,6 +21,17 @@ SETTINGS = [
     ("rect-alpha-kl-sum-weighted", True, False, 0.1, 0.0, "kl", "sum", True),
     ("square-keepself-beta-mean-weighted", False, False, 0.0, 0.15, "kl", "mean", True),
 ]
+
+
+def keeps_self_pair_at_zero(kernel: str, setting, t_kernel: str = "gaussian") -> bool:
+    """True for the power kernel (learned, or an Affinity target's) with the self pairs kept in
+    self mode (y = x, exclude_self=False). Its logit at d² = 0 is -(n/2) log(eps), eps = 1e-12,
+    but every backend forms d²_ii as ||x||² + ||x||² - 2 x.x, rounding noise above eps (about
+    1e-15 in float64, 1e-7 in fp32), and W_ii = G_ii n / (d² + eps) ~ 1e12 G_ii cancels in
+    W y - (sum W) x: the backends agree there only on a finite value, which is all DESIGN.md §1
+    promises (test_power_kernel_with_the_self_pair_is_finite checks that instead)."""
+    _, rect, exclude_self, *_ = setting
+    return "power" in (kernel, t_kernel) and not rect and exclude_self is False
 
 
 def features(n: int, d: int, kernel: str, dtype, gen: torch.Generator) -> torch.Tensor:
@@ -57,7 +68,8 @@ def make_target(kind: str, n: int, m: int, rect: bool, dtype, gen, t_kernel="gau
     z = features(n, 6, t_kernel, dtype, gen).requires_grad_(target_grad)
     z_cols = features(m, 6, t_kernel, dtype, gen).requires_grad_(target_grad) if rect else None
     sigma = torch.tensor(1.3, dtype=dtype, requires_grad=target_grad)
-    return ik.Affinity(z, z_cols, kernel=t_kernel, sigma=sigma, temperature=0.7, dof=2.0)
+    exponent = torch.tensor(1.8, dtype=dtype, requires_grad=target_grad)
+    return ik.Affinity(z, z_cols, kernel=t_kernel, sigma=sigma, temperature=0.7, dof=2.0, exponent=exponent)
 
 
 def build(kernel, target_kind, setting, dtype, seed, param_tensor=False, target_grad=False,
@@ -126,8 +138,8 @@ def leaves(x, y, target, kwargs):
     found = [x] + ([y] if y is not None else [])
     found += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
     if isinstance(target, ik.Affinity):
-        found += [t for t in (target.z, target.z_cols, target.sigma, target.temperature, target.dof)
-                  if isinstance(t, torch.Tensor)]
+        found += [t for t in (target.z, target.z_cols, target.sigma, target.temperature, target.dof,
+                              target.exponent) if isinstance(t, torch.Tensor)]
     if isinstance(target, ik.Neighbors) and target.weights is not None:
         found.append(target.weights)
     if isinstance(target, ik.Dense):
@@ -151,7 +163,7 @@ def clone_problem(x, y, target, kwargs, dtype):
     else:
         target = ik.Affinity(conv(target.z), conv(target.z_cols), kernel=target.kernel,
                              sigma=conv(target.sigma), temperature=conv(target.temperature),
-                             dof=conv(target.dof))
+                             dof=conv(target.dof), exponent=conv(target.exponent))
     return conv(x), conv(y), target, {k: conv(v) for k, v in kwargs.items()}
 
 

@@ -43,6 +43,31 @@ def test_module_matches_functional_and_learns_temperature():
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_module_and_affinity_target_take_the_power_kernels_exponent(backend):
+    """ik.ICon(kernel="power", exponent=<a parameter>) against an Affinity target with the power
+    kernel: the conditional KL of q, p ∝ (||a_i - a_j||² + 1e-12)^(-n/2) over j != i, written
+    densely here; loss and the gradients of x and of the learned exponent."""
+    n_learned = torch.nn.Parameter(torch.tensor(1.7, dtype=torch.float64))
+    crit = ik.ICon(kernel="power", exponent=n_learned, backend=backend)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    eye = torch.eye(12, dtype=torch.bool)
+
+    def log_q(a, n):
+        sq = (a[:, None, :] - a[None, :, :]).square().sum(-1)
+        return (-n / 2 * torch.log(sq + 1e-12)).masked_fill(eye, float("-inf")).log_softmax(1)
+    loss = crit(x, target=ik.Affinity(z, kernel="power", exponent=2.5))
+    log_p = log_q(z, 2.5)
+    want = torch.where(eye, 0.0, log_p.exp() * (log_p - log_q(x, n_learned))).sum(1).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    got_grads = torch.autograd.grad(loss, [x, n_learned])
+    for got, exact in zip(got_grads, torch.autograd.grad(want, [x, n_learned])):
+        assert relative_error(got, exact) < 1e-10
+    assert crit.exponent is n_learned
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_row_has_a_target_gives_zero_loss_and_zero_grads(backend, reduction):
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)

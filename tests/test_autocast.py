@@ -66,8 +66,8 @@ def test_fused_row_losses_accumulate_in_fp32_under_autocast(backend, dtype):
     gen = torch.Generator().manual_seed(1)
     emb = torch.randn(40, 16, generator=gen).to(device=device, dtype=dtype)
     target = ik.Labels(torch.arange(40, device=device) // 4)
-    options = dict(target=target, kernel="dot", temperature=0.3, sigma=1.0, dof=1.0, alpha=0.0,
-                   beta=0.0, exclude_self=None, divergence="kl", reduction="none", weight=None)
+    options = dict(target=target, kernel="dot", temperature=0.3, sigma=1.0, dof=1.0, exponent=1.0,
+                   alpha=0.0, beta=0.0, exclude_self=None, divergence="kl", reduction="none", weight=None)
     with torch.autocast(device_type=device, dtype=dtype):
         rows, _ = row_losses(check_arguments(emb, None, **options), backend)
     want, _ = row_losses(check_arguments(emb.double(), None, **options), "reference")

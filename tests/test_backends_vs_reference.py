@@ -17,7 +17,7 @@ import torch
 
 import icon_kernels as ik
 from cases import (KERNELS, PARAM_OF, SETTINGS, TARGETS, build, check_against_reference, clone_problem,
-                   device_of, loss_and_grads, relative_error, seed_of, to_device)
+                   device_of, keeps_self_pair_at_zero, loss_and_grads, relative_error, seed_of, to_device)
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 DTYPE_ID = {F64: "f64", F32: "f32", F16: "f16", BF16: "bf16"}
@@ -69,6 +69,8 @@ EVERY = {
 
 def _every(backend, variants):
     for (kernel, target_kind), setting in itertools.product(itertools.product(KERNELS, TARGETS), SETTINGS):
+        if keeps_self_pair_at_zero(kernel, setting):      # checked by test_power_kernel_with_the_self_pair_is_finite
+            continue
         seed = seed_of(kernel, target_kind, setting[0])
         for dtype, tol, shape in variants:
             n, m, d = shape_for(shape, seed)
@@ -123,6 +125,8 @@ AFFINITY = {     # backend: (settings, variants, learned kernel's dof: float or 
 def _affinity(backend, entry):
     settings, variants, param_tensor = entry
     for t_kernel, setting in itertools.product(KERNELS, settings):
+        if keeps_self_pair_at_zero("student_t", setting, t_kernel):
+            continue
         for dtype, tol, (n, m, d) in variants:
             params = f"-{param_tensor}" if param_tensor else ""
             yield (f"{t_kernel}-{setting[0]}{params}-{DTYPE_ID[dtype]}-{shape_id(n, m, d, setting[1])}",
@@ -136,6 +140,35 @@ def test_affinity_target_gradients(backend, t_kernel, setting, param_tensor, dty
     problem, upstream = build("student_t", "affinity", setting, dtype, seed=11, target_grad=True,
                               t_kernel=t_kernel, param_tensor=param_tensor, n=n, m=m, d=d)
     check_against_reference(problem, upstream, dtype, tol, backend)
+
+
+# --- the power kernel with its self pair kept: d² = 0, a finite loss (DESIGN.md §1) --------------
+
+SELF_PAIR = {"reference": (F64, F32), "torch": (F64, F32), "cpu": (F64, F32), "triton": (F32,),
+             "cuda": (F64, F32)}
+
+
+def _self_pair(backend, dtypes):
+    for dtype in dtypes:
+        yield f"power-affinity-power-{SETTINGS[3][0]}-{DTYPE_ID[dtype]}-24x24x8", (dtype,)
+
+
+@pytest.mark.parametrize("backend,dtype", params(SELF_PAIR, _self_pair), indirect=["backend"])
+def test_power_kernel_with_the_self_pair_is_finite(backend, dtype):
+    """y = x with exclude_self=False: s_ii = -(n/2) log(d²_ii + eps), the learned and the target
+    side, a learnable exponent on both. The value there rests on each backend's rounding of
+    d²_ii (cases.keeps_self_pair_at_zero), so this checks what eps promises: a finite loss and
+    finite gradients (with eps = 0, a d²_ii that rounds to 0 gives +inf logits and NaN)."""
+    setting = SETTINGS[3]
+    assert keeps_self_pair_at_zero("power", setting) and setting[5] == "kl"
+    problem, upstream = build("power", "affinity", setting, dtype, seed=9, param_tensor="scalar",
+                              target_grad=True, t_kernel="power", n=24, d=8)
+    device = device_of(backend)
+    loss, grads = loss_and_grads(*to_device(problem, device), backend, upstream.to(device))
+    assert torch.isfinite(loss).all() and float(loss) >= 0      # a KL of two distributions
+    assert len(grads) == 5         # x, the exponent, z, the target's sigma (unused) and exponent
+    for i, g in enumerate(grads):
+        assert torch.isfinite(g).all(), f"gradient {i} is not finite"
 
 
 # --- ragged and tiny shapes: N = 1, d = 1, d > 128, more rows than one block ---------------------

@@ -171,6 +171,27 @@ def test_affinity_dof_not_positive(backend, dof):
         kernel="gaussian", backend=backend))
 
 
+@pytest.mark.parametrize("exponent", [0.0, -1.0, float("nan")])
+def test_exponent_not_positive(backend, exponent):
+    if exponent != exponent:        # a NaN float passes (NaN inputs give a NaN loss), as for dof
+        loss = ik.icon_loss(data(), target=ik.Labels(labels()), kernel="power", exponent=exponent,
+                            backend=backend)
+        assert torch.isnan(loss).item()
+        return
+    raises(ValueError, "exponent", lambda: ik.icon_loss(
+        data(), target=ik.Labels(labels()), kernel="power", exponent=exponent, backend=backend))
+    raises(ValueError, "exponent", lambda: ik.icon_loss(
+        data(), target=ik.Labels(labels()), kernel="power",
+        exponent=torch.full((N,), exponent, dtype=torch.float64), backend=backend))
+
+
+@pytest.mark.parametrize("exponent", [0.0, -2.0])
+def test_affinity_exponent_not_positive(backend, exponent):
+    raises(ValueError, "exponent", lambda: ik.icon_loss(
+        data(), target=ik.Affinity(data(seed=1), kernel="power", exponent=exponent),
+        kernel="gaussian", backend=backend))
+
+
 @pytest.mark.parametrize("tau", [0.0, -1.0])
 def test_affinity_temperature_not_positive(backend, tau):
     raises(ValueError, "temperature", lambda: ik.icon_loss(
@@ -427,10 +448,10 @@ def test_nan_row_weight(backend, no_hang):
     assert torch.isnan(loss).item()
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "student_t"])
+@pytest.mark.parametrize("kernel", ["gaussian", "student_t", "power"])
 def test_nan_sigma_dof(backend, kernel, no_hang):
     nan = torch.tensor(float("nan"), dtype=torch.float64)
-    kw = {"sigma": nan} if kernel == "gaussian" else {"dof": nan}
+    kw = {{"gaussian": "sigma", "student_t": "dof", "power": "exponent"}[kernel]: nan}
     loss = ik.icon_loss(data(), target=ik.Labels(labels()), kernel=kernel, backend=backend, **kw)
     assert torch.isnan(loss).item()
 
@@ -464,15 +485,17 @@ def test_all_zero_row_weights_give_zero_loss_and_zero_gradients(backend, reducti
 
 
 INFINITE_FLOATS = [("temperature", "cosine", {}), ("sigma", "gaussian", {}), ("dof", "student_t", {}),
+                   ("exponent", "power", {}),
                    ("sigma", "dot", {"affinity": True}), ("temperature", "dot", {"affinity": True}),
-                   ("dof", "dot", {"affinity": True})]
+                   ("dof", "dot", {"affinity": True}), ("exponent", "dot", {"affinity": True})]
 
 
 @pytest.mark.parametrize("name,kernel,where", INFINITE_FLOATS)
 def test_infinite_float_parameter_raises(backend, name, kernel, where):
     if where:
         target = ik.Affinity(data(seed=1), kernel={"sigma": "gaussian", "temperature": "dot",
-                                                   "dof": "student_t"}[name], **{name: float("inf")})
+                                                   "dof": "student_t", "exponent": "power"}[name],
+                             **{name: float("inf")})
         call = lambda: ik.icon_loss(data(), target=target, kernel=kernel, backend=backend)
     else:
         call = lambda: ik.icon_loss(data(), target=ik.Labels(labels()), kernel=kernel, backend=backend,
@@ -482,7 +505,7 @@ def test_infinite_float_parameter_raises(backend, name, kernel, where):
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("name,kernel", [("temperature", "dot"), ("temperature", "cosine"),
-                                         ("sigma", "gaussian"), ("dof", "student_t")])
+                                         ("sigma", "gaussian"), ("dof", "student_t"), ("exponent", "power")])
 def test_infinite_tensor_parameter_gives_nan(backend, name, kernel, per_row, no_hang):
     """tau = inf would make q uniform and the loss finite; Inf inside a tensor gives NaN."""
     value = torch.full((N,) if per_row else (), 0.7, dtype=torch.float64)

@@ -54,9 +54,10 @@ def _assert_item(reports, item, at_least):
 
 def test_options_that_differ_across_ranks_raise_on_every_rank(reports):
     """item 5: reduction, dist_mode, kernel, divergence, exclude_self, alpha, beta, a float
-    temperature / sigma / dof, target type, y and weight given or not, the Affinity target's
-    kernel, parameter and features, which inputs require grad; options that may differ don't raise."""
-    _assert_item(reports, "item5", 2 * 22)
+    temperature / sigma / dof / exponent, target type, y and weight given or not, the Affinity
+    target's kernel, parameter (sigma, temperature, exponent) and features, which inputs require
+    grad; options that may differ don't raise."""
+    _assert_item(reports, "item5", 2 * 24)
 
 
 def test_a_target_wrong_on_one_rank_raises_on_every_rank(reports):

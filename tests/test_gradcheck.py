@@ -15,7 +15,7 @@ def _x(n, d, seed, positive=False):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel,param", [("dot", "temperature"), ("cosine", "temperature"),
-                                          ("gaussian", "sigma"), ("student_t", "dof")])
+                                          ("gaussian", "sigma"), ("student_t", "dof"), ("power", "exponent")])
 @pytest.mark.parametrize("alpha,beta,divergence", [(0.0, 0.0, "kl"), (0.2, 0.3, "cross_entropy")])
 def test_learned_side(small_chunks, backend, kernel, param, alpha, beta, divergence):
     x, y = _x(7, 3, 0), _x(6, 3, 1)
@@ -29,7 +29,7 @@ def test_learned_side(small_chunks, backend, kernel, param, alpha, beta, diverge
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("t_kernel", ["gaussian", "student_t", "cosine"])
+@pytest.mark.parametrize("t_kernel", ["gaussian", "student_t", "cosine", "power"])
 @pytest.mark.parametrize("alpha,beta,divergence", [(0.0, 0.0, "kl"), (0.25, 0.1, "kl"), (0.1, 0.0, "cross_entropy")])
 def test_affinity_target_side(small_chunks, backend, t_kernel, alpha, beta, divergence):
     x, z = _x(8, 3, 2), _x(8, 4, 3)
@@ -37,7 +37,8 @@ def test_affinity_target_side(small_chunks, backend, t_kernel, alpha, beta, dive
     weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
 
     def f(x, z, sigma):
-        target = ik.Affinity(z, kernel=t_kernel, sigma=sigma, temperature=0.6, dof=1.5)
+        # sigma is the gaussian's parameter and the power kernel's exponent (unused by the others)
+        target = ik.Affinity(z, kernel=t_kernel, sigma=sigma, temperature=0.6, dof=1.5, exponent=sigma)
         return ik.icon_loss(x, target=target, kernel="student_t", dof=1.0, alpha=alpha, beta=beta,
                             divergence=divergence, weight=weight, backend=backend)
     assert torch.autograd.gradcheck(f, (x, z, sigma))

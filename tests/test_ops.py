@@ -40,7 +40,7 @@ def _cpu_problem(target_kind, dtype, requires_grad):
         "dense": ik.Dense(torch.rand(n, m, generator=g, dtype=dtype)),
     }
     pb = check_arguments(x, y, target=targets[target_kind], kernel="dot", temperature=tau, sigma=1.0,
-                         dof=1.0, alpha=0.1, beta=0.2, exclude_self=False, divergence="kl",
+                         dof=1.0, exponent=1.0, alpha=0.1, beta=0.2, exclude_self=False, divergence="kl",
                          reduction="mean", weight=None)
     return op_arguments(pb)
 
