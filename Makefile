@@ -45,6 +45,8 @@ bench-distributed: install-bench
 
 examples: install-examples
 	$(VPY) examples/cluster_digits.py
+	$(VPY) examples/kmeans_digits.py
+	$(VPY) examples/infonce_clustering_tv_digits.py
 	$(VPY) examples/tsne_digits.py
 	$(VPY) examples/joint_tsne_digits.py
 	$(VPY) examples/simclr_huge_batch.py
