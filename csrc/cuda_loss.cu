@@ -9,6 +9,16 @@
 // tile of gradient weights turned into the feature sums by all threads. Launched on the current
 // stream. Tensor-core (mma/WMMA) paths are not written yet. Every kernel name starts with
 // icon_cuda_, the filter bench/gpu_check.sh gives compute-sanitizer (--kernel-name kns=icon_cuda_).
+//
+// The f-divergences of DESIGN.md §1.1 (op codes 2..6) follow the CPU kernel (cpu_loss.cpp,
+// cpu_f_rows.h) with divergence_math.h's f_pair_terms per pair: the forward's second pass sums
+// q~ f, Gamma_i = sum_j q g and Phi_i = sum_j p f' in double (stats rows 1 and 3); an Affinity
+// target's p is renormalised over the row and, with alpha = 0, log p = t - LSE^p - log(row total)
+// is exact where p underflows. The backward first runs icon_cuda_f_rows_kernel, one block per row,
+// which renormalises q (and p) over the row and recomputes Gamma_i and Phi_i / sum_j p in double
+// from the saved LSEs (as the CPU backward does, rather than trusting the saved fp32 statistics);
+// the row and column kernels then form G = g (1 - beta) (q g - q Gamma) and
+// G^t = g (1 - alpha) (p f' - p Phi) per pair.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,11 +26,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_loss.h"   // ICON_FORWARD_PARAMS
+#include "divergence_math.h"
 #include "op_checks.h"
 #include "op_codes.h"
 #include "tile_math.h"
@@ -37,9 +49,9 @@ struct Dev {
   const int64_t *labels, *col_labels, *nbr_idx;
   const T *nbr_w, *dense, *z, *zc, *z_sq, *zc_sq, *t_prm;
   int64_t n, m, d, dz, k_nbr, m_valid;
-  int kernel, target, t_kernel;
+  int kernel, target, t_kernel, divergence;
   T alpha, beta;
-  bool exclude_self, kl;
+  bool exclude_self, kl, f_div;   // forward KL (entropy term); an f-divergence of DESIGN.md §1.1
 };
 
 // Keeps the converted tensors alive while the kernels run.
@@ -61,6 +73,7 @@ Holder<T> prepare(ICON_FORWARD_PARAMS) {
   v.m_valid = v.m - (exclude_self ? 1 : 0);
   v.kernel = kernel_code(kernel); v.target = target_code(target); v.t_kernel = kernel_code(t_kernel);
   v.alpha = T(alpha); v.beta = T(beta); v.exclude_self = exclude_self; v.kl = divergence == kKl;
+  v.divergence = static_cast<int>(divergence); v.f_div = is_f_divergence(v.divergence);
   v.x = h.ptr(xa); v.y = h.ptr(ya);
   v.x_sq = h.ptr(xa.square().sum(1)); v.y_sq = h.ptr(ya.square().sum(1));
   v.prm = h.ptr(param.to(acc).expand({v.n}).contiguous());
@@ -144,6 +157,21 @@ __device__ T block_lse(T mx, T l, T* red) {
   return m + log(sum);
 }
 
+// Block-wide sum in double of one value per thread (all threads get the result), for the
+// f-divergence row sums. ``red`` is the T reduction buffer (at least 2 * blockDim.x of T, unused
+// between the other reductions): its first blockDim.x / 32 doubles, aligned up to 8 bytes, hold
+// the warp partials, added in a fixed order (deterministic).
+__device__ double block_sum_double(double v, void* red) {
+  double* part = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(red) + 7) & ~uintptr_t(7));
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double out = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) out += part[w];
+  __syncthreads();
+  return out;
+}
+
 // Per-row normaliser of the target: K_i (labels), the row sum (dense) or the neighbour weight
 // total; 1 for Affinity. Computed by the whole block.
 template <typename T>
@@ -176,6 +204,57 @@ __device__ T target_p(const Dev<T>& p, int64_t i, int64_t j, T norm) {
   return w / norm;
 }
 
+// One pair of an f-divergence row (divergence_math.h), with the factors q / q~ and p / p~ that
+// turn q~ g into q g and p~ f' into p f' (as cpu_f_rows.h's f_row_impl per pair). ``pj`` is p_ij,
+// ``log_q`` log q_ij; when ``exact`` (Affinity, alpha = 0) log p~ is ``log_p_exact``.
+template <typename T>
+struct FPair {
+  PairTerms<T> f;
+  T q_ratio, p_ratio;
+};
+
+template <typename T>
+__device__ FPair<T> f_pair(const Dev<T>& p, T pj, T log_q, bool exact, T log_p_exact, T mv) {
+  const T pm = (T(1) - p.alpha) * pj + p.alpha / mv;
+  const T lp = exact ? log_p_exact : (pm == T(0) ? T(-INFINITY) : log(pm));
+  const T q = exp(log_q);
+  T qm = q, lqm = log_q, q_ratio = T(1);
+  if (p.beta > T(0)) {
+    qm = (T(1) - p.beta) * q + p.beta / mv;
+    lqm = log(qm);
+    q_ratio = q / qm;
+  }
+  const T p_ratio = exact ? T(1) : (pm != T(0) ? pj / pm : T(0));
+  return {f_pair_terms<T>(p.divergence, pm, qm, lp, lqm), q_ratio, p_ratio};
+}
+
+// p_ij of an Affinity target, renormalised by the row total ``p_total`` of exp(t - LSE^p) (the
+// fp32 LSE^p leaves sum_j p = 1 only up to its rounding; a total that is not > 0 is not applied).
+template <typename T>
+__device__ T affinity_p(T t, T lse_p, double p_total) {
+  const T pj = exp(t - lse_p);
+  return p_total > 0 ? T(double(pj) / p_total) : pj;
+}
+
+// log p~ - t of an Affinity target with alpha = 0: -LSE^p - log(row total).
+template <typename T>
+__device__ T affinity_log_p_shift(T lse_p, double p_total) {
+  return T(-double(lse_p) - (p_total > 0 ? log(p_total) : 0.0));
+}
+
+// sum over row i's valid columns of exp(t_ij - LSE^p_i) (the Affinity target's row total), in
+// double; ``zs`` holds z_i. Block-wide.
+template <typename T>
+__device__ double affinity_total(const Dev<T>& p, int64_t i, const T* zs, T lse_p, T* red) {
+  double part = 0;
+  for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x) {
+    if (!valid(p, i, j)) continue;
+    T aux;
+    part += exp(logit<T>(p.t_kernel, dot_row(zs, p.zc + j * p.dz, p.dz), p.z_sq[i], p.zc_sq[j], p.t_prm[i], &aux) - lse_p);
+  }
+  return block_sum_double(part, red);
+}
+
 template <typename T>
 __global__ void icon_cuda_forward_kernel(Dev<T> p, T* loss, bool* included, T* stats, T* norms) {
   extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
@@ -198,6 +277,36 @@ __global__ void icon_cuda_forward_kernel(Dev<T> p, T* loss, bool* included, T* s
   const T lse_p = aff ? block_lse(mp, lp, red) : T(0);
   const T norm = row_norm(p, i, red);
   const T mv = T(p.m_valid > 0 ? p.m_valid : 1), b = p.alpha / mv;
+  if (p.f_div) {   // L_i = sum_j q~ f(p~ / q~); Gamma_i and Phi_i into the R and H rows
+    const double p_total = aff ? affinity_total(p, i, zs, lse_p, red) : 1.0;
+    const bool exact = aff && p.alpha == T(0);
+    const T log_p_shift = aff ? affinity_log_p_shift(lse_p, p_total) : T(0);
+    double sum = 0, gamma = 0, phi = 0;
+    for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x) {
+      if (!valid(p, i, j)) continue;
+      T aux, t = 0;
+      const T s = logit<T>(p.kernel, dot_row(xs, p.y + j * p.d, p.d), p.x_sq[i], p.y_sq[j], p.prm[i], &aux);
+      if (aff) t = logit<T>(p.t_kernel, dot_row(zs, p.zc + j * p.dz, p.dz), p.z_sq[i], p.zc_sq[j], p.t_prm[i], &aux);
+      const T pj = aff ? affinity_p(t, lse_p, p_total) : target_p(p, i, j, norm);
+      const FPair<T> fp = f_pair(p, pj, s - lse, exact, t + log_p_shift, mv);
+      sum += fp.f.term;
+      if (fp.q_ratio != T(0)) gamma += double(fp.q_ratio) * fp.f.q_g;
+      if (fp.p_ratio != T(0)) phi += double(fp.p_ratio) * fp.f.p_fp;
+    }
+    sum = block_sum_double(sum, red);
+    gamma = block_sum_double(gamma, red);
+    phi = block_sum_double(phi, red);
+    if (threadIdx.x == 0) {
+      const bool inc = (aff || norm != T(0)) && p.m_valid > 0;
+      loss[i] = inc ? T(sum) : T(0);
+      included[i] = inc;
+      stats[i] = lse;
+      stats[n + i] = T(gamma);
+      if (aff) { stats[2 * n + i] = lse_p; stats[3 * n + i] = T(phi); }
+      norms[i] = norm;
+    }
+    return;
+  }
   T cross = 0, ent = 0, r_stat = 0, h_stat = 0;
   for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x) {
     if (!valid(p, i, j)) continue;
@@ -234,18 +343,93 @@ __global__ void icon_cuda_forward_kernel(Dev<T> p, T* loss, bool* included, T* s
   }
 }
 
-// The saved per-row values one pair's gradient needs.
+// The rows of an f-divergence's row values (icon_cuda_f_rows_kernel's ``fst``, kFRows x n doubles):
+// Gamma_i, Phi_i (normalised by sum_j p), the log of q's renormalising factor, the Affinity
+// target's row total and its exact log p shift (log p~ - t).
+constexpr int kFGamma = 0, kFPhi = 1, kFLogQScale = 2, kFPTotal = 3, kFLogPShift = 4, kFRows = 5;
+
+// The saved per-row values one pair's gradient needs; for an f-divergence also those of ``fst``
+// (nullptr otherwise).
 template <typename T>
-struct RowState { T lse, g, r_stat, lse_p, h_stat, norm, shift, shift_p; };
+struct RowState {
+  T lse, g, r_stat, lse_p, h_stat, norm, shift, shift_p;
+  T log_q_scale, log_p_shift;
+  double gamma, phi, p_total;
+};
 
 template <typename T>
-__device__ RowState<T> row_state(const Dev<T>& p, int64_t i, const T* stats, const T* grad, const T* norms) {
+__device__ RowState<T> row_state(const Dev<T>& p, int64_t i, const T* stats, const T* grad, const T* norms,
+                                 const double* fst) {
   RowState<T> r;
   r.lse = stats[i]; r.r_stat = stats[p.n + i]; r.lse_p = stats[2 * p.n + i]; r.h_stat = stats[3 * p.n + i];
   r.g = grad[i]; r.norm = norms[i];
   r.shift = r.lse == -INFINITY ? T(0) : r.lse;
   r.shift_p = r.lse_p == -INFINITY ? T(0) : r.lse_p;
+  r.log_q_scale = 0; r.log_p_shift = 0; r.gamma = 0; r.phi = 0; r.p_total = 1;
+  if (fst) {
+    r.gamma = fst[kFGamma * p.n + i]; r.phi = fst[kFPhi * p.n + i];
+    r.log_q_scale = T(fst[kFLogQScale * p.n + i]); r.p_total = fst[kFPTotal * p.n + i];
+    r.log_p_shift = T(fst[kFLogPShift * p.n + i]);
+  }
   return r;
+}
+
+// The backward's row pre-pass of an f-divergence (the CPU backward's, per row): the target
+// normaliser into norms, and into fst the row values of RowState, from the saved LSE and LSE^p.
+// q = exp(s - LSE) is renormalised over the row (the saved fp32 LSE leaves sum_j q = 1 only up to
+// its rounding, an error shared by the whole row that dL/dx would carry times the q-mean of
+// y - x_i), and Gamma_i = sum_j q g, Phi_i = sum_j p f' / sum_j p are this very row's, in double
+// (G = q (g - Gamma) cancels to the spread of g). Rows with a zero upstream gradient are skipped
+// (their gradients are 0, RowState's values unread).
+template <typename T>
+__global__ void icon_cuda_f_rows_kernel(Dev<T> p, const T* stats, const T* grad, T* norms, double* fst) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  T* zs = xs + p.d;
+  T* red = zs + p.dz;
+  const int64_t i = blockIdx.x, n = p.n;
+  if (grad[i] == T(0)) return;   // the same for the whole block: no thread reaches a barrier
+  for (int64_t k = threadIdx.x; k < p.d; k += blockDim.x) xs[k] = p.x[i * p.d + k];
+  for (int64_t k = threadIdx.x; k < p.dz; k += blockDim.x) zs[k] = p.z[i * p.dz + k];
+  __syncthreads();
+  const bool aff = p.target == kAffinity;
+  const T lse = stats[i], lse_p = aff ? stats[2 * n + i] : T(0);
+  const T norm = row_norm(p, i, red);
+  double q_total = 0;
+  for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x) {
+    if (!valid(p, i, j)) continue;
+    T aux;
+    q_total += exp(logit<T>(p.kernel, dot_row(xs, p.y + j * p.d, p.d), p.x_sq[i], p.y_sq[j], p.prm[i], &aux) - lse);
+  }
+  q_total = block_sum_double(q_total, red);
+  const T log_q_scale = T(log(q_total > 0 ? 1.0 / q_total : 1.0));
+  const double p_total = aff ? affinity_total(p, i, zs, lse_p, red) : 1.0;
+  const bool exact = aff && p.alpha == T(0);
+  const T log_p_shift = aff ? affinity_log_p_shift(lse_p, p_total) : T(0);
+  const T mv = T(p.m_valid > 0 ? p.m_valid : 1);
+  double gamma = 0, phi = 0, p_sum = 0;
+  for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x) {
+    if (!valid(p, i, j)) continue;
+    T aux, t = 0;
+    const T s = logit<T>(p.kernel, dot_row(xs, p.y + j * p.d, p.d), p.x_sq[i], p.y_sq[j], p.prm[i], &aux);
+    if (aff) t = logit<T>(p.t_kernel, dot_row(zs, p.zc + j * p.dz, p.dz), p.z_sq[i], p.zc_sq[j], p.t_prm[i], &aux);
+    const T pj = aff ? affinity_p(t, lse_p, p_total) : target_p(p, i, j, norm);
+    const FPair<T> fp = f_pair(p, pj, (s - lse) + log_q_scale, exact, t + log_p_shift, mv);
+    if (fp.q_ratio != T(0)) gamma += double(fp.q_ratio * fp.f.q_g);
+    if (fp.p_ratio != T(0)) phi += double(fp.p_ratio * fp.f.p_fp);
+    p_sum += pj;
+  }
+  gamma = block_sum_double(gamma, red);
+  phi = block_sum_double(phi, red);
+  p_sum = block_sum_double(p_sum, red);
+  if (threadIdx.x == 0) {
+    norms[i] = norm;
+    fst[kFGamma * n + i] = gamma;
+    fst[kFPhi * n + i] = p_sum > 0 ? phi / p_sum : 0.0;
+    fst[kFLogQScale * n + i] = log_q_scale;
+    fst[kFPTotal * n + i] = p_total;
+    fst[kFLogPShift * n + i] = log_p_shift;
+  }
 }
 
 // Gradient weights of pair (i, j): w (learned side), wt (target side), and the parameter terms.
@@ -258,8 +442,16 @@ __device__ void pair_grad(const Dev<T>& p, int64_t i, int64_t j, T ab, T tab, co
   const T s = logit<T>(p.kernel, ab, p.x_sq[i], p.y_sq[j], p.prm[i], &aux);
   const bool aff = p.target == kAffinity;
   if (aff) t = logit<T>(p.t_kernel, tab, p.z_sq[i], p.zc_sq[j], p.t_prm[i], &t_aux);
-  T grad = 0, log_qm = 0, pm = 0, pj = 0;
-  if (valid(p, i, j)) {
+  T grad = 0, log_qm = 0, pm = 0, pj = 0, pf = 0;
+  if (valid(p, i, j) && p.f_div) {   // G = g (1 - beta) (q g - q Gamma); p f' for G^t
+    const T mv = T(p.m_valid > 0 ? p.m_valid : 1);
+    pj = aff ? affinity_p(t, r.lse_p, r.p_total) : target_p(p, i, j, r.norm);
+    const T log_q = (s - r.lse) + r.log_q_scale;
+    const FPair<T> fp = f_pair(p, pj, log_q, aff && p.alpha == T(0), t + r.log_p_shift, mv);
+    const T qg = fp.q_ratio != T(0) ? fp.q_ratio * fp.f.q_g : T(0);
+    grad = T(double(r.g) * (1.0 - double(p.beta)) * (double(qg) - double(exp(log_q)) * r.gamma));
+    if (fp.p_ratio != T(0)) pf = fp.p_ratio * fp.f.p_fp;
+  } else if (valid(p, i, j)) {
     const T mv = T(p.m_valid > 0 ? p.m_valid : 1);
     pj = aff ? exp(t - r.lse_p) : target_p(p, i, j, r.norm);
     const T log_q = s - r.lse, q = exp(log_q);
@@ -275,7 +467,14 @@ __device__ void pair_grad(const Dev<T>& p, int64_t i, int64_t j, T ab, T tab, co
   }
   *dprm = param_term<T>(p.kernel, grad, s, aux, p.prm[i], r.shift);
   *w = grad_weight<T>(p.kernel, grad, aux, p.prm[i]);
-  if (target_grad && pj != T(0)) {
+  if (target_grad && p.f_div) {
+    // an f-divergence's p f' may be nonzero where p underflowed (reverse KL: -q~)
+    if (pj != T(0) || pf != T(0)) {
+      const T gt = T(double(r.g) * (1.0 - double(p.alpha)) * (double(pf) - double(pj) * r.phi));
+      *dtprm = param_term<T>(p.t_kernel, gt, t, t_aux, p.t_prm[i], r.shift_p);
+      *wt = grad_weight<T>(p.t_kernel, gt, t_aux, p.t_prm[i]);
+    }
+  } else if (target_grad && pj != T(0)) {
     const T h = p.kl ? log(pm) - log_qm : -log_qm;
     const T gt = r.g * (T(1) - p.alpha) * pj * (h - r.h_stat);
     *dtprm = param_term<T>(p.t_kernel, gt, t, t_aux, p.t_prm[i], r.shift_p);
@@ -286,7 +485,7 @@ __device__ void pair_grad(const Dev<T>& p, int64_t i, int64_t j, T ab, T tab, co
 // Row-parallel backward: dX_i, dparam_i (and dZ_i, dtparam_i).
 template <typename T>
 __global__ void icon_cuda_backward_rows_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
-                                     bool target_grad, T* dx, T* dprm, T* dz, T* dtprm) {
+                                     const double* fst, bool target_grad, T* dx, T* dprm, T* dz, T* dtprm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
   T* xs = reinterpret_cast<T*>(smem_raw);
   T* zs = xs + p.d;
@@ -297,7 +496,7 @@ __global__ void icon_cuda_backward_rows_kernel(Dev<T> p, const T* stats, const T
   for (int64_t k = threadIdx.x; k < p.d; k += blockDim.x) { xs[k] = p.x[i * p.d + k]; acc[k] = 0; }
   for (int64_t k = threadIdx.x; k < p.dz; k += blockDim.x) { zs[k] = p.z[i * p.dz + k]; acc[p.d + k] = 0; }
   __syncthreads();
-  const RowState<T> r = row_state(p, i, stats, grad, norms);
+  const RowState<T> r = row_state(p, i, stats, grad, norms, fst);
   T d_prm = 0, d_tprm = 0, rs = 0, trs = 0;
   for (int64_t j0 = 0; j0 < p.m; j0 += blockDim.x) {
     const int64_t j = j0 + threadIdx.x;
@@ -341,7 +540,7 @@ __global__ void icon_cuda_backward_rows_kernel(Dev<T> p, const T* stats, const T
 // Column-parallel backward: dY_j (and dZ_cols_j).
 template <typename T>
 __global__ void icon_cuda_backward_cols_kernel(Dev<T> p, const T* stats, const T* grad, const T* norms,
-                                     bool target_grad, T* dy, T* dzc) {
+                                     const double* fst, bool target_grad, T* dy, T* dzc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];   // 16: read as double (and T*)
   T* ys = reinterpret_cast<T*>(smem_raw);
   T* zcs = ys + p.d;
@@ -357,7 +556,7 @@ __global__ void icon_cuda_backward_cols_kernel(Dev<T> p, const T* stats, const T
     const int64_t i = i0 + threadIdx.x;
     T w = 0, wt = 0, a, b;
     if (i < p.n) {
-      const RowState<T> r = row_state(p, i, stats, grad, norms);
+      const RowState<T> r = row_state(p, i, stats, grad, norms, fst);
       const T tab = p.target == kAffinity ? dot_row(p.z + i * p.dz, zcs, p.dz) : T(0);
       pair_grad(p, i, j, dot_row(p.x + i * p.d, ys, p.d), tab, r, target_grad, &w, &a, &wt, &b);
     }
@@ -442,26 +641,28 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
   auto dz = at::zeros({p.n, std::max<int64_t>(p.dz, 1)}, opts), dzc = at::zeros({p.m, std::max<int64_t>(p.dz, 1)}, opts);
   auto dtprm = at::zeros({p.n}, opts);
   if (p.n == 0 || p.m == 0) return {dx, dy, dprm, dz, dzc, dtprm};   // nothing to add; no empty grids
-  icon_cuda_forward_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_forward_kernel<T>, p), stream>>>(
-      p, loss.template data_ptr<T>(), inc.template data_ptr<bool>(), stats2.template data_ptr<T>(),
-      norms.template data_ptr<T>());
+  at::Tensor fst;   // an f-divergence's row values (icon_cuda_f_rows_kernel)
+  if (p.f_div) {
+    fst = at::zeros({kFRows, p.n}, opts.dtype(at::kDouble));
+    icon_cuda_f_rows_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_f_rows_kernel<T>, p), stream>>>(
+        p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(),
+        fst.template data_ptr<double>());
+  } else {
+    icon_cuda_forward_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_forward_kernel<T>, p), stream>>>(
+        p, loss.template data_ptr<T>(), inc.template data_ptr<bool>(), stats2.template data_ptr<T>(),
+        norms.template data_ptr<T>());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const double* fst_p = p.f_div ? fst.template data_ptr<double>() : nullptr;
   icon_cuda_backward_rows_kernel<T><<<p.n, kThreads, launch_shared_bytes(&icon_cuda_backward_rows_kernel<T>, p), stream>>>(
-      p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), target_grad,
+      p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), fst_p, target_grad,
       dx.template data_ptr<T>(), dprm.template data_ptr<T>(), dz.template data_ptr<T>(), dtprm.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   icon_cuda_backward_cols_kernel<T><<<p.m, kThreads, launch_shared_bytes(&icon_cuda_backward_cols_kernel<T>, p), stream>>>(
-      p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), target_grad,
+      p, stats.template data_ptr<T>(), g.template data_ptr<T>(), norms.template data_ptr<T>(), fst_p, target_grad,
       dy.template data_ptr<T>(), dzc.template data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dy, dprm, dz, dzc, dtprm};
-}
-
-// The f-divergences (csrc/divergence_math.h) are not in these kernels yet; the Python layer
-// (families.DIVERGENCES backends) never sends them, and a direct op call gets this error.
-void check_kl_or_cross_entropy(int64_t divergence) {
-  TORCH_CHECK(divergence == kKl || divergence == kCrossEntropy, "the cuda backend computes kl and "
-              "cross_entropy only; divergence code ", divergence, " is not in its kernels yet");
 }
 
 }  // namespace
@@ -469,7 +670,6 @@ void check_kl_or_cross_entropy(int64_t divergence) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS) {
   const NoAutocast no_autocast;
   check_forward_args(ICON_FORWARD_ARGS);
-  check_kl_or_cross_entropy(divergence);
   c10::cuda::CUDAGuard guard(x.device());
   if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_FORWARD_ARGS);
   return forward_t<float>(ICON_FORWARD_ARGS);
@@ -480,7 +680,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
-  check_kl_or_cross_entropy(divergence);
   c10::cuda::CUDAGuard guard(x.device());
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
