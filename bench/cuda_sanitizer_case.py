@@ -1,7 +1,7 @@
 """A small run of the `cuda` backend for compute-sanitizer (bench/gpu_check.sh runs it under
 ``compute-sanitizer --tool memcheck``, and then ``racecheck``): every target type, ragged sizes,
-fp32 and bf16, forward and backward, with a check against the reference so a silent wrong
-answer fails too. Exits non-zero on any mismatch."""
+fp32 and bf16, forward and backward, kl and two f-divergences, with a check against the
+reference so a silent wrong answer fails too. Exits non-zero on any mismatch."""
 import sys
 
 import torch
@@ -23,6 +23,12 @@ def cases(dev, dtype):
     z = torch.randn(n, 7, generator=g).to(dev, dtype)
     yield "affinity", x, None, ik.Affinity(z, kernel="gaussian", sigma=2.0), dict(kernel="student_t", dof=1.0)
     yield "dense", x, y, ik.Dense(torch.rand(n, m, generator=g).to(dev, dtype)), dict(kernel="dot", temperature=0.7)
+    # the f-divergences (their backward's row pre-pass, icon_cuda_f_rows_kernel): the exact log p of
+    # an Affinity target with alpha = 0, and a rectangular Labels problem with alpha and beta
+    yield "affinity-reverse_kl", x, None, ik.Affinity(z, kernel="gaussian", sigma=2.0), \
+        dict(kernel="gaussian", sigma=1.5, divergence="reverse_kl")
+    yield "labels-rect-tv", x, y, ik.Labels(labels, torch.randint(0, 5, (m,), generator=g).to(dev)), \
+        dict(kernel="dot", temperature=0.5, alpha=0.1, beta=0.2, divergence="tv")
 
 
 def main():

@@ -105,19 +105,19 @@ class Divergence:
     code: int
     has_entropy: bool           # kl adds sum p~ log p~ to the cross term; cross_entropy does not
     # the backends that compute it; "auto" picks among these (the f-divergences of DESIGN.md
-    # §1.1 beyond kl are not in the Triton and CUDA kernels yet)
+    # §1.1 beyond kl are not in the Triton kernels yet)
     backends: Tuple[str, ...] = ("reference", "torch", "cpu", "triton", "cuda")
 
 
-_NOT_ON_GPU_KERNELS = ("reference", "torch", "cpu")
+_F_DIVERGENCE_BACKENDS = ("reference", "torch", "cpu", "cuda")
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
     Divergence("kl", 0, has_entropy=True),
     Divergence("cross_entropy", 1, has_entropy=False),
-    Divergence("reverse_kl", 2, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
-    Divergence("tv", 3, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
-    Divergence("hellinger", 4, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
-    Divergence("js", 5, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
-    Divergence("chi2", 6, has_entropy=False, backends=_NOT_ON_GPU_KERNELS),
+    Divergence("reverse_kl", 2, has_entropy=False, backends=_F_DIVERGENCE_BACKENDS),
+    Divergence("tv", 3, has_entropy=False, backends=_F_DIVERGENCE_BACKENDS),
+    Divergence("hellinger", 4, has_entropy=False, backends=_F_DIVERGENCE_BACKENDS),
+    Divergence("js", 5, has_entropy=False, backends=_F_DIVERGENCE_BACKENDS),
+    Divergence("chi2", 6, has_entropy=False, backends=_F_DIVERGENCE_BACKENDS),
 )}
 
 

@@ -15,6 +15,7 @@ FILES = ("test_cuda_build.py", "test_cuda_shared_memory.py", "test_torch_backend
          "test_triton_gpu.py", "test_ops.py")
 SUITE = "test_backends_vs_reference.py"     # ids start with the backend: "triton-dot-labels-..."
 OPTION_TARGETS = ("triton-dot-labels-", "triton-student_t-affinity-")
+F_DIVERGENCES = "test_f_divergences_backends.py"   # ids hold the backend: "cuda-tv-dot-labels-...", "tv-cuda"
 
 
 def triton(predicate=None):
@@ -40,6 +41,15 @@ CASES = (
     ("test_left_out_rows.py", "test_single_row_without_columns_is_left_out", lambda ident: "cuda" in ident),
     ("test_target_weight_grads.py", "test_weights_gradient", lambda ident: ident.startswith("cuda")),
     ("test_target_weight_grads.py", "test_weights_gradient_triton", lambda ident: "self-kl-mean" in ident),
+    # the f-divergences in the CUDA kernels (no Triton compile): the float64 matrix on one kernel
+    # (every divergence x target x option setting), and every cuda case of the other tests
+    (F_DIVERGENCES, "test_every_kernel_target_and_option",
+     lambda ident: ident.startswith("cuda-") and "-student_t-" in ident),
+    *((F_DIVERGENCES, function, lambda ident: "cuda" in ident.split("-")) for function in (
+        "test_gradients_are_the_closed_forms", "test_fp32_within_tolerance", "test_gradcheck", "test_opcheck",
+        "test_extreme_logits_match_the_reference", "test_nan_inputs_give_nan",
+        "test_half_precision_error_within_twice_pytorchs_own")),
+    (F_DIVERGENCES, "test_an_unknown_divergence_code_is_refused_by_the_ops", None),
 )
 
 

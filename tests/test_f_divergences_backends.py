@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from cases import (KERNELS, TARGETS, build, check_against_reference, clone_problem, loss_and_grads,
-                   relative_error, seed_of)
+from cases import (KERNELS, TARGETS, build, check_against_reference, clone_problem, device_of,
+                   loss_and_grads, relative_error, seed_of, to_device)
 from icon_kernels import families
 from icon_kernels.backends.dispatch import op_arguments
 from icon_kernels.backends.ops import forward_op
@@ -22,16 +22,24 @@ FUSED = [name for name in ("torch", "cpu", "triton", "cuda")
 WITHOUT = [name for name in ("torch", "cpu", "triton", "cuda") if name not in FUSED]
 
 
-def test_the_table_says_torch_and_cpu():
-    assert FUSED == ["torch", "cpu"]
+def test_the_table_says_torch_cpu_and_cuda():
+    assert FUSED == ["torch", "cpu", "cuda"]
+
+
+def _leaf_on(device, t):
+    """A fresh copy of ``t`` on ``device`` (the cuda backend's inputs live there, cases.device_of),
+    requiring grad as ``t`` does."""
+    return t.detach().to(device).requires_grad_(t.requires_grad)
 
 
 @pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("name", ["kl"] + F_DIVERGENCES)
 @pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.1, 0.2)])
 def test_gradients_are_the_closed_forms(backend, name, alpha, beta):
-    x, z, eye, target = _identity_problem(n=9, m=7)
-    upstream = torch.linspace(0.5, 1.5, 9, dtype=torch.float64)
+    device = device_of(backend)
+    x, z, eye = (_leaf_on(device, t) for t in _identity_problem(n=9, m=7)[:3])
+    target = ik.Affinity(z, eye, kernel="dot", temperature=1.0)
+    upstream = torch.linspace(0.5, 1.5, 9, dtype=torch.float64, device=device)
     rows = ik.icon_loss(x, eye, target=target, kernel="dot", temperature=1.0, alpha=alpha, beta=beta,
                         divergence=name, reduction="none", backend=backend)
     dx, dz = torch.autograd.grad(rows, [x, z], grad_outputs=upstream)
@@ -93,7 +101,10 @@ def check_close_to_reference(problem, upstream, backend, tol=1e-9, floor=1e-13):
     exact arithmetic (tv's dL/dw when every neighbour sits on one side of q) is 1e-16 noise on
     both sides, where a relative error means nothing."""
     want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
-    got_loss, got_grads = loss_and_grads(*clone_problem(*problem, torch.float64), backend, upstream)
+    device = device_of(backend)
+    got_loss, got_grads = loss_and_grads(*to_device(clone_problem(*problem, torch.float64), device), backend,
+                                         upstream.to(device))
+    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
     assert torch.isfinite(want_loss).all()
     for i, (g, w) in enumerate(zip([got_loss, *got_grads], [want_loss, *want_grads])):
         err = (g - w).norm().item()
@@ -108,14 +119,15 @@ def test_fp32_within_tolerance(backend, divergence):
     check_against_reference(problem, upstream, torch.float32, 2e-5, backend)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("divergence", F_DIVERGENCES)
 def test_gradcheck(backend, divergence):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
-    dof = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    device = device_of(backend)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    z = torch.randn(6, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    sigma = torch.tensor(0.8, dtype=torch.float64, device=device, requires_grad=True)
+    dof = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
 
     def loss(x, z, sigma, dof):
         return ik.icon_loss(x, target=ik.Affinity(z, kernel="gaussian", sigma=sigma), kernel="student_t",
@@ -123,21 +135,22 @@ def test_gradcheck(backend, divergence):
     assert torch.autograd.gradcheck(loss, (x, z, sigma, dof))
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("divergence", F_DIVERGENCES)
 @pytest.mark.parametrize("target_kind", ["labels", "affinity"])
 def test_opcheck(backend, divergence, target_kind):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(9, 4, generator=gen)
-    target = (ik.Labels(torch.arange(9) % 3) if target_kind == "labels"
-              else ik.Affinity(torch.randn(9, 3, generator=gen).requires_grad_()))
+    device = device_of(backend)
+    x = torch.randn(9, 4, generator=gen).to(device)
+    target = (ik.Labels(torch.arange(9, device=device) % 3) if target_kind == "labels"
+              else ik.Affinity(torch.randn(9, 3, generator=gen).to(device).requires_grad_()))
     problem = check_arguments(x.requires_grad_(), None, target=target, exclude_self=None, reduction="mean",
                               weight=None, **{**LOSS_OPTIONS, "divergence": divergence, "alpha": 0.1,
                                               "beta": 0.1})
     torch.library.opcheck(forward_op(backend), op_arguments(problem))
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("divergence", F_DIVERGENCES)
 def test_extreme_logits_match_the_reference(backend, divergence):
     # tau = 0.01 and far-apart target points: p and q reach e^-200 and below, and log p of the
@@ -148,10 +161,11 @@ def test_extreme_logits_match_the_reference(backend, divergence):
     alpha = 0.05 if divergence == "chi2" else 0.0    # chi2 with alpha = 0 is e^+400 here: inf in any dtype
 
     def run(name):
-        xs, zs = x.clone().requires_grad_(), z.clone().requires_grad_()
+        device = device_of(name)
+        xs, zs = x.to(device).requires_grad_(), z.to(device).requires_grad_()
         loss = ik.icon_loss(xs, target=ik.Affinity(zs, kernel="gaussian", sigma=1.0), kernel="cosine",
                             temperature=0.01, alpha=alpha, divergence=divergence, backend=name)
-        return (loss, *torch.autograd.grad(loss, [xs, zs]))
+        return [t.cpu() for t in (loss, *torch.autograd.grad(loss, [xs, zs]))]
     got, want = run(backend), run("reference")
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
@@ -160,7 +174,7 @@ def test_extreme_logits_match_the_reference(backend, divergence):
         assert relative_error(g, w) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED, indirect=True)
 @pytest.mark.parametrize("divergence", F_DIVERGENCES)
 @pytest.mark.parametrize("where", ["x", "z"])
 def test_nan_inputs_give_nan(backend, divergence, where):
@@ -169,8 +183,9 @@ def test_nan_inputs_give_nan(backend, divergence, where):
     z = torch.randn(8, 2, generator=gen, dtype=torch.float64)
     (x if where == "x" else z)[2, 1] = float("nan")
     for name in (backend, "reference"):
-        loss = ik.icon_loss(x, target=ik.Affinity(z), kernel="gaussian", alpha=0.1, divergence=divergence,
-                            backend=name)
+        device = device_of(name)
+        loss = ik.icon_loss(x.to(device), target=ik.Affinity(z.to(device)), kernel="gaussian", alpha=0.1,
+                            divergence=divergence, backend=name)
         assert torch.isnan(loss), name
 
 
@@ -184,7 +199,9 @@ def test_half_precision_error_within_twice_pytorchs_own(backend, divergence, dty
     problem, upstream = build("cosine", "labels", setting, dtype, seed=5, n=64, m=64, d=32)
     exact = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
     naive = loss_and_grads(*problem, "reference", upstream)
-    ours = loss_and_grads(*problem, backend, upstream)
+    device = device_of(backend)
+    ours = loss_and_grads(*to_device(problem, device), backend, upstream.to(device))
+    ours = (ours[0].cpu(), [g.cpu() for g in ours[1]])
     assert ours[0].dtype == dtype
     for mine, theirs, want in zip([ours[0], *ours[1]], [naive[0], *naive[1]], [exact[0], *exact[1]]):
         assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 1e-4
@@ -229,3 +246,6 @@ def test_an_unknown_divergence_code_is_refused_by_the_ops():
     if "cpu" in ik.available_backends():
         with pytest.raises(RuntimeError, match="unknown divergence code 99"):
             forward_op("cpu")(*args)
+    if "cuda" in ik.available_backends():
+        with pytest.raises(RuntimeError, match="unknown divergence code 99"):
+            forward_op("cuda")(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
