@@ -19,7 +19,9 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     sanitizer_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
     # The extension is built on the machine that runs it, so it may use that CPU's vector ISA;
     # ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
-    cxx_flags = ["-O3", "-fopenmp"] + sanitizer_flags + (
+    # -fno-trapping-math: the SIMD row loops evaluate both sides of their selects (no FP exception
+    # flags are read anywhere); with trapping math GCC keeps them slow (vlog: 10 ns vs 1.3 ns a pair)
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
     sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_ops.cpp"]
     # CUDA kernels whenever a toolkit and a CUDA build of torch are present, GPU or not.

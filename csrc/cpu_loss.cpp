@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_label_rows.h"
+#include "cpu_f_rows.h"
 #include "cpu_loss.h"
 #include "divergence_math.h"
 #include "op_checks.h"
@@ -102,6 +103,14 @@ struct Problem {
   bool fast_labels() const {
     return target == kLabels && beta == T(0) && !f_div && (kernel == kDot || kernel == kGaussian);
   }
+  // an Affinity target with alpha = 0: log p = t - LSE^p - log(row total), exact where p underflows
+  bool exact_log_p() const { return target == kAffinity && alpha == T(0); }
+  // row i of an f-divergence (cpu_f_rows.h): logits s with their LSE, the target row p and, for
+  // Affinity, its logits t with LSE^p and the log of p's renormalising total
+  FRow<T> f_row(int64_t i, const T* s, T lse, const T* p, const T* t, T lse_p, double log_total) const {
+    return {s, lse, p, t, T(-double(lse_p) - log_total), m, exclude_self ? i : -1, alpha, beta,
+            T(std::max<int64_t>(m_valid, 1))};
+  }
   LabelRow label_row(int64_t i) const {
     return {col_labels.template data_ptr<int64_t>(), labels.template data_ptr<int64_t>()[i], m,
             exclude_self ? i : -1, double(alpha), m_valid};
@@ -174,30 +183,6 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
   return true;
 }
 
-// One pair of an f-divergence row (divergence_math.h), with the factors q / q~ and p / p~ that
-// turn q~ g into q g and p~ f' into p f'. ``log_p_exact`` is log p~ of an Affinity target with
-// alpha = 0 (t - LSE^p, finite where p underflows), used when ``exact``.
-template <typename T>
-struct FPair {
-  PairTerms<T> f;
-  T q_ratio, p_ratio;
-};
-
-template <typename T>
-FPair<T> f_pair(const Problem<T>& pb, T p, T log_q, bool exact, T log_p_exact, T mv) {
-  const T pm = (T(1) - pb.alpha) * p + pb.alpha / mv;
-  const T lp = exact ? log_p_exact : (pm == T(0) ? -std::numeric_limits<T>::infinity() : std::log(pm));
-  const T q = std::exp(log_q);
-  T qm = q, lqm = log_q, q_ratio = T(1);
-  if (pb.beta > T(0)) {
-    qm = (T(1) - pb.beta) * q + pb.beta / mv;
-    lqm = std::log(qm);
-    q_ratio = q / qm;
-  }
-  const T p_ratio = exact ? T(1) : (pm != T(0) ? p / pm : T(0));
-  return {f_pair_terms<T>(pb.divergence, pm, qm, lp, lqm), q_ratio, p_ratio};
-}
-
 template <typename T>
 at::Tensor gram(const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b) {
   return at::mm(a.narrow(0, r0, r1 - r0), b.t());
@@ -223,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     at::Tensor t_tile;
     if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m);
+      std::vector<T> p(m), f_scratch(pb.f_div ? 2 * m : 0);   // f-divergences: q g and p f' (unused here)
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
         if (pb.fast_labels()) {
@@ -246,21 +231,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         double log_total = 0;
         const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count, &log_total);
         if (pb.f_div) {   // L_i = sum_j q~ f(p~ / q~); Gamma_i and Phi_i into the R and H rows
-          const bool exact = pb.target == kAffinity && pb.alpha == T(0);
-          double sum = 0, gamma = 0, phi = 0;
-          for (int64_t j = 0; j < m; ++j) {
-            if (!pb.valid(i, j)) continue;
-            const FPair<T> fp = f_pair<T>(pb, p[j], s[j] - lse, exact, exact ? T(t[j] - lse_p - log_total) : T(0), mv);
-            sum += fp.f.term;
-            if (fp.q_ratio != T(0)) gamma += double(fp.q_ratio) * fp.f.q_g;
-            if (fp.p_ratio != T(0)) phi += double(fp.p_ratio) * fp.f.p_fp;
-          }
+          const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total),
+                                      pb.exact_log_p(), f_scratch.data(), f_scratch.data() + m);
           const bool inc = has && pb.m_valid > 0;
-          loss_p[i] = inc ? T(sum) : T(0);
+          loss_p[i] = inc ? T(f.loss) : T(0);
           inc_p[i] = inc;
           st[i] = lse;
-          st[n + i] = T(gamma);
-          if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(phi); }
+          st[n + i] = T(f.gamma);
+          if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(f.phi); }
           continue;
         }
         double cross = 0, ent = 0, r_stat = 0, h_stat = 0;
@@ -342,7 +320,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), t_aux(m), h(target_grad ? m : 0), s_row(m), aux_row(m), q_row(m);
-      std::vector<T> qg_row(pb.f_div ? m : 0), pf_row(pb.f_div && target_grad ? m : 0);   // q g, p f'
+      std::vector<T> qg_row(pb.f_div ? m : 0), pf_row(pb.f_div ? m : 0);   // q g, p f'
 
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
@@ -401,21 +379,12 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         // the spread of g, and Gamma's rounding would come back times the q-mean of y - x_i)
         double gamma = 0, phi_sum = 0, fp_p_sum = 0;
         if (pb.f_div) {
-          const bool exact = pb.target == kAffinity && pb.alpha == T(0);
-          for (int64_t j = 0; j < m; ++j) {
-            qg_row[j] = T(0);
-            if (target_grad) pf_row[j] = T(0);
-            if (!pb.valid(i, j)) continue;
-            const FPair<T> fp = f_pair<T>(pb, p[j], (s_row[j] - lse) + log_q_scale, exact,
-                                          exact ? T(tr[j] - lse_p - log_total) : T(0), mv);
-            if (fp.q_ratio != T(0)) qg_row[j] = fp.q_ratio * fp.f.q_g;
-            gamma += qg_row[j];
-            if (target_grad) {
-              if (fp.p_ratio != T(0)) pf_row[j] = fp.p_ratio * fp.f.p_fp;
-              phi_sum += pf_row[j];
-              fp_p_sum += p[j];
-            }
-          }
+          const FRowSums f = f_row<T>(pb.divergence,
+                                      pb.f_row(i, s_row.data(), lse - log_q_scale, p.data(), tr, lse_p, log_total),
+                                      pb.exact_log_p(), qg_row.data(), pf_row.data());
+          gamma = f.gamma;
+          phi_sum = f.phi;
+          fp_p_sum = f.p_sum;
         }
         for (int64_t j = 0; j < m; ++j) {
           const T s = s_row[j], aux = aux_row[j];
