@@ -104,12 +104,12 @@ class Divergence:
     name: str
     code: int
     has_entropy: bool           # kl adds sum p~ log p~ to the cross term; cross_entropy does not
-    # the backends that compute it; "auto" picks among these (the f-divergences of DESIGN.md
-    # §1.1 beyond kl are not in the Triton kernels yet)
+    # the backends that compute it; "auto" picks among these (every backend computes every
+    # divergence of DESIGN.md §1.1 now; a new divergence may start on fewer)
     backends: Tuple[str, ...] = ("reference", "torch", "cpu", "triton", "cuda")
 
 
-_F_DIVERGENCE_BACKENDS = ("reference", "torch", "cpu", "cuda")
+_F_DIVERGENCE_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
     Divergence("kl", 0, has_entropy=True),
     Divergence("cross_entropy", 1, has_entropy=False),

@@ -50,6 +50,11 @@ CASES = (
         "test_extreme_logits_match_the_reference", "test_nan_inputs_give_nan",
         "test_half_precision_error_within_twice_pytorchs_own")),
     (F_DIVERGENCES, "test_an_unknown_divergence_code_is_refused_by_the_ops", None),
+    # the f-divergences in the Triton kernels: every divergence x target with every kernel and
+    # option setting in fp32 (20 cases), and fp16 / bf16 (native dtypes on the GPU); the Affinity
+    # target kernels' chains are kl's code, selected above
+    (F_DIVERGENCES, "test_triton_every_divergence_and_target", None),
+    (F_DIVERGENCES, "test_half_precision_error_within_twice_pytorchs_own", lambda ident: ident.endswith("-triton")),
 )
 
 

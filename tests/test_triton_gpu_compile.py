@@ -18,4 +18,7 @@ def test_kernels_compile_for_sm90():
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     compiled = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
-    assert len(compiled) == 30, proc.stdout       # 6 variants x 5 kernels (variants())
+    # variants(): 6 kl variants x 5 kernels, and 5 f-divergence variants x 3 (the second pass and
+    # the two backward kernels; their first pass is kl's two-pass forward)
+    assert len(compiled) == 45, proc.stdout
+    assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")

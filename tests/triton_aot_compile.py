@@ -125,25 +125,31 @@ def launched_shapes(key, autotune: bool):
 
 
 def variants():
-    """Keys covering every code path (kernel codes, targets, dtypes, chunked d, all kernels)."""
+    """Keys covering every code path (kernel codes, targets, dtypes, chunked d, all kernels, every
+    divergence code of the second pass and the backward)."""
     base = dict(T_KERNEL=1, EXCLUDE_SELF=True, KL=True, BLOCK_DZ=16, PRECISION="tf32x3")
-    cases = [  # (KERNEL, TARGET, dtype, D_CHUNKED, BLOCK_D)
-        (0, 0, "bfloat16", False, 128), (1, 1, "float16", False, 128), (2, 2, "float32", False, 64),
-        (3, 3, "float32", True, 128), (0, 2, "bfloat16", True, 128),
-        (4, 2, "float16", False, 128),      # the power kernel, learned and as the Affinity target's
+    cases = [  # (KERNEL, TARGET, dtype, D_CHUNKED, BLOCK_D, DIVERGENCE)
+        (0, 0, "bfloat16", False, 128, 0), (1, 1, "float16", False, 128, 0), (2, 2, "float32", False, 64, 0),
+        (3, 3, "float32", True, 128, 0), (0, 2, "bfloat16", True, 128, 0),
+        (4, 2, "float16", False, 128, 0),   # the power kernel, learned and as the Affinity target's
+        # the f-divergences (codes 2..6), one each, over kernels, targets (Neighbors formed in the
+        # tile) and dtypes: their second pass and the backward (the first pass is kl's two-pass one)
+        (0, 2, "float32", False, 64, 2), (2, 1, "float32", False, 64, 3), (1, 0, "bfloat16", False, 128, 4),
+        (4, 2, "float16", False, 128, 5), (3, 3, "float32", True, 128, 6),
     ]
-    for kernel, target, dtype, chunked, block_d in cases:
+    for kernel, target, dtype, chunked, block_d, divergence in cases:
         upcast = dtype == "float32"
         c = dict(base, KERNEL=kernel, TARGET=target, D_CHUNKED=chunked, BLOCK_D=block_d,
-                 UPCAST=upcast, UPCAST_Z=upcast)
+                 UPCAST=upcast, UPCAST_Z=upcast, KL=divergence == 0)
         if kernel == 4:
             c["T_KERNEL"] = 4
         tensors = {"X": [dtype, True], "Y": [dtype, True], "Z": [dtype, True], "ZC": [dtype, True],
                    "LAB": ["int64", True], "CLAB": ["int64", True]}
-        per_kernel = [("icon_forward_kernel", dict(c, ONE_PASS=True)),
-                      ("icon_forward_kernel", dict(c, ONE_PASS=False)),
-                      ("icon_mixture_kernel", dict(c, HAS_BETA=True))]
-        per_kernel += [(name, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2))
+        f_divergence = divergence > 1
+        per_kernel = [] if f_divergence else [("icon_forward_kernel", dict(c, ONE_PASS=True)),
+                                              ("icon_forward_kernel", dict(c, ONE_PASS=False))]
+        per_kernel += [("icon_mixture_kernel", dict(c, HAS_BETA=True, DIVERGENCE=divergence))]
+        per_kernel += [(name, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2, DIVERGENCE=divergence))
                        for name in ("icon_backward_rows_kernel", "icon_backward_cols_kernel")]
         for name, constexprs in per_kernel:
             yield {"kernel": name, "constexprs": constexprs, "tensors": tensors, "ints": {}}
@@ -156,7 +162,8 @@ def compile_all(archs):
             assert compiled.asm.get("cubin"), "no cubin produced"
             c = key["constexprs"]
             print(f"sm_{arch} {key['kernel']} {key['tensors']['X'][0]} KERNEL={c['KERNEL']} "
-                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']}: ok", flush=True)
+                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']} DIVERGENCE={c.get('DIVERGENCE', '-')}: ok",
+                  flush=True)
     return 0
 
 

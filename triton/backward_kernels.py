@@ -3,18 +3,24 @@
 ``icon_backward_rows_kernel`` is row-parallel and writes dX, d(param) per row and, for Affinity
 targets with grad, dZ and d(target param); ``icon_backward_cols_kernel`` is column-parallel and
 writes dY (and dZ_cols), so no atomics are needed. In self mode autograd adds dX and dY.
+
+For an f-divergence (DIVERGENCE 2..6, DESIGN.md §1.1) dL/ds_k = (1 - beta) q_k (g_k - Gamma_i) and
+dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), with Gamma_i and Phi_i read from the forward's saved
+statistics (rows 1 and 3): both kernels see a row's columns one tile at a time, so recomputing
+them would take a third pass over the tiles.
 """
 import triton
 import triton.language as tl
 
-from .tile_helpers import (exp_, grad_weight, gram_block, load_rows, load_vec, pair_logits, param_grad,
-                           target_weights, valid_pairs)
+from .tile_helpers import (exp_, f_tile, grad_weight, gram_block, load_rows, load_vec, pair_logits,
+                           param_grad, tile_target_weights, valid_pairs)
 
 
 @triton.jit
 def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
                    KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr):
-    """(dL/ds, dL/dt) of one tile; g is the upstream gradient per row, 0 for rows left out."""
+    """(dL/ds, dL/dt) of one tile (kl, cross_entropy); g is the upstream gradient per row, 0 for
+    rows left out."""
     log_q = tl.where(valid, s - lse[:, None], float("-inf"))
     q = exp_(log_q)
     p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
@@ -37,6 +43,23 @@ def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
 
 
 @triton.jit
+def f_tile_gradients(s, valid, p, t, lse, lse_p, g, gamma, phi, m_valid, alpha, beta,
+                     TARGET: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr,
+                     DIVERGENCE: tl.constexpr):
+    """(dL/ds, dL/dt) of one tile for an f-divergence: g (1 - beta) (q g - q Gamma) and
+    g (1 - alpha) (p f' - p Phi), 0 off the valid set and on rows left out (g = 0; a term there
+    may be infinite)."""
+    term, q_g, p_fp, q = f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET,
+                                HAS_BETA, DIVERGENCE)
+    keep = valid & (g != 0.0)[:, None]
+    grad_s = tl.where(keep, g[:, None] * (1.0 - beta) * (q_g - q * gamma[:, None]), 0.0)
+    grad_t = grad_s
+    if TARGET_GRAD:
+        grad_t = tl.where(keep, g[:, None] * (1.0 - alpha) * (p_fp - p * phi[:, None]), 0.0)
+    return grad_s, grad_t
+
+
+@triton.jit
 def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
               N, M, LAB, CLAB, NORM, DENSE, stride_dense,
@@ -44,7 +67,7 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               D_CHUNKED: tl.constexpr, UPCAST: tl.constexpr, KERNEL: tl.constexpr,
               T_KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
               KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, DIVERGENCE: tl.constexpr):
     """Everything the two backward kernels need from one (rows, cols) tile."""
     valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
     ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
@@ -54,12 +77,16 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
         t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq, zc_sq, t_prm, T_KERNEL)
         p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
     else:
-        p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
-                           DENSE, stride_dense, TARGET)
+        p = tile_target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
+                                DENSE, stride_dense, TARGET, DIVERGENCE)
         t = s
         t_aux = aux
-    grad_s, grad_t = tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
-                                    KL, HAS_BETA, TARGET_GRAD)
+    if DIVERGENCE == 0 or DIVERGENCE == 1:
+        grad_s, grad_t = tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
+                                        KL, HAS_BETA, TARGET_GRAD)
+    else:                     # r_stat and h_stat hold Gamma_i and Phi_i
+        grad_s, grad_t = f_tile_gradients(s, valid, p, t, lse, lse_p, g, r_stat, h_stat, m_valid,
+                                          alpha, beta, TARGET, HAS_BETA, TARGET_GRAD, DIVERGENCE)
     w = grad_weight(grad_s, aux, prm, KERNEL)
     w_t = w
     if TARGET_GRAD:
@@ -116,7 +143,8 @@ def icon_backward_rows_kernel(
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
-        TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,7 +174,8 @@ def icon_backward_rows_kernel(
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
-            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
+            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION,
+            DIVERGENCE)
         dx += grad_dot(w, y, PRECISION)
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
@@ -177,7 +206,8 @@ def icon_backward_cols_kernel(
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
-        TARGET_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,7 +235,8 @@ def icon_backward_cols_kernel(
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
-            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION)
+            KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION,
+            DIVERGENCE)
         dy += grad_dot(tl.trans(w), x, PRECISION)
         w_sum += tl.sum(w, 0)
         if TARGET_GRAD:

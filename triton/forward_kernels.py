@@ -3,8 +3,11 @@
 ``icon_forward_kernel`` keeps the online LSE of q (and of p for Affinity targets). When the loss
 is linear in log q (beta = 0) and p's entropy has a closed form (not Affinity with alpha > 0) it
 also finishes the row loss in the same pass. Otherwise ``icon_mixture_kernel`` makes the second
-pass over the tiles with the LSEs known (DESIGN.md §1 'Streaming forward').
-Statistics rows: 0 LSE, 1 R, 2 LSE^p, 3 H.
+pass over the tiles with the LSEs known (DESIGN.md §1 'Streaming forward'); for the f-divergences
+(DIVERGENCE 2..6, DESIGN.md §1.1) it is always run: it evaluates q~ f(p~ / q~) per pair and the row
+statistics Gamma_i = sum_j q g (row 1) and, for Affinity targets, Phi_i = sum_j p f' (row 3), each
+divided by the row total of the q or p the kernels form (1 in exact arithmetic).
+Statistics rows: 0 LSE, 1 R (Gamma for an f-divergence), 2 LSE^p, 3 H (Phi).
 
 Every kernel here and in backward_kernels.py takes N_BUCKET and M_BUCKET, the next powers of two
 of N and M. The kernels never read them: they are the autotuner's key (launchers.py), so a new
@@ -15,8 +18,8 @@ bf16 stay native so both Grams run on tensor cores with fp32 accumulation.
 import triton
 import triton.language as tl
 
-from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, target_weights,
-                           valid_pairs)
+from .tile_helpers import (exp_, f_tile, gram_block, load_rows, load_vec, pair_logits, target_weights,
+                           tile_target_weights, valid_pairs)
 
 
 @triton.jit
@@ -105,16 +108,20 @@ def icon_mixture_kernel(
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
+        DIVERGENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
-    """Second pass: log q~ and log p~ are logs of mixtures, so the LSEs are needed first."""
+    """Second pass: log q~ and log p~ are logs of mixtures, so the LSEs are needed first. For an
+    f-divergence (DIVERGENCE not kl 0 or cross_entropy 1; KL is then False) the row loss is
+    sum_j q~ f(p~ / q~) and the statistics are Gamma_i and Phi_i (tile_helpers.f_tile)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
     x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     lse = tl.load(STATS + rows, mask=in_rows, other=0.0)
+    lse_p = lse                  # (read for Affinity targets only)
     if TARGET == 2:
         z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
         z_sq = load_vec(ZSQ, rows, N, 0.0)
@@ -124,6 +131,9 @@ def icon_mixture_kernel(
     ent = tl.zeros([BLOCK_M], tl.float32)
     r_stat = tl.zeros([BLOCK_M], tl.float32)
     h_stat = tl.zeros([BLOCK_M], tl.float32)
+    f_sum = tl.zeros([BLOCK_M], tl.float32)
+    q_sum = tl.zeros([BLOCK_M], tl.float32)
+    p_sum = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
@@ -131,40 +141,59 @@ def icon_mixture_kernel(
         ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
                         UPCAST, PRECISION)
         s, aux = pair_logits(ab, x_sq, load_vec(YSQ, cols, M, 0.0), prm, KERNEL)
-        log_q = tl.where(valid, s - lse[:, None], float("-inf"))
-        q = exp_(log_q)
-        if HAS_BETA:
-            q_mix = (1.0 - beta) * q + beta / m_valid
-            log_q_mix = tl.log(q_mix)
-        else:
-            q_mix = q
-            log_q_mix = log_q
+        t = s
         if TARGET == 2:
             zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
             t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq,
                                    load_vec(ZCSQ, cols, M, 0.0), t_prm, T_KERNEL)
             p = tl.where(valid, exp_(t - lse_p[:, None]), 0.0)
         else:
-            p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
-                               DENSE, stride_dense, TARGET)
-        p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
-        used = p_mix != 0.0
-        log_p_mix = tl.log(p_mix)
-        cross += tl.sum(tl.where(used, p_mix * log_q_mix, 0.0), 1)
-        ent += tl.sum(tl.where(used, p_mix * log_p_mix, 0.0), 1)
-        if HAS_BETA:
-            r_stat += tl.sum(tl.where(used, p_mix * q / q_mix, 0.0), 1)
+            p = tile_target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
+                                    DENSE, stride_dense, TARGET, DIVERGENCE)
+        if DIVERGENCE == 0 or DIVERGENCE == 1:
+            log_q = tl.where(valid, s - lse[:, None], float("-inf"))
+            q = exp_(log_q)
+            if HAS_BETA:
+                q_mix = (1.0 - beta) * q + beta / m_valid
+                log_q_mix = tl.log(q_mix)
+            else:
+                q_mix = q
+                log_q_mix = log_q
+            p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+            used = p_mix != 0.0
+            log_p_mix = tl.log(p_mix)
+            cross += tl.sum(tl.where(used, p_mix * log_q_mix, 0.0), 1)
+            ent += tl.sum(tl.where(used, p_mix * log_p_mix, 0.0), 1)
+            if HAS_BETA:
+                r_stat += tl.sum(tl.where(used, p_mix * q / q_mix, 0.0), 1)
+            else:
+                r_stat += tl.sum(p_mix, 1)
+            if KL:
+                h = log_p_mix - log_q_mix
+            else:
+                h = -log_q_mix
+            h_stat += tl.sum(tl.where(p != 0.0, p * h, 0.0), 1)
         else:
-            r_stat += tl.sum(p_mix, 1)
+            term, q_g, p_fp, q = f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET,
+                                        HAS_BETA, DIVERGENCE)
+            f_sum += tl.sum(term, 1)
+            r_stat += tl.sum(q_g, 1)
+            h_stat += tl.sum(p_fp, 1)
+            q_sum += tl.sum(q, 1)
+            p_sum += tl.sum(p, 1)
+    if DIVERGENCE == 0 or DIVERGENCE == 1:
         if KL:
-            h = log_p_mix - log_q_mix
+            loss = ent - cross
         else:
-            h = -log_q_mix
-        h_stat += tl.sum(tl.where(p != 0.0, p * h, 0.0), 1)
-    if KL:
-        loss = ent - cross
+            loss = -cross
     else:
-        loss = -cross
+        loss = f_sum
+        # Gamma_i = sum_j q g and Phi_i = sum_j p f' as row means: divided by the row totals of the
+        # q and p these kernels form (1 up to the fp32 LSE's rounding, an error common to the row),
+        # so the backward's q (g - Gamma) and p (f' - Phi) sum to 0 over the row whatever that
+        # rounding, as the torch backend's _minus_row_mean (dL/dx is a weighted covariance)
+        r_stat = r_stat / tl.where(q_sum > 0.0, q_sum, 1.0)
+        h_stat = h_stat / tl.where(p_sum > 0.0, p_sum, 1.0)      # read for Affinity targets only
     tl.store(LOSS + rows, loss, mask=in_rows)
     tl.store(STATS + N + rows, r_stat, mask=in_rows)
     tl.store(STATS + 3 * N + rows, h_stat, mask=in_rows)

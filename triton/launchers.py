@@ -29,8 +29,12 @@ def use_neighbor_pairs(module) -> None:
 
 KERNEL_CODES = {"dot": 0, "gaussian": 1, "student_t": 2, "log_dot": 3, "power": 4}
 TARGET_CODES = {"labels": 0, "neighbors": 1, "affinity": 2, "dense": 3}
-# the divergences these kernels compute (the codes of families.DIVERGENCES; tests/test_families.py)
-DIVERGENCE_CODES = {"kl": 0, "cross_entropy": 1}
+# the divergences these kernels compute (the codes of families.DIVERGENCES; tests/test_families.py):
+# kl and cross_entropy in closed form where they have one; the f-divergences (DESIGN.md §1.1) by a
+# second pass over the tiles (forward_kernels.icon_mixture_kernel, DIVERGENCE constexpr)
+DIVERGENCE_CODES = {"kl": 0, "cross_entropy": 1, "reverse_kl": 2, "tv": 3, "hellinger": 4, "js": 5,
+                    "chi2": 6}
+CLOSED_FORM_CODES = (DIVERGENCE_CODES["kl"], DIVERGENCE_CODES["cross_entropy"])
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_D = 256     # larger feature dims are looped over in chunks of D_CHUNK
 D_CHUNK = 128
@@ -67,9 +71,13 @@ def default_shape(args) -> tuple:
     """The one shape used without autotuning: 64 x 64 tiles when the Grams' operands are bf16 and
     there is no target Gram; else 64 x 32. On sm_90 64 x 64 tiles spill 1.2-2.2 KB per thread in
     the fp32 (and fp16: its gradient dots run in fp32) backward, and 1.1 KB with a bf16 Affinity
-    target; 64 x 32 tiles stay under 1 KB (tests/test_triton_resources.py)."""
+    target; 64 x 32 tiles stay under 1 KB (tests/test_triton_resources.py). An f-divergence's
+    second pass and backward keep more tiles live (its per-pair terms): 64 x 32 there too (bf16
+    Labels, hellinger, sm_90: the second pass spills 1.1 KB per thread at 64 x 64, none at 64 x 32)."""
     bf16 = not args["UPCAST"] and args["X"].dtype == torch.bfloat16
-    return (64, 64, 4, 2) if bf16 and args["TARGET"] != TARGET_CODES["affinity"] else (64, 32, 4, 2)
+    f_divergence = args.get("DIVERGENCE", 0) not in CLOSED_FORM_CODES     # the first pass has none
+    wide = bf16 and args["TARGET"] != TARGET_CODES["affinity"] and not f_divergence
+    return (64, 64, 4, 2) if wide else (64, 32, 4, 2)
 
 
 # Shared memory of one program on sm_90, an upper bound fitted to the cubins of every recorded
@@ -129,7 +137,7 @@ def _pruner(stage: str):
 # variant may not fit a heavy one, e.g. Affinity targets with target grads) and the power-of-two
 # buckets of N and M, not N and M: a new batch size must not benchmark every config again.
 _KEY = ["N_BUCKET", "M_BUCKET", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "EXCLUDE_SELF", "KL",
-        "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
+        "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "DIVERGENCE", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
 
 
 class _Launcher:
@@ -215,13 +223,18 @@ class OpArgs(NamedTuple):
     def kl(self) -> bool:
         return self.divergence == DIVERGENCE_CODES["kl"]
 
+    @property
+    def f_divergence(self) -> bool:
+        """An f-divergence of DESIGN.md §1.1 beyond kl: evaluated per pair in a second pass."""
+        return self.divergence not in CLOSED_FORM_CODES
+
 
 def _computed_divergence(op: OpArgs) -> None:
-    """The f-divergences (DESIGN.md §1.1) are not in these kernels yet; the package never sends
-    them here (families.DIVERGENCES lists the backends of each), a direct op call gets this."""
+    """A direct op call with a code these kernels do not list is refused (the package never
+    sends one: families.DIVERGENCES lists the backends of each divergence)."""
     if op.divergence not in DIVERGENCE_CODES.values():
         raise ValueError(f"the triton backend computes {', '.join(DIVERGENCE_CODES)} only; divergence "
-                         f"code {op.divergence} is not in its kernels yet")
+                         f"code {op.divergence} is not in its kernels")
 
 
 class BackwardArgs(NamedTuple):
@@ -278,9 +291,22 @@ def _neighbor_weights(op: OpArgs, n: int):
     return keep, torch.where(keep, w, 0.0)
 
 
+def _neighbor_lists(op: OpArgs, pairs) -> dict:
+    """A Neighbors target under an f-divergence, whose p the kernels form inside each tile
+    (tile_helpers.neighbor_weights): LAB = the (N, k) indices (-1 where dropped), DENSE = their
+    normalised fp32 weights, stride_dense = k. No O(N k d) gather then, but O(BLOCK_M BLOCK_N k)
+    compares per tile in each of the three passes that read p."""
+    idx, w = pairs
+    k = idx.shape[1]
+    if k == 0:             # no entries: one dummy column that the kernels never read
+        idx, w = idx.new_full((idx.shape[0], 1), -1), w.new_zeros(w.shape[0], 1)
+    return dict(LAB=_aligned(idx.long()), DENSE=_aligned(w.float()), stride_dense=k)
+
+
 def _forward_target(op: OpArgs, x, y):
     """The target's kernel arguments, its row normaliser (None for Affinity), the rows that have
-    a target, and the Neighbors pairs (index with -1 where dropped, normalised weight)."""
+    a target, and the Neighbors pairs (index with -1 where dropped, normalised weight) for the
+    sparse gather of kl and cross_entropy (None under an f-divergence: _neighbor_lists)."""
     n, dev = x.shape[0], x.device
     target, norm, pairs = _no_target(x, y), None, None
     if op.target == "labels":
@@ -298,6 +324,9 @@ def _forward_target(op: OpArgs, x, y):
         has = total != 0
         norm = torch.where(has, total, 1.0)
         pairs = (torch.where(keep, op.nbr_index, -1), w / norm[:, None])
+        if op.f_divergence:
+            target.update(_neighbor_lists(op, pairs))
+            pairs = None
     elif op.target == "dense":
         dense = op.dense_p.contiguous()
         total = dense.sum(1, dtype=torch.float32)           # no fp32 copy of the N x M target
@@ -323,6 +352,9 @@ def _backward_target(op: OpArgs, x, y, stats):
     elif op.target == "neighbors":
         keep, w = _neighbor_weights(op, n)
         pairs = (torch.where(keep, op.nbr_index, -1), w / norm[:, None])
+        if op.f_divergence:
+            target.update(_neighbor_lists(op, pairs))
+            pairs = None
     elif op.target == "dense":
         target.update(DENSE=op.dense_p.contiguous(), NORM=norm)
     else:
@@ -335,9 +367,11 @@ def _kernel_arguments(op: OpArgs, x, y, target: dict):
     the target's arguments (from _forward_target or _backward_target)."""
     n, m = x.shape[0], y.shape[0]
     m_valid = m - int(op.exclude_self)
+    target = dict(target)
     zz, zc, dense = target["Z"], target["ZC"], target["DENSE"]
+    stride_dense = target.pop("stride_dense", dense.stride(0) if dense.dim() == 2 else 0)
     tensors = dict(X=x, Y=y, XSQ=_sq(x), YSQ=_sq(y), PRM=_row_param(op.param, n), **target,
-                   stride_dense=dense.stride(0) if dense.dim() == 2 else 0)
+                   stride_dense=stride_dense)
     sizes = dict(N=n, M=m, D=x.shape[1], DZ=zz.shape[1], stride_x=x.stride(0),
                  stride_y=y.stride(0), stride_z=zz.stride(0), stride_zc=zc.stride(0),
                  m_valid=float(max(m_valid, 1)), alpha=float(op.alpha), N_BUCKET=_bucket(n),
@@ -380,12 +414,13 @@ def _forward(op: OpArgs):
     stats = torch.zeros(4, n, dtype=torch.float32, device=dev)
     if norm is not None:
         stats[NORM_ROW] = norm              # for the backward (_backward_target)
-    two_pass = beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
+    two_pass = (beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
+                or op.f_divergence)
     _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
                                    ONE_PASS=not two_pass, **flags)
     if two_pass:
         _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
-                                       HAS_BETA=beta > 0, **flags)
+                                       HAS_BETA=beta > 0, DIVERGENCE=op.divergence, **flags)
     if pairs is not None:
         loss = loss + _neighbor_forward(op, tensors, sizes, stats, beta, pairs)
     loss = torch.where(included, loss, 0.0)
@@ -443,7 +478,7 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
-                  TARGET_GRAD=target_grad, **flags)
+                  TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
     _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
     _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,

@@ -147,3 +147,124 @@ def target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense
     else:
         tl.static_assert(False, "target_weights: unknown or Affinity target code (Affinity p comes from its own Gram)")
     return p
+
+
+@triton.jit
+def neighbor_weights(rows, cols, valid, N, NBR, NBR_W, k):
+    """p_ij of a Neighbors target formed inside the tile, for the f-divergences (whose per-pair
+    term is needed at every column, not only on the support): sum over row i's k entries of
+    w_ie [index_ie == j]. NBR holds the (N, k) column indices (-1 where dropped), NBR_W the
+    normalised weights; repeated indices add up. O(BLOCK_M BLOCK_N k) compares per tile."""
+    in_rows = rows < N
+    base = rows.to(tl.int64) * k
+    p = tl.zeros(valid.shape, tl.float32)
+    for e in range(0, k):
+        j = tl.load(NBR + base + e, mask=in_rows, other=-1)
+        w = tl.load(NBR_W + base + e, mask=in_rows, other=0.0)
+        p += tl.where(j[:, None] == cols[None, :], w[:, None], 0.0)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def tile_target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense,
+                        TARGET: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """target_weights, except for a Neighbors target under an f-divergence (DIVERGENCE not kl 0
+    or cross_entropy 1), whose p is formed in the tile (neighbor_weights): then LAB holds the
+    (N, k) neighbour indices, DENSE their normalised weights and stride_dense is k
+    (launchers._neighbor_lists)."""
+    if TARGET == 1 and DIVERGENCE != 0 and DIVERGENCE != 1:
+        p = neighbor_weights(rows, cols, valid, N, LAB, DENSE, stride_dense)
+    else:
+        p = target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense, TARGET)
+    return p
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) for u >= 0 to fp32 accuracy also where 1 + u rounds (the classic correction)."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def f_pair_terms(p, q, lp, lq, DIVERGENCE: tl.constexpr):
+    """(q~ f(r), q~ g, p~ f') per pair of the f-divergence DIVERGENCE (DESIGN.md §1.1; the codes of
+    families.DIVERGENCES: 2 reverse_kl, 3 tv, 4 hellinger, 5 js, 6 chi2), from p~, q~ and their
+    logs (-inf where 0), as csrc/divergence_math.h f_pair_terms and
+    icon_kernels/backends/f_divergences.py pair_terms: p~ and q~ outside, the logs inside, so
+    nothing overflows where r = p~ / q~ would. A NaN log counts as present (NaN in, NaN out)."""
+    inf = float("inf")
+    has_p = lp != -inf
+    has_q = lq != -inf
+    if DIVERGENCE == 2:          # q (log q - log p); g = log q - log p + 1; f' = -q / p
+        both = has_p & has_q
+        term = tl.where(both, q * (lq - lp), tl.where(has_q, inf, 0.0))
+        q_g = tl.where(both, q * (lq - lp + 1.0), tl.where(has_q, inf, 0.0))
+        p_fp = -q
+    elif DIVERGENCE == 3:        # 1/2 |p - q|; g = -1/2 sign(p - q); f' = 1/2 sign(p - q)
+        sign = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        term = 0.5 * tl.abs(p - q)
+        q_g = -0.5 * q * sign
+        p_fp = 0.5 * p * sign
+    elif DIVERGENCE == 4:        # (sqrt p - sqrt q)^2; g = 1 - sqrt(p / q); f' = 1 - sqrt(q / p)
+        root_p = tl.where(has_p, exp_(0.5 * lp), 0.0)
+        root_q = tl.where(has_q, exp_(0.5 * lq), 0.0)
+        root_pq = tl.where(has_p & has_q, exp_(0.5 * (lp + lq)), 0.0)
+        gap = root_p - root_q
+        term = gap * gap
+        q_g = q - root_pq
+        p_fp = p - root_pq
+    elif DIVERGENCE == 5:        # m = (p + q) / 2; g = 1/2 log(q / m); f' = 1/2 log(p / m)
+        hi = tl.where(lp > lq, lp, lq)                  # where, not tl.maximum: keeps NaN
+        lo = tl.where(lp > lq, lq, lp)
+        log_m = hi + _log1p(exp_(lo - hi)) - 0.6931471805599453
+        p_part = tl.where(has_p, p * (lp - log_m), 0.0)
+        q_part = tl.where(has_q, q * (lq - log_m), 0.0)
+        term = 0.5 * (p_part + q_part)
+        q_g = 0.5 * q_part
+        p_fp = 0.5 * p_part
+    elif DIVERGENCE == 6:        # (p - q)^2 / q; g = 1 - (p / q)^2; f' = 2 (p / q - 1)
+        p2_over_q = tl.where(has_p, tl.where(has_q, exp_(2.0 * lp - lq), inf), 0.0)
+        gap = tl.abs(p - q)
+        nonzero = gap != 0.0
+        log_gap = tl.log(tl.where(nonzero, gap, 1.0))
+        term = tl.where(nonzero, tl.where(has_q, exp_(2.0 * log_gap - lq), inf), 0.0)
+        q_g = q - p2_over_q
+        p_fp = 2.0 * (p2_over_q - p)
+    else:
+        tl.static_assert(False, "f_pair_terms: unknown divergence code")
+    return term, q_g, p_fp
+
+
+@triton.jit
+def f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET: tl.constexpr,
+           HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """The f-divergence quantities of one tile, 0 off the valid set: (q~ f, q g, p f', q), where
+    q g = (q / q~) q~ g and p f' = (p / p~) p~ f' feed Gamma_i = sum_j q g and Phi_i = sum_j p f'
+    (DESIGN.md §1.1). p is the target's (unmixed); an Affinity target with alpha = 0 takes the exact
+    log p = t - LSE^p (finite where p underflows), as the torch and C++ backends do."""
+    neg_inf = float("-inf")
+    log_q = tl.where(valid, s - lse[:, None], neg_inf)
+    q = exp_(log_q)
+    if HAS_BETA:
+        q_mix = tl.where(valid, (1.0 - beta) * q + beta / m_valid, 0.0)
+        log_q_mix = tl.where(valid, tl.log(q_mix), neg_inf)
+        q_ratio = tl.where(valid, q / q_mix, 0.0)
+    else:
+        q_mix = q
+        log_q_mix = log_q
+        q_ratio = tl.where(valid, 1.0, 0.0)
+    p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+    positive = p_mix != 0.0                  # NaN counts: a NaN target gives a NaN loss
+    safe = tl.where(positive, p_mix, 1.0)
+    log_p_mix = tl.where(positive, tl.log(safe), neg_inf)
+    p_ratio = tl.where(positive, p / safe, 0.0)
+    if TARGET == 2:
+        exact = alpha == 0.0
+        log_p_mix = tl.where(exact, tl.where(valid, t - lse_p[:, None], neg_inf), log_p_mix)
+        p_ratio = tl.where(exact, tl.where(valid, 1.0, 0.0), p_ratio)
+    term, q_g, p_fp = f_pair_terms(p_mix, q_mix, log_p_mix, log_q_mix, DIVERGENCE)
+    term = tl.where(valid, term, 0.0)
+    q_g = tl.where(q_ratio != 0.0, q_ratio * q_g, 0.0)
+    p_fp = tl.where(p_ratio != 0.0, p_ratio * p_fp, 0.0)
+    return term, q_g, p_fp, q
