@@ -83,7 +83,10 @@ def selected(nodeid: str) -> bool:
 # keys that several workers compile at once, triton 3.6 on the device, and the JIT path's extra
 # work (it also loads each cubin). With the power kernel (kernel code 4) the selection triggers
 # 319 keys (bench/gpu_check.sh --plan, 2026-12-02, a tree that also held uncommitted divergence
-# work), about 100 s on 8 workers: within the budget's 480.
+# work), about 100 s on 8 workers: within the budget's 480. With the f-divergences in the Triton
+# kernels (test_f_divergences_backends.py's Triton matrix, 20 cases, and its fp16 / bf16 cases,
+# 10) it triggers 424 keys (tests/compile_keys.py on the selection as bench/gpu_check.sh --plan
+# runs it, 2026-12-02; those tests alone: 106), about 133 s on 8 workers: within the budget's 480.
 COMPILE_BUDGET_S = 150
 COMPILE_S_PER_KEY = 2.5
 
