@@ -18,8 +18,12 @@
 
 namespace icon {
 
-// One row: log q = s[j] - lse (j != self), the target row p (normalised, 0 off the valid set) and,
-// when log p is exact, log p = t[j] + log_p_shift.
+// How a row's log p~ is formed: log of p~ per pair; exact, t[j] + log_p_shift (an Affinity target
+// with alpha = 0, finite where p underflows); or two-level, log_pos where p != 0 and log_zero
+// elsewhere (a Labels row, whose positives share p = 1/K: no log per pair).
+enum LogP : int { kLogOfP = 0, kExactLogP = 1, kTwoLevelLogP = 2 };
+
+// One row: log q = s[j] - lse (j != self), the target row p (normalised, 0 off the valid set).
 template <typename T>
 struct FRow {
   const T* s;
@@ -29,6 +33,7 @@ struct FRow {
   T log_p_shift;
   int64_t m, self;
   T alpha, beta, mv;
+  T log_pos = 0, log_zero = 0;     // kTwoLevelLogP
 };
 
 struct FRowSums {
@@ -77,7 +82,7 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
 }
 
 // The sums of one row; q g and p f' per column into qg and pf (0 off the valid set).
-template <typename T, int D, bool EXACT, bool BETA>
+template <typename T, int D, int LOGP, bool BETA>
 inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
   const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
@@ -93,9 +98,12 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
       const T pj = r.p[j];
       const T pm = keep_p * pj + b;
       T lp, pr;
-      if constexpr (EXACT) {
+      if constexpr (LOGP == kExactLogP) {
         lp = vsel(valid, r.t[j] + r.log_p_shift, -inf);
         pr = T(1);
+      } else if constexpr (LOGP == kTwoLevelLogP) {
+        lp = vsel(pj != T(0), r.log_pos, r.log_zero);
+        pr = vsel(pm != T(0), pj / pm, T(0));
       } else {
         lp = vsel(pm == T(0), -inf, vlog(pm));
         pr = vsel(pm != T(0), pj / pm, T(0));
@@ -124,27 +132,106 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
   return out;
 }
 
+template <typename T, int D, int LOGP>
+inline FRowSums f_row_with(const FRow<T>& r, T* qg, T* pf) {
+  return r.beta > T(0) ? f_row_impl<T, D, LOGP, true>(r, qg, pf) : f_row_impl<T, D, LOGP, false>(r, qg, pf);
+}
+
 template <typename T, int D>
-inline FRowSums f_row_of(const FRow<T>& r, bool exact, T* qg, T* pf) {
-  const bool beta = r.beta > T(0);
-  if (exact) return beta ? f_row_impl<T, D, true, true>(r, qg, pf) : f_row_impl<T, D, true, false>(r, qg, pf);
-  return beta ? f_row_impl<T, D, false, true>(r, qg, pf) : f_row_impl<T, D, false, false>(r, qg, pf);
+inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf) {
+  if (log_p == kExactLogP) return f_row_with<T, D, kExactLogP>(r, qg, pf);
+  if (log_p == kTwoLevelLogP) return f_row_with<T, D, kTwoLevelLogP>(r, qg, pf);
+  return f_row_with<T, D, kLogOfP>(r, qg, pf);
 }
 
 // The row of f-divergence ``divergence``; an unknown code gives NaN sums (the op entry checks codes).
 template <typename T>
-inline FRowSums f_row(int divergence, const FRow<T>& r, bool exact, T* qg, T* pf) {
+inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf) {
   switch (divergence) {
-    case kReverseKl: return f_row_of<T, kReverseKl>(r, exact, qg, pf);
-    case kTv: return f_row_of<T, kTv>(r, exact, qg, pf);
-    case kHellinger: return f_row_of<T, kHellinger>(r, exact, qg, pf);
-    case kJs: return f_row_of<T, kJs>(r, exact, qg, pf);
-    case kChi2: return f_row_of<T, kChi2>(r, exact, qg, pf);
+    case kReverseKl: return f_row_of<T, kReverseKl>(r, log_p, qg, pf);
+    case kTv: return f_row_of<T, kTv>(r, log_p, qg, pf);
+    case kHellinger: return f_row_of<T, kHellinger>(r, log_p, qg, pf);
+    case kJs: return f_row_of<T, kJs>(r, log_p, qg, pf);
+    case kChi2: return f_row_of<T, kChi2>(r, log_p, qg, pf);
     default: {
       const double nan = std::numeric_limits<double>::quiet_NaN();
       return {nan, nan, nan, nan};
     }
   }
+}
+
+// The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD: a NaN logit
+// gives NaN, a row without a valid column -inf (as the generic path's logits_and_lse).
+template <typename T>
+inline T simd_row_lse(T* s, int64_t self, int64_t m) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (self >= 0) s[self] = -inf;
+  T mx = -inf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) mx = s[j] > mx ? s[j] : mx;
+  if (mx == -inf) {
+    bool nan = false;
+    for (int64_t j = 0; j < m; ++j) nan |= std::isnan(s[j]);
+    return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+  }
+  double se = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bse = 0;
+#pragma omp simd reduction(+ : bse)
+    for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - mx);
+    se += bse;
+  }
+  return T(double(mx) + std::log(se));
+}
+
+// The backward of an f-divergence row for the dot and Gaussian kernels (no target gradient), in
+// SIMD like fast_label_backward: r.s holds the row's logits and is overwritten with
+// W = G w_scale, G = g (1 - beta) q (g_f - Gamma). q = exp(s - LSE) is renormalised over the row
+// first, and Gamma = sum_j q g_f is this row's own, in double, taken off as two parts in T (the
+// saved fp32 Gamma's rounding would come back times the q-mean of y - x_i). Returns the row's
+// sums for dL/dparam (basis s - shift, centred_sum) and sum_j W.
+template <typename T>
+inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, T shift, T w_scale,
+                                     T* qg, T* pf) {
+  T* w = const_cast<T*>(r.s);
+  double q_total = 0;
+  for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(r.m, j0 + kSumBlock);
+    T bq = 0;
+#pragma omp simd reduction(+ : bq)
+    for (int64_t j = j0; j < j1; ++j) bq += j != r.self ? vexp(w[j] - r.lse) : T(0);
+    q_total += bq;
+  }
+  if (q_total > 0) r.lse = T(double(r.lse) + std::log(q_total));
+  const FRowSums f = f_row<T>(divergence, r, log_p, qg, pf);
+  const T gamma_hi = T(f.gamma), gamma_lo = T(f.gamma - double(gamma_hi));
+  const T scale = g * (T(1) - r.beta), lse = r.lse;
+  LabelGradSums out{0, 0, 0, 0, 0};
+  for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(r.m, j0 + kSumBlock);
+    T dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
+#pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T s = w[j];
+      const T q = j != r.self ? vexp(s - lse) : T(0);
+      const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
+      const T basis = s - shift;
+      dp += grad == T(0) ? T(0) : grad * basis;
+      gs += grad;
+      qb += q == T(0) ? T(0) : q * basis;
+      qs += q;
+      const T wj = grad * w_scale;
+      w[j] = wj;
+      rs += wj;
+    }
+    out.dp += dp;
+    out.g_sum += gs;
+    out.q_basis += qb;
+    out.q_sum += qs;
+    out.row_sum += rs;
+  }
+  return out;
 }
 
 }  // namespace icon

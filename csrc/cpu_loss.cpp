@@ -100,16 +100,27 @@ struct Problem {
   int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
   bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
   // the hot case with SIMD row loops (cpu_label_rows.h)
+  // an f-divergence with the dot or Gaussian kernel: logits, LSE and backward rows in SIMD
+  bool fast_f_div() const { return f_div && (kernel == kDot || kernel == kGaussian); }
   bool fast_labels() const {
     return target == kLabels && beta == T(0) && !f_div && (kernel == kDot || kernel == kGaussian);
   }
-  // an Affinity target with alpha = 0: log p = t - LSE^p - log(row total), exact where p underflows
-  bool exact_log_p() const { return target == kAffinity && alpha == T(0); }
+  // how an f-divergence row forms log p~ (cpu_f_rows.h): an Affinity target with alpha = 0 takes
+  // t - LSE^p - log(row total), exact where p underflows; a Labels row has two levels
+  int log_p_mode() const {
+    if (target == kAffinity && alpha == T(0)) return kExactLogP;
+    return target == kLabels ? kTwoLevelLogP : kLogOfP;
+  }
   // row i of an f-divergence (cpu_f_rows.h): logits s with their LSE, the target row p and, for
-  // Affinity, its logits t with LSE^p and the log of p's renormalising total
-  FRow<T> f_row(int64_t i, const T* s, T lse, const T* p, const T* t, T lse_p, double log_total) const {
-    return {s, lse, p, t, T(-double(lse_p) - log_total), m, exclude_self ? i : -1, alpha, beta,
-            T(std::max<int64_t>(m_valid, 1))};
+  // Affinity, its logits t with LSE^p and the log of p's renormalising total; for Labels, the
+  // row's positive count
+  FRow<T> f_row(int64_t i, const T* s, T lse, const T* p, const T* t, T lse_p, double log_total,
+                int64_t count) const {
+    const T mv = T(std::max<int64_t>(m_valid, 1)), b = alpha / mv;
+    const T inf = std::numeric_limits<T>::infinity();
+    const T pos = count > 0 ? (T(1) - alpha) / T(count) + b : b;
+    return {s, lse, p, t, T(-double(lse_p) - log_total), m, exclude_self ? i : -1, alpha, beta, mv,
+            pos > T(0) ? std::log(pos) : -inf, b > T(0) ? std::log(b) : -inf};
   }
   LabelRow label_row(int64_t i) const {
     return {col_labels.template data_ptr<int64_t>(), labels.template data_ptr<int64_t>()[i], m,
@@ -148,10 +159,13 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
   if (pb.target == kLabels) {
     const int64_t li = pb.labels.template data_ptr<int64_t>()[i];
     const int64_t* c = pb.col_labels.template data_ptr<int64_t>();
+    const int64_t self = pb.exclude_self ? i : -1;
     int64_t k = 0;
-    for (int64_t j = 0; j < m; ++j) k += (c[j] == li && pb.valid(i, j));
+#pragma omp simd reduction(+ : k)
+    for (int64_t j = 0; j < m; ++j) k += (c[j] == li && j != self);
     const T inv = k > 0 ? T(1) / T(k) : T(0);
-    for (int64_t j = 0; j < m; ++j) p[j] = (c[j] == li && pb.valid(i, j)) ? inv : T(0);
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) p[j] = (c[j] == li && j != self) ? inv : T(0);
     *count = k;
     return k > 0;
   }
@@ -217,7 +231,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
           inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
           continue;
         }
-        const T lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
+        T lse;
+        if (pb.fast_f_div()) {   // the dot and Gaussian logits and their LSE in SIMD (cpu_f_rows.h)
+          if (pb.kernel == kDot) fast_logits<T, kDot>(s, y_sq, x_sq[i], prm[i], m);
+          else fast_logits<T, kGaussian>(s, y_sq, x_sq[i], prm[i], m);
+          lse = simd_row_lse<T>(s, pb.exclude_self ? i : -1, m);
+        } else {
+          lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
+        }
         T lse_p = 0;
         const T* t = nullptr;
         if (pb.target == kAffinity) {
@@ -231,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         double log_total = 0;
         const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count, &log_total);
         if (pb.f_div) {   // L_i = sum_j q~ f(p~ / q~); Gamma_i and Phi_i into the R and H rows
-          const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total),
-                                      pb.exact_log_p(), f_scratch.data(), f_scratch.data() + m);
+          const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total, count),
+                                      pb.log_p_mode(), f_scratch.data(), f_scratch.data() + m);
           const bool inc = has && pb.m_valid > 0;
           loss_p[i] = inc ? T(f.loss) : T(0);
           inc_p[i] = inc;
@@ -356,6 +377,19 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         int64_t count;
         double log_total = 0;
         target_row<T>(pb, i, p.data(), tr, lse_p, &count, &log_total);
+        if (pb.fast_f_div() && !target_grad) {   // the whole row in SIMD (cpu_f_rows.h)
+          const bool dot = pb.kernel == kDot;
+          if (dot) fast_logits<T, kDot>(w, y_sq, x_sq[i], prm[i], m);
+          else fast_logits<T, kGaussian>(w, y_sq, x_sq[i], prm[i], m);
+          const T w_scale = dot ? T(1) / prm[i] : T(1) / (prm[i] * prm[i]);
+          const LabelGradSums sums = f_fast_backward<T>(
+              pb.divergence, pb.f_row(i, w, lse, p.data(), tr, lse_p, log_total, count), pb.log_p_mode(), g[i],
+              shift, w_scale, qg_row.data(), pf_row.data());
+          dprm.template data_ptr<double>()[i] =
+              param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+          w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
+          continue;
+        }
         // learned side: sum_j G b, sum_j G, sum_j q b, sum_j q (b = param_basis; centred_sum), sum_j W;
         // target side: the same with G^t and p, and sum_j p h for H
         double d_prm = 0, g_sum = 0, q_basis = 0, q_sum = 0, rs = 0;
@@ -380,8 +414,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         double gamma = 0, phi_sum = 0, fp_p_sum = 0;
         if (pb.f_div) {
           const FRowSums f = f_row<T>(pb.divergence,
-                                      pb.f_row(i, s_row.data(), lse - log_q_scale, p.data(), tr, lse_p, log_total),
-                                      pb.exact_log_p(), qg_row.data(), pf_row.data());
+                                      pb.f_row(i, s_row.data(), lse - log_q_scale, p.data(), tr, lse_p, log_total, count),
+                                      pb.log_p_mode(), qg_row.data(), pf_row.data());
           gamma = f.gamma;
           phi_sum = f.phi;
           fp_p_sum = f.p_sum;
