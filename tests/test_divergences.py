@@ -102,16 +102,21 @@ def test_reverse_kl_against_a_target_with_zeros_asks_for_alpha():
     assert torch.isfinite(loss)
 
 
-def test_ring_mode_refuses_them_before_anything_travels():
-    # ring mode runs the torch tile math, which does not compute them yet (gather mode with the
-    # reference backend does); the check is local, before the ranks' first collective
+@pytest.mark.parametrize("name", F_DIVERGENCES)
+def test_ring_mode_accepts_them_before_anything_travels(name):
+    # ring mode computes them (tests/test_distributed_f_divergences.py checks the values across
+    # ranks); the local check before the ranks' first collective lets them through in both modes
+    # and still refuses what neither mode computes (joint normalisation)
     from icon_kernels.distributed import rank_agreement
     x = torch.randn(4, 3, dtype=torch.float64)
     target = ik.Labels(torch.arange(4) // 2)
-    with pytest.raises(ValueError, match="dist_mode='ring' does not compute divergence='tv'"):
-        rank_agreement._local_checks(x, None, target, "ring", None, None, "auto",
-                                     dict(divergence="tv", alpha=0.1))
-    rank_agreement._local_checks(x, None, target, "ring", None, None, "auto", dict(divergence="kl"))
+    for mode in ("ring", "gather"):
+        exclude_self, options, _ = rank_agreement._local_checks(x, None, target, mode, None, None, "auto",
+                                                                dict(divergence=name, alpha=0.1))
+        assert exclude_self is True and options["divergence"] == name
+        with pytest.raises(ValueError, match="normalization='joint' is not computed"):
+            rank_agreement._local_checks(x, None, target, mode, None, None, "auto",
+                                         dict(divergence=name, alpha=0.1, normalization="joint"))
 
 
 def _preset_calls():

@@ -11,11 +11,18 @@ into row normalisers and row losses:
 * pass 2, ``loss_partials``: with the global normalisers, sum_j p~ log q~, sum_j p~ log p~
   (except Labels, whose entropy ``finish_rows`` takes in closed form from K_i),
   R_i = sum_j p~ q / q~ (beta > 0) and H_i = sum_j p h (Affinity; Dense / Neighbors when their
-  weights require grad, with h of ``target_weight_grads``);
+  weights require grad, with h of ``target_weight_grads``). For an f-divergence (DESIGN.md §1.1;
+  ``_f_pairs``, the per-pair terms of ``backends.f_divergences``) instead: sum_j q~ f(p~ / q~),
+  sum_j q g and sum_j q (Gamma_i is their ratio), and for Affinity sum_j p f' and sum_j p
+  (Phi_i), in float64 (``tile_math.row_sum``), so the centred gradients below lose nothing to a
+  rounded centre;
 * backward, ``gradient_block``: dL/dx of the rows, dL/dy of the block (sent back to its owner),
   the per-row parameter gradient, the same for Affinity target features, and the gradient of
   Dense p / Neighbors weights (local rows, so it stays on this rank):
-  dL/dw_ij = g_i (1 - alpha) (h_ij - H_i) / W_i on valid columns, W_i the row's weight sum.
+  dL/dw_ij = g_i (1 - alpha) (h_ij - H_i) / W_i on valid columns, W_i the row's weight sum
+  (h = f'(p~ / q~) for an f-divergence). An f-divergence's blocks take
+  dL/ds = g (1 - beta) (q g - q Gamma_i) and dL/dt = g (1 - alpha) (p f' - p Phi_i) with the
+  global row statistics of pass 2.
 
 Tiles are rows-chunk x block, never rows x all columns. The math is the blockwise backend's
 (DESIGN.md §1) with global column indices: a self pair is (row_offset + i, block.offset + j).
@@ -28,12 +35,13 @@ from typing import Dict, Optional
 
 import torch
 
-from ..families import DIVERGENCES
-from ..backends import blockwise, target_weight_grads, tile_math
+from ..families import DIVERGENCES, F_DIVERGENCE_CODES
+from ..backends import blockwise, f_divergences, target_weight_grads, tile_math
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
-_SUMS = ("mass", "cross", "entropy", "r", "h", "pos_s", "sum_s")     # plain sums
+_SUMS = ("mass", "cross", "entropy", "r", "h", "pos_s", "sum_s",    # plain sums
+         "f_loss", "gamma", "q_total", "phi", "p_total")
 
 
 def merge(total: Optional[Dict[str, torch.Tensor]], part: Dict[str, torch.Tensor]):
@@ -89,6 +97,7 @@ class RowSide:
     alpha: float
     beta: float
     kl: bool
+    divergence: str = "kl"              # families.DIVERGENCES name; kl says whether it is "kl"
     row_labels: Optional[torch.Tensor] = None
     nbr_index: Optional[torch.Tensor] = None     # global column indices, -1 pads
     nbr_weight: Optional[torch.Tensor] = None
@@ -105,6 +114,16 @@ class RowSide:
         return self.m_total - int(self.exclude_self)
 
     @property
+    def code(self) -> int:
+        """The divergence's op code (families.DIVERGENCES)."""
+        return DIVERGENCES[self.divergence].code
+
+    @property
+    def f_divergence(self) -> bool:
+        """One of the f-divergences of DESIGN.md §1.1 beyond kl, evaluated per pair."""
+        return self.code in F_DIVERGENCE_CODES
+
+    @property
     def m_mix(self) -> int:
         """M' as the denominator of the uniform mixtures: 1 when a row has no valid column
         (N = 1 with y = None on one rank); such rows are left out, this keeps them finite."""
@@ -112,8 +131,11 @@ class RowSide:
 
 
 def _row_chunks(rows: RowSide, block: Block):
-    """(r0, r1) ranges of this rank's rows whose rows x block tiles hold about tile_elements entries."""
-    return tile_math.row_ranges(rows.x.shape[0], block.y.shape[0], rows.tile_elements)
+    """(r0, r1) ranges of this rank's rows whose rows x block tiles hold about tile_elements
+    entries (half as many for an f-divergence, whose tiles keep about twice as many temporaries
+    alive: p~, q~, their logs, the ratios and three per-pair terms)."""
+    share = 2 if rows.f_divergence else 1
+    return tile_math.row_ranges(rows.x.shape[0], block.y.shape[0], max(1, rows.tile_elements // share))
 
 
 def _off_self(tile, rows: RowSide, block: Block, r0: int, fill):
@@ -173,6 +195,7 @@ class _Tile:
             self.p = torch.exp(raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None])
         else:
             self.p = raw / mass[r0:r1, None]
+        self.raw = raw
         self.p_mix = self.p
         if rows.alpha > 0:
             self.p_mix = _off_self((1 - rows.alpha) * self.p + rows.alpha / rows.m_mix, rows, block, r0, 0.0)
@@ -189,12 +212,72 @@ class _Tile:
     def dloss_dp_mix_of_weights(self, rows: RowSide):
         """h_ij = dL_i/dp~_ij of a Dense / Neighbors target (the single-process rule of
         target_weight_grads)."""
-        return target_weight_grads.h(self.p_mix, self.log_q_mix,
-                                     DIVERGENCES["kl" if rows.kl else "cross_entropy"].code)
+        return target_weight_grads.h(self.p_mix, self.log_q_mix, rows.code)
+
+
+def _f_pairs(rows: RowSide, block: Block, tile: _Tile, stats, r0: int, r1: int) -> blockwise.FTile:
+    """The f-divergence quantities of a tile (blockwise._f_tile with global normalisers): the
+    per-pair terms from p~, q~ and their logs, masked off the valid set. An Affinity target with
+    alpha = 0 takes the exact log p = t - LSE^p (global LSE^p), finite where p underflows."""
+    inf = float("-inf")
+    valid = _off_self(torch.ones_like(tile.log_q, dtype=torch.bool), rows, block, r0, False)
+    if rows.target == "affinity" and rows.alpha == 0:
+        log_p = tile.raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None]
+        log_p_mix = torch.where(valid, log_p, inf)
+        p_ratio = valid.to(tile.p.dtype)
+    else:
+        positive = tile.p_mix != 0        # NaN counts, so a NaN target gives a NaN loss
+        safe = torch.where(positive, tile.p_mix, 1.0)
+        log_p_mix = torch.where(positive, torch.log(safe), inf)
+        p_ratio = torch.where(positive, tile.p / safe, 0.0)
+    q = torch.where(valid, torch.exp(tile.log_q), 0.0)
+    if rows.beta == 0:
+        q_mix, log_q_mix, q_ratio = q, torch.where(valid, tile.log_q, inf), valid.to(q.dtype)
+    else:
+        q_mix = torch.where(valid, tile.q_mix, 0.0)
+        log_q_mix = torch.where(valid, tile.log_q_mix, inf)
+        q_ratio = torch.where(valid, tile.q / torch.where(valid, tile.q_mix, 1.0), 0.0)
+    terms = f_divergences.pair_terms(rows.code, tile.p_mix, q_mix, log_p_mix, log_q_mix)
+    return blockwise.FTile(terms, valid, q, q_ratio, p_ratio)
+
+
+def _q_g(f: blockwise.FTile) -> torch.Tensor:
+    """q g per pair (q / q~ times q~ g; 0 where q is)."""
+    return tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g)
+
+
+def _p_fprime(f: blockwise.FTile) -> torch.Tensor:
+    """p f' per pair on the valid set (p / p~ times p~ f')."""
+    return torch.where(f.valid, f.p_ratio * f.terms.p_fprime, 0.0)
+
+
+def _f_loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
+    """Pass 2 of an f-divergence on one block: sum_j q~ f, sum_j q g and sum_j q (Gamma_i), and
+    for Affinity sum_j p f' and sum_j p (Phi_i); H_i = sum_j p h for weight gradients."""
+    keys = ["f_loss", "gamma", "q_total"] + (["phi", "p_total"] if rows.target == "affinity" else []) \
+        + (["h"] if rows.weight_grad else [])
+    n, sums = rows.x.shape[0], tile_math.row_sum
+    wide = rows.x.dtype if rows.x.device.type == "mps" else torch.float64     # row_sum's dtype
+    out = {k: rows.x.new_empty(n, dtype=rows.x.dtype if k == "h" else wide) for k in keys}
+    for r0, r1 in _row_chunks(rows, block):
+        tile = _Tile(rows, block, r0, r1, stats, mass)
+        f = _f_pairs(rows, block, tile, stats, r0, r1)
+        out["f_loss"][r0:r1] = sums(torch.where(f.valid, f.terms.term, 0.0))
+        out["gamma"][r0:r1] = sums(_q_g(f))
+        out["q_total"][r0:r1] = sums(f.q)
+        if rows.target == "affinity":
+            out["phi"][r0:r1] = sums(_p_fprime(f))
+            out["p_total"][r0:r1] = sums(tile.p)
+        if rows.weight_grad:
+            out["h"][r0:r1] = tile_math.where_positive(tile.p, tile.p * tile.dloss_dp_mix_of_weights(rows)).sum(1)
+        del tile, f
+    return out
 
 
 def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
+    if rows.f_divergence:
+        return _f_loss_partials(rows, block, stats, mass)
     keys = ["cross"] + (["entropy"] if rows.kl and rows.target != "labels" else []) \
         + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target == "affinity" or rows.weight_grad else [])
     out = {k: rows.x.new_empty(rows.x.shape[0]) for k in keys}
@@ -217,11 +300,13 @@ def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.T
 def finish_rows(rows: RowSide, stats, mass, has_p):
     """(L_i, 0 for rows left out; included) from the merged pass-2 statistics (Labels: the
     entropy in closed form from the positive count K = mass)."""
+    included = has_p & (rows.m_valid > 0)
+    if rows.f_divergence:
+        return torch.where(included, stats["f_loss"].to(rows.x.dtype), 0.0), included
     row = -stats["cross"]
     if rows.kl:
         row = row + (tile_math.labels_entropy(mass, rows.alpha, rows.m_mix) if rows.target == "labels"
                      else stats["entropy"])
-    included = has_p & (rows.m_valid > 0)
     return torch.where(included, row, 0.0), included
 
 
@@ -239,7 +324,11 @@ def gradient_block(rows: RowSide, block: Block, stats, mass, g, row_grads, block
     for r0, r1 in _row_chunks(rows, block):
         tile = _Tile(rows, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
-        if rows.beta == 0:
+        f = _f_pairs(rows, block, tile, stats, r0, r1) if rows.f_divergence else None
+        if f is not None:              # (1 - beta) (q g - q Gamma_i), Gamma_i of every block
+            gamma = _centre(stats["gamma"], stats["q_total"], r0, r1)
+            grad_s = _minus(_q_g(f), f.q, gamma).mul_(g_rows * (1 - rows.beta))
+        elif rows.beta == 0:
             grad_s = torch.exp(tile.log_q).sub_(tile.p_mix).mul_(g_rows)
         else:
             grad_s = ((stats["r"][r0:r1, None] - tile.p_mix / tile.q_mix)
@@ -253,16 +342,37 @@ def gradient_block(rows: RowSide, block: Block, stats, mass, g, row_grads, block
         if weight_grads is not None:
             _weight_grad_block(rows, block, tile, stats, mass, g_rows, r0, r1, weight_grads)
         if need_target:
-            h_dev = tile.dloss_dp_mix(rows) - stats["h"][r0:r1, None]
-            grad_t = tile_math.where_positive(tile.p, g_rows * (1 - rows.alpha) * tile.p * h_dev)
+            if f is not None:          # (1 - alpha) (p f' - p Phi_i), Phi_i of every block
+                phi = _centre(stats["phi"], stats["p_total"], r0, r1)
+                grad_t = _minus(_p_fprime(f), tile.p, phi).mul_(g_rows * (1 - rows.alpha))
+                grad_t.masked_fill_(g_rows == 0, 0.0)
+            else:
+                h_dev = tile.dloss_dp_mix(rows) - stats["h"][r0:r1, None]
+                grad_t = tile_math.where_positive(tile.p, g_rows * (1 - rows.alpha) * tile.p * h_dev)
             pieces.append(tile_math.chain(rows.t_kernel, grad_t, rows.z[r0:r1], block.z_cols, tile.t_aux,
                                           tile_math.rows_of(rows.t_param, r0, r1),
                                           tile_math.finite_shift(stats["lse_p"][r0:r1]),
                                           out_b=block_grads[1]))
-        del tile
+        del tile, f
         for side, (d_a, _, d_p) in enumerate(pieces):      # the block's share went into out_b
             row_grads[2 * side][r0:r1] += d_a
             row_grads[2 * side + 1][r0:r1] += d_p
+
+
+def _centre(total: torch.Tensor, weight_total: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of total / weight_total (Gamma_i or Phi_i; 0 for a row without weight), in the
+    statistics' float64."""
+    w = weight_total[r0:r1]
+    return total[r0:r1] / torch.where(w > 0, w, 1.0)
+
+
+def _minus(values: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """values - weights * centre_i, the centre taken off as two parts in the tile's dtype
+    (blockwise._minus_row_mean with a global centre): the difference cancels to the spread of the
+    values, so the centre's own rounding would come back times the weighted mean of the features."""
+    hi = centre.to(values.dtype)
+    lo = (centre - hi).to(values.dtype)
+    return (values - weights * hi[:, None]) - weights * lo[:, None]
 
 
 def _weight_grad_block(rows: RowSide, block: Block, tile: _Tile, stats, mass, g_rows, r0: int, r1: int,

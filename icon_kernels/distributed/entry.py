@@ -11,9 +11,9 @@ and every fused backend's exclude_self applies unchanged. Memory per rank is O(N
 row statistics merged block by block (column_blocks.py); memory per rank is
 O((N_local + block) * d), with blocks of at most ``ring_block_rows`` rows. With the ``cpu``
 backend (what "auto" picks on the CPU when it is built), the hot case (Labels, beta = 0, dot,
-cosine or gaussian kernel) runs its blocks on the fused CPU kernel in one forward rotation
-(label_blocks.py); every other case, and every other backend, uses the blockwise torch tile math
-on the inputs' device.
+cosine or gaussian kernel, kl or cross_entropy) runs its blocks on the fused CPU kernel in one
+forward rotation (label_blocks.py); every other case (the f-divergences of DESIGN.md §1.1
+included), and every other backend, uses the blockwise torch tile math on the inputs' device.
 
 Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
 global column indices; Affinity column features are gathered (or rotated) with gradients;
@@ -224,17 +224,15 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         check_cols = y
     backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, check_cols, target,
                                      options)
-    if problem.divergence not in ("kl", "cross_entropy"):      # refused in rank_agreement already
-        raise ValueError(f"dist_mode='ring' does not compute divergence={problem.divergence!r} yet")
     acc = accumulation_dtype(x.dtype)
     xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
     t = target_arguments(problem.target)
     rows = column_blocks.RowSide(
         x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel, target=t.target,
         row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
-        alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
+        alpha=problem.alpha, beta=problem.beta, kl=problem.kl, divergence=problem.divergence,
         tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
-    rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend)
+    rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend, rows.divergence)
     own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
     # the target's op arguments split into this rank's row side and its travelling column block
     if t.row_labels is not None:

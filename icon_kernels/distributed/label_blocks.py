@@ -1,5 +1,6 @@
 """Ring mode's column blocks of the hot case through the fused CPU kernel
-(csrc/cpu_label_blocks.cpp): Labels target, beta = 0, dot or gaussian kernel, the ``cpu`` backend.
+(csrc/cpu_label_blocks.cpp): Labels target, beta = 0, dot or gaussian kernel, kl or cross_entropy,
+the ``cpu`` backend (an f-divergence's blocks take the generic path, column_blocks.py).
 
 One rotation gives the loss. Each block's partial statistics (LSE, positive count K, sum of s
 over the positives S+ and over the valid columns S) merge in ``column_blocks.merge``, and the
@@ -21,11 +22,13 @@ import torch
 from ..backends import tile_math
 
 KERNELS = ("dot", "gaussian")
+DIVERGENCES = ("kl", "cross_entropy")      # the closed form of finish_rows
 
 
-def applies(target: str, beta: float, kernel: str, backend: str) -> bool:
+def applies(target: str, beta: float, kernel: str, backend: str, divergence: str = "kl") -> bool:
     """Whether ring blocks of this problem run on the fused kernel (``backend`` resolved)."""
-    return backend == "cpu" and target == "labels" and beta == 0 and kernel in KERNELS
+    return (backend == "cpu" and target == "labels" and beta == 0 and kernel in KERNELS
+            and divergence in DIVERGENCES)
 
 
 def _diagonal(rows, block) -> int:

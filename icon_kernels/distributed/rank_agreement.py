@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from ..backends.registry import ALL_BACKENDS, resolve_backend
-from ..families import DIVERGENCES, F_DIVERGENCE_CODES
 from .. import validation
 from ..target_adapters import adapter_for
 from ..targets import TARGET_TYPES, Affinity
@@ -195,10 +194,6 @@ def _local_checks(x, y, target, dist_mode, exclude_self, ring_block_rows, backen
                          "p_{i|j} is another rank's row; use ik.icon_loss on the whole batch")
     backend_name = None
     if dist_mode == "ring":
-        row = DIVERGENCES.get(options["divergence"]) if isinstance(options["divergence"], str) else None
-        if row is not None and row.code in F_DIVERGENCE_CODES:    # ring mode's tile math has kl and CE only
-            raise ValueError(f"dist_mode='ring' does not compute divergence={row.name!r} yet; "
-                             "use dist_mode='gather'")
         backend_name = resolve_backend(backend, x.device)
     return exclude_self, options, backend_name
 
