@@ -14,6 +14,12 @@ and naive PyTorch under ``torch.compile`` compute the same thing.
 - ``clip``: CLIP-style, rectangular. N image rows against M = N/2 caption columns (two images per
   caption): x (N x d), y (M x d), Labels(arange(N)//2, arange(M)), kernel ``cosine``,
   temperature 0.07; every pair is valid.
+- ``tsne-reverse_kl``, ``tsne-tv``, ``tsne-js``, ``infonce-tv``, ``infonce-js``: the same
+  configurations with another divergence of DESIGN.md §1.1 ("Beyond I-Con"); their cost ratio is
+  the time of a variant over its kl row on the same backend.
+- ``jointtsne``: the ``tsne`` inputs under joint normalisation with a symmetrised target
+  (van der Maaten's t-SNE: ``ik.JointTSNE``'s objective at one sigma); only naive PyTorch
+  computes it so far (the fused backends say so in their cells).
 
 Contenders of a row.
 
@@ -55,6 +61,8 @@ class Config:
     loss: Callable                  # (inputs dict, backend) -> scalar loss
     m_of_n: Callable = lambda n: n  # number of columns
     leaves: Tuple[str, ...] = ("x",)  # inputs that require grad (the error check compares their grads)
+    # why the fused backends do not run it (None: they all do), e.g. joint normalisation
+    fused_missing: Optional[str] = None
 
 
 def _infonce_inputs(n, d, dtype, device, seed=0):
@@ -65,9 +73,9 @@ def _infonce_inputs(n, d, dtype, device, seed=0):
     return {"x": x.to(device=device, dtype=dtype).requires_grad_(), "labels": labels.to(device)}
 
 
-def _infonce_loss(inp, backend):
+def _infonce_loss(inp, backend, divergence="kl"):
     return ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="dot", temperature=0.1,
-                        backend=backend)
+                        divergence=divergence, backend=backend)
 
 
 TSNE_SIGMA = 4.0
@@ -80,9 +88,20 @@ def _tsne_inputs(n, d, dtype, device, seed=0):
     return {"x": x.to(device=device, dtype=dtype).requires_grad_(), "z": z.to(device=device, dtype=dtype)}
 
 
-def _tsne_loss(inp, backend):
+def _tsne_loss(inp, backend, divergence="kl"):
     return ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian", sigma=TSNE_SIGMA),
-                        kernel="student_t", dof=1.0, backend=backend)
+                        kernel="student_t", dof=1.0, divergence=divergence, backend=backend)
+
+
+def _divergence_variant(loss, divergence):
+    """The loss of a configuration with another divergence (DESIGN.md §1.1)."""
+    return lambda inp, backend: loss(inp, backend, divergence=divergence)
+
+
+def _jointtsne_loss(inp, backend):
+    return ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian", sigma=TSNE_SIGMA,
+                                                     symmetrize=True),
+                        kernel="student_t", dof=1.0, normalization="joint", backend=backend)
 
 
 def _clip_m(n):
@@ -113,6 +132,19 @@ CONFIGS: Dict[str, Config] = {
     "clip": Config("clip", "CLIP-style: N x M=N/2 rectangular, labels, cosine, tau 0.07",
                    "labels rows arange(N)//2, cols arange(M)", "cosine", _clip_inputs, _clip_loss,
                    m_of_n=_clip_m, leaves=("x", "y")),
+    # the divergences of "Beyond I-Con" on the same configurations (the kl rows above are their
+    # baseline: cost ratio = time of the variant / time of its kl row, same backend)
+    **{f"tsne-{div}": Config(f"tsne-{div}", f"t-SNE as 'tsne', divergence {div}", "affinity gaussian sigma=4",
+                             "student_t", _tsne_inputs, _divergence_variant(_tsne_loss, div))
+       for div in ("reverse_kl", "tv", "js")},
+    **{f"infonce-{div}": Config(f"infonce-{div}", f"InfoNCE as 'infonce', divergence {div}",
+                                "labels arange(N)//2", "dot", _infonce_inputs,
+                                _divergence_variant(_infonce_loss, div))
+       for div in ("tv", "js")},
+    "jointtsne": Config("jointtsne", "t-SNE, joint (van der Maaten): symmetrised Affinity(gaussian, sigma 4), "
+                        "student_t (dof 1), normalization='joint' (ik.JointTSNE's objective at one sigma)",
+                        "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs, _jointtsne_loss,
+                        fused_missing="no fused backend computes joint normalisation yet"),
 }
 PROBE_CONFIG = "infonce"      # the configuration of the largest-N probe
 
@@ -147,13 +179,19 @@ MODES: Dict[Tuple[str, str], Mode] = {
                             ("clip", ("float32",), (2048,), ())],
                            repeats=3, budget_s=8, probe_mem_gib=1.0, probe_step_s=4, probe_steps=5,
                            deadline_s=110),
+    # the divergence and joint rows last: the deadline cuts the tail first
     ("cpu", "default"): Mode([("infonce", ("float32",), (2048, 4096, 8192, 16384), ()),
                               ("tsne", ("float32",), (2048, 8192), ()),
-                              ("clip", ("float32",), (4096, 16384), ())],
+                              ("clip", ("float32",), (4096, 16384), ())]
+                             + [(c, ("float32",), (8192,), ("compiled",))
+                                for c in ("tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")]
+                             + [("jointtsne", ("float32",), (2048,), ())],
                              repeats=5, budget_s=25, probe_mem_gib=4.0, probe_step_s=25,
                              probe_steps=7, deadline_s=560),
     ("cpu", "full"): Mode([(c, ("float32",), (2048, 4096, 8192, 16384, 32768), ())
-                           for c in ("infonce", "tsne", "clip")],
+                           for c in ("infonce", "tsne", "clip", "tsne-reverse_kl", "tsne-tv", "tsne-js",
+                                     "infonce-tv", "infonce-js")]
+                          + [("jointtsne", ("float32",), (2048, 4096, 8192), ())],
                           repeats=5, budget_s=900, probe_mem_gib=8.0, probe_step_s=300, probe_steps=10),
     ("cuda", "quick"): Mode([("infonce", ("bfloat16",), (4096, 16384), ())],
                             repeats=5, budget_s=10, probe_mem_gib=0, probe_step_s=5, probe_steps=4,
@@ -162,7 +200,10 @@ MODES: Dict[Tuple[str, str], Mode] = {
     ("cuda", "default"): Mode([("infonce", ("bfloat16",), (4096, 16384, 65536), ()),
                                ("tsne", ("bfloat16",), (16384, 65536), ("compiled",)),
                                ("clip", ("bfloat16",), (16384, 65536), ("compiled",)),
-                               ("infonce", ("float32",), (4096, 16384, 65536), ("compiled",))],
+                               ("infonce", ("float32",), (4096, 16384, 65536), ("compiled",))]
+                              + [(c, ("bfloat16",), (16384,), ("compiled",))
+                                 for c in ("tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")]
+                              + [("jointtsne", ("bfloat16",), (16384,), ("compiled",))],
                               repeats=5, budget_s=20, probe_mem_gib=0, probe_step_s=5, probe_steps=6,
                               deadline_s=200),
     ("cuda", "full"): Mode([(c, ("bfloat16", "float32"), (4096, 16384, 65536, 131072, 262144), ())
@@ -202,6 +243,8 @@ def unavailable_reason(name: str, config: Config, device: str) -> Optional[str]:
     if name in ("naive", "compiled"):
         return None
     if name in FUSED:
+        if config.fused_missing:
+            return config.fused_missing
         why = ik.available_backends(with_reasons=True).get(name)
         if why:
             return why

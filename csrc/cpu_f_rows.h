@@ -37,7 +37,7 @@ struct FRow {
 };
 
 struct FRowSums {
-  double loss, gamma, phi, p_sum;   // sum_j q~ f, Gamma = sum_j q g, sum_j p f', sum_j p
+  double loss, gamma, phi, p_sum, q_sum;   // sum_j q~ f, sum_j q g, sum_j p f', sum_j p, sum_j q
 };
 
 template <typename T>
@@ -51,8 +51,9 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
   const bool has_p = !(lp == -inf), has_q = !(lq == -inf);
   if constexpr (D == kReverseKl) {
     const T term = vsel(has_q, vsel(has_p, q * (lq - lp), inf), T(0));
-    const T q_g = vsel(has_q, vsel(has_p, q * (lq - lp + T(1)), inf), T(0));
-    return {term, q_g, -q};
+    // an infinite term (p~ = 0 < q~) is a constant, as in the reference: no gradient
+    const T q_g = vsel(has_q && has_p, q * (lq - lp + T(1)), T(0));
+    return {term, q_g, vsel(has_p, -q, T(0))};
   } else if constexpr (D == kTv) {
     const T sign = vsel(p > q, T(1), vsel(p < q, T(-1), T(0)));
     return {T(0.5) * std::fabs(p - q), T(-0.5) * q * sign, T(0.5) * p * sign};
@@ -73,7 +74,7 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
     const T p2_over_q = vsel(has_p, vsel(has_q, vexp(T(2) * lp - lq), inf), T(0));
     const T gap = std::fabs(p - q);
     const T term = vsel(gap != T(0), vsel(has_q, vexp(T(2) * vlog(gap) - lq), inf), T(0));
-    return {term, q - p2_over_q, T(2) * (p2_over_q - p)};
+    return {term, vsel(has_q, q - p2_over_q, T(0)), vsel(has_q, T(2) * (p2_over_q - p), T(0))};
   } else {
     static_assert(D == kReverseKl || D == kTv || D == kHellinger || D == kJs || D == kChi2,
                   "not an f-divergence of divergence_math.h");
@@ -86,11 +87,11 @@ template <typename T, int D, int LOGP, bool BETA>
 inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
   const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
-  FRowSums out{0, 0, 0, 0};
+  FRowSums out{0, 0, 0, 0, 0};
   for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
     const int64_t j1 = std::min(r.m, j0 + kSumBlock);
-    T loss = 0, gamma = 0, phi = 0, p_sum = 0;
-#pragma omp simd reduction(+ : loss, gamma, phi, p_sum)
+    T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
+#pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
     for (int64_t j = j0; j < j1; ++j) {
       const bool valid = j != r.self;
       const T lq = vsel(valid, r.s[j] - r.lse, -inf);
@@ -121,6 +122,7 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
       gamma += qgj;
       phi += pfj;
       p_sum += vsel(valid, pj, T(0));
+      q_sum += q;
       qg[j] = qgj;
       pf[j] = pfj;
     }
@@ -128,6 +130,7 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
     out.gamma += gamma;
     out.phi += phi;
     out.p_sum += p_sum;
+    out.q_sum += q_sum;
   }
   return out;
 }
@@ -155,7 +158,7 @@ inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf)
     case kChi2: return f_row_of<T, kChi2>(r, log_p, qg, pf);
     default: {
       const double nan = std::numeric_limits<double>::quiet_NaN();
-      return {nan, nan, nan, nan};
+      return {nan, nan, nan, nan, nan};
     }
   }
 }
@@ -205,7 +208,10 @@ inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, 
   }
   if (q_total > 0) r.lse = T(double(r.lse) + std::log(q_total));
   const FRowSums f = f_row<T>(divergence, r, log_p, qg, pf);
-  const T gamma_hi = T(f.gamma), gamma_lo = T(f.gamma - double(gamma_hi));
+  // Gamma as the q-weighted mean of g over these very q: the LSE above is rounded to T, so the q
+  // sum to 1 only up to ~|LSE| ulps, and sum_j G = 0 needs Gamma divided by their own sum
+  const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
+  const T gamma_hi = T(gamma), gamma_lo = T(gamma - double(gamma_hi));
   const T scale = g * (T(1) - r.beta), lse = r.lse;
   LabelGradSums out{0, 0, 0, 0, 0};
   for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {

@@ -416,7 +416,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           const FRowSums f = f_row<T>(pb.divergence,
                                       pb.f_row(i, s_row.data(), lse - log_q_scale, p.data(), tr, lse_p, log_total, count),
                                       pb.log_p_mode(), qg_row.data(), pf_row.data());
-          gamma = f.gamma;
+          gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;   // over these very q (f_fast_backward)
           phi_sum = f.phi;
           fp_p_sum = f.p_sum;
         }

@@ -8,7 +8,8 @@
 //   p_fp   = p~ f'(r)                     (dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), Phi_i = sum_j p_j f'_j)
 // Each is written with p~ and q~ outside and the logs inside, so none overflows where r would
 // (an underflowed p~ or q~); a term whose own factor is 0 is 0 (structural zeros contribute
-// nothing, as in the dense reference).
+// nothing, as in the dense reference). A term that is +inf because one probability is 0 (reverse KL
+// at p~ = 0 < q~, chi2 at q~ = 0 < p~) is a constant, as in the reference: its q_g and p_fp are 0.
 #pragma once
 #include <cmath>
 #include <limits>
@@ -39,7 +40,7 @@ ICON_HD PairTerms<T> f_pair_terms(int divergence, T p, T q, T lp, T lq) {
   switch (divergence) {
     case kReverseKl: {           // q (log q - log p); g = log q - log p + 1; f' = -q / p
       if (!has_q) return {T(0), T(0), -q};
-      if (!has_p) return {pos_inf<T>(), pos_inf<T>(), -q};
+      if (!has_p) return {pos_inf<T>(), T(0), T(0)};   // an infinite term is a constant (the oracle's)
       return {q * (lq - lp), q * (lq - lp + T(1)), -q};
     }
     case kTv: {                  // 1/2 |p - q|; g = -1/2 sign(p - q); f' = 1/2 sign(p - q)
@@ -64,6 +65,7 @@ ICON_HD PairTerms<T> f_pair_terms(int divergence, T p, T q, T lp, T lq) {
       const T gap = std::fabs(p - q);
       T term = T(0);
       if (gap != T(0)) term = has_q ? std::exp(T(2) * std::log(gap) - lq) : pos_inf<T>();
+      if (!has_q) return {term, T(0), T(0)};            // q = 0 < p: an infinite constant term
       return {term, q - p2_over_q, T(2) * (p2_over_q - p)};
     }
     default: {

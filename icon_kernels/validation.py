@@ -201,6 +201,14 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, exponent, 
     if divergence == "reverse_kl" and alpha == 0 and adapter_for(target).name in ("labels", "neighbors"):
         raise ValueError("divergence='reverse_kl' against a Labels or Neighbors target with alpha = 0 is "
                          "+inf (p is 0 off the positives and q is not): set alpha > 0")
+    if divergence == "reverse_kl" and alpha == 0 and adapter_for(target).name == "dense" and checking_values():
+        valid = torch.ones(n, m, dtype=torch.bool, device=target.p.device)
+        if exclude_self:
+            valid &= ~torch.eye(n, m, dtype=torch.bool, device=target.p.device)
+        kept = (target.p * valid).sum(1) != 0          # rows with no mass are left out, not +inf
+        if bool(((target.p == 0) & valid & kept[:, None]).any()):
+            raise ValueError("divergence='reverse_kl' against a Dense target with zeros at valid pairs and "
+                             "alpha = 0 is +inf (q log(q / 0)): set alpha > 0")
     param_name = KERNEL_PARAM[kernel]
     param = {"temperature": temperature, "sigma": sigma, "dof": dof, "exponent": exponent, None: 1.0}[param_name]
     return Problem(x=x, y=y, kernel=kernel, param=inf_to_nan(param), target=target, alpha=float(alpha),

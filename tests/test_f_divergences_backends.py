@@ -218,6 +218,9 @@ def test_auto_picks_a_fused_backend(divergence):
     auto = ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence)
     ref = ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence, backend="reference")
     torch.testing.assert_close(auto, ref, rtol=1e-9, atol=0)
+    from icon_kernels.backends import registry
+    picked = registry.resolve_backend("auto", x.device, only=families.DIVERGENCES[divergence].backends)
+    assert picked in ("cpu", "torch")          # a fused backend, not the dense reference
 
 
 @pytest.mark.parametrize("backend", WITHOUT)
@@ -308,7 +311,10 @@ def check_fp32_against_reference(problem, upstream, backend, tol=TRITON_F32, flo
     float64 reference, with an absolute ``floor`` for a gradient that is 0 in exact arithmetic
     (as check_close_to_reference)."""
     want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
-    got_loss, got_grads = loss_and_grads(*clone_problem(*problem, torch.float32), backend, upstream)
+    device = device_of(backend)        # Triton: cuda on a GPU, CPU tensors under the interpreter
+    got_loss, got_grads = loss_and_grads(*to_device(clone_problem(*problem, torch.float32), device), backend,
+                                         upstream.to(device))
+    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
     assert got_loss.dtype == torch.float32 and torch.isfinite(want_loss).all()
     assert len(got_grads) == len(want_grads)
     for i, (g, w) in enumerate(zip([got_loss, *got_grads], [want_loss, *want_grads])):
@@ -360,13 +366,16 @@ def test_triton_affinity_target_gradients(backend, t_kernel):
 def test_triton_gradients_are_the_closed_forms(backend, name, alpha, beta):
     """test_gradients_are_the_closed_forms with fp32 inputs: dL/ds and dL/dt themselves."""
     x64, z64, _, _ = _identity_problem(n=9, m=7)
-    x, z = x64.detach().float().requires_grad_(), z64.detach().float().requires_grad_()
-    eye = torch.eye(7)
+    device = device_of(backend)
+    x = x64.detach().float().to(device).requires_grad_()
+    z = z64.detach().float().to(device).requires_grad_()
+    eye = torch.eye(7, device=device)
     upstream = torch.linspace(0.5, 1.5, 9)
     rows = ik.icon_loss(x, eye, target=ik.Affinity(z, eye, kernel="dot", temperature=1.0), kernel="dot",
                         temperature=1.0, alpha=alpha, beta=beta, divergence=name, reduction="none",
                         backend=backend)
-    dx, dz = torch.autograd.grad(rows, [x, z], grad_outputs=upstream)
+    dx, dz = (t.cpu() for t in torch.autograd.grad(rows, [x, z], grad_outputs=upstream.to(device)))
+    rows = rows.cpu()
     m, up = 7, upstream.double()[:, None]
     q, p = x64.detach().softmax(1), z64.detach().softmax(1)
     q_mix, p_mix = (1 - beta) * q + beta / m, (1 - alpha) * p + alpha / m
@@ -394,12 +403,92 @@ def test_triton_extreme_logits(backend, divergence):
     alpha, beta = (0.05, 0.05) if divergence == "chi2" else (0.0, 0.0)
 
     def run(name, dtype):
-        xs, zs = x.to(dtype).requires_grad_(), z.to(dtype).requires_grad_()
+        device = "cpu" if name == "reference" else device_of(name)
+        xs, zs = x.to(device, dtype).requires_grad_(), z.to(device, dtype).requires_grad_()
         loss = ik.icon_loss(xs, target=ik.Affinity(zs, kernel="gaussian", sigma=1.0), kernel="cosine",
                             temperature=0.01, alpha=alpha, beta=beta, divergence=divergence, backend=name)
-        return (loss, *torch.autograd.grad(loss, [xs, zs]))
+        return [t.cpu() for t in (loss, *torch.autograd.grad(loss, [xs, zs]))]
     exact, naive, ours = run("reference", torch.float64), run("reference", torch.float32), run(backend, torch.float32)
     for i, (mine, theirs, want) in enumerate(zip(ours, naive, exact)):
         assert torch.isfinite(mine).all() and torch.isfinite(want).all()
         assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 1e-5, \
             (i, relative_error(mine, want), relative_error(theirs, want))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"], indirect=True)
+def test_an_infinite_term_is_a_constant(backend):
+    # reverse KL against an Affinity target that is exactly 0 at some pairs (log_dot on features
+    # with disjoint supports: t = log 0 = -inf), alpha = 0: +inf, and the gradient is that of the
+    # finite terms, as the oracle's (whose +inf branch has no gradient); not NaN
+    gen = torch.Generator().manual_seed(8)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    z = torch.eye(2, dtype=torch.float64)[torch.arange(8) % 2] + 0.0
+
+    def run(name, dt):
+        device = "cpu" if name == "reference" else device_of(name)
+        xs = x.to(device, dt).requires_grad_()
+        loss = ik.icon_loss(xs, target=ik.Affinity(z.to(device, dt), kernel="log_dot"), kernel="gaussian",
+                            divergence="reverse_kl", backend=name)
+        return loss.cpu(), torch.autograd.grad(loss, xs)[0].cpu()
+    loss, dx = run(backend, dtype)
+    want_loss, want_dx = run("reference", torch.float64)
+    assert loss == float("inf") and want_loss == float("inf")
+    assert torch.isfinite(want_dx).all() and want_dx.abs().max() > 0
+    assert relative_error(dx, want_dx) <= (1e-9 if dtype == torch.float64 else 5e-5)
+
+
+def test_reverse_kl_against_a_dense_target_with_zeros_asks_for_alpha():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    p = torch.rand(5, 5, dtype=torch.float64)
+    p[1, 3] = 0
+    with pytest.raises(ValueError, match="Dense target with zeros.*alpha > 0"):
+        ik.icon_loss(x, target=ik.Dense(p), divergence="reverse_kl")
+    p[1, 3], p[2] = 0.5, 0          # zeros on the diagonal (excluded) and a row left out: finite
+    p.fill_diagonal_(0)
+    assert torch.isfinite(ik.icon_loss(x, target=ik.Dense(p), divergence="reverse_kl"))
+    p[0, 0] = 0.0
+    with pytest.raises(ValueError, match="alpha > 0"):    # the diagonal is valid with exclude_self=False
+        ik.icon_loss(x, target=ik.Dense(p), divergence="reverse_kl", exclude_self=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+@pytest.mark.parametrize("divergence", [d for d in F_DIVERGENCES if d != "chi2"])    # chi2 is +inf here
+@pytest.mark.parametrize("kernel,scale,param", [("gaussian", 30.0, 1.0), ("dot", 1.0, 0.03)])
+def test_fp32_large_logits_within_twice_pytorchs_own_error(backend, divergence, kernel, scale, param):
+    """The CPU's SIMD path (dot or Gaussian kernel, no target gradient) at large logits, where the
+    fp32 LSE's rounding leaves sum_j q = 1 + O(|LSE| ulps): dL/dx within twice fp32 PyTorch's own
+    error (Gamma must be the mean of g over the very q used, or dx was up to 1000x worse)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(600, 8, generator=gen, dtype=torch.float64) * scale
+    labels = ik.Labels(torch.arange(600) % 7)
+    alpha = 0.1 if divergence in ("reverse_kl", "chi2") else 0.0
+    option = {"sigma" if kernel == "gaussian" else "temperature": param}
+
+    def dx(name, dtype):
+        xs = x.to(dtype).requires_grad_()
+        loss = ik.icon_loss(xs, target=labels, kernel=kernel, alpha=alpha, divergence=divergence, backend=name,
+                            **option)
+        return torch.autograd.grad(loss, xs)[0]
+    exact, naive, ours = dx("reference", torch.float64), dx("reference", torch.float32), dx(backend, torch.float32)
+    assert relative_error(ours, exact) <= 2 * relative_error(naive, exact) + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+@pytest.mark.parametrize("target_kind", ["dense", "neighbors"])
+def test_nan_in_target_weights_gives_nan(backend, divergence, target_kind):
+    if backend not in ik.available_backends():
+        pytest.skip(f"{backend} unavailable")
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    if target_kind == "dense":
+        p = torch.rand(6, 6, generator=gen, dtype=torch.float64) + 0.1
+        p[2, 4] = float("nan")
+        target = ik.Dense(p)
+    else:
+        w = torch.rand(6, 2, generator=gen, dtype=torch.float64) + 0.1
+        w[3, 1] = float("nan")
+        target = ik.Neighbors(torch.tensor([[1, 2], [0, 2], [3, 4], [4, 5], [5, 0], [0, 1]]), w)
+    loss = ik.icon_loss(x, target=target, kernel="gaussian", alpha=0.1, divergence=divergence, backend=backend)
+    assert torch.isnan(loss)

@@ -199,8 +199,8 @@ def f_pair_terms(p, q, lp, lq, DIVERGENCE: tl.constexpr):
     if DIVERGENCE == 2:          # q (log q - log p); g = log q - log p + 1; f' = -q / p
         both = has_p & has_q
         term = tl.where(both, q * (lq - lp), tl.where(has_q, inf, 0.0))
-        q_g = tl.where(both, q * (lq - lp + 1.0), tl.where(has_q, inf, 0.0))
-        p_fp = -q
+        q_g = tl.where(both, q * (lq - lp + 1.0), 0.0)   # an infinite term is a constant (the oracle's)
+        p_fp = tl.where(has_p, -q, 0.0)
     elif DIVERGENCE == 3:        # 1/2 |p - q|; g = -1/2 sign(p - q); f' = 1/2 sign(p - q)
         sign = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
         term = 0.5 * tl.abs(p - q)
@@ -229,8 +229,8 @@ def f_pair_terms(p, q, lp, lq, DIVERGENCE: tl.constexpr):
         nonzero = gap != 0.0
         log_gap = tl.log(tl.where(nonzero, gap, 1.0))
         term = tl.where(nonzero, tl.where(has_q, exp_(2.0 * log_gap - lq), inf), 0.0)
-        q_g = q - p2_over_q
-        p_fp = 2.0 * (p2_over_q - p)
+        q_g = tl.where(has_q, q - p2_over_q, 0.0)          # q = 0 < p: an infinite constant term
+        p_fp = tl.where(has_q, 2.0 * (p2_over_q - p), 0.0)
     else:
         tl.static_assert(False, "f_pair_terms: unknown divergence code")
     return term, q_g, p_fp

@@ -24,9 +24,17 @@ CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20
 LSE, R_STAT, LSE_P, H_STAT = range(4)
 
 
-def row_chunks(n_rows: int, n_cols: int):
-    """(r0, r1) row ranges whose rows x n_cols tiles hold about CHUNK_ELEMENTS entries."""
-    return tile_math.row_ranges(n_rows, n_cols, CHUNK_ELEMENTS)
+# An f-divergence chunk keeps about twice as many tile-sized temporaries alive as a kl chunk (p~,
+# q~, their logs, the ratios and three per-pair terms), so its chunks are half as large: the peak
+# memory stays that of kl's (DESIGN.md: O(N d), never more tiles than a handful).
+F_DIVERGENCE_CHUNK_SHARE = 2
+
+
+def row_chunks(n_rows: int, n_cols: int, f_divergence: bool = False):
+    """(r0, r1) row ranges whose rows x n_cols tiles hold about CHUNK_ELEMENTS entries (half as
+    many for an f-divergence)."""
+    budget = CHUNK_ELEMENTS // F_DIVERGENCE_CHUNK_SHARE if f_divergence else CHUNK_ELEMENTS
+    return tile_math.row_ranges(n_rows, n_cols, budget)
 
 
 class Tile(NamedTuple):
@@ -261,7 +269,7 @@ def forward(*args):
     loss = torch.zeros(n, dtype=problem.x.dtype, device=problem.x.device)
     valid = torch.zeros(n, dtype=torch.bool, device=problem.x.device)
     stats = torch.zeros(4, n, dtype=problem.x.dtype, device=problem.x.device)
-    for r0, r1 in row_chunks(n, problem.y.shape[0]):
+    for r0, r1 in row_chunks(n, problem.y.shape[0], problem.f_divergence):
         loss[r0:r1], valid[r0:r1], row_stats = _forward_chunk(problem, r0, r1)
         for k, value in enumerate(row_stats):
             if value is not None:
@@ -352,7 +360,7 @@ def backward(grad_rows, *rest):
     if target_grad:
         sides.append((torch.zeros_like(problem.z), torch.zeros_like(problem.z_cols),
                       torch.zeros_like(problem.t_param)))
-    for r0, r1 in row_chunks(problem.x.shape[0], problem.y.shape[0]):
+    for r0, r1 in row_chunks(problem.x.shape[0], problem.y.shape[0], problem.f_divergence):
         pieces = _backward_chunk(problem, r0, r1, g, valid, stats, target_grad, need_param_grad)
         for (d_rows, d_cols, d_param), piece in zip(sides, pieces):
             d_rows[r0:r1] = piece[0]

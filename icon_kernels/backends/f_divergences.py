@@ -11,7 +11,9 @@ which stay finite where the ratio r itself would overflow (a p~ or q~ that under
 written with p~ and q~ outside and the logs inside, e.g. chi2's q~ g = q~ - exp(2 log p~ - log q~).
 A zero probability has log -inf; the table's value at p~ = 0 holds, and a term whose own factor
 is 0 is 0 (q~ g where q~ = 0, p~ f' where p~ = 0: a structural zero contributes nothing, as in the
-reference, whose terms are masked there). The oracle (reference.f_divergence_terms) keeps its
+reference, whose terms are masked there). A term that is +inf because one probability is 0 (reverse
+KL at p~ = 0 < q~, chi2 at q~ = 0 < p~) is a constant, as in the oracle, whose +inf branch has no
+gradient: its q~ g and p~ f' are 0, so the gradient is that of the finite terms. The oracle (reference.f_divergence_terms) keeps its
 own formulas; the C++ and CUDA kernels have the same three quantities in csrc/divergence_math.h.
 """
 from __future__ import annotations
@@ -45,8 +47,8 @@ def pair_terms(code: int, p: torch.Tensor, q: torch.Tensor, log_p: torch.Tensor,
         inf = torch.full_like(q, float("inf"))
         both = has_p & has_q
         term = torch.where(both, q * (lq - lp), torch.where(has_q, inf, 0.0))
-        q_g = torch.where(both, q * (lq - lp + 1), torch.where(has_q, inf, 0.0))
-        return PairTerms(term, q_g, -q)
+        q_g = torch.where(both, q * (lq - lp + 1), 0.0)
+        return PairTerms(term, q_g, torch.where(has_p, -q, 0.0))
     if name == "tv":             # 1/2 |p - q|; g = -1/2 sign(p - q); f' = 1/2 sign(p - q)
         sign = torch.sign(p - q)
         return PairTerms(0.5 * (p - q).abs(), -0.5 * q * sign, 0.5 * p * sign)
@@ -66,7 +68,7 @@ def pair_terms(code: int, p: torch.Tensor, q: torch.Tensor, log_p: torch.Tensor,
         both = (gap != 0) & has_q
         term = torch.where(both, torch.exp(2 * _masked(both, torch.log(torch.where(both, gap, 1.0))) - lq),
                            torch.where(gap != 0, float("inf"), 0.0))
-        return PairTerms(term, q - p2_over_q, 2 * (p2_over_q - p))
+        return PairTerms(term, _masked(has_q, q - p2_over_q), _masked(has_q, 2 * (p2_over_q - p)))
     raise ValueError(f"divergence code {code} ({name!r}) is not an f-divergence with fused terms")
 
 

@@ -196,8 +196,8 @@ def _f_divergence_rows(problem: Problem, valid, log_q_mix, p, p_mix, log_p, has_
     overflow), from log p~ and log q~ (DESIGN.md §1.1)."""
     acc = torch.promote_types(log_q_mix.dtype, torch.float32)
     if log_p is None:                       # log p~ of a target given by its probabilities
-        log_p_mix = torch.log(torch.where(p_mix > 0, p_mix, 1.0)).to(acc)
-        log_p_mix = torch.where(p_mix > 0, log_p_mix, float("-inf"))
+        log_p_mix = torch.log(torch.where(p_mix != 0, p_mix, 1.0)).to(acc)
+        log_p_mix = torch.where(p_mix != 0, log_p_mix, float("-inf"))   # NaN stays: NaN in, NaN out
     elif problem.alpha == 0:                # the exact log-softmax, also where p underflows
         log_p_mix = log_p.to(acc)
     else:                                   # p~ >= alpha / M' here, so the linear mix is exact enough

@@ -167,11 +167,24 @@ def reduce_global(rows, included, weight, reduction, group):
     return loss
 
 
+class _WithValue(torch.autograd.Function):
+    """``value`` forward, the gradient straight to ``local``: unlike local + (value - local), an
+    infinite local part (reverse KL against a Dense p with zeros) gives +inf, not inf - inf = NaN."""
+
+    @staticmethod
+    def forward(ctx, local, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _global_sum(local: torch.Tensor, group) -> torch.Tensor:
     """The sum of a scalar over the ranks: its global value, with this rank's gradient path."""
     total = local.detach().clone()
     dist.all_reduce(total, group=group)
-    return local + (total - local.detach())
+    return _WithValue.apply(local, total)
 
 
 def first_global_row(n_local: int, device, group) -> int:
