@@ -158,6 +158,15 @@ def f_divergence_terms(name: str, log_p: torch.Tensor, log_q: torch.Tensor) -> t
     raise ValueError(f"unknown f-divergence {name!r}")
 
 
+def _mixtures(p, log_q, valid, alpha, beta, size):
+    """(p~, log q~) on the valid pairs: the uniform mixtures of DESIGN.md §1 over ``size`` pairs
+    (M' per row, or every valid pair under joint normalisation)."""
+    p_mix = torch.where(valid, (1 - alpha) * p + alpha / size, 0.0)
+    if beta == 0:
+        return p_mix, log_q
+    return p_mix, torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / size), 0.0)
+
+
 def row_losses(problem: Problem):
     """(L_i for every row, 0 where left out; which rows are included)."""
     x, alpha, beta = problem.x, problem.alpha, problem.beta
@@ -175,11 +184,7 @@ def row_losses(problem: Problem):
     log_q = _masked_log_softmax(logits, valid)
     p, has_p, log_p = target_probabilities(problem.target, valid)
     p = p.to(log_q.dtype)
-    p_mix = torch.where(valid, (1 - alpha) * p + alpha / m_safe, 0.0)
-    if beta > 0:
-        log_q_mix = torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / m_safe), 0.0)
-    else:
-        log_q_mix = log_q
+    p_mix, log_q_mix = _mixtures(p, log_q, valid, alpha, beta, m_safe)
     if problem.divergence not in ("kl", "cross_entropy"):
         return _f_divergence_rows(problem, valid, log_q_mix, p, p_mix, log_p, has_p, m_valid)
     zero = p_mix == 0         # 0 log 0 = 0; NaN stays NaN
@@ -226,11 +231,7 @@ def _joint_rows(problem: Problem, valid, logits):
     log_q = torch.where(valid, logits - log_z, 0.0)
     p, log_p, some = joint_target(problem.target, valid)
     p = p.to(log_q.dtype)
-    p_mix = torch.where(valid, (1 - alpha) * p + alpha / n_pairs, 0.0)
-    if beta > 0:
-        log_q_mix = torch.where(valid, torch.log((1 - beta) * log_q.exp() + beta / n_pairs), 0.0)
-    else:
-        log_q_mix = log_q
+    p_mix, log_q_mix = _mixtures(p, log_q, valid, alpha, beta, n_pairs)
     if problem.divergence not in ("kl", "cross_entropy"):
         every_row = torch.ones_like(has_cols)          # a row without p still holds q's mass
         rows, _ = _f_divergence_rows(problem, valid, log_q_mix, p, p_mix, log_p, every_row,

@@ -23,6 +23,31 @@ def same_id_neighbors(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Ten
     return torch.where(inside, order[pos.clamp_max(order.numel() - 1)], torch.full_like(pos, -1))
 
 
+def check_cluster_options(n_clusters, exclude_self):
+    """The options every cluster-kernel preset shares; TypeError/ValueError naming them."""
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
+        raise TypeError(f"n_clusters must be an int, got {type(n_clusters).__name__}")
+    if n_clusters < 2:
+        raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    return n_clusters, exclude_self
+
+
+def check_cluster_logits(logits, n_clusters):
+    check_matrix("logits", logits)
+    if logits.shape[1] != n_clusters:
+        raise ValueError(f"logits must have n_clusters = {n_clusters} columns, got {logits.shape[1]}")
+
+
+def cluster_kernel_loss(preset, logits, target):
+    """The loss of the cluster kernel q(j|i) = sum_c phi_ic phi_jc / n_c, phi = softmax(logits)
+    (log_dot with x = phi, y = phi / n; n_c summed over all ranks), against ``target``."""
+    phi = logits.softmax(dim=1)
+    sizes = all_reduce_sum(phi.sum(0), preset.placement)
+    return preset._loss(phi, phi / sizes, target=target, kernel="log_dot", exclude_self=preset.exclude_self)
+
+
 class InfoNCEClustering(PresetLoss):
     """InfoNCE clustering: ``InfoNCEClustering(n_clusters)(logits, sample_ids=..., neighbors=...)``.
 
@@ -48,23 +73,11 @@ class InfoNCEClustering(PresetLoss):
 
     def __init__(self, n_clusters, *, exclude_self=False, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
-            raise TypeError(f"n_clusters must be an int, got {type(n_clusters).__name__}")
-        if n_clusters < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
-        if not isinstance(exclude_self, bool):
-            raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
-        self.n_clusters, self.exclude_self = n_clusters, exclude_self
+        self.n_clusters, self.exclude_self = check_cluster_options(n_clusters, exclude_self)
 
     def forward(self, logits, *, sample_ids=None, neighbors=None):
-        check_matrix("logits", logits)
-        if logits.shape[1] != self.n_clusters:
-            raise ValueError(f"logits must have n_clusters = {self.n_clusters} columns, got {logits.shape[1]}")
-        target = self._target(logits, sample_ids, neighbors)
-        phi = logits.softmax(dim=1)
-        sizes = all_reduce_sum(phi.sum(0), self.placement)
-        return self._loss(phi, phi / sizes, target=target, kernel="log_dot",
-                          exclude_self=self.exclude_self)
+        check_cluster_logits(logits, self.n_clusters)
+        return cluster_kernel_loss(self, logits, self._target(logits, sample_ids, neighbors))
 
     def _target(self, logits, sample_ids, neighbors):
         n = logits.shape[0]

@@ -18,7 +18,8 @@ from ..helpers.pair_blocks import check_count
 from ..targets import Affinity, Neighbors
 from ..validation import check_matrix
 from .base import check_positive
-from .dispatch import all_reduce_sum, gather_rows
+from .clustering import check_cluster_logits, check_cluster_options, cluster_kernel_loss
+from .dispatch import gather_rows
 from .embedding import _InputTargetLoss
 
 
@@ -30,18 +31,10 @@ class _ClusterKernelLoss(_InputTargetLoss):
 
     def __init__(self, n_clusters, *, exclude_self=False, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int):
-            raise TypeError(f"n_clusters must be an int, got {type(n_clusters).__name__}")
-        if n_clusters < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {n_clusters}")
-        if not isinstance(exclude_self, bool):
-            raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
-        self.n_clusters, self.exclude_self = n_clusters, exclude_self
+        self.n_clusters, self.exclude_self = check_cluster_options(n_clusters, exclude_self)
 
     def _check_logits(self, logits):
-        check_matrix("logits", logits)
-        if logits.shape[1] != self.n_clusters:
-            raise ValueError(f"logits must have n_clusters = {self.n_clusters} columns, got {logits.shape[1]}")
+        check_cluster_logits(logits, self.n_clusters)
 
     def _check_inputs(self, logits, inputs):
         check_matrix("inputs", inputs, rows=logits.shape[0])
@@ -49,9 +42,7 @@ class _ClusterKernelLoss(_InputTargetLoss):
             raise ValueError(f"inputs are on {inputs.device} but logits are on {logits.device}")
 
     def _cluster_loss(self, logits, target):
-        phi = logits.softmax(dim=1)
-        sizes = all_reduce_sum(phi.sum(0), self.placement)
-        return self._loss(phi, phi / sizes, target=target, kernel="log_dot", exclude_self=self.exclude_self)
+        return cluster_kernel_loss(self, logits, target)
 
     def extra_repr(self) -> str:
         return f"n_clusters={self.n_clusters}, exclude_self={self.exclude_self}, " + super().extra_repr()
