@@ -122,13 +122,17 @@ DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
 
 
 # normalization= (DESIGN.md §1.2) -> the backends that compute it: "conditional" is one distribution
-# per row (everywhere), "joint" one distribution over all valid pairs (the dense reference for now)
+# per row (everywhere), "joint" one distribution over all valid pairs (the dense reference, and
+# the torch backend on its column stream, backends/column_stream.py)
 NORMALIZATIONS: Dict[str, Tuple[str, ...]] = {
     "conditional": ("reference", "torch", "cpu", "triton", "cuda"),
-    "joint": ("reference",),
+    "joint": ("reference", "torch"),
 }
 # the backends that build a symmetrised target (Affinity / Neighbors with symmetrize=True)
-SYMMETRIZED_TARGET_BACKENDS: Tuple[str, ...] = ("reference",)
+SYMMETRIZED_TARGET_BACKENDS: Tuple[str, ...] = ("reference", "torch")
+# ... and those that also differentiate a symmetrised target's own tensors (Affinity z and
+# parameters, Neighbors weights): the torch backend's column stream does not
+SYMMETRIZED_TARGET_GRAD_BACKENDS: Tuple[str, ...] = ("reference",)
 
 
 _DIVERGENCE_BY_CODE: Dict[int, Divergence] = {d.code: d for d in DIVERGENCES.values()}

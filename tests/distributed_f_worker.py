@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import icon_kernels as ik
-from icon_kernels.distributed import label_blocks
+from icon_kernels.backends import label_blocks
 from worker_exit import skip_native_teardown
 
 DIVERGENCES = ("reverse_kl", "tv", "hellinger", "js", "chi2")

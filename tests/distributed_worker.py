@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import icon_kernels as ik
-from icon_kernels.distributed import label_blocks
+from icon_kernels.backends import label_blocks
 from worker_exit import skip_native_teardown
 
 SHARDS = [5, 9, 7, 6]          # uneven rows per rank

@@ -39,6 +39,7 @@ def cases(gen):
          [r(n, 5), torch.randint(0, 3, (n,), generator=gen)], 1, lambda c, t: c(*t)),
         ("SNE", lambda **p: ik.SNE(3.0, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
         ("TSNE", lambda **p: ik.TSNE(3.0, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
+        ("JointTSNE", lambda **p: ik.JointTSNE(3.0, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
         ("UniformKNN", lambda **p: ik.UniformKNN(3, steps=2, **p), [r(n, 2), x], 1, lambda c, t: c(*t)),
         ("InfoNCEClustering", lambda **p: ik.InfoNCEClustering(4, alpha=0.2, **p),
          [r(n, 4), torch.arange(n) % 6, knn_idx], 1,

@@ -5,15 +5,23 @@ over all valid pairs, the loss one divergence. Every value and gradient here is 
 dense formula written in this file (float64, 1e-9 relative), not against the reference backend
 alone; JointTSNE is checked against scikit-learn's exact t-SNE objective (acceptance 2)."""
 import math
+import os
+import sys
+import time
 import zlib
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import icon_kernels as ik
 from icon_kernels.backends import dispatch
 from icon_kernels.distributed import rank_agreement
 from icon_kernels.validation import LOSS_OPTIONS, check_arguments
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distributed_joint_worker  # noqa: E402
 
 N, D = 9, 3
 RTOL = 1e-9
@@ -138,6 +146,8 @@ def _close(got, want):
 # ---- joint loss and gradients against the dense formula ------------------------------------
 
 KINDS = ["labels", "neighbors", "dense", "affinity"]
+# the dense reference and the torch backend's column stream (backends/column_stream.py)
+BACKENDS = ["reference", "torch"]
 CASES = [  # (kind, symmetrize)
     *((k, False) for k in KINDS), ("neighbors", True), ("affinity", True)]
 
@@ -147,13 +157,17 @@ CASES = [  # (kind, symmetrize)
                                                    ("kl", 0.1, 0.2), ("tv", 0.0, 0.0), ("js", 0.0, 0.1),
                                                    ("hellinger", 0.1, 0.0), ("chi2", 0.0, 0.0),
                                                    ("reverse_kl", 0.1, 0.0)])
-def test_joint_loss_and_gradients_equal_the_dense_formula(kind, symmetrize, divergence, alpha, beta):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_joint_loss_and_gradients_equal_the_dense_formula(kind, symmetrize, divergence, alpha, beta, backend):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kind} {symmetrize} {divergence}".encode()))
     x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    spec = _spec(kind, gen, z_grad=kind == "affinity")
-    leaves = [x] + ([spec["z"]] if kind == "affinity" else [])
+    # the torch backend does not differentiate a symmetrised target's own tensors ("auto" takes
+    # the reference there; test_symmetrised_target_gradients_need_the_reference)
+    z_grad = kind == "affinity" and not (symmetrize and backend == "torch")
+    spec = _spec(kind, gen, z_grad=z_grad)
+    leaves = [x] + ([spec["z"]] if z_grad else [])
     got = ik.icon_loss(x, target=_target(kind, spec, symmetrize), kernel="student_t", dof=1.5,
-                       normalization="joint", divergence=divergence, alpha=alpha, beta=beta)
+                       normalization="joint", divergence=divergence, alpha=alpha, beta=beta, backend=backend)
     want = dense_joint_rows(x, kind, spec, param=1.5, alpha=alpha, beta=beta, divergence=divergence,
                             symmetrize=symmetrize).sum()
     _close(got, want)
@@ -161,14 +175,15 @@ def test_joint_loss_and_gradients_equal_the_dense_formula(kind, symmetrize, dive
         _close(g, w)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kernel,param", [("gaussian", 0.8), ("dot", 0.5)])
-def test_joint_with_other_kernels_and_rectangular_columns(kernel, param):
+def test_joint_with_other_kernels_and_rectangular_columns(kernel, param, backend):
     # y given (M != N, self pairs kept): the one distribution over all N x M pairs
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
     y = torch.randn(5, D, generator=gen, dtype=torch.float64, requires_grad=True)
     p = torch.rand(N, 5, generator=gen, dtype=torch.float64)
-    got = ik.icon_loss(x, y, target=ik.Dense(p), kernel=kernel, normalization="joint",
+    got = ik.icon_loss(x, y, target=ik.Dense(p), kernel=kernel, normalization="joint", backend=backend,
                        **{"sigma" if kernel == "gaussian" else "temperature": param})
     want = dense_joint_rows(x, "dense", {"p": p}, kernel=kernel, param=param, y=y, exclude_self=False).sum()
     _close(got, want)
@@ -176,15 +191,16 @@ def test_joint_with_other_kernels_and_rectangular_columns(kernel, param):
         _close(g, w)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_the_logit_gradient_is_q_minus_p(alpha):
+def test_the_logit_gradient_is_q_minus_p(alpha, backend):
     # DESIGN.md §1.2: dL/ds_ij = q_ij - p~_ij with one q over all pairs. The dot kernel at
     # temperature 1 against y = I makes s = x, so dL/dx is dL/ds.
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     p = torch.rand(6, 4, generator=gen, dtype=torch.float64)
     loss = ik.icon_loss(x, torch.eye(4, dtype=torch.float64), target=ik.Dense(p), kernel="dot",
-                        temperature=1.0, alpha=alpha, normalization="joint")
+                        temperature=1.0, alpha=alpha, normalization="joint", backend=backend)
     dx, = torch.autograd.grad(loss, [x])
     q = torch.softmax(x.detach().flatten(), 0).reshape(6, 4)
     _close(dx, q - ((1 - alpha) * p / p.sum() + alpha / 24))
@@ -205,22 +221,25 @@ def test_gradcheck_joint_with_a_symmetrised_affinity_target():
 
 # ---- reductions ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_reductions_under_joint(kind):
+def test_reductions_under_joint(kind, backend):
     # "mean" and "sum" are the one divergence (no mean over rows); "none" the per-row
     # contributions sum_j D-term, which sum to it
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
     spec = _spec(kind, gen)
     target = _target(kind, spec)
-    rows = ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", reduction="none")
+    rows = ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", reduction="none",
+                        backend=backend)
     want = dense_joint_rows(x, kind, spec)
     assert rows.shape == (N,)
     _close(rows, want)
     for reduction in ("mean", "sum"):
-        _close(ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", reduction=reduction),
+        _close(ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", reduction=reduction,
+                            backend=backend),
                want.sum())
-    crit = ik.ICon(kernel="student_t", normalization="joint")
+    crit = ik.ICon(kernel="student_t", normalization="joint", backend=backend)
     _close(crit(x, target=target), want.sum())
     assert "normalization='joint'" in repr(crit)
 
@@ -236,33 +255,39 @@ def test_joint_is_not_the_mean_of_conditional_rows():
     _close(joint, dense_joint_rows(x, "labels", {"labels": target.row_labels}).sum())
 
 
-def test_no_pair_with_p_or_no_valid_pair_gives_zero_with_zero_gradients():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_pair_with_p_or_no_valid_pair_gives_zero_with_zero_gradients(backend):
     x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
     for target, y in ((ik.Labels(torch.arange(5)), None), (ik.Dense(torch.zeros(5, 5, dtype=torch.float64)), None)):
-        loss = ik.icon_loss(x, y, target=target, kernel="student_t", normalization="joint")
+        loss = ik.icon_loss(x, y, target=target, kernel="student_t", normalization="joint", backend=backend)
         dx, = torch.autograd.grad(loss, [x])
         assert loss.item() == 0 and torch.equal(dx, torch.zeros_like(dx))
     one = torch.randn(1, D, dtype=torch.float64, requires_grad=True)      # N = 1: no valid column
-    loss = ik.icon_loss(one, target=ik.Labels(torch.zeros(1, dtype=torch.long)), normalization="joint")
+    loss = ik.icon_loss(one, target=ik.Labels(torch.zeros(1, dtype=torch.long)), normalization="joint",
+                        backend=backend)
     dx, = torch.autograd.grad(loss, [one])
     assert loss.item() == 0 and torch.equal(dx, torch.zeros_like(dx))
 
 
-def test_nan_in_x_gives_nan():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_x_gives_nan(backend):
     x = torch.randn(N, D, dtype=torch.float64)
     x[2, 1] = math.nan
-    loss = ik.icon_loss(x, target=ik.Labels(torch.arange(N) % 3), kernel="student_t", normalization="joint")
+    loss = ik.icon_loss(x, target=ik.Labels(torch.arange(N) % 3), kernel="student_t", normalization="joint",
+                        backend=backend)
     assert torch.isnan(loss)
 
 
 # ---- symmetrize=True with conditional normalisation: row-renormalised ------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["neighbors", "affinity"])
-def test_symmetrize_with_conditional_renormalises_each_row(kind):
+def test_symmetrize_with_conditional_renormalises_each_row(kind, backend):
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
     spec = _spec(kind, gen)
-    got = ik.icon_loss(x, target=_target(kind, spec, symmetrize=True), kernel="student_t", reduction="none")
+    got = ik.icon_loss(x, target=_target(kind, spec, symmetrize=True), kernel="student_t", reduction="none",
+                       backend=backend)
     valid = _valid(N, N, True)
     p = _rows(_target_weights(kind, spec, valid, symmetrize=True))
     log_q = _logits("student_t", x, x, 1.0).masked_fill(~valid, -math.inf).log_softmax(1)
@@ -274,7 +299,8 @@ def test_symmetrize_with_conditional_renormalises_each_row(kind):
     assert not torch.allclose(plain, got)
 
 
-def test_symmetrised_affinity_keeps_exact_logs_where_p_underflows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symmetrised_affinity_keeps_exact_logs_where_p_underflows(backend):
     # reverse_kl reads log p: the symmetrised log p is formed from the rows' log-softmax, so a
     # pair whose p underflows to 0 in float64 still has a finite term
     z = torch.tensor([[0.0], [1.0], [60.0], [61.0]], dtype=torch.float64)
@@ -282,9 +308,74 @@ def test_symmetrised_affinity_keeps_exact_logs_where_p_underflows():
     target = ik.Affinity(z, sigma=0.5, symmetrize=True)
     for normalization in ("conditional", "joint"):
         loss = ik.icon_loss(x, target=target, kernel="student_t", divergence="reverse_kl",
-                            normalization=normalization)
+                            normalization=normalization, backend=backend)
         dx, = torch.autograd.grad(loss, [x])
         assert torch.isfinite(loss) and torch.isfinite(dx).all()
+
+
+# ---- the torch backend's column stream: what the reference-only tests above do not reach -------
+
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.0), ("kl", 0.2), ("cross_entropy", 0.0), ("js", 0.1),
+                                             ("chi2", 0.0)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_joint_rows_with_any_upstream_gradient(kind, divergence, beta):
+    # reduction="none" with upstream gradients that differ per row: s_ij moves every row's
+    # contribution through Z, so dL/ds_ij = g_i a_ij - q_ij sum_k g_k c_k (column_blocks.joint_centres);
+    # with per-row kernel parameters (no row constant cancels in their chain) and the target
+    # weights' own gradient (their total W couples every row)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind} {divergence} {beta}".encode()))
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    sigma = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.6).requires_grad_(True)
+    spec = _spec(kind, gen, z_grad=kind == "affinity")
+    weights_key = {"neighbors": "weights", "dense": "p", "affinity": "z"}.get(kind)
+    leaves = [x, sigma] + ([spec[weights_key].requires_grad_(True)] if weights_key else [])
+    upstream = torch.randn(N, generator=gen, dtype=torch.float64)
+    got = ik.icon_loss(x, target=_target(kind, spec), kernel="gaussian", sigma=sigma, normalization="joint",
+                       divergence=divergence, beta=beta, reduction="none", backend="torch")
+    want = dense_joint_rows(x, kind, spec, kernel="gaussian", param=sigma[:, None], beta=beta,
+                            divergence=divergence)
+    _close(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
+        _close(g, w)
+
+
+def test_gradcheck_torch_joint():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    dof = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    weights = (torch.rand(6, 2, generator=gen, dtype=torch.float64) + 0.2).requires_grad_(True)
+    idx = torch.randint(0, 6, (6, 2), generator=gen)
+
+    def affinity(x, z, dof):
+        return ik.icon_loss(x, target=ik.Affinity(z, sigma=0.9), kernel="student_t", dof=dof,
+                            normalization="joint", divergence="js", backend="torch", beta=0.1)
+
+    def neighbors(x, weights):
+        return ik.icon_loss(x, target=ik.Neighbors(idx, weights), kernel="gaussian", normalization="joint",
+                            backend="torch", alpha=0.2, reduction="none")
+
+    def symmetrised(x, dof):
+        return ik.icon_loss(x, target=ik.Affinity(z.detach(), sigma=0.9, symmetrize=True), kernel="student_t",
+                            dof=dof, normalization="joint", backend="torch")
+    assert torch.autograd.gradcheck(affinity, (x, z, dof))
+    assert torch.autograd.gradcheck(neighbors, (x, weights))
+    assert torch.autograd.gradcheck(symmetrised, (x, dof))
+
+
+def test_symmetrised_target_gradients_need_the_reference():
+    x = torch.randn(5, D, dtype=torch.float64)
+    z = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    target = ik.Affinity(z, symmetrize=True)
+    with pytest.raises(ValueError, match="backend 'torch' does not compute the gradient of a target with "
+                                         "symmetrize=True"):
+        ik.icon_loss(x, target=target, normalization="joint", backend="torch")
+    z4 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    assert dispatch.computing_backends(_problem(target=ik.Affinity(z4, symmetrize=True)), "auto")[0] == \
+        ("reference",)
+    # nothing of the target to differentiate: the torch backend computes it
+    assert "torch" in dispatch.computing_backends(_problem(target=ik.Affinity(z4.detach(), symmetrize=True)),
+                                                  "auto")[0]
 
 
 # ---- backends and bad input --------------------------------------------------------------------
@@ -296,15 +387,15 @@ def _problem(**options):
                            **{**LOSS_OPTIONS, **options})
 
 
-def test_auto_picks_the_reference_and_fused_backends_raise():
+def test_auto_picks_the_torch_backend_and_fused_backends_raise():
     only, _ = dispatch.computing_backends(_problem(normalization="joint"), "auto")
-    assert only == ("reference",)
+    assert only == ("reference", "torch")
     sym = ik.Affinity(torch.randn(4, 3, dtype=torch.float64), symmetrize=True)
-    assert dispatch.computing_backends(_problem(target=sym), "auto")[0] == ("reference",)
-    assert "torch" in dispatch.computing_backends(_problem(), "auto")[0]
+    assert dispatch.computing_backends(_problem(target=sym), "auto")[0] == ("reference", "torch")
+    assert "cpu" in dispatch.computing_backends(_problem(), "auto")[0]
     x = torch.randn(4, 2, dtype=torch.float64)
     labels = ik.Labels(torch.arange(4) // 2)
-    for backend in ("torch", "cpu", "triton", "cuda"):
+    for backend in ("cpu", "triton", "cuda"):
         with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute joint normalisation yet"):
             ik.icon_loss(x, target=labels, normalization="joint", backend=backend)
         with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute a target with symmetrize"):
@@ -345,18 +436,28 @@ def test_symmetrize_needs_a_square_problem():
     _close(loss, want)
 
 
-@pytest.mark.parametrize("dist_mode", ["gather", "ring"])
-def test_distributed_refuses_joint_and_symmetrize_before_anything_travels(dist_mode):
-    x = torch.randn(4, 3, dtype=torch.float64)
-    labels = ik.Labels(torch.arange(4) // 2)
-    with pytest.raises(ValueError, match="normalization='joint' is not computed by ik.distributed"):
-        rank_agreement._local_checks(x, None, labels, dist_mode, None, None, "auto",
-                                     dict(normalization="joint"))
-    sym = ik.Neighbors(torch.zeros(4, 1, dtype=torch.long), symmetrize=True)
-    with pytest.raises(ValueError, match="symmetrize=True is not computed by ik.distributed"):
-        rank_agreement._local_checks(x, None, sym, dist_mode, None, None, "auto", {})
-    rank_agreement._local_checks(x, None, labels, dist_mode, None, None, "auto",
-                                 dict(normalization="conditional"))
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_joint_and_symmetrize_match_one_process(tmp_path, world):
+    """ik.distributed.icon_loss (ring, and gather, which takes the ring's column stream for them)
+    with joint normalisation and symmetrised targets: loss and every gradient equal the
+    single-process reference on the concatenated batch (tests/distributed_joint_worker.py)."""
+    ctx = mp.start_processes(distributed_joint_worker.run, args=(world, str(tmp_path / "init"), str(tmp_path)),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    try:
+        while not ctx.join(timeout=2):
+            if time.time() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("workers did not finish within 240 s (hang?)")
+    except mp.ProcessExitedException as exc:
+        pytest.fail(f"a worker died: {exc}")
+    for rank in range(world):
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert len(lines) == 2 * len(distributed_joint_worker.CASES), lines
+        bad = [line for line in lines if not line.endswith(": ok")]
+        assert not bad, f"rank {rank}: {bad}"
 
 
 def test_the_rank_fingerprint_holds_normalization_and_symmetrize():
@@ -398,14 +499,13 @@ def test_joint_tsne_bad_arguments():
         ik.JointTSNE(5.0, dof=0.0)
     with pytest.raises(ValueError, match="perplexity"):
         ik.JointTSNE(30.0)(torch.randn(6, 2), torch.randn(6, 3))
-    with pytest.raises(ValueError, match="JointTSNE is not distributed"):
-        ik.JointTSNE(5.0, distributed=True)
     with pytest.raises(ValueError, match="does not compute joint normalisation"):
-        ik.JointTSNE(3.0, backend="torch")(torch.randn(6, 2), torch.randn(6, 3))
+        ik.JointTSNE(3.0, backend="cpu")(torch.randn(6, 2), torch.randn(6, 3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,perplexity,seed", [(30, 5.0, 0), (60, 12.0, 1)])
-def test_joint_tsne_equals_scikit_learn_exact_objective(n, perplexity, seed):
+def test_joint_tsne_equals_scikit_learn_exact_objective(n, perplexity, seed, backend):
     """Acceptance 2: loss and gradient equal sklearn.manifold._t_sne._kl_divergence with the same
     P (the joint symmetrised P: the test builds it from JointTSNE's sigma and hands sklearn its
     condensed form) and dof = 1, to 1e-6 relative. sklearn's own P (_joint_probabilities, whose
@@ -421,7 +521,7 @@ def test_joint_tsne_equals_scikit_learn_exact_objective(n, perplexity, seed):
     emb_np = rng.normal(size=(n, 2))
     inputs = torch.tensor(inputs_np)
     emb = torch.tensor(emb_np, requires_grad=True)
-    crit = ik.JointTSNE(perplexity)
+    crit = ik.JointTSNE(perplexity, backend=backend)
     loss = crit(emb, inputs)
     grad, = torch.autograd.grad(loss, [emb])
 
@@ -433,7 +533,7 @@ def test_joint_tsne_equals_scikit_learn_exact_objective(n, perplexity, seed):
     sk_p = _joint_probabilities(squareform(pdist(inputs_np, "sqeuclidean")), perplexity, 0)
     np.testing.assert_allclose(sk_p, squareform(p, checks=False), rtol=1e-3, atol=1e-4 * p.max())
     dense = ik.icon_loss(emb, target=ik.Dense(torch.tensor(squareform(sk_p))), kernel="student_t", dof=1.0,
-                         normalization="joint")
+                         normalization="joint", backend=backend)
     sk_kl, sk_grad = _kl_divergence(emb_np.ravel(), sk_p, 1, n, 2)
     assert abs(dense.item() - sk_kl) <= 1e-6 * abs(sk_kl)
     np.testing.assert_allclose(torch.autograd.grad(dense, [emb])[0].numpy().ravel(), sk_grad, rtol=1e-6,

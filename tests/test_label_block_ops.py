@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import icon_kernels as ik
-from icon_kernels.distributed import column_blocks as cb
-from icon_kernels.distributed import label_blocks
+from icon_kernels.backends import column_blocks as cb
+from icon_kernels.backends import label_blocks
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="C++ extension not built")
 

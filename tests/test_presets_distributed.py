@@ -29,6 +29,6 @@ def test_distributed_presets_match_single_process(tmp_path):
     for rank in range(world):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         for mode in ("gather", "ring"):
-            assert len([line for line in lines if f" {mode} " in line]) == 11, lines
+            assert len([line for line in lines if f" {mode} " in line]) == 12, lines
         bad = [line for line in lines if not line.endswith("ok")]
         assert not bad, f"rank {rank}: {bad}"

@@ -8,11 +8,12 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from ..families import DIVERGENCES, NORMALIZATIONS, SYMMETRIZED_TARGET_BACKENDS
+from ..families import (DIVERGENCES, NORMALIZATIONS, SYMMETRIZED_TARGET_BACKENDS,
+                        SYMMETRIZED_TARGET_GRAD_BACKENDS)
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import LOSS_OPTIONS, Problem, check_arguments
-from . import reference, registry
+from . import blockwise, column_blocks, column_stream, neighbor_pairs, reference, registry
 from .blockwise import Problem as OpArguments
 from .ops import forward_op
 from .tile_math import accumulation_dtype
@@ -79,6 +80,10 @@ def computing_backends(problem: Problem, backend: str):
              (NORMALIZATIONS[problem.normalization], "joint normalisation")]
     if getattr(problem.target, "symmetrize", False):
         needs.append((SYMMETRIZED_TARGET_BACKENDS, "a target with symmetrize=True"))
+        if any(isinstance(t, torch.Tensor) and t.requires_grad
+               for t in adapter_for(problem.target).grad_tensors(problem.target).values()):
+            needs.append((SYMMETRIZED_TARGET_GRAD_BACKENDS,
+                          "the gradient of a target with symmetrize=True (its z, parameters or weights)"))
     only = tuple(name for name in registry.ALL_BACKENDS if all(name in allowed for allowed, _ in needs))
     what = next((label for allowed, label in needs if backend not in allowed), "this problem")
     return only, what
@@ -93,5 +98,57 @@ def row_losses(problem: Problem, backend: str):
         registry.warn_triton_float64()
     if name == "reference":
         return reference.row_losses(problem)
+    if name == "torch" and needs_column_stream(problem):
+        rows, own, inputs = column_problem(problem, problem.x, problem.y, row_offset=0,
+                                           tile_elements=blockwise.CHUNK_ELEMENTS)
+        return column_stream.ColumnStreamRowLosses.apply(rows, own, column_stream.LocalStream(),
+                                                         "the torch backend's column stream", *inputs)
     rows, included, _ = forward_op(name)(*op_arguments(problem))
     return rows, included
+
+
+def needs_column_stream(problem: Problem) -> bool:
+    """Joint normalisation and symmetrised targets: the torch backend computes them on the
+    column stream (column_stream.py), whose passes have the global normalisers between them."""
+    return problem.normalization == "joint" or bool(getattr(problem.target, "symmetrize", False))
+
+
+def column_problem(problem: Problem, x, y, *, row_offset: int, tile_elements: int, m_total=None,
+                   exclude_self=None, symmetric_neighbors=None):
+    """(rows, own column block, the autograd inputs (x, y, param, z, z_cols, t_param, target
+    weights)) of a checked problem for column_stream.ColumnStreamRowLosses: this process's
+    rows x (its own columns ``y``, or x for y None), which start at global column
+    ``row_offset``; ``m_total`` global columns (default: y's); ``exclude_self`` (default the
+    problem's). A symmetrised Neighbors target becomes rows of (column, weight) entries through
+    ``symmetric_neighbors(index, weight, exclude_self, dtype)`` (default: this process's rows
+    are all the rows, neighbor_pairs.symmetric_neighbors)."""
+    if exclude_self is None:
+        exclude_self = problem.exclude_self
+    acc = accumulation_dtype(x.dtype)
+    xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
+    t = target_arguments(problem.target)
+    symmetrize = bool(getattr(problem.target, "symmetrize", False))
+    rows = column_blocks.RowSide(
+        x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel, target=t.target,
+        row_offset=row_offset, m_total=yk.shape[0] if m_total is None else m_total,
+        exclude_self=exclude_self, alpha=problem.alpha, beta=problem.beta, kl=problem.kl,
+        divergence=problem.divergence, tile_elements=tile_elements,
+        joint=problem.normalization == "joint", symmetrize=symmetrize and t.target == "affinity")
+    own = column_blocks.Block(yk.detach(), row_offset)
+    # the target's op arguments split into the row side and the column block
+    if t.row_labels is not None:
+        rows.row_labels, own.col_labels = t.row_labels.long(), t.col_labels.long()
+    rows.nbr_index = t.nbr_index
+    rows.nbr_weight = None if t.nbr_weight is None else t.nbr_weight.detach().to(acc)
+    if symmetrize and t.target == "neighbors":
+        if symmetric_neighbors is None:
+            def symmetric_neighbors(index, weight, drop_self, dtype):
+                return neighbor_pairs.symmetric_neighbors(index, weight, x.shape[0], drop_self, dtype)
+        rows.nbr_csr = symmetric_neighbors(t.nbr_index, rows.nbr_weight, exclude_self, acc)
+    rows.dense_p = None if t.dense_p is None else t.dense_p.detach().to(acc)
+    if t.z is not None:
+        rows.z, rows.t_param, rows.t_kernel = t.z.detach().to(acc), t.t_param.detach().to(acc), t.t_kernel
+        own.z_cols = t.z_cols.detach()
+    weights = adapter_for(problem.target).weight_tensor(problem.target)
+    rows.weight_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+    return rows, own, (xk, yk, param, t.z, t.z_cols, t.t_param, weights)

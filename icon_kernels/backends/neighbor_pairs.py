@@ -99,3 +99,27 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
         dx[r0:r1] = rows_part
         dy.index_add_(0, col_idx.reshape(-1), cols_part.reshape(-1, x.shape[1]))
     return dx, dy, dparam
+
+
+def symmetric_neighbors(index: torch.Tensor, weight, n: int, exclude_self: bool, dtype: torch.dtype):
+    """A symmetrised Neighbors target as rows of (global column, weight) entries, built once in
+    O(N k log(N k)), never N x N: row i holds (j, p_{j|i} / 2) for its own entries and
+    (j, p_{i|j} / 2) for every row j that lists i, where p_{j|i} is row i's weights
+    renormalised over its valid entries (-1 pads and, with exclude_self, the self pair drop;
+    repeats add up as they do in any Neighbors row). Returns (row_ptr [n + 1], column, weight),
+    entries sorted by row; the tile math sums repeated (i, j) entries."""
+    rows = torch.arange(n, device=index.device)[:, None].expand_as(index)
+    w = torch.ones(index.shape, dtype=dtype, device=index.device) if weight is None else weight.to(dtype)
+    keep = index >= 0
+    if exclude_self:
+        keep &= index != rows
+    w = torch.where(keep, w, 0.0)          # a dropped entry's weight is no weight, even NaN / Inf
+    total = w.sum(1, keepdim=True)
+    p = w / torch.where(total != 0, total, 1.0)
+    r, c, v = rows[keep], index[keep], p[keep] / 2
+    src, dst, val = torch.cat([r, c]), torch.cat([c, r]), torch.cat([v, v])
+    order = torch.argsort(src, stable=True)
+    src, dst, val = src[order], dst[order], val[order]
+    row_ptr = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(src, minlength=n), 0)
+    return row_ptr, dst, val

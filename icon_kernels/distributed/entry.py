@@ -15,6 +15,13 @@ cosine or gaussian kernel, kl or cross_entropy) runs its blocks on the fused CPU
 forward rotation (label_blocks.py); every other case (the f-divergences of DESIGN.md §1.1
 included), and every other backend, uses the blockwise torch tile math on the inputs' device.
 
+Joint normalisation and symmetrised targets (DESIGN.md §1.2) run on the column stream in either
+mode (dist_mode="gather" takes the ring's path for them: its passes need the global normalisers
+log Z and the target's total between them, one all-reduce each): the columns' LSE^p of a
+symmetrised Affinity target travel with their blocks, and a symmetrised Neighbors target is built
+once from every rank's lists (O(N k) per rank). Under joint normalisation "mean" is the one
+divergence over all pairs of all ranks, as in one process.
+
 Targets across ranks: Labels column labels are gathered (or rotated); Neighbors indices are
 global column indices; Affinity column features are gathered (or rotated) with gradients;
 Dense holds local rows x global columns. Shards may be uneven. Dense p and Neighbors weights
@@ -30,17 +37,19 @@ hang (different collectives) or a silent wrong answer (different math per rank).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
 from ..backends import second_backward
-from ..backends.dispatch import kernel_inputs, row_losses, target_arguments
+from ..backends.dispatch import column_problem, row_losses
 from ..backends.registry import resolve_backend
 from ..families import DIVERGENCES
-from ..backends.tile_math import accumulation_dtype
 from ..target_adapters import adapter_for
 from ..validation import check_arguments
-from . import column_blocks, label_blocks, ring
+from ..backends import column_blocks, column_stream, label_blocks, neighbor_pairs
+from . import ring
 from .rank_agreement import agree, invalid_on
 
 
@@ -143,11 +152,14 @@ def icon_loss(x, y=None, *, target, process_group=None, dist_mode="gather", excl
     exclude_self, options, col_sizes = agree(group, device, x, y, target, dist_mode, exclude_self, reduction,
                                               weight, backend, ring_block_rows, kwargs)
     options = dict(reduction=reduction, weight=weight, **options)
-    if dist_mode == "gather":
+    column_stream_only = (options.get("normalization") == "joint" or getattr(target, "symmetrize", False) is True)
+    if dist_mode == "gather" and not column_stream_only:
         rows, included = _gather_row_losses(x, y, target, col_sizes, bool(exclude_self), options, backend, group)
     else:
         rows, included = _ring_row_losses(x, y, target, col_sizes, bool(exclude_self), options, group,
                                           ring_block_rows, backend)
+    if options.get("normalization") == "joint" and reduction == "mean":
+        reduction = "sum"      # the one divergence over all pairs of all ranks (DESIGN.md §1.2)
     return reduce_global(rows, included, weight, reduction, group).to(x.dtype)
 
 
@@ -204,7 +216,14 @@ def _backend_and_problem(backend, x, cols, target, options):
     divergence = options.get("divergence")
     row = DIVERGENCES.get(divergence) if isinstance(divergence, str) else None   # checked just below
     name = resolve_backend(backend, x.device, **({"only": row.backends} if row else {}))
-    return name, check_arguments(x, cols, target=target, exclude_self=False, **options)
+    # a symmetrised target is square globally (rank_agreement checked each shard); this rank's
+    # rows against the global columns are not, so it is checked without the flag
+    symmetrize = getattr(target, "symmetrize", False) is True
+    problem = check_arguments(x, cols, target=dataclasses.replace(target, symmetrize=False) if symmetrize else target,
+                              exclude_self=False, **options)
+    if symmetrize:
+        problem.target = dataclasses.replace(problem.target, symmetrize=True)
+    return name, problem
 
 
 def _gather_row_losses(x, y, target, col_sizes, exclude_self, options, backend, group):
@@ -237,29 +256,35 @@ def _ring_row_losses(x, y, target, col_sizes, exclude_self, options, group, bloc
         check_cols = y
     backend, problem = _collectively(group, x.device, _backend_and_problem, backend, x, check_cols, target,
                                      options)
-    acc = accumulation_dtype(x.dtype)
-    xk, yk, kernel, param = kernel_inputs(problem.kernel, x, y, problem.param)
-    t = target_arguments(problem.target)
-    rows = column_blocks.RowSide(
-        x=xk.detach().to(acc), param=param.detach().to(acc), kernel=kernel, target=t.target,
-        row_offset=sum(col_sizes[:rank]), m_total=sum(col_sizes), exclude_self=exclude_self,
-        alpha=problem.alpha, beta=problem.beta, kl=problem.kl, divergence=problem.divergence,
-        tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device))
-    rows.fused = label_blocks.applies(rows.target, rows.beta, rows.kernel, backend, rows.divergence)
-    own = column_blocks.Block(yk.detach(), sum(col_sizes[:rank]))
-    # the target's op arguments split into this rank's row side and its travelling column block
-    if t.row_labels is not None:
-        rows.row_labels, own.col_labels = t.row_labels.long(), t.col_labels.long()   # equal sizes on the ring
-    rows.nbr_index = t.nbr_index
-    rows.nbr_weight = None if t.nbr_weight is None else t.nbr_weight.detach().to(acc)
-    rows.dense_p = None if t.dense_p is None else t.dense_p.detach().to(acc)
-    if t.z is not None:
-        rows.z, rows.t_param, rows.t_kernel = t.z.detach().to(acc), t.t_param.detach().to(acc), t.t_kernel
-        own.z_cols = t.z_cols.detach()
-    weights = adapter_for(problem.target).weight_tensor(problem.target)
-    rows.weight_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
-    z, z_cols, t_param = t.z, t.z_cols, t.t_param
-    return ring.RingRowLosses.apply(rows, own, the_ring, xk, yk, param, z, z_cols, t_param, weights)
+    start = sum(col_sizes[:rank])
+
+    def symmetric_neighbors(index, weight, drop_self, dtype):
+        return _symmetric_neighbors_of_rank(index, weight, col_sizes, start, drop_self, dtype, group)
+    rows, own, inputs = column_problem(
+        problem, x, y, row_offset=start, m_total=sum(col_sizes), exclude_self=exclude_self,
+        tile_elements=column_blocks.tile_budget(x.shape[0], the_ring.block_rows, x.shape[1], x.device),
+        symmetric_neighbors=symmetric_neighbors)
+    rows.fused = not rows.joint and label_blocks.applies(rows.target, rows.beta, rows.kernel, backend,
+                                                         rows.divergence)
+    return column_stream.ColumnStreamRowLosses.apply(rows, own, the_ring, "ik.distributed.icon_loss (ring mode)",
+                                                     *inputs)
+
+
+def _symmetric_neighbors_of_rank(index, weight, col_sizes, start, exclude_self, dtype, group):
+    """This rank's rows of a symmetrised Neighbors target (neighbor_pairs.symmetric_neighbors):
+    row i needs every row j that lists i, so the lists of all ranks (N k entries, padded to the
+    widest k) are gathered once and the rows of this rank cut from the symmetrised whole."""
+    k = max(_sizes(index.shape[1], index.device, group))
+    pad = k - index.shape[1]
+    index = torch.nn.functional.pad(index, (0, pad), value=-1)
+    weight = torch.ones(index.shape, dtype=dtype, device=index.device) if weight is None else \
+        torch.nn.functional.pad(weight.to(dtype), (0, pad))
+    row_ptr, col, w = neighbor_pairs.symmetric_neighbors(
+        _gather_rows(index, col_sizes, group), _gather_rows(weight, col_sizes, group), sum(col_sizes),
+        exclude_self, dtype)
+    end = start + col_sizes[dist.get_rank(group)]
+    lo, hi = int(row_ptr[start]), int(row_ptr[end])
+    return row_ptr[start:end + 1] - lo, col[lo:hi], w[lo:hi]
 
 
 def _global_columns(target, col_sizes, order, position, group):

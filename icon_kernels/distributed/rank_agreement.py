@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..backends.registry import ALL_BACKENDS, resolve_backend
 from .. import validation
-from ..target_adapters import adapter_for
+from ..target_adapters import adapter_for, check_symmetrize
 from ..targets import TARGET_TYPES, Affinity
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS
 
@@ -184,14 +184,13 @@ def _local_checks(x, y, target, dist_mode, exclude_self, ring_block_rows, backen
     if exclude_self and n_cols != x.shape[0]:
         raise ValueError("exclude_self=True needs this rank's columns to be its rows")
     adapter_for(target).check_shard(target, x, y, n_cols)
-    if isinstance(options["normalization"], str) and options["normalization"] == "joint":
-        # gather mode would need the global normaliser Z = sum over all ranks' pairs, ring mode too
-        raise ValueError(f"normalization='joint' is not computed by ik.distributed.icon_loss yet (either "
-                         f"dist_mode, here {dist_mode!r}): it needs one normaliser over all ranks' pairs; use "
-                         "ik.icon_loss on the whole batch")
-    if getattr(target, "symmetrize", False) is True:
-        raise ValueError("symmetrize=True is not computed by ik.distributed.icon_loss yet (either dist_mode): "
-                         "p_{i|j} is another rank's row; use ik.icon_loss on the whole batch")
+    if getattr(target, "symmetrize", False) is not False:
+        # the global problem is square when every rank's columns are its rows
+        check_symmetrize(target, x.shape[0], n_cols)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad
+               for t in adapter_for(target).grad_tensors(target).values()):
+            raise ValueError("symmetrize=True: the gradient of the target's own tensors (z, parameters, "
+                             "weights) is computed by the single-process reference only; detach them")
     backend_name = None
     if dist_mode == "ring":
         backend_name = resolve_backend(backend, x.device)

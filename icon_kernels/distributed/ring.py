@@ -5,8 +5,9 @@ computed, block k + 1 is already in flight (isend / irecv). A rank's columns tra
 ``pieces`` blocks of at most ``block_rows`` rows (the same number of pieces on every rank, so
 uneven shards give pieces of different, possibly zero, sizes; a zero-row piece is neither sent
 nor visited). Forward makes two passes over all blocks: pass 1 merges the row normalisers (LSE,
-target mass or LSE^p), pass 2 the loss sums under the global normalisers (see column_blocks.py
-for the math and the one shared merge); the fused CPU label blocks (label_blocks.py) need only
+target mass or LSE^p), pass 2 the loss sums under the global normalisers (see backends/column_blocks.py
+for the math and the one shared merge; backends/column_stream.py runs the passes); the fused CPU
+label blocks (backends/label_blocks.py) need only
 one, since their loss follows from the merged statistics. Backward makes one more pass in which
 every block travels with its dL/dy accumulator; after a piece's last step the accumulator
 arrives at the piece's owner, complete. Memory per rank is O((N_local + block) * d) plus one
@@ -17,13 +18,12 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+
 import torch
 import torch.distributed as dist
 
-from ..backends import second_backward
-from . import column_blocks
-from .column_blocks import Block, RowSide
-from . import label_blocks
+from ..backends.column_blocks import Block
+from ..backends.column_stream import cast_block
 
 
 class Ring:
@@ -53,6 +53,21 @@ class Ring:
     def offset(self, owner: int, piece: int) -> int:
         """Global index of the first column of ``owner``'s piece."""
         return sum(self.sizes[:owner]) + self.bounds(owner, piece)[0]
+
+    # the stream of backends/column_stream.py: every global column block, reductions over the group
+    def visit(self, own: Block, fn, acc) -> None:
+        rotate(self, own, fn, acc)
+
+    def visit_with_accumulators(self, own: Block, fn, accumulators, acc):
+        return rotate_with_accumulators(self, own, fn, accumulators, acc)
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        if op not in ops:
+            raise ValueError(f"unknown reduction {op!r}; known: {', '.join(ops)}")
+        out = t.detach().clone()
+        dist.all_reduce(out, op=ops[op], group=self.group)
+        return out
 
     def shift(self, tensors, incoming_rows: int, into, first_tag: int = 0):
         """Sends ``tensors`` (the block held now) to the next rank and receives the previous
@@ -94,16 +109,18 @@ def _wait(requests):
         req.wait()
 
 
+_TRAVELLING = ("y", "col_labels", "z_cols", "lse_p", "t_param")     # a block's tensors, in order
+
+
 def _block_tensors(block: Block):
-    return [t for t in (block.y, block.col_labels, block.z_cols) if t is not None]
+    return [getattr(block, name) for name in _TRAVELLING if getattr(block, name) is not None]
 
 
 def _block_from(tensors, template: Block, offset: int) -> Block:
+    """A block like ``template`` (the same fields present) from its received tensors."""
     remaining = iter(tensors)
-    y = next(remaining)
-    labels = next(remaining) if template.col_labels is not None else None
-    z_cols = next(remaining) if template.z_cols is not None else None
-    return Block(y, offset, labels, z_cols)
+    fields = {name: next(remaining) if getattr(template, name) is not None else None for name in _TRAVELLING}
+    return Block(offset=offset, **fields)
 
 
 def _own_piece(ring: Ring, own: Block, piece: int) -> Block:
@@ -111,9 +128,6 @@ def _own_piece(ring: Ring, own: Block, piece: int) -> Block:
     return _block_from([t[lo:hi] for t in _block_tensors(own)], own, own.offset + lo)
 
 
-def _cast_block(block: Block, acc) -> Block:
-    return Block(block.y.to(acc), block.offset, block.col_labels,
-                    None if block.z_cols is None else block.z_cols.to(acc))
 
 
 def _travel(ring: Ring, own: Block, piece: int, buffers: Optional[_DoubleBuffer], acc):
@@ -126,7 +140,7 @@ def _travel(ring: Ring, own: Block, piece: int, buffers: Optional[_DoubleBuffer]
         if not last:
             incoming = ring.rows(ring.owner(step + 1), piece)
             received, pending = ring.shift(_block_tensors(block), incoming, buffers.next())
-        yield step, (_cast_block(block, acc) if block.y.shape[0] > 0 else None)
+        yield step, (cast_block(block, acc) if block.y.shape[0] > 0 else None)
         if not last:
             _wait(pending)
             block = _block_from(received, own, ring.offset(ring.owner(step + 1), piece))
@@ -149,7 +163,7 @@ def rotate_with_accumulators(ring: Ring, own: Block, visit, accumulators, acc):
         for piece in range(ring.pieces):
             lo, hi = ring.bounds(ring.rank, piece)
             if hi > lo:
-                visit(_cast_block(_own_piece(ring, own, piece), acc), [a[lo:hi] for a in accumulators])
+                visit(cast_block(_own_piece(ring, own, piece), acc), [a[lo:hi] for a in accumulators])
         return accumulators
     buffers = _DoubleBuffer(_block_tensors(own), ring.block_rows)
     acc_buffers = _DoubleBuffer(accumulators, ring.block_rows)
@@ -166,104 +180,3 @@ def rotate_with_accumulators(ring: Ring, own: Block, visit, accumulators, acc):
         for total, arrived in zip(accumulators, carried):
             total[lo:hi] = arrived
     return accumulators
-
-
-def _forward(ctx, rows: RowSide, own: Block, ring: Ring):
-    """Two rotations: the row normalisers, then the loss sums under them."""
-    acc = rows.x.dtype
-    normalisers: Optional[dict] = None
-
-    def pass1(block):
-        nonlocal normalisers
-        normalisers = column_blocks.merge(normalisers, column_blocks.normaliser_partials(rows, block))
-    rotate(ring, own, pass1, acc)
-    mass, has_p = column_blocks.row_normalisers(rows, normalisers)
-    sums: Optional[dict] = None
-
-    def pass2(block):
-        nonlocal sums
-        sums = column_blocks.merge(sums, column_blocks.loss_partials(rows, block, normalisers, mass))
-    rotate(ring, own, pass2, acc)
-    row_loss, included = column_blocks.finish_rows(rows, sums, mass, has_p)
-    ctx.stats, ctx.mass, ctx.included = {**normalisers, **sums}, mass, included
-    return row_loss, included
-
-
-def _fused_forward(ctx, rows: RowSide, own: Block, ring: Ring):
-    """One rotation of the fused label blocks; the loss follows from the merged statistics."""
-    stats: Optional[dict] = None
-
-    def visit(block):
-        nonlocal stats
-        stats = column_blocks.merge(stats, label_blocks.partials(rows, block))
-    rotate(ring, own, visit, rows.x.dtype)
-    row_loss, included = label_blocks.finish_rows(rows, stats)
-    ctx.stats, ctx.mass, ctx.included = stats, None, included
-    return row_loss, included
-
-
-# where RingRowLosses.forward's z, z_cols, t_param and target_weights sit in ctx.needs_input_grad
-_Z, _Z_COLS, _T_PARAM, _TARGET_WEIGHTS = 6, 7, 8, 9
-
-
-class RingRowLosses(torch.autograd.Function):
-    """(x, y_local, param, z, z_cols_local, t_param, target_weights) -> (L_i of this rank's rows,
-    included); target_weights is Dense p or Neighbors weights (local rows), or None."""
-
-    @staticmethod
-    def forward(ctx, rows: RowSide, own: Block, ring: Ring, x, y_local, param, z, z_cols, t_param,
-                target_weights=None):
-        ctx.rows, ctx.own, ctx.ring = rows, own, ring
-        ctx.dtypes = [None if t is None else t.dtype
-                      for t in (x, y_local, param, z, z_cols, t_param, target_weights)]
-        ctx.weights_shape = None if target_weights is None else target_weights.shape
-        row_loss, included = (_fused_forward if rows.fused else _forward)(ctx, rows, own, ring)
-        ctx.mark_non_differentiable(included)
-        return row_loss, included
-
-    @staticmethod
-    def backward(ctx, grad_rows, _grad_included):
-        create_graph = torch.is_grad_enabled()          # torch.autograd.grad(..., create_graph=True)
-        with torch.no_grad():
-            grads = RingRowLosses._gradients(ctx, grad_rows)
-        with torch.set_grad_enabled(create_graph):
-            grads = second_backward.guard(grads, "ik.distributed.icon_loss (ring mode)")
-        return (None, None, None, *grads)
-
-    @staticmethod
-    def _gradients(ctx, grad_rows):
-        rows, own, ring = ctx.rows, ctx.own, ctx.ring
-        need = ctx.needs_input_grad
-        need_target = rows.target == "affinity" and any(need[i] for i in (_Z, _Z_COLS, _T_PARAM))
-        g = torch.where(ctx.included, grad_rows.to(rows.x.dtype), 0.0)
-        n, acc = rows.x.shape[0], rows.x.dtype
-        row_grads = [torch.zeros_like(rows.x), rows.x.new_zeros(n)]
-        col_grads = [torch.zeros(own.y.shape, dtype=acc, device=own.y.device)]
-        if need_target:
-            row_grads += [torch.zeros_like(rows.z), rows.x.new_zeros(n)]
-            col_grads.append(torch.zeros(own.z_cols.shape, dtype=acc, device=own.y.device))
-        # Dense p / Neighbors weights: local rows, so their gradient never travels
-        weight_grads = (rows.x.new_zeros(ctx.weights_shape) if rows.weight_grad and need[_TARGET_WEIGHTS]
-                        else None)
-
-        def visit(block, block_grads):
-            if rows.fused:
-                label_blocks.gradient_block(rows, block, ctx.stats, g, row_grads, block_grads)
-            else:
-                column_blocks.gradient_block(rows, block, ctx.stats, ctx.mass, g, row_grads, block_grads,
-                                             weight_grads)
-        rotate_with_accumulators(ring, own, visit, col_grads, acc)
-
-        def param_grad(rows_grad, param):
-            return rows_grad if param.dim() == 1 else rows_grad.sum()
-        x_dtype, y_dtype, param_dtype, z_dtype, z_cols_dtype, t_param_dtype, weights_dtype = ctx.dtypes
-        grads = [row_grads[0].to(x_dtype), col_grads[0].to(y_dtype),
-                 param_grad(row_grads[1], rows.param).to(param_dtype), None, None, None, None]
-        if need_target:
-            grads[3:6] = [row_grads[2].to(z_dtype), col_grads[1].to(z_cols_dtype),
-                          param_grad(row_grads[3], rows.t_param).to(t_param_dtype)]
-        if weight_grads is not None:
-            grads[6] = weight_grads.to(weights_dtype)
-        return grads
-
-

@@ -112,8 +112,11 @@ class JointTSNE(SNE):
     scikit-learn's). Paper: L. van der Maaten, G. Hinton, "Visualizing Data using t-SNE", JMLR 9
     (2008). ``ik.TSNE`` is I-Con's conditional form (a mean of row KLs) instead.
 
-    It runs on the dense reference backend (N x N memory) until the fused backends compute joint
-    normalisation, and in one process only (not distributed yet). Early exaggeration (P times
+    It runs on the ``torch`` backend's column stream ("auto" on any device: O(N d) memory, tiles
+    of rows x all columns, never N x N) or the dense ``reference``; the fused ``cpu``, ``triton``
+    and ``cuda`` kernels do not compute joint normalisation yet. With ``distributed=True`` it
+    is one loss over all ranks' pairs (ik.distributed: one Z, P symmetrised across ranks).
+    Early exaggeration (P times
     e in the gradient, q - e p) is e * loss - (e - 1) * log Z; examples/joint_tsne_digits.py
     shows it.
     """
@@ -121,9 +124,6 @@ class JointTSNE(SNE):
     def __init__(self, perplexity=30.0, dof=1.0, **kwargs):
         super().__init__(perplexity, **kwargs)
         self.dof = check_positive("dof", dof)
-        if self.placement.distributed:
-            raise ValueError("process_group / distributed: JointTSNE is not distributed yet (joint "
-                             "normalisation needs one normaliser over all ranks' pairs)")
 
     def forward(self, embeddings, inputs):
         _check_pair(embeddings, inputs)

@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from ..backends import tile_math
+from . import tile_math
 
 KERNELS = ("dot", "gaussian")
 DIVERGENCES = ("kl", "cross_entropy")      # the closed form of finish_rows

@@ -29,18 +29,19 @@ Tiles are rows-chunk x block, never rows x all columns. The math is the blockwis
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
-from ..families import DIVERGENCES, F_DIVERGENCE_CODES
-from ..backends import blockwise, f_divergences, target_weight_grads, tile_math
+from ..families import DIVERGENCES, F_DIVERGENCE_CODES, learned_kernel
+from . import blockwise, f_divergences, target_weight_grads, tile_math
 
 # how each partial statistic combines across blocks
 _LOG_SUMS = ("lse", "lse_p")                       # log-sum-exp: logaddexp
-_SUMS = ("mass", "cross", "entropy", "r", "h", "pos_s", "sum_s",    # plain sums
+_SUMS = ("mass", "cross", "entropy", "r", "h", "pos_s", "sum_s", "p_mass", "sym_mass",   # plain sums
          "f_loss", "gamma", "q_total", "phi", "p_total")
 
 
@@ -81,6 +82,10 @@ class Block:
     offset: int
     col_labels: Optional[torch.Tensor] = None
     z_cols: Optional[torch.Tensor] = None
+    # a symmetrised Affinity target (a square problem: the columns are rows of some rank): the
+    # columns' LSE^p and, for a per-row target parameter, their parameter (p_{i|j} in the tile)
+    lse_p: Optional[torch.Tensor] = None
+    t_param: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -108,6 +113,11 @@ class RowSide:
     tile_elements: int = 1 << 20
     fused: bool = False                 # blocks through the fused CPU label kernel (label_blocks.py)
     weight_grad: bool = False           # Dense p / Neighbors weights require grad
+    joint: bool = False                 # normalization="joint" (DESIGN.md §1.2): one distribution over all pairs
+    symmetrize: bool = False            # Affinity: p_ij from (p_{j|i} + p_{i|j}) / 2 (the Neighbors
+                                        # target comes symmetrised already, as nbr_csr)
+    pairs: int = 0                      # joint: the number of valid pairs of every rank (the mixtures' 1 / size)
+    nbr_csr: Optional[tuple] = None     # Neighbors as (row_ptr, global column, weight) rows; see symmetric_neighbors
 
     @property
     def m_valid(self) -> int:
@@ -125,9 +135,10 @@ class RowSide:
 
     @property
     def m_mix(self) -> int:
-        """M' as the denominator of the uniform mixtures: 1 when a row has no valid column
-        (N = 1 with y = None on one rank); such rows are left out, this keeps them finite."""
-        return max(self.m_valid, 1)
+        """The denominator of the uniform mixtures: M' (every valid pair under joint
+        normalisation); 1 when there is none (N = 1 with y = None on one rank): such rows are
+        left out, this keeps them finite."""
+        return max(self.pairs if self.joint else self.m_valid, 1)
 
 
 def _row_chunks(rows: RowSide, block: Block):
@@ -148,8 +159,24 @@ def _learned(rows: RowSide, block: Block, r0: int, r1: int):
     return _off_self(s, rows, block, r0, float("-inf")), aux
 
 
+def _csr_tile(rows: RowSide, block: Block, r0: int, r1: int) -> torch.Tensor:
+    """The weights of rows r0:r1 of a Neighbors target in rows (row_ptr, column, weight), over
+    the block's columns (entries of other blocks drop)."""
+    row_ptr, col, weight = rows.nbr_csr
+    lo, hi = int(row_ptr[r0]), int(row_ptr[r1])
+    counts = row_ptr[r0 + 1:r1 + 1] - row_ptr[r0:r1]
+    local_row = torch.repeat_interleave(torch.arange(r1 - r0, device=col.device), counts)
+    local_col = col[lo:hi] - block.offset
+    inside = (local_col >= 0) & (local_col < block.y.shape[0])
+    raw = torch.zeros(r1 - r0, block.y.shape[0], dtype=rows.x.dtype, device=rows.x.device)
+    raw.index_put_((local_row[inside], local_col[inside]), weight[lo:hi][inside].to(raw.dtype), accumulate=True)
+    return raw
+
+
 def _target_raw(rows: RowSide, block: Block, r0: int, r1: int):
     """Unnormalised p of the tile (Labels / Neighbors / Dense), or (t masked, t_aux) for Affinity."""
+    if rows.nbr_csr is not None:
+        return _off_self(_csr_tile(rows, block, r0, r1), rows, block, r0, 0.0), None
     raw, t_aux = tile_math.target_side(rows.target, rows, block.col_labels, block.z_cols, r0, r1,
                                        block.offset, block.y.shape[0], rows.x.dtype)
     return _off_self(raw, rows, block, r0, float("-inf") if rows.target == "affinity" else 0.0), t_aux
@@ -171,19 +198,81 @@ def normaliser_partials(rows: RowSide, block: Block) -> Dict[str, torch.Tensor]:
             out["mass"][r0:r1] = raw.sum(1)
     return out
 
+def symmetric_mass_partials(rows: RowSide, block: Block, stats) -> Dict[str, torch.Tensor]:
+    """Pass 1b of a symmetrised Affinity target under conditional normalisation, once every
+    LSE^p is known (the block carries its columns'): sum_j (p_{j|i} + p_{i|j}) / 2 over the
+    block, the row mass that renormalises row i."""
+    out = {"sym_mass": rows.x.new_empty(rows.x.shape[0])}
+    for r0, r1 in _row_chunks(rows, block):
+        raw, t_aux = _target_raw(rows, block, r0, r1)
+        out["sym_mass"][r0:r1] = torch.exp(_affinity_log_p(rows, block, raw, t_aux, stats, r0, r1)).sum(1)
+    return out
+
+
 def row_normalisers(rows: RowSide, stats: Dict[str, torch.Tensor]):
-    """(mass with empty rows set to 1, which rows have a target) from the merged pass-1 stats."""
+    """(mass with empty rows set to 1, which rows have a target) from the merged pass-1 stats;
+    a symmetrised Affinity target's row mass becomes stats["log_p_scale"]."""
     if rows.target == "affinity":
         has_p = torch.full_like(stats["lse"], rows.m_valid > 0, dtype=torch.bool)
+        if "sym_mass" in stats:
+            sym_mass = stats.pop("sym_mass")
+            stats["log_p_scale"] = torch.log(torch.where(sym_mass > 0, sym_mass, 1.0))
         return None, has_p
     mass = stats["mass"]
     empty = mass == 0                   # a NaN mass keeps its row, so NaN inputs give a NaN loss
     return torch.where(empty, 1.0, mass), ~empty
 
 
+def joint_normalisers(rows: RowSide, stats, mass, reduce):
+    """Normalisation="joint" (DESIGN.md §1.2) from the merged pass-1 statistics of this rank's
+    rows: every row's LSE becomes log Z = logsumexp over all rows of every rank, the target's
+    mass the total over all pairs (Affinity: its rows p(j|i), or the symmetrised ones, each of
+    mass 1, are divided by the number of rows, through stats["log_p_scale"]), and rows.pairs
+    the number of valid pairs. ``reduce(t, op)`` sums ("sum") or maximises ("max") a tensor
+    over the ranks. Returns (mass, included): a row is included when it has a valid column and
+    some pair of the problem has p (else the loss is 0 with zero gradients, as the oracle's)."""
+    lse = stats["lse"]
+    inf = float("-inf")
+    n_rows = reduce(lse.new_tensor(float(lse.shape[0])), "sum")
+    top = reduce(lse.max() if lse.numel() else lse.new_tensor(inf), "max")
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    log_z = shift + torch.log(reduce(torch.exp(lse - shift).sum(), "sum"))
+    rows.pairs = int(n_rows) * rows.m_valid
+    stats["lse"] = log_z.expand_as(lse).clone()
+    has_cols = torch.full_like(lse, rows.m_valid > 0, dtype=torch.bool)
+    if rows.target == "affinity":
+        stats["log_p_scale"] = torch.log(n_rows).expand_as(lse).clone()
+        return None, has_cols
+    total = reduce(stats["mass"].sum(), "sum")
+    some = total != 0                   # a NaN total keeps the rows, so NaN inputs give a NaN loss
+    return torch.where(some, total, 1.0).expand_as(lse).clone(), has_cols & some
+
+
+def _columns_conditional_log_p(rows: RowSide, block: Block, t_aux: torch.Tensor, r0: int) -> torch.Tensor:
+    """log p_{i|j} over a tile of an Affinity target (a square problem): t_ji - LSE^p_j, where
+    t_ji is the target kernel on the same pair (a.b or the squared distance is symmetric) with
+    column j's parameter."""
+    prm = rows.t_param if block.t_param is None else block.t_param[None, :]
+    t_ji = learned_kernel(rows.t_kernel).logit(t_aux, prm)
+    return _off_self(t_ji - tile_math.finite_shift(block.lse_p)[None, :], rows, block, r0, float("-inf"))
+
+
+def _affinity_log_p(rows: RowSide, block: Block, raw: torch.Tensor, t_aux, stats, r0: int, r1: int):
+    """log p of an Affinity tile: log p_{j|i} = t_ij - LSE^p_i, or with symmetrize
+    log((p_{j|i} + p_{i|j}) / 2), less the row's "log_p_scale" when the statistics hold one (the
+    log of what the rows are divided by: the symmetrised row mass, or the number of rows under
+    joint normalisation)."""
+    log_p = raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None]
+    if rows.symmetrize:
+        log_p = torch.logaddexp(log_p, _columns_conditional_log_p(rows, block, t_aux, r0)) - math.log(2)
+    if "log_p_scale" in stats:
+        log_p -= stats["log_p_scale"][r0:r1, None]
+    return log_p
+
+
 class _Tile:
     """p, p~, log q and log q~ (and q, q~ when beta > 0) of one rows-chunk x block tile under
-    the global normalisers."""
+    the global normalisers; for Affinity also the exact log p."""
 
     def __init__(self, rows: RowSide, block: Block, r0: int, r1: int, stats, mass):
         # a row without valid columns has LSE = -inf: shift by 0 there, so its q and p are 0
@@ -191,11 +280,12 @@ class _Tile:
         self.log_q, self.aux = _learned(rows, block, r0, r1)
         self.log_q -= tile_math.finite_shift(stats["lse"][r0:r1])[:, None]     # s - LSE, in place
         raw, self.t_aux = _target_raw(rows, block, r0, r1)
+        self.log_p = None
         if rows.target == "affinity":
-            self.p = torch.exp(raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None])
+            self.log_p = _affinity_log_p(rows, block, raw, self.t_aux, stats, r0, r1)
+            self.p = torch.exp(self.log_p)
         else:
             self.p = raw / mass[r0:r1, None]
-        self.raw = raw
         self.p_mix = self.p
         if rows.alpha > 0:
             self.p_mix = _off_self((1 - rows.alpha) * self.p + rows.alpha / rows.m_mix, rows, block, r0, 0.0)
@@ -222,8 +312,7 @@ def _f_pairs(rows: RowSide, block: Block, tile: _Tile, stats, r0: int, r1: int) 
     inf = float("-inf")
     valid = _off_self(torch.ones_like(tile.log_q, dtype=torch.bool), rows, block, r0, False)
     if rows.target == "affinity" and rows.alpha == 0:
-        log_p = tile.raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None]
-        log_p_mix = torch.where(valid, log_p, inf)
+        log_p_mix = torch.where(valid, tile.log_p, inf)
         p_ratio = valid.to(tile.p.dtype)
     else:
         positive = tile.p_mix != 0        # NaN counts, so a NaN target gives a NaN loss
@@ -278,8 +367,12 @@ def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.T
     """Pass 2 on one block: the row sums that make the loss, R_i and H_i."""
     if rows.f_divergence:
         return _f_loss_partials(rows, block, stats, mass)
-    keys = ["cross"] + (["entropy"] if rows.kl and rows.target != "labels" else []) \
-        + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target == "affinity" or rows.weight_grad else [])
+    # under joint normalisation Labels has no closed-form entropy, the backward's centre needs
+    # each row's mass of p~ (beta = 0), and an Affinity row's H_i its mass of p (joint_statistics)
+    keys = ["cross"] + (["entropy"] if rows.kl and (rows.target != "labels" or rows.joint) else []) \
+        + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target == "affinity" or rows.weight_grad else []) \
+        + (["p_mass"] if rows.joint and rows.beta == 0 else []) \
+        + (["p_total"] if rows.joint and rows.target == "affinity" else [])
     out = {k: rows.x.new_empty(rows.x.shape[0]) for k in keys}
     for r0, r1 in _row_chunks(rows, block):
         tile = _Tile(rows, block, r0, r1, stats, mass)
@@ -289,6 +382,10 @@ def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.T
             out["entropy"][r0:r1] = positive(tile.p_mix, tile.p_mix * torch.log(tile.p_mix)).sum(1)
         if rows.beta > 0:
             out["r"][r0:r1] = positive(tile.p_mix, tile.p_mix * tile.q / tile.q_mix).sum(1)
+        if "p_mass" in out:
+            out["p_mass"][r0:r1] = tile.p_mix.sum(1)
+        if "p_total" in out:
+            out["p_total"][r0:r1] = tile.p.sum(1)
         if rows.target == "affinity":
             out["h"][r0:r1] = positive(tile.p, tile.p * tile.dloss_dp_mix(rows)).sum(1)
         elif rows.weight_grad:
@@ -299,33 +396,69 @@ def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.T
 
 def finish_rows(rows: RowSide, stats, mass, has_p):
     """(L_i, 0 for rows left out; included) from the merged pass-2 statistics (Labels: the
-    entropy in closed form from the positive count K = mass)."""
+    entropy in closed form from the positive count K = mass). Under joint normalisation, each
+    row's contribution to the one divergence."""
     included = has_p & (rows.m_valid > 0)
     if rows.f_divergence:
         return torch.where(included, stats["f_loss"].to(rows.x.dtype), 0.0), included
     row = -stats["cross"]
     if rows.kl:
-        row = row + (tile_math.labels_entropy(mass, rows.alpha, rows.m_mix) if rows.target == "labels"
-                     else stats["entropy"])
+        row = row + (stats["entropy"] if "entropy" in stats
+                     else tile_math.labels_entropy(mass, rows.alpha, rows.m_mix))
+    if rows.joint and rows.target == "affinity":      # H_i as the p-weighted mean of h over row i
+        stats["h"] = stats["h"] / torch.where(stats["p_total"] > 0, stats["p_total"], 1.0)
     return torch.where(included, row, 0.0), included
 
 
+def joint_centres(rows: RowSide, stats, g: torch.Tensor, reduce) -> Dict[str, torch.Tensor]:
+    """The backward's global centres under joint normalisation, for upstream gradients g per
+    row (0 for rows left out): dL/ds_ij = g_i a_ij - q_ij C with C = sum_k g_k c_k over every
+    row of every rank (c_k the row's mass of p~ for kl and cross-entropy with beta = 0, R_k
+    with beta > 0, sum_j q g for an f-divergence, over the total mass of q), since s_ij moves
+    every q through Z; and dL/dw_ij = (1 - alpha) (g_i h_ij - sum_k g_k H_k) / W for Dense /
+    Neighbors weights (W their total)."""
+    wide = torch.float64 if rows.x.device.type != "mps" else rows.x.dtype
+    g = g.to(wide)
+    if rows.f_divergence:
+        learned = reduce((g * stats["gamma"]).sum(), "sum") / reduce(stats["q_total"].sum(), "sum")
+    else:
+        learned = reduce((g * stats["r" if rows.beta > 0 else "p_mass"].to(wide)).sum(), "sum")
+    out = {"learned": learned}
+    if rows.weight_grad:
+        out["weights"] = reduce((g * stats["h"].to(wide)).sum(), "sum")
+    return out
+
+
+def _joint_grad_s(rows: RowSide, tile: _Tile, f, g_rows, centre: torch.Tensor) -> torch.Tensor:
+    """dL/ds of a tile under joint normalisation: g_i a_ij - q_ij C (joint_centres)."""
+    if f is not None:
+        return _minus(_q_g(f) * g_rows, f.q, centre.expand(g_rows.shape[0])).mul_(1 - rows.beta)
+    if rows.beta == 0:
+        return torch.exp(tile.log_q).mul_(centre.to(tile.log_q.dtype)).sub_(tile.p_mix * g_rows)
+    return ((centre.to(tile.q.dtype) - g_rows * tile.p_mix / tile.q_mix).mul_(tile.q).mul_(1 - rows.beta))
+
+
 def gradient_block(rows: RowSide, block: Block, stats, mass, g, row_grads, block_grads,
-                   weight_grads=None) -> None:
+                   weight_grads=None, centres=None) -> None:
     """Backward on one block, added in place: ``row_grads`` = [dx, dparam per row] (+ [dz,
     dt_param per row] for Affinity target gradients), ``block_grads`` = [dy] (+ [dz_cols]),
     ``weight_grads`` = dL/dp (rows x global columns) or dL/dweights (rows x k) when given.
 
-    ``g`` is the upstream gradient per row, already 0 for rows left out. The parameter chain uses
-    the row's global LSE as its shift: it is the same in every block, so the shifts cancel once
-    the blocks are summed (each full row of dL/ds sums to zero).
+    ``g`` is the upstream gradient per row, already 0 for rows left out; under joint
+    normalisation ``centres`` holds joint_centres. The parameter chain uses the row's global LSE
+    as its shift: it is the same in every block, so the shifts cancel once the blocks are summed
+    (each full row of dL/ds sums to zero). Under joint normalisation only the sum over all rows
+    does, so the shift is log Z for a scalar parameter and none for a per-row one.
     """
     need_target = len(row_grads) > 2
+    per_row_param = rows.joint and rows.param.dim() == 1
     for r0, r1 in _row_chunks(rows, block):
         tile = _Tile(rows, block, r0, r1, stats, mass)
         g_rows = g[r0:r1, None]
         f = _f_pairs(rows, block, tile, stats, r0, r1) if rows.f_divergence else None
-        if f is not None:              # (1 - beta) (q g - q Gamma_i), Gamma_i of every block
+        if rows.joint:                 # g_i a_ij - q_ij C; rows left out have q = p = 0
+            grad_s = _joint_grad_s(rows, tile, f, g_rows, centres["learned"])
+        elif f is not None:            # (1 - beta) (q g - q Gamma_i), Gamma_i of every block
             gamma = _centre(stats["gamma"], stats["q_total"], r0, r1)
             grad_s = _minus(_q_g(f), f.q, gamma).mul_(g_rows * (1 - rows.beta))
         elif rows.beta == 0:
@@ -333,14 +466,15 @@ def gradient_block(rows: RowSide, block: Block, stats, mass, g, row_grads, block
         else:
             grad_s = ((stats["r"][r0:r1, None] - tile.p_mix / tile.q_mix)
                       .mul_(tile.q).mul_(g_rows * (1 - rows.beta)))
-        grad_s.masked_fill_(g_rows == 0, 0.0)                 # rows left out (even M' = 0)
+        if not rows.joint:
+            grad_s.masked_fill_(g_rows == 0, 0.0)             # rows left out (even M' = 0)
+        shift = torch.zeros_like(g_rows[:, 0]) if per_row_param else tile_math.finite_shift(stats["lse"][r0:r1])
         pieces = [tile_math.chain(rows.kernel, grad_s, rows.x[r0:r1], block.y, tile.aux,
-                                  tile_math.rows_of(rows.param, r0, r1),
-                                  tile_math.finite_shift(stats["lse"][r0:r1]),
-                                  out_b=block_grads[0])]
+                                  tile_math.rows_of(rows.param, r0, r1), shift, out_b=block_grads[0])]
         del grad_s
         if weight_grads is not None:
-            _weight_grad_block(rows, block, tile, stats, mass, g_rows, r0, r1, weight_grads)
+            _weight_grad_block(rows, block, tile, stats, mass, g_rows, r0, r1, weight_grads,
+                               None if centres is None else centres.get("weights"))
         if need_target:
             if f is not None:          # (1 - alpha) (p f' - p Phi_i), Phi_i of every block
                 phi = _centre(stats["phi"], stats["p_total"], r0, r1)
@@ -376,12 +510,17 @@ def _minus(values: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor) ->
 
 
 def _weight_grad_block(rows: RowSide, block: Block, tile: _Tile, stats, mass, g_rows, r0: int, r1: int,
-                       weight_grads) -> None:
+                       weight_grads, joint_centre=None) -> None:
     """Adds dL/dw of rows r0:r1 over the block's columns: Dense p's block of columns, or the
-    Neighbors entries whose index falls in the block (repeats share their column's value)."""
-    h_dev = tile.dloss_dp_mix_of_weights(rows) - stats["h"][r0:r1, None]
-    grad = g_rows * (1 - rows.alpha) * h_dev / mass[r0:r1, None]
-    grad = _off_self(torch.where(g_rows != 0, grad, 0.0), rows, block, r0, 0.0)     # valid columns only
+    Neighbors entries whose index falls in the block (repeats share their column's value).
+    Under joint normalisation ``joint_centre`` is sum_k g_k H_k (joint_centres)."""
+    h = tile.dloss_dp_mix_of_weights(rows)
+    if joint_centre is None:
+        grad = g_rows * (1 - rows.alpha) * (h - stats["h"][r0:r1, None]) / mass[r0:r1, None]
+        grad = torch.where(g_rows != 0, grad, 0.0)
+    else:
+        grad = (1 - rows.alpha) * (g_rows * h - joint_centre.to(h.dtype)) / mass[r0:r1, None]
+    grad = _off_self(grad, rows, block, r0, 0.0)     # valid columns only
     block_cols = block.y.shape[0]
     if rows.target == "dense":
         weight_grads[r0:r1, block.offset:block.offset + block_cols] += grad
