@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_label_rows.h"
+#include "cpu_f_label_rows.h"
 #include "cpu_f_rows.h"
 #include "cpu_loss.h"
 #include "divergence_math.h"
@@ -102,6 +103,11 @@ struct Problem {
   // the hot case with SIMD row loops (cpu_label_rows.h)
   // an f-divergence with the dot or Gaussian kernel: logits, LSE and backward rows in SIMD
   bool fast_f_div() const { return f_div && (kernel == kDot || kernel == kGaussian); }
+  // a Labels target with alpha = beta = 0 and tv, hellinger, js or chi2: closed forms over the
+  // negatives, one exp per pair (cpu_f_label_rows.h)
+  bool fast_f_labels() const {
+    return fast_f_div() && target == kLabels && alpha == T(0) && beta == T(0) && has_label_closed_form(divergence);
+  }
   bool fast_labels() const {
     return target == kLabels && beta == T(0) && !f_div && (kernel == kDot || kernel == kGaussian);
   }
@@ -223,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), f_scratch(pb.f_div ? 2 * m : 0);   // f-divergences: q g and p f' (unused here)
+      std::vector<int64_t> pos_idx(pb.fast_f_labels() ? m : 0);   // a row's positives
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
         if (pb.fast_labels()) {
@@ -235,6 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         if (pb.fast_f_div()) {   // the dot and Gaussian logits and their LSE in SIMD (cpu_f_rows.h)
           if (pb.kernel == kDot) fast_logits<T, kDot>(s, y_sq, x_sq[i], prm[i], m);
           else fast_logits<T, kGaussian>(s, y_sq, x_sq[i], prm[i], m);
+          if (pb.fast_f_labels() &&
+              f_label_forward<T>(pb.divergence, pb.label_row(i), s, pos_idx.data(), &loss_p[i], &inc_p[i], &st[i],
+                                 &st[n + i]))
+            continue;
           lse = simd_row_lse<T>(s, pb.exclude_self ? i : -1, m);
         } else {
           lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
@@ -342,6 +353,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), t_aux(m), h(target_grad ? m : 0), s_row(m), aux_row(m), q_row(m);
       std::vector<T> qg_row(pb.f_div ? m : 0), pf_row(pb.f_div ? m : 0);   // q g, p f'
+      std::vector<int64_t> pos_idx(pb.fast_f_labels() ? m : 0);             // a row's positives and
+      std::vector<double> pos_s(pb.fast_f_labels() ? m : 0);                // their logits
 
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
@@ -373,6 +386,16 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           dprm.template data_ptr<double>()[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
           w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
           continue;
+        }
+        if (pb.fast_f_labels()) {   // one SIMD pass, closed forms over the negatives (cpu_f_label_rows.h)
+          LabelGradSums sums;
+          if (f_label_backward<T>(pb.divergence, pb.kernel, pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i],
+                                  pos_idx.data(), pos_s.data(), &sums)) {
+            dprm.template data_ptr<double>()[i] =
+                param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+            w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
+            continue;
+          }
         }
         int64_t count;
         double log_total = 0;
