@@ -87,23 +87,30 @@ template <typename T, int D, int LOGP, bool BETA>
 inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
   const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
+  // the row's fields in locals: qg and pf are written in the loop and might alias r (a
+  // reference), which kept GCC from hoisting the loads (gathers in the SIMD loop)
+  const T* const s_row = r.s;
+  const T* const p_row = r.p;
+  const T* const t_row = r.t;
+  const T lse = r.lse, log_p_shift = r.log_p_shift, log_pos = r.log_pos, log_zero = r.log_zero;
+  const int64_t m = r.m, self = r.self;
   FRowSums out{0, 0, 0, 0, 0};
-  for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(r.m, j0 + kSumBlock);
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
     T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
 #pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
     for (int64_t j = j0; j < j1; ++j) {
-      const bool valid = j != r.self;
-      const T lq = vsel(valid, r.s[j] - r.lse, -inf);
+      const bool valid = j != self;
+      const T lq = vsel(valid, s_row[j] - lse, -inf);
       const T q = vexp(lq);
-      const T pj = r.p[j];
+      const T pj = p_row[j];
       const T pm = keep_p * pj + b;
       T lp, pr;
       if constexpr (LOGP == kExactLogP) {
-        lp = vsel(valid, r.t[j] + r.log_p_shift, -inf);
+        lp = vsel(valid, t_row[j] + log_p_shift, -inf);
         pr = T(1);
       } else if constexpr (LOGP == kTwoLevelLogP) {
-        lp = vsel(pj != T(0), r.log_pos, r.log_zero);
+        lp = vsel(pj != T(0), log_pos, log_zero);
         pr = vsel(pm != T(0), pj / pm, T(0));
       } else {
         lp = vsel(pm == T(0), -inf, vlog(pm));
@@ -198,13 +205,17 @@ template <typename T>
 inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, T shift, T w_scale,
                                      T* qg, T* pf) {
   T* w = const_cast<T*>(r.s);
+  const int64_t m = r.m, self = r.self;   // locals: w is written below
   double q_total = 0;
-  for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(r.m, j0 + kSumBlock);
-    T bq = 0;
+  {
+    const T lse0 = r.lse;
+    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+      const int64_t j1 = std::min(m, j0 + kSumBlock);
+      T bq = 0;
 #pragma omp simd reduction(+ : bq)
-    for (int64_t j = j0; j < j1; ++j) bq += j != r.self ? vexp(w[j] - r.lse) : T(0);
-    q_total += bq;
+      for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp(w[j] - lse0) : T(0);
+      q_total += bq;
+    }
   }
   if (q_total > 0) r.lse = T(double(r.lse) + std::log(q_total));
   const FRowSums f = f_row<T>(divergence, r, log_p, qg, pf);
@@ -214,13 +225,13 @@ inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, 
   const T gamma_hi = T(gamma), gamma_lo = T(gamma - double(gamma_hi));
   const T scale = g * (T(1) - r.beta), lse = r.lse;
   LabelGradSums out{0, 0, 0, 0, 0};
-  for (int64_t j0 = 0; j0 < r.m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(r.m, j0 + kSumBlock);
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
     T dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
 #pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
     for (int64_t j = j0; j < j1; ++j) {
       const T s = w[j];
-      const T q = j != r.self ? vexp(s - lse) : T(0);
+      const T q = j != self ? vexp(s - lse) : T(0);
       const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
       const T basis = s - shift;
       dp += grad == T(0) ? T(0) : grad * basis;
