@@ -16,8 +16,8 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
     exponent (power: s = -(n/2) log(||x_i - y_j||^2 + eps), eps = families.POWER_EPS = 1e-12, a
     library constant), each a finite float > 0 or a scalar / (N,) tensor that may require grad.
     alpha / beta mix a uniform distribution into p / q. divergence: "kl" or "cross_entropy", or one of the
-    f-divergences "reverse_kl", "tv", "hellinger", "js", "chi2" (DESIGN.md §1.1), which run on
-    the dense reference backend for now ("auto" picks it; the fused backends raise).
+    f-divergences "reverse_kl", "tv", "hellinger", "js", "chi2" (DESIGN.md §1.1), on every
+    backend.
 
     normalization: "conditional" (the default: one distribution q(.|i) per row, the loss a mean
     of row divergences) or "joint" (DESIGN.md §1.2; van der Maaten's t-SNE): q_ij = e^{s_ij} / Z

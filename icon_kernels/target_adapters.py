@@ -206,7 +206,8 @@ class AffinityAdapter(TargetAdapter):
         return replace(target, **{name: inf_to_nan(getattr(target, name)) for name in _PARAMS})
 
     def check_shard(self, target, x, y, n_cols):
-        if target.z_cols is None and y is not None:
+        if target.z_cols is None and y is not None and target.symmetrize is not True:
+            # (a symmetrised target's columns are its rows: z_cols is z, on every rank)
             raise ValueError("z_cols (this rank's column target features) is required when y is given")
         check_matrix("target.z", target.z)
         _rows_on_rank("z", target.z, x.shape[0], x)

@@ -29,6 +29,7 @@ CASES = [
     ("affinity", True, "joint", "kl", 0.0, 0.0, False, "mean"),
     ("affinity", True, "conditional", "reverse_kl", 0.0, 0.0, False, "none"),
     ("affinity", True, "joint", "chi2", 0.1, 0.0, False, "sum"),
+    ("affinity", True, "joint", "js", 0.0, 0.0, True, "sum"),      # y given: square, z_cols None
 ]
 
 
@@ -49,7 +50,7 @@ def case_parts(target, symmetrize, rect, n, gen):
         parts["indices"], parts["weights"] = idx, torch.rand(n, 4, generator=gen, dtype=torch.float64) + 0.1
     elif target == "affinity":
         parts["z"] = torch.randn(n, 3, generator=gen, dtype=torch.float64)
-        parts["z_cols"] = torch.randn(n, 3, generator=gen, dtype=torch.float64) if rect else None
+        parts["z_cols"] = torch.randn(n, 3, generator=gen, dtype=torch.float64) if rect and not symmetrize else None
         # symmetrised: a per-row sigma, so t_ji != t_ij and the columns' parameters must travel
         parts["sigma"] = (torch.rand(n, generator=gen, dtype=torch.float64) + 0.7 if symmetrize
                           else torch.tensor(1.3, dtype=torch.float64))

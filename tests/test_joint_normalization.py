@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import icon_kernels as ik
-from icon_kernels.backends import dispatch
+from icon_kernels.backends import blockwise, dispatch
 from icon_kernels.distributed import rank_agreement
 from icon_kernels.validation import LOSS_OPTIONS, check_arguments
 
@@ -255,16 +255,19 @@ def test_joint_is_not_the_mean_of_conditional_rows():
     _close(joint, dense_joint_rows(x, "labels", {"labels": target.row_labels}).sum())
 
 
+@pytest.mark.parametrize("divergence", ["kl", "tv", "js", "hellinger", "chi2"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_pair_with_p_or_no_valid_pair_gives_zero_with_zero_gradients(backend):
+def test_no_pair_with_p_or_no_valid_pair_gives_zero_with_zero_gradients(backend, divergence):
     x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
     for target, y in ((ik.Labels(torch.arange(5)), None), (ik.Dense(torch.zeros(5, 5, dtype=torch.float64)), None)):
-        loss = ik.icon_loss(x, y, target=target, kernel="student_t", normalization="joint", backend=backend)
+        loss = ik.icon_loss(x, y, target=target, kernel="student_t", normalization="joint", backend=backend,
+                            divergence=divergence)
         dx, = torch.autograd.grad(loss, [x])
-        assert loss.item() == 0 and torch.equal(dx, torch.zeros_like(dx))
+        if divergence == "kl":           # no p anywhere: the oracle's 0 with zero gradients
+            assert loss.item() == 0 and torch.equal(dx, torch.zeros_like(dx))
     one = torch.randn(1, D, dtype=torch.float64, requires_grad=True)      # N = 1: no valid column
     loss = ik.icon_loss(one, target=ik.Labels(torch.zeros(1, dtype=torch.long)), normalization="joint",
-                        backend=backend)
+                        backend=backend, divergence=divergence)
     dx, = torch.autograd.grad(loss, [one])
     assert loss.item() == 0 and torch.equal(dx, torch.zeros_like(dx))
 
@@ -273,9 +276,24 @@ def test_no_pair_with_p_or_no_valid_pair_gives_zero_with_zero_gradients(backend)
 def test_nan_in_x_gives_nan(backend):
     x = torch.randn(N, D, dtype=torch.float64)
     x[2, 1] = math.nan
-    loss = ik.icon_loss(x, target=ik.Labels(torch.arange(N) % 3), kernel="student_t", normalization="joint",
-                        backend=backend)
-    assert torch.isnan(loss)
+    for target in (ik.Labels(torch.arange(N) % 3), ik.Labels(torch.arange(N))):   # the second: no pair with p
+        loss = ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", backend=backend)
+        assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "tv"])
+def test_a_row_whose_logits_all_overflow_gives_what_the_oracle_gives(divergence):
+    # a student_t distance of 1e400 makes every logit of row 1 -inf: its conditional log_softmax
+    # is NaN; under joint normalisation log Z stays finite and row 1's q is 0 (kl: +inf)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[1, 0] = 1e200
+    z = torch.randn(5, 2, dtype=torch.float64)
+    for normalization in ("conditional", "joint"):
+        want, got = (ik.icon_loss(x, target=ik.Affinity(z, symmetrize=True), kernel="student_t", backend=backend,
+                                  divergence=divergence, normalization=normalization) for backend in BACKENDS)
+        if normalization == "conditional":
+            assert torch.isnan(want)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=RTOL, atol=0)
 
 
 # ---- symmetrize=True with conditional normalisation: row-renormalised ------------------------
@@ -566,3 +584,46 @@ def test_joint_tsne_with_dof_2_equals_scikit_learn_loss_and_its_true_gradient():
     h, flat = 1e-6, emb_np.ravel()
     numeric = np.array([(objective(flat + h * e) - objective(flat - h * e)) / (2 * h) for e in np.eye(flat.size)])
     np.testing.assert_allclose(grad.numpy().ravel(), numeric, rtol=1e-5, atol=1e-7)
+
+
+def _naive_joint_tsne(x, z, dof, sigma):
+    """Joint t-SNE written directly in PyTorch (the precision yardstick of DESIGN.md §5)."""
+    n = x.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    log_p = (-torch.cdist(z, z).square() / (2 * sigma ** 2)).masked_fill(eye, -math.inf).log_softmax(1)
+    p = (log_p.exp() + log_p.exp().T) / (2 * n)
+    s = -(dof + 1) / 2 * torch.log1p(torch.cdist(x, x).square() / dof)
+    log_q = s.masked_fill(eye, -math.inf).flatten().log_softmax(0).reshape(n, n)
+    return torch.where(eye, 0.0, p * (torch.log(torch.where(eye, 1.0, p)) - log_q)).sum()
+
+
+def test_torch_joint_fp32_error_within_twice_pytorchs_own(monkeypatch):
+    # fp32 against float64, several row chunks: the loss, dx and d/d(dof) of the column stream
+    # within 2x the error of the naive fp32 formula (log Z is subtracted in two fp32 parts,
+    # column_blocks.joint_normalisers: with one rounded log Z dx was 2.1x and d/d(dof) 3.9x)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1 << 16)
+    gen = torch.Generator().manual_seed(0)
+    n = 1500
+    x64 = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+    z64 = torch.randn(n, 10, generator=gen, dtype=torch.float64)
+
+    def fused(x, z, dof):
+        return ik.icon_loss(x, target=ik.Affinity(z, sigma=3.0, symmetrize=True), kernel="student_t", dof=dof,
+                            normalization="joint", backend="torch")
+
+    def run(fn, dtype):
+        x = x64.to(dtype).requires_grad_(True)
+        dof = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+        loss = fn(x, z64.to(dtype), dof)
+        return [loss.detach().double(), *(g.double() for g in torch.autograd.grad(loss, [x, dof]))]
+
+    want = run(_naive_joint_tsne_fn, torch.float64)
+    naive = run(_naive_joint_tsne_fn, torch.float32)
+    got = run(fused, torch.float32)
+    for name, g, b, w in zip(("loss", "dx", "ddof"), got, naive, want):
+        scale = w.abs().max()
+        assert (g - w).abs().max() / scale <= 2 * (b - w).abs().max() / scale + 1e-9, name
+
+
+def _naive_joint_tsne_fn(x, z, dof):
+    return _naive_joint_tsne(x, z, dof, 3.0)

@@ -113,6 +113,7 @@ class RowSide:
     tile_elements: int = 1 << 20
     fused: bool = False                 # blocks through the fused CPU label kernel (label_blocks.py)
     weight_grad: bool = False           # Dense p / Neighbors weights require grad
+    target_grad: bool = False           # Affinity z, z_cols or parameter require grad (pass 2 sums H_i / Phi_i)
     joint: bool = False                 # normalization="joint" (DESIGN.md §1.2): one distribution over all pairs
     symmetrize: bool = False            # Affinity: p_ij from (p_{j|i} + p_{i|j}) / 2 (the Neighbors
                                         # target comes symmetrised already, as nbr_csr)
@@ -185,11 +186,13 @@ def _target_raw(rows: RowSide, block: Block, r0: int, r1: int):
 def normaliser_partials(rows: RowSide, block: Block) -> Dict[str, torch.Tensor]:
     """Pass 1 on one block: LSE of the logits and the target's mass (or LSE^p)."""
     n = rows.x.shape[0]
-    out = {"lse": rows.x.new_empty(n),
+    wide = rows.x.dtype if rows.x.device.type == "mps" else torch.float64     # row_sum's dtype
+    # joint normalisation keeps the row LSEs unrounded for log Z (joint_normalisers)
+    out = {"lse": rows.x.new_empty(n, dtype=wide if rows.joint else rows.x.dtype),
            ("lse_p" if rows.target == "affinity" else "mass"): rows.x.new_empty(n)}
     for r0, r1 in _row_chunks(rows, block):
         s, _ = _learned(rows, block, r0, r1)
-        out["lse"][r0:r1] = tile_math.row_lse(s)          # +inf logit: NaN, as log_softmax
+        out["lse"][r0:r1] = tile_math.row_lse(s, wide=rows.joint)   # +inf logit: NaN, as log_softmax
         del s
         raw, _ = _target_raw(rows, block, r0, r1)
         if rows.target == "affinity":
@@ -231,14 +234,20 @@ def joint_normalisers(rows: RowSide, stats, mass, reduce):
     the number of valid pairs. ``reduce(t, op)`` sums ("sum") or maximises ("max") a tensor
     over the ranks. Returns (mass, included): a row is included when it has a valid column and
     some pair of the problem has p (else the loss is 0 with zero gradients, as the oracle's)."""
-    lse = stats["lse"]
+    lse = stats["lse"]                  # unrounded (float64): normaliser_partials
     inf = float("-inf")
     n_rows = reduce(lse.new_tensor(float(lse.shape[0])), "sum")
     top = reduce(lse.max() if lse.numel() else lse.new_tensor(inf), "max")
     shift = torch.where(torch.isfinite(top), top, 0.0)
     log_z = shift + torch.log(reduce(torch.exp(lse - shift).sum(), "sum"))
     rows.pairs = int(n_rows) * rows.m_valid
-    stats["lse"] = log_z.expand_as(lse).clone()
+    # log Z in two parts of the tiles' dtype, both subtracted from s (_Tile): one rounded log Z
+    # would put its |log Z| ulps into every q alike, sum q = 1 + O(1e-6) in fp32, which the
+    # gradient carries times the mean of the features (as an fp32 row LSE would; DESIGN.md §5)
+    hi = log_z.to(rows.x.dtype)
+    lo = torch.where(torch.isfinite(log_z), log_z - hi.to(log_z.dtype), 0.0).to(rows.x.dtype)
+    stats["lse"] = hi.expand(lse.shape).clone()
+    stats["lse_lo"] = lo.expand(lse.shape).clone()
     has_cols = torch.full_like(lse, rows.m_valid > 0, dtype=torch.bool)
     if rows.target == "affinity":
         stats["log_p_scale"] = torch.log(n_rows).expand_as(lse).clone()
@@ -248,13 +257,23 @@ def joint_normalisers(rows: RowSide, stats, mass, reduce):
     return torch.where(some, total, 1.0).expand_as(lse).clone(), has_cols & some
 
 
+def _shift(rows: RowSide, lse: torch.Tensor) -> torch.Tensor:
+    """A row normaliser (LSE, LSE^p or log Z) as its tile's shift. Without valid columns (the
+    row is left out) LSE = -inf and the shift is 0, so the row's q and p are 0, not NaN, and its
+    gradients zero; with valid columns, LSE = -inf means every logit is -inf (an overflowed
+    distance, log_dot's log 0), where log_softmax gives NaN, and so does the shift."""
+    if rows.m_valid == 0:
+        return tile_math.finite_shift(lse)
+    return torch.where(lse == float("-inf"), float("nan"), lse)
+
+
 def _columns_conditional_log_p(rows: RowSide, block: Block, t_aux: torch.Tensor, r0: int) -> torch.Tensor:
     """log p_{i|j} over a tile of an Affinity target (a square problem): t_ji - LSE^p_j, where
     t_ji is the target kernel on the same pair (a.b or the squared distance is symmetric) with
     column j's parameter."""
     prm = rows.t_param if block.t_param is None else block.t_param[None, :]
     t_ji = learned_kernel(rows.t_kernel).logit(t_aux, prm)
-    return _off_self(t_ji - tile_math.finite_shift(block.lse_p)[None, :], rows, block, r0, float("-inf"))
+    return _off_self(t_ji - _shift(rows, block.lse_p)[None, :], rows, block, r0, float("-inf"))
 
 
 def _affinity_log_p(rows: RowSide, block: Block, raw: torch.Tensor, t_aux, stats, r0: int, r1: int):
@@ -262,7 +281,7 @@ def _affinity_log_p(rows: RowSide, block: Block, raw: torch.Tensor, t_aux, stats
     log((p_{j|i} + p_{i|j}) / 2), less the row's "log_p_scale" when the statistics hold one (the
     log of what the rows are divided by: the symmetrised row mass, or the number of rows under
     joint normalisation)."""
-    log_p = raw - tile_math.finite_shift(stats["lse_p"][r0:r1])[:, None]
+    log_p = raw - _shift(rows, stats["lse_p"][r0:r1])[:, None]
     if rows.symmetrize:
         log_p = torch.logaddexp(log_p, _columns_conditional_log_p(rows, block, t_aux, r0)) - math.log(2)
     if "log_p_scale" in stats:
@@ -275,10 +294,10 @@ class _Tile:
     the global normalisers; for Affinity also the exact log p."""
 
     def __init__(self, rows: RowSide, block: Block, r0: int, r1: int, stats, mass):
-        # a row without valid columns has LSE = -inf: shift by 0 there, so its q and p are 0
-        # (not NaN) and its left-out gradients stay zero
         self.log_q, self.aux = _learned(rows, block, r0, r1)
-        self.log_q -= tile_math.finite_shift(stats["lse"][r0:r1])[:, None]     # s - LSE, in place
+        self.log_q -= _shift(rows, stats["lse"][r0:r1])[:, None]     # s - LSE, in place
+        if "lse_lo" in stats:           # joint: log Z's low part (joint_normalisers)
+            self.log_q -= stats["lse_lo"][r0:r1, None]
         raw, self.t_aux = _target_raw(rows, block, r0, r1)
         self.log_p = None
         if rows.target == "affinity":
@@ -343,7 +362,7 @@ def _p_fprime(f: blockwise.FTile) -> torch.Tensor:
 def _f_loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.Tensor]:
     """Pass 2 of an f-divergence on one block: sum_j q~ f, sum_j q g and sum_j q (Gamma_i), and
     for Affinity sum_j p f' and sum_j p (Phi_i); H_i = sum_j p h for weight gradients."""
-    keys = ["f_loss", "gamma", "q_total"] + (["phi", "p_total"] if rows.target == "affinity" else []) \
+    keys = ["f_loss", "gamma", "q_total"] + (["phi", "p_total"] if rows.target_grad else []) \
         + (["h"] if rows.weight_grad else [])
     n, sums = rows.x.shape[0], tile_math.row_sum
     wide = rows.x.dtype if rows.x.device.type == "mps" else torch.float64     # row_sum's dtype
@@ -354,7 +373,7 @@ def _f_loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torc
         out["f_loss"][r0:r1] = sums(torch.where(f.valid, f.terms.term, 0.0))
         out["gamma"][r0:r1] = sums(_q_g(f))
         out["q_total"][r0:r1] = sums(f.q)
-        if rows.target == "affinity":
+        if "phi" in out:
             out["phi"][r0:r1] = sums(_p_fprime(f))
             out["p_total"][r0:r1] = sums(tile.p)
         if rows.weight_grad:
@@ -370,23 +389,24 @@ def loss_partials(rows: RowSide, block: Block, stats, mass) -> Dict[str, torch.T
     # under joint normalisation Labels has no closed-form entropy, the backward's centre needs
     # each row's mass of p~ (beta = 0), and an Affinity row's H_i its mass of p (joint_statistics)
     keys = ["cross"] + (["entropy"] if rows.kl and (rows.target != "labels" or rows.joint) else []) \
-        + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target == "affinity" or rows.weight_grad else []) \
+        + (["r"] if rows.beta > 0 else []) + (["h"] if rows.target_grad or rows.weight_grad else []) \
         + (["p_mass"] if rows.joint and rows.beta == 0 else []) \
-        + (["p_total"] if rows.joint and rows.target == "affinity" else [])
+        + (["p_total"] if rows.joint and rows.target_grad else [])
     out = {k: rows.x.new_empty(rows.x.shape[0]) for k in keys}
     for r0, r1 in _row_chunks(rows, block):
         tile = _Tile(rows, block, r0, r1, stats, mass)
         positive = tile_math.where_positive
         out["cross"][r0:r1] = positive(tile.p_mix, tile.p_mix * tile.log_q_mix).sum(1)
-        if "entropy" in out:
-            out["entropy"][r0:r1] = positive(tile.p_mix, tile.p_mix * torch.log(tile.p_mix)).sum(1)
+        if "entropy" in out:            # Affinity with alpha = 0: its exact log p, no log pass
+            log_p_mix = tile.log_p if tile.log_p is not None and rows.alpha == 0 else torch.log(tile.p_mix)
+            out["entropy"][r0:r1] = positive(tile.p_mix, tile.p_mix * log_p_mix).sum(1)
         if rows.beta > 0:
             out["r"][r0:r1] = positive(tile.p_mix, tile.p_mix * tile.q / tile.q_mix).sum(1)
         if "p_mass" in out:
             out["p_mass"][r0:r1] = tile.p_mix.sum(1)
         if "p_total" in out:
             out["p_total"][r0:r1] = tile.p.sum(1)
-        if rows.target == "affinity":
+        if rows.target_grad:
             out["h"][r0:r1] = positive(tile.p, tile.p * tile.dloss_dp_mix(rows)).sum(1)
         elif rows.weight_grad:
             out["h"][r0:r1] = positive(tile.p, tile.p * tile.dloss_dp_mix_of_weights(rows)).sum(1)
@@ -400,14 +420,21 @@ def finish_rows(rows: RowSide, stats, mass, has_p):
     row's contribution to the one divergence."""
     included = has_p & (rows.m_valid > 0)
     if rows.f_divergence:
-        return torch.where(included, stats["f_loss"].to(rows.x.dtype), 0.0), included
-    row = -stats["cross"]
-    if rows.kl:
-        row = row + (stats["entropy"] if "entropy" in stats
-                     else tile_math.labels_entropy(mass, rows.alpha, rows.m_mix))
-    if rows.joint and rows.target == "affinity":      # H_i as the p-weighted mean of h over row i
-        stats["h"] = stats["h"] / torch.where(stats["p_total"] > 0, stats["p_total"], 1.0)
-    return torch.where(included, row, 0.0), included
+        row = stats["f_loss"].to(rows.x.dtype)
+    else:
+        row = -stats["cross"]
+        if rows.kl:
+            row = row + (stats["entropy"] if "entropy" in stats
+                         else tile_math.labels_entropy(mass, rows.alpha, rows.m_mix))
+    row = torch.where(included, row, 0.0)
+    if rows.joint:
+        if rows.target_grad and not rows.f_divergence:     # H_i: the p-weighted mean of h over row i
+            stats["h"] = stats["h"] / torch.where(stats["p_total"] > 0, stats["p_total"], 1.0)
+        # no pair with p leaves every row out, but NaN in the logits still gives NaN, as in the
+        # oracle (log Z is NaN then; -inf when there is no valid pair, which gives 0)
+        log_z = stats["lse"]
+        row = row + 0.0 * torch.where(log_z == float("-inf"), 0.0, log_z).to(row.dtype)
+    return row, included
 
 
 def joint_centres(rows: RowSide, stats, g: torch.Tensor, reduce) -> Dict[str, torch.Tensor]:
@@ -419,8 +446,9 @@ def joint_centres(rows: RowSide, stats, g: torch.Tensor, reduce) -> Dict[str, to
     Neighbors weights (W their total)."""
     wide = torch.float64 if rows.x.device.type != "mps" else rows.x.dtype
     g = g.to(wide)
-    if rows.f_divergence:
-        learned = reduce((g * stats["gamma"]).sum(), "sum") / reduce(stats["q_total"].sum(), "sum")
+    if rows.f_divergence:          # no valid pair at all (N = 1, y omitted): 0, not 0 / 0
+        q_total = reduce(stats["q_total"].sum(), "sum")
+        learned = reduce((g * stats["gamma"]).sum(), "sum") / torch.where(q_total > 0, q_total, 1.0)
     else:
         learned = reduce((g * stats["r" if rows.beta > 0 else "p_mass"].to(wide)).sum(), "sum")
     out = {"learned": learned}

@@ -151,4 +151,6 @@ def column_problem(problem: Problem, x, y, *, row_offset: int, tile_elements: in
         own.z_cols = t.z_cols.detach()
     weights = adapter_for(problem.target).weight_tensor(problem.target)
     rows.weight_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+    rows.target_grad = (t.target == "affinity" and torch.is_grad_enabled()
+                        and any(v is not None and v.requires_grad for v in (t.z, t.z_cols, t.t_param)))
     return rows, own, (xk, yk, param, t.z, t.z_cols, t.t_param, weights)

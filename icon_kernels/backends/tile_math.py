@@ -64,16 +64,18 @@ def finite_shift(lse: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
-def row_lse(s: torch.Tensor) -> torch.Tensor:
+def row_lse(s: torch.Tensor, wide: bool = False) -> torch.Tensor:
     """logsumexp over each row of a masked logits tile (-inf off the valid set). A row with a +inf
     logit gets NaN, as log_softmax gives (Inf in the inputs never yields a finite or +inf loss by
     way of -inf log q elsewhere in the row); a row with no valid column stays at -inf.
     The sum of exponentials runs in float64 (row_sum), so the LSE is only rounded to s's dtype:
-    its error shifts every log q of the row, which the mixtures (alpha, beta > 0) do not cancel."""
+    its error shifts every log q of the row, which the mixtures (alpha, beta > 0) do not cancel.
+    ``wide`` returns it unrounded, in row_sum's float64 (joint normalisation's log Z)."""
     row_max = s.amax(1)
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)   # -inf rows stay -inf, +inf rows give inf
     exp_sum = row_sum(torch.exp(s - row_max[:, None]))
-    lse = (row_max.to(exp_sum.dtype) + torch.log(exp_sum)).to(s.dtype)
+    lse = row_max.to(exp_sum.dtype) + torch.log(exp_sum)
+    lse = lse if wide else lse.to(s.dtype)
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 

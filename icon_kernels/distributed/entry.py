@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends import second_backward
-from ..backends.dispatch import column_problem, row_losses
+from ..backends.dispatch import column_problem, computing_backends, needs_column_stream, row_losses
 from ..backends.registry import resolve_backend
 from ..families import DIVERGENCES
 from ..target_adapters import adapter_for
@@ -223,6 +223,11 @@ def _backend_and_problem(backend, x, cols, target, options):
                               exclude_self=False, **options)
     if symmetrize:
         problem.target = dataclasses.replace(problem.target, symmetrize=True)
+    if needs_column_stream(problem):
+        # computed by the torch tile math of the column stream; a backend named explicitly that
+        # does not compute it raises as in one process
+        only, what = computing_backends(problem, backend)
+        name = resolve_backend(backend, x.device, only=only, what=what)
     return name, problem
 
 
