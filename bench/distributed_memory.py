@@ -2,8 +2,9 @@
 
 Every (mode, world size) point spawns ``world`` fresh processes joined by gloo. Each rank makes
 its shard of a global fp32 problem (N_global x d, labels = arange // 2, dot kernel, self pairs
-excluded), warms up on a tiny problem, resets its peak RSS (VmHWM) and runs forward + backward
-once; its figure is the peak RSS increase over the RSS just before that call. With more than
+excluded), pins glibc's mmap threshold (measure.py's docstring says why), warms up on a tiny
+problem, resets its peak RSS (VmHWM) and runs forward + backward once; its figure is the peak RSS
+increase over the RSS just before that call. With more than
 one rank, each rank gets its share of the cores (at least one thread). The table shows
 the largest rank's figure. Gather mode runs the fused backend ("auto": cpu when built); ring mode
 its own blockwise math.
@@ -25,13 +26,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import hwm_mib, reset_peak  # noqa: E402
+from measure import hwm_mib, pin_malloc, reset_peak  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _rank_main(rank, world, n, d, mode, init_file, out_dir):
     import icon_kernels as ik
+    pinned = pin_malloc()     # glibc's mmap threshold made static: a reproducible figure (measure.py)
     if world > 1:      # the ranks share the machine's cores, as torchrun's OMP_NUM_THREADS=1 does
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -53,7 +55,7 @@ def _rank_main(rank, world, n, d, mode, init_file, out_dir):
         ik.distributed.icon_loss(x, target=ik.Labels(labels), **loss_kw).backward()
         seconds = time.perf_counter() - t0
         result = {"rank": rank, "n_local": sizes[rank], "peak_increase_mib": hwm_mib() - base,
-                  "seconds": seconds, "hwm_reset": exact}
+                  "seconds": seconds, "hwm_reset": exact, "malloc_pinned": pinned}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.barrier()

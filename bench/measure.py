@@ -2,19 +2,47 @@
 
 Peak memory on the CPU is read from the process's peak RSS (VmHWM, the counter behind
 ``ru_maxrss``; tracemalloc cannot see torch tensors), which says nothing about a second problem in
-the same process: hence one process per memory figure. The jobs (a JSON spec in, one JSON result
-out):
+the same process: hence one process per memory figure.
+
+Pinned allocator (``pin_malloc``, every CPU memory figure: the ``memory`` and ``backend_point``
+jobs, so ``make bench``'s CPU rows, the CPU largest-N probe, bench_icon.py and
+tests/test_memory_bound.py). With glibc's defaults the figure of one fused backend moved by up to
+~50 MiB between fresh runs of the same configuration (cpu InfoNCE at N = 8192: 61-109 MiB, steps
+of ~8 MiB), more than the differences the memory bounds ask about. The cause is malloc's
+*dynamic* mmap threshold (the cause as far as the experiments show: pinning it removes the
+spread): it starts at 128 KiB, and each free of an mmapped block raises it to that block's size
+(up to 32 MiB), so whether later tiles (the cpu backend's 8 MiB Gram tiles, the torch backend's
+chunks) come from a heap instead of fresh mappings, and how much of a heap stays resident after
+their free, depends on the order in which the threads allocate and free them. The memory jobs
+therefore call mallopt(M_MMAP_THRESHOLD, 128 KiB) and mallopt(M_TRIM_THRESHOLD, 128 KiB) first
+(before the warm-up): glibc's initial values, made static. Every block of 128 KiB or more is then
+its own mapping, resident while it is live and unmapped at its free, so the RSS peak is the peak of
+the live large buffers plus the small-block heap: 3 fresh runs agree within ~1 MiB (measured with
+thresholds of 128 KiB, 1 MiB and 4 MiB; 128 KiB had the smallest spread on the torch backend's
+f-divergence chunks, 0.6 against 5.8 MiB at 1 MiB and 1.3 MiB at 4 MiB). It is done with mallopt rather than the
+MALLOC_MMAP_THRESHOLD_ environment variable because glibc reads that variable only at process
+start, and the runner's forked children start from a parent that is already running.
+MALLOC_ARENA_MAX is left alone: per-thread arenas then hold only blocks under 128 KiB, and
+limiting them made no measurable difference to the spread. Elsewhere (the timing job) the
+allocator keeps its defaults, as a user's process would. The alternative counter, torch's CPU
+allocator events (torch.profiler with profile_memory=True), sees tensors only (not the C++
+kernels' std::vector scratch), and the profiler itself adds ~150 MiB of RSS; the RSS stays the
+figure. Without glibc (no mallopt), or with ``"pin_malloc": false`` in a job's spec (to see the
+old behaviour), the figure is the plain RSS increase, and ``memory_counter`` says so.
+
+The jobs (a JSON spec in, one JSON result out):
 
 - ``memory``: one contender, one forward + backward at size N; the increase of the peak RSS over
-  the RSS just before the call, with the inputs already allocated, under an address-space limit.
+  the RSS just before the call, with the inputs already allocated, under an address-space limit
+  (allocator pinned on CPU).
 - ``timing``: every contender of one row (configuration, dtype, N) in the same process, on the
   same inputs, in alternating order with the GEMM floor (and, on CUDA, each contender's peak
   memory).
 - ``probe``: a largest-N search for one contender within a memory budget, in-process on CUDA.
   On CPU the runner runs one ``memory`` job per step instead (probe.py).
 - ``backend_point``: one backend on tests/test_memory_bound.py's problem (fp32 x, labels
-  arange(N)//2, kernel "dot", tau 0.1, y = None): peak memory of the first run, then timed runs
-  and the GEMM floor.
+  arange(N)//2, kernel "dot", tau 0.1, y = None): peak memory of the first run (allocator
+  pinned), then timed runs and the GEMM floor.
 
 ``python bench/measure.py '<json spec>'`` runs one job in a fresh interpreter and prints one JSON
 line (``run_spawned``: CUDA jobs, ``--spawn``, the pytest-benchmark suite, the memory-bound test).
@@ -87,6 +115,35 @@ def reset_peak():
         return False
 
 
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 128 * 1024     # glibc's initial threshold, made static (module docstring)
+
+
+def pin_malloc(threshold=MMAP_THRESHOLD):
+    """Make glibc's mmap and trim thresholds static at ``threshold`` bytes (see the module
+    docstring: blocks of that size or more are mapped at malloc and unmapped at free, so the peak
+    RSS follows the live buffers instead of the allocator's history). True when it took effect;
+    False without glibc (the figure is then the allocator's default behaviour)."""
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def memory_counter(reset, pinned):
+    """What the ``memory_counter`` field of a CPU figure says."""
+    text = "VmHWM reset before the call" if reset else "ru_maxrss"
+    return text + (f", malloc mmap threshold pinned at {MMAP_THRESHOLD // 1024} KiB" if pinned
+                   else ", default malloc thresholds")
+
+
 def vmsize_bytes():
     kib = _proc_status_kib("VmSize")
     return None if kib is None else kib * 1024
@@ -140,6 +197,7 @@ def memory_job(spec):
     cfg, name, device = CONFIGS[spec["config"]], spec["contender"], spec["device"]
     dtype, n, d = getattr(torch, spec["dtype"]), spec["n"], spec["d"]
     out = {"ok": False, "job": "memory", "contender": name, "n": n}
+    pinned = device == "cpu" and spec.get("pin_malloc", True) and pin_malloc()
     try:
         small = cfg.make(spec.get("warm_n", 256), d, dtype, device, seed=1)
         fwd_bwd(build(name, cfg, small), small, device)
@@ -171,7 +229,8 @@ def memory_job(spec):
     if limited:
         unlimit_address_space()
     out.update(ok=True, status="ok", run_s=t, loss=float(loss), peak_mib=max(0.0, peak - base),
-               memory_counter="VmHWM reset before the call" if reset else "ru_maxrss",
+               memory_counter=(memory_counter(reset, pinned) if device == "cpu"
+                               else "VmHWM reset before the call" if reset else "ru_maxrss"),
                baseline_mib=base, ru_maxrss_before_mib=base_maxrss, ru_maxrss_after_mib=maxrss_mib(),
                threads=torch.get_num_threads())
     return out
@@ -321,12 +380,15 @@ def _labels_loss(inp, backend, kernel, temperature):
 def backend_point_job(spec):
     """One backend at one N: inputs and a tiny warm-up of the same backend (allocator, thread pool,
     dispatch); the peak RSS increase of the first run at N, which is also the timing warm-up;
-    ``repeats`` timed runs; ``floor_repeats`` (default: ``repeats``) GEMM floors."""
+    ``repeats`` timed runs; ``floor_repeats`` (default: ``repeats``) GEMM floors. The allocator is
+    pinned for the whole job (pin_malloc cannot be undone), so its times include mapping every
+    block of 128 KiB or more afresh."""
     backend, n, d = spec["backend"], spec["n"], spec.get("d", 128)
     repeats = spec.get("repeats", 5)
     floor_repeats = repeats if spec.get("floor_repeats") is None else spec["floor_repeats"]
     kernel, temperature = spec.get("kernel", "dot"), spec.get("temperature", 0.1)
     dtype = getattr(torch, spec.get("dtype", "float32"))
+    pinned = spec.get("pin_malloc", True) and pin_malloc()
     try:
         inp = _labels_inputs(n, d, dtype)
         small = _labels_inputs(64, d, dtype, seed=1)
@@ -354,7 +416,7 @@ def backend_point_job(spec):
         "kernel": kernel, "temperature": temperature, "target": "labels arange(N)//2",
         "threads": torch.get_num_threads(),
         "loss": float(loss), "first_s": first_s, "times_s": times, "floor_s": floor,
-        "memory_counter": "VmHWM after reset" if reset else "ru_maxrss",
+        "memory_counter": memory_counter(reset, pinned),
         "baseline_mib": base, "peak_mib": peak, "peak_increase_mib": peak - base,
         "ru_maxrss_before_mib": base_maxrss, "ru_maxrss_after_mib": peak_maxrss,
     }

@@ -252,7 +252,8 @@ class RunOutput:
                 "x floor: median / GEMM floor\n  (four N x M x d matmuls, timed in the same process).\n"
                 "peak MiB: CPU: increase of the peak RSS (VmHWM = ru_maxrss counter, reset before the call) "
                 "over the RSS just before one\n  forward+backward, in a fresh process per contender, inputs "
-                "already allocated; CUDA: max_memory_allocated minus memory_allocated before.\n"
+                "already allocated, glibc's mmap threshold pinned at 128 KiB\n  (reproducible to ~1 MiB; "
+                "bench/measure.py); CUDA: max_memory_allocated minus memory_allocated before.\n"
                 "x naive mem: peak / naive's peak.  max err: max(|loss - ref| / |ref|, max|grad - ref grad| / "
                 "max|ref grad|) against naive (fp32 reference for bf16).")
 

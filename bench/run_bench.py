@@ -14,7 +14,8 @@ Per row (configuration, dtype, N), forward + backward:
 - peak memory:
   - on CPU, the increase of the peak RSS (VmHWM, the ru_maxrss counter, reset just before the
     call) over the RSS just before one run, in a fresh process per contender, with the inputs
-    already allocated;
+    already allocated and glibc's mmap threshold pinned at 128 KiB (reproducible to ~1 MiB;
+    bench/measure.py's docstring says why);
   - on CUDA, max_memory_allocated over one run minus memory_allocated before it.
 - max err: the error against the reference, where the reference ran.
 Cells say "OOM" or "skipped" instead of crashing. A largest-N probe finds the largest N that naive

@@ -146,3 +146,63 @@ def test_compiled_contender(tmp_path):
         for col in ("median_s", "x_naive", "x_floor", "peak_mib", "max_err"):
             assert _finite(r[col]), (col, r)
         assert float(r["max_err"]) < 1e-3, r
+
+
+def test_cpu_memory_figure_is_reproducible():
+    """bench/measure.py pins glibc's mmap threshold for a CPU memory figure (its docstring): three
+    fresh processes measuring the same run agree within a few MiB. With malloc's defaults the torch
+    backend's figure here moved by up to ~26 MiB (48-74 MiB); pinned, by under 1 MiB."""
+    pytest.importorskip("icon_kernels")
+    import platform
+    spec = {"job": "memory", "config": "infonce", "contender": "torch", "n": 2048, "d": 128,
+            "dtype": "float32", "device": "cpu", "warm_n": 320}
+    env = {k: v for k, v in os.environ.items() if k != "ICON_KERNELS_TORCH_CHUNK_ELEMENTS"}
+    peaks = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "measure.py"), json.dumps(spec)],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["ok"], r
+        peaks.append(r["peak_mib"])
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"no glibc: the allocator is not pinned ({r['memory_counter']})")
+    assert "pinned" in r["memory_counter"], r
+    assert max(peaks) - min(peaks) <= 4.0, peaks
+
+
+_MMAP_CHECK = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+class Info(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[2] == "pin":
+    import measure
+    assert measure.pin_malloc()
+p = libc.malloc(8 << 20)     # an mmapped block; its free raises a dynamic threshold to 8 MiB
+libc.free(p)
+before = libc.mallinfo2().hblks
+q = libc.malloc(1 << 20)
+print("mmapped" if libc.mallinfo2().hblks == before + 1 else "heap")
+libc.free(q)
+"""
+
+
+@pytest.mark.parametrize("mode, where", [("pin", "mmapped"), ("default", "heap")])
+def test_pin_malloc_makes_the_mmap_threshold_static(mode, where):
+    """The mechanism behind the reproducible figure: once pinned, a 1 MiB block is its own mapping
+    even after an 8 MiB mapping was freed; with glibc's dynamic threshold it comes from the heap
+    (the "default" case shows that this check can tell the two apart)."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    pytest.importorskip("icon_kernels")
+    proc = subprocess.run([sys.executable, "-c", _MMAP_CHECK, os.path.join(ROOT, "bench"), mode],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if "mallinfo2" in proc.stderr:
+        pytest.skip("glibc < 2.33: no mallinfo2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == where, proc.stdout
