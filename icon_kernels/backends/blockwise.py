@@ -24,9 +24,11 @@ CHUNK_ELEMENTS = int(os.environ.get("ICON_KERNELS_TORCH_CHUNK_ELEMENTS", 1 << 20
 LSE, R_STAT, LSE_P, H_STAT = range(4)
 
 
-# An f-divergence chunk keeps about twice as many tile-sized temporaries alive as a kl chunk (p~,
-# q~, their logs, the ratios and three per-pair terms), so its chunks are half as large: the peak
-# memory stays that of kl's (DESIGN.md: O(N d), never more tiles than a handful).
+# An f-divergence chunk keeps about twice as many tile-sized temporaries alive as a kl chunk (the
+# general path, _f_tile: p~, q~, their logs, the ratios and three per-pair terms; the dense path:
+# p, q, their logs and the two sides' centred values), so its chunks are half as large: the peak
+# memory stays that of kl's (DESIGN.md: O(N d), never more tiles than a handful). The Labels path
+# needs fewer, but its chunks are no faster larger (one thread, N = 8192).
 F_DIVERGENCE_CHUNK_SHARE = 2
 
 
@@ -214,10 +216,145 @@ def _f_tile(problem: Problem, tile: Tile, log_q: torch.Tensor, r0: int) -> FTile
     return FTile(terms, valid, q, q_ratio, p_ratio)
 
 
+def _f_name(problem: Problem) -> str:
+    return divergence_by_code(problem.divergence).name
+
+
+def _f_path(problem: Problem) -> Optional[str]:
+    """The tile path of an f-divergence's chunks: "labels" (p~ = 0 off the positives, which are
+    visited as a list), "dense" (Affinity: p and q as tiles, log p finite) or None (the general
+    one, _f_tile: mixtures, Neighbors and Dense weights). The fast ones need alpha = beta = 0, and
+    hand a chunk whose result is not finite to the general one (its +inf and NaN rules)."""
+    if problem.alpha != 0 or problem.beta != 0:
+        return None
+    name = _f_name(problem)
+    if problem.target == "labels" and name in f_divergences.ZERO_P:
+        return "labels"
+    if problem.target == "affinity" and name in f_divergences.DENSE_FORWARD_NEEDS:
+        return "dense"
+    return None
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """The dtype of tile_math.row_sum's sums (float64; MPS: the tile's)."""
+    return t.dtype if t.device.type == "mps" else torch.float64
+
+
+def _shifted(s: torch.Tensor):
+    """(s - m, m) for a masked logits tile s, overwritten with s - m, and its row max m (0 where
+    that is infinite), as in tile_math.row_lse."""
+    row_max = s.amax(1)
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
+    return s.sub_(row_max[:, None]), row_max
+
+
+def _lse_of(row_max: torch.Tensor, exp_sum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tile_math.row_lse from its parts: m + log sum_j e^(s - m), rounded once; +inf becomes NaN."""
+    lse = (row_max.to(exp_sum.dtype) + torch.log(exp_sum)).to(dtype)
+    return torch.where(lse == float("inf"), float("nan"), lse)
+
+
+def _label_pairs(problem: Problem, r0: int, r1: int):
+    """(rows, cols, count) of a Labels target's rows r0:r1: the positive pairs (row within the
+    chunk, column), row by row, self pairs dropped when excluded, and K_i per row; from the sorted
+    column labels, O(M log M + positives), never an R x M tile."""
+    labels, col_labels = problem.row_labels[r0:r1].long(), problem.col_labels.long()
+    sorted_labels, order = torch.sort(col_labels, stable=True)
+    lo = torch.searchsorted(sorted_labels, labels)
+    count = torch.searchsorted(sorted_labels, labels, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(r1 - r0, device=labels.device), count)
+    first = torch.cumsum(count, 0) - count
+    cols = order[torch.arange(rows.numel(), device=labels.device) - first[rows] + lo[rows]]
+    if problem.exclude_self:
+        keep = cols != rows + r0
+        rows, cols = rows[keep], cols[keep]
+        count = torch.bincount(rows, minlength=r1 - r0)
+    return rows, cols, count
+
+
+def _label_pair_terms(problem: Problem, rows, count, q_pos, log_q_pos) -> f_divergences.PairTerms:
+    """pair_terms at the positives, p~ = 1 / K_i there (alpha = 0), in q_pos's dtype."""
+    k = count[rows].to(q_pos.dtype)
+    return f_divergences.pair_terms(problem.divergence, 1 / k, q_pos, -torch.log(k), log_q_pos)
+
+
+def _label_f_forward(problem: Problem, r0: int, r1: int):
+    """A Labels chunk with alpha = beta = 0: L_i = ZERO_P * (q mass off the positives) + the
+    terms at the positives. The mass off the positives is summed directly (the positives are
+    zeroed in the tile of exponentials first), never as 1 - sum_pos q, which cancels."""
+    name = _f_name(problem)
+    s, _ = learned_tile(problem, r0, r1)
+    rows, cols, count = _label_pairs(problem, r0, r1)
+    shifted, row_max = _shifted(s)
+    wide = _wide(s)
+    shifted_pos = shifted[rows, cols].to(wide)
+    e = shifted.exp_()
+    e_pos = e[rows, cols].to(wide)
+    e[rows, cols] = 0.0
+    off_mass = tile_math.row_sum(e)
+    total = off_mass.index_add(0, rows, e_pos)
+    lse = _lse_of(row_max, total, s.dtype)
+    terms = _label_pair_terms(problem, rows, count, e_pos / total[rows], shifted_pos - torch.log(total)[rows])
+    row = (f_divergences.ZERO_P[name] * off_mass / total).index_add_(0, rows, terms.term)
+    included = (count > 0) & (problem.m_valid > 0)
+    return torch.where(included, row, 0.0), included, (lse, None, None, None)
+
+
+def _softmax_tiles(tiles: dict, key: str, s: torch.Tensor, needs):
+    """Puts q (key "q", or p: "p") = softmax of the masked logits tile s and/or its log into
+    ``tiles`` as ``needs`` asks, overwriting s; returns (the row max m, the float64 row sums of
+    e^(s - m)), the parts of the row's LSE (_lse_of). q is e^(s - m) divided by its own sum, and
+    log q = (s - m) - log sum_j e^(s - m) rounds as log_softmax does: s - LSE would carry the
+    rounding of an fp32 LSE (half an ulp of |LSE|, the same for the whole row) into every log q."""
+    shifted, row_max = _shifted(s)
+    log_key = "log_" + key
+    e = torch.exp(shifted) if log_key in needs else shifted.exp_()
+    total = tile_math.row_sum(e)
+    if key in needs:
+        tiles[key] = e.div_(total.to(e.dtype)[:, None])
+    if log_key in needs:
+        tiles[log_key] = shifted.sub_(torch.log(total).to(shifted.dtype)[:, None])
+    return row_max, total
+
+
+def _self_clearer(problem: Problem, r0: int):
+    return lambda tile, fill=0.0: off_self(tile, r0, problem.exclude_self, fill)
+
+
+def _finite_on(rows: torch.Tensor, included: torch.Tensor) -> bool:
+    """Whether the row values are finite on every included row (else the general path decides)."""
+    return bool((torch.isfinite(rows) | ~included).all())
+
+
+def _dense_f_forward(problem: Problem, r0: int, r1: int):
+    """An Affinity chunk with alpha = beta = 0 (f_divergences.dense_terms); None where a row is
+    not finite. p and q are the exponentials of the LSE passes, normalised by their float64 sums."""
+    name = _f_name(problem)
+    needs = f_divergences.DENSE_FORWARD_NEEDS[name]
+    tiles = {}
+    s, _ = learned_tile(problem, r0, r1)
+    lse = _lse_of(*_softmax_tiles(tiles, "q", s, needs), s.dtype)
+    t, _ = tile_math.target_side(problem.target, problem, problem.col_labels, problem.z_cols, r0, r1, 0,
+                                 problem.y.shape[0], s.dtype)
+    t = off_self(t, r0, problem.exclude_self, float("-inf"))
+    lse_p = _lse_of(*_softmax_tiles(tiles, "p", t, needs), s.dtype)
+    row = tile_math.row_sum(f_divergences.dense_terms(name, tiles, _self_clearer(problem, r0)))
+    included = torch.full_like(row, problem.m_valid > 0, dtype=torch.bool)
+    if not _finite_on(row, included):
+        return None
+    return torch.where(included, row, 0.0), included, (lse, None, lse_p, None)
+
+
 def _f_forward_chunk(problem: Problem, r0: int, r1: int):
-    """_forward_chunk for an f-divergence: L_i = sum_j q~ f(p~ / q~), with Gamma_i in the R row
-    and, for Affinity, Phi_i in the H row of the statistics (the torch backward recomputes both
-    from its own tile, in float64)."""
+    """_forward_chunk for an f-divergence: L_i = sum_j q~ f(p~ / q~). The statistics are LSE_i
+    and, for Affinity, LSE^p_i: the backward recomputes Gamma_i and Phi_i from its own tile."""
+    path = _f_path(problem)
+    if path == "labels":
+        return _label_f_forward(problem, r0, r1)
+    if path == "dense":
+        result = _dense_f_forward(problem, r0, r1)
+        if result is not None:
+            return result
     s_masked, _ = learned_tile(problem, r0, r1)
     lse = tile_math.row_lse(s_masked)
     log_q = s_masked - lse[:, None]
@@ -225,12 +362,8 @@ def _f_forward_chunk(problem: Problem, r0: int, r1: int):
     tile = target_tile(problem, r0, r1)
     f = _f_tile(problem, tile, log_q, r0)
     row = tile_math.row_sum(torch.where(f.valid, f.terms.term, 0.0))
-    gamma = tile_math.row_sum(tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g))
-    phi = None
-    if problem.target == "affinity":
-        phi = tile_math.row_sum(tile_math.where_positive(f.p_ratio, f.p_ratio * f.terms.p_fprime))
     included = tile.has_p & (problem.m_valid > 0)
-    return torch.where(included, row, 0.0), included, (lse, gamma, tile.lse_p, phi)
+    return torch.where(included, row, 0.0), included, (lse, None, tile.lse_p, None)
 
 
 def _forward_chunk(problem: Problem, r0: int, r1: int):
@@ -287,6 +420,8 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
 def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
                     stats: torch.Tensor, target_grad: bool, param_grad: bool):
     """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
+    if problem.f_divergence:
+        return _f_backward_chunk(problem, r0, r1, g, valid, stats, target_grad, param_grad)
     s_masked, aux = learned_tile(problem, r0, r1)
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
@@ -297,11 +432,7 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
     p_mix = _mixed_target(problem, tile, r0)
     g_rows = g[r0:r1, None]
-    f = _f_tile(problem, tile, log_q, r0) if problem.f_divergence else None
-    if f is not None:            # (1 - beta) q (g - Gamma), Gamma = sum_j q g from this tile
-        q_g = tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g)
-        grad_s = g_rows * (1 - problem.beta) * _minus_row_mean(q_g, q, tile_math.row_sum(q))
-    elif problem.beta == 0:
+    if problem.beta == 0:
         grad_s = g_rows * (q - p_mix)
     else:
         grad_s = (g_rows * (1 - problem.beta) * q
@@ -315,10 +446,6 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     del grad_s, aux, q
     if not target_grad:
         return learned, None
-    if f is not None:            # (1 - alpha) p (f' - Phi), Phi = sum_j p f' from this tile
-        p_fprime = torch.where(f.valid, f.p_ratio * f.terms.p_fprime, 0.0)
-        grad_t = g_rows * (1 - problem.alpha) * _minus_row_mean(p_fprime, tile.p, tile_math.row_sum(tile.p))
-        return learned, _target_chain(problem, grad_t, tile, stats, r0, r1)
     h = _dloss_dp_mix(problem, p_mix, _log_mixed_q(problem, log_q))
     # H = sum_j p h again, in float64 from this very tile (not the saved fp32 H), subtracted as two
     # fp32 parts: h - H cancels to the spread of h and dL/dz is a p-weighted covariance, so H's
@@ -338,14 +465,133 @@ def _target_chain(problem: Problem, grad_t: torch.Tensor, tile: Tile, stats: tor
                            tile_math.finite_shift(stats[LSE_P, r0:r1]), weights=tile.p)
 
 
-def _minus_row_mean(values: torch.Tensor, weights: torch.Tensor, weight_total: torch.Tensor) -> torch.Tensor:
+def _minus_row_mean(values: torch.Tensor, weights: torch.Tensor, weight_total: torch.Tensor,
+                    scale: Optional[torch.Tensor] = None):
     """values - weights * c_i with c_i = sum_j values / sum_j weights (float64 row sums), c taken
     off as two parts in the tile's dtype: the difference cancels to the spread of the values, so
-    c's own rounding would come back times the weighted mean of the features (DESIGN.md §5)."""
+    c's own rounding would come back times the weighted mean of the features (DESIGN.md §5).
+    In place on ``values``, times the per-row ``scale`` (R) when given; returns (tile, c)."""
     centre = tile_math.row_sum(values) / torch.where(weight_total > 0, weight_total, 1.0)
     hi = centre.to(values.dtype)
     lo = (centre - hi).to(values.dtype)
-    return (values - weights * hi[:, None]) - weights * lo[:, None]
+    values.addcmul_(weights, hi.neg()[:, None]).addcmul_(weights, lo.neg()[:, None])
+    if scale is not None:
+        values.mul_(scale[:, None])
+    return values, centre
+
+
+def _f_backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
+                      stats: torch.Tensor, target_grad: bool, param_grad: bool):
+    """_backward_chunk for an f-divergence: dL/ds = g (1 - beta) q (g - Gamma) and, for Affinity,
+    dL/dt = g (1 - alpha) p (f' - Phi), with Gamma = sum_j q g and Phi = sum_j p f' from this very
+    tile (float64 row sums), by the chunk's tile path (_f_path); the general one takes the chunks
+    a fast one hands back (None)."""
+    path = _f_path(problem)
+    pieces = None
+    if path == "labels":
+        pieces = _label_f_backward(problem, r0, r1, g, valid, stats, param_grad)
+    elif path == "dense":
+        pieces = _dense_f_backward(problem, r0, r1, g, valid, stats, target_grad, param_grad)
+    if pieces is None:
+        pieces = _general_f_backward(problem, r0, r1, g, valid, stats, target_grad, param_grad)
+    return pieces
+
+
+def _rows_left_out(grad: torch.Tensor, valid_rows: torch.Tensor) -> torch.Tensor:
+    """0 on the rows left out (even M' = 0, where the tile may hold NaN); one pass only if any."""
+    return grad if bool(valid_rows.all()) else torch.where(valid_rows[:, None], grad, 0.0)
+
+
+def _learned_chain(problem: Problem, grad_s, aux, q, valid_rows, stats, r0: int, r1: int, param_grad: bool):
+    """dL/ds of rows r0:r1 chained to (dx rows, dy, dparam per row); q (the weights that centre
+    the parameter's sum) only when its gradient is wanted."""
+    weights = torch.where(valid_rows[:, None], q, 0.0) if param_grad else None   # rows left out: 0, not NaN
+    return tile_math.chain(problem.kernel, grad_s, problem.x[r0:r1], problem.y, aux,
+                           tile_math.rows_of(problem.param, r0, r1), tile_math.finite_shift(stats[LSE, r0:r1]),
+                           weights=weights, with_param=param_grad)
+
+
+def _label_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, param_grad: bool):
+    """A Labels chunk with alpha = beta = 0: q g = ZERO_P q + (q g - ZERO_P q) at the positives, so
+    q g - q Gamma = [the positives' excess] - q kappa, kappa = sum_pos excess (sum_j q = 1): the
+    ZERO_P q parts cancel exactly and are never formed. Over the tile: a max, an exp, a row sum
+    and one scaling (dL/ds = -g kappa q off the positives), the positives' excess added after."""
+    name = _f_name(problem)
+    s, aux = learned_tile(problem, r0, r1)
+    rows, cols, count = _label_pairs(problem, r0, r1)
+    shifted, _ = _shifted(s)
+    wide = _wide(s)
+    shifted_pos = shifted[rows, cols].to(wide)
+    q = shifted.exp_()
+    total = tile_math.row_sum(q)          # q = e^(s - m) / total: the very q used, normalised
+    q_pos = q[rows, cols].to(wide) / total[rows]
+    terms = _label_pair_terms(problem, rows, count, q_pos, shifted_pos - torch.log(total)[rows])
+    excess = terms.q_g - f_divergences.ZERO_P[name] * q_pos
+    kappa = torch.zeros_like(total).index_add_(0, rows, excess)
+    valid_rows = valid[r0:r1]
+    if not _finite_on(kappa / total, valid_rows):
+        return None
+    g_rows = g[r0:r1].to(wide)
+    factor = torch.where(valid_rows, -g_rows * kappa / total, 0.0).to(q.dtype)[:, None]
+    grad_s = q * factor if param_grad else q.mul_(factor)
+    grad_s.index_put_((rows, cols), (g_rows[rows] * excess).to(q.dtype), accumulate=True)
+    grad_s = _rows_left_out(grad_s, valid_rows)
+    if param_grad:
+        q.div_(total.to(q.dtype)[:, None])
+    return _learned_chain(problem, grad_s, aux, q, valid_rows, stats, r0, r1, param_grad), None
+
+
+def _dense_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, target_grad: bool, param_grad: bool):
+    """An Affinity chunk with alpha = beta = 0 (f_divergences.dense_centred_values); None where a
+    row's centre is not finite. q and p are divided by their own float64 sums, as in _row_total."""
+    name = _f_name(problem)
+    needs = set(f_divergences.DENSE_BACKWARD_NEEDS[name]) | ({"p"} if target_grad else set())
+    tiles = {}
+    s, aux = learned_tile(problem, r0, r1)
+    _softmax_tiles(tiles, "q", s, needs | {"q"})
+    q = tiles["q"]
+    t, t_aux = tile_math.target_side(problem.target, problem, problem.col_labels, problem.z_cols, r0, r1, 0,
+                                     problem.y.shape[0], s.dtype)
+    _softmax_tiles(tiles, "p", off_self(t, r0, problem.exclude_self, float("-inf")), needs)
+    x, a, y, b = f_divergences.dense_centred_values(name, tiles, _self_clearer(problem, r0), target_grad)
+    valid_rows, g_rows = valid[r0:r1], g[r0:r1]
+    grad_s, centre = _minus_row_mean(x, q, tile_math.row_sum(q), g_rows * (a * (1 - problem.beta)))
+    grad_t = None
+    if target_grad:
+        p = tiles["p"]
+        grad_t, centre_t = _minus_row_mean(y, p, tile_math.row_sum(p), g_rows * (b * (1 - problem.alpha)))
+        centre = centre + centre_t
+    if not _finite_on(centre, valid_rows):
+        return None
+    learned = _learned_chain(problem, _rows_left_out(grad_s, valid_rows), aux, q, valid_rows, stats, r0, r1,
+                             param_grad)
+    if not target_grad:
+        return learned, None
+    return learned, _target_chain(problem, grad_t, Tile(tiles["p"], valid_rows, t_aux=t_aux), stats, r0, r1)
+
+
+def _general_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, target_grad: bool, param_grad: bool):
+    """Any f-divergence chunk (mixtures, every target) by _f_tile's masked per-pair terms."""
+    s_masked, aux = learned_tile(problem, r0, r1)
+    log_q = s_masked - stats[LSE, r0:r1, None]
+    del s_masked
+    q = torch.exp(log_q)
+    q_total = _row_total(q)
+    q = q / q_total
+    log_q = log_q - torch.log(q_total)
+    tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
+    g_rows, valid_rows = g[r0:r1], valid[r0:r1]
+    f = _f_tile(problem, tile, log_q, r0)
+    q_g = tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g)   # (1 - beta) q (g - Gamma)
+    grad_s, _ = _minus_row_mean(q_g, q, tile_math.row_sum(q), g_rows * (1 - problem.beta))
+    grad_s = torch.where(valid_rows[:, None], grad_s, 0.0)   # rows left out (even M' = 0)
+    learned = _learned_chain(problem, grad_s, aux, q, valid_rows, stats, r0, r1, param_grad)
+    del grad_s, aux, q
+    if not target_grad:
+        return learned, None
+    p_fprime = torch.where(f.valid, f.p_ratio * f.terms.p_fprime, 0.0)   # (1 - alpha) p (f' - Phi)
+    grad_t, _ = _minus_row_mean(p_fprime, tile.p, tile_math.row_sum(tile.p), g_rows * (1 - problem.alpha))
+    return learned, _target_chain(problem, grad_t, tile, stats, r0, r1)
 
 
 def backward(grad_rows, *rest):

@@ -26,6 +26,9 @@ import torch
 from ..families import divergence_by_code
 
 
+LOG2 = math.log(2)
+
+
 class PairTerms(NamedTuple):
     term: torch.Tensor          # q~ f(p~ / q~)
     q_g: torch.Tensor           # q~ g
@@ -79,3 +82,74 @@ def fprime(code: int, p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor)
     q = torch.where(log_q != float("-inf"), log_q.exp(), 0.0)
     p_fprime = pair_terms(code, p, q, log_p, log_q).p_fprime
     return torch.where(has_p, p_fprime / torch.where(has_p, p, 1.0), 0.0)
+
+
+# --- the fast tile paths of the torch backend (blockwise.py) ---------------------------------------
+# Where p~ = p and q~ = q (alpha = beta = 0), the three per-pair quantities need fewer passes over
+# an R x M tile than pair_terms' general, masked evaluation. Two shapes of target have such paths:
+
+# 1. A target with p = 0 at most pairs (Labels, alpha = 0): at p~ = 0 < q~ both q~ f and q~ g are
+#    ZERO_P[name] * q~ (the table's value at p~ = 0; q~ g there is (f(0) - 0) q~), and p~ f' is 0.
+#    A row is then ZERO_P * (its q mass off the positives) plus pair_terms on the positives alone.
+ZERO_P = {"tv": 0.5, "hellinger": 1.0, "js": 0.5 * LOG2, "chi2": 1.0}   # reverse_kl: +inf (refused)
+
+
+# 2. A dense target with log p finite off the self pairs (Affinity, alpha = 0: log p = t - LSE^p),
+#    from tiles of p, q, log p, log q (self pairs: p = q = 0, logs -inf). The functions below
+#    overwrite the tiles they are given. Each is exact where log p and log q are finite; where one
+#    is -inf (a logit of -inf) or NaN, a row sum it returns is +inf or NaN, and the caller then
+#    evaluates the chunk with pair_terms instead (whose +inf terms are constants, DESIGN.md §1.1).
+DENSE_FORWARD_NEEDS = {"reverse_kl": ("q", "log_q", "log_p"), "tv": ("p", "q"),
+                       "hellinger": ("log_p", "log_q"), "js": ("p", "q", "log_p", "log_q"),
+                       "chi2": ("p", "q", "log_q")}
+# the learned side's values need q (its centring weights) and these; the target side's need p too
+DENSE_BACKWARD_NEEDS = {"reverse_kl": ("log_q", "log_p"), "tv": ("p",), "hellinger": ("log_p", "log_q"),
+                        "js": ("log_p", "log_q"), "chi2": ("log_p", "log_q")}
+
+
+def dense_terms(name: str, t: dict, clear_self) -> torch.Tensor:
+    """The tile of q f(p / q) (not yet summed) from the tiles in ``t`` (DENSE_FORWARD_NEEDS[name]),
+    which it overwrites; ``clear_self(tile, fill=0.0)`` sets the self pairs of a tile to ``fill``
+    in place and returns it (there p = q = 0 and the logs are -inf, whose differences are NaN)."""
+    if name == "reverse_kl":                                    # q (log q - log p)
+        return clear_self(t["log_q"].sub_(t["log_p"])).mul_(t["q"])
+    if name == "tv":                                            # 1/2 |p - q|
+        return t["p"].sub_(t["q"]).abs_().mul_(0.5)
+    if name == "hellinger":                                     # (sqrt p - sqrt q)^2, from the logs
+        return t["log_p"].mul_(0.5).exp_().sub_(t["log_q"].mul_(0.5).exp_()).square_()
+    if name == "js":
+        # with d = log p - log q: log(2q / (p + q)) = log 2 - softplus(d) =: u and log(2p / (p + q)) =
+        # u + d, so q f = 1/2 (p (u + d) + q u) = 1/2 (p d - (p + q)(softplus(d) - log 2))
+        d = clear_self(t["log_p"].sub_(t["log_q"]))
+        w = torch.nn.functional.softplus(d).sub_(LOG2).mul_(t["q"].add_(t["p"]))
+        return d.mul_(t["p"]).sub_(w).mul_(0.5)
+    if name == "chi2":                                          # (p - q)^2 / q = exp(2 log|p - q| - log q)
+        return clear_self(t["p"].sub_(t["q"]).abs_().log_().mul_(2).sub_(t["log_q"]), float("-inf")).exp_()
+    raise ValueError(f"no dense tile path for divergence {name!r}")
+
+
+def dense_centred_values(name: str, t: dict, clear_self, target: bool):
+    """The per-pair values whose centring gives the gradients: (X, a, Y, b) with, per pair,
+    q g = a X + c q and p f' = b Y + c' p for some row constants c, c' (which the centring
+    X - q sum_j X / sum_j q removes, so they are never formed); Y and b are None unless ``target``.
+    ``t`` holds q, and p when ``target``, which are kept, and DENSE_BACKWARD_NEEDS[name], which
+    are overwritten."""
+    if name == "reverse_kl":        # q g = q (log q - log p) + q;  p f' = -q
+        y = t["q"].clone() if target else None
+        return clear_self(t["log_q"].sub_(t["log_p"])).mul_(t["q"]), 1.0, y, -1.0
+    if name == "tv":                # q g = -1/2 q sign(p - q);  p f' = 1/2 p sign(p - q)
+        sign = torch.sub(t["p"], t["q"]).sign_()
+        y = torch.mul(sign, t["p"]) if target else None
+        return sign.mul_(t["q"]), -0.5, y, 0.5
+    if name == "hellinger":         # q g = q - sqrt(p q);  p f' = p - sqrt(p q)
+        root = t["log_p"].add_(t["log_q"]).mul_(0.5).exp_()
+        return root, -1.0, (root.clone() if target else None), -1.0
+    if name == "js":                # q g = 1/2 q (log 2 - softplus(d));  p f' = 1/2 p (log 2 - softplus(-d))
+        d = clear_self(t["log_p"].sub_(t["log_q"]))
+        soft = torch.nn.functional.softplus(d)
+        y = torch.sub(soft, d).mul_(t["p"]) if target else None
+        return soft.mul_(t["q"]), -0.5, y, -0.5
+    if name == "chi2":              # q g = q - p^2 / q;  p f' = 2 (p^2 / q - p)
+        ratio = clear_self(t["log_p"].mul_(2).sub_(t["log_q"]), float("-inf")).exp_()
+        return ratio, -1.0, (ratio.clone() if target else None), 2.0
+    raise ValueError(f"no dense tile path for divergence {name!r}")
