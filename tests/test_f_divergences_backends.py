@@ -492,3 +492,28 @@ def test_nan_in_target_weights_gives_nan(backend, divergence, target_kind):
         target = ik.Neighbors(torch.tensor([[1, 2], [0, 2], [3, 4], [4, 5], [5, 0], [0, 1]]), w)
     loss = ik.icon_loss(x, target=target, kernel="gaussian", alpha=0.1, divergence=divergence, backend=backend)
     assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("divergence", F_DIVERGENCES)
+def test_torch_left_out_affinity_row_has_zero_target_gradients(divergence):
+    # N = 1 with y omitted: the row has no valid column (M' = 0) and is left out; the torch
+    # backend's Affinity tile path must not turn its 0 / 0 target tile into NaN gradients
+    x = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    loss = ik.icon_loss(x, target=ik.Affinity(z, sigma=sigma), kernel="student_t", divergence=divergence,
+                        backend="torch")
+    grads = torch.autograd.grad(loss, [x, z, sigma])
+    assert loss.item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_torch_js_affinity_rows_match_in_float64_where_log_p_far_exceeds_log_q():
+    # js's log(1 + e^d) at d = log p - log q > 20: torch's softplus returns d there, ~2e-9 off,
+    # which came back as 1e-10 relative in float64 row losses
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    z = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    target = ik.Affinity(z, kernel="student_t", dof=0.8)
+    rows = [ik.icon_loss(x, target=target, kernel="dot", divergence="js", reduction="none", backend=b)
+            for b in ("reference", "torch")]
+    torch.testing.assert_close(rows[1], rows[0], rtol=1e-13, atol=0)

@@ -567,7 +567,10 @@ def _dense_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, targe
                              param_grad)
     if not target_grad:
         return learned, None
-    return learned, _target_chain(problem, grad_t, Tile(tiles["p"], valid_rows, t_aux=t_aux), stats, r0, r1)
+    # a row left out (M' = 0) has p = 0 / 0 in its tile: 0 in its gradient and its chain weights
+    p = _rows_left_out(tiles["p"], valid_rows)
+    return learned, _target_chain(problem, _rows_left_out(grad_t, valid_rows), Tile(p, valid_rows, t_aux=t_aux),
+                                  stats, r0, r1)
 
 
 def _general_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, target_grad: bool, param_grad: bool):

@@ -39,6 +39,12 @@ def _masked(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, values, 0.0)
 
 
+def _softplus(d: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^d), exact at every d: torch's softplus returns d itself above its threshold
+    (20), dropping log1p(e^-d) ~ 2e-9, a float64 error of ~1e-10 relative in js's terms."""
+    return torch.logaddexp(d, d.new_zeros(()))
+
+
 def pair_terms(code: int, p: torch.Tensor, q: torch.Tensor, log_p: torch.Tensor,
                log_q: torch.Tensor) -> PairTerms:
     """(q~ f, q~ g, p~ f') per pair of the f-divergence with op code ``code``, from p~, q~ and
@@ -121,7 +127,7 @@ def dense_terms(name: str, t: dict, clear_self) -> torch.Tensor:
         # with d = log p - log q: log(2q / (p + q)) = log 2 - softplus(d) =: u and log(2p / (p + q)) =
         # u + d, so q f = 1/2 (p (u + d) + q u) = 1/2 (p d - (p + q)(softplus(d) - log 2))
         d = clear_self(t["log_p"].sub_(t["log_q"]))
-        w = torch.nn.functional.softplus(d).sub_(LOG2).mul_(t["q"].add_(t["p"]))
+        w = _softplus(d).sub_(LOG2).mul_(t["q"].add_(t["p"]))
         return d.mul_(t["p"]).sub_(w).mul_(0.5)
     if name == "chi2":                                          # (p - q)^2 / q = exp(2 log|p - q| - log q)
         return clear_self(t["p"].sub_(t["q"]).abs_().log_().mul_(2).sub_(t["log_q"]), float("-inf")).exp_()
@@ -146,7 +152,7 @@ def dense_centred_values(name: str, t: dict, clear_self, target: bool):
         return root, -1.0, (root.clone() if target else None), -1.0
     if name == "js":                # q g = 1/2 q (log 2 - softplus(d));  p f' = 1/2 p (log 2 - softplus(-d))
         d = clear_self(t["log_p"].sub_(t["log_q"]))
-        soft = torch.nn.functional.softplus(d)
+        soft = _softplus(d)
         y = torch.sub(soft, d).mul_(t["p"]) if target else None
         return soft.mul_(t["q"]), -0.5, y, -0.5
     if name == "chi2":              # q g = q - p^2 / q;  p f' = 2 (p^2 / q - p)
