@@ -105,18 +105,17 @@ def test_reverse_kl_against_a_target_with_zeros_asks_for_alpha():
 @pytest.mark.parametrize("name", F_DIVERGENCES)
 def test_ring_mode_accepts_them_before_anything_travels(name):
     # ring mode computes them (tests/test_distributed_f_divergences.py checks the values across
-    # ranks); the local check before the ranks' first collective lets them through in both modes
-    # and still refuses what neither mode computes (joint normalisation)
+    # ranks); the local check before the ranks' first collective lets them through in both modes,
+    # under joint normalisation too (tests/distributed_joint_worker.py checks those values)
     from icon_kernels.distributed import rank_agreement
     x = torch.randn(4, 3, dtype=torch.float64)
     target = ik.Labels(torch.arange(4) // 2)
     for mode in ("ring", "gather"):
-        exclude_self, options, _ = rank_agreement._local_checks(x, None, target, mode, None, None, "auto",
-                                                                dict(divergence=name, alpha=0.1))
-        assert exclude_self is True and options["divergence"] == name
-        with pytest.raises(ValueError, match="normalization='joint' is not computed"):
-            rank_agreement._local_checks(x, None, target, mode, None, None, "auto",
-                                         dict(divergence=name, alpha=0.1, normalization="joint"))
+        for normalization in ("conditional", "joint"):
+            exclude_self, options, _ = rank_agreement._local_checks(
+                x, None, target, mode, None, None, "auto", dict(divergence=name, alpha=0.1, normalization=normalization))
+            assert exclude_self is True and options["divergence"] == name
+            assert options["normalization"] == normalization
 
 
 def _preset_calls():
