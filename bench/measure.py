@@ -5,30 +5,40 @@ Peak memory on the CPU is read from the process's peak RSS (VmHWM, the counter b
 the same process: hence one process per memory figure.
 
 Pinned allocator (``pin_malloc``, every CPU memory figure: the ``memory`` and ``backend_point``
-jobs, so ``make bench``'s CPU rows, the CPU largest-N probe, bench_icon.py and
-tests/test_memory_bound.py). With glibc's defaults the figure of one fused backend moved by up to
-~50 MiB between fresh runs of the same configuration (cpu InfoNCE at N = 8192: 61-109 MiB, steps
-of ~8 MiB), more than the differences the memory bounds ask about. The cause is malloc's
-*dynamic* mmap threshold (the cause as far as the experiments show: pinning it removes the
-spread): it starts at 128 KiB, and each free of an mmapped block raises it to that block's size
-(up to 32 MiB), so whether later tiles (the cpu backend's 8 MiB Gram tiles, the torch backend's
-chunks) come from a heap instead of fresh mappings, and how much of a heap stays resident after
-their free, depends on the order in which the threads allocate and free them. The memory jobs
-therefore call mallopt(M_MMAP_THRESHOLD, 128 KiB) and mallopt(M_TRIM_THRESHOLD, 128 KiB) first
-(before the warm-up): glibc's initial values, made static. Every block of 128 KiB or more is then
-its own mapping, resident while it is live and unmapped at its free, so the RSS peak is the peak of
-the live large buffers plus the small-block heap: 3 fresh runs agree within ~1 MiB (measured with
+jobs, so ``make bench``'s CPU rows, the CPU largest-N probe, bench_icon.py, distributed_memory.py
+and tests/test_memory_bound.py). With glibc's defaults the figure of one fused backend moved by up
+to ~50 MiB between fresh runs of the same configuration (cpu InfoNCE at N = 8192: 61-109 MiB, steps
+of ~8 MiB), more than the differences the memory bounds ask about. The cause, as far as the
+experiments show (pinning it removes the spread), is malloc's *dynamic* mmap threshold: it starts
+at 128 KiB, and each free of an mmapped block raises it to that block's size (up to 32 MiB), so
+whether later tiles (the cpu backend's 8 MiB Gram tiles, the torch backend's chunks) come from a
+heap instead of fresh mappings, and how much of a heap stays resident after their free, depends on
+the order in which the threads allocate and free them. The memory jobs therefore call
+mallopt(M_MMAP_THRESHOLD, 128 KiB) and mallopt(M_TRIM_THRESHOLD, 128 KiB) first (before the
+warm-up): glibc's initial values, made static. Every block of 128 KiB or more is then its own
+mapping, resident while it is live and unmapped at its free, so the RSS peak is the peak of the
+live large buffers plus the small-block heap: 3 fresh runs agree within ~1 MiB (measured with
 thresholds of 128 KiB, 1 MiB and 4 MiB; 128 KiB had the smallest spread on the torch backend's
-f-divergence chunks, 0.6 against 5.8 MiB at 1 MiB and 1.3 MiB at 4 MiB). It is done with mallopt rather than the
-MALLOC_MMAP_THRESHOLD_ environment variable because glibc reads that variable only at process
-start, and the runner's forked children start from a parent that is already running.
-MALLOC_ARENA_MAX is left alone: per-thread arenas then hold only blocks under 128 KiB, and
-limiting them made no measurable difference to the spread. Elsewhere (the timing job) the
-allocator keeps its defaults, as a user's process would. The alternative counter, torch's CPU
-allocator events (torch.profiler with profile_memory=True), sees tensors only (not the C++
-kernels' std::vector scratch), and the profiler itself adds ~150 MiB of RSS; the RSS stays the
-figure. Without glibc (no mallopt), or with ``"pin_malloc": false`` in a job's spec (to see the
-old behaviour), the figure is the plain RSS increase, and ``memory_counter`` says so.
+f-divergence chunks, 0.6 against 5.8 MiB at 1 MiB and 1.3 MiB at 4 MiB). It is done with mallopt
+rather than the MALLOC_MMAP_THRESHOLD_ environment variable because glibc reads that variable only
+at process start, and the runner's forked children start from a parent that is already running.
+MALLOC_ARENA_MAX is left alone: per-thread arenas then hold only blocks under 128 KiB, and limiting
+them made no measurable difference to the spread.
+
+The price is time: every large block is mapped afresh and page-faulted in, so a memory run is
+slower than a timed one (2-core VM, N = 8192, the memory run over the timed median: the torch
+backend 2-3x, the cpu backend 1.0-1.5x); the timing job therefore keeps the allocator's defaults,
+as a user's process would, and the runner does not charge a pinned memory run's time to a row's
+budget. The alternative counter, torch's CPU allocator events (torch.profiler with
+profile_memory=True, summed in time order), was used as a cross-check, not as the figure: it sees
+tensors only, and the profiler itself adds ~150 MiB of RSS. For the torch backend the two agree
+within 0.5 MiB (InfoNCE 44.4 / 44.6 MiB, t-SNE 60.4 / 60.7); for the cpu backend the tensors (two N
+x d gradient buffers and one or two 8 MiB Gram tiles: 16.5 MiB InfoNCE, 24.7 MiB t-SNE) leave ~5
+MiB of the RSS figure to memory outside torch's allocator (mappings it does not record, thread
+scratch), which only the RSS sees.
+
+Without glibc (no mallopt), or with ``"pin_malloc": false`` in a job's spec (to see the old
+behaviour), the figure is the plain RSS increase, and ``memory_counter`` says so.
 
 The jobs (a JSON spec in, one JSON result out):
 
