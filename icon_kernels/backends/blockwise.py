@@ -417,11 +417,9 @@ def _accumulate_param(d_param: torch.Tensor, rows: torch.Tensor, r0: int, r1: in
         d_param += rows.sum()
 
 
-def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
-                    stats: torch.Tensor, target_grad: bool, param_grad: bool):
-    """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
-    if problem.f_divergence:
-        return _f_backward_chunk(problem, r0, r1, g, valid, stats, target_grad, param_grad)
+def _backward_tiles(problem: Problem, r0: int, r1: int, stats: torch.Tensor):
+    """(aux, q, log q, target tile) of rows r0:r1 for a backward: the logits recomputed from the
+    saved LSE, q renormalised by its own float64 row sums (_row_total), p from the saved LSE^p."""
     s_masked, aux = learned_tile(problem, r0, r1)
     log_q = s_masked - stats[LSE, r0:r1, None]
     del s_masked
@@ -430,6 +428,15 @@ def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: 
     q = q / q_total
     log_q = log_q - torch.log(q_total)
     tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
+    return aux, q, log_q, tile
+
+
+def _backward_chunk(problem: Problem, r0: int, r1: int, g: torch.Tensor, valid: torch.Tensor,
+                    stats: torch.Tensor, target_grad: bool, param_grad: bool):
+    """Gradient pieces of rows r0:r1: (learned-side chain, target-side chain or None)."""
+    if problem.f_divergence:
+        return _f_backward_chunk(problem, r0, r1, g, valid, stats, target_grad, param_grad)
+    aux, q, log_q, tile = _backward_tiles(problem, r0, r1, stats)
     p_mix = _mixed_target(problem, tile, r0)
     g_rows = g[r0:r1, None]
     if problem.beta == 0:
@@ -575,14 +582,7 @@ def _dense_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, targe
 
 def _general_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, target_grad: bool, param_grad: bool):
     """Any f-divergence chunk (mixtures, every target) by _f_tile's masked per-pair terms."""
-    s_masked, aux = learned_tile(problem, r0, r1)
-    log_q = s_masked - stats[LSE, r0:r1, None]
-    del s_masked
-    q = torch.exp(log_q)
-    q_total = _row_total(q)
-    q = q / q_total
-    log_q = log_q - torch.log(q_total)
-    tile = target_tile(problem, r0, r1, stats[LSE_P, r0:r1] if problem.target == "affinity" else None)
+    aux, q, log_q, tile = _backward_tiles(problem, r0, r1, stats)
     g_rows, valid_rows = g[r0:r1], valid[r0:r1]
     f = _f_tile(problem, tile, log_q, r0)
     q_g = tile_math.where_positive(f.q_ratio, f.q_ratio * f.terms.q_g)   # (1 - beta) q (g - Gamma)
