@@ -205,7 +205,8 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, exponent, 
         valid = torch.ones(n, m, dtype=torch.bool, device=target.p.device)
         if exclude_self:
             valid &= ~torch.eye(n, m, dtype=torch.bool, device=target.p.device)
-        kept = (target.p * valid).sum(1) != 0          # rows with no mass are left out, not +inf
+        # conditional rows with no mass are left out, not +inf; joint normalisation leaves no row out
+        kept = (target.p * valid).sum(1) != 0 if normalization == "conditional" else valid.any(1)
         if bool(((target.p == 0) & valid & kept[:, None]).any()):
             raise ValueError("divergence='reverse_kl' against a Dense target with zeros at valid pairs and "
                              "alpha = 0 is +inf (q log(q / 0)): set alpha > 0")

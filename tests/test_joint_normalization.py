@@ -599,30 +599,37 @@ def _naive_joint_tsne(x, z, dof, sigma):
 
 def test_torch_joint_fp32_error_within_twice_pytorchs_own(monkeypatch):
     # fp32 against float64, several row chunks: the loss, dx and d/d(dof) of the column stream
-    # within 2x the error of the naive fp32 formula (log Z is subtracted in two fp32 parts,
-    # column_blocks.joint_normalisers: with one rounded log Z dx was 2.1x and d/d(dof) 3.9x)
+    # within 2x the error of the naive fp32 formula, PyTorch's own error taken as its mean over
+    # four problems: on one problem it swings 30x with how log Z ~ log N^2 happens to round in
+    # fp32 (seed 0 here: 5e-7 relative on dx, seed 1: 1.2e-5), while the column stream, which
+    # subtracts log Z in two fp32 parts (column_blocks.joint_normalisers), stays at 1-5e-6
     monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1 << 16)
-    gen = torch.Generator().manual_seed(0)
     n = 1500
-    x64 = torch.randn(n, 16, generator=gen, dtype=torch.float64)
-    z64 = torch.randn(n, 10, generator=gen, dtype=torch.float64)
 
     def fused(x, z, dof):
         return ik.icon_loss(x, target=ik.Affinity(z, sigma=3.0, symmetrize=True), kernel="student_t", dof=dof,
                             normalization="joint", backend="torch")
 
-    def run(fn, dtype):
+    def run(fn, x64, z64, dtype):
         x = x64.to(dtype).requires_grad_(True)
         dof = torch.tensor(1.0, dtype=dtype, requires_grad=True)
         loss = fn(x, z64.to(dtype), dof)
         return [loss.detach().double(), *(g.double() for g in torch.autograd.grad(loss, [x, dof]))]
 
-    want = run(_naive_joint_tsne_fn, torch.float64)
-    naive = run(_naive_joint_tsne_fn, torch.float32)
-    got = run(fused, torch.float32)
-    for name, g, b, w in zip(("loss", "dx", "ddof"), got, naive, want):
-        scale = w.abs().max()
-        assert (g - w).abs().max() / scale <= 2 * (b - w).abs().max() / scale + 1e-9, name
+    ours, pytorchs = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        x64 = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+        z64 = torch.randn(n, 10, generator=gen, dtype=torch.float64)
+        want = run(_naive_joint_tsne_fn, x64, z64, torch.float64)
+        naive = run(_naive_joint_tsne_fn, x64, z64, torch.float32)
+        got = run(fused, x64, z64, torch.float32)
+        for k, (g, b, w) in enumerate(zip(got, naive, want)):
+            scale = w.abs().max()
+            ours[k] += (g - w).abs().max() / scale / 4
+            pytorchs[k] += (b - w).abs().max() / scale / 4
+    for name, e, r in zip(("loss", "dx", "ddof"), ours, pytorchs):
+        assert e <= 2 * r, f"{name}: mean error {e:.2e} > 2 x {r:.2e}"
 
 
 def _naive_joint_tsne_fn(x, z, dof):

@@ -434,6 +434,7 @@ def finish_rows(rows: RowSide, stats, mass, has_p):
         # oracle (log Z is NaN then; -inf when there is no valid pair, which gives 0)
         log_z = stats["lse"]
         row = row + 0.0 * torch.where(log_z == float("-inf"), 0.0, log_z).to(row.dtype)
+        row = tile_math.with_inf_rows_nan(row, rows.x, rows.z)
     return row, included
 
 

@@ -241,4 +241,10 @@ def _joint_rows(problem: Problem, valid, logits):
         rows = -(p_mix * torch.where(zero, 0.0, log_q_mix)).sum(1)
         if problem.kl:
             rows = rows + (p_mix * torch.log(torch.where(zero, 1.0, p_mix))).sum(1)
-    return torch.where(some, rows, nothing), has_cols
+    rows = torch.where(some, rows, nothing)
+    # an Inf coordinate makes a row's logits -inf: log Z takes it as q = 0, where a conditional
+    # row's log-softmax gives NaN; NaN or Inf in an input gives NaN (DESIGN.md §2)
+    for features in (problem.x, problem.target.z if isinstance(problem.target, Affinity) else None):
+        if features is not None:
+            rows = torch.where(torch.isinf(features).any(1), float("nan"), rows)
+    return rows, has_cols

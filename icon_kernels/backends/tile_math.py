@@ -64,6 +64,17 @@ def finite_shift(lse: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(lse, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
+def with_inf_rows_nan(row: torch.Tensor, *features) -> torch.Tensor:
+    """Per-row values, NaN where a row of any of ``features`` (None: skipped) holds an Inf. Joint
+    normalisation needs it: an Inf coordinate turns a row's logits to -inf, which a conditional
+    row's log-softmax makes NaN but the global log Z absorbs as q = 0 (DESIGN.md §2: NaN or Inf in
+    an input gives a NaN loss)."""
+    for t in features:
+        if t is not None:
+            row = torch.where(torch.isinf(t).any(1), float("nan"), row)
+    return row
+
+
 def row_lse(s: torch.Tensor, wide: bool = False) -> torch.Tensor:
     """logsumexp over each row of a masked logits tile (-inf off the valid set). A row with a +inf
     logit gets NaN, as log_softmax gives (Inf in the inputs never yields a finite or +inf loss by
