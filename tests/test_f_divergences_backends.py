@@ -1,16 +1,18 @@
 """The f-divergences of DESIGN.md §1.1 on the fused backends that compute them (families.DIVERGENCES
 lists them per divergence): against closed forms written here (the identity problem, where dL/dx
-and dL/dz are dL/ds and dL/dt), against the float64 dense reference over every kernel x target x
-option, gradcheck, the op checks, extreme logits, NaN inputs, and the backends without them
-refusing."""
+and dL/dz are dL/ds and dL/dt), over every kernel x target x option against the dense formula of
+tests/dense_formula.py (the reference backend too) and the float64 dense reference, gradcheck, the
+op checks, extreme logits and NaN inputs."""
+import functools
 import itertools
 
 import pytest
 import torch
 
 import icon_kernels as ik
+import dense_formula
 from cases import (KERNELS, TARGETS, build, check_against_reference, clone_problem, keeps_self_pair_at_zero,
-                   device_of, loss_and_grads, relative_error, seed_of, to_device)
+                   device_of, leaves, loss_and_grads, relative_error, seed_of, to_device)
 from icon_kernels import families
 from icon_kernels.backends.dispatch import op_arguments
 from icon_kernels.backends.ops import forward_op
@@ -19,7 +21,6 @@ from test_divergences import F_DIVERGENCES, GENERATOR, _identity_problem
 
 FUSED = [name for name in ("torch", "cpu", "triton", "cuda")
          if all(name in families.DIVERGENCES[d].backends for d in F_DIVERGENCES)]
-WITHOUT = [name for name in ("torch", "cpu", "triton", "cuda") if name not in FUSED]
 # the backends checked in float64 at 1e-9; Triton computes in fp32 (float64 inputs too) and has
 # its own fp32 entries below ("Triton")
 FLOAT64 = [name for name in FUSED if name != "triton"]
@@ -79,8 +80,10 @@ def _matrix():
 
 
 def _matrix_cases():
+    # the reference too: it is checked against the dense formula (and is what the others are
+    # checked against besides)
     for backend, divergence, kernel, target_kind, setting in itertools.product(
-            FLOAT64, F_DIVERGENCES, KERNELS, TARGETS, F_SETTINGS):
+            ["reference"] + FLOAT64, F_DIVERGENCES, KERNELS, TARGETS, F_SETTINGS):
         if divergence == "reverse_kl" and _has_zeros(target_kind, setting[3]):
             continue
         if keeps_self_pair_at_zero(kernel, (setting[0], setting[1], setting[2])):
@@ -89,31 +92,90 @@ def _matrix_cases():
                            id=f"{backend}-{divergence}-{kernel}-{target_kind}-{setting[0]}")
 
 
-@pytest.mark.parametrize("backend,divergence,kernel,target_kind,setting", _matrix(), indirect=["backend"])
-def test_every_kernel_target_and_option(backend, divergence, kernel, target_kind, setting):
-    """Loss and every gradient (x, y, the kernel parameter, the target's features, sigma,
-    Neighbors weights, Dense p) within 1e-9 of the float64 reference."""
+def _matrix_problem(divergence, kernel, target_kind, setting, t_kernel="gaussian"):
+    """The float64 problem (fresh leaves) and upstream gradient of one case of the matrix
+    (``t_kernel``: an Affinity target's kernel)."""
     name, rect, exclude_self, alpha, beta, reduction, weighted = setting
     full = (name, rect, exclude_self, alpha, beta, divergence, reduction, weighted)
     n, m, d = F_SHAPE
-    problem, upstream = build(kernel, target_kind, full, torch.float64, seed=seed_of(kernel, target_kind, name),
-                              param_tensor="scalar", target_grad=True, n=n, m=m, d=d)
-    check_close_to_reference(problem, upstream, backend)
+    seed = seed_of(kernel, target_kind, name) if t_kernel == "gaussian" else seed_of(kernel, t_kernel, name)
+    return build(kernel, target_kind, full, torch.float64, seed=seed, param_tensor="scalar", target_grad=True,
+                 t_kernel=t_kernel, n=n, m=m, d=d)
 
 
-def check_close_to_reference(problem, upstream, backend, tol=1e-9, floor=1e-13):
-    """cases.check_against_reference in float64, with an absolute floor: a gradient that is 0 in
-    exact arithmetic (tv's dL/dw when every neighbour sits on one side of q) is 1e-16 noise on
-    both sides, where a relative error means nothing."""
-    want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
-    device = device_of(backend)
-    got_loss, got_grads = loss_and_grads(*to_device(clone_problem(*problem, torch.float64), device), backend,
-                                         upstream.to(device))
-    got_loss, got_grads = got_loss.cpu(), [g.cpu() for g in got_grads]
-    assert torch.isfinite(want_loss).all()
+@functools.lru_cache(maxsize=None)
+def _dense_formula_result(*case):
+    """The loss and the gradient of every leaf (cases.leaves' order) by tests/dense_formula.py,
+    computed once per case (_matrix_problem's arguments) for every backend."""
+    (x, y, target, kwargs), upstream = _matrix_problem(*case)
+    loss = dense_formula.icon_loss(x, y, target=target, **kwargs)
+    ins = leaves(x, y, target, kwargs)
+    grads = torch.autograd.grad(loss, ins, grad_outputs=upstream, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads)]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_result(*case):
+    """The reference backend's loss and gradients of one case, computed once for every backend."""
+    problem, upstream = _matrix_problem(*case)
+    return loss_and_grads(*problem, "reference", upstream)
+
+
+@pytest.mark.parametrize("backend,divergence,kernel,target_kind,setting", _matrix(), indirect=["backend"])
+def test_every_kernel_target_and_option(backend, divergence, kernel, target_kind, setting):
+    """Loss and every gradient (x, y, the kernel parameter, the target's features, sigma,
+    Neighbors weights, Dense p) within 1e-9 of the dense formula written in tests/dense_formula.py
+    (issue 16, acceptance 1), and of the float64 reference (for the backends other than it)."""
+    check_dense_formula_and_reference(backend, (divergence, kernel, target_kind, setting))
+
+
+def _target_kernel_cases():
+    """Every target kernel of an Affinity target under every setting (the power kernel's kept
+    self pair left out, cases.keeps_self_pair_at_zero), the divergences in turn."""
+    settings = [(t_kernel, setting) for t_kernel, setting in itertools.product(KERNELS, F_SETTINGS)
+                if not keeps_self_pair_at_zero("student_t", setting, t_kernel)]
+    for i, (t_kernel, setting) in enumerate(settings):
+        divergence = F_DIVERGENCES[i % len(F_DIVERGENCES)]
+        for backend in ["reference"] + FLOAT64:
+            yield pytest.param(backend, divergence, t_kernel, setting,
+                               id=f"{backend}-{divergence}-{t_kernel}-{setting[0]}")
+
+
+@pytest.mark.parametrize("backend,divergence,t_kernel,setting", list(_target_kernel_cases()),
+                         indirect=["backend"])
+def test_every_affinity_target_kernel(backend, divergence, t_kernel, setting):
+    """The matrix's Affinity target has the Gaussian kernel: here each target kernel's chain (dz,
+    dz_cols, its sigma or exponent) against the dense formula and the reference, 1e-9."""
+    check_dense_formula_and_reference(backend, (divergence, "student_t", "affinity", setting, t_kernel))
+
+
+def check_dense_formula_and_reference(backend, case):
+    """The backend's loss and gradients of ``case`` (_matrix_problem's arguments) within 1e-9 of
+    the dense formula, and of the reference for a backend other than it."""
+    if backend == "reference":
+        got = _reference_result(*case)
+    else:
+        problem, upstream = _matrix_problem(*case)
+        device = device_of(backend)
+        loss, grads = loss_and_grads(*to_device(problem, device), backend, upstream.to(device))
+        got = (loss.cpu(), [g.cpu() for g in grads])
+    assert_close_in_float64(got, _dense_formula_result(*case), "dense formula")
+    if backend != "reference":
+        assert_close_in_float64(got, _reference_result(*case), "reference")
+
+
+def assert_close_in_float64(got, want, against, tol=1e-9, floor=1e-13):
+    """``got`` = (loss, gradients) within ``tol`` of ``want``, relative in norm for the loss and for
+    each gradient, with an absolute floor: a gradient that is 0 in exact arithmetic (tv's dL/dw
+    when every neighbour sits on one side of q) is 1e-16 noise on both sides, where a relative
+    error means nothing."""
+    (got_loss, got_grads), (want_loss, want_grads) = got, want
+    assert torch.isfinite(want_loss).all(), against
+    assert len(got_grads) == len(want_grads), against
     for i, (g, w) in enumerate(zip([got_loss, *got_grads], [want_loss, *want_grads])):
+        assert g.shape == w.shape, (against, i)
         err = (g - w).norm().item()
-        assert err <= tol * w.norm().item() + floor, f"output {i}: error {err}, norm {w.norm().item()}"
+        assert err <= tol * w.norm().item() + floor, f"{against}, output {i}: error {err}, norm {w.norm().item()}"
 
 
 @pytest.mark.parametrize("backend", FUSED, indirect=True)
@@ -223,15 +285,6 @@ def test_auto_picks_a_fused_backend(divergence):
     assert picked in ("cpu", "torch")          # a fused backend, not the dense reference
 
 
-@pytest.mark.parametrize("backend", WITHOUT)
-@pytest.mark.parametrize("divergence", F_DIVERGENCES)
-def test_backends_without_them_refuse(backend, divergence):
-    # the refusal comes before availability, so it holds where the backend is not built too
-    x, z, eye, target = _identity_problem()
-    with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute this divergence yet"):
-        ik.icon_loss(x, eye, target=target, alpha=0.1, divergence=divergence, backend=backend)
-
-
 def test_the_triton_op_refuses_an_unknown_divergence_code():
     # a second gate behind the table: a direct op call with a code its kernels lack
     pytest.importorskip("triton")
@@ -309,7 +362,7 @@ def _triton_cases():
 def check_fp32_against_reference(problem, upstream, backend, tol=TRITON_F32, floor=1e-7):
     """The loss and every gradient of the fp32 problem within ``tol`` (relative, in norm) of the
     float64 reference, with an absolute ``floor`` for a gradient that is 0 in exact arithmetic
-    (as check_close_to_reference)."""
+    (as assert_close_in_float64)."""
     want_loss, want_grads = loss_and_grads(*clone_problem(*problem, torch.float64), "reference", upstream)
     device = device_of(backend)        # Triton: cuda on a GPU, CPU tensors under the interpreter
     got_loss, got_grads = loss_and_grads(*to_device(clone_problem(*problem, torch.float32), device), backend,
