@@ -178,6 +178,10 @@ inline bool f_label_backward_of(const LabelRow& r, T* w, const T* b_sq, T a_sq, 
   // the row's fields in locals: w is written in the loop, and r (a reference) might alias it
   const int64_t* const col_labels = r.col_labels;
   const int64_t label = r.label, self = r.self, m = r.m;
+  // the products below are taken unconditionally, with a finite basis: GCC 12.2 at -O3 -fopenmp
+  // -march=native (AVX-512) miscompiled the select form `grad == 0 ? 0 : grad * basis` in this
+  // reduction (dL/dtemperature 2e35 instead of 0.13 on a 200-column fp32 row)
+  const T lowest = std::numeric_limits<T>::lowest();
   double dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
@@ -188,10 +192,10 @@ inline bool f_label_backward_of(const LabelRow& r, T* w, const T* b_sq, T a_sq, 
       const bool neg = col_labels[j] != label && j != self;
       const T q = neg ? vexp(s - lse) : T(0);
       const T grad = gd * q;
-      const T basis = s - shift;
-      bdp += grad == T(0) ? T(0) : grad * basis;
+      const T basis = std::max(s - shift, lowest);   // -inf (q = 0) would make 0 * inf
+      bdp += grad * basis;
       bgs += grad;
-      bqb += q == T(0) ? T(0) : q * basis;
+      bqb += q * basis;
       bqs += q;
       const T wj = grad * w_scale;
       w[j] = wj;

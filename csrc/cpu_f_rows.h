@@ -233,10 +233,11 @@ inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, 
       const T s = w[j];
       const T q = j != self ? vexp(s - lse) : T(0);
       const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
-      const T basis = s - shift;
-      dp += grad == T(0) ? T(0) : grad * basis;
+      // finite (s = -inf: q = 0) and unconditional products: see f_label_backward_of
+      const T basis = std::max(s - shift, std::numeric_limits<T>::lowest());
+      dp += grad * basis;
       gs += grad;
-      qb += q == T(0) ? T(0) : q * basis;
+      qb += q * basis;
       qs += q;
       const T wj = grad * w_scale;
       w[j] = wj;

@@ -165,10 +165,11 @@ inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, con
       const T q = valid ? vexp(s - lse) : T(0);
       const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
       const T grad = g * (q - p_mix);
-      const T basis = s - shift;
-      dp += grad == T(0) ? T(0) : grad * basis;
+      // finite (s = -inf: q = 0) and unconditional products: see f_label_backward_of
+      const T basis = std::max(s - shift, std::numeric_limits<T>::lowest());
+      dp += grad * basis;
       gs += grad;
-      qb += q == T(0) ? T(0) : q * basis;
+      qb += q * basis;
       qs += q;
       const T wj = grad * w_scale;
       w[j] = wj;
