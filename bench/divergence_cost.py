@@ -26,6 +26,8 @@ from report import machine_info  # noqa: E402
 
 import icon_kernels as ik  # noqa: E402
 
+CPU_BACKENDS = ("torch", "cpu")     # CPU tensors, wall time: the GPU backends are run_bench.py's
+
 # configuration -> (the kl variant, the other divergences' variants): workloads.CONFIGS names
 VARIANTS = {
     "infonce": ("infonce", {"tv": "infonce-tv", "js": "infonce-js"}),
@@ -65,14 +67,15 @@ def measure(base: str, backend: str, n: int, d: int, rounds: int):
 
 
 def runs_on(name: str):
+    """The CPU backends that compute a configuration."""
     config = workloads.CONFIGS[name]
-    return config.fused_running if config.fused_missing else ("torch", "cpu")
+    return config.fused_running if config.fused_missing else CPU_BACKENDS
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--backends", nargs="+", default=["torch", "cpu"])
+    parser.add_argument("--backends", nargs="+", default=list(CPU_BACKENDS), choices=CPU_BACKENDS)
     parser.add_argument("--sizes", nargs="+", type=int, default=[8192])
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)

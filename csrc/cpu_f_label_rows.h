@@ -178,9 +178,11 @@ inline bool f_label_backward_of(const LabelRow& r, T* w, const T* b_sq, T a_sq, 
   // the row's fields in locals: w is written in the loop, and r (a reference) might alias it
   const int64_t* const col_labels = r.col_labels;
   const int64_t label = r.label, self = r.self, m = r.m;
-  // the products below are taken unconditionally, with a finite basis: GCC 12.2 at -O3 -fopenmp
-  // -march=native (AVX-512) miscompiled the select form `grad == 0 ? 0 : grad * basis` in this
-  // reduction (dL/dtemperature 2e35 instead of 0.13 on a 200-column fp32 row)
+  // the products below are taken unconditionally, with the basis clamped from below: GCC 12.2 at
+  // -O3 -fopenmp -march=native (AVX-512) miscompiled the select form `grad == 0 ? 0 : grad * basis`
+  // in this reduction (dL/dtemperature 2e35 instead of 0.13 on a 200-column fp32 row). grad = g D q
+  // is 0 wherever q is, so a clamped -inf basis only ever meets grad = 0 (a +inf logit, as the
+  // oracle's, gives NaN)
   const T lowest = std::numeric_limits<T>::lowest();
   double dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
@@ -192,7 +194,7 @@ inline bool f_label_backward_of(const LabelRow& r, T* w, const T* b_sq, T a_sq, 
       const bool neg = col_labels[j] != label && j != self;
       const T q = neg ? vexp(s - lse) : T(0);
       const T grad = gd * q;
-      const T basis = std::max(s - shift, lowest);   // -inf (q = 0) would make 0 * inf
+      const T basis = std::max(s - shift, lowest);   // s = -inf only where q = 0, so grad = 0 there
       bdp += grad * basis;
       bgs += grad;
       bqb += q * basis;

@@ -233,7 +233,8 @@ inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, 
       const T s = w[j];
       const T q = j != self ? vexp(s - lse) : T(0);
       const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
-      // finite (s = -inf: q = 0) and unconditional products: see f_label_backward_of
+      // the basis clamped from below and unconditional products (f_label_backward_of says why):
+      // q g = 0 wherever q = 0, so a clamped -inf basis only ever meets grad = 0
       const T basis = std::max(s - shift, std::numeric_limits<T>::lowest());
       dp += grad * basis;
       gs += grad;

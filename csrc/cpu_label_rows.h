@@ -165,11 +165,12 @@ inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, con
       const T q = valid ? vexp(s - lse) : T(0);
       const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
       const T grad = g * (q - p_mix);
-      // finite (s = -inf: q = 0) and unconditional products: see f_label_backward_of
-      const T basis = std::max(s - shift, std::numeric_limits<T>::lowest());
-      dp += grad * basis;
+      // a select, not cpu_f_label_rows.h's clamped basis: grad = g (q - p~) is nonzero where q = 0
+      // (a positive, or alpha > 0), and s = -inf there must give an infinite dL/dparam
+      const T basis = s - shift;
+      dp += grad == T(0) ? T(0) : grad * basis;
       gs += grad;
-      qb += q * basis;
+      qb += q == T(0) ? T(0) : q * basis;
       qs += q;
       const T wj = grad * w_scale;
       w[j] = wj;

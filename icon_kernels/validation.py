@@ -205,8 +205,10 @@ def check_arguments(x, y, *, target, kernel, temperature, sigma, dof, exponent, 
         valid = torch.ones(n, m, dtype=torch.bool, device=target.p.device)
         if exclude_self:
             valid &= ~torch.eye(n, m, dtype=torch.bool, device=target.p.device)
-        # conditional rows with no mass are left out, not +inf; joint normalisation leaves no row out
-        kept = (target.p * valid).sum(1) != 0 if normalization == "conditional" else valid.any(1)
+        # conditional rows with no mass are left out, not +inf; joint normalisation leaves no row
+        # out, unless no pair has mass at all (then the loss is 0, as an all-left-out batch)
+        mass = target.p * valid
+        kept = mass.sum(1) != 0 if normalization == "conditional" else valid.any(1) & (mass.sum() != 0)
         if bool(((target.p == 0) & valid & kept[:, None]).any()):
             raise ValueError("divergence='reverse_kl' against a Dense target with zeros at valid pairs and "
                              "alpha = 0 is +inf (q log(q / 0)): set alpha > 0")

@@ -16,8 +16,8 @@ N, D = 7, 3
 @pytest.mark.parametrize("divergence", ["kl", "tv", "js"])
 @pytest.mark.parametrize("where", ["x", "z"])
 def test_an_inf_coordinate_gives_nan(where, divergence, backend):
-    # x: the student_t logits of row 2 are all -inf, which log Z takes as q = 0 (a finite loss
-    # before this check); z: the same on the target side
+    # x: the student_t logits of row 2 are all -inf, which log Z takes as q = 0 (before this
+    # check: a finite loss for tv and js, +inf for kl); z: the same on the target side
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
     z = torch.randn(N, 2, generator=gen, dtype=torch.float64)
@@ -49,3 +49,7 @@ def test_reverse_kl_against_a_dense_row_without_mass_raises_under_joint():
         ik.icon_loss(x, target=ik.Dense(p), divergence="reverse_kl", normalization="joint")
     assert torch.isfinite(ik.icon_loss(x, target=ik.Dense(p), divergence="reverse_kl", normalization="joint",
                                        alpha=0.1))
+    # no pair with mass at all: the loss is 0 (an all-left-out batch), not an error
+    zero = ik.icon_loss(x, target=ik.Dense(torch.zeros(N, N, dtype=torch.float64)), divergence="reverse_kl",
+                        normalization="joint")
+    assert zero == 0
