@@ -1,9 +1,10 @@
 """pytest-benchmark suite of the I-Con loss: one benchmark per (configuration, N, contender).
 
-Groups are "<configuration>-<dtype>-N<N>"; each group holds the GEMM floor (four N x M x d matmuls),
-naive PyTorch (backend "reference"), naive under torch.compile, every fused backend of the device
-and the installed peers. ``extra_info`` carries the peak memory (CPU: increase of the peak RSS in a
-fresh process, as in run_bench.py; CUDA: max_memory_allocated), the ratios to naive and to the
+Groups are "<configuration>-<dtype>-N<N>"; each group holds the GEMM floor (four N x M x d matmuls,
+two more for an Affinity target's Gram), naive PyTorch (backend "reference"), naive under
+torch.compile, every fused backend of the device and the installed peers. ``extra_info`` carries
+the peak memory (CPU: increase of the peak RSS in a fresh process, as in run_bench.py; CUDA:
+max_memory_allocated), the ratios to naive and to the
 floor of the same group (time and memory), N, M, d, dtype and the machine's torch / triton
 versions. Unlike run_bench.py, pytest-benchmark times one benchmark after the other, not in
 alternating order.
@@ -19,7 +20,7 @@ import torch
 
 import icon_kernels as ik
 from measure import classify, run_spawned
-from workloads import (CONFIGS, FLOOR, NAIVE, build, cuda_peak_mib, floor_operands, fwd_bwd, gemm_floor,
+from workloads import (CONFIGS, FLOOR, NAIVE, build, config_floor, cuda_peak_mib, floor_operands, fwd_bwd,
                        label)
 
 _SEEN = {}        # group -> {"floor": median s, "naive": median s, "naive_mem": MiB}
@@ -57,10 +58,10 @@ def test_icon_loss(benchmark, icon_case, request):
     gc.collect()
     inp = cfg.make(n, d, getattr(torch, dtype), device)
     if name == "floor":
-        x, y = floor_operands(cfg, inp)
+        floor_ops = floor_operands(cfg, inp)
 
         def run():
-            gemm_floor(x, y, device)
+            config_floor(floor_ops, device)
     else:
         fn = build(name, cfg, inp)
 

@@ -83,7 +83,7 @@ import torch  # noqa: E402
 import icon_kernels as ik  # noqa: E402
 from probe import probe_search  # noqa: E402
 from workloads import (CONFIGS, NAIVE, build, clear_grads, cuda_peak_mib, errors_against,  # noqa: E402
-                       floor_operands, fwd_bwd, gemm_floor, grads_of, reference_oracle)
+                       config_floor, floor_operands, fwd_bwd, gemm_floor, grads_of, reference_oracle)
 
 HALF = ("float16", "bfloat16")
 
@@ -320,7 +320,7 @@ def timing_job(spec):
     outputs.clear()
 
     # rounds in alternating order, the GEMM floor as one more entry
-    x, y = floor_operands(cfg, inp)
+    floor_ops = floor_operands(cfg, inp)
     reps = {name: results[name]["repeats"] for name in fns}
     reps["floor"] = max(reps.values(), default=k) if spec.get("floor", True) else 0
     order = [name for name in spec["contenders"] if name in fns] + (["floor"] if reps["floor"] else [])
@@ -332,7 +332,7 @@ def timing_job(spec):
                 continue
             try:
                 if name == "floor":
-                    times[name].append(gemm_floor(x, y, device))
+                    times[name].append(config_floor(floor_ops, device))
                 else:
                     times[name].append(fwd_bwd(fns[name], inp, device)[0])
             except Exception as exc:  # noqa: BLE001

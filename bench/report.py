@@ -249,7 +249,7 @@ class RunOutput:
                 "contenders of a row and the GEMM floor\n  are timed in one process, on the same inputs, "
                 "in alternating order.  [min, max]: over those runs.\n"
                 "x naive: median / naive's median (same row; naive = backend 'reference', dense, eager).  "
-                "x floor: median / GEMM floor\n  (four N x M x d matmuls, timed in the same process).\n"
+                "x floor: median / GEMM floor\n  (four N x M x d matmuls, two more N x M x dz for an Affinity target's Gram, timed in the same process).\n"
                 "peak MiB: CPU: increase of the peak RSS (VmHWM = ru_maxrss counter, reset before the call) "
                 "over the RSS just before one\n  forward+backward, in a fresh process per contender, inputs "
                 "already allocated, glibc's mmap threshold pinned at 128 KiB\n  (reproducible to ~1 MiB; "

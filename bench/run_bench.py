@@ -10,7 +10,8 @@ Per row (configuration, dtype, N), forward + backward:
 - time: the median, min and max over the timed runs after one warm-up. All contenders of a row
   and the GEMM floor are timed in the same process, on the same inputs, in alternating order.
 - x naive: the time divided by naive's time in the same row.
-- x floor: the time divided by the GEMM floor, four N x M x d matmuls timed in the same process.
+- x floor: the time divided by the GEMM floor, four N x M x d matmuls (two more N x M x dz for an
+  Affinity target's Gram) timed in the same process.
 - peak memory:
   - on CPU, the increase of the peak RSS (VmHWM, the ru_maxrss counter, reset just before the
     call) over the RSS just before one run, in a fresh process per contender, with the inputs
@@ -25,6 +26,7 @@ bench/results/<host>-<timestamp>.{csv,json}, with PNG plots beside them.
     python bench/run_bench.py             # default: under 10 minutes on a 2-core machine
     python bench/run_bench.py --quick     # under 2 minutes
     python bench/run_bench.py --full      # the whole sweep (CPU 2k..32k, GPU 4k..256k, bf16 + fp32)
+    python bench/run_bench.py --family    # every family member and divergence, CPU N = 4096, 8192
     python bench/run_bench.py --configs infonce --sizes 4096 8192 --contenders naive cpu
 """
 from __future__ import annotations
@@ -57,10 +59,13 @@ def parse_args(argv=None):
     """Options of ``argv``; this module's docstring gives the description and the examples."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[-4:]))
+                                epilog="\n".join(__doc__.splitlines()[-5:]))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes")
     g.add_argument("--full", action="store_true", help="the whole sweep (long)")
+    g.add_argument("--family", action="store_true",
+                   help="every member of the I-Con family and the divergences, N = 4096 and 8192 on the CPU "
+                        "(naive, compiled, torch, cpu and the floor; about an hour on 2 cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CPU, and CUDA when present")
     p.add_argument("--configs", nargs="+", help=f"subset of {', '.join(CONFIGS)}")

@@ -33,7 +33,8 @@ class Bench(LargestNProbe, RunOutput):
 
     def __init__(self, a):
         self.a = a
-        self.mode_name = "quick" if a.quick else "full" if a.full else "default"
+        self.mode_name = ("quick" if a.quick else "full" if a.full else
+                          "family" if getattr(a, "family", False) else "default")
         self.info = machine_info()
         self.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.t0 = time.time()

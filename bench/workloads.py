@@ -37,6 +37,7 @@ Contenders of a row.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import time
@@ -65,6 +66,9 @@ class Config:
     # the fused backends that do run it then
     fused_missing: Optional[str] = None
     fused_running: Tuple[str, ...] = ()
+    # inputs whose Gram an Affinity target adds to the floor (DESIGN.md §5: two N x M x dz GEMMs,
+    # its Gram in forward and backward; none of these targets requires grad)
+    target_grams: Tuple[str, ...] = ()
 
 
 def _infonce_inputs(n, d, dtype, device, seed=0):
@@ -149,14 +153,88 @@ CONFIGS: Dict[str, Config] = {
                         fused_missing="the cpu, triton and cuda kernels do not compute joint normalisation yet",
                         fused_running=("torch",)),
 }
+
+
+# --- the family sweep (issue 17): the members off the Labels / beta = 0 hot path -----------------
+
+def _supcon_inputs(n, d, dtype, device, seed=0, classes=100):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    centres = torch.randn(classes, d, generator=gen)
+    x = F.normalize(centres[labels] + 1.5 * torch.randn(n, d, generator=gen), dim=1)
+    return {"x": x.to(device=device, dtype=dtype).requires_grad_(), "labels": labels.to(device)}
+
+
+def _knn_inputs(n, d, dtype, device, seed=0, k=15):
+    """Embeddings x, and the k = 15 nearest neighbours of fixed input features z (ik.knn, set up
+    once: not timed)."""
+    inp = _tsne_inputs(n, d, dtype, device, seed)
+    inp["nbr"] = ik.knn(inp["z"].float(), k).to(device)
+    return inp
+
+
+def _cluster_inputs(n, d, dtype, device, seed=0, clusters=100):
+    """Cluster probabilities phi (N x 100, the rows of a softmax) for the log_dot kernel, and a
+    k = 15 nearest-neighbour target on input features; d is the input features' width."""
+    gen = torch.Generator().manual_seed(seed)
+    inp = _knn_inputs(n, d, dtype, device, seed)
+    phi = torch.softmax(2.0 * torch.randn(n, clusters, generator=gen), dim=1)
+    inp["x"] = phi.to(device=device, dtype=dtype).requires_grad_()
+    return inp
+
+
+FAMILY_LOSSES = {
+    # name: (title, target, kernel, inputs, loss, Affinity Grams of the floor)
+    "supcon100": ("SupCon: labels of 100 classes, dot kernel, tau 0.1", "labels randint(100)", "dot",
+                  _supcon_inputs,
+                  lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="dot",
+                                                    temperature=0.1, backend=backend), ()),
+    "infonce-debiased": ("debiased InfoNCE: as 'infonce', alpha = beta = 0.2", "labels arange(N)//2", "dot",
+                         _infonce_inputs,
+                         lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="dot",
+                                                           temperature=0.1, alpha=0.2, beta=0.2, backend=backend),
+                         ()),
+    "sne": ("SNE: Affinity(gaussian, sigma 4) target, gaussian kernel (sigma 1)", "affinity gaussian sigma=4",
+            "gaussian", _tsne_inputs,
+            lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian",
+                                                                           sigma=TSNE_SIGMA),
+                                              kernel="gaussian", sigma=1.0, backend=backend), ("z",)),
+    "tsimclr5": ("t-SimCLR: as 'infonce', student_t kernel (dof 5)", "labels arange(N)//2", "student_t",
+                 _infonce_inputs,
+                 lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="student_t",
+                                                   dof=5.0, backend=backend), ()),
+    "knn-graph": ("kNN graph: Neighbors(k = 15) target, student_t kernel (dof 1)", "neighbors k=15", "student_t",
+                  _knn_inputs,
+                  lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Neighbors(inp["nbr"]), kernel="student_t",
+                                                    dof=1.0, backend=backend), ()),
+    "cluster": ("cluster kernel: log_dot on 100 cluster probabilities, Neighbors(k = 15) target",
+                "neighbors k=15", "log_dot", _cluster_inputs,
+                lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Neighbors(inp["nbr"]), kernel="log_dot",
+                                                  backend=backend), ()),
+}
+CONFIGS.update({name: Config(name, title, target, kernel, make, loss, target_grams=grams)
+                for name, (title, target, kernel, make, loss, grams) in FAMILY_LOSSES.items()})
+# an Affinity target adds its Gram to the floor (DESIGN.md §5)
+for _name in ("tsne", "tsne-reverse_kl", "tsne-tv", "tsne-js", "jointtsne"):
+    CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], target_grams=("z",))
+# issue 17's sweep: every family member and the divergences on t-SNE and InfoNCE, N = 4096, 8192
+FAMILY = ("infonce", "supcon100", "infonce-debiased", "sne", "tsne", "tsimclr5", "knn-graph", "cluster",
+          "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")
+
 PROBE_CONFIG = "infonce"      # the configuration of the largest-N probe
 
 
 def floor_operands(config: Config, inputs):
-    """The (N x d, M x d) pair whose four N x M x d GEMMs are the compute floor."""
+    """The (a, b, GEMMs) operands of the compute floor (DESIGN.md §5): four N x M x d GEMMs of
+    x and y, and two of each Affinity target's features (its Gram in forward and backward)."""
     x = inputs["x"].detach()
     y = inputs["y"].detach() if "y" in config.leaves else x
-    return x, y
+    return [(x, y, 4)] + [(inputs[k].detach(), inputs[k].detach(), 2) for k in config.target_grams]
+
+
+def config_floor(operands, device) -> float:
+    """Seconds of a configuration's floor, ``floor_operands``'s GEMMs one after another."""
+    return sum(gemm_floor(a, b, device, gemms=gemms) for a, b, gemms in operands)
 
 
 # --- sweep plans -----------------------------------------------------------------------------------
@@ -196,6 +274,9 @@ MODES: Dict[Tuple[str, str], Mode] = {
                                      "infonce-tv", "infonce-js")]
                           + [("jointtsne", ("float32",), (2048, 4096, 8192), ())],
                           repeats=5, budget_s=900, probe_mem_gib=8.0, probe_step_s=300, probe_steps=10),
+    # issue 17's family sweep (--family): every contender, the floor, N = 4096 and 8192
+    ("cpu", "family"): Mode([(c, ("float32",), (4096, 8192), ()) for c in FAMILY],
+                            repeats=3, budget_s=60, probe_mem_gib=4.0, probe_step_s=25, probe_steps=7),
     ("cuda", "quick"): Mode([("infonce", ("bfloat16",), (4096, 16384), ())],
                             repeats=5, budget_s=10, probe_mem_gib=0, probe_step_s=5, probe_steps=4,
                             deadline_s=110),
@@ -209,6 +290,8 @@ MODES: Dict[Tuple[str, str], Mode] = {
                               + [("jointtsne", ("bfloat16",), (16384,), ("compiled",))],
                               repeats=5, budget_s=20, probe_mem_gib=0, probe_step_s=5, probe_steps=6,
                               deadline_s=200),
+    ("cuda", "family"): Mode([(c, ("bfloat16",), (16384,), ("compiled",)) for c in FAMILY],
+                             repeats=5, budget_s=20, probe_mem_gib=0, probe_step_s=5, probe_steps=6),
     ("cuda", "full"): Mode([(c, ("bfloat16", "float32"), (4096, 16384, 65536, 131072, 262144), ())
                             for c in ("infonce", "tsne", "clip")],
                            repeats=10, budget_s=300, probe_mem_gib=0, probe_step_s=60, probe_steps=10),
@@ -388,11 +471,14 @@ def cuda_peak_mib(fn, inp):
     return (torch.cuda.max_memory_allocated() - base) / 2**20, t
 
 
-def gemm_floor(x, y, device, block_elems=None):
+def gemm_floor(x, y, device, block_elems=None, gemms=4):
     """Seconds for the four N x M x d GEMMs of one fused forward + backward: S = X Y^T (forward),
-    S again (the backward recomputes it), G Y and G^T X with an N x M G. Done in row blocks of at
-    most ``block_elems`` entries of S (2^26 on CPU, 2^28 on GPU): the same FLOPs, O(block) memory,
-    and exactly four whole GEMMs whenever N x M fits in one block."""
+    S again (the backward recomputes it), G Y and G^T X with an N x M G; ``gemms=2``: the first
+    two only (an Affinity target's Gram). Done in row blocks of at most ``block_elems`` entries of
+    S (2^26 on CPU, 2^28 on GPU): the same FLOPs, O(block) memory, and exactly ``gemms`` whole
+    GEMMs whenever N x M fits in one block."""
+    if gemms not in (2, 4):
+        raise ValueError(f"gemms must be 2 or 4, got {gemms!r}")
     n, m = x.shape[0], y.shape[0]
     block_elems = block_elems or (2**28 if device == "cuda" else 2**26)
     rows = max(1, min(n, block_elems // max(m, 1)))
@@ -408,8 +494,9 @@ def gemm_floor(x, y, device, block_elems=None):
             sb, gyb = s[:xb.shape[0]], gy[:xb.shape[0]]
             torch.mm(xb, yt, out=sb)
             torch.mm(xb, yt, out=sb)
-            torch.mm(sb, y, out=gyb)
-            gtx.addmm_(sb.t(), xb)
+            if gemms == 4:
+                torch.mm(sb, y, out=gyb)
+                gtx.addmm_(sb.t(), xb)
         sync(device)
         return time.perf_counter() - t0
 
