@@ -19,23 +19,23 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def assert_close(got, want, what):
-    assert rel(got, want) <= TOL, f"{what}: relative error {rel(got, want):.3g}"
+def assert_close(got, want, what, tol=TOL):
+    assert rel(got, want) <= tol, f"{what}: relative error {rel(got, want):.3g}"
 
 
 def leaf(*shape, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).requires_grad_(True)
 
 
-def check(preset_call, dense_call, leaves, upstream=1.7):
+def check(preset_call, dense_call, leaves, upstream=1.7, tol=TOL):
     """Loss and gradients (with an upstream gradient != 1) of the preset against the dense formula."""
     got = preset_call()
     got_grads = torch.autograd.grad(got * upstream, leaves)
     want = dense_call()
     want_grads = torch.autograd.grad(want * upstream, leaves)
-    assert_close(got.detach(), want.detach(), "loss")
+    assert_close(got.detach(), want.detach(), "loss", tol)
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
-        assert_close(g, w, f"gradient of input {i}")
+        assert_close(g, w, f"gradient of input {i}", tol)
 
 
 def sq_dists(a, b):
@@ -191,12 +191,15 @@ def test_harmonic_loss_equals_harmax_cross_entropy(backend):
     crit = ik.HarmonicLoss(3, 4, exponent=2.5, backend=backend).double()
     w = crit.prototypes
     assert (crit.kernel, crit.divergence) == ("power", "cross_entropy")
-    check(lambda: crit(z, labels), lambda: harmonic_loss(z, w, labels, 2.5), [z, w])
+    # Triton computes float64 inputs in fp32: its dx here came out 1.08e-6 on the 2026-12-02 VM,
+    # 9 fp32 ulps (log(d^2 + eps) times the exponent), against 1e-6
+    tol = 1e-5 if backend == "triton" else TOL
+    check(lambda: crit(z, labels), lambda: harmonic_loss(z, w, labels, 2.5), [z, w], tol=tol)
     # a learnable exponent, and a given prototype matrix
     n = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
     w2 = leaf(3, 4, gen=gen)
     crit_n = ik.HarmonicLoss(3, 4, exponent=n, backend=backend)
-    check(lambda: crit_n(z, labels, prototypes=w2), lambda: harmonic_loss(z, w2, labels, n), [z, w2, n])
+    check(lambda: crit_n(z, labels, prototypes=w2), lambda: harmonic_loss(z, w2, labels, n), [z, w2, n], tol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
