@@ -37,7 +37,6 @@ Contenders of a row.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import time
@@ -134,14 +133,15 @@ CONFIGS: Dict[str, Config] = {
     "infonce": Config("infonce", "InfoNCE/SupCon: labels, dot kernel, tau 0.1, y = x",
                       "labels arange(N)//2", "dot", _infonce_inputs, _infonce_loss),
     "tsne": Config("tsne", "t-SNE: Affinity(gaussian, sigma 4) target, student_t kernel (dof 1)",
-                   "affinity gaussian sigma=4", "student_t", _tsne_inputs, _tsne_loss),
+                   "affinity gaussian sigma=4", "student_t", _tsne_inputs, _tsne_loss, target_grams=("z",)),
     "clip": Config("clip", "CLIP-style: N x M=N/2 rectangular, labels, cosine, tau 0.07",
                    "labels rows arange(N)//2, cols arange(M)", "cosine", _clip_inputs, _clip_loss,
                    m_of_n=_clip_m, leaves=("x", "y")),
     # the divergences of "Beyond I-Con" on the same configurations (the kl rows above are their
     # baseline: cost ratio = time of the variant / time of its kl row, same backend)
     **{f"tsne-{div}": Config(f"tsne-{div}", f"t-SNE as 'tsne', divergence {div}", "affinity gaussian sigma=4",
-                             "student_t", _tsne_inputs, _divergence_variant(_tsne_loss, div))
+                             "student_t", _tsne_inputs, _divergence_variant(_tsne_loss, div),
+                             target_grams=("z",))
        for div in ("reverse_kl", "tv", "js")},
     **{f"infonce-{div}": Config(f"infonce-{div}", f"InfoNCE as 'infonce', divergence {div}",
                                 "labels arange(N)//2", "dot", _infonce_inputs,
@@ -151,7 +151,7 @@ CONFIGS: Dict[str, Config] = {
                         "student_t (dof 1), normalization='joint' (ik.JointTSNE's objective at one sigma)",
                         "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs, _jointtsne_loss,
                         fused_missing="the cpu, triton and cuda kernels do not compute joint normalisation yet",
-                        fused_running=("torch",)),
+                        fused_running=("torch",), target_grams=("z",)),
 }
 
 
@@ -183,40 +183,41 @@ def _cluster_inputs(n, d, dtype, device, seed=0, clusters=100):
     return inp
 
 
+def _family_loss(target_of, kernel, **options):
+    """The loss (inputs, backend) -> icon_loss(x, target_of(inputs), kernel, **options)."""
+    return lambda inp, backend: ik.icon_loss(inp["x"], target=target_of(inp), kernel=kernel, backend=backend,
+                                             **options)
+
+
+def _labels(inp):
+    return ik.Labels(inp["labels"])
+
+
+def _neighbors(inp):
+    return ik.Neighbors(inp["nbr"])
+
+
+def _affinity(inp):
+    return ik.Affinity(inp["z"], kernel="gaussian", sigma=TSNE_SIGMA)
+
+
 FAMILY_LOSSES = {
     # name: (title, target, kernel, inputs, loss, Affinity Grams of the floor)
     "supcon100": ("SupCon: labels of 100 classes, dot kernel, tau 0.1", "labels randint(100)", "dot",
-                  _supcon_inputs,
-                  lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="dot",
-                                                    temperature=0.1, backend=backend), ()),
+                  _supcon_inputs, _family_loss(_labels, "dot", temperature=0.1), ()),
     "infonce-debiased": ("debiased InfoNCE: as 'infonce', alpha = beta = 0.2", "labels arange(N)//2", "dot",
-                         _infonce_inputs,
-                         lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="dot",
-                                                           temperature=0.1, alpha=0.2, beta=0.2, backend=backend),
-                         ()),
+                         _infonce_inputs, _family_loss(_labels, "dot", temperature=0.1, alpha=0.2, beta=0.2), ()),
     "sne": ("SNE: Affinity(gaussian, sigma 4) target, gaussian kernel (sigma 1)", "affinity gaussian sigma=4",
-            "gaussian", _tsne_inputs,
-            lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian",
-                                                                           sigma=TSNE_SIGMA),
-                                              kernel="gaussian", sigma=1.0, backend=backend), ("z",)),
+            "gaussian", _tsne_inputs, _family_loss(_affinity, "gaussian", sigma=1.0), ("z",)),
     "tsimclr5": ("t-SimCLR: as 'infonce', student_t kernel (dof 5)", "labels arange(N)//2", "student_t",
-                 _infonce_inputs,
-                 lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Labels(inp["labels"]), kernel="student_t",
-                                                   dof=5.0, backend=backend), ()),
+                 _infonce_inputs, _family_loss(_labels, "student_t", dof=5.0), ()),
     "knn-graph": ("kNN graph: Neighbors(k = 15) target, student_t kernel (dof 1)", "neighbors k=15", "student_t",
-                  _knn_inputs,
-                  lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Neighbors(inp["nbr"]), kernel="student_t",
-                                                    dof=1.0, backend=backend), ()),
+                  _knn_inputs, _family_loss(_neighbors, "student_t", dof=1.0), ()),
     "cluster": ("cluster kernel: log_dot on 100 cluster probabilities, Neighbors(k = 15) target",
-                "neighbors k=15", "log_dot", _cluster_inputs,
-                lambda inp, backend: ik.icon_loss(inp["x"], target=ik.Neighbors(inp["nbr"]), kernel="log_dot",
-                                                  backend=backend), ()),
+                "neighbors k=15", "log_dot", _cluster_inputs, _family_loss(_neighbors, "log_dot"), ()),
 }
 CONFIGS.update({name: Config(name, title, target, kernel, make, loss, target_grams=grams)
                 for name, (title, target, kernel, make, loss, grams) in FAMILY_LOSSES.items()})
-# an Affinity target adds its Gram to the floor (DESIGN.md §5)
-for _name in ("tsne", "tsne-reverse_kl", "tsne-tv", "tsne-js", "jointtsne"):
-    CONFIGS[_name] = dataclasses.replace(CONFIGS[_name], target_grams=("z",))
 # issue 17's sweep: every family member and the divergences on t-SNE and InfoNCE, N = 4096, 8192
 FAMILY = ("infonce", "supcon100", "infonce-debiased", "sne", "tsne", "tsimclr5", "knn-graph", "cluster",
           "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")
