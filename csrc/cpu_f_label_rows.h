@@ -152,7 +152,7 @@ ICON_SIMD_INLINE T label_logit(T w, T b_sq, T a_sq, T inv, T c) {
 // that pass are exp(s - LSE) with the LSE rounded to T, so they sum to Z = 1 only up to ~|LSE|
 // ulps; where Z is off by more than 4 ulps the row is renormalised to q / Z afterwards: the
 // negatives' G scale by one factor (no exp again) and the positives are recomputed, so that
-// sum_j G = 0 and Gamma is the q-weighted mean of g over these very q (f_fast_backward's rule).
+// sum_j G = 0 and Gamma is the q-weighted mean of g over these very q (learned_backward's rule, cpu_family_rows.h).
 // pos_s: scratch of m doubles. Returns false, with w unchanged, where the row is left to the
 // generic path; else *out gets the row's sums (fast_label_backward's).
 template <typename T, int K, int D>

@@ -49,7 +49,15 @@ template <typename T, int D>
 ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
   const T inf = std::numeric_limits<T>::infinity();
   const bool has_p = !(lp == -inf), has_q = !(lq == -inf);
-  if constexpr (D == kReverseKl) {
+  if constexpr (D == kKl) {          // p (log p - log q); g = -r; f' = log r + 1 (p f' = p (log p - log q + 1))
+    // gated on p, not on its log: an exact log p (kExactLogP) is finite where p underflowed
+    const T gap = lp - lq;
+    return {vsel(p != T(0), p * gap, T(0)), -p, vsel(p != T(0), p * (gap + T(1)), T(0))};
+  } else if constexpr (D == kCrossEntropy) {   // -p log q: KL plus the target's entropy, so the
+    // same g; its target gradient has h = -log q (p f' = -p log q)
+    const T cross = vsel(p != T(0), -p * lq, T(0));
+    return {cross, -p, cross};
+  } else if constexpr (D == kReverseKl) {
     const T term = vsel(has_q, vsel(has_p, q * (lq - lp), inf), T(0));
     // an infinite term (p~ = 0 < q~) is a constant, as in the reference: no gradient
     const T q_g = vsel(has_q && has_p, q * (lq - lp + T(1)), T(0));
@@ -76,7 +84,7 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
     const T term = vsel(gap != T(0), vsel(has_q, vexp(T(2) * vlog(gap) - lq), inf), T(0));
     return {term, vsel(has_q, q - p2_over_q, T(0)), vsel(has_q, T(2) * (p2_over_q - p), T(0))};
   } else {
-    static_assert(D == kReverseKl || D == kTv || D == kHellinger || D == kJs || D == kChi2,
+    static_assert(D == kKl || D == kCrossEntropy || D == kReverseKl || D == kTv || D == kHellinger || D == kJs || D == kChi2,
                   "not an f-divergence of divergence_math.h");
     return {T(0), T(0), T(0)};
   }
@@ -158,6 +166,8 @@ inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf) {
 template <typename T>
 inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf) {
   switch (divergence) {
+    case kKl: return f_row_of<T, kKl>(r, log_p, qg, pf);
+    case kCrossEntropy: return f_row_of<T, kCrossEntropy>(r, log_p, qg, pf);
     case kReverseKl: return f_row_of<T, kReverseKl>(r, log_p, qg, pf);
     case kTv: return f_row_of<T, kTv>(r, log_p, qg, pf);
     case kHellinger: return f_row_of<T, kHellinger>(r, log_p, qg, pf);
@@ -193,64 +203,6 @@ inline T simd_row_lse(T* s, int64_t self, int64_t m) {
     se += bse;
   }
   return T(double(mx) + std::log(se));
-}
-
-// The backward of an f-divergence row for the dot and Gaussian kernels (no target gradient), in
-// SIMD like fast_label_backward: r.s holds the row's logits and is overwritten with
-// W = G w_scale, G = g (1 - beta) q (g_f - Gamma). q = exp(s - LSE) is renormalised over the row
-// first, and Gamma = sum_j q g_f is this row's own, in double, taken off as two parts in T (the
-// saved fp32 Gamma's rounding would come back times the q-mean of y - x_i). Returns the row's
-// sums for dL/dparam (basis s - shift, centred_sum) and sum_j W.
-template <typename T>
-inline LabelGradSums f_fast_backward(int divergence, FRow<T> r, int log_p, T g, T shift, T w_scale,
-                                     T* qg, T* pf) {
-  T* w = const_cast<T*>(r.s);
-  const int64_t m = r.m, self = r.self;   // locals: w is written below
-  double q_total = 0;
-  {
-    const T lse0 = r.lse;
-    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-      const int64_t j1 = std::min(m, j0 + kSumBlock);
-      T bq = 0;
-#pragma omp simd reduction(+ : bq)
-      for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp(w[j] - lse0) : T(0);
-      q_total += bq;
-    }
-  }
-  if (q_total > 0) r.lse = T(double(r.lse) + std::log(q_total));
-  const FRowSums f = f_row<T>(divergence, r, log_p, qg, pf);
-  // Gamma as the q-weighted mean of g over these very q: the LSE above is rounded to T, so the q
-  // sum to 1 only up to ~|LSE| ulps, and sum_j G = 0 needs Gamma divided by their own sum
-  const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
-  const T gamma_hi = T(gamma), gamma_lo = T(gamma - double(gamma_hi));
-  const T scale = g * (T(1) - r.beta), lse = r.lse;
-  LabelGradSums out{0, 0, 0, 0, 0};
-  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(m, j0 + kSumBlock);
-    T dp = 0, gs = 0, qb = 0, qs = 0, rs = 0;
-#pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
-    for (int64_t j = j0; j < j1; ++j) {
-      const T s = w[j];
-      const T q = j != self ? vexp(s - lse) : T(0);
-      const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
-      // the basis clamped from below and unconditional products (f_label_backward_of says why):
-      // q g = 0 wherever q = 0, so a clamped -inf basis only ever meets grad = 0
-      const T basis = std::max(s - shift, std::numeric_limits<T>::lowest());
-      dp += grad * basis;
-      gs += grad;
-      qb += q * basis;
-      qs += q;
-      const T wj = grad * w_scale;
-      w[j] = wj;
-      rs += wj;
-    }
-    out.dp += dp;
-    out.g_sum += gs;
-    out.q_basis += qb;
-    out.q_sum += qs;
-    out.row_sum += rs;
-  }
-  return out;
 }
 
 }  // namespace icon

@@ -22,13 +22,15 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_label_rows.h"
 #include "cpu_f_label_rows.h"
 #include "cpu_f_rows.h"
+#include "cpu_family_rows.h"
+#include "cpu_label_rows.h"
 #include "cpu_loss.h"
 #include "divergence_math.h"
 #include "op_checks.h"
 #include "op_codes.h"
+#include "cpu_row_paths.h"
 #include "tile_math.h"
 
 namespace icon {
@@ -99,24 +101,9 @@ struct Problem {
   }
 
   int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
-  bool valid(int64_t i, int64_t j) const { return !(exclude_self && i == j); }
-  // the hot case with SIMD row loops (cpu_label_rows.h)
-  // an f-divergence with the dot or Gaussian kernel: logits, LSE and backward rows in SIMD
-  bool fast_f_div() const { return f_div && (kernel == kDot || kernel == kGaussian); }
-  // a Labels target with alpha = beta = 0 and tv, hellinger, js or chi2: closed forms over the
-  // negatives, one exp per pair (cpu_f_label_rows.h)
-  bool fast_f_labels() const {
-    return fast_f_div() && target == kLabels && alpha == T(0) && beta == T(0) && has_label_closed_form(divergence);
-  }
-  bool fast_labels() const {
-    return target == kLabels && beta == T(0) && !f_div && (kernel == kDot || kernel == kGaussian);
-  }
-  // how an f-divergence row forms log p~ (cpu_f_rows.h): an Affinity target with alpha = 0 takes
-  // t - LSE^p - log(row total), exact where p underflows; a Labels row has two levels
-  int log_p_mode() const {
-    if (target == kAffinity && alpha == T(0)) return kExactLogP;
-    return target == kLabels ? kTwoLevelLogP : kLogOfP;
-  }
+  // which row loops run (cpu_row_paths.h): the same choice the dispatch query reports
+  RowPath row_path() const { return choose_row_path(kernel, target, divergence, double(alpha), double(beta)); }
+  int log_p_mode() const { return log_p_mode_of(target, double(alpha)); }
   // row i of an f-divergence (cpu_f_rows.h): logits s with their LSE, the target row p and, for
   // Affinity, its logits t with LSE^p and the log of p's renormalising total; for Labels, the
   // row's positive count
@@ -134,38 +121,16 @@ struct Problem {
   }
 };
 
-// Turns a Gram row into logits in place (aux discarded); returns the row LSE over valid j.
+// p(.|i) of a Labels, Neighbors or Dense target into p[0..m) (0 off the valid set); returns
+// whether the row has any target mass. An Affinity row is affinity_row (cpu_family_rows.h).
 template <typename T>
-T logits_and_lse(const Problem<T>& pb, int kernel, T* row, const T* b_sq, T a_sq, T prm, int64_t i,
-                 int64_t m) {
-  T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < m; ++j) {
-    T aux;
-    row[j] = logit<T>(kernel, row[j], a_sq, b_sq[j], prm, &aux);
-    if (pb.valid(i, j) && row[j] > mx) mx = row[j];
-  }
-  if (mx == -std::numeric_limits<T>::infinity()) {  // no valid column, or all at -inf
-    bool nan = false;
-    for (int64_t j = 0; j < m; ++j) nan |= pb.valid(i, j) && std::isnan(row[j]);
-    return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
-  }
-  double sum = 0;
-  for (int64_t j = 0; j < m; ++j)
-    if (pb.valid(i, j)) sum += std::exp(row[j] - mx);
-  return T(double(mx) + std::log(sum));
-}
-
-// p(.|i) into p[0..m) (0 off the valid set); returns whether the row has any target mass.
-// For Affinity, t holds the row's target logits and lse_p their LSE.
-template <typename T>
-bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int64_t* count,
-                double* log_total = nullptr) {
+bool target_row(const Problem<T>& pb, int64_t i, T* p, int64_t* count) {
   const int64_t m = pb.m;
+  const int64_t self = pb.exclude_self ? i : -1;
   *count = -1;
   if (pb.target == kLabels) {
     const int64_t li = pb.labels.template data_ptr<int64_t>()[i];
     const int64_t* c = pb.col_labels.template data_ptr<int64_t>();
-    const int64_t self = pb.exclude_self ? i : -1;
     int64_t k = 0;
 #pragma omp simd reduction(+ : k)
     for (int64_t j = 0; j < m; ++j) k += (c[j] == li && j != self);
@@ -175,31 +140,33 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, const T* t, T lse_p, int6
     *count = k;
     return k > 0;
   }
-  if (pb.target == kAffinity) {   // renormalised: the fp32 LSE^p leaves sum_j p = 1 only up to its rounding
-    double total = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      p[j] = pb.valid(i, j) ? std::exp(t[j] - lse_p) : T(0);
-      total += p[j];
-    }
-    if (total > 0)
-      for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
-    if (log_total) *log_total = total > 0 ? std::log(total) : 0.0;
-    return pb.m_valid > 0;
-  }
   double total = 0;
   if (pb.target == kDense) {
     const T* w = pb.dense.template data_ptr<T>() + i * m;
-    for (int64_t j = 0; j < m; ++j) { p[j] = pb.valid(i, j) ? w[j] : T(0); total += p[j]; }
-  } else {  // neighbors: scatter the k weights; repeats add up
+    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+      const int64_t j1 = std::min(m, j0 + kSumBlock);
+      T bt = 0;
+#pragma omp simd reduction(+ : bt)
+      for (int64_t j = j0; j < j1; ++j) {
+        const T pj = j != self ? w[j] : T(0);
+        p[j] = pj;
+        bt += pj;
+      }
+      total += bt;
+    }
+  } else if (pb.target == kNeighbors) {   // scatter the k weights; repeats add up
     std::fill(p, p + m, T(0));
     const int64_t k = pb.nbr_index.size(1);
     const int64_t* idx = pb.nbr_index.template data_ptr<int64_t>() + i * k;
     const T* w = pb.nbr_weight.template data_ptr<T>() + i * k;
     for (int64_t c = 0; c < k; ++c)
-      if (idx[c] >= 0 && idx[c] < m && pb.valid(i, idx[c])) { p[idx[c]] += w[c]; total += w[c]; }
+      if (idx[c] >= 0 && idx[c] < m && idx[c] != self) { p[idx[c]] += w[c]; total += w[c]; }
+  } else {
+    TORCH_CHECK(false, "icon_kernels cpu: target_row has no rows of target code ", pb.target);
   }
   if (total == 0) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
-  for (int64_t j = 0; j < m; ++j) p[j] = T(p[j] / total);
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) p[j] = T(double(p[j]) / total);   // one rounding, as the reference
   return true;
 }
 
@@ -211,6 +178,7 @@ at::Tensor gram(const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
+  const RowPath path = pb.row_path();
   auto loss = at::zeros({n}, pb.x.options());
   auto included = at::zeros({n}, pb.x.options().dtype(at::kBool));
   auto stats = at::zeros({4, n}, pb.x.options());
@@ -220,88 +188,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   const T* prm = pb.prm.template data_ptr<T>();
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* y_sq = pb.y_sq.template data_ptr<T>();
-  const T mv = T(std::max<int64_t>(pb.m_valid, 1));
-  const T b = pb.alpha / mv;
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows);
     at::Tensor s_tile = gram<T>(pb.x, r0, r1, pb.y);
     at::Tensor t_tile;
     if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), f_scratch(pb.f_div ? 2 * m : 0);   // f-divergences: q g and p f' (unused here)
-      std::vector<int64_t> pos_idx(pb.fast_f_labels() ? m : 0);   // a row's positives
+      std::vector<T> p(m), qg(m), pf(m);   // the target row; q g and p f' (unused here)
+      std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
-        if (pb.fast_labels()) {
-          if (pb.kernel == kDot) fast_logits<T, kDot>(s, y_sq, x_sq[i], prm[i], m);
-          else fast_logits<T, kGaussian>(s, y_sq, x_sq[i], prm[i], m);
-          inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
-          continue;
-        }
-        T lse;
-        if (pb.fast_f_div()) {   // the dot and Gaussian logits and their LSE in SIMD (cpu_f_rows.h)
-          if (pb.kernel == kDot) fast_logits<T, kDot>(s, y_sq, x_sq[i], prm[i], m);
-          else fast_logits<T, kGaussian>(s, y_sq, x_sq[i], prm[i], m);
-          if (pb.fast_f_labels() &&
-              f_label_forward<T>(pb.divergence, pb.label_row(i), s, pos_idx.data(), &loss_p[i], &inc_p[i], &st[i],
-                                 &st[n + i]))
+        const int64_t self = pb.exclude_self ? i : -1;
+        row_logits<T>(pb.kernel, prm[i], s, s, y_sq, x_sq[i], m);
+        switch (path) {
+          case kLabelHotRows:
+            inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
             continue;
-          lse = simd_row_lse<T>(s, pb.exclude_self ? i : -1, m);
-        } else {
-          lse = logits_and_lse<T>(pb, pb.kernel, s, y_sq, x_sq[i], prm[i], i, m);
+          case kLabelClosedFormRows:   // a row that is not finite falls to the family rows
+            if (f_label_forward<T>(pb.divergence, pb.label_row(i), s, pos_idx.data(), &loss_p[i], &inc_p[i],
+                                   &st[i], &st[n + i]))
+              continue;
+            break;
+          case kFamilyRows:
+            break;
+          default:
+            TORCH_CHECK(false, "icon_kernels cpu_forward: unknown row path ", int(path));
         }
+        const T lse = simd_row_lse<T>(s, self, m);
         T lse_p = 0;
         const T* t = nullptr;
+        double log_total = 0;
+        int64_t count = -1;
+        bool has = pb.m_valid > 0;
         if (pb.target == kAffinity) {
           T* tr = t_tile.template data_ptr<T>() + (i - r0) * m;
-          lse_p = logits_and_lse<T>(pb, pb.t_kernel, tr, pb.zc_sq.template data_ptr<T>(),
-                                    pb.z_sq.template data_ptr<T>()[i],
-                                    pb.t_prm.template data_ptr<T>()[i], i, m);
+          row_logits<T>(pb.t_kernel, pb.t_prm.template data_ptr<T>()[i], tr, tr, pb.zc_sq.template data_ptr<T>(),
+                        pb.z_sq.template data_ptr<T>()[i], m);
+          lse_p = simd_row_lse<T>(tr, self, m);
+          log_total = affinity_row<T>(tr, lse_p, self, m, p.data());
           t = tr;
+        } else {
+          has = target_row<T>(pb, i, p.data(), &count);
         }
-        int64_t count;
-        double log_total = 0;
-        const bool has = target_row<T>(pb, i, p.data(), t, lse_p, &count, &log_total);
-        if (pb.f_div) {   // L_i = sum_j q~ f(p~ / q~); Gamma_i and Phi_i into the R and H rows
-          const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total, count),
-                                      pb.log_p_mode(), f_scratch.data(), f_scratch.data() + m);
-          const bool inc = has && pb.m_valid > 0;
-          loss_p[i] = inc ? T(f.loss) : T(0);
-          inc_p[i] = inc;
-          st[i] = lse;
-          st[n + i] = T(f.gamma);
-          if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(f.phi); }
-          continue;
-        }
-        double cross = 0, ent = 0, r_stat = 0, h_stat = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          if (!pb.valid(i, j)) continue;
-          const T pm = (T(1) - pb.alpha) * p[j] + b;
-          const T log_q = s[j] - lse;
-          T log_qm = log_q;
-          if (pb.beta > 0) {
-            const T q = std::exp(log_q);
-            const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
-            log_qm = std::log(qm);
-            if (pm != T(0)) r_stat += pm * q / qm;
-          }
-          if (pm != T(0)) {
-            cross += pm * log_qm;
-            if (pb.kl && count < 0) ent += pm * std::log(pm);
-          }
-          if (pb.target == kAffinity && p[j] != T(0))
-            h_stat += p[j] * (pb.kl ? std::log(pm) - log_qm : -log_qm);
-        }
-        if (pb.kl && count >= 0 && count > 0) {  // labels: closed-form entropy
-          const T a = (T(1) - pb.alpha) / T(count) + b;
-          ent = T(count) * a * std::log(a) + (b > 0 ? T(pb.m_valid - count) * b * std::log(b) : T(0));
-        }
+        const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total, count),
+                                    pb.log_p_mode(), qg.data(), pf.data());
         const bool inc = has && pb.m_valid > 0;
-        loss_p[i] = inc ? T(pb.kl ? ent - cross : -cross) : T(0);
+        loss_p[i] = inc ? T(f.loss) : T(0);
         inc_p[i] = inc;
+        // the statistics rows of ops.py: LSE; R (KL and cross-entropy with beta > 0; f.gamma is
+        // -R there) or an f-divergence's Gamma; LSE^p and H = sum_j p h (KL: p f' = p (h + 1)) or
+        // an f-divergence's Phi. The backward recomputes all but the LSEs from its own row.
         st[i] = lse;
-        if (pb.beta > 0) st[n + i] = T(r_stat);
-        if (pb.target == kAffinity) { st[2 * n + i] = lse_p; st[3 * n + i] = T(h_stat); }
+        if (pb.f_div) st[n + i] = T(f.gamma);
+        else if (pb.beta > 0) st[n + i] = T(-f.gamma);
+        if (pb.target == kAffinity) {
+          st[2 * n + i] = lse_p;
+          st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
+        }
       }
     });
   }
@@ -311,11 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
 template <typename T>
 T finite_shift(T v) { return v == -std::numeric_limits<T>::infinity() ? T(0) : v; }
 
-// param_basis in double: s - shift exactly (s - LSE in T would round coarser than s itself), and
-// the Student-t basis to well under T's rounding (in T it came out 5x PyTorch's error at M = 2e4).
-template <typename T>
-double basis_of(int kernel, T s, T aux, T prm, T shift) {
-  return param_basis<double>(kernel, s, aux, prm, shift);
+template <typename F>
+decltype(auto) with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
 template <typename T>
@@ -323,6 +264,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
                                       const at::Tensor& valid, const at::Tensor& stats_in,
                                       bool target_grad, bool param_grad) {
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
+  const RowPath path = pb.row_path();
   const auto opts = pb.x.options();
   auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
   auto stats = stats_in.to(opts.dtype()).contiguous();
@@ -331,9 +273,9 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   const T* prm = pb.prm.template data_ptr<T>();
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* y_sq = pb.y_sq.template data_ptr<T>();
-  const T mv = T(std::max<int64_t>(pb.m_valid, 1));
-  const T b = pb.alpha / mv;
   const bool dist = is_distance(pb.kernel), t_dist = is_distance(pb.t_kernel);
+  // G = 0 wherever q = 0 for the f-divergences (learned_backward's Q_ZERO_GRAD)
+  const bool q_zero_grad = pb.f_div;
   auto dx = at::zeros({n, d}, opts), dy = at::zeros({m, d}, opts);
   // dL/dparam per row in double: a scalar parameter's gradient is their sum, rounded once
   auto dprm = at::zeros({n}, opts.dtype(at::kDouble)), colsum = at::zeros({m}, opts);
@@ -351,157 +293,103 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), t_aux(m), h(target_grad ? m : 0), s_row(m), aux_row(m), q_row(m);
-      std::vector<T> qg_row(pb.f_div ? m : 0), pf_row(pb.f_div ? m : 0);   // q g, p f'
-      std::vector<int64_t> pos_idx(pb.fast_f_labels() ? m : 0);             // a row's positives and
-      std::vector<double> pos_s(pb.fast_f_labels() ? m : 0);                // their logits
-
+      std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), qg(m), pf(m);   // q g, p f'
+      std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives and
+      std::vector<double> pos_s(path == kLabelClosedFormRows ? m : 0);      // their logits
+      double* dprm_p = dprm.template data_ptr<double>();
+      T* w_rs = w_rowsum.template data_ptr<T>();
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
+        T* tr = pb.target == kAffinity ? wt_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
         const T lse = st[i], shift = finite_shift(lse);
-        T* tr = nullptr;
-        T lse_p = 0;
-        if (pb.target == kAffinity) {
-          tr = wt_tile.template data_ptr<T>() + (i - r0) * m;
-          lse_p = st[2 * n + i];
-          const T zsq = pb.z_sq.template data_ptr<T>()[i], tp = pb.t_prm.template data_ptr<T>()[i];
-          const T* zcsq = pb.zc_sq.template data_ptr<T>();
-          for (int64_t j = 0; j < m; ++j) tr[j] = logit<T>(pb.t_kernel, tr[j], zsq, zcsq[j], tp, &t_aux[j]);
-        }
         if (g[i] == T(0)) {  // left out, or zero upstream gradient: no contribution
           std::fill(w, w + m, T(0));
           if (tr) std::fill(tr, tr + m, T(0));
           continue;
         }
-        if (pb.fast_labels()) {
-          const LabelRow row = pb.label_row(i);
-          const bool dot = pb.kernel == kDot;
-          const int64_t k = label_count(row);
-          LabelGradSums sums = dot ? fast_label_backward<T, kDot>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i])
-                                   : fast_label_backward<T, kGaussian>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i]);
-          if (dot) renormalise_label_row<T, kDot>(row, k, w, prm[i], g[i], &sums);
-          else renormalise_label_row<T, kGaussian>(row, k, w, prm[i], g[i], &sums);
-          const double scale =
-              dot ? fast_param_scale<double, kDot>(prm[i]) : fast_param_scale<double, kGaussian>(prm[i]);
-          dprm.template data_ptr<double>()[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
-          w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
-          continue;
-        }
-        if (pb.fast_f_labels()) {   // one SIMD pass, closed forms over the negatives (cpu_f_label_rows.h)
-          LabelGradSums sums;
-          if (f_label_backward<T>(pb.divergence, pb.kernel, pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i],
-                                  pos_idx.data(), pos_s.data(), &sums)) {
-            dprm.template data_ptr<double>()[i] =
-                param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
-            w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
+        switch (path) {
+          case kLabelHotRows: {
+            const LabelRow row = pb.label_row(i);
+            const bool dot = pb.kernel == kDot;
+            const int64_t k = label_count(row);
+            LabelGradSums sums = dot ? fast_label_backward<T, kDot>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i])
+                                     : fast_label_backward<T, kGaussian>(row, k, w, y_sq, x_sq[i], prm[i], lse, g[i]);
+            if (dot) renormalise_label_row<T, kDot>(row, k, w, prm[i], g[i], &sums);
+            else renormalise_label_row<T, kGaussian>(row, k, w, prm[i], g[i], &sums);
+            const double scale =
+                dot ? fast_param_scale<double, kDot>(prm[i]) : fast_param_scale<double, kGaussian>(prm[i]);
+            dprm_p[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+            w_rs[i - r0] = T(sums.row_sum);
             continue;
           }
+          case kLabelClosedFormRows: {   // one SIMD pass, closed forms over the negatives; a row
+            LabelGradSums sums;          // that is not finite falls to the family rows
+            if (f_label_backward<T>(pb.divergence, pb.kernel, pb.label_row(i), w, y_sq, x_sq[i], prm[i], lse, g[i],
+                                    pos_idx.data(), pos_s.data(), &sums)) {
+              dprm_p[i] = param_scale<double>(pb.kernel, prm[i]) *
+                          centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+              w_rs[i - r0] = T(sums.row_sum);
+              continue;
+            }
+            break;
+          }
+          case kFamilyRows:
+            break;
+          default:
+            TORCH_CHECK(false, "icon_kernels cpu_backward: unknown row path ", int(path));
         }
-        int64_t count;
+        // the family rows (cpu_family_rows.h): logits, renormalised LSE, target row, divergence
+        // terms, then W in place of the Gram row
+        const int64_t self = pb.exclude_self ? i : -1;
+        row_logits<T>(pb.kernel, prm[i], w, s_row.data(), y_sq, x_sq[i], m);
+        const T lse_q = renormalised_lse<T>(s_row.data(), lse, self, m);
+        T lse_p = 0;
+        const T* t = nullptr;
         double log_total = 0;
-        target_row<T>(pb, i, p.data(), tr, lse_p, &count, &log_total);
-        if (pb.fast_f_div() && !target_grad) {   // the whole row in SIMD (cpu_f_rows.h)
-          const bool dot = pb.kernel == kDot;
-          if (dot) fast_logits<T, kDot>(w, y_sq, x_sq[i], prm[i], m);
-          else fast_logits<T, kGaussian>(w, y_sq, x_sq[i], prm[i], m);
-          const T w_scale = dot ? T(1) / prm[i] : T(1) / (prm[i] * prm[i]);
-          const LabelGradSums sums = f_fast_backward<T>(
-              pb.divergence, pb.f_row(i, w, lse, p.data(), tr, lse_p, log_total, count), pb.log_p_mode(), g[i],
-              shift, w_scale, qg_row.data(), pf_row.data());
-          dprm.template data_ptr<double>()[i] =
-              param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
-          w_rowsum.template data_ptr<T>()[i - r0] = T(sums.row_sum);
-          continue;
-        }
-        // learned side: sum_j G b, sum_j G, sum_j q b, sum_j q (b = param_basis; centred_sum), sum_j W;
-        // target side: the same with G^t and p, and sum_j p h for H
-        double d_prm = 0, g_sum = 0, q_basis = 0, q_sum = 0, rs = 0;
-        double d_tprm = 0, gt_sum = 0, p_basis = 0, p_sum = 0, trs = 0, ph_sum = 0;
-        const T r_stat = st[n + i];
+        int64_t count = -1;
         const T tp = pb.target == kAffinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
-        const T shift_p = finite_shift(lse_p);
-        // q = exp(s - LSE), renormalised over the row: the saved fp32 LSE leaves sum_j q = 1 only up
-        // to its rounding, an error shared by the whole row that dL/dx would carry times the
-        // q-mean of y - x_i (DESIGN.md §5, large M)
-        double q_total = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          s_row[j] = logit<T>(pb.kernel, w[j], x_sq[i], y_sq[j], prm[i], &aux_row[j]);
-          q_row[j] = pb.valid(i, j) ? std::exp(s_row[j] - lse) : T(0);
-          q_total += q_row[j];
+        if (pb.target == kAffinity) {
+          row_logits<T>(pb.t_kernel, tp, tr, t_row.data(), pb.zc_sq.template data_ptr<T>(),
+                        pb.z_sq.template data_ptr<T>()[i], m);
+          lse_p = st[2 * n + i];
+          log_total = affinity_row<T>(t_row.data(), lse_p, self, m, p.data());
+          t = t_row.data();
+        } else {
+          target_row<T>(pb, i, p.data(), &count);
         }
-        const double q_scale = q_total > 0 ? 1.0 / q_total : 1.0;
-        const T log_q_scale = T(std::log(q_scale));
-        // f-divergence: q g and p f' per pair, and Gamma = sum_j q g, Phi = sum_j p f' / sum_j p of
-        // this very row in double (not the saved fp32 statistics: G = q (g - Gamma) cancels to
-        // the spread of g, and Gamma's rounding would come back times the q-mean of y - x_i)
-        double gamma = 0, phi_sum = 0, fp_p_sum = 0;
-        if (pb.f_div) {
-          const FRowSums f = f_row<T>(pb.divergence,
-                                      pb.f_row(i, s_row.data(), lse - log_q_scale, p.data(), tr, lse_p, log_total, count),
-                                      pb.log_p_mode(), qg_row.data(), pf_row.data());
-          gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;   // over these very q (f_fast_backward)
-          phi_sum = f.phi;
-          fp_p_sum = f.p_sum;
-        }
-        for (int64_t j = 0; j < m; ++j) {
-          const T s = s_row[j], aux = aux_row[j];
-          T grad = 0, log_qm = 0, pm = 0, q = 0;
-          if (pb.valid(i, j)) {
-            const T log_q = (s - lse) + log_q_scale;
-            q = T(q_row[j] * q_scale);
-            pm = (T(1) - pb.alpha) * p[j] + b;
-            if (pb.f_div) {
-              grad = T(double(g[i]) * (1.0 - double(pb.beta)) * (double(qg_row[j]) - double(q) * gamma));
-            } else if (pb.beta > 0) {
-              const T qm = (T(1) - pb.beta) * q + pb.beta / mv;
-              grad = g[i] * (T(1) - pb.beta) * q * (r_stat - pm / qm);
-              log_qm = std::log(qm);
-            } else {
-              grad = g[i] * (q - pm);
-              log_qm = log_q;
-            }
-          }
-          if (param_grad && (grad != T(0) || q != T(0))) {   // a float parameter needs none
-            const double basis = basis_of<T>(pb.kernel, s, aux, prm[i], shift);
-            if (grad != T(0)) { d_prm += grad * basis; g_sum += grad; }
-            if (q != T(0)) { q_basis += q * basis; q_sum += q; }
-          }
-          w[j] = grad_weight<T>(pb.kernel, grad, aux, prm[i]);
-          rs += w[j];
-          if (target_grad && !pb.f_div && p[j] != T(0)) {
-            h[j] = pb.kl ? std::log(pm) - log_qm : -log_qm;
-            ph_sum += double(p[j]) * h[j];
-            p_sum += p[j];
-          }
-        }
+        const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), t, lse_p, log_total, count),
+                                    pb.log_p_mode(), qg.data(), pf.data());
+        // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding
+        const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
+        const T scale = g[i] * (T(1) - pb.beta);
+        const LabelGradSums sums = with_kernel(pb.kernel, [&](auto code) {
+          constexpr int K = decltype(code)::value;
+          return with_bool(param_grad, [&](auto with_param) {
+            return with_bool(q_zero_grad, [&](auto zero_at_q0) {
+              return learned_backward<T, K, decltype(with_param)::value, decltype(zero_at_q0)::value>(
+                  KernelRow<T, K>(prm[i]), w, s_row.data(), qg.data(), y_sq, x_sq[i], lse_q, self, m, scale,
+                  gamma, shift);
+            });
+          });
+        });
+        if (param_grad)
+          dprm_p[i] = param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+        w_rs[i - r0] = T(sums.row_sum);
         if (target_grad) {
-          // G^t = g (1 - alpha) p (h - H) with H = sum_j p h over this row's own h, in double: h - H
-          // cancels to the spread of h and dL/dz is a p-weighted covariance, so the saved fp32 H's
-          // rounding would come back times the p-mean of z_cols - z_i (DESIGN.md §5, large M).
-          const double h_mean = p_sum > 0 ? ph_sum / p_sum : 0.0;
-          const double phi = fp_p_sum > 0 ? phi_sum / fp_p_sum : 0.0;
-          if (pb.f_div) p_sum = fp_p_sum;    // the p-weighted centring of dL/dt_param
-          for (int64_t j = 0; j < m; ++j) {
-            T gt = 0;
-            // an f-divergence's p f' may be nonzero where p underflowed (reverse KL: -q~)
-            if (p[j] != T(0) || (pb.f_div && pf_row[j] != T(0))) {
-              gt = pb.f_div ? T(double(g[i]) * (1.0 - double(pb.alpha)) * (double(pf_row[j]) - double(p[j]) * phi))
-                            : T(double(g[i]) * (1.0 - double(pb.alpha)) * p[j] * (h[j] - h_mean));
-              const double basis = basis_of<T>(pb.t_kernel, tr[j], t_aux[j], tp, shift_p);
-              if (gt != T(0)) { d_tprm += gt * basis; gt_sum += gt; }
-              p_basis += p[j] * basis;
-            }
-            tr[j] = grad_weight<T>(pb.t_kernel, gt, t_aux[j], tp);
-            trs += tr[j];
-          }
-        }
-        dprm.template data_ptr<double>()[i] =
-            param_scale<double>(pb.kernel, prm[i]) * centred_sum(d_prm, g_sum, q_basis, q_sum);
-        w_rowsum.template data_ptr<T>()[i - r0] = T(rs);
-        if (target_grad) {
+          // G^t = g (1 - alpha) (p f' - p Phi), Phi = sum_j p f' / sum_j p of this very row in
+          // double (the saved fp32 statistic's rounding would come back times the p-mean of
+          // z_cols - z_i: dL/dz is a p-weighted covariance)
+          const double phi = f.p_sum > 0 ? f.phi / f.p_sum : 0.0;
+          const T scale_t = g[i] * (T(1) - pb.alpha);
+          const LabelGradSums tsums = with_kernel(pb.t_kernel, [&](auto code) {
+            constexpr int TK = decltype(code)::value;
+            return target_backward<T, TK, true>(KernelRow<T, TK>(tp), tr, t_row.data(), p.data(), pf.data(),
+                                                pb.zc_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>()[i],
+                                                m, scale_t, phi, finite_shift(lse_p));
+          });
           dtprm.template data_ptr<double>()[i] =
-              param_scale<double>(pb.t_kernel, tp) * centred_sum(d_tprm, gt_sum, p_basis, p_sum);
-          wt_rowsum.template data_ptr<T>()[i - r0] = T(trs);
+              param_scale<double>(pb.t_kernel, tp) * centred_sum(tsums.dp, tsums.g_sum, tsums.q_basis, tsums.q_sum);
+          wt_rowsum.template data_ptr<T>()[i - r0] = T(tsums.row_sum);
         }
       }
     });
