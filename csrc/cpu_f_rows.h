@@ -90,9 +90,17 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
   }
 }
 
-// The sums of one row; q g and p f' per column into qg and pf (0 off the valid set).
-template <typename T, int D, int LOGP, bool BETA>
-inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
+// The sums over the columns [j0, j1) of a row, none of them the self column: no index mask in the
+// loop (an int64 compare per column kept GCC 12 from vectorising the reverse KL rows, which then
+// ran scalar at twice the forward KL's cost). q g and p f' per column into qg and pf.
+// Forward KL and cross-entropy need no q without beta (q g = -p~, and the term takes log q);
+// the backward stores q, q g and p f' per column (STORE), the forward only sums.
+template <int D, bool BETA>
+constexpr bool f_row_needs_q() { return BETA || !(D == kKl || D == kCrossEntropy); }
+
+template <typename T, int D, int LOGP, bool BETA, bool STORE>
+ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg, T* pf, T* q_out, FRowSums* out) {
+  constexpr bool kNeedQ = STORE || f_row_needs_q<D, BETA>();
   const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
   // the row's fields in locals: qg and pf are written in the loop and might alias r (a
@@ -101,78 +109,100 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf) {
   const T* const p_row = r.p;
   const T* const t_row = r.t;
   const T lse = r.lse, log_p_shift = r.log_p_shift, log_pos = r.log_pos, log_zero = r.log_zero;
+  T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
+#pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
+  for (int64_t j = j0; j < j1; ++j) {
+    const T lq = s_row[j] - lse;
+    const T q = kNeedQ ? vexp(lq) : T(0);
+    const T pj = p_row[j];
+    const T pm = keep_p * pj + b;
+    T lp, pr;
+    if constexpr (LOGP == kExactLogP) {
+      lp = t_row[j] + log_p_shift;
+      pr = T(1);
+    } else if constexpr (LOGP == kTwoLevelLogP) {
+      lp = vsel(pj != T(0), log_pos, log_zero);
+      pr = vsel(pm != T(0), pj / pm, T(0));
+    } else {
+      lp = vsel(pm == T(0), -inf, vlog(pm));
+      pr = vsel(pm != T(0), pj / pm, T(0));
+    }
+    T qm = q, lqm = lq, qr = T(1);
+    if constexpr (BETA) {
+      qm = keep_q * q + bq;
+      lqm = vlog(qm);
+      qr = q / qm;
+    }
+    const PairTerms<T> f = f_terms_simd<T, D>(pm, qm, lp, lqm);
+    const T qgj = vsel(qr != T(0), qr * f.q_g, T(0));
+    const T pfj = vsel(pr != T(0), pr * f.p_fp, T(0));
+    loss += f.term;
+    gamma += qgj;
+    phi += pfj;
+    p_sum += pj;
+    q_sum += q;
+    if constexpr (STORE) {
+      qg[j] = qgj;
+      pf[j] = pfj;
+      q_out[j] = q;
+    }
+  }
+  out->loss += loss;
+  out->gamma += gamma;
+  out->phi += phi;
+  out->p_sum += p_sum;
+  out->q_sum += q_sum;
+}
+
+// The sums of one row; with STORE, q, q g and p f' per column into q_out, qg and pf (0 at the
+// self column, which adds nothing). Blocks of kSumBlock columns are summed in T, the blocks in
+// double; a block holding the self column is summed as the two spans around it.
+template <typename T, int D, int LOGP, bool BETA, bool STORE>
+inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf, T* q_out) {
   const int64_t m = r.m, self = r.self;
   FRowSums out{0, 0, 0, 0, 0};
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
-    T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
-#pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
-    for (int64_t j = j0; j < j1; ++j) {
-      const bool valid = j != self;
-      const T lq = vsel(valid, s_row[j] - lse, -inf);
-      const T q = vexp(lq);
-      const T pj = p_row[j];
-      const T pm = keep_p * pj + b;
-      T lp, pr;
-      if constexpr (LOGP == kExactLogP) {
-        lp = vsel(valid, t_row[j] + log_p_shift, -inf);
-        pr = T(1);
-      } else if constexpr (LOGP == kTwoLevelLogP) {
-        lp = vsel(pj != T(0), log_pos, log_zero);
-        pr = vsel(pm != T(0), pj / pm, T(0));
-      } else {
-        lp = vsel(pm == T(0), -inf, vlog(pm));
-        pr = vsel(pm != T(0), pj / pm, T(0));
-      }
-      T qm = q, lqm = lq, qr = T(1);
-      if constexpr (BETA) {
-        qm = keep_q * q + bq;
-        lqm = vlog(qm);
-        qr = q / qm;
-      }
-      const PairTerms<T> f = f_terms_simd<T, D>(pm, qm, lp, lqm);
-      const T qgj = vsel(valid && qr != T(0), qr * f.q_g, T(0));
-      const T pfj = vsel(valid && pr != T(0), pr * f.p_fp, T(0));
-      loss += vsel(valid, f.term, T(0));
-      gamma += qgj;
-      phi += pfj;
-      p_sum += vsel(valid, pj, T(0));
-      q_sum += q;
-      qg[j] = qgj;
-      pf[j] = pfj;
+    if (self >= j0 && self < j1) {
+      f_row_span<T, D, LOGP, BETA, STORE>(r, j0, self, qg, pf, q_out, &out);
+      if constexpr (STORE) qg[self] = pf[self] = q_out[self] = T(0);
+      f_row_span<T, D, LOGP, BETA, STORE>(r, self + 1, j1, qg, pf, q_out, &out);
+    } else {
+      f_row_span<T, D, LOGP, BETA, STORE>(r, j0, j1, qg, pf, q_out, &out);
     }
-    out.loss += loss;
-    out.gamma += gamma;
-    out.phi += phi;
-    out.p_sum += p_sum;
-    out.q_sum += q_sum;
   }
   return out;
 }
 
 template <typename T, int D, int LOGP>
-inline FRowSums f_row_with(const FRow<T>& r, T* qg, T* pf) {
-  return r.beta > T(0) ? f_row_impl<T, D, LOGP, true>(r, qg, pf) : f_row_impl<T, D, LOGP, false>(r, qg, pf);
+inline FRowSums f_row_with(const FRow<T>& r, T* qg, T* pf, T* q_out) {
+  if (q_out != nullptr)
+    return r.beta > T(0) ? f_row_impl<T, D, LOGP, true, true>(r, qg, pf, q_out)
+                         : f_row_impl<T, D, LOGP, false, true>(r, qg, pf, q_out);
+  return r.beta > T(0) ? f_row_impl<T, D, LOGP, true, false>(r, qg, pf, q_out)
+                       : f_row_impl<T, D, LOGP, false, false>(r, qg, pf, q_out);
 }
 
 template <typename T, int D>
-inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf) {
-  if (log_p == kExactLogP) return f_row_with<T, D, kExactLogP>(r, qg, pf);
-  if (log_p == kTwoLevelLogP) return f_row_with<T, D, kTwoLevelLogP>(r, qg, pf);
-  return f_row_with<T, D, kLogOfP>(r, qg, pf);
+inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf, T* q_out) {
+  if (log_p == kExactLogP) return f_row_with<T, D, kExactLogP>(r, qg, pf, q_out);
+  if (log_p == kTwoLevelLogP) return f_row_with<T, D, kTwoLevelLogP>(r, qg, pf, q_out);
+  return f_row_with<T, D, kLogOfP>(r, qg, pf, q_out);
 }
 
-// The row of f-divergence ``divergence``; an unknown code gives NaN sums (the op entry checks codes).
+// The row of divergence ``divergence`` (KL and cross-entropy included). The backward passes q_out
+// (q, q g and p f' per column into q_out, qg, pf); the forward passes nullptr and gets the sums
+// only. An unknown code gives NaN sums (the op entry checks codes).
 template <typename T>
-inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf) {
+inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf, T* q_out = nullptr) {
   switch (divergence) {
-    case kKl: return f_row_of<T, kKl>(r, log_p, qg, pf);
-    case kCrossEntropy: return f_row_of<T, kCrossEntropy>(r, log_p, qg, pf);
-    case kReverseKl: return f_row_of<T, kReverseKl>(r, log_p, qg, pf);
-    case kTv: return f_row_of<T, kTv>(r, log_p, qg, pf);
-    case kHellinger: return f_row_of<T, kHellinger>(r, log_p, qg, pf);
-    case kJs: return f_row_of<T, kJs>(r, log_p, qg, pf);
-    case kChi2: return f_row_of<T, kChi2>(r, log_p, qg, pf);
+    case kKl: return f_row_of<T, kKl>(r, log_p, qg, pf, q_out);
+    case kCrossEntropy: return f_row_of<T, kCrossEntropy>(r, log_p, qg, pf, q_out);
+    case kReverseKl: return f_row_of<T, kReverseKl>(r, log_p, qg, pf, q_out);
+    case kTv: return f_row_of<T, kTv>(r, log_p, qg, pf, q_out);
+    case kHellinger: return f_row_of<T, kHellinger>(r, log_p, qg, pf, q_out);
+    case kJs: return f_row_of<T, kJs>(r, log_p, qg, pf, q_out);
+    case kChi2: return f_row_of<T, kChi2>(r, log_p, qg, pf, q_out);
     default: {
       const double nan = std::numeric_limits<double>::quiet_NaN();
       return {nan, nan, nan, nan, nan};

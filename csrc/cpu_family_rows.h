@@ -178,15 +178,15 @@ inline T renormalised_lse(const T* s, T lse, int64_t self, int64_t m) {
 }
 
 // The learned side of a row's backward. w holds the row's Gram entries and becomes
-// W = weight(G, aux) with G = scale (q g - q Gamma), q = exp(s - lse) (0 at self); Gamma is taken
+// W = weight(G, aux) with G = scale (q g - q Gamma), q and q g from f_row (0 at self); Gamma is taken
 // off as two parts in T (its double value's rounding would otherwise come back times the q-mean
 // of y - x_i). PARAM: the row sums of dL/dparam (centred_sum). Q_ZERO_GRAD: G = 0 wherever
 // q = 0 (the f-divergences), so the basis is clamped and the products unconditional (GCC 12's
 // AVX-512 code for the selected form gave NaN there, cpu_f_label_rows.h); otherwise (KL,
 // cross-entropy: G = -scale p where q underflowed) a select keeps an infinite basis infinite.
 template <typename T, int K, bool PARAM, bool Q_ZERO_GRAD>
-inline LabelGradSums learned_backward(const KernelRow<T, K>& k, T* w, const T* s, const T* qg, const T* b_sq,
-                                      T a_sq, T lse, int64_t self, int64_t m, T scale, double gamma, T shift) {
+inline LabelGradSums learned_backward(const KernelRow<T, K>& k, T* w, const T* s, const T* q_row, const T* qg,
+                                      const T* b_sq, T a_sq, int64_t m, T scale, double gamma, T shift) {
   const T gamma_hi = T(gamma), gamma_lo = T(gamma - double(gamma_hi));
   const double lowest = std::numeric_limits<double>::lowest();
   LabelGradSums out{0, 0, 0, 0, 0};
@@ -198,7 +198,7 @@ inline LabelGradSums learned_backward(const KernelRow<T, K>& k, T* w, const T* s
     double dp = 0, gs = 0, qb = 0, qs = 0;
 #pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
     for (int64_t j = j0; j < j1; ++j) {
-      const T q = j != self ? vexp(s[j] - lse) : T(0);
+      const T q = q_row[j];
       const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
       const T aux = k.aux(w[j], a_sq, b_sq[j]);
       if constexpr (PARAM) {

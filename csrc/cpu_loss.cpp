@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     at::Tensor t_tile;
     if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), qg(m), pf(m);   // the target row; q g and p f' (unused here)
+      std::vector<T> p(m);                 // the target row
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
           has = target_row<T>(pb, i, p.data(), &count);
         }
         const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total, count),
-                                    pb.log_p_mode(), qg.data(), pf.data());
+                                    pb.log_p_mode(), nullptr, nullptr);
         const bool inc = has && pb.m_valid > 0;
         loss_p[i] = inc ? T(f.loss) : T(0);
         inc_p[i] = inc;
@@ -276,6 +276,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   const bool dist = is_distance(pb.kernel), t_dist = is_distance(pb.t_kernel);
   // G = 0 wherever q = 0 for the f-divergences (learned_backward's Q_ZERO_GRAD)
   const bool q_zero_grad = pb.f_div;
+  const bool renormalise_q = pb.f_div || pb.beta > 0;
   auto dx = at::zeros({n, d}, opts), dy = at::zeros({m, d}, opts);
   // dL/dparam per row in double: a scalar parameter's gradient is their sum, rounded once
   auto dprm = at::zeros({n}, opts.dtype(at::kDouble)), colsum = at::zeros({m}, opts);
@@ -293,7 +294,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), qg(m), pf(m);   // q g, p f'
+      std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), q_row(m), qg(m), pf(m);   // q, q g, p f'
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives and
       std::vector<double> pos_s(path == kLabelClosedFormRows ? m : 0);      // their logits
       double* dprm_p = dprm.template data_ptr<double>();
@@ -342,7 +343,10 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         // terms, then W in place of the Gram row
         const int64_t self = pb.exclude_self ? i : -1;
         row_logits<T>(pb.kernel, prm[i], w, s_row.data(), y_sq, x_sq[i], m);
-        const T lse_q = renormalised_lse<T>(s_row.data(), lse, self, m);
+        // q renormalised over the row where G depends on q itself (f-divergences, beta > 0);
+        // forward KL and cross-entropy take G = g (q Gamma' - p~) with Gamma' = sum p~ / sum q,
+        // which renormalises q by itself (learned_backward)
+        const T lse_q = renormalise_q ? renormalised_lse<T>(s_row.data(), lse, self, m) : lse;
         T lse_p = 0;
         const T* t = nullptr;
         double log_total = 0;
@@ -358,7 +362,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           target_row<T>(pb, i, p.data(), &count);
         }
         const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), t, lse_p, log_total, count),
-                                    pb.log_p_mode(), qg.data(), pf.data());
+                                    pb.log_p_mode(), qg.data(), pf.data(), q_row.data());
         // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding
         const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
         const T scale = g[i] * (T(1) - pb.beta);
@@ -367,7 +371,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           return with_bool(param_grad, [&](auto with_param) {
             return with_bool(q_zero_grad, [&](auto zero_at_q0) {
               return learned_backward<T, K, decltype(with_param)::value, decltype(zero_at_q0)::value>(
-                  KernelRow<T, K>(prm[i]), w, s_row.data(), qg.data(), y_sq, x_sq[i], lse_q, self, m, scale,
+                  KernelRow<T, K>(prm[i]), w, s_row.data(), q_row.data(), qg.data(), y_sq, x_sq[i], m, scale,
                   gamma, shift);
             });
           });
