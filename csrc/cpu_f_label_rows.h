@@ -15,7 +15,7 @@
 // d_j is formed directly (js: q/2 softplus(log p - log q); tv: q (1 + sign(p - q)) / 2;
 // hellinger: sqrt(p q); chi2: p^2 / q), never as c q - q g, which cancels. Rows that are not
 // finite (a NaN or infinite logit, no valid column, a non-finite LSE or upstream gradient) are
-// left to the generic rows of cpu_f_rows.h: these functions say so before they change anything.
+// left to the family rows (cpu_family_rows.h): these functions say so before they change anything.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -80,7 +80,7 @@ inline int64_t label_positives(const LabelRow& r, int64_t* idx) {
 }
 
 // The forward of one row from its logits s (the self entry becomes -inf): loss, included, LSE
-// and Gamma. Returns false, with s otherwise unchanged, where the row is left to the generic path.
+// and Gamma. Returns false, with s otherwise unchanged, where the row is left to the family rows.
 template <typename T, int D>
 inline bool f_label_forward_of(const LabelRow& r, T* s, int64_t* idx, T* loss, bool* included, T* lse_out,
                                T* gamma_out) {
@@ -154,7 +154,7 @@ ICON_SIMD_INLINE T label_logit(T w, T b_sq, T a_sq, T inv, T c) {
 // negatives' G scale by one factor (no exp again) and the positives are recomputed, so that
 // sum_j G = 0 and Gamma is the q-weighted mean of g over these very q (learned_backward's rule, cpu_family_rows.h).
 // pos_s: scratch of m doubles. Returns false, with w unchanged, where the row is left to the
-// generic path; else *out gets the row's sums (fast_label_backward's).
+// family rows; else *out gets the row's sums (fast_label_backward's).
 template <typename T, int K, int D>
 inline bool f_label_backward_of(const LabelRow& r, T* w, const T* b_sq, T a_sq, T prm, T lse, T g,
                                 int64_t* idx, double* pos_s, LabelGradSums* out) {

@@ -1,11 +1,11 @@
-// The f-divergence row loops of the CPU kernel (DESIGN.md §1.1): per pair q~ f(r), q g and p f'
-// (the products of csrc/divergence_math.h's f_pair_terms), summed over a row. The divergence,
-// whether log p is exact (an Affinity target with alpha = 0) and whether beta > 0 are template
-// parameters, every branch is a select and exp/log are the vectorisable icon::vexp/vlog, so the
-// `omp simd` loops run as SIMD code (scalar std::exp/std::log per pair made reverse KL and JS
-// cost 1.2-2x the forward KL of the same configuration). Sums run in blocks of kSumBlock in T,
-// the blocks in double, as the label rows do. double inputs take std::exp/std::log (the
-// precision path); tests check the float64 results against the dense reference to 1e-9.
+// The divergence row loops of the CPU kernel (DESIGN.md §1, §1.1): per pair q~ f(r), q g and p f'
+// (the products of csrc/divergence_math.h's f_pair_terms; forward KL and cross-entropy as two
+// more rows of f_terms_simd), summed over a row. The divergence, how log p is formed, whether
+// beta > 0 and whether the backward's per-column values are stored are template parameters,
+// every branch is a select and exp/log are the vectorisable icon::vexp/vlog, so the `omp simd`
+// loops run as SIMD code. Sums run in blocks of kSumBlock in T, the blocks in double, as the
+// label rows do. double inputs take std::exp/std::log (the precision path); tests check the
+// float64 results against the dense formula to 1e-9.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -94,13 +94,17 @@ ICON_SIMD_INLINE PairTerms<T> f_terms_simd(T p, T q, T lp, T lq) {
 // loop (an int64 compare per column kept GCC 12 from vectorising the reverse KL rows, which then
 // ran scalar at twice the forward KL's cost). q g and p f' per column into qg and pf.
 // Forward KL and cross-entropy need no q without beta (q g = -p~, and the term takes log q);
-// the backward stores q, q g and p f' per column (STORE), the forward only sums.
+// The forward only sums (kRowSums); the backward stores q and q g per column and skips the loss
+// (kRowLearned: forward KL's log p~ is then dead code, one vlog per pair less on Neighbors and
+// Dense rows), and p f' too where the target needs a gradient (kRowBoth).
+enum FRowMode : int { kRowSums = 0, kRowLearned = 1, kRowBoth = 2 };
+
 template <int D, bool BETA>
 constexpr bool f_row_needs_q() { return BETA || !(D == kKl || D == kCrossEntropy); }
 
-template <typename T, int D, int LOGP, bool BETA, bool STORE>
+template <typename T, int D, int LOGP, bool BETA, int MODE>
 ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg, T* pf, T* q_out, FRowSums* out) {
-  constexpr bool kNeedQ = STORE || f_row_needs_q<D, BETA>();
+  constexpr bool kNeedQ = MODE != kRowSums || f_row_needs_q<D, BETA>();
   const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
   // the row's fields in locals: qg and pf are written in the loop and might alias r (a
@@ -136,16 +140,16 @@ ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg
     const PairTerms<T> f = f_terms_simd<T, D>(pm, qm, lp, lqm);
     const T qgj = vsel(qr != T(0), qr * f.q_g, T(0));
     const T pfj = vsel(pr != T(0), pr * f.p_fp, T(0));
-    loss += f.term;
+    if constexpr (MODE == kRowSums) loss += f.term;
     gamma += qgj;
-    phi += pfj;
+    if constexpr (MODE != kRowLearned) phi += pfj;
     p_sum += pj;
     q_sum += q;
-    if constexpr (STORE) {
+    if constexpr (MODE != kRowSums) {
       qg[j] = qgj;
-      pf[j] = pfj;
       q_out[j] = q;
     }
+    if constexpr (MODE == kRowBoth) pf[j] = pfj;
   }
   out->loss += loss;
   out->gamma += gamma;
@@ -154,21 +158,22 @@ ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg
   out->q_sum += q_sum;
 }
 
-// The sums of one row; with STORE, q, q g and p f' per column into q_out, qg and pf (0 at the
-// self column, which adds nothing). Blocks of kSumBlock columns are summed in T, the blocks in
+// The sums of one row; in the backward modes q, q g (and p f') per column into q_out, qg (and
+// pf), 0 at the self column, which adds nothing. Blocks of kSumBlock columns are summed in T, the blocks in
 // double; a block holding the self column is summed as the two spans around it.
-template <typename T, int D, int LOGP, bool BETA, bool STORE>
+template <typename T, int D, int LOGP, bool BETA, int MODE>
 inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf, T* q_out) {
   const int64_t m = r.m, self = r.self;
   FRowSums out{0, 0, 0, 0, 0};
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
     if (self >= j0 && self < j1) {
-      f_row_span<T, D, LOGP, BETA, STORE>(r, j0, self, qg, pf, q_out, &out);
-      if constexpr (STORE) qg[self] = pf[self] = q_out[self] = T(0);
-      f_row_span<T, D, LOGP, BETA, STORE>(r, self + 1, j1, qg, pf, q_out, &out);
+      f_row_span<T, D, LOGP, BETA, MODE>(r, j0, self, qg, pf, q_out, &out);
+      if constexpr (MODE != kRowSums) qg[self] = q_out[self] = T(0);
+      if constexpr (MODE == kRowBoth) pf[self] = T(0);
+      f_row_span<T, D, LOGP, BETA, MODE>(r, self + 1, j1, qg, pf, q_out, &out);
     } else {
-      f_row_span<T, D, LOGP, BETA, STORE>(r, j0, j1, qg, pf, q_out, &out);
+      f_row_span<T, D, LOGP, BETA, MODE>(r, j0, j1, qg, pf, q_out, &out);
     }
   }
   return out;
@@ -176,11 +181,15 @@ inline FRowSums f_row_impl(const FRow<T>& r, T* qg, T* pf, T* q_out) {
 
 template <typename T, int D, int LOGP>
 inline FRowSums f_row_with(const FRow<T>& r, T* qg, T* pf, T* q_out) {
-  if (q_out != nullptr)
-    return r.beta > T(0) ? f_row_impl<T, D, LOGP, true, true>(r, qg, pf, q_out)
-                         : f_row_impl<T, D, LOGP, false, true>(r, qg, pf, q_out);
-  return r.beta > T(0) ? f_row_impl<T, D, LOGP, true, false>(r, qg, pf, q_out)
-                       : f_row_impl<T, D, LOGP, false, false>(r, qg, pf, q_out);
+  const bool beta = r.beta > T(0);
+  if (q_out == nullptr)
+    return beta ? f_row_impl<T, D, LOGP, true, kRowSums>(r, qg, pf, q_out)
+                : f_row_impl<T, D, LOGP, false, kRowSums>(r, qg, pf, q_out);
+  if (pf == nullptr)
+    return beta ? f_row_impl<T, D, LOGP, true, kRowLearned>(r, qg, pf, q_out)
+                : f_row_impl<T, D, LOGP, false, kRowLearned>(r, qg, pf, q_out);
+  return beta ? f_row_impl<T, D, LOGP, true, kRowBoth>(r, qg, pf, q_out)
+              : f_row_impl<T, D, LOGP, false, kRowBoth>(r, qg, pf, q_out);
 }
 
 template <typename T, int D>
@@ -191,8 +200,8 @@ inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf, T* q_out) {
 }
 
 // The row of divergence ``divergence`` (KL and cross-entropy included). The backward passes q_out
-// (q, q g and p f' per column into q_out, qg, pf); the forward passes nullptr and gets the sums
-// only. An unknown code gives NaN sums (the op entry checks codes).
+// and qg (and pf where the target needs a gradient; no loss then); the forward passes nullptr and
+// gets the sums only. An unknown code gives NaN sums (the op entry checks codes).
 template <typename T>
 inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf, T* q_out = nullptr) {
   switch (divergence) {
@@ -211,7 +220,7 @@ inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf,
 }
 
 // The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD: a NaN logit
-// gives NaN, a row without a valid column -inf (as the generic path's logits_and_lse).
+// gives NaN, a row without a valid column -inf.
 template <typename T>
 inline T simd_row_lse(T* s, int64_t self, int64_t m) {
   const T inf = std::numeric_limits<T>::infinity();

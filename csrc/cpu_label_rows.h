@@ -1,7 +1,7 @@
 // Fast row loops for the hot case of the CPU kernel: a Labels target with beta = 0 and a dot or
 // Gaussian kernel (InfoNCE / SimCLR / SupCon / CLIP). The kernel is a template parameter, the
 // self pair is masked by index, and exp is the vectorisable icon::vexp, so `omp simd` loops run
-// as SIMD code. Every other case takes the generic per-pair path in cpu_loss.cpp.
+// as SIMD code. Every other case takes the family rows (cpu_family_rows.h, cpu_row_paths.h).
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -2,22 +2,24 @@
 // (schemas in icon_kernels/backends/ops.py; math in DESIGN.md §1).
 //
 // Rows are processed in chunks of about kTileElements pairs. A chunk's Gram tile X_c Y^T comes
-// from one GEMM (multithreaded by the BLAS). Every per-pair quantity (logit, q, p, the gradient
-// weight) is then computed in place, with the rows of the chunk split across threads by
-// at::parallel_for while each row is in cache. The backward pass recomputes the tile from the
+// from one GEMM (multithreaded by the BLAS) into a buffer reused by every chunk. Every per-pair
+// quantity (logit, q, p, the gradient weight) is then computed in place, with the rows of the
+// chunk split across threads by at::parallel_for while each row is in cache, by the row loops
+// that cpu_row_paths.h picks for the combination (the two label hot paths, or the family rows of
+// cpu_family_rows.h; no generic per-pair loop). The backward pass recomputes the tile from the
 // saved row statistics and chains it with two more GEMMs: dX_c = W Y and dY += W^T X_c, so dY
 // needs no per-thread copies. GEMMs stay outside the parallel region on purpose: BLAS calls from
 // worker threads retained hundreds of MB here. Memory: a few tiles of kTileElements on top of the
 // inputs and gradients.
 //
 // Accuracy: every per-row sum over the columns (LSE, the loss terms, the row statistics, the
-// parameter and row sums of the backward) accumulates in double, also for float inputs, so that
-// rows of 1e5 columns keep fp32's own accuracy; the hot SIMD loops (cpu_label_rows.h) sum blocks
-// of columns in T and the blocks in double. dL/dparam is centred (tile_math.h, param_basis).
+// parameter and row sums of the backward) runs in blocks of columns in T and the blocks in
+// double, so that rows of 2e5 columns keep fp32's own accuracy (csrc/README.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -37,6 +39,18 @@ namespace icon {
 namespace {
 
 constexpr int64_t kTileElements = 1 << 21;   // entries of one chunk's Gram tile
+
+// ICON_KERNELS_CPU_TILE_ELEMENTS overrides kTileElements (read at every call): the tests force
+// many ragged row chunks on small problems with it (tests/test_cpu_row_chunks.py).
+int64_t tile_elements() {
+  const char* env = std::getenv("ICON_KERNELS_CPU_TILE_ELEMENTS");
+  if (env == nullptr || *env == '\0') return kTileElements;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v > 0,
+              "ICON_KERNELS_CPU_TILE_ELEMENTS must be a positive integer, got '", env, "'");
+  return v;
+}
 
 at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
   return p.to(acc).expand({n}).contiguous();
@@ -100,7 +114,7 @@ struct Problem {
     }
   }
 
-  int64_t chunk_rows() const { return std::max<int64_t>(1, kTileElements / std::max<int64_t>(m, 1)); }
+  int64_t chunk_rows() const { return std::max<int64_t>(1, tile_elements() / std::max<int64_t>(m, 1)); }
   // which row loops run (cpu_row_paths.h): the same choice the dispatch query reports
   RowPath row_path() const { return choose_row_path(kernel, target, divergence, double(alpha), double(beta)); }
   int log_p_mode() const { return log_p_mode_of(target, double(alpha)); }
@@ -170,9 +184,20 @@ bool target_row(const Problem<T>& pb, int64_t i, T* p, int64_t* count) {
   return true;
 }
 
+// The Gram tile a[r0:r1] b^T, written into the first r1 - r0 rows of buf (one buffer for every
+// chunk of a pass: a fresh tile per chunk went back to the OS and came back as page faults, 7% of
+// the t-SNE forward + backward in `perf`).
 template <typename T>
-at::Tensor gram(const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b) {
-  return at::mm(a.narrow(0, r0, r1 - r0), b.t());
+at::Tensor gram(at::Tensor& buf, const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b) {
+  at::Tensor tile = buf.narrow(0, 0, r1 - r0);
+  at::mm_out(tile, a.narrow(0, r0, r1 - r0), b.t());
+  return tile;
+}
+
+// One tile buffer of a pass: chunk_rows rows (at most n) of m columns.
+template <typename T>
+at::Tensor tile_buffer(const Problem<T>& pb) {
+  return at::empty({std::min(pb.n, pb.chunk_rows()), pb.m}, pb.x.options());
 }
 
 template <typename T>
@@ -188,11 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   const T* prm = pb.prm.template data_ptr<T>();
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* y_sq = pb.y_sq.template data_ptr<T>();
+  at::Tensor s_buf = tile_buffer(pb), t_buf = pb.target == kAffinity ? tile_buffer(pb) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows);
-    at::Tensor s_tile = gram<T>(pb.x, r0, r1, pb.y);
+    at::Tensor s_tile = gram<T>(s_buf, pb.x, r0, r1, pb.y);
     at::Tensor t_tile;
-    if (pb.target == kAffinity) t_tile = gram<T>(pb.z, r0, r1, pb.zc);
+    if (pb.target == kAffinity) t_tile = gram<T>(t_buf, pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m);                 // the target row
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
@@ -287,11 +313,12 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     dtprm = at::zeros({n}, opts.dtype(at::kDouble));
     t_colsum = at::zeros({m}, opts);
   }
+  at::Tensor w_buf = tile_buffer(pb), wt_buf = pb.target == kAffinity ? tile_buffer(pb) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows), nr = r1 - r0;
-    at::Tensor w_tile = gram<T>(pb.x, r0, r1, pb.y);     // Gram, then W in place
+    at::Tensor w_tile = gram<T>(w_buf, pb.x, r0, r1, pb.y);     // Gram, then W in place
     at::Tensor wt_tile;
-    if (pb.target == kAffinity) wt_tile = gram<T>(pb.z, r0, r1, pb.zc);
+    if (pb.target == kAffinity) wt_tile = gram<T>(wt_buf, pb.z, r0, r1, pb.zc);
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), q_row(m), qg(m), pf(m);   // q, q g, p f'
@@ -362,7 +389,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           target_row<T>(pb, i, p.data(), &count);
         }
         const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), t, lse_p, log_total, count),
-                                    pb.log_p_mode(), qg.data(), pf.data(), q_row.data());
+                                    pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());
         // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding
         const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
         const T scale = g[i] * (T(1) - pb.beta);
