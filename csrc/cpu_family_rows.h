@@ -80,10 +80,11 @@ struct KernelRow<T, kStudentT> {
   ICON_SIMD_INLINE T aux(T ab, T a_sq, T b_sq) const { return squared_distance(ab, a_sq, b_sq); }
   ICON_SIMD_INLINE T logit(T aux) const { return coef * vlog1p(aux * inv_nu); }
   ICON_SIMD_INLINE T weight(T g, T aux) const { return g * nu1 / (nu + aux); }
-  // student_t_ddof with its log term taken from s: -1/2 log1p(d^2 / nu) = s / (nu + 1)
+  // student_t_ddof with its log term taken from s: -1/2 log1p(d^2 / nu) = s / (nu + 1); the
+  // second term as (nu + 1) / (2 nu (nu / a + 1)), finite at a = inf (a / (nu + a) was inf / inf)
   ICON_SIMD_INLINE double basis(T s, T aux, T) const {
     const double n = nu, a = aux;
-    return double(s) / (n + 1) + 0.5 * (n + 1) * a / (n * (n + a));
+    return double(s) / (n + 1) + 0.5 * (n + 1) / (n * (n / a + 1));
   }
 };
 

@@ -114,7 +114,8 @@ struct Problem {
     }
   }
 
-  int64_t chunk_rows() const { return std::max<int64_t>(1, tile_elements() / std::max<int64_t>(m, 1)); }
+  int64_t tile = tile_elements();   // read once per op
+  int64_t chunk_rows() const { return std::max<int64_t>(1, tile / std::max<int64_t>(m, 1)); }
   // which row loops run (cpu_row_paths.h): the same choice the dispatch query reports
   RowPath row_path() const { return choose_row_path(kernel, target, divergence, double(alpha), double(beta)); }
   int log_p_mode() const { return log_p_mode_of(target, double(alpha)); }
@@ -222,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m);                 // the target row
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
+      RowPathTally tally;
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
         const int64_t self = pb.exclude_self ? i : -1;
@@ -229,17 +231,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         switch (path) {
           case kLabelHotRows:
             inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
+            ++tally.rows[kLabelHotRows];
             continue;
           case kLabelClosedFormRows:   // a row that is not finite falls to the family rows
             if (f_label_forward<T>(pb.divergence, pb.label_row(i), s, pos_idx.data(), &loss_p[i], &inc_p[i],
-                                   &st[i], &st[n + i]))
+                                   &st[i], &st[n + i])) {
+              ++tally.rows[kLabelClosedFormRows];
               continue;
+            }
             break;
           case kFamilyRows:
             break;
           default:
             TORCH_CHECK(false, "icon_kernels cpu_forward: unknown row path ", int(path));
         }
+        ++tally.rows[kFamilyRows];
         const T lse = simd_row_lse<T>(s, self, m);
         T lse_p = 0;
         const T* t = nullptr;
@@ -272,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
           st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
         }
       }
+      tally.add_to(0);
     });
   }
   return {loss, included, stats};
@@ -326,6 +333,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
       std::vector<double> pos_s(path == kLabelClosedFormRows ? m : 0);      // their logits
       double* dprm_p = dprm.template data_ptr<double>();
       T* w_rs = w_rowsum.template data_ptr<T>();
+      RowPathTally tally;
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
         T* tr = pb.target == kAffinity ? wt_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
@@ -348,6 +356,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
                 dot ? fast_param_scale<double, kDot>(prm[i]) : fast_param_scale<double, kGaussian>(prm[i]);
             dprm_p[i] = scale * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
             w_rs[i - r0] = T(sums.row_sum);
+            ++tally.rows[kLabelHotRows];
             continue;
           }
           case kLabelClosedFormRows: {   // one SIMD pass, closed forms over the negatives; a row
@@ -357,6 +366,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
               dprm_p[i] = param_scale<double>(pb.kernel, prm[i]) *
                           centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
               w_rs[i - r0] = T(sums.row_sum);
+              ++tally.rows[kLabelClosedFormRows];
               continue;
             }
             break;
@@ -368,6 +378,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         }
         // the family rows (cpu_family_rows.h): logits, renormalised LSE, target row, divergence
         // terms, then W in place of the Gram row
+        ++tally.rows[kFamilyRows];
         const int64_t self = pb.exclude_self ? i : -1;
         row_logits<T>(pb.kernel, prm[i], w, s_row.data(), y_sq, x_sq[i], m);
         // q renormalised over the row where G depends on q itself (f-divergences, beta > 0);
@@ -423,6 +434,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           wt_rowsum.template data_ptr<T>()[i - r0] = T(tsums.row_sum);
         }
       }
+      tally.add_to(1);
     });
     auto x_blk = pb.x.narrow(0, r0, nr);
     auto dx_blk = dx.narrow(0, r0, nr);

@@ -26,6 +26,7 @@ static PyObject* cpu_row_path(PyObject*, PyObject* args) {
   double alpha, beta;
   if (!PyArg_ParseTuple(args, "ssLdd", &kernel, &target, &divergence, &alpha, &beta)) return nullptr;
   try {
+    TORCH_CHECK(divergence >= 0 && divergence < icon::kDivergenceCount, "unknown divergence code ", divergence);
     const std::string name = icon::row_path_name(icon::kernel_code(kernel), icon::target_code(target),
                                                  int(divergence), alpha, beta);
     return PyUnicode_FromString(name.c_str());
@@ -35,7 +36,33 @@ static PyObject* cpu_row_path(PyObject*, PyObject* args) {
   }
 }
 
+// _C.cpu_row_path_counts() -> {"forward": {path: rows}, "backward": {...}}: the rows each row
+// path ran since the last call (which resets them).
+static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  const char* passes[2] = {"forward", "backward"};
+  for (int pass = 0; pass < 2; ++pass) {
+    PyObject* counts = PyDict_New();
+    if (counts == nullptr) { Py_DECREF(out); return nullptr; }
+    for (int k = 0; k < icon::kRowPathCount; ++k) {
+      PyObject* v = PyLong_FromLongLong(icon::row_path_counters(pass)[k].exchange(0));
+      if (v == nullptr || PyDict_SetItemString(counts, icon::row_path_label(k), v) != 0) {
+        Py_XDECREF(v); Py_DECREF(counts); Py_DECREF(out);
+        return nullptr;
+      }
+      Py_DECREF(v);
+    }
+    const int rc = PyDict_SetItemString(out, passes[pass], counts);
+    Py_DECREF(counts);
+    if (rc != 0) { Py_DECREF(out); return nullptr; }
+  }
+  return out;
+}
+
 static PyMethodDef kMethods[] = {
+    {"cpu_row_path_counts", cpu_row_path_counts, METH_NOARGS,
+     "cpu_row_path_counts(): rows run per row path and pass since the last call (resets them)"},
     {"cpu_row_path", cpu_row_path, METH_VARARGS,
      "cpu_row_path(kernel, target, divergence, alpha, beta): the CPU kernel's row loops for that combination"},
     {nullptr, nullptr, 0, nullptr}};

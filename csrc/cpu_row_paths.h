@@ -6,6 +6,8 @@
 #pragma once
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "cpu_f_label_rows.h"   // has_label_closed_form
@@ -29,6 +31,34 @@ inline RowPath choose_row_path(int kernel, int target, int divergence, double al
   if (target == kLabels && dot_or_gaussian && alpha == 0 && beta == 0 && has_label_closed_form(divergence))
     return kLabelClosedFormRows;
   return kFamilyRows;
+}
+
+// Rows that each path ran, per pass (0 forward, 1 backward), since the last read: the kernels add
+// their counts once per chunk and thread (a label row that is not finite counts as the family
+// rows it falls to), and _C.cpu_row_path_counts() reads and resets them, so a test can see which
+// loops a call actually ran (tests/test_cpu_row_paths.py).
+constexpr int kRowPathCount = 3;
+
+inline std::atomic<int64_t>* row_path_counters(int pass) {
+  static std::atomic<int64_t> counters[2][kRowPathCount];
+  return counters[pass];
+}
+
+struct RowPathTally {
+  int64_t rows[kRowPathCount] = {0, 0, 0};
+  void add_to(int pass) const {
+    for (int k = 0; k < kRowPathCount; ++k)
+      if (rows[k] != 0) row_path_counters(pass)[k].fetch_add(rows[k], std::memory_order_relaxed);
+  }
+};
+
+inline const char* row_path_label(int path) {
+  switch (path) {
+    case kLabelHotRows: return "label_hot_rows";
+    case kLabelClosedFormRows: return "label_closed_form_rows";
+    case kFamilyRows: return "family_rows";
+    default: TORCH_CHECK(false, "icon_kernels cpu: unknown row path ", path);
+  }
 }
 
 // How the family rows form log p~ (cpu_f_rows.h): an Affinity target with alpha = 0 takes

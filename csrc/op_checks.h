@@ -77,11 +77,14 @@ inline void features(const at::Tensor& x, const at::Tensor& y) {
 
 // The arguments of icon_kernels::{cpu,cuda}_forward (and the forward part of _backward).
 inline void check_forward_args(ICON_FORWARD_PARAMS) {
-  (void)alpha; (void)beta; (void)exclude_self;
+  (void)alpha; (void)beta;
   TORCH_CHECK(divergence >= 0 && divergence < kDivergenceCount, "unknown divergence code ", divergence,
               " (icon_kernels.families.DIVERGENCES has 0..", kDivergenceCount - 1, ")");
   check::features(x, y);
   const int64_t n = x.size(0), m = y.size(0);
+  // the self pair of row i is column i: the kernels index it (and the CPU rows write it)
+  TORCH_CHECK(!exclude_self || n <= m, "exclude_self needs a column for every row's self pair: x has ", n,
+              " rows, y ", m);
   check::param("param", param, n, x);
   kernel_code(kernel);
   const int tgt = target_code(target);

@@ -27,6 +27,8 @@ SETTINGS = [
     ("self-tv-alpha", False, None, 0.1, 0.0, "tv", "none", False),
     ("self-js", False, None, 0.0, 0.0, "js", "sum", False),
     ("self-reverse_kl-alpha-beta", False, None, 0.2, 0.1, "reverse_kl", "none", False),
+    ("self-hellinger-beta", False, None, 0.0, 0.2, "hellinger", "mean", False),
+    ("self-chi2-alpha", False, None, 0.3, 0.0, "chi2", "mean", False),
 ]
 TOL = 1e-9
 
@@ -62,3 +64,16 @@ def test_the_tile_setting_is_read(monkeypatch):
         ik.icon_loss(x, target=target, backend="cpu")
     monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "9")
     ik.icon_loss(x, target=target, backend="cpu")
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[5]], ids=lambda s: s[0])
+@pytest.mark.parametrize("t_kernel", ["dot", "student_t", "log_dot", "power"])
+def test_every_affinity_target_kernel_on_ragged_chunks(small_cpu_chunks, t_kernel, setting):
+    """target_backward per target kernel (the test above takes the default gaussian target)."""
+    problem, upstream = build("student_t", "affinity", setting, torch.float64, seed_of(t_kernel, setting[0]),
+                              param_tensor="scalar", target_grad=True, t_kernel=t_kernel, n=N, d=D)
+    want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
+    got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
+    assert relative_error(got_loss, want_loss) < TOL
+    for i, (got, want) in enumerate(zip(got_grads, want_grads)):
+        assert relative_error(got, want) < TOL, f"leaf {i}: {relative_error(got, want):.2e}"

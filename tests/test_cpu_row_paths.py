@@ -2,14 +2,17 @@
 with alpha and beta zero or not, dispatches to a row path of the fused CPU kernel that is
 specialised for it at compile time, never to a generic per-pair loop.
 
-The query icon_kernels._C.cpu_row_path returns the instantiation that cpu_forward and
-cpu_backward run (csrc/cpu_row_paths.h: the kernels switch on the same choose_row_path, and that
-switch ends in an error). Whether each path computes the right numbers is the correctness
-matrix's business (test_f_divergences_backends.py, test_backends_vs_reference.py)."""
+The query icon_kernels._C.cpu_row_path names the instantiation for a combination
+(csrc/cpu_row_paths.h), and the kernels count the rows each path runs
+(_C.cpu_row_path_counts): the last test runs every combination forward and backward and checks
+that every row ran the path the query names and no other. Whether each path computes the right
+numbers is the correctness matrix's business (test_f_divergences_backends.py,
+test_backends_vs_reference.py, test_cpu_row_chunks.py)."""
 import itertools
 import re
 
 import pytest
+import torch
 
 import icon_kernels as ik
 from icon_kernels import families
@@ -68,3 +71,52 @@ def test_unknown_codes_raise():
         _C.cpu_row_path("cosine", "labels", 0, 0.0, 0.0)   # cosine reaches the op as dot
     with pytest.raises(ValueError, match="target"):
         _C.cpu_row_path("dot", "graph", 0, 0.0, 0.0)
+
+
+# --- what the kernels run: the row counters of cpu_row_paths.h, read through _C.cpu_row_path_counts --
+N_ROWS = 8
+PARAMS = {"dot": {"temperature": 0.5}, "gaussian": {"sigma": 1.5}, "student_t": {"dof": 1.0},
+          "log_dot": {}, "power": {"exponent": 2.0}}
+
+
+def _features(kernel, gen):
+    x = torch.randn(N_ROWS, 4, generator=gen, dtype=torch.float64)
+    return (x.abs() + 0.1 if kernel == "log_dot" else x).requires_grad_()   # log_dot needs a.b > 0
+
+
+def _target(kind, gen):
+    if kind == "labels":
+        return ik.Labels(torch.arange(N_ROWS) // 2)            # every row has a positive
+    if kind == "neighbors":
+        return ik.Neighbors(torch.stack([(torch.arange(N_ROWS) + k) % N_ROWS for k in (1, 2)], 1))
+    if kind == "dense":
+        return ik.Dense(torch.rand(N_ROWS, N_ROWS, generator=gen, dtype=torch.float64) + 0.1)
+    return ik.Affinity(torch.randn(N_ROWS, 3, generator=gen, dtype=torch.float64), kernel="gaussian")
+
+
+def _path_of(name):
+    return PATH.match(name).group(1)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_kernels_run_the_path_the_query_names(kernel):
+    """Forward and backward of every target, divergence, alpha and beta with this kernel: every row
+    runs the row path that cpu_row_path names, none runs another (counted by the kernels)."""
+    from icon_kernels import _C
+    gen = torch.Generator().manual_seed(5)
+    _C.cpu_row_path_counts()                                     # reset
+    checked = 0
+    for target, divergence, alpha, beta in itertools.product(TARGETS, DIVERGENCES, ALPHAS, BETAS):
+        if divergence == "reverse_kl" and target in ("labels", "neighbors") and alpha == 0:
+            continue                                             # refused: +inf at every negative
+        x = _features(kernel, gen)
+        loss = ik.icon_loss(x, target=_target(target, gen), kernel=kernel, divergence=divergence, alpha=alpha,
+                            beta=beta, backend="cpu", **PARAMS[kernel])
+        loss.backward()
+        want = _path_of(_row_path(kernel, target, divergence, alpha, beta))
+        counts = _C.cpu_row_path_counts()
+        for pass_ in ("forward", "backward"):
+            expected = {path: (N_ROWS if path == want else 0) for path in counts[pass_]}
+            assert counts[pass_] == expected, f"{target} {divergence} alpha={alpha} beta={beta} {pass_}"
+        checked += 1
+    assert checked == len(TARGETS) * len(DIVERGENCES) * len(ALPHAS) * len(BETAS) - 2 * len(BETAS)

@@ -106,6 +106,17 @@ def test_forward_and_backward_name_the_wrong_argument(device, name, target, arg,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_exclude_self_needs_a_column_per_row(device):
+    """Row i's self pair is column i: with fewer columns than rows the CPU rows wrote past the tile."""
+    args = _valid("labels", device)
+    args.update(y=args["y"][:N - 1], col_labels=args["col_labels"][:N - 1], exclude_self=True)
+    with pytest.raises(RuntimeError, match=r"^exclude_self "):
+        _call_forward(device, args)
+    args.update(exclude_self=False)
+    _call_forward(device, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arg,make", [
     ("grad_rows", lambda v, s: torch.ones(N - 1, dtype=torch.float64, device=v.device)),
     ("valid", lambda v, s: v[:-1]),
