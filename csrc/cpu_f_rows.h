@@ -219,10 +219,10 @@ inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf,
   }
 }
 
-// The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD: a NaN logit
-// gives NaN, a row without a valid column -inf.
+// The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD and unrounded
+// (double): a NaN logit gives NaN, a row without a valid column -inf.
 template <typename T>
-inline T simd_row_lse(T* s, int64_t self, int64_t m) {
+inline double simd_row_lse_wide(T* s, int64_t self, int64_t m) {
   const T inf = std::numeric_limits<T>::infinity();
   if (self >= 0) s[self] = -inf;
   T mx = -inf;
@@ -231,7 +231,7 @@ inline T simd_row_lse(T* s, int64_t self, int64_t m) {
   if (mx == -inf) {
     bool nan = false;
     for (int64_t j = 0; j < m; ++j) nan |= std::isnan(s[j]);
-    return nan ? std::numeric_limits<T>::quiet_NaN() : mx;
+    return nan ? std::numeric_limits<double>::quiet_NaN() : double(mx);
   }
   double se = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
@@ -241,7 +241,13 @@ inline T simd_row_lse(T* s, int64_t self, int64_t m) {
     for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - mx);
     se += bse;
   }
-  return T(double(mx) + std::log(se));
+  return double(mx) + std::log(se);
+}
+
+// simd_row_lse_wide rounded to T.
+template <typename T>
+inline T simd_row_lse(T* s, int64_t self, int64_t m) {
+  return T(simd_row_lse_wide<T>(s, self, m));
 }
 
 }  // namespace icon

@@ -140,10 +140,11 @@ inline void row_logits(int kernel, T prm, const T* ab, T* s, const T* b_sq, T a_
 }
 
 // An Affinity target's row: p[j] = exp(t[j] - lse_p) over j != self, renormalised to sum 1 (the
-// T-rounded LSE^p leaves the sum 1 only up to its rounding). Returns log of the total before
-// renormalising (0 when it is not positive), which an exact log p (kExactLogP) takes off.
+// T-rounded LSE^p leaves the sum 1 only up to its rounding), and divided by ``divisor`` (joint
+// normalisation: the number of rows). Returns log of the total before renormalising (0 when it
+// is not positive), which an exact log p (kExactLogP) takes off.
 template <typename T>
-inline double affinity_row(const T* t, T lse_p, int64_t self, int64_t m, T* p) {
+inline double affinity_row(const T* t, T lse_p, int64_t self, int64_t m, T* p, double divisor = 1.0) {
   double total = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
@@ -157,7 +158,7 @@ inline double affinity_row(const T* t, T lse_p, int64_t self, int64_t m, T* p) {
     total += bt;
   }
   if (!(total > 0)) return 0.0;
-  const T inv = T(1.0 / total);   // a multiply in T, not a division in double: one rounding more, and
+  const T inv = T(1.0 / (total * divisor));   // a multiply in T, not a division in double: one rounding more, and
   // test_large_m_precision.py holds at M = 2e5
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) p[j] *= inv;

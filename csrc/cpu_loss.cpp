@@ -27,6 +27,7 @@
 #include "cpu_f_label_rows.h"
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
+#include "cpu_global_rows.h"
 #include "cpu_label_rows.h"
 #include "cpu_loss.h"
 #include "divergence_math.h"
@@ -38,168 +39,7 @@
 namespace icon {
 namespace {
 
-constexpr int64_t kTileElements = 1 << 21;   // entries of one chunk's Gram tile
-
-// ICON_KERNELS_CPU_TILE_ELEMENTS overrides kTileElements (read at every call): the tests force
-// many ragged row chunks on small problems with it (tests/test_cpu_row_chunks.py).
-int64_t tile_elements() {
-  const char* env = std::getenv("ICON_KERNELS_CPU_TILE_ELEMENTS");
-  if (env == nullptr || *env == '\0') return kTileElements;
-  char* end = nullptr;
-  const long long v = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && v > 0,
-              "ICON_KERNELS_CPU_TILE_ELEMENTS must be a positive integer, got '", env, "'");
-  return v;
-}
-
-at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
-  return p.to(acc).expand({n}).contiguous();
-}
-
-// The op's arguments, converted once to the accumulation type and made contiguous.
-template <typename T>
-struct Problem {
-  int64_t n, m, d, dz = 0, m_valid;
-  int kernel, target, t_kernel, divergence;
-  T alpha, beta;
-  bool exclude_self, kl, f_div;   // forward KL (entropy term); an f-divergence of DESIGN.md §1.1
-  at::Tensor x, y, x_sq, y_sq, prm, labels, col_labels, nbr_index, nbr_weight, dense, z, zc,
-      z_sq, zc_sq, t_prm;
-
-  Problem(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& param,
-          c10::string_view kernel_name, c10::string_view target_name,
-          const c10::optional<at::Tensor>& row_labels, const c10::optional<at::Tensor>& col_lab,
-          const c10::optional<at::Tensor>& nbr_idx, const c10::optional<at::Tensor>& nbr_w,
-          const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& z_cols,
-          const c10::optional<at::Tensor>& t_param, c10::string_view t_kernel_name,
-          const c10::optional<at::Tensor>& dense_p, double alpha_, double beta_, bool excl,
-          int64_t divergence_) {
-    const auto acc = c10::CppTypeToScalarType<T>::value;
-    n = x_in.size(0);
-    m = y_in.size(0);
-    d = x_in.size(1);
-    m_valid = m - (excl ? 1 : 0);
-    kernel = kernel_code(kernel_name);
-    target = target_code(target_name);
-    t_kernel = kernel_code(t_kernel_name);
-    alpha = T(alpha_);
-    beta = T(beta_);
-    exclude_self = excl;
-    divergence = int(divergence_);
-    kl = divergence == kKl;
-    f_div = is_f_divergence(divergence);
-    x = x_in.to(acc).contiguous();
-    y = y_in.to(acc).contiguous();
-    const bool distance = is_distance(kernel);   // only distance kernels need norms
-    x_sq = distance ? x.square().sum(1) : at::zeros({n}, x.options());
-    y_sq = distance ? y.square().sum(1) : at::zeros({m}, y.options());
-    prm = per_row(param, n, acc);
-    if (target == kLabels) {
-      TORCH_CHECK(row_labels.has_value() && col_lab.has_value(), "labels target needs row and column labels");
-      labels = row_labels->to(at::kLong).contiguous();
-      col_labels = col_lab->to(at::kLong).contiguous();
-    } else if (target == kNeighbors) {
-      nbr_index = nbr_idx->to(at::kLong).contiguous();
-      nbr_weight = nbr_w.has_value() ? nbr_w->to(acc).contiguous()
-                                     : at::ones(nbr_index.sizes(), x.options());
-    } else if (target == kDense) {
-      dense = dense_p->to(acc).contiguous();
-    } else {
-      z = z_in->to(acc).contiguous();
-      zc = z_cols->to(acc).contiguous();
-      dz = z.size(1);
-      z_sq = z.square().sum(1);
-      zc_sq = zc.square().sum(1);
-      t_prm = per_row(*t_param, n, acc);
-    }
-  }
-
-  int64_t tile = tile_elements();   // read once per op
-  int64_t chunk_rows() const { return std::max<int64_t>(1, tile / std::max<int64_t>(m, 1)); }
-  // which row loops run (cpu_row_paths.h): the same choice the dispatch query reports
-  RowPath row_path() const { return choose_row_path(kernel, target, divergence, double(alpha), double(beta)); }
-  int log_p_mode() const { return log_p_mode_of(target, double(alpha)); }
-  // row i of an f-divergence (cpu_f_rows.h): logits s with their LSE, the target row p and, for
-  // Affinity, its logits t with LSE^p and the log of p's renormalising total; for Labels, the
-  // row's positive count
-  FRow<T> f_row(int64_t i, const T* s, T lse, const T* p, const T* t, T lse_p, double log_total,
-                int64_t count) const {
-    const T mv = T(std::max<int64_t>(m_valid, 1)), b = alpha / mv;
-    const T inf = std::numeric_limits<T>::infinity();
-    const T pos = count > 0 ? (T(1) - alpha) / T(count) + b : b;
-    return {s, lse, p, t, T(-double(lse_p) - log_total), m, exclude_self ? i : -1, alpha, beta, mv,
-            pos > T(0) ? std::log(pos) : -inf, b > T(0) ? std::log(b) : -inf};
-  }
-  LabelRow label_row(int64_t i) const {
-    return {col_labels.template data_ptr<int64_t>(), labels.template data_ptr<int64_t>()[i], m,
-            exclude_self ? i : -1, double(alpha), m_valid};
-  }
-};
-
-// p(.|i) of a Labels, Neighbors or Dense target into p[0..m) (0 off the valid set); returns
-// whether the row has any target mass. An Affinity row is affinity_row (cpu_family_rows.h).
-template <typename T>
-bool target_row(const Problem<T>& pb, int64_t i, T* p, int64_t* count) {
-  const int64_t m = pb.m;
-  const int64_t self = pb.exclude_self ? i : -1;
-  *count = -1;
-  if (pb.target == kLabels) {
-    const int64_t li = pb.labels.template data_ptr<int64_t>()[i];
-    const int64_t* c = pb.col_labels.template data_ptr<int64_t>();
-    int64_t k = 0;
-#pragma omp simd reduction(+ : k)
-    for (int64_t j = 0; j < m; ++j) k += (c[j] == li && j != self);
-    const T inv = k > 0 ? T(1) / T(k) : T(0);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) p[j] = (c[j] == li && j != self) ? inv : T(0);
-    *count = k;
-    return k > 0;
-  }
-  double total = 0;
-  if (pb.target == kDense) {
-    const T* w = pb.dense.template data_ptr<T>() + i * m;
-    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-      const int64_t j1 = std::min(m, j0 + kSumBlock);
-      T bt = 0;
-#pragma omp simd reduction(+ : bt)
-      for (int64_t j = j0; j < j1; ++j) {
-        const T pj = j != self ? w[j] : T(0);
-        p[j] = pj;
-        bt += pj;
-      }
-      total += bt;
-    }
-  } else if (pb.target == kNeighbors) {   // scatter the k weights; repeats add up
-    std::fill(p, p + m, T(0));
-    const int64_t k = pb.nbr_index.size(1);
-    const int64_t* idx = pb.nbr_index.template data_ptr<int64_t>() + i * k;
-    const T* w = pb.nbr_weight.template data_ptr<T>() + i * k;
-    for (int64_t c = 0; c < k; ++c)
-      if (idx[c] >= 0 && idx[c] < m && idx[c] != self) { p[idx[c]] += w[c]; total += w[c]; }
-  } else {
-    TORCH_CHECK(false, "icon_kernels cpu: target_row has no rows of target code ", pb.target);
-  }
-  if (total == 0) return false;  // a NaN total keeps its row, so NaN gives a NaN loss
-#pragma omp simd
-  for (int64_t j = 0; j < m; ++j) p[j] = T(double(p[j]) / total);   // one rounding, as the reference
-  return true;
-}
-
-// The Gram tile a[r0:r1] b^T, written into the first r1 - r0 rows of buf (one buffer for every
-// chunk of a pass: a fresh tile per chunk went back to the OS and came back as page faults, 7% of
-// the t-SNE forward + backward in `perf`).
-template <typename T>
-at::Tensor gram(at::Tensor& buf, const at::Tensor& a, int64_t r0, int64_t r1, const at::Tensor& b) {
-  at::Tensor tile = buf.narrow(0, 0, r1 - r0);
-  at::mm_out(tile, a.narrow(0, r0, r1 - r0), b.t());
-  return tile;
-}
-
-// One tile buffer of a pass: chunk_rows rows (at most n) of m columns.
-template <typename T>
-at::Tensor tile_buffer(const Problem<T>& pb) {
-  return at::empty({std::min(pb.n, pb.chunk_rows()), pb.m}, pb.x.options());
-}
+using namespace cpu;
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
@@ -214,6 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   const T* prm = pb.prm.template data_ptr<T>();
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* y_sq = pb.y_sq.template data_ptr<T>();
+  // joint normalisation and a symmetrised target: pass 1 over every row first
+  const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, nullptr) : GlobalRows<T>{};
   at::Tensor s_buf = tile_buffer(pb), t_buf = pb.target == kAffinity ? tile_buffer(pb) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows);
@@ -221,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     at::Tensor t_tile;
     if (pb.target == kAffinity) t_tile = gram<T>(t_buf, pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m);                 // the target row
+      std::vector<T> p(m), lp(pb.symmetrize ? m : 0);   // the target row; a symmetrised row's log p
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
       RowPathTally tally;
       for (int64_t i = i0; i < i1; ++i) {
@@ -246,37 +88,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
             TORCH_CHECK(false, "icon_kernels cpu_forward: unknown row path ", int(path));
         }
         ++tally.rows[kFamilyRows];
-        const T lse = simd_row_lse<T>(s, self, m);
-        T lse_p = 0;
-        const T* t = nullptr;
-        double log_total = 0;
-        int64_t count = -1;
-        bool has = pb.m_valid > 0;
-        if (pb.target == kAffinity) {
-          T* tr = t_tile.template data_ptr<T>() + (i - r0) * m;
-          row_logits<T>(pb.t_kernel, pb.t_prm.template data_ptr<T>()[i], tr, tr, pb.zc_sq.template data_ptr<T>(),
-                        pb.z_sq.template data_ptr<T>()[i], m);
-          lse_p = simd_row_lse<T>(tr, self, m);
-          log_total = affinity_row<T>(tr, lse_p, self, m, p.data());
-          t = tr;
-        } else {
-          has = target_row<T>(pb, i, p.data(), &count);
-        }
-        const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s, lse, p.data(), t, lse_p, log_total, count),
-                                    pb.log_p_mode(), nullptr, nullptr);
-        const bool inc = has && pb.m_valid > 0;
+        const T lse = pb.joint ? gr.log_z : simd_row_lse<T>(s, self, m);
+        T* tr = pb.target == kAffinity ? t_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
+        const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, tr, lp.data(), p.data(), nullptr);
+        const FRowSums f = f_row<T>(
+            pb.divergence, pb.f_row(i, s, lse, p.data(), tg.t, tg.lse_p, tg.log_total, tg.label_divisor),
+            pb.log_p_mode(), nullptr, nullptr);
+        const bool inc = tg.has && pb.m_valid > 0;
         loss_p[i] = inc ? T(f.loss) : T(0);
         inc_p[i] = inc;
-        // the statistics rows of ops.py: LSE; R (KL and cross-entropy with beta > 0; f.gamma is
-        // -R there) or an f-divergence's Gamma; LSE^p and H = sum_j p h (KL: p f' = p (h + 1)) or
-        // an f-divergence's Phi. The backward recomputes all but the LSEs from its own row.
+        // the statistics rows of ops.py: LSE (log Z under joint normalisation); R (KL and
+        // cross-entropy with beta > 0; f.gamma is -R there) or an f-divergence's Gamma (joint:
+        // every divergence's sum_j q g); LSE^p; H = sum_j p h (KL: p f' = p (h + 1)) or an
+        // f-divergence's Phi (joint: sum_j q, the row's share of the total q, GlobalRows::q_mass). The backward
+        // recomputes the rest from its own row and reads log Z, LSE^p and (joint) the global
+        // centre's sums from these.
         st[i] = lse;
-        if (pb.f_div) st[n + i] = T(f.gamma);
+        if (pb.joint || pb.f_div) st[n + i] = T(f.gamma);
         else if (pb.beta > 0) st[n + i] = T(-f.gamma);
-        if (pb.target == kAffinity) {
-          st[2 * n + i] = lse_p;
-          st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
-        }
+        if (pb.target == kAffinity) st[2 * n + i] = gr.lse_p.empty() ? tg.lse_p : gr.lse_p[i];   // symmetrised: row i's own
+        if (pb.joint) st[3 * n + i] = T(gr.q_mass[i]);
+        else if (pb.target == kAffinity) st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
       }
       tally.add_to(0);
     });
@@ -310,6 +142,24 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // G = 0 wherever q = 0 for the f-divergences (learned_backward's Q_ZERO_GRAD)
   const bool q_zero_grad = pb.f_div;
   const bool renormalise_q = pb.f_div || pb.beta > 0;
+  TORCH_CHECK(!(pb.symmetrize && target_grad),
+              "icon_kernels cpu_backward: a symmetrised target's z and parameters have no gradient here");
+  const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, st) : GlobalRows<T>{};
+  // joint normalisation: dL/ds_ij = (1 - beta) (g_i q_ij g_ij - q_ij C), C = sum_k g_k Gamma_k /
+  // sum_k q_k over every row (s_ij moves every q through Z), from the forward's row sums
+  double centre = 0;
+  if (pb.joint) {
+    double num = 0, q_total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
+      q_total += double(st[3 * n + i]);
+    }
+    centre = q_total > 0 ? num / q_total : 0.0;   // no valid pair at all: 0, not 0 / 0
+  }
+  // joint with one parameter: its per-row sums, centred once over every row at the end (only
+  // the total of dL/ds is zero, not each row's)
+  std::vector<double> joint_g_sum(pb.joint && param_grad ? n : 0), joint_q_basis(joint_g_sum.size()),
+      joint_q_sum(joint_g_sum.size());
   auto dx = at::zeros({n, d}, opts), dy = at::zeros({m, d}, opts);
   // dL/dparam per row in double: a scalar parameter's gradient is their sum, rounded once
   auto dprm = at::zeros({n}, opts.dtype(at::kDouble)), colsum = at::zeros({m}, opts);
@@ -329,6 +179,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), q_row(m), qg(m), pf(m);   // q, q g, p f'
+      std::vector<T> lp(pb.symmetrize ? m : 0);   // a symmetrised row's log p
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives and
       std::vector<double> pos_s(path == kLabelClosedFormRows ? m : 0);      // their logits
       double* dprm_p = dprm.template data_ptr<double>();
@@ -337,8 +188,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
       for (int64_t i = i0; i < i1; ++i) {
         T* w = w_tile.template data_ptr<T>() + (i - r0) * m;
         T* tr = pb.target == kAffinity ? wt_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
-        const T lse = st[i], shift = finite_shift(lse);
-        if (g[i] == T(0)) {  // left out, or zero upstream gradient: no contribution
+        const T lse = st[i];
+        // a dot or Gaussian parameter's basis s - shift: the row's LSE; under joint normalisation
+        // log Z for one parameter (the shifts cancel over all rows) and none for one per row
+        const T shift = pb.joint && !pb.scalar_param ? T(0) : finite_shift(lse);
+        // joint: a row without upstream gradient still moves Z (its q C part)
+        const bool moves_z = pb.joint && centre != 0 && pb.m_valid > 0;
+        if (g[i] == T(0) && !moves_z) {  // left out, or zero upstream gradient: no contribution
           std::fill(w, w + m, T(0));
           if (tr) std::fill(tr, tr + m, T(0));
           continue;
@@ -384,26 +240,27 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         // q renormalised over the row where G depends on q itself (f-divergences, beta > 0);
         // forward KL and cross-entropy take G = g (q Gamma' - p~) with Gamma' = sum p~ / sum q,
         // which renormalises q by itself (learned_backward)
-        const T lse_q = renormalise_q ? renormalised_lse<T>(s_row.data(), lse, self, m) : lse;
-        T lse_p = 0;
-        const T* t = nullptr;
-        double log_total = 0;
-        int64_t count = -1;
-        const T tp = pb.target == kAffinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
-        if (pb.target == kAffinity) {
-          row_logits<T>(pb.t_kernel, tp, tr, t_row.data(), pb.zc_sq.template data_ptr<T>(),
-                        pb.z_sq.template data_ptr<T>()[i], m);
-          lse_p = st[2 * n + i];
-          log_total = affinity_row<T>(t_row.data(), lse_p, self, m, p.data());
-          t = t_row.data();
-        } else {
-          target_row<T>(pb, i, p.data(), &count);
+        // (joint: log Z, as the forward's, whose row sums make the centre)
+        const T lse_q = renormalise_q && !pb.joint ? renormalised_lse<T>(s_row.data(), lse, self, m) : lse;
+        const bool affinity = pb.target == kAffinity;
+        const T tp = affinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
+        const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, t_row.data(), lp.data(), p.data(),
+                                                     affinity ? &st[2 * n + i] : nullptr);
+        const FRowSums f = f_row<T>(
+            pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), tg.t, tg.lse_p, tg.log_total, tg.label_divisor),
+            pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());
+        // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding;
+        // joint: the global centre, with g_i moved into q g
+        double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
+        T scale = g[i] * (T(1) - pb.beta);
+        if (pb.joint) {
+          const T gi = g[i];
+          T* qg_row = qg.data();
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) qg_row[j] *= gi;
+          gamma = centre;
+          scale = T(1) - pb.beta;
         }
-        const FRowSums f = f_row<T>(pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), t, lse_p, log_total, count),
-                                    pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());
-        // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding
-        const double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
-        const T scale = g[i] * (T(1) - pb.beta);
         const LabelGradSums sums = with_kernel(pb.kernel, [&](auto code) {
           constexpr int K = decltype(code)::value;
           return with_bool(param_grad, [&](auto with_param) {
@@ -414,10 +271,18 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
             });
           });
         });
-        if (param_grad)
+        if (param_grad && pb.joint) {
+          dprm_p[i] = param_scale<double>(pb.kernel, prm[i]) * sums.dp;
+          joint_g_sum[i] = sums.g_sum;
+          joint_q_basis[i] = sums.q_basis;
+          joint_q_sum[i] = sums.q_sum;
+        } else if (param_grad) {
           dprm_p[i] = param_scale<double>(pb.kernel, prm[i]) * centred_sum(sums.dp, sums.g_sum, sums.q_basis, sums.q_sum);
+        }
         w_rs[i - r0] = T(sums.row_sum);
-        if (target_grad) {
+        if (target_grad && g[i] == T(0)) {   // joint: this row moved Z only
+          std::fill(tr, tr + m, T(0));
+        } else if (target_grad) {
           // G^t = g (1 - alpha) (p f' - p Phi), Phi = sum_j p f' / sum_j p of this very row in
           // double (the saved fp32 statistic's rounding would come back times the p-mean of
           // z_cols - z_i: dL/dz is a p-weighted covariance)
@@ -427,7 +292,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
             constexpr int TK = decltype(code)::value;
             return target_backward<T, TK, true>(KernelRow<T, TK>(tp), tr, t_row.data(), p.data(), pf.data(),
                                                 pb.zc_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>()[i],
-                                                m, scale_t, phi, finite_shift(lse_p));
+                                                m, scale_t, phi, finite_shift(tg.lse_p));
           });
           dtprm.template data_ptr<double>()[i] =
               param_scale<double>(pb.t_kernel, tp) * centred_sum(tsums.dp, tsums.g_sum, tsums.q_basis, tsums.q_sum);
@@ -450,6 +315,15 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
       dzc.addmm_(wt_tile.t(), z_blk);
       if (t_dist) t_colsum += wt_tile.sum(0);
     }
+  }
+  if (pb.joint && param_grad && pb.scalar_param) {   // the one centring over every row (centred_sum)
+    double g_sum = 0, q_basis = 0, q_sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      g_sum += joint_g_sum[i];
+      q_basis += joint_q_basis[i];
+      q_sum += joint_q_sum[i];
+    }
+    if (q_sum > 0) dprm.template data_ptr<double>()[0] -= param_scale<double>(pb.kernel, prm[0]) * g_sum * (q_basis / q_sum);
   }
   if (dist) dy -= colsum.unsqueeze(1) * pb.y;
   if (target_grad && t_dist) dzc -= t_colsum.unsqueeze(1) * pb.zc;

@@ -12,12 +12,13 @@
       const c10::optional<at::Tensor> &nbr_weight, const c10::optional<at::Tensor> &z,           \
       const c10::optional<at::Tensor> &z_cols, const c10::optional<at::Tensor> &t_param,         \
       c10::string_view t_kernel, const c10::optional<at::Tensor> &dense_p, double alpha,          \
-      double beta, bool exclude_self, int64_t divergence
+      double beta, bool exclude_self, int64_t divergence, c10::string_view normalization,    \
+      bool symmetrize
 
 // The flat forward arguments again, to pass them on.
 #define ICON_FORWARD_ARGS                                                                        \
   x, y, param, kernel, target, row_labels, col_labels, nbr_index, nbr_weight, z, z_cols, t_param, \
-      t_kernel, dense_p, alpha, beta, exclude_self, divergence
+      t_kernel, dense_p, alpha, beta, exclude_self, divergence, normalization, symmetrize
 
 namespace icon {
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -18,17 +18,22 @@ TORCH_LIBRARY_IMPL(icon_kernels, CPU, m) {
   m.impl("cpu_label_block_backward", &icon::cpu_label_block_backward);
 }
 
-// _C.cpu_row_path(kernel, target, divergence, alpha, beta) -> str: the row loops that the CPU
-// kernel runs for that combination (cpu_row_paths.h), for tests and benchmarks to query.
+// _C.cpu_row_path(kernel, target, divergence, alpha, beta, normalization="conditional",
+// symmetrize=False) -> str: the row loops that the CPU kernel runs for that combination
+// (cpu_row_paths.h), for tests and benchmarks to query.
 static PyObject* cpu_row_path(PyObject*, PyObject* args) {
-  const char *kernel, *target;
+  const char *kernel, *target, *normalization = "conditional";
   long long divergence;
   double alpha, beta;
-  if (!PyArg_ParseTuple(args, "ssLdd", &kernel, &target, &divergence, &alpha, &beta)) return nullptr;
+  int symmetrize = 0;
+  if (!PyArg_ParseTuple(args, "ssLdd|sp", &kernel, &target, &divergence, &alpha, &beta, &normalization,
+                        &symmetrize))
+    return nullptr;
   try {
     TORCH_CHECK(divergence >= 0 && divergence < icon::kDivergenceCount, "unknown divergence code ", divergence);
+    const bool global = icon::normalization_code(normalization) == icon::kJoint || symmetrize != 0;
     const std::string name = icon::row_path_name(icon::kernel_code(kernel), icon::target_code(target),
-                                                 int(divergence), alpha, beta);
+                                                 int(divergence), alpha, beta, global);
     return PyUnicode_FromString(name.c_str());
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
@@ -64,7 +69,8 @@ static PyMethodDef kMethods[] = {
     {"cpu_row_path_counts", cpu_row_path_counts, METH_NOARGS,
      "cpu_row_path_counts(): rows run per row path and pass since the last call (resets them)"},
     {"cpu_row_path", cpu_row_path, METH_VARARGS,
-     "cpu_row_path(kernel, target, divergence, alpha, beta): the CPU kernel's row loops for that combination"},
+     "cpu_row_path(kernel, target, divergence, alpha, beta, normalization='conditional', symmetrize=False): "
+     "the CPU kernel's row loops for that combination"},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

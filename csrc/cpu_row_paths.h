@@ -23,9 +23,13 @@ enum RowPath : int {
   kFamilyRows = 2,            // everything else: cpu_family_rows.h, per (kernel, divergence, log p, beta)
 };
 
-inline RowPath choose_row_path(int kernel, int target, int divergence, double alpha, double beta) {
+// global: joint normalisation or a symmetrised target, whose rows take statistics of every row
+// (cpu_global_rows.h); the label paths compute conditional rows of a plain target only.
+inline RowPath choose_row_path(int kernel, int target, int divergence, double alpha, double beta,
+                               bool global = false) {
   TORCH_CHECK(divergence >= 0 && divergence < kDivergenceCount, "icon_kernels cpu: unknown divergence code ",
               divergence);
+  if (global) return kFamilyRows;
   const bool dot_or_gaussian = kernel == kDot || kernel == kGaussian;
   if (target == kLabels && dot_or_gaussian && beta == 0 && !is_f_divergence(divergence)) return kLabelHotRows;
   if (target == kLabels && dot_or_gaussian && alpha == 0 && beta == 0 && has_label_closed_form(divergence))
@@ -103,9 +107,10 @@ inline const char* log_p_name_of(int log_p) {
 }
 
 // The instantiation a combination runs, e.g. "family_rows<student_t, kl, exact_log_p, beta=0>".
-inline std::string row_path_name(int kernel, int target, int divergence, double alpha, double beta) {
+inline std::string row_path_name(int kernel, int target, int divergence, double alpha, double beta,
+                                 bool global = false) {
   const std::string k = kernel_name_of(kernel), d = divergence_name_of(divergence);
-  switch (choose_row_path(kernel, target, divergence, alpha, beta)) {
+  switch (choose_row_path(kernel, target, divergence, alpha, beta, global)) {
     case kLabelHotRows: return "label_hot_rows<" + k + ", " + d + ">";
     case kLabelClosedFormRows: return "label_closed_form_rows<" + k + ", " + d + ">";
     case kFamilyRows:

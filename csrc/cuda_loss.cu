@@ -670,6 +670,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& grad_rows, ICON_FORWARD_PAR
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS) {
   const NoAutocast no_autocast;
   check_forward_args(ICON_FORWARD_ARGS);
+  check_conditional_only("cuda", normalization, symmetrize);
   c10::cuda::CUDAGuard guard(x.device());
   if (x.scalar_type() == at::kDouble) return forward_t<double>(ICON_FORWARD_ARGS);
   return forward_t<float>(ICON_FORWARD_ARGS);
@@ -680,6 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
+  check_conditional_only("cuda", normalization, symmetrize);
   c10::cuda::CUDAGuard guard(x.device());
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble

@@ -126,6 +126,20 @@ inline void check_forward_args(ICON_FORWARD_PARAMS) {
     check::matrix("dense_p", p, n, m, "the target matrix, N x M", x);
     check::floating("dense_p", p);
   }
+  normalization_code(normalization);
+  // a symmetrised Affinity target reads p(i|j) from row j's LSE^p and parameter: the columns are
+  // the rows (z_cols is z; the Python layer checks that it is the same tensor)
+  TORCH_CHECK(!symmetrize || (tgt == kAffinity && n == m),
+              "symmetrize needs an affinity target on a square problem (z_cols = z), got target ", target,
+              " with ", n, " rows and ", m, " columns");
+}
+
+// A backend whose kernels compute conditional normalisation and plain targets only (the Python
+// layer routes joint normalisation and symmetrised targets elsewhere: families.NORMALIZATIONS).
+inline void check_conditional_only(const char* backend, c10::string_view normalization, bool symmetrize) {
+  TORCH_CHECK(normalization_code(normalization) == kConditional && !symmetrize, "the ", backend,
+              " kernels compute conditional normalisation without symmetrize, got normalization=",
+              normalization, ", symmetrize=", symmetrize);
 }
 
 // The arguments of icon_kernels::{cpu,cuda}_backward.

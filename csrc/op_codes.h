@@ -1,4 +1,4 @@
-// The op's string arguments (kernel, target) as the integer codes of tile_math.h. Host only.
+// The op's string arguments (kernel, target, normalization) as the integer codes of tile_math.h. Host only.
 #pragma once
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -22,6 +22,16 @@ inline int target_code(c10::string_view t) {
   if (t == "affinity") return kAffinity;
   if (t == "dense") return kDense;
   TORCH_CHECK(false, "unknown target ", t);
+}
+
+// normalization: "conditional" (one distribution per row) or "joint" (one over all valid pairs,
+// DESIGN.md §1.2).
+enum Normalization : int { kConditional = 0, kJoint = 1 };
+
+inline int normalization_code(c10::string_view n) {
+  if (n == "conditional") return kConditional;
+  if (n == "joint") return kJoint;
+  TORCH_CHECK(false, "unknown normalization ", n, " (known: conditional, joint)");
 }
 
 }  // namespace icon

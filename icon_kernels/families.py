@@ -126,10 +126,13 @@ DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (
 # the torch backend on its column stream, backends/column_stream.py)
 NORMALIZATIONS: Dict[str, Tuple[str, ...]] = {
     "conditional": ("reference", "torch", "cpu", "triton", "cuda"),
-    "joint": ("reference", "torch"),
+    "joint": ("reference", "torch", "cpu"),
 }
+# ... and those that differentiate a Neighbors or Dense target's weights under joint normalisation
+# (the fused ops' weight gradients, backends/target_weight_grads.py, are the conditional rule)
+JOINT_WEIGHT_GRAD_BACKENDS: Tuple[str, ...] = ("reference", "torch")
 # the backends that build a symmetrised target (Affinity / Neighbors with symmetrize=True)
-SYMMETRIZED_TARGET_BACKENDS: Tuple[str, ...] = ("reference", "torch")
+SYMMETRIZED_TARGET_BACKENDS: Tuple[str, ...] = ("reference", "torch", "cpu")
 # ... and those that also differentiate a symmetrised target's own tensors (Affinity z and
 # parameters, Neighbors weights): the torch backend's column stream does not
 SYMMETRIZED_TARGET_GRAD_BACKENDS: Tuple[str, ...] = ("reference",)

@@ -218,6 +218,8 @@ class OpArgs(NamedTuple):
     beta: float
     exclude_self: bool
     divergence: int             # the op code of DIVERGENCE_CODES
+    normalization: str          # these kernels compute "conditional" only
+    symmetrize: bool            # ... and no symmetrised target
 
     @property
     def kl(self) -> bool:
@@ -235,6 +237,9 @@ def _computed_divergence(op: OpArgs) -> None:
     if op.divergence not in DIVERGENCE_CODES.values():
         raise ValueError(f"the triton backend computes {', '.join(DIVERGENCE_CODES)} only; divergence "
                          f"code {op.divergence} is not in its kernels")
+    if op.normalization != "conditional" or op.symmetrize:
+        raise ValueError("the triton kernels compute conditional normalisation without symmetrize, got "
+                         f"normalization={op.normalization!r}, symmetrize={op.symmetrize}")
 
 
 class BackwardArgs(NamedTuple):

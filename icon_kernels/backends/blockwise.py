@@ -71,6 +71,8 @@ class Problem(NamedTuple):
     beta: float
     exclude_self: bool
     divergence: int             # the op code of families.DIVERGENCES
+    normalization: str          # "conditional" here: joint normalisation runs on column_stream.py
+    symmetrize: bool            # False here: a symmetrised target too
 
     @property
     def kl(self) -> bool:
@@ -96,6 +98,10 @@ class Problem(NamedTuple):
 def cast_args(args) -> Problem:
     problem = Problem(*args)
     divergence_by_code(problem.divergence)      # an unknown code raises, never computes another
+    if problem.normalization != "conditional" or problem.symmetrize:
+        raise ValueError("the torch backend's op computes conditional normalisation without symmetrize "
+                         "(joint normalisation and symmetrised targets run on its column stream), got "
+                         f"normalization={problem.normalization!r}, symmetrize={problem.symmetrize}")
     acc = tile_math.accumulation_dtype(problem.x.dtype)
     to_acc = lambda t: None if t is None else t.to(acc)
     return problem._replace(x=to_acc(problem.x), y=to_acc(problem.y), param=to_acc(problem.param),

@@ -8,7 +8,7 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from ..families import (DIVERGENCES, NORMALIZATIONS, SYMMETRIZED_TARGET_BACKENDS,
+from ..families import (DIVERGENCES, JOINT_WEIGHT_GRAD_BACKENDS, NORMALIZATIONS, SYMMETRIZED_TARGET_BACKENDS,
                         SYMMETRIZED_TARGET_GRAD_BACKENDS)
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
@@ -67,10 +67,19 @@ def target_arguments(target) -> TargetArguments:
 
 
 def op_arguments(problem: Problem):
-    """The forward op's flat arguments (ops.ARGS order) of a checked problem."""
+    """The forward op's flat arguments (ops.ARGS order) of a checked problem. A symmetrised
+    Neighbors target goes to the op as the plain Neighbors target it is (its rows' entries
+    (j, p_{j|i} / 2) and (j, p_{i|j} / 2), padded to the longest row): only an Affinity target
+    reaches the op with symmetrize=True."""
     x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
-    return (x, y, param, kernel, *target_arguments(problem.target), problem.alpha, problem.beta,
-            problem.exclude_self, DIVERGENCES[problem.divergence].code)
+    t = target_arguments(problem.target)
+    symmetrize = bool(getattr(problem.target, "symmetrize", False))
+    if symmetrize and t.target == "neighbors":
+        index, weight = neighbor_pairs.padded_symmetric_neighbors(
+            t.nbr_index, t.nbr_weight, x.shape[0], problem.exclude_self, accumulation_dtype(x.dtype))
+        t, symmetrize = t._replace(nbr_index=index, nbr_weight=weight), False
+    return (x, y, param, kernel, *t, problem.alpha, problem.beta, problem.exclude_self,
+            DIVERGENCES[problem.divergence].code, problem.normalization, symmetrize)
 
 
 def computing_backends(problem: Problem, backend: str):
@@ -84,9 +93,17 @@ def computing_backends(problem: Problem, backend: str):
                for t in adapter_for(problem.target).grad_tensors(problem.target).values()):
             needs.append((SYMMETRIZED_TARGET_GRAD_BACKENDS,
                           "the gradient of a target with symmetrize=True (its z, parameters or weights)"))
+    if problem.normalization == "joint" and _weights_need_grad(problem.target):
+        needs.append((JOINT_WEIGHT_GRAD_BACKENDS,
+                      "the gradient of a Neighbors or Dense target's weights under joint normalisation"))
     only = tuple(name for name in registry.ALL_BACKENDS if all(name in allowed for allowed, _ in needs))
     what = next((label for allowed, label in needs if backend not in allowed), "this problem")
     return only, what
+
+
+def _weights_need_grad(target) -> bool:
+    weights = adapter_for(target).weight_tensor(target)
+    return weights is not None and weights.requires_grad and torch.is_grad_enabled()
 
 
 def row_losses(problem: Problem, backend: str):

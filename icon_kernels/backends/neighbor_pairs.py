@@ -123,3 +123,19 @@ def symmetric_neighbors(index: torch.Tensor, weight, n: int, exclude_self: bool,
     row_ptr = torch.zeros(n + 1, dtype=torch.long, device=index.device)
     row_ptr[1:] = torch.cumsum(torch.bincount(src, minlength=n), 0)
     return row_ptr, dst, val
+
+
+def padded_symmetric_neighbors(index: torch.Tensor, weight, n: int, exclude_self: bool, dtype: torch.dtype):
+    """symmetric_neighbors as a plain Neighbors target: (index [n, k], weight [n, k]) with k the
+    longest row's entry count, -1 (weight 0) padding the shorter rows. The fused ops read it as
+    any Neighbors target: repeated (i, j) entries add up, so its rows are the symmetrised ones."""
+    row_ptr, column, value = symmetric_neighbors(index, weight, n, exclude_self, dtype)
+    counts = row_ptr[1:] - row_ptr[:-1]
+    width = int(counts.max()) if n > 0 else 0
+    rows = torch.repeat_interleave(torch.arange(n, device=index.device), counts)
+    slot = torch.arange(column.numel(), device=index.device) - row_ptr[rows]
+    padded_index = torch.full((n, width), -1, dtype=torch.long, device=index.device)
+    padded_weight = torch.zeros((n, width), dtype=dtype, device=index.device)
+    padded_index[rows, slot] = column
+    padded_weight[rows, slot] = value
+    return padded_index, padded_weight

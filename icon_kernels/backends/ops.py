@@ -6,6 +6,11 @@ them their fake (meta) implementations and one shared autograd rule, so a new ba
 Triton or CUDA kernels) only supplies the two compute functions, in Python or via
 ``TORCH_LIBRARY_IMPL``, and the public API does not change.
 
+``normalization`` is "conditional" or "joint" (DESIGN.md §1.2) and ``symmetrize`` says an Affinity
+target is symmetrised; only the backends that families.NORMALIZATIONS and
+SYMMETRIZED_TARGET_BACKENDS list for them take anything but ("conditional", False); the others
+refuse it. Under joint normalisation a row's loss is its contribution to the one divergence.
+
 forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp64) where the
 statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see blockwise.py.
 For other targets a backend may keep its own data in rows 2-3 (the Triton forward keeps the
@@ -26,12 +31,12 @@ from .tile_math import accumulation_dtype
 ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_labels, "
         "Tensor? col_labels, Tensor? nbr_index, Tensor? nbr_weight, Tensor? z, Tensor? z_cols, "
         "Tensor? t_param, str t_kernel, Tensor? dense_p, float alpha, float beta, "
-        "bool exclude_self, int divergence")
+        "bool exclude_self, int divergence, str normalization, bool symmetrize")
 FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad, "
                    "bool need_param_grad)"
                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-N_ARGS = 18          # arguments of the forward schema
+N_ARGS = 20          # arguments of the forward schema
 NBR_WEIGHT, Z, Z_COLS, T_PARAM, DENSE_P = 8, 9, 10, 11, 13
 
 _FORWARD_OPS: Dict[str, object] = {}
