@@ -96,6 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
             pb.log_p_mode(), nullptr, nullptr);
         const bool inc = tg.has && pb.m_valid > 0;
         loss_p[i] = inc ? T(f.loss) : T(0);
+        if (pb.joint && std::isnan(gr.log_z)) loss_p[i] = gr.log_z;   // NaN logits: NaN, even without p
         inc_p[i] = inc;
         // the statistics rows of ops.py: LSE (log Z under joint normalisation); R (KL and
         // cross-entropy with beta > 0; f.gamma is -R there) or an f-divergence's Gamma (joint:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import icon_kernels as ik
-from icon_kernels.backends import blockwise, dispatch
+from icon_kernels.backends import blockwise, dispatch, registry
 from icon_kernels.distributed import rank_agreement
 from icon_kernels.validation import LOSS_OPTIONS, check_arguments
 
@@ -146,8 +146,10 @@ def _close(got, want):
 # ---- joint loss and gradients against the dense formula ------------------------------------
 
 KINDS = ["labels", "neighbors", "dense", "affinity"]
-# the dense reference and the torch backend's column stream (backends/column_stream.py)
-BACKENDS = ["reference", "torch"]
+# the dense reference, the torch backend's column stream (backends/column_stream.py) and the
+# fused C++ kernel (csrc/cpu_global_rows.h)
+BACKENDS = ["reference", "torch", "cpu"]
+FUSED = ["torch", "cpu"]        # the backends that do not differentiate a symmetrised target's tensors
 CASES = [  # (kind, symmetrize)
     *((k, False) for k in KINDS), ("neighbors", True), ("affinity", True)]
 
@@ -161,9 +163,9 @@ CASES = [  # (kind, symmetrize)
 def test_joint_loss_and_gradients_equal_the_dense_formula(kind, symmetrize, divergence, alpha, beta, backend):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kind} {symmetrize} {divergence}".encode()))
     x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
-    # the torch backend does not differentiate a symmetrised target's own tensors ("auto" takes
-    # the reference there; test_symmetrised_target_gradients_need_the_reference)
-    z_grad = kind == "affinity" and not (symmetrize and backend == "torch")
+    # the torch and cpu backends do not differentiate a symmetrised target's own tensors ("auto"
+    # takes the reference there; test_symmetrised_target_gradients_need_the_reference)
+    z_grad = kind == "affinity" and not (symmetrize and backend in FUSED)
     spec = _spec(kind, gen, z_grad=z_grad)
     leaves = [x] + ([spec["z"]] if z_grad else [])
     got = ik.icon_loss(x, target=_target(kind, spec, symmetrize), kernel="student_t", dof=1.5,
@@ -281,16 +283,18 @@ def test_nan_in_x_gives_nan(backend):
         assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("divergence", ["kl", "tv"])
-def test_a_row_whose_logits_all_overflow_gives_what_the_oracle_gives(divergence):
+def test_a_row_whose_logits_all_overflow_gives_what_the_oracle_gives(divergence, backend):
     # a student_t distance of 1e400 makes every logit of row 1 -inf: its conditional log_softmax
     # is NaN; under joint normalisation log Z stays finite and row 1's q is 0 (kl: +inf)
     x = torch.randn(5, 3, dtype=torch.float64)
     x[1, 0] = 1e200
     z = torch.randn(5, 2, dtype=torch.float64)
     for normalization in ("conditional", "joint"):
-        want, got = (ik.icon_loss(x, target=ik.Affinity(z, symmetrize=True), kernel="student_t", backend=backend,
-                                  divergence=divergence, normalization=normalization) for backend in BACKENDS)
+        want, got = (ik.icon_loss(x, target=ik.Affinity(z, symmetrize=True), kernel="student_t", backend=name,
+                                  divergence=divergence, normalization=normalization)
+                     for name in ("reference", backend))
         if normalization == "conditional":
             assert torch.isnan(want)
         torch.testing.assert_close(got, want, equal_nan=True, rtol=RTOL, atol=0)
@@ -336,7 +340,8 @@ def test_symmetrised_affinity_keeps_exact_logs_where_p_underflows(backend):
 @pytest.mark.parametrize("divergence,beta", [("kl", 0.0), ("kl", 0.2), ("cross_entropy", 0.0), ("js", 0.1),
                                              ("chi2", 0.0)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_joint_rows_with_any_upstream_gradient(kind, divergence, beta):
+@pytest.mark.parametrize("backend", FUSED)
+def test_joint_rows_with_any_upstream_gradient(kind, divergence, beta, backend):
     # reduction="none" with upstream gradients that differ per row: s_ij moves every row's
     # contribution through Z, so dL/ds_ij = g_i a_ij - q_ij sum_k g_k c_k (column_blocks.joint_centres);
     # with per-row kernel parameters (no row constant cancels in their chain) and the target
@@ -346,10 +351,13 @@ def test_torch_joint_rows_with_any_upstream_gradient(kind, divergence, beta):
     sigma = (torch.rand(N, generator=gen, dtype=torch.float64) + 0.6).requires_grad_(True)
     spec = _spec(kind, gen, z_grad=kind == "affinity")
     weights_key = {"neighbors": "weights", "dense": "p", "affinity": "z"}.get(kind)
-    leaves = [x, sigma] + ([spec[weights_key].requires_grad_(True)] if weights_key else [])
+    # the cpu kernel does not differentiate target weights under joint normalisation
+    # (test_joint_weight_gradients_take_the_torch_backend)
+    weights_grad = weights_key is not None and (backend == "torch" or kind == "affinity")
+    leaves = [x, sigma] + ([spec[weights_key].requires_grad_(True)] if weights_grad else [])
     upstream = torch.randn(N, generator=gen, dtype=torch.float64)
     got = ik.icon_loss(x, target=_target(kind, spec), kernel="gaussian", sigma=sigma, normalization="joint",
-                       divergence=divergence, beta=beta, reduction="none", backend="torch")
+                       divergence=divergence, beta=beta, reduction="none", backend=backend)
     want = dense_joint_rows(x, kind, spec, kernel="gaussian", param=sigma[:, None], beta=beta,
                             divergence=divergence)
     _close(got, want)
@@ -357,7 +365,8 @@ def test_torch_joint_rows_with_any_upstream_gradient(kind, divergence, beta):
         _close(g, w)
 
 
-def test_gradcheck_torch_joint():
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradcheck_fused_joint(backend):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(6, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     z = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -367,18 +376,23 @@ def test_gradcheck_torch_joint():
 
     def affinity(x, z, dof):
         return ik.icon_loss(x, target=ik.Affinity(z, sigma=0.9), kernel="student_t", dof=dof,
-                            normalization="joint", divergence="js", backend="torch", beta=0.1)
+                            normalization="joint", divergence="js", backend=backend, beta=0.1)
 
     def neighbors(x, weights):
         return ik.icon_loss(x, target=ik.Neighbors(idx, weights), kernel="gaussian", normalization="joint",
-                            backend="torch", alpha=0.2, reduction="none")
+                            backend=backend, alpha=0.2, reduction="none")
 
     def symmetrised(x, dof):
         return ik.icon_loss(x, target=ik.Affinity(z.detach(), sigma=0.9, symmetrize=True), kernel="student_t",
-                            dof=dof, normalization="joint", backend="torch")
+                            dof=dof, normalization="joint", backend=backend)
+
+    def symmetrised_neighbors(x, dof):
+        return ik.icon_loss(x, target=ik.Neighbors(idx, weights.detach(), symmetrize=True), kernel="student_t",
+                            dof=dof, normalization="joint", backend=backend, divergence="tv", alpha=0.1)
     assert torch.autograd.gradcheck(affinity, (x, z, dof))
-    assert torch.autograd.gradcheck(neighbors, (x, weights))
+    assert torch.autograd.gradcheck(neighbors, (x, weights if backend == "torch" else weights.detach()))
     assert torch.autograd.gradcheck(symmetrised, (x, dof))
+    assert torch.autograd.gradcheck(symmetrised_neighbors, (x, dof))
 
 
 def test_symmetrised_target_gradients_need_the_reference():
@@ -405,19 +419,34 @@ def _problem(**options):
                            **{**LOSS_OPTIONS, **options})
 
 
-def test_auto_picks_the_torch_backend_and_fused_backends_raise():
+def test_auto_picks_the_cpu_kernel_and_gpu_backends_raise():
     only, _ = dispatch.computing_backends(_problem(normalization="joint"), "auto")
-    assert only == ("reference", "torch")
+    assert only == ("reference", "torch", "cpu")
     sym = ik.Affinity(torch.randn(4, 3, dtype=torch.float64), symmetrize=True)
-    assert dispatch.computing_backends(_problem(target=sym), "auto")[0] == ("reference", "torch")
-    assert "cpu" in dispatch.computing_backends(_problem(), "auto")[0]
+    assert dispatch.computing_backends(_problem(target=sym), "auto")[0] == ("reference", "torch", "cpu")
     x = torch.randn(4, 2, dtype=torch.float64)
     labels = ik.Labels(torch.arange(4) // 2)
-    for backend in ("cpu", "triton", "cuda"):
+    assert registry.resolve_backend("auto", x.device, only=only) == "cpu"
+    for backend in ("triton", "cuda"):
         with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute joint normalisation yet"):
             ik.icon_loss(x, target=labels, normalization="joint", backend=backend)
         with pytest.raises(ValueError, match=rf"backend '{backend}' does not compute a target with symmetrize"):
             ik.icon_loss(x, target=sym, backend=backend)
+
+
+def test_joint_weight_gradients_take_the_torch_backend():
+    # the fused ops' weight gradients are the conditional rule (backends/target_weight_grads.py):
+    # under joint normalisation a Neighbors or Dense target whose weights need a gradient runs
+    # on the column stream or the reference
+    x = torch.randn(4, 2, dtype=torch.float64)
+    weights = torch.rand(4, 4, dtype=torch.float64, requires_grad=True)
+    assert dispatch.computing_backends(_problem(target=ik.Dense(weights), normalization="joint"), "auto")[0] == \
+        ("reference", "torch")
+    assert "cpu" in dispatch.computing_backends(_problem(target=ik.Dense(weights.detach()),
+                                                         normalization="joint"), "auto")[0]
+    with pytest.raises(ValueError, match="backend 'cpu' does not compute the gradient of a Neighbors or Dense "
+                                         "target's weights under joint normalisation"):
+        ik.icon_loss(x, target=ik.Dense(weights), normalization="joint", backend="cpu")
 
 
 def test_unknown_normalization_names_it_and_lists_the_valid_ones():
@@ -517,8 +546,8 @@ def test_joint_tsne_bad_arguments():
         ik.JointTSNE(5.0, dof=0.0)
     with pytest.raises(ValueError, match="perplexity"):
         ik.JointTSNE(30.0)(torch.randn(6, 2), torch.randn(6, 3))
-    with pytest.raises(ValueError, match="does not compute joint normalisation"):
-        ik.JointTSNE(3.0, backend="cpu")(torch.randn(6, 2), torch.randn(6, 3))
+    with pytest.raises(ValueError, match="backend 'triton' does not compute joint normalisation"):
+        ik.JointTSNE(3.0, backend="triton")(torch.randn(6, 2), torch.randn(6, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
