@@ -31,7 +31,7 @@ enum Normalization : int { kConditional = 0, kJoint = 1 };
 inline int normalization_code(c10::string_view n) {
   if (n == "conditional") return kConditional;
   if (n == "joint") return kJoint;
-  TORCH_CHECK(false, "unknown normalization ", n, " (known: conditional, joint)");
+  TORCH_CHECK(false, "normalization must be conditional or joint, got ", n);
 }
 
 }  // namespace icon

@@ -120,3 +120,39 @@ def test_the_kernels_run_the_path_the_query_names(kernel):
             assert counts[pass_] == expected, f"{target} {divergence} alpha={alpha} beta={beta} {pass_}"
         checked += 1
     assert checked == len(TARGETS) * len(DIVERGENCES) * len(ALPHAS) * len(BETAS) - 2 * len(BETAS)
+
+
+@pytest.mark.parametrize("kernel,target,divergence,alpha,beta", COMBINATIONS)
+def test_joint_and_symmetrised_rows_are_family_rows(kernel, target, divergence, alpha, beta):
+    """Joint normalisation and a symmetrised target need statistics of every row (DESIGN.md §1.2,
+    csrc/cpu_global_rows.h): only the family rows take them, with the log p of the target."""
+    from icon_kernels import _C
+    code = families.DIVERGENCES[divergence].code
+    want = _expected("student_t", target, divergence, alpha, beta).replace("student_t", kernel, 1)
+    assert _C.cpu_row_path(kernel, target, code, alpha, beta, "joint") == want
+    if target == "affinity":
+        assert _C.cpu_row_path(kernel, target, code, alpha, beta, "conditional", True) == want
+    with pytest.raises(ValueError, match="normalization"):
+        _C.cpu_row_path(kernel, target, code, alpha, beta, "global")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_joint_and_symmetrised_runs_count_family_rows(kernel):
+    """Every row of a joint or symmetrised problem runs the family rows, forward and backward,
+    also where the conditional problem takes a label path (Labels with dot or gaussian)."""
+    from icon_kernels import _C
+    gen = torch.Generator().manual_seed(6)
+    _C.cpu_row_path_counts()                                     # reset
+    runs = [(t, "joint", False) for t in TARGETS] + [("affinity", "conditional", True), ("affinity", "joint", True)]
+    for target, normalization, symmetrize in runs:
+        tgt = _target(target, gen)
+        if symmetrize:
+            tgt = ik.Affinity(tgt.z, kernel="gaussian", symmetrize=True)
+        x = _features(kernel, gen)
+        loss = ik.icon_loss(x, target=tgt, kernel=kernel, normalization=normalization, backend="cpu",
+                            **PARAMS[kernel])
+        loss.backward()
+        counts = _C.cpu_row_path_counts()
+        for pass_ in ("forward", "backward"):
+            expected = {path: (N_ROWS if path == "family_rows" else 0) for path in counts[pass_]}
+            assert counts[pass_] == expected, f"{target} {normalization} symmetrize={symmetrize} {pass_}"

@@ -25,6 +25,10 @@ FUSED = [name for name in ("torch", "cpu", "triton", "cuda")
 # its own fp32 entries below ("Triton")
 FLOAT64 = [name for name in FUSED if name != "triton"]
 
+from icon_kernels.backends.blockwise import Problem as _OpArguments  # noqa: E402
+
+DIVERGENCE_SLOT = _OpArguments._fields.index("divergence")   # in the op's flat arguments
+
 
 def test_the_table_says_torch_cpu_triton_and_cuda():
     assert FUSED == ["torch", "cpu", "triton", "cuda"]
@@ -293,7 +297,7 @@ def test_the_triton_op_refuses_an_unknown_divergence_code():
     problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
                               reduction="mean", weight=None, **LOSS_OPTIONS)
     args = list(op_arguments(problem))
-    args[-1] = 7
+    args[DIVERGENCE_SLOT] = 7
     with pytest.raises(ValueError, match="triton backend computes kl, cross_entropy, reverse_kl, tv, "
                                          "hellinger, js, chi2 only; divergence code 7"):
         launchers.forward(*args)
@@ -309,7 +313,7 @@ def test_the_triton_kernels_reject_an_unlisted_divergence_code(backend, monkeypa
     problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
                               reduction="mean", weight=None, **{**LOSS_OPTIONS, "alpha": 0.1})
     args = list(op_arguments(problem))
-    args[-1] = 9
+    args[DIVERGENCE_SLOT] = 9
     with pytest.raises(Exception, match="unknown divergence code"):
         launchers.forward(*args)
 
@@ -319,7 +323,7 @@ def test_an_unknown_divergence_code_is_refused_by_the_ops():
     problem = check_arguments(x, None, target=ik.Labels(torch.arange(5) % 2), exclude_self=None,
                               reduction="mean", weight=None, **LOSS_OPTIONS)
     args = list(op_arguments(problem))
-    args[-1] = 99
+    args[DIVERGENCE_SLOT] = 99
     with pytest.raises(ValueError, match="unknown divergence code 99"):
         forward_op("torch")(*args)
     if "cpu" in ik.available_backends():

@@ -80,12 +80,12 @@ def test_validation_and_the_public_docs_read_the_table():
 
 
 def _op_args(kernel, n=6, d=3):
-    """The forward op's 18 arguments for a small Labels problem with ``kernel``."""
+    """The forward op's 20 arguments for a small Labels problem with ``kernel``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     labels = torch.arange(n) // 2
     return (x, x, torch.ones(n), kernel, "labels", labels, labels, None, None, None, None, None,
-            "gaussian", None, 0.0, 0.0, True, 0)
+            "gaussian", None, 0.0, 0.0, True, 0, "conditional", False)
 
 
 PLANTED = "planted"          # a kernel name the backends were never taught

@@ -626,7 +626,8 @@ def _naive_joint_tsne(x, z, dof, sigma):
     return torch.where(eye, 0.0, p * (torch.log(torch.where(eye, 1.0, p)) - log_q)).sum()
 
 
-def test_torch_joint_fp32_error_within_twice_pytorchs_own(monkeypatch):
+@pytest.mark.parametrize("backend", FUSED)
+def test_joint_fp32_error_within_twice_pytorchs_own(monkeypatch, backend):
     # fp32 against float64, several row chunks: the loss, dx and d/d(dof) of the column stream
     # within 2x the error of the naive fp32 formula, PyTorch's own error taken as its mean over
     # four problems: on one problem it swings 30x with how log Z ~ log N^2 happens to round in
@@ -636,11 +637,12 @@ def test_torch_joint_fp32_error_within_twice_pytorchs_own(monkeypatch):
     # 2026-12-02 VM dropping the low part changed none of these errors, so this test does not
     # pin the split down.)
     monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", str(1 << 16))     # the cpu kernel's row chunks
     n = 1500
 
     def fused(x, z, dof):
         return ik.icon_loss(x, target=ik.Affinity(z, sigma=3.0, symmetrize=True), kernel="student_t", dof=dof,
-                            normalization="joint", backend="torch")
+                            normalization="joint", backend=backend)
 
     def run(fn, x64, z64, dtype):
         x = x64.to(dtype).requires_grad_(True)

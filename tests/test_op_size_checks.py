@@ -25,7 +25,7 @@ def _valid(target, device="cpu"):
     args = dict(x=t(N, D), y=t(M, D), param=torch.tensor(0.5, dtype=torch.float64), kernel="gaussian",
                 target=target, row_labels=None, col_labels=None, nbr_index=None, nbr_weight=None, z=None,
                 z_cols=None, t_param=None, t_kernel="dot", dense_p=None, alpha=0.1, beta=0.2,
-                exclude_self=False, divergence=0)
+                exclude_self=False, divergence=0, normalization="conditional", symmetrize=False)
     if target == "labels":
         args.update(row_labels=torch.randint(0, 3, (N,), generator=g), col_labels=torch.randint(0, 3, (M,), generator=g))
     elif target == "neighbors":
@@ -66,6 +66,10 @@ FORWARD_CASES = [
     ("dense-missing", "dense", "dense_p", lambda a: None),
     ("dense-few-cols", "dense", "dense_p", lambda a: a["dense_p"][:, :-1]),
     ("dense-few-rows", "dense", "dense_p", lambda a: a["dense_p"][:-1]),
+    ("normalization-unknown", "labels", "normalization", lambda a: "global"),
+    # the columns of a symmetrised target are its rows: an Affinity target on a square problem
+    ("symmetrize-labels", "labels", "symmetrize", lambda a: True),
+    ("symmetrize-rectangular", "affinity", "symmetrize", lambda a: True),
 ]
 
 

@@ -88,3 +88,43 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         results.append((loss.detach(), xi.grad, ti.grad))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def _global_problem(target_kind, normalization, symmetrize, requires_grad):
+    """Op arguments of a square problem under joint normalisation or with a symmetrised target."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 10, 4
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+    z = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    targets = {
+        "labels": ik.Labels(torch.randint(0, 3, (n,), generator=g)),
+        "neighbors": ik.Neighbors(torch.randint(-1, n, (n, 3), generator=g), symmetrize=symmetrize),
+        "affinity": ik.Affinity(z if symmetrize else z.requires_grad_(requires_grad),
+                                sigma=torch.rand(n, generator=g, dtype=torch.float64) + 0.8, symmetrize=symmetrize),
+        "dense": ik.Dense(torch.rand(n, n, generator=g, dtype=torch.float64)),
+    }
+    pb = check_arguments(x, None, target=targets[target_kind], kernel="student_t", temperature=1.0, sigma=1.0,
+                         dof=torch.tensor(1.5, dtype=torch.float64, requires_grad=requires_grad), exponent=1.0,
+                         alpha=0.1, beta=0.0, exclude_self=None, divergence="js", reduction="mean", weight=None,
+                         normalization=normalization)
+    return op_arguments(pb)
+
+
+GLOBAL_CASES = [("labels", "joint", False), ("neighbors", "joint", False), ("dense", "joint", False),
+                ("affinity", "joint", False), ("affinity", "joint", True), ("affinity", "conditional", True),
+                ("neighbors", "conditional", True)]
+
+
+@pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("target_kind,normalization,symmetrize", GLOBAL_CASES)
+def test_opcheck_cpu_joint_and_symmetrised(target_kind, normalization, symmetrize):
+    """The cpu op's joint normalisation and symmetrised targets (csrc/cpu_global_rows.h): forward
+    with its autograd rule, and the backward op."""
+    args = _global_problem(target_kind, normalization, symmetrize, requires_grad=True)
+    torch.library.opcheck(forward_op("cpu"), args)
+    plain = _global_problem(target_kind, normalization, symmetrize, requires_grad=False)
+    _, valid, stats = forward_op("cpu")(*plain)
+    grad_rows = torch.linspace(-1, 1, plain[0].shape[0], dtype=torch.float64)
+    need_target = target_kind == "affinity" and not symmetrize
+    torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default,
+                          (grad_rows, *plain, valid, stats, need_target, True))
