@@ -150,8 +150,8 @@ CONFIGS: Dict[str, Config] = {
     "jointtsne": Config("jointtsne", "t-SNE, joint (van der Maaten): symmetrised Affinity(gaussian, sigma 4), "
                         "student_t (dof 1), normalization='joint' (ik.JointTSNE's objective at one sigma)",
                         "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs, _jointtsne_loss,
-                        fused_missing="the cpu, triton and cuda kernels do not compute joint normalisation yet",
-                        fused_running=("torch",), target_grams=("z",)),
+                        fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
+                        fused_running=("torch", "cpu"), target_grams=("z",)),
 }
 
 

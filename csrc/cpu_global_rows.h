@@ -33,6 +33,30 @@ struct GlobalRows {
   std::vector<double> q_mass;
 };
 
+// log Z = logsumexp of the row LSEs: NaN if one is, -inf without a valid pair.
+inline double log_sum_exp(const std::vector<double>& lse) {
+  double top = -std::numeric_limits<double>::infinity();
+  bool nan = false;
+  for (double v : lse) {
+    nan |= std::isnan(v);
+    top = v > top ? v : top;
+  }
+  if (nan) return std::numeric_limits<double>::quiet_NaN();
+  if (!std::isfinite(top)) return top;
+  double se = 0;
+  for (double v : lse) se += std::exp(v - top);
+  return top + std::log(se);
+}
+
+// Each row's share of q, e^{LSE_i - log Z}, with the T-rounded log Z its q take.
+template <typename T>
+std::vector<double> q_masses(const std::vector<double>& lse, T log_z) {
+  std::vector<double> out(lse.size());
+  for (size_t i = 0; i < lse.size(); ++i)
+    out[i] = lse[i] == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(lse[i] - double(log_z));
+  return out;
+}
+
 // The statistics of pass 1. The forward computes them (stats == nullptr); the backward reads
 // log Z and LSE^p from its forward's stats rows 0 and 2 and recounts the target's total (O(N k)
 // for Neighbors, one pass over labels or p for Labels and Dense: no Gram).
@@ -41,14 +65,15 @@ GlobalRows<T> global_rows(const Problem<T>& pb, const T* stats) {
   GlobalRows<T> gr;
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   const bool affinity = pb.target == kAffinity;
-  const bool lse_pass = pb.joint && stats == nullptr;
+  const bool lse_pass = pb.joint && stats == nullptr && !pb.defers_log_z();
   std::vector<double> lse(lse_pass ? n : 0), mass(pb.joint && !affinity ? n : 0);
   if (affinity) gr.lse_p.resize(n);
   if (stats != nullptr) {
     gr.log_z = stats[0];
     if (affinity) std::copy(stats + 2 * n, stats + 3 * n, gr.lse_p.begin());
   }
-  const bool target_gram = affinity && stats == nullptr;
+  // a plain Affinity row's p(j|i) is its own; a symmetrised one needs every row's LSE^p
+  const bool target_gram = pb.symmetrize && stats == nullptr;
   if (lse_pass || target_gram || !mass.empty()) {
     at::Tensor s_buf = lse_pass ? tile_buffer(pb) : at::Tensor();
     at::Tensor t_buf = target_gram ? tile_buffer(pb) : at::Tensor();
@@ -81,25 +106,9 @@ GlobalRows<T> global_rows(const Problem<T>& pb, const T* stats) {
       });
     }
   }
-  if (lse_pass) {   // log Z = logsumexp over the rows: NaN if a row's LSE is, -inf without a valid pair
-    double top = -std::numeric_limits<double>::infinity();
-    bool nan = false;
-    for (double v : lse) {
-      nan |= std::isnan(v);
-      top = v > top ? v : top;
-    }
-    double log_z = top;
-    if (nan) {
-      log_z = std::numeric_limits<double>::quiet_NaN();
-    } else if (std::isfinite(top)) {
-      double se = 0;
-      for (double v : lse) se += std::exp(v - top);
-      log_z = top + std::log(se);
-    }
-    gr.log_z = T(log_z);
-    gr.q_mass.resize(n);
-    for (int64_t i = 0; i < n; ++i) gr.q_mass[i] = lse[i] == -std::numeric_limits<double>::infinity()
-        ? 0.0 : std::exp(lse[i] - double(gr.log_z));
+  if (lse_pass) {
+    gr.log_z = T(log_sum_exp(lse));
+    gr.q_mass = q_masses(lse, gr.log_z);
   }
   if (!mass.empty()) {
     double total = 0;
@@ -122,6 +131,15 @@ inline void column_logits(int kernel, const T* prm, const T* ab, T* s, const T* 
       s[j] = k.logit(k.aux(ab[j], a_sq, b_sq[j]));
     }
   });
+}
+
+// lp[j] = (p_{j|i} + p_{i|j}) / 2 over j != self (0 at self), two exps and no log: the rows that
+// read p only (symmetric_log_p's arguments).
+template <typename T>
+inline void symmetric_p(const T* t, T lse_i, T* lp, const T* lse_p, int64_t self, int64_t m) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) lp[j] = T(0.5) * (vexp(t[j] - lse_i) + vexp(lp[j] - lse_p[j]));
+  if (self >= 0) lp[self] = T(0);
 }
 
 // lp[j] = log((p_{j|i} + p_{i|j}) / 2) over j != self (-inf at self), exact where either p
@@ -155,10 +173,11 @@ struct TargetRow {
 // Row i's target under the problem's normalisation into p. ab: an Affinity row's Gram entries
 // z_i . z_cols, read before t_out is written (t_out may be ab); lp: m values of scratch for a
 // symmetrised row; saved_lse_p: the row's LSE^p when its forward saved it (nullptr: from gr, or
-// computed here).
+// computed here). need_log_p: whether f_row reads log p (a symmetrised row without it has no
+// t, and takes no log per pair).
 template <typename T>
 TargetRow<T> family_target_row(const Problem<T>& pb, const GlobalRows<T>& gr, int64_t i, const T* ab, T* t_out,
-                               T* lp, T* p, const T* saved_lse_p) {
+                               T* lp, T* p, const T* saved_lse_p, bool need_log_p = true) {
   const int64_t m = pb.m, self = pb.exclude_self ? i : -1;
   TargetRow<T> out;
   if (pb.target != kAffinity) {
@@ -175,24 +194,38 @@ TargetRow<T> family_target_row(const Problem<T>& pb, const GlobalRows<T>& gr, in
   if (pb.symmetrize) {
     column_logits<T>(pb.t_kernel, t_prm, ab, lp, zc_sq, z_sq, m);
     row_logits<T>(pb.t_kernel, t_prm[i], ab, t_out, zc_sq, z_sq, m);
-    symmetric_log_p<T>(t_out, gr.lse_p[i], lp, gr.lse_p.data(), self, m);
-    // divided by the row's symmetrised mass (conditional) or the number of rows (joint)
+    // p (or log p) before dividing by the row's symmetrised mass (conditional) or the number of
+    // rows (joint)
+    if (need_log_p) symmetric_log_p<T>(t_out, gr.lse_p[i], lp, gr.lse_p.data(), self, m);
+    else symmetric_p<T>(t_out, gr.lse_p[i], lp, gr.lse_p.data(), self, m);
     double log_scale = std::log(double(pb.n));
     if (!pb.joint) {
       double mass = 0;
       for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
         const int64_t j1 = std::min(m, j0 + kSumBlock);
         T bm = 0;
+        if (need_log_p) {
 #pragma omp simd reduction(+ : bm)
-        for (int64_t j = j0; j < j1; ++j) bm += vexp(lp[j]);
+          for (int64_t j = j0; j < j1; ++j) bm += vexp(lp[j]);
+        } else {
+#pragma omp simd reduction(+ : bm)
+          for (int64_t j = j0; j < j1; ++j) bm += lp[j];
+        }
         mass += bm;
       }
       log_scale = mass > 0 ? std::log(mass) : 0.0;
     }
-    const T shift = T(-log_scale);
+    if (need_log_p) {
+      const T shift = T(-log_scale);
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) p[j] = vexp(lp[j] + shift);
-    out.t = lp;
+      for (int64_t j = 0; j < m; ++j) p[j] = vexp(lp[j] + shift);
+      out.t = lp;
+    } else {
+      const T inv = T(std::exp(-log_scale));
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) p[j] = lp[j] * inv;
+      out.t = lp;   // p, not log p: a valid row that f_row's unread log p may load from
+    }
     out.log_total = log_scale;
     return out;
   }

@@ -41,6 +41,26 @@ namespace {
 
 using namespace cpu;
 
+// Joint forward KL or cross-entropy without beta (Problem::defers_log_z): the rows' losses under
+// their own LSE_i (0 where LSE_i = -inf) put under log Z, L_i += (log Z - LSE_i) sum_j p~_ij, and
+// the statistics the backward reads: log Z, Gamma_i = -sum_j p~ and the row's share of q.
+template <typename T>
+void put_under_log_z(const Problem<T>& pb, const std::vector<double>& row_lse, const std::vector<double>& row_loss,
+                     const std::vector<double>& p_mass, T* loss, const bool* included, T* st) {
+  const int64_t n = pb.n;
+  const double log_z = log_sum_exp(row_lse);
+  const T log_z_t = T(log_z);
+  const std::vector<double> q_mass = q_masses(row_lse, log_z_t);
+  for (int64_t i = 0; i < n; ++i) {
+    const double shift = double(finite_shift(T(row_lse[i])));
+    const double moved = p_mass[i] == 0 ? 0.0 : (log_z - shift) * p_mass[i];
+    loss[i] = std::isnan(log_z) ? T(log_z) : included[i] ? T(row_loss[i] + moved) : T(0);
+    st[i] = log_z_t;
+    st[n + i] = T(-p_mass[i]);
+    st[3 * n + i] = T(q_mass[i]);
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
@@ -56,6 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   const T* y_sq = pb.y_sq.template data_ptr<T>();
   // joint normalisation and a symmetrised target: pass 1 over every row first
   const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, nullptr) : GlobalRows<T>{};
+  // joint KL / cross-entropy without beta (Problem::defers_log_z): each row's LSE and loss under
+  // it, put under log Z after the sweep
+  const bool defer = pb.defers_log_z();
+  std::vector<double> row_lse(defer ? n : 0), row_loss(defer ? n : 0), row_p_mass(defer ? n : 0);
   at::Tensor s_buf = tile_buffer(pb), t_buf = pb.target == kAffinity ? tile_buffer(pb) : at::Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r1 = std::min(n, r0 + rows);
@@ -88,7 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
             TORCH_CHECK(false, "icon_kernels cpu_forward: unknown row path ", int(path));
         }
         ++tally.rows[kFamilyRows];
-        const T lse = pb.joint ? gr.log_z : simd_row_lse<T>(s, self, m);
+        T lse;
+        if (defer) {                     // the row's own LSE for now (0 when it is -inf: q = 0 there)
+          row_lse[i] = simd_row_lse_wide<T>(s, self, m);
+          lse = finite_shift(T(row_lse[i]));
+        } else {
+          lse = pb.joint ? gr.log_z : simd_row_lse<T>(s, self, m);
+        }
         T* tr = pb.target == kAffinity ? t_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
         const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, tr, lp.data(), p.data(), nullptr);
         const FRowSums f = f_row<T>(
@@ -98,6 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         loss_p[i] = inc ? T(f.loss) : T(0);
         if (pb.joint && std::isnan(gr.log_z)) loss_p[i] = gr.log_z;   // NaN logits: NaN, even without p
         inc_p[i] = inc;
+        if (defer) {
+          row_loss[i] = f.loss;
+          row_p_mass[i] = -f.gamma;     // sum_j p~ (forward KL's q g is -p~)
+        }
         // the statistics rows of ops.py: LSE (log Z under joint normalisation); R (KL and
         // cross-entropy with beta > 0; f.gamma is -R there) or an f-divergence's Gamma (joint:
         // every divergence's sum_j q g); LSE^p; H = sum_j p h (KL: p f' = p (h + 1)) or an
@@ -108,17 +142,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         if (pb.joint || pb.f_div) st[n + i] = T(f.gamma);
         else if (pb.beta > 0) st[n + i] = T(-f.gamma);
         if (pb.target == kAffinity) st[2 * n + i] = gr.lse_p.empty() ? tg.lse_p : gr.lse_p[i];   // symmetrised: row i's own
-        if (pb.joint) st[3 * n + i] = T(gr.q_mass[i]);
+        if (pb.joint && !defer) st[3 * n + i] = T(gr.q_mass[i]);   // (defer: put_under_log_z)
         else if (pb.target == kAffinity) st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
       }
       tally.add_to(0);
     });
   }
+  if (defer) put_under_log_z<T>(pb, row_lse, row_loss, row_p_mass, loss_p, inc_p, st);
   return {loss, included, stats};
 }
 
-template <typename T>
-T finite_shift(T v) { return v == -std::numeric_limits<T>::infinity() ? T(0) : v; }
 
 template <typename F>
 decltype(auto) with_bool(bool b, F&& f) {
@@ -143,6 +176,9 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // G = 0 wherever q = 0 for the f-divergences (learned_backward's Q_ZERO_GRAD)
   const bool q_zero_grad = pb.f_div;
   const bool renormalise_q = pb.f_div || pb.beta > 0;
+  // forward KL's and cross-entropy's dL/ds is q g = -p~ (times q / q~): log p only for the target's
+  // own gradient (p f')
+  const bool backward_reads_log_p = pb.f_div || target_grad;
   TORCH_CHECK(!(pb.symmetrize && target_grad),
               "icon_kernels cpu_backward: a symmetrised target's z and parameters have no gradient here");
   const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, st) : GlobalRows<T>{};
@@ -246,7 +282,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         const bool affinity = pb.target == kAffinity;
         const T tp = affinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
         const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, t_row.data(), lp.data(), p.data(),
-                                                     affinity ? &st[2 * n + i] : nullptr);
+                                                     affinity ? &st[2 * n + i] : nullptr, backward_reads_log_p);
         const FRowSums f = f_row<T>(
             pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), tg.t, tg.lse_p, tg.log_total, tg.label_divisor),
             pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());

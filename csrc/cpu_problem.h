@@ -34,6 +34,11 @@ inline int64_t tile_elements() {
   return v;
 }
 
+// A row normaliser as a shift: 0 for -inf (a row without valid columns, or whose logits are all
+// -inf), whose q are then 0 rather than NaN.
+template <typename T>
+T finite_shift(T v) { return v == -std::numeric_limits<T>::infinity() ? T(0) : v; }
+
 inline at::Tensor per_row(const at::Tensor& p, int64_t n, at::ScalarType acc) {
   return p.to(acc).expand({n}).contiguous();
 }
@@ -107,6 +112,10 @@ struct Problem {
   // the rows under joint normalisation or a symmetrised target take global statistics first
   // (cpu_global_rows.h), and only the family rows take them
   bool global() const { return joint || symmetrize; }
+  // joint forward KL or cross-entropy without beta: a row's loss is linear in log Z (its terms
+  // are p~ (log p~ - s + log Z)), so the forward takes each row's own LSE and adds
+  // (log Z - LSE_i) sum_j p~ once log Z is known, with no pass over the logits before
+  bool defers_log_z() const { return joint && (divergence == kKl || divergence == kCrossEntropy) && beta == T(0); }
   RowPath row_path() const {
     return choose_row_path(kernel, target, divergence, double(alpha), double(beta), global());
   }
