@@ -218,9 +218,10 @@ FAMILY_LOSSES = {
 }
 CONFIGS.update({name: Config(name, title, target, kernel, make, loss, target_grams=grams)
                 for name, (title, target, kernel, make, loss, grams) in FAMILY_LOSSES.items()})
-# issue 17's sweep: every family member and the divergences on t-SNE and InfoNCE, N = 4096, 8192
+# issue 17's sweep: every family member, the divergences on t-SNE and InfoNCE, and joint t-SNE,
+# N = 4096, 8192
 FAMILY = ("infonce", "supcon100", "infonce-debiased", "sne", "tsne", "tsimclr5", "knn-graph", "cluster",
-          "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")
+          "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "jointtsne")
 
 PROBE_CONFIG = "infonce"      # the configuration of the largest-N probe
 
