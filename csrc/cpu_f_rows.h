@@ -19,9 +19,11 @@
 namespace icon {
 
 // How a row's log p~ is formed: log of p~ per pair; exact, t[j] + log_p_shift (an Affinity target
-// with alpha = 0, finite where p underflows); or two-level, log_pos where p != 0 and log_zero
-// elsewhere (a Labels row, whose positives share p = 1/K: no log per pair).
-enum LogP : int { kLogOfP = 0, kExactLogP = 1, kTwoLevelLogP = 2 };
+// with alpha = 0, finite where p underflows); two-level, log_pos where p != 0 and log_zero
+// elsewhere (a Labels row, whose positives share p = 1/K: no log per pair); or sparse, t[j] read
+// from a row of log p~ that the target wrote (a Neighbors row: log(alpha / M') off its k entries,
+// so k logs per row instead of one per pair).
+enum LogP : int { kLogOfP = 0, kExactLogP = 1, kTwoLevelLogP = 2, kSparseLogP = 3 };
 
 // One row: log q = s[j] - lse (j != self), the target row p (normalised, 0 off the valid set).
 template <typename T>
@@ -124,6 +126,9 @@ ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg
     if constexpr (LOGP == kExactLogP) {
       lp = t_row[j] + log_p_shift;
       pr = T(1);
+    } else if constexpr (LOGP == kSparseLogP) {
+      lp = t_row[j];
+      pr = vsel(pm != T(0), pj / pm, T(0));
     } else if constexpr (LOGP == kTwoLevelLogP) {
       lp = vsel(pj != T(0), log_pos, log_zero);
       pr = vsel(pm != T(0), pj / pm, T(0));
@@ -196,7 +201,10 @@ template <typename T, int D>
 inline FRowSums f_row_of(const FRow<T>& r, int log_p, T* qg, T* pf, T* q_out) {
   if (log_p == kExactLogP) return f_row_with<T, D, kExactLogP>(r, qg, pf, q_out);
   if (log_p == kTwoLevelLogP) return f_row_with<T, D, kTwoLevelLogP>(r, qg, pf, q_out);
-  return f_row_with<T, D, kLogOfP>(r, qg, pf, q_out);
+  if (log_p == kSparseLogP) return f_row_with<T, D, kSparseLogP>(r, qg, pf, q_out);
+  if (log_p == kLogOfP) return f_row_with<T, D, kLogOfP>(r, qg, pf, q_out);
+  const double nan = std::numeric_limits<double>::quiet_NaN();   // an unknown mode (the callers pass
+  return {nan, nan, nan, nan, nan};                                // log_p_mode_of's): NaN, never another
 }
 
 // The row of divergence ``divergence`` (KL and cross-entropy included). The backward passes q_out

@@ -159,6 +159,21 @@ inline void symmetric_log_p(const T* t, T lse_i, T* lp, const T* lse_p, int64_t 
   if (self >= 0) lp[self] = -inf;
 }
 
+// The log p~ row of a Neighbors row i (kSparseLogP) into lp: log(alpha / M') everywhere (-inf for
+// alpha = 0), then log((1 - alpha) p + alpha / M') at each entry, as f_row forms p~ from p.
+template <typename T>
+inline void neighbor_log_p(const Problem<T>& pb, int64_t i, const T* p, T* lp) {
+  const int64_t m = pb.m, self = pb.exclude_self ? i : -1, k = pb.nbr_index.size(1);
+  const T b = pb.alpha / pb.mix_size(), keep = T(1) - pb.alpha;
+  std::fill(lp, lp + m, b > T(0) ? T(std::log(b)) : -std::numeric_limits<T>::infinity());
+  const int64_t* idx = pb.nbr_index.template data_ptr<int64_t>() + i * k;
+  for (int64_t c = 0; c < k; ++c)
+    if (idx[c] >= 0 && idx[c] < m && idx[c] != self) {
+      const T pm = keep * p[idx[c]] + b;
+      lp[idx[c]] = pm == T(0) ? -std::numeric_limits<T>::infinity() : std::log(pm);
+    }
+}
+
 // Row i's target as f_row reads it: p (0 off the valid set), and for Affinity the logits t
 // (or a symmetrised row's exact log p) with the shifts that make log p from them.
 template <typename T>
@@ -185,6 +200,10 @@ TargetRow<T> family_target_row(const Problem<T>& pb, const GlobalRows<T>& gr, in
     out.has = target_row<T>(pb, i, p, &count, nullptr, pb.joint ? gr.target_total : 0.0);
     out.label_divisor = pb.joint ? gr.target_total : double(count);
     if (pb.joint) out.has = gr.some_p;   // a row without weights still has q in the one distribution
+    if (pb.target == kNeighbors) {       // kSparseLogP: log p~ at the k entries, log(alpha / M') off them
+      if (need_log_p) neighbor_log_p<T>(pb, i, p, lp);
+      out.t = lp;                        // (unread without need_log_p: still a valid row)
+    }
     return out;
   }
   const T* t_prm = pb.t_prm.template data_ptr<T>();

@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
     at::Tensor t_tile;
     if (pb.target == kAffinity) t_tile = gram<T>(t_buf, pb.z, r0, r1, pb.zc);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> p(m), lp(pb.symmetrize ? m : 0);   // the target row; a symmetrised row's log p
+      // the target row; a symmetrised or Neighbors row's log p
+      std::vector<T> p(m), lp(pb.symmetrize || pb.target == kNeighbors ? m : 0);
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives
       RowPathTally tally;
       for (int64_t i = i0; i < i1; ++i) {
@@ -216,7 +217,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     auto w_rowsum = at::zeros({nr}, opts), wt_rowsum = at::zeros({nr}, opts);
     at::parallel_for(r0, r1, 1, [&](int64_t i0, int64_t i1) {
       std::vector<T> p(m), s_row(m), t_row(pb.target == kAffinity ? m : 0), q_row(m), qg(m), pf(m);   // q, q g, p f'
-      std::vector<T> lp(pb.symmetrize ? m : 0);   // a symmetrised row's log p
+      std::vector<T> lp(pb.symmetrize || pb.target == kNeighbors ? m : 0);   // a symmetrised or Neighbors row's log p
       std::vector<int64_t> pos_idx(path == kLabelClosedFormRows ? m : 0);   // a row's positives and
       std::vector<double> pos_s(path == kLabelClosedFormRows ? m : 0);      // their logits
       double* dprm_p = dprm.template data_ptr<double>();

@@ -67,10 +67,16 @@ inline const char* row_path_label(int path) {
 
 // How the family rows form log p~ (cpu_f_rows.h): an Affinity target with alpha = 0 takes
 // t - LSE^p - log(row total), exact where p underflows; a Labels row has two levels (no log per
-// pair); Neighbors and Dense rows take the log of p~.
+// pair); a Neighbors row writes its k logs into a row (family_target_row); Dense rows take the
+// log of p~.
 inline int log_p_mode_of(int target, double alpha) {
-  if (target == kAffinity && alpha == 0) return kExactLogP;
-  return target == kLabels ? kTwoLevelLogP : kLogOfP;
+  switch (target) {
+    case kAffinity: return alpha == 0 ? kExactLogP : kLogOfP;
+    case kLabels: return kTwoLevelLogP;
+    case kNeighbors: return kSparseLogP;
+    case kDense: return kLogOfP;
+    default: TORCH_CHECK(false, "icon_kernels cpu: unknown target code ", target);
+  }
 }
 
 inline const char* kernel_name_of(int kernel) {
@@ -102,6 +108,7 @@ inline const char* log_p_name_of(int log_p) {
     case kLogOfP: return "log_of_p";
     case kExactLogP: return "exact_log_p";
     case kTwoLevelLogP: return "two_level_log_p";
+    case kSparseLogP: return "sparse_log_p";
     default: TORCH_CHECK(false, "icon_kernels cpu: unknown log p mode ", log_p);
   }
 }

@@ -24,7 +24,7 @@ TARGETS = sorted(families.TARGET_CODES)
 DIVERGENCES = sorted(families.DIVERGENCES)
 ALPHAS, BETAS = (0.0, 0.2), (0.0, 0.1)
 PATH = re.compile(r"^(label_hot_rows|label_closed_form_rows|family_rows)<(.*)>$")
-LOG_P = {"labels": "two_level_log_p", "neighbors": "log_of_p", "dense": "log_of_p"}
+LOG_P = {"labels": "two_level_log_p", "neighbors": "sparse_log_p", "dense": "log_of_p"}
 
 
 def _row_path(kernel, target, divergence, alpha, beta):
