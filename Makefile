@@ -13,7 +13,7 @@ export CUDA_HOME := /usr/local/cuda
 endif
 endif
 
-.PHONY: test bench bench-pytest bench-distributed examples install-test install-bench install-examples clean
+.PHONY: test bench bench-pytest bench-distributed examples asan install-test install-bench install-examples clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ examples: install-examples
 	$(VPY) examples/tsne_digits.py
 	$(VPY) examples/joint_tsne_digits.py
 	$(VPY) examples/simclr_huge_batch.py
+
+# The fused CPU kernels under AddressSanitizer (not part of `make test`: about 5 min). A clean clone
+# of HEAD in $(ASAN_DIR) gets its own ASan build of icon_kernels._C (without CUDA), and pytest runs
+# ASAN_TESTS from it with the ASan runtime preloaded; any invalid access aborts the run.
+ASAN_DIR   ?= /tmp/icon_kernels_asan
+ASAN_TESTS ?= tests/test_cpu_global_rows.py tests/test_joint_normalization.py tests/test_ops.py \
+              tests/test_cpu_row_paths.py tests/test_op_size_checks.py tests/test_cpu_row_chunks.py
+asan: install-test
+	rm -rf $(ASAN_DIR) && git clone -q . $(ASAN_DIR)
+	cd $(ASAN_DIR) && ICON_KERNELS_SANITIZE=address ICON_KERNELS_NO_CUDA=1 $(abspath $(VPY)) setup.py -q build_ext --inplace
+	cd $(ASAN_DIR) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so.8) $$(gcc -print-file-name=libstdc++.so.6)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 PYTHONPATH=$(ASAN_DIR) \
+	  $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(ASAN_TESTS) -k "not fp32 and not precision"
 
 clean:
 	rm -rf build *.egg-info bench/results .pytest_cache
