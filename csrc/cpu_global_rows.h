@@ -27,7 +27,7 @@ struct GlobalRows {
   T log_z = 0;                 // joint: log Z rounded to T (every row's saved LSE)
   double target_total = 0;     // joint, not Affinity: the target's weights summed over every valid pair
   bool some_p = true;          // joint: some pair has p (else every row is left out, loss 0)
-  std::vector<T> lse_p;        // Affinity: LSE^p of every row, as the forward saved it
+  std::vector<T> lse_p;        // a symmetrised target: LSE^p of every row, as the forward saved it
   // joint forward: each row's share of q, sum_j e^{s_ij - log Z} = e^{LSE_i - log Z} with the
   // T-rounded log Z that its q take (forward KL without beta computes no q per pair)
   std::vector<double> q_mass;
@@ -58,8 +58,8 @@ std::vector<double> q_masses(const std::vector<double>& lse, T log_z) {
 }
 
 // The statistics of pass 1. The forward computes them (stats == nullptr); the backward reads
-// log Z and LSE^p from its forward's stats rows 0 and 2 and recounts the target's total (O(N k)
-// for Neighbors, one pass over labels or p for Labels and Dense: no Gram).
+// log Z and LSE^p from its forward's stats rows 0 and 2 and recounts the target's total (one pass
+// over each target row: no Gram).
 template <typename T>
 GlobalRows<T> global_rows(const Problem<T>& pb, const T* stats) {
   GlobalRows<T> gr;
@@ -67,10 +67,12 @@ GlobalRows<T> global_rows(const Problem<T>& pb, const T* stats) {
   const bool affinity = pb.target == kAffinity;
   const bool lse_pass = pb.joint && stats == nullptr && !pb.defers_log_z();
   std::vector<double> lse(lse_pass ? n : 0), mass(pb.joint && !affinity ? n : 0);
-  if (affinity) gr.lse_p.resize(n);
+  // only a symmetrised row reads other rows' LSE^p: a plain Affinity row computes its own (or
+  // reads its saved one)
+  if (pb.symmetrize) gr.lse_p.resize(n);
   if (stats != nullptr) {
     gr.log_z = stats[0];
-    if (affinity) std::copy(stats + 2 * n, stats + 3 * n, gr.lse_p.begin());
+    if (pb.symmetrize) std::copy(stats + 2 * n, stats + 3 * n, gr.lse_p.begin());
   }
   // a plain Affinity row's p(j|i) is its own; a symmetrised one needs every row's LSE^p
   const bool target_gram = pb.symmetrize && stats == nullptr;
@@ -249,7 +251,7 @@ TargetRow<T> family_target_row(const Problem<T>& pb, const GlobalRows<T>& gr, in
     return out;
   }
   row_logits<T>(pb.t_kernel, t_prm[i], ab, t_out, zc_sq, z_sq, m);
-  out.lse_p = saved_lse_p != nullptr ? *saved_lse_p : gr.lse_p.empty() ? simd_row_lse<T>(t_out, self, m) : gr.lse_p[i];
+  out.lse_p = saved_lse_p != nullptr ? *saved_lse_p : simd_row_lse<T>(t_out, self, m);
   out.log_total = affinity_row<T>(t_out, out.lse_p, self, m, p, pb.joint ? double(pb.n) : 1.0);
   if (pb.joint) out.log_total += std::log(double(pb.n));
   out.t = t_out;

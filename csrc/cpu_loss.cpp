@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_cauchy_rows.h"
 #include "cpu_f_label_rows.h"
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
@@ -94,7 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
       for (int64_t i = i0; i < i1; ++i) {
         T* s = s_tile.template data_ptr<T>() + (i - r0) * m;
         const int64_t self = pb.exclude_self ? i : -1;
-        row_logits<T>(pb.kernel, prm[i], s, s, y_sq, x_sq[i], m);
+        // t-SNE's Cauchy kernel: the logits and their LSE in one pass (cpu_cauchy_rows.h)
+        const bool cauchy = path == kFamilyRows && pb.kernel == kStudentT && prm[i] == T(1);
+        const double cauchy_lse = cauchy ? cauchy_logits_lse<T>(s, s, y_sq, x_sq[i], self, m) : 0.0;
+        if (!cauchy) row_logits<T>(pb.kernel, prm[i], s, s, y_sq, x_sq[i], m);
         switch (path) {
           case kLabelHotRows:
             inc_p[i] = fast_label_forward<T>(pb.label_row(i), s, pb.kl, &loss_p[i], &st[i]);
@@ -115,10 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         ++tally.rows[kFamilyRows];
         T lse;
         if (defer) {                     // the row's own LSE for now (0 when it is -inf: q = 0 there)
-          row_lse[i] = simd_row_lse_wide<T>(s, self, m);
+          row_lse[i] = cauchy ? cauchy_lse : simd_row_lse_wide<T>(s, self, m);
           lse = finite_shift(T(row_lse[i]));
         } else {
-          lse = pb.joint ? gr.log_z : simd_row_lse<T>(s, self, m);
+          lse = pb.joint ? gr.log_z : cauchy ? T(cauchy_lse) : simd_row_lse<T>(s, self, m);
         }
         T* tr = pb.target == kAffinity ? t_tile.template data_ptr<T>() + (i - r0) * m : nullptr;
         const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, tr, lp.data(), p.data(), nullptr);
@@ -142,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         st[i] = lse;
         if (pb.joint || pb.f_div) st[n + i] = T(f.gamma);
         else if (pb.beta > 0) st[n + i] = T(-f.gamma);
-        if (pb.target == kAffinity) st[2 * n + i] = gr.lse_p.empty() ? tg.lse_p : gr.lse_p[i];   // symmetrised: row i's own
+        if (pb.target == kAffinity) st[2 * n + i] = pb.symmetrize ? gr.lse_p[i] : tg.lse_p;   // row i's own
         if (pb.joint && !defer) st[3 * n + i] = T(gr.q_mass[i]);   // (defer: put_under_log_z)
         else if (pb.target == kAffinity) st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
       }
@@ -180,6 +184,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // forward KL's and cross-entropy's dL/ds is q g = -p~ (times q / q~): log p only for the target's
   // own gradient (p f')
   const bool backward_reads_log_p = pb.f_div || target_grad;
+  // t-SNE's Cauchy kernel where dL/ds needs no log q: one reciprocal per pair (cpu_cauchy_rows.h)
+  const bool cauchy_rows = pb.kernel == kStudentT && !param_grad && !target_grad && !pb.f_div && pb.beta == T(0);
   TORCH_CHECK(!(pb.symmetrize && target_grad),
               "icon_kernels cpu_backward: a symmetrised target's z and parameters have no gradient here");
   const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, st) : GlobalRows<T>{};
@@ -274,7 +280,9 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         // terms, then W in place of the Gram row
         ++tally.rows[kFamilyRows];
         const int64_t self = pb.exclude_self ? i : -1;
-        row_logits<T>(pb.kernel, prm[i], w, s_row.data(), y_sq, x_sq[i], m);
+        const bool cauchy = cauchy_rows && prm[i] == T(1);
+        if (cauchy) cauchy_reciprocals<T>(w, s_row.data(), y_sq, x_sq[i], self, m);   // r, not s
+        else row_logits<T>(pb.kernel, prm[i], w, s_row.data(), y_sq, x_sq[i], m);
         // q renormalised over the row where G depends on q itself (f-divergences, beta > 0);
         // forward KL and cross-entropy take G = g (q Gamma' - p~) with Gamma' = sum p~ / sum q,
         // which renormalises q by itself (learned_backward)
@@ -284,9 +292,12 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         const T tp = affinity ? pb.t_prm.template data_ptr<T>()[i] : T(1);
         const TargetRow<T> tg = family_target_row<T>(pb, gr, i, tr, t_row.data(), lp.data(), p.data(),
                                                      affinity ? &st[2 * n + i] : nullptr, backward_reads_log_p);
-        const FRowSums f = f_row<T>(
-            pb.divergence, pb.f_row(i, s_row.data(), lse_q, p.data(), tg.t, tg.lse_p, tg.log_total, tg.label_divisor),
-            pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());
+        const FRowSums f = cauchy
+            ? cauchy_learned_row<T>(s_row.data(), lse_q, p.data(), self, m, pb.alpha, pb.mix_size(), q_row.data(),
+                                    qg.data())
+            : f_row<T>(pb.divergence,
+                       pb.f_row(i, s_row.data(), lse_q, p.data(), tg.t, tg.lse_p, tg.log_total, tg.label_divisor),
+                       pb.log_p_mode(), qg.data(), target_grad ? pf.data() : nullptr, q_row.data());
         // Gamma as the q-weighted mean of g over these very q: sum_j G = 0 up to their rounding;
         // joint: the global centre, with g_i moved into q g
         double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
@@ -298,6 +309,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
           for (int64_t j = 0; j < m; ++j) qg_row[j] *= gi;
           gamma = centre;
           scale = T(1) - pb.beta;
+        }
+        // the self column's Gram entry: any finite value (G is 0 there), so that a row whose
+        // distances overflow (|x_i|^2 = inf) takes no inf - inf = NaN distance into W
+        if (self >= 0) w[self] = T(0);
+        if (cauchy) {                    // no dof gradient, no target gradient (cauchy_rows)
+          w_rs[i - r0] = T(cauchy_learned_backward<T>(w, s_row.data(), q_row.data(), qg.data(), m, scale, gamma));
+          continue;
         }
         const LabelGradSums sums = with_kernel(pb.kernel, [&](auto code) {
           constexpr int K = decltype(code)::value;

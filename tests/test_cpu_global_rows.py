@@ -98,3 +98,59 @@ def test_global_rows_equal_reference_on_ragged_chunks(small_cpu_chunks, kernel, 
     assert _relative(got_rows, want_rows) < TOL
     for i, (got, want) in enumerate(zip(got_grads, want_grads)):
         assert _relative(got, want) < TOL, f"leaf {i}: {_relative(got, want):.2e}"
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+@pytest.mark.parametrize("kernel,params,scale", [("dot", {"temperature": 0.01}, 1.0), ("gaussian", {}, 100.0)])
+def test_joint_affinity_rows_with_large_target_logits(small_cpu_chunks, kernel, params, scale, divergence):
+    """A plain Affinity target under joint normalisation forms each row's p(j|i) from its own
+    LSE^p: target logits of hundreds (a sharp distillation target) neither overflow nor vanish
+    (review finding: the row once took an unset LSE^p of 0)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = scale * torch.randn(N, DZ, generator=gen, dtype=torch.float64)
+    target = ik.Affinity(z, kernel=kernel, **params)
+    upstream = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+    options = dict(kernel="student_t", divergence=divergence, normalization="joint")
+    want_rows, (want,) = _run("reference", x, target, {}, [x], upstream, **options)
+    got_rows, (got,) = _run("cpu", x, target, {}, [x], upstream, **options)
+    assert torch.isfinite(want_rows).all()
+    assert _relative(got_rows, want_rows) < TOL and _relative(got, want) < TOL
+
+
+def test_a_hub_takes_the_column_stream():
+    """A symmetrised Neighbors target reaches the cpu op padded to its longest row; a point that
+    every row lists would make that N x N, so such a target runs on the column stream (no cpu
+    rows run) and still equals the reference."""
+    from icon_kernels import _C
+    gen = torch.Generator().manual_seed(12)
+    n = 300
+    x = torch.randn(n, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, n, (n, K), generator=gen)
+    for hub, rows_run in ((False, n), (True, 0)):
+        if hub:
+            index[:, 0] = 0
+        target = ik.Neighbors(index, symmetrize=True)
+        _C.cpu_row_path_counts()
+        got = ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", backend="cpu")
+        assert _C.cpu_row_path_counts()["forward"]["family_rows"] == rows_run
+        want = ik.icon_loss(x, target=target, kernel="student_t", normalization="joint", backend="reference")
+        assert _relative(got.detach(), want.detach()) < TOL
+        assert _relative(torch.autograd.grad(got, [x])[0], torch.autograd.grad(want, [x])[0]) < TOL
+
+
+@pytest.mark.parametrize("kernel", ["student_t", "power", "gaussian"])
+def test_a_row_whose_distances_overflow_has_zero_gradient(kernel):
+    """|x_1|^2 = inf: every logit of row 1 is -inf and its q is 0 under joint normalisation; its
+    self column's distance inf - inf must not bring NaN into W (review finding)."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[1, 0] = 1e200
+    x.requires_grad_(True)
+    z = torch.randn(6, 2, dtype=torch.float64)
+    grads = []
+    for backend in ("reference", "cpu"):
+        loss = ik.icon_loss(x, target=ik.Affinity(z, symmetrize=True), kernel=kernel, divergence="tv",
+                            normalization="joint", backend=backend)
+        grads.append(torch.autograd.grad(loss, [x])[0])
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=TOL, atol=0)

@@ -115,6 +115,8 @@ def row_losses(problem: Problem, backend: str):
         registry.warn_triton_float64()
     if name == "reference":
         return reference.row_losses(problem)
+    if name == "cpu" and _hub_heavy_symmetric_neighbors(problem):
+        name = "torch"                 # its column stream keeps the entries as lists: O(entries)
     if name == "torch" and needs_column_stream(problem):
         rows, own, inputs = column_problem(problem, problem.x, problem.y, row_offset=0,
                                            tile_elements=blockwise.CHUNK_ELEMENTS)
@@ -122,6 +124,32 @@ def row_losses(problem: Problem, backend: str):
                                                          "the torch backend's column stream", *inputs)
     rows, included, _ = forward_op(name)(*op_arguments(problem))
     return rows, included
+
+
+# the cpu op reads a symmetrised Neighbors target padded to its longest row
+# (neighbor_pairs.padded_symmetric_neighbors); beyond this many times its entries, a hub (a point
+# that many rows list) would make the padding O(N^2), and the column stream computes it instead
+HUB_PADDING_FACTOR = 4
+
+
+def _hub_heavy_symmetric_neighbors(problem: Problem) -> bool:
+    """A symmetrised Neighbors target whose padded rows would hold more than HUB_PADDING_FACTOR
+    times its entries: row i's symmetrised entries are its own valid ones plus one per row that
+    lists i, counted in O(N k) without building them."""
+    target = problem.target
+    if not (getattr(target, "symmetrize", False) and adapter_for(target).name == "neighbors"):
+        return False
+    n = problem.x.shape[0]
+    slots = adapter_for(target).op_slots(target)
+    index = slots.nbr_index
+    rows = torch.arange(n, device=index.device)[:, None].expand_as(index)
+    keep = index >= 0
+    if problem.exclude_self:
+        keep &= index != rows
+    degree = keep.sum(1) + torch.bincount(index[keep], minlength=n)
+    entries = int(degree.sum())
+    width = int(degree.max()) if n > 0 else 0
+    return n * width > HUB_PADDING_FACTOR * entries + n
 
 
 def needs_column_stream(problem: Problem) -> bool:

@@ -15,6 +15,8 @@ forward returns (row_loss [N] fp32/fp64, included [N] bool, stats [4, N] fp32/fp
 statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), see blockwise.py.
 For other targets a backend may keep its own data in rows 2-3 (the Triton forward keeps the
 target's row normaliser in row 2 for its backward), so a backward op takes its own forward's stats.
+Under joint normalisation the cpu op's rows are log Z (every row), sum_j q g (Gamma_i of the
+global centre), LSE^p_i and the row's share of q (csrc/cpu_global_rows.h).
 backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
 need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
 backend may skip that work).

@@ -1,0 +1,96 @@
+// Student-t with nu = 1 (t-SNE's Cauchy kernel) on the family rows: e^{s_ij} = 1 / (1 + d²_ij), so
+// (issue 17 item 1) a row's LSE is the log of a sum of reciprocals (no exp, no max pass: every
+// term is at most 1), and where dL/ds does not depend on log q (forward KL and cross-entropy
+// without beta, and no target or dof gradient) the backward takes q = r e^{-LSE} and
+// W = 2 G r from one reciprocal r per pair, instead of a log1p, an exp and a division.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu_family_rows.h"   // KernelRow<T, kStudentT>, squared_distance, vlog1p
+#include "cpu_label_rows.h"    // kSumBlock
+
+namespace icon {
+
+// Logits s = -log1p(d²) of a row (in place over its Gram entries ab allowed) and its LSE over
+// j != self, unrounded: log sum_j 1 / (1 + d²_j). NaN stays NaN; a row without a valid column, or
+// whose distances are all infinite, has -inf.
+template <typename T>
+inline double cauchy_logits_lse(const T* ab, T* s, const T* b_sq, T a_sq, int64_t self, int64_t m) {
+  double total = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bt = 0;
+#pragma omp simd reduction(+ : bt)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T a = squared_distance(ab[j], a_sq, b_sq[j]);
+      s[j] = -vlog1p(a);
+      bt += j != self ? T(1) / (T(1) + a) : T(0);
+    }
+    total += bt;
+  }
+  return std::log(total);   // log 0 = -inf; NaN stays NaN
+}
+
+// The backward rows' reciprocals r = 1 / (1 + d²) of a row's Gram entries ab (0 at self).
+template <typename T>
+inline void cauchy_reciprocals(const T* ab, T* r, const T* b_sq, T a_sq, int64_t self, int64_t m) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) r[j] = T(1) / (T(1) + squared_distance(ab[j], a_sq, b_sq[j]));
+  if (self >= 0) r[self] = T(0);
+}
+
+// What f_row gives forward KL and cross-entropy without beta in the backward (kRowLearned), from
+// the reciprocals: q = r e^{-lse} and q g = -p~ per column (0 at self; r is 0 there), and the
+// row sums gamma = sum q g, q_sum and p_sum. mv: the mixtures' size (alpha / mv is p~'s floor).
+template <typename T>
+inline FRowSums cauchy_learned_row(const T* r, T lse, const T* p, int64_t self, int64_t m, T alpha, T mv,
+                                   T* q_out, T* qg) {
+  const T scale = std::exp(-lse), keep = T(1) - alpha, b = alpha / mv;
+  FRowSums out{0, 0, 0, 0, 0};
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T gamma = 0, q_sum = 0, p_sum = 0;
+#pragma omp simd reduction(+ : gamma, q_sum, p_sum)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T q = r[j] * scale;
+      const T g = j != self ? -(keep * p[j] + b) : T(0);
+      q_out[j] = q;
+      qg[j] = g;
+      gamma += g;
+      q_sum += q;
+      p_sum += p[j];
+    }
+    out.gamma += gamma;
+    out.q_sum += q_sum;
+    out.p_sum += p_sum;
+  }
+  return out;
+}
+
+// W = 2 G r in place of the row's Gram entries w, with G = scale (q g - q Gamma) and Gamma in two
+// parts as learned_backward's (no dof gradient here); returns the row sum of W.
+template <typename T>
+inline double cauchy_learned_backward(T* w, const T* r, const T* q_row, const T* qg, int64_t m, T scale,
+                                      double gamma) {
+  const T gamma_hi = T(gamma), gamma_lo = T(gamma - double(gamma_hi));
+  double row_sum = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T rs = 0;
+#pragma omp simd reduction(+ : rs)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T q = q_row[j];
+      const T grad = scale * ((qg[j] - q * gamma_hi) - q * gamma_lo);
+      const T wj = T(2) * grad * r[j];
+      w[j] = wj;
+      rs += wj;
+    }
+    row_sum += rs;
+  }
+  return row_sum;
+}
+
+}  // namespace icon
