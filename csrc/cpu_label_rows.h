@@ -99,12 +99,11 @@ inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
   return {lse, T(sum_s), T(pos_s), k};
 }
 
-// Row loss from logits s (overwritten); returns included, writes loss and LSE.
+// A row's loss from its statistics over all of its columns (r.alpha and r.m_valid are read):
+// returns included (the row has positives), writes the loss (0 when left out).
 template <typename T>
-inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse_out) {
-  const LabelSums<T> st = label_row_sums(r, s);
+inline bool label_row_loss(const LabelRow& r, const LabelSums<T>& st, bool kl, T* loss) {
   const int64_t k = st.k;
-  *lse_out = st.lse;
   const bool included = k > 0 && r.m_valid > 0;
   if (!included) { *loss = T(0); return false; }
   const T alpha = T(r.alpha), b = alpha / T(r.m_valid);
@@ -116,6 +115,14 @@ inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse
   }
   *loss = kl ? ent - cross : -cross;
   return true;
+}
+
+// Row loss from logits s (overwritten); returns included, writes loss and LSE.
+template <typename T>
+inline bool fast_label_forward(const LabelRow& r, T* s, bool kl, T* loss, T* lse_out) {
+  const LabelSums<T> st = label_row_sums(r, s);
+  *lse_out = st.lse;
+  return label_row_loss(r, st, kl, loss);
 }
 
 // A row's sums from fast_label_backward, in double. dp = sum_j G_ij (s_ij - shift_i) with shift_i
@@ -140,9 +147,14 @@ inline T fast_param_scale(T prm) {
 
 // W in place of the Gram row w (beta = 0) under the row's LSE and positive count k (over all
 // columns, also when w is one block of them); returns the row's sums (dL/dparam's and sum_j W_ij).
-template <typename T, int K>
+// LOGITS: w holds the row's logits already (fast_logits), not its Gram entries. The symmetric
+// schedule takes them so, the very values its forward stored: s = Gram * inv recomputed here may
+// be contracted into s - lse = fma(Gram, inv, -lse), whose unrounded product moves q by up to an
+// ulp of s (3% at logits of 1e6), and its rows' q must sum to 1 without renormalise_label_row's
+// full-row pass. lse_lo: what the LSE lost in its rounding to T, q = exp((s - lse) - lse_lo).
+template <typename T, int K, bool LOGITS = false>
 inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, const T* b_sq, T a_sq, T prm,
-                                         T lse, T g) {
+                                         T lse, T g, T lse_lo = T(0)) {
   const int64_t m = r.m;
   const T alpha = T(r.alpha), b = alpha / T(std::max<int64_t>(r.m_valid, 1));
   const T pos = k > 0 ? (T(1) - alpha) / T(k) : T(0);
@@ -155,14 +167,16 @@ inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, con
 #pragma omp simd reduction(+ : dp, gs, qb, qs, rs)
     for (int64_t j = j0; j < j1; ++j) {
       T s;
-      if constexpr (K == kDot) {
+      if constexpr (LOGITS) {
+        s = w[j];
+      } else if constexpr (K == kDot) {
         s = w[j] * inv;
       } else {
         T sq = a_sq + b_sq[j] - T(2) * w[j];
         s = (sq < T(0) ? T(0) : sq) * c;
       }
       const bool valid = j != r.self;
-      const T q = valid ? vexp(s - lse) : T(0);
+      const T q = valid ? vexp((s - lse) - lse_lo) : T(0);
       const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
       const T grad = g * (q - p_mix);
       // a select, not cpu_f_label_rows.h's clamped basis: grad = g (q - p~) is nonzero where q = 0

@@ -35,6 +35,7 @@
 #include "op_checks.h"
 #include "op_codes.h"
 #include "cpu_row_paths.h"
+#include "cpu_symmetric_labels.h"
 #include "tile_math.h"
 
 namespace icon {
@@ -64,6 +65,7 @@ void put_under_log_z(const Problem<T>& pb, const std::vector<double>& row_lse, c
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
+  if (symmetric_labels_apply(pb)) return symmetric_label_forward<T>(pb);   // self mode: each tile pair once
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   auto loss = at::zeros({n}, pb.x.options());
@@ -166,7 +168,10 @@ decltype(auto) with_bool(bool b, F&& f) {
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
                                       const at::Tensor& valid, const at::Tensor& stats_in,
-                                      bool target_grad, bool param_grad) {
+                                      bool target_grad, bool param_grad, bool y_is_x) {
+  // self mode with one autograd input: H = W + W^T per tile pair, dx only (cpu_symmetric_labels.h)
+  if (y_is_x && !target_grad && symmetric_labels_apply(pb))
+    return symmetric_label_backward<T>(pb, grad_rows, valid, stats_in, param_grad);
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   const auto opts = pb.x.options();
@@ -397,13 +402,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS) 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid,
-    const at::Tensor& stats, bool need_target_grad, bool need_param_grad) {
+    const at::Tensor& stats, bool need_target_grad, bool need_param_grad, bool y_is_x) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   const bool target_grad = need_target_grad && target == "affinity";
   std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
-      ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad)
-      : backward_impl<float>(Problem<float>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad);
+      ? backward_impl<double>(Problem<double>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad,
+                              y_is_x)
+      : backward_impl<float>(Problem<float>(ICON_FORWARD_ARGS), grad_rows, valid, stats, target_grad, need_param_grad,
+                             y_is_x);
   return backward_outputs(g, ICON_FORWARD_ARGS, target_grad);
 }
 

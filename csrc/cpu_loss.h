@@ -41,5 +41,5 @@ inline BackwardOutputs backward_outputs(const std::vector<at::Tensor>& g, ICON_F
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_forward(ICON_FORWARD_PARAMS);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_backward(
     const at::Tensor &grad_rows, ICON_FORWARD_PARAMS, const at::Tensor &valid,
-    const at::Tensor &stats, bool need_target_grad, bool need_param_grad);
+    const at::Tensor &stats, bool need_target_grad, bool need_param_grad, bool y_is_x);
 }  // namespace icon

@@ -9,6 +9,7 @@
 #include "cpu_label_blocks.h"
 #include "cpu_loss.h"
 #include "cpu_row_paths.h"
+#include "cpu_symmetric_labels.h"
 #include "op_codes.h"
 
 TORCH_LIBRARY_IMPL(icon_kernels, CPU, m) {
@@ -65,7 +66,17 @@ static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
   return out;
 }
 
+// _C.cpu_symmetric_counts() -> {"forward": calls, "backward": calls}: the calls that ran the
+// symmetric schedule (cpu_symmetric_labels.h) since the last call (which resets them).
+static PyObject* cpu_symmetric_counts(PyObject*, PyObject*) {
+  const long long fwd = icon::cpu::symmetric_schedule_counters()[0].exchange(0);
+  const long long bwd = icon::cpu::symmetric_schedule_counters()[1].exchange(0);
+  return Py_BuildValue("{s:L,s:L}", "forward", fwd, "backward", bwd);
+}
+
 static PyMethodDef kMethods[] = {
+    {"cpu_symmetric_counts", cpu_symmetric_counts, METH_NOARGS,
+     "cpu_symmetric_counts(): calls per pass that ran the symmetric schedule since the last call (resets them)"},
     {"cpu_row_path_counts", cpu_row_path_counts, METH_NOARGS,
      "cpu_row_path_counts(): rows run per row path and pass since the last call (resets them)"},
     {"cpu_row_path", cpu_row_path, METH_VARARGS,

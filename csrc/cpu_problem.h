@@ -52,6 +52,7 @@ struct Problem {
   bool exclude_self, kl, f_div;   // forward KL (entropy term); an f-divergence of DESIGN.md §1.1
   bool joint, symmetrize;         // normalization="joint"; a symmetrised Affinity target (§1.2)
   bool scalar_param;              // one learned-kernel parameter for every row
+  bool self_pairs;                // x and y are the same tensor (self mode): s_ij = s_ji for a symmetric kernel
   at::Tensor x, y, x_sq, y_sq, prm, labels, col_labels, nbr_index, nbr_weight, dense, z, zc,
       z_sq, zc_sq, t_prm;
 
@@ -80,6 +81,8 @@ struct Problem {
     joint = normalization_code(normalization) == kJoint;
     symmetrize = symmetrize_;
     scalar_param = param.numel() == 1;
+    self_pairs = x_in.data_ptr() == y_in.data_ptr() && x_in.sizes() == y_in.sizes() &&
+                 x_in.strides() == y_in.strides() && x_in.scalar_type() == y_in.scalar_type();
     x = x_in.to(acc).contiguous();
     y = y_in.to(acc).contiguous();
     const bool distance = is_distance(kernel);   // only distance kernels need norms

@@ -678,7 +678,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_forward(ICON_FORWARD_PARAMS)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_rows, ICON_FORWARD_PARAMS, const at::Tensor& valid, const at::Tensor& stats,
-    bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/) {
+    bool need_target_grad, bool /*need_param_grad: dparam is always computed here*/,
+    bool /*y_is_x: dx and dy are returned apart*/) {
   const NoAutocast no_autocast;
   check_backward_args(grad_rows, ICON_FORWARD_ARGS, valid, stats);
   check_conditional_only("cuda", normalization, symmetrize);

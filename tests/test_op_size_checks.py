@@ -83,7 +83,7 @@ def _call_backward(device, args, grad_rows=None, valid=None, stats=None, need_ta
     grad_rows = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=device) if grad_rows is None else grad_rows
     return getattr(torch.ops.icon_kernels, f"{device}_backward")(
         grad_rows, *args.values(), inc if valid is None else valid, st if stats is None else stats, need_target_grad,
-        True)
+        True, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -64,7 +64,7 @@ def test_opcheck_backward(backend, target_kind, need_target_grad, need_param_gra
     _, valid, stats = forward_op(backend)(*args)
     grad_rows = torch.linspace(-1, 1, args[0].shape[0], dtype=torch.float64, device=device)
     op = getattr(torch.ops.icon_kernels, f"{backend}_backward").default
-    torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad, need_param_grad))
+    torch.library.opcheck(op, (grad_rows, *args, valid, stats, need_target_grad, need_param_grad, False))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -127,4 +127,4 @@ def test_opcheck_cpu_joint_and_symmetrised(target_kind, normalization, symmetriz
     grad_rows = torch.linspace(-1, 1, plain[0].shape[0], dtype=torch.float64)
     need_target = target_kind == "affinity" and not symmetrize
     torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default,
-                          (grad_rows, *plain, valid, stats, need_target, True))
+                          (grad_rows, *plain, valid, stats, need_target, True, False))

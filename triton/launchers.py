@@ -248,6 +248,7 @@ class BackwardArgs(NamedTuple):
     stats: torch.Tensor
     need_target_grad: bool
     need_param_grad: bool
+    y_is_x: bool              # not read: dx and dy are returned apart
 
 
 # The row of the forward's stats [4, N] that keeps a Labels, Dense or Neighbors target's row

@@ -605,7 +605,7 @@ def _general_f_backward(problem: Problem, r0: int, r1: int, g, valid, stats, tar
 
 def backward(grad_rows, *rest):
     """Gradients (dx, dy, dparam, dz, dz_cols, dt_param); target grads are empty unless requested."""
-    *args, valid, stats, need_target_grad, need_param_grad = rest
+    *args, valid, stats, need_target_grad, need_param_grad, _y_is_x = rest
     inputs = Problem(*args)               # the op's arguments by name, in their own dtypes
     problem = cast_args(args)
     g = torch.where(valid, grad_rows.to(problem.x.dtype), 0.0)

@@ -19,7 +19,9 @@ Under joint normalisation the cpu op's rows are log Z (every row), sum_j q g (Ga
 global centre), LSE^p_i and the row's share of q (csrc/cpu_global_rows.h).
 backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
 need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
-backend may skip that work).
+backend may skip that work). y_is_x says that x and y are one autograd input (self mode: y=None),
+whose gradient is dx + dy: a backend may then return that sum as dx and zeros as dy (the cpu
+op's symmetric schedule, csrc/cpu_symmetric_labels.h, forms it with one GEMM instead of two).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, str target, Tensor? row_l
         "bool exclude_self, int divergence, str normalization, bool symmetrize")
 FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (f"(Tensor grad_rows, {ARGS}, Tensor valid, Tensor stats, bool need_target_grad, "
-                   "bool need_param_grad)"
+                   "bool need_param_grad, bool y_is_x)"
                    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 N_ARGS = 20          # arguments of the forward schema
 NBR_WEIGHT, Z, Z_COLS, T_PARAM, DENSE_P = 8, 9, 10, 11, 13
@@ -51,7 +53,7 @@ def _fake_forward(x, y, *rest):
 
 
 def _fake_backward(grad_rows, *rest):
-    *args, valid, stats, need_target_grad, _need_param_grad = rest
+    *args, valid, stats, need_target_grad, _need_param_grad, _y_is_x = rest
     x, y, param = args[0], args[1], args[2]
     grads = [torch.empty_like(x), torch.empty_like(y), torch.empty_like(param)]
     if need_target_grad and args[4] == "affinity":
@@ -64,6 +66,7 @@ def _fake_backward(grad_rows, *rest):
 def _setup_context(ctx, inputs, output):
     _, valid, stats = output
     ctx.inputs = inputs
+    ctx.y_is_x = inputs[0] is inputs[1]     # one tensor: autograd adds dy into dx
     ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)], valid, stats)
     ctx.tensor_slots = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
     ctx.mark_non_differentiable(valid, stats)
@@ -78,7 +81,7 @@ def _make_autograd(backward_op):
         need = ctx.needs_input_grad
         need_target = args[4] == "affinity" and any(need[i] for i in (Z, Z_COLS, T_PARAM))
         dx, dy, dparam, dz, dz_cols, dt_param = backward_op(grad_rows, *args, valid, stats, need_target,
-                                                            need[2])
+                                                            need[2], ctx.y_is_x)
         grads = [None] * N_ARGS
         grads[0], grads[1], grads[2] = dx, dy, dparam
         if need_target:
