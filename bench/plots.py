@@ -9,7 +9,7 @@ import os
 from workloads import FLOOR
 
 STYLE = {"naive": ("tab:red", "o"), "naive+compile": ("tab:orange", "v"), "torch": ("tab:blue", "s"),
-         "cpu": ("tab:green", "D"), "triton": ("tab:purple", "^"), "cuda": ("tab:brown", "P"),
+         "cpu": ("tab:green", "D"), "cpu-plain": ("tab:olive", "d"), "triton": ("tab:purple", "^"), "cuda": ("tab:brown", "P"),
          "pml-supcon": ("tab:pink", "x"), "keops": ("tab:olive", "*"), FLOOR: ("black", None)}
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -304,7 +305,7 @@ MODES: Dict[Tuple[str, str], Mode] = {
 # --- contenders ------------------------------------------------------------------------------------
 
 FUSED = ("torch", "cpu", "triton", "cuda")
-ORDER = ("naive", "compiled", "torch", "cpu", "triton", "cuda", "pml-supcon", "keops")
+ORDER = ("naive", "compiled", "torch", "cpu", "cpu-plain", "triton", "cuda", "pml-supcon", "keops")
 PEERS = ("pml-supcon", "keops")
 LABEL = {"naive": "naive", "compiled": "naive+compile", "pml-supcon": "pml-supcon", "keops": "keops"}
 NAIVE = "naive"
@@ -313,6 +314,12 @@ FLOOR = "GEMM floor"          # the floor's label in the table, the CSV and the 
 # extra seconds a job may take beyond its time budget: compiling (inductor, KeOps) and start-up
 ALLOWANCE = {"compiled": 240.0, "keops": 300.0}
 DEFAULT_ALLOWANCE = 60.0
+
+# The configurations where the cpu backend runs its symmetric schedule (self mode on the label hot
+# path: csrc/cpu_symmetric_labels.h, DESIGN.md §1.3). There the sweep also times "cpu-plain", the
+# same backend with ICON_KERNELS_SYMMETRIC=0, so that both schedules are in one run.
+SYMMETRIC_CPU = ("infonce", "supcon100")
+SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 
 def label(name: str) -> str:
@@ -330,6 +337,10 @@ def unavailable_reason(name: str, config: Config, device: str) -> Optional[str]:
     """None when ``name`` can run ``config`` on ``device``, else why not (a short phrase)."""
     if name in ("naive", "compiled"):
         return None
+    if name == "cpu-plain":
+        if config.name not in SYMMETRIC_CPU:
+            return "cpu runs the plain schedule here already"
+        return unavailable_reason("cpu", config, device)
     if name in FUSED:
         if config.fused_missing and name not in config.fused_running:
             return config.fused_missing
@@ -420,6 +431,14 @@ def build(name: str, config: Config, inp) -> Callable[[], torch.Tensor]:
     if name == "compiled":
         fn = _compiled_naive(config)
         return lambda: fn(inp)
+    if name in ("cpu", "cpu-plain"):
+        # the switch is read at every op call: forward and backward of one step run under it
+        symmetric = "1" if name == "cpu" else "0"
+
+        def run():
+            os.environ[SCHEDULE_SWITCH] = symmetric
+            return config.loss(inp, "cpu")
+        return run
     if name in FUSED:
         return lambda: config.loss(inp, name)
     if name == "pml-supcon":
