@@ -176,7 +176,9 @@ inline LabelGradSums fast_label_backward(const LabelRow& r, int64_t k, T* w, con
         s = (sq < T(0) ? T(0) : sq) * c;
       }
       const bool valid = j != r.self;
-      const T q = valid ? vexp((s - lse) - lse_lo) : T(0);
+      T arg = s - lse;
+      if constexpr (LOGITS) arg -= lse_lo;   // (the plain paths have no residual)
+      const T q = valid ? vexp(arg) : T(0);
       const T p_mix = valid ? (r.col_labels[j] == r.label ? pos : T(0)) + b : T(0);
       const T grad = g * (q - p_mix);
       // a select, not cpu_f_label_rows.h's clamped basis: grad = g (q - p~) is nonzero where q = 0

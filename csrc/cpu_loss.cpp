@@ -170,8 +170,12 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
                                       const at::Tensor& valid, const at::Tensor& stats_in,
                                       bool target_grad, bool param_grad, bool y_is_x) {
   // self mode with one autograd input: H = W + W^T per tile pair, dx only (cpu_symmetric_labels.h)
-  if (y_is_x && !target_grad && symmetric_labels_apply(pb))
-    return symmetric_label_backward<T>(pb, grad_rows, valid, stats_in, param_grad);
+  // (the forward's schedule, as its stats record it: recorded_pair_block)
+  if (y_is_x && !target_grad && symmetric_labels_fit(pb)) {
+    const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
+    const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n);
+    if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, stats_in, param_grad, block);
+  }
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   const auto opts = pb.x.options();

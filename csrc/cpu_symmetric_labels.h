@@ -14,8 +14,9 @@
 //
 // It runs when the row path is the label hot path (cpu_row_paths.h), x and y are the same
 // tensor, the columns' labels are the rows', the parameter is one scalar (a per-row temperature
-// breaks s_ij = s_ji) and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every call,
-// for benchmarks to time both schedules in one process). The backward also needs y_is_x.
+// breaks s_ij = s_ji) and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every
+// forward, for benchmarks to time both schedules in one process). The backward follows its
+// forward's schedule (recorded in the stats) and also needs y_is_x.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,12 +53,30 @@ inline std::atomic<int64_t>* symmetric_schedule_counters() {
   return counters;
 }
 
-// Whether the forward of pb runs the symmetric label schedule. The backward also needs y_is_x.
+// Whether pb has the symmetric label schedule's structure: self mode on the label hot path, one
+// scalar parameter, the columns' labels the rows'.
+template <typename T>
+bool symmetric_labels_fit(const Problem<T>& pb) {
+  if (!pb.self_pairs || !pb.scalar_param || pb.row_path() != kLabelHotRows || pb.n < 2) return false;
+  return pb.labels.data_ptr() == pb.col_labels.data_ptr() || at::equal(pb.labels, pb.col_labels);
+}
+
+// Whether the forward of pb runs the symmetric label schedule.
 template <typename T>
 bool symmetric_labels_apply(const Problem<T>& pb) {
-  if (!pb.self_pairs || !pb.scalar_param || pb.row_path() != kLabelHotRows || pb.n < 2) return false;
-  const bool same_labels = pb.labels.data_ptr() == pb.col_labels.data_ptr() || at::equal(pb.labels, pb.col_labels);
-  return same_labels && symmetric_schedule_enabled();
+  return symmetric_labels_fit(pb) && symmetric_schedule_enabled();
+}
+
+// The symmetric backward is right only after a symmetric forward with the same blocks: it needs
+// the very logits of the forward's GEMMs (same tile shapes) and the LSE residuals of stats row 2,
+// and has no full-row renormalisation to fall back on. So the forward records its block side in
+// stats row 3 (unused for Labels) and the backward follows the record, never the switches as
+// they are at backward time (ICON_KERNELS_SYMMETRIC or the tile size may have changed between).
+// 0: the forward ran the plain schedule (or the stats are not a symmetric forward's).
+template <typename T>
+int64_t recorded_pair_block(const T* stats, int64_t n) {
+  const double b = double(stats[3 * n]);
+  return b >= 1 && b <= double(n) && b == std::floor(b) ? int64_t(b) : 0;
 }
 
 // The side of a pair block. A diagonal tile computes its whole B x B Gram for half of it new, so
@@ -241,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Pro
     st[i] = hi;
     // row 2 (LSE^p for Affinity targets, free for Labels): the LSE's rounding, for the backward's q
     st[2 * n + i] = std::isfinite(lse) ? T(lse - double(hi)) : T(0);
+    st[3 * n + i] = T(block);   // the schedule's record for the backward (recorded_pair_block)
   }
   tally.rows[kLabelHotRows] = n;
   tally.add_to(0);
@@ -251,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Pro
 template <typename T>
 std::vector<at::Tensor> symmetric_label_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
                                                  const at::Tensor& valid, const at::Tensor& stats_in,
-                                                 bool param_grad) {
-  const int64_t n = pb.n, d = pb.d, block = pair_block(pb);
+                                                 bool param_grad, int64_t block) {
+  const int64_t n = pb.n, d = pb.d;
   const auto opts = pb.x.options();
   auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
   auto stats = stats_in.to(opts.dtype()).contiguous();

@@ -40,8 +40,9 @@ def _param_tensor(value, like: torch.Tensor) -> torch.Tensor:
 def kernel_inputs(kernel: str, a: torch.Tensor, b, param):
     """Op-level (a, b, kernel, param tensor): cosine becomes dot on normalised rows; b None is a."""
     if kernel == "cosine":
+        same = b is a              # y=x given explicitly: one normalised tensor (self mode)
         a = F.normalize(a, dim=1)
-        b = None if b is None else F.normalize(b, dim=1)
+        b = None if b is None or same else F.normalize(b, dim=1)
         kernel = "dot"
     return a, (a if b is None else b), kernel, _param_tensor(param, a)
 
