@@ -58,43 +58,65 @@ struct LabelSums {
 // no long running fp32 sum) at the speed of the plain SIMD loop.
 constexpr int64_t kSumBlock = 512;
 
-// The statistics of the logits s (overwritten: the self entry becomes -inf).
+// The sums of s over the row's valid columns and over its positives, and the positive count, each
+// block of kSumBlock in T and the blocks in double (the symmetric schedule's column blocks too).
 template <typename T>
-inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
+inline void label_value_sums(const LabelRow& r, const T* s, double* sum_s, double* pos_s, int64_t* k) {
   const int64_t m = r.m;
-  double sum_s = 0, pos_s = 0;
-  int64_t k = 0;
+  int64_t hits = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
     T bs = 0, bp = 0;
-#pragma omp simd reduction(+ : bs, bp, k)
+#pragma omp simd reduction(+ : bs, bp, hits)
     for (int64_t j = j0; j < j1; ++j) {
       const bool hit = r.col_labels[j] == r.label && j != r.self;
       const bool valid = j != r.self;
       bs += valid ? s[j] : T(0);
       bp += hit ? s[j] : T(0);
-      k += hit;
+      hits += hit;
     }
-    sum_s += bs;
-    pos_s += bp;
+    *sum_s += bs;
+    *pos_s += bp;
   }
-  if (r.self >= 0) s[r.self] = -std::numeric_limits<T>::infinity();
+  *k += hits;
+}
+
+// sum_j exp(s_j - top) over s[0..m), in blocks as above (-inf entries add 0).
+template <typename T>
+inline double blocked_exp_sum(const T* s, int64_t m, T top) {
+  double se = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bse = 0;
+#pragma omp simd reduction(+ : bse)
+    for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - top);
+    se += bse;
+  }
+  return se;
+}
+
+// The largest of s[0..m) (-inf when none is larger; NaN entries are passed over).
+template <typename T>
+inline T row_max(const T* s, int64_t m) {
   T mx = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < m; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx;
+}
+
+// The statistics of the logits s (overwritten: the self entry becomes -inf).
+template <typename T>
+inline LabelSums<T> label_row_sums(const LabelRow& r, T* s) {
+  double sum_s = 0, pos_s = 0;
+  int64_t k = 0;
+  label_value_sums(r, s, &sum_s, &pos_s, &k);
+  if (r.self >= 0) s[r.self] = -std::numeric_limits<T>::infinity();
+  const T mx = row_max(s, r.m);
   T lse;
   if (mx == -std::numeric_limits<T>::infinity()) {
     lse = std::isnan(sum_s) ? std::numeric_limits<T>::quiet_NaN() : mx;
   } else {
-    double se = 0;
-    for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-      const int64_t j1 = std::min(m, j0 + kSumBlock);
-      T bse = 0;
-#pragma omp simd reduction(+ : bse)
-      for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - mx);
-      se += bse;
-    }
-    lse = T(double(mx) + std::log(se));
+    lse = T(double(mx) + std::log(blocked_exp_sum(s, r.m, mx)));
   }
   return {lse, T(sum_s), T(pos_s), k};
 }

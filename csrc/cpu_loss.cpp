@@ -174,7 +174,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   if (y_is_x && !target_grad && symmetric_labels_fit(pb)) {
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n);
-    if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, stats_in, param_grad, block);
+    if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();

@@ -137,50 +137,21 @@ struct OnlineLabelRow {
   int64_t k = 0;
 };
 
-// Adds the logits s[0..len) of one row over one column block (labels c, the row's self column at
-// index self or -1) to its statistics; s[self] becomes -inf. Sums run in blocks of kSumBlock in T
-// and in double across them, as label_row_sums.
+// Adds the logits of one row over one column block (seg: the block's labels, length and the row's
+// self column in it) to its statistics; s[self] becomes -inf. The sums as label_row_sums'.
 template <typename T>
-void add_label_segment(T* s, const int64_t* c, int64_t label, int64_t self, int64_t len, OnlineLabelRow<T>* acc) {
+void add_label_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
   const T inf = std::numeric_limits<T>::infinity();
-  double sum_s = 0, pos_s = 0;
-  int64_t k = 0;
-  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-    const int64_t j1 = std::min(len, j0 + kSumBlock);
-    T bs = 0, bp = 0;
-#pragma omp simd reduction(+ : bs, bp, k)
-    for (int64_t j = j0; j < j1; ++j) {
-      const bool valid = j != self, hit = c[j] == label && valid;
-      bs += valid ? s[j] : T(0);
-      bp += hit ? s[j] : T(0);
-      k += hit;
-    }
-    sum_s += bs;
-    pos_s += bp;
-  }
-  acc->sum_s += sum_s;
-  acc->pos_s += pos_s;
-  acc->k += k;
-  if (self >= 0) s[self] = -inf;
-  T mx = -inf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < len; ++j) mx = s[j] > mx ? s[j] : mx;
+  label_value_sums(seg, s, &acc->sum_s, &acc->pos_s, &acc->k);
+  if (seg.self >= 0) s[seg.self] = -inf;
+  const T mx = row_max(s, seg.m);
   if (mx > acc->mx) {
     // exp(-inf - mx) = 0 for the first block with a finite logit
     acc->se *= std::exp(double(acc->mx) - double(mx));
     acc->mx = mx;
   }
   if (acc->mx == -inf) return;   // no finite logit yet: nothing to add (NaN shows in sum_s)
-  const T top = acc->mx;
-  double se = 0;
-  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
-    const int64_t j1 = std::min(len, j0 + kSumBlock);
-    T bse = 0;
-#pragma omp simd reduction(+ : bse)
-    for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - top);
-    se += bse;
-  }
-  acc->se += se;
+  acc->se += blocked_exp_sum(s, seg.m, acc->mx);
 }
 
 // The row's LSE unrounded: NaN when a logit is, -inf without a valid column.
@@ -210,10 +181,39 @@ void for_each_pair_block(int64_t n, int64_t block, F&& body) {
     for (int64_t j0 = i0; j0 < n; j0 += block) body(i0, std::min(n, i0 + block), j0, std::min(n, j0 + block));
 }
 
-// One side of a tile: row r of `tile` (width len) is row `row0 + r` over the columns col0..; the
-// row's self column in it, or -1.
-inline int64_t self_in(bool exclude_self, int64_t row, int64_t col0, int64_t len) {
-  return exclude_self && row >= col0 && row < col0 + len ? row - col0 : -1;
+// The column-block view of row i over the columns [col0, col0 + len) as fast_label_backward and
+// add_label_segment read it: the block's labels, its length, the row's self column in it or -1
+// (alpha and M' stay the whole row's).
+template <typename T>
+LabelRow label_segment(const Problem<T>& pb, int64_t i, int64_t col0, int64_t len) {
+  const int64_t* lab = pb.labels.template data_ptr<int64_t>();
+  const int64_t self = pb.exclude_self && i >= col0 && i < col0 + len ? i - col0 : -1;
+  return {lab + col0, lab[i], len, self, double(pb.alpha), pb.m_valid};
+}
+
+// One tile pair of both passes: the Gram tile X_I X_J^T into buf (ni x nj, dense; the forward and
+// the backward make it with the same GEMM, bit for bit), its transpose into t_buf for the rows of
+// J (off the diagonal), then row(i, col0, r) for every row of the tile's two sides, split across
+// threads: row i over the columns [col0, col0 + r.m), r its label segment, whose entries it reads
+// and may overwrite at tile_row(...) (the row side in buf, the column side in t_buf).
+template <typename T, typename F>
+void for_each_tile_row(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& buf,
+                       at::Tensor& t_buf, F&& row) {
+  const int64_t ni = i1 - i0, nj = j1 - j0;
+  const bool diagonal = i0 == j0;
+  at::Tensor tile = dense_tile(buf, ni, nj);
+  at::mm_out(tile, pb.x.narrow(0, i0, ni), pb.x.narrow(0, j0, nj).t());
+  T* s_p = buf.template data_ptr<T>();
+  T* st_p = t_buf.template data_ptr<T>();
+  if (!diagonal) transpose_tile<T, false>(s_p, ni, nj, st_p);
+  at::parallel_for(0, diagonal ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bool row_side = r < ni;
+      const int64_t i = row_side ? i0 + r : j0 + (r - ni), col0 = row_side ? j0 : i0;
+      row(i, label_segment(pb, i, col0, row_side ? nj : ni), row_side ? s_p + r * nj : st_p + (r - ni) * ni,
+          col0);
+    }
+  });
 }
 
 template <typename T>
@@ -224,28 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Pro
   auto stats = at::zeros({4, n}, pb.x.options());
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const int64_t* lab = pb.labels.template data_ptr<int64_t>();
   std::vector<OnlineLabelRow<T>> acc(n);
   at::Tensor s_buf = at::empty({block, block}, pb.x.options()), st_buf = at::empty({block, block}, pb.x.options());
   for_each_pair_block(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    const int64_t ni = i1 - i0, nj = j1 - j0;
-    const bool diagonal = i0 == j0;
-    // the Gram tile (ni x nj, dense) and its transpose for the rows of J
-    at::Tensor s = dense_tile(s_buf, ni, nj);
-    at::mm_out(s, pb.x.narrow(0, i0, ni), pb.x.narrow(0, j0, nj).t());
-    T* s_p = s_buf.template data_ptr<T>();
-    T* st_p = st_buf.template data_ptr<T>();
-    if (!diagonal) transpose_tile<T, false>(s_p, ni, nj, st_p);
-    at::parallel_for(0, diagonal ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const bool row_side = r < ni;
-        const int64_t i = row_side ? i0 + r : j0 + (r - ni), col0 = row_side ? j0 : i0, len = row_side ? nj : ni;
-        T* row = row_side ? s_p + r * nj : st_p + (r - ni) * ni;
-        with_label_kernel(pb.kernel, [&](auto code) {
-          fast_logits<T, decltype(code)::value>(row, x_sq + col0, x_sq[i], prm, len);
-        });
-        add_label_segment<T>(row, lab + col0, lab[i], self_in(pb.exclude_self, i, col0, len), len, &acc[i]);
-      }
+    for_each_tile_row(pb, i0, i1, j0, j1, s_buf, st_buf, [&](int64_t i, const LabelRow& seg, T* row, int64_t col0) {
+      with_label_kernel(pb.kernel, [&](auto code) {
+        fast_logits<T, decltype(code)::value>(row, x_sq + col0, x_sq[i], prm, seg.m);
+      });
+      add_label_segment<T>(seg, row, &acc[i]);
     });
   });
   T* loss_p = loss.template data_ptr<T>();
@@ -268,19 +254,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Pro
   return {loss, included, stats};
 }
 
+// stats: the forward's, in T and contiguous; block: the forward's (recorded_pair_block).
 template <typename T>
 std::vector<at::Tensor> symmetric_label_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
-                                                 const at::Tensor& valid, const at::Tensor& stats_in,
+                                                 const at::Tensor& valid, const at::Tensor& stats,
                                                  bool param_grad, int64_t block) {
   const int64_t n = pb.n, d = pb.d;
   const auto opts = pb.x.options();
   auto g_t = at::where(valid, grad_rows.to(opts.dtype()), at::zeros({}, opts)).contiguous();
-  auto stats = stats_in.to(opts.dtype()).contiguous();
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const int64_t* lab = pb.labels.template data_ptr<int64_t>();
   const bool dist = is_distance(pb.kernel);
   const std::vector<int64_t> k = positive_counts(pb.labels, pb.exclude_self);
   // dL/dparam's row sums over every column block, centred once per row at the end (centred_sum)
@@ -290,41 +275,32 @@ std::vector<at::Tensor> symmetric_label_backward(const Problem<T>& pb, const at:
   for_each_pair_block(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t ni = i1 - i0, nj = j1 - j0;
     const bool diagonal = i0 == j0;
-    at::Tensor h = dense_tile(w_buf, ni, nj);   // the Gram tile, then W_IJ, then H_IJ
-    at::mm_out(h, pb.x.narrow(0, i0, ni), pb.x.narrow(0, j0, nj).t());   // the forward's GEMM, bit for bit
-    T* w_p = w_buf.template data_ptr<T>();
-    T* wt_p = wt_buf.template data_ptr<T>();
-    if (!diagonal) transpose_tile<T, false>(w_p, ni, nj, wt_p);
-    at::parallel_for(0, diagonal ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const bool row_side = r < ni;
-        const int64_t i = row_side ? i0 + r : j0 + (r - ni), col0 = row_side ? j0 : i0, len = row_side ? nj : ni;
-        T* row = row_side ? w_p + r * nj : wt_p + (r - ni) * ni;
-        if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
-          std::fill(row, row + len, T(0));
-          continue;
-        }
-        const LabelRow seg{lab + col0, lab[i], len, self_in(pb.exclude_self, i, col0, len), double(pb.alpha),
-                           pb.m_valid};
-        // the logits stored first, as the forward's (fast_label_backward's LOGITS)
-        const LabelGradSums sums = with_label_kernel(pb.kernel, [&](auto code) {
-          constexpr int K = decltype(code)::value;
-          fast_logits<T, K>(row, x_sq + col0, x_sq[i], prm, len);
-          return fast_label_backward<T, K, true>(seg, k[i], row, x_sq + col0, x_sq[i], prm, st[i], g[i], st[2 * n + i]);
-        });
-        if (param_grad) {
-          dp[i] += sums.dp;
-          gs[i] += sums.g_sum;
-          qb[i] += sums.q_basis;
-          qs[i] += sums.q_sum;
-        }
+    // the Gram tile, then W_IJ (and W_JI in wt_buf), then H_IJ in w_buf
+    for_each_tile_row(pb, i0, i1, j0, j1, w_buf, wt_buf, [&](int64_t i, const LabelRow& seg, T* row, int64_t col0) {
+      if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
+        std::fill(row, row + seg.m, T(0));
+        return;
+      }
+      // the logits stored first, as the forward's (fast_label_backward's LOGITS)
+      const LabelGradSums sums = with_label_kernel(pb.kernel, [&](auto code) {
+        constexpr int K = decltype(code)::value;
+        fast_logits<T, K>(row, x_sq + col0, x_sq[i], prm, seg.m);
+        return fast_label_backward<T, K, true>(seg, k[i], row, x_sq + col0, x_sq[i], prm, st[i], g[i], st[2 * n + i]);
+      });
+      if (param_grad) {
+        dp[i] += sums.dp;
+        gs[i] += sums.g_sum;
+        qb[i] += sums.q_basis;
+        qs[i] += sums.q_sum;
       }
     });
+    at::Tensor h = dense_tile(w_buf, ni, nj);
+    T* w_p = w_buf.template data_ptr<T>();
+    T* wt_p = wt_buf.template data_ptr<T>();
     // H = W_IJ + W_JI^T (on the diagonal, W_II + W_II^T), then both sides' dX from it
     if (diagonal) dense_tile(wt_buf, ni, nj).copy_(h);   // W_II, whose transpose is added
     transpose_tile<T, true>(wt_p, nj, ni, w_p);
-    at::Tensor dx_i = dx.narrow(0, i0, ni);
-    dx_i.addmm_(h, pb.x.narrow(0, j0, nj));
+    dx.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
     if (!diagonal) dx.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
     if (dist) {   // diag(H 1): row sums of H over both of its blocks
       h_sum.narrow(0, i0, ni) += h.sum(1, false, at::kDouble);
