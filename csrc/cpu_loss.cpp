@@ -173,7 +173,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // (the forward's schedule, as its stats record it: recorded_pair_block)
   if (y_is_x && !target_grad && symmetric_labels_fit(pb)) {
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
-    const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n);
+    const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
