@@ -23,7 +23,7 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     # flags are read anywhere); with trapping math GCC keeps them slow (vlog: 10 ns vs 1.3 ns a pair)
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
-    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_ops.cpp"]
+    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_bidirectional_labels.cpp", "csrc/cpu_ops.cpp"]
     # CUDA kernels whenever a toolkit and a CUDA build of torch are present, GPU or not.
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     with_cuda = bool(torch.version.cuda and nvcc and os.environ.get("ICON_KERNELS_NO_CUDA") != "1")

@@ -6,6 +6,7 @@
 #include <exception>
 #include <string>
 
+#include "cpu_bidirectional_labels.h"
 #include "cpu_label_blocks.h"
 #include "cpu_loss.h"
 #include "cpu_row_paths.h"
@@ -17,6 +18,8 @@ TORCH_LIBRARY_IMPL(icon_kernels, CPU, m) {
   m.impl("cpu_backward", &icon::cpu_backward);
   m.impl("cpu_label_block_stats", &icon::cpu_label_block_stats);
   m.impl("cpu_label_block_backward", &icon::cpu_label_block_backward);
+  m.impl("cpu_bidirectional_forward", &icon::cpu_bidirectional_forward);
+  m.impl("cpu_bidirectional_backward", &icon::cpu_bidirectional_backward);
 }
 
 // _C.cpu_row_path(kernel, target, divergence, alpha, beta, normalization="conditional",
@@ -66,17 +69,21 @@ static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
   return out;
 }
 
-// _C.cpu_symmetric_counts() -> {"forward": calls, "backward": calls}: the calls that ran the
-// symmetric schedule (cpu_symmetric_labels.h) since the last call (which resets them).
+// _C.cpu_symmetric_counts() -> {"forward": calls, "backward": calls, "bidirectional_forward": calls,
+// "bidirectional_backward": calls}: the calls that ran the symmetric schedule
+// (cpu_symmetric_labels.h) and the bidirectional ops (cpu_bidirectional_labels.cpp) since the last
+// call (which resets them).
 static PyObject* cpu_symmetric_counts(PyObject*, PyObject*) {
-  const long long fwd = icon::cpu::symmetric_schedule_counters()[0].exchange(0);
-  const long long bwd = icon::cpu::symmetric_schedule_counters()[1].exchange(0);
-  return Py_BuildValue("{s:L,s:L}", "forward", fwd, "backward", bwd);
+  long long c[4];
+  for (int k = 0; k < 4; ++k) c[k] = icon::cpu::symmetric_schedule_counters()[k].exchange(0);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "forward", c[0], "backward", c[1], "bidirectional_forward", c[2],
+                       "bidirectional_backward", c[3]);
 }
 
 static PyMethodDef kMethods[] = {
     {"cpu_symmetric_counts", cpu_symmetric_counts, METH_NOARGS,
-     "cpu_symmetric_counts(): calls per pass that ran the symmetric schedule since the last call (resets them)"},
+     "cpu_symmetric_counts(): calls per pass that ran the symmetric schedule and the bidirectional ops since the "
+     "last call (resets them)"},
     {"cpu_row_path_counts", cpu_row_path_counts, METH_NOARGS,
      "cpu_row_path_counts(): rows run per row path and pass since the last call (resets them)"},
     {"cpu_row_path", cpu_row_path, METH_VARARGS,

@@ -43,10 +43,11 @@ inline bool symmetric_schedule_enabled() {
   return false;
 }
 
-// Calls of the symmetric schedule per pass (0 forward, 1 backward) since the last read:
+// Calls of the tile-pair schedules since the last read: the symmetric schedule's forward (0) and
+// backward (1), the bidirectional ops' (2, 3; cpu_bidirectional_labels.cpp).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
-  static std::atomic<int64_t> counters[2];
+  static std::atomic<int64_t> counters[4];
   return counters;
 }
 

@@ -9,7 +9,7 @@ from .backends import blockwise as _torch_backend
 from .backends import triton as _triton_backend
 from . import distributed
 from .backends.registry import available_backends
-from .functional import icon_loss
+from .functional import icon_loss, icon_loss_bidirectional
 from .modules import ICon
 from .helpers.knn import knn, knn_target, propagate
 from .helpers.perplexity import calibrate_sigma
@@ -27,7 +27,7 @@ _triton_backend.register()
 _cpu_backend.register()
 _cuda_backend.register()
 
-__all__ = ["icon_loss", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends",
+__all__ = ["icon_loss", "icon_loss_bidirectional", "ICon", "Labels", "Neighbors", "Affinity", "Dense", "available_backends",
            "InfoNCE", "SimCLR", "TSimCLR", "SupCon", "CLIPLoss", "PrototypeCrossEntropy", "HarmonicLoss", "SNE",
            "TSNE", "UniformKNN", "InfoNCEClustering", "knn", "knn_target", "propagate", "calibrate_sigma"]
 __all__ += ["KMeans", "SpectralClustering"]

@@ -1,6 +1,7 @@
-"""``icon_loss``: the public functional entry point (DESIGN.md §2)."""
+"""``icon_loss`` and ``icon_loss_bidirectional``: the public functional entry points (DESIGN.md §2)."""
 from __future__ import annotations
 
+from .backends import bidirectional
 from .backends.dispatch import loss
 
 
@@ -54,3 +55,36 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
     return loss(x, y, target=target, kernel=kernel, temperature=temperature, sigma=sigma, dof=dof,
                 exponent=exponent, alpha=alpha, beta=beta, exclude_self=exclude_self, divergence=divergence,
                 normalization=normalization, reduction=reduction, weight=weight, backend=backend)
+
+
+def icon_loss_bidirectional(x, y, *, target, kernel="cosine", temperature=0.1, sigma=1.0, dof=1.0, exponent=1.0,
+                            alpha=0.0, beta=0.0, exclude_self=False, divergence="kl", normalization="conditional",
+                            reduction="mean", backend="auto"):
+    """Both directions of the I-Con loss between x and y: 1/2 [L(x->y) + L(y->x)] (CLIP, CMC;
+    DESIGN.md §1.3), each L as ``icon_loss`` computes it with the same options.
+
+    L(x->y) is ``icon_loss(x, y, target=target, ...)``: x's rows over y's columns. L(y->x) has y's
+    rows over x's columns, the same kernel and parameter, and the transposed target: the
+    transpose of the target's weights renormalised over y's rows (Labels(row_labels, col_labels)
+    becomes Labels(col_labels, row_labels); Dense(p) becomes Dense(p.T); Neighbors lists, for each
+    row of y, the rows of x that list it, with their weights; Affinity(z, z_cols) becomes
+    Affinity(z_cols, z); a symmetrised target stays itself). The kernel's parameter must be one
+    value (a float or a one-element tensor, which may require grad); an Affinity target's too.
+
+    With ``backend="cpu"`` (or "auto" on the CPU) a Labels target with beta = 0, divergence "kl"
+    or "cross_entropy" and the dot, cosine or gaussian kernel takes one pass over the tiles of
+    S = x y^T for both directions: the row and column statistics from the same tiles, and one
+    backward with H = W_row + W_col^T, four N M d GEMM-equivalents for forward + backward where
+    two ``icon_loss`` calls take eight. Every other problem, and every problem under
+    ICON_KERNELS_SYMMETRIC=0, is computed as the two ``icon_loss`` calls on the chosen backend.
+
+    exclude_self (square problems only) leaves out the pairs (i, i) in both directions.
+    normalization must be "conditional" (under "joint" the two directions are one divergence:
+    call ``icon_loss``). reduction: "mean" is 1/2 (mean of L(x->y)'s rows + mean of L(y->x)'s
+    rows), each over its included rows; "sum" is 1/2 (sum + sum); "none" returns the pair
+    (L(x->y)_i / 2 for x's N rows, L(y->x)_j / 2 for y's M rows), whose total is "sum".
+    """
+    return bidirectional.loss(x, y, target=target, kernel=kernel, temperature=temperature, sigma=sigma, dof=dof,
+                              exponent=exponent, alpha=alpha, beta=beta, exclude_self=exclude_self,
+                              divergence=divergence, normalization=normalization, reduction=reduction,
+                              backend=backend)

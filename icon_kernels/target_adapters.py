@@ -102,6 +102,11 @@ class TargetAdapter:
         """The target with its column side made global, in the reordered column order."""
         raise NotImplementedError
 
+    def reverse(self, target, n: int, m: int):
+        """The checked target of the reverse direction (rows y, columns x: ik.icon_loss_bidirectional):
+        the transpose of its weights, renormalised over the new rows as any target is."""
+        raise NotImplementedError
+
 
 class LabelsAdapter(TargetAdapter):
     name = "labels"
@@ -125,6 +130,9 @@ class LabelsAdapter(TargetAdapter):
 
     def op_slots(self, target):
         return OpSlots(row_labels=target.row_labels, col_labels=target.col_labels)
+
+    def reverse(self, target, n, m):
+        return Labels(target.col_labels, target.row_labels)
 
     def global_columns(self, target, gather, gather_with_grad, order, position):
         cols = target.row_labels if target.col_labels is None else target.col_labels
@@ -172,6 +180,11 @@ class NeighborsAdapter(TargetAdapter):
 
     def weight_tensor(self, target):
         return target.weights
+
+    def reverse(self, target, n, m):
+        if target.symmetrize:            # p_ij = p_ji already
+            return target
+        return Neighbors(*transposed_neighbors(target.indices, target.weights, m))
 
     def global_columns(self, target, gather, gather_with_grad, order, position):
         idx = target.indices
@@ -226,6 +239,17 @@ class AffinityAdapter(TargetAdapter):
             t_param = getattr(target, KERNEL_PARAM.get(target.kernel) or "", None)
         return {"z": target.z, "z_cols": target.z_cols, "t_param": t_param}
 
+    def reverse(self, target, n, m):
+        if target.symmetrize:            # p_ij = p_ji already
+            return target
+        param = self._param(target)
+        if isinstance(param, torch.Tensor) and param.numel() > 1:
+            raise ValueError(f"the target's {KERNEL_PARAM[target.kernel]} has one value per row of x; the reverse "
+                             "direction (rows y) needs one value for all rows")
+        if target.z_cols is None:        # one set of features for rows and columns
+            return target
+        return replace(target, z=target.z_cols, z_cols=target.z)
+
     def global_columns(self, target, gather, gather_with_grad, order, position):
         z_cols = target.z if target.z_cols is None else target.z_cols
         return replace(target, z_cols=gather_with_grad(z_cols)[order])
@@ -264,8 +288,33 @@ class DenseAdapter(TargetAdapter):
     def global_width(self, target):
         return target.p.shape[1]
 
+    def reverse(self, target, n, m):
+        return Dense(target.p.t())
+
     def global_columns(self, target, gather, gather_with_grad, order, position):
         return Dense(target.p[:, order])
+
+
+def transposed_neighbors(indices: torch.Tensor, weights: Optional[torch.Tensor], m: int):
+    """(indices, weights) of the transposed neighbour lists: row j of the result lists every row i
+    of ``indices`` that lists j, with that entry's weight (a repeat stays a repeat), padded with -1
+    to the longest list (a hub listed by many rows makes it that long). Differentiable in
+    ``weights``; weights None stays None."""
+    n, k = indices.shape
+    listed = indices >= 0
+    cols = indices[listed]
+    rows = torch.arange(n, device=indices.device).unsqueeze(1).expand(n, k)[listed]
+    order = torch.argsort(cols, stable=True)
+    cols, rows = cols[order], rows[order]
+    counts = torch.bincount(cols, minlength=m)
+    width = max(1, int(counts.max())) if cols.numel() else 1
+    slot = torch.arange(cols.numel(), device=indices.device) - (torch.cumsum(counts, 0) - counts)[cols]
+    out_idx = torch.full((m, width), -1, dtype=indices.dtype, device=indices.device)
+    out_idx[cols, slot] = rows
+    if weights is None:
+        return out_idx, None
+    out_w = weights.new_zeros((m, width)).index_put((cols, slot), weights[listed][order])
+    return out_idx, out_w
 
 
 _ADAPTERS = {a.name: a for a in (LabelsAdapter(), NeighborsAdapter(), AffinityAdapter(), DenseAdapter())}

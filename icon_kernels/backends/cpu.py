@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from . import label_block_ops
+from . import bidirectional_ops, label_block_ops
 from .ops import register_backend
 
 _REASON: Optional[str] = "not registered"
@@ -15,8 +15,8 @@ def unavailable_reason() -> Optional[str]:
 
 
 def register() -> None:
-    """Defines icon_kernels::cpu_forward/_backward (and the ring-mode label block ops); their CPU
-    kernels come from icon_kernels._C."""
+    """Defines icon_kernels::cpu_forward/_backward (and the ring-mode label block ops and the
+    bidirectional label ops); their CPU kernels come from icon_kernels._C."""
     global _REASON
     try:
         from .. import _C  # noqa: F401 - importing it registers the C++ kernels
@@ -28,4 +28,5 @@ def register() -> None:
         return
     register_backend("cpu")
     label_block_ops.register()
+    bidirectional_ops.register()
     _REASON = None

@@ -1,0 +1,88 @@
+"""``ik.icon_loss_bidirectional``: 1/2 [L(x->y) + L(y->x)] (CLIP, CMC; DESIGN.md §1.3) from a
+checked problem to its reduced value.
+
+The reverse direction has y's rows over x's columns, the same kernel and parameter, and the
+transposed target (target_adapters: ``reverse``). Where both directions fit the label hot path of
+the fused ``cpu`` backend (a Labels target, beta = 0, KL or cross-entropy, dot / cosine / Gaussian
+with one parameter), they are computed from one pass over the tiles of S = x y^T
+(bidirectional_ops, csrc/cpu_bidirectional_labels.cpp): four N M d GEMM-equivalents for forward +
+backward instead of eight. Everything else, and ``ICON_KERNELS_SYMMETRIC=0`` (the off switch of
+the tile-pair schedules, for benchmarks), computes the two directions as two calls of the chosen
+backend.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..families import DIVERGENCES
+from ..reduction import reduce_rows
+from ..target_adapters import adapter_for
+from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
+from . import registry
+from .dispatch import computing_backends, kernel_inputs, row_losses
+
+SWITCH = "ICON_KERNELS_SYMMETRIC"
+ONE_PASS_KERNELS = ("dot", "cosine", "gaussian")
+
+
+def one_pass_enabled() -> bool:
+    """The off switch, read at every call as the C++ kernels read it: unset, "" or "1" on, "0" off."""
+    value = os.environ.get(SWITCH, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{SWITCH} must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
+def _scalar_param(problem: Problem) -> bool:
+    return not isinstance(problem.param, torch.Tensor) or problem.param.numel() == 1
+
+
+def one_pass_fits(problem: Problem, backend: str) -> bool:
+    """Whether the cpu backend's bidirectional ops compute ``problem`` (x -> y) and its reverse."""
+    return (backend == "cpu" and adapter_for(problem.target).name == "labels" and problem.beta == 0
+            and problem.divergence in ("kl", "cross_entropy") and problem.kernel in ONE_PASS_KERNELS
+            and problem.normalization == "conditional" and _scalar_param(problem) and one_pass_enabled())
+
+
+def _one_pass_rows(problem: Problem):
+    """(rows, included) of x's rows over y and of y's rows over x, from the bidirectional ops."""
+    x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
+    t = problem.target
+    rows_x, inc_x, _, rows_y, inc_y, _ = torch.ops.icon_kernels.cpu_bidirectional_forward(
+        x, y, param.reshape(()), kernel, t.row_labels, t.col_labels, problem.alpha, problem.exclude_self,
+        DIVERGENCES[problem.divergence].code)
+    return rows_x, inc_x, rows_y, inc_y
+
+
+def loss(x, y, *, target, backend="auto", exclude_self=False, reduction="mean", **options):
+    """The reduced bidirectional loss, as ``ik.icon_loss_bidirectional`` documents it."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor (the columns of x -> y, the rows of y -> x), got "
+                        f"{type(y).__name__}")
+    options = {**LOSS_OPTIONS, **options}
+    forward = check_arguments(x, y, target=target, exclude_self=exclude_self, reduction=reduction, weight=None,
+                              **options)
+    if forward.normalization != "conditional":
+        raise ValueError("normalization='joint' has one q over all pairs for both directions, so its two "
+                         "directions are one divergence: use ik.icon_loss (normalization must be 'conditional')")
+    if not _scalar_param(forward):
+        name = KERNEL_PARAM[forward.kernel]
+        raise ValueError(f"{name} must be one value for both directions (a float or a one-element tensor), got "
+                         f"shape {tuple(forward.param.shape)}")
+    n, m = x.shape[0], y.shape[0]
+    reverse_target = adapter_for(forward.target).reverse(forward.target, n, m)
+    reverse = check_arguments(y, x, target=reverse_target, exclude_self=forward.exclude_self,
+                              reduction=reduction, weight=None, **options)
+    only, what = computing_backends(forward, backend)
+    name = registry.resolve_backend(backend, x.device, only=only, what=what)
+    if one_pass_fits(forward, name):
+        rows_x, inc_x, rows_y, inc_y = _one_pass_rows(forward)
+    else:
+        rows_x, inc_x = row_losses(forward, name)
+        rows_y, inc_y = row_losses(reverse, name)
+    if reduction == "none":
+        return (rows_x / 2).to(x.dtype), (rows_y / 2).to(y.dtype)
+    both = reduce_rows(rows_x, inc_x, None, reduction) + reduce_rows(rows_y, inc_y, None, reduction)
+    return (both / 2).to(x.dtype)

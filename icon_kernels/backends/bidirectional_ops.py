@@ -1,0 +1,71 @@
+"""Schemas, fake implementations and autograd of the fused CPU backend's bidirectional label ops
+(kernels in csrc/cpu_bidirectional_labels.cpp; DESIGN.md §1.3): both directions of
+1/2 [L(x->y) + L(y->x)] over one S = x y^T in one pass, for a Labels target with beta = 0, KL or
+cross-entropy and the dot or Gaussian kernel with one scalar parameter (cosine as dot on
+normalised rows).
+
+``icon_kernels::cpu_bidirectional_forward`` returns (rows_x, included_x, stats_x, rows_y,
+included_y, stats_y): the row losses, included rows and [4, rows] statistics of x's rows over y
+(direction x -> y), then of y's rows over x. ``icon_kernels::cpu_bidirectional_backward`` takes the
+upstream gradients of both directions' row losses and returns (dx, dy, dparam); it reads its
+forward's record in the stats, so it runs only after that op.
+"""
+from __future__ import annotations
+
+import torch
+
+ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, Tensor row_labels, Tensor col_labels, float alpha, "
+        "bool exclude_self, int divergence")
+FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+BACKWARD_SCHEMA = (f"(Tensor grad_x_rows, Tensor grad_y_rows, {ARGS}, Tensor valid_x, Tensor stats_x, "
+                   "Tensor valid_y, Tensor stats_y, bool need_param_grad) -> (Tensor, Tensor, Tensor)")
+N_ARGS = 9
+
+
+def _side(t: torch.Tensor, acc: torch.dtype):
+    n = t.shape[0]
+    return t.new_empty(n, dtype=acc), t.new_empty(n, dtype=torch.bool), t.new_empty(4, n, dtype=acc)
+
+
+def _fake_forward(x, y, *rest):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (*_side(x, acc), *_side(y, acc))
+
+
+def _fake_backward(grad_x_rows, grad_y_rows, x, y, param, *rest):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(param)
+
+
+def _setup_context(ctx, inputs, output):
+    _, valid_x, stats_x, _, valid_y, stats_y = output
+    ctx.inputs = inputs
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[4], inputs[5], valid_x, stats_x, valid_y, stats_y)
+    ctx.mark_non_differentiable(valid_x, stats_x, valid_y, stats_y)
+
+
+def _backward(ctx, grad_x_rows, _gvx, _gsx, grad_y_rows, _gvy, _gsy):
+    x, y, param, row_labels, col_labels, valid_x, stats_x, valid_y, stats_y = ctx.saved_tensors
+    _, _, _, kernel, _, _, alpha, exclude_self, divergence = ctx.inputs
+    # an unused direction's upstream gradient arrives as None
+    grad_x_rows = torch.zeros_like(stats_x[0]) if grad_x_rows is None else grad_x_rows
+    grad_y_rows = torch.zeros_like(stats_y[0]) if grad_y_rows is None else grad_y_rows
+    dx, dy, dparam = torch.ops.icon_kernels.cpu_bidirectional_backward(
+        grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence,
+        valid_x, stats_x, valid_y, stats_y, ctx.needs_input_grad[2])
+    return (dx, dy, dparam) + (None,) * (N_ARGS - 3)
+
+
+def _double_backward(ctx, *grads):
+    from .second_backward import message
+    raise NotImplementedError(message("the fused backend 'cpu' (bidirectional)"))
+
+
+def register() -> None:
+    """Defines the two ops (their CPU kernels come from icon_kernels._C)."""
+    fwd, bwd = "icon_kernels::cpu_bidirectional_forward", "icon_kernels::cpu_bidirectional_backward"
+    torch.library.define(fwd, FORWARD_SCHEMA)
+    torch.library.define(bwd, BACKWARD_SCHEMA)
+    torch.library.register_fake(fwd, _fake_forward)
+    torch.library.register_fake(bwd, _fake_backward)
+    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(bwd, _double_backward, setup_context=lambda ctx, inputs, output: None)
