@@ -22,11 +22,11 @@ namespace cpu {
 
 constexpr int64_t kTileElements = 1 << 21;   // entries of one chunk's Gram tile
 
-// ICON_KERNELS_CPU_TILE_ELEMENTS overrides kTileElements (read at every call): the tests force
+// ICON_KERNELS_CPU_TILE_ELEMENTS overrides kTileElements, or a pass's own fallback (read at every call): the tests force
 // many ragged row chunks on small problems with it (tests/test_cpu_row_chunks.py).
-inline int64_t tile_elements() {
+inline int64_t tile_elements(int64_t fallback = kTileElements) {
   const char* env = std::getenv("ICON_KERNELS_CPU_TILE_ELEMENTS");
-  if (env == nullptr || *env == '\0') return kTileElements;
+  if (env == nullptr || *env == '\0') return fallback;
   char* end = nullptr;
   const long long v = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && v > 0,
