@@ -2,13 +2,13 @@
 checked problem to its reduced value.
 
 The reverse direction has y's rows over x's columns, the same kernel and parameter, and the
-transposed target (target_adapters: ``reverse``). Where both directions fit the label hot path of
-the fused ``cpu`` backend (a Labels target, beta = 0, KL or cross-entropy, dot / cosine / Gaussian
-with one parameter), they are computed from one pass over the tiles of S = x y^T
-(bidirectional_ops, csrc/cpu_bidirectional_labels.cpp): four N M d GEMM-equivalents for forward +
-backward instead of eight. Everything else, and ``ICON_KERNELS_SYMMETRIC=0`` (the off switch of
-the tile-pair schedules, for benchmarks), computes the two directions as two calls of the chosen
-backend.
+transposed target (target_adapters: ``reverse``). For a Labels target with beta = 0, KL or
+cross-entropy and one kernel parameter, both directions come from one pass over the strips of
+S = x y^T: on ``cpu`` (dot, cosine, Gaussian) the fused ops (bidirectional_ops,
+csrc/cpu_bidirectional_labels.cpp: four N M d GEMM-equivalents for forward + backward instead of
+eight), on ``torch`` (every kernel) bidirectional_torch, the readable version of the algorithm.
+Everything else, and ``ICON_KERNELS_SYMMETRIC=0`` (the off switch of the tile-pair schedules,
+for benchmarks), computes the two directions as two calls of the chosen backend.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from ..families import DIVERGENCES
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
-from . import registry
+from . import bidirectional_torch, registry
 from .dispatch import computing_backends, kernel_inputs, row_losses
 
 SWITCH = "ICON_KERNELS_SYMMETRIC"
-ONE_PASS_KERNELS = ("dot", "cosine", "gaussian")
+CPU_KERNELS = ("dot", "cosine", "gaussian")      # the cpu ops' (the label hot path's)
 
 
 def one_pass_enabled() -> bool:
@@ -39,16 +39,25 @@ def _scalar_param(problem: Problem) -> bool:
     return not isinstance(problem.param, torch.Tensor) or problem.param.numel() == 1
 
 
-def one_pass_fits(problem: Problem, backend: str) -> bool:
-    """Whether the cpu backend's bidirectional ops compute ``problem`` (x -> y) and its reverse."""
-    return (backend == "cpu" and adapter_for(problem.target).name == "labels" and problem.beta == 0
-            and problem.divergence in ("kl", "cross_entropy") and problem.kernel in ONE_PASS_KERNELS
-            and problem.normalization == "conditional" and _scalar_param(problem) and one_pass_enabled())
+def one_pass_backend(problem: Problem, backend: str):
+    """The one-pass version that computes ``problem`` (x -> y) and its reverse on ``backend``
+    ("cpu": the fused ops; "torch": bidirectional_torch), or None (two calls)."""
+    if not (adapter_for(problem.target).name == "labels" and problem.beta == 0
+            and problem.divergence in ("kl", "cross_entropy") and problem.normalization == "conditional"
+            and _scalar_param(problem) and one_pass_enabled()):
+        return None
+    if backend == "cpu" and problem.kernel in CPU_KERNELS:
+        return "cpu"
+    if backend == "torch" and bidirectional_torch.fits(problem):
+        return "torch"
+    return None
 
 
-def _one_pass_rows(problem: Problem):
-    """(rows, included) of x's rows over y and of y's rows over x, from the bidirectional ops."""
+def _one_pass_rows(problem: Problem, version: str):
+    """(rows, included) of x's rows over y and of y's rows over x, in one pass."""
     x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
+    if version == "torch":
+        return bidirectional_torch.row_losses(problem, x, y, param, kernel)
     t = problem.target
     rows_x, inc_x, _, rows_y, inc_y, _ = torch.ops.icon_kernels.cpu_bidirectional_forward(
         x, y, param.reshape(()), kernel, t.row_labels, t.col_labels, problem.alpha, problem.exclude_self,
@@ -77,8 +86,9 @@ def loss(x, y, *, target, backend="auto", exclude_self=False, reduction="mean", 
                               reduction=reduction, weight=None, **options)
     only, what = computing_backends(forward, backend)
     name = registry.resolve_backend(backend, x.device, only=only, what=what)
-    if one_pass_fits(forward, name):
-        rows_x, inc_x, rows_y, inc_y = _one_pass_rows(forward)
+    version = one_pass_backend(forward, name)
+    if version is not None:
+        rows_x, inc_x, rows_y, inc_y = _one_pass_rows(forward, version)
     else:
         rows_x, inc_x = row_losses(forward, name)
         rows_y, inc_y = row_losses(reverse, name)

@@ -1,0 +1,393 @@
+"""ik.icon_loss_bidirectional (DESIGN.md §1.3): 1/2 [L(x->y) + L(y->x)] with the reverse direction's
+target transposed. One pass over the strips of S = x y^T on cpu (csrc/cpu_bidirectional_labels.cpp)
+and torch (backends/bidirectional_torch.py) for Labels targets; two calls elsewhere.
+
+Every path must equal two ik.icon_loss calls of the dense reference (1e-12 in float64, ragged
+strips forced), keep fp32 and half precision within twice naive PyTorch's own error, pass
+gradcheck and opcheck, and run where it applies: _C.cpu_symmetric_counts() counts the cpu ops'
+calls."""
+import itertools
+
+import pytest
+import torch
+
+import icon_kernels as ik
+from cases import relative_error
+from icon_kernels.backends import bidirectional_torch
+from icon_kernels.backends import blockwise as torch_backend
+
+F64, F32 = torch.float64, torch.float32
+HAS_CPU = "cpu" in ik.available_backends()
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the cpu backend is not built")
+# ICON_KERNELS_CPU_TILE_ELEMENTS: "8" gives strips of one row (M > 8), "100" ragged strips of a
+# few rows, "" the default
+TILES = ("8", "100", "")
+PARAM_NAME = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof",
+              "power": "exponent"}
+
+
+def _cpu_calls():
+    from icon_kernels import _C
+    counts = _C.cpu_symmetric_counts()
+    return counts["bidirectional_forward"], counts["bidirectional_backward"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
+    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
+    if HAS_CPU:
+        _cpu_calls()
+    yield
+
+
+class TorchCalls:
+    """Counts the torch backend's one-pass calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        apply = bidirectional_torch.BidirectionalLabels.apply
+
+        def counted(*args):
+            self.calls += 1
+            return apply(*args)
+        monkeypatch.setattr(bidirectional_torch.BidirectionalLabels, "apply", counted)
+
+
+def _inputs(n, m, d=5, dtype=F64, seed=0, classes=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=F64).to(dtype)
+    y = torch.randn(m, d, generator=gen, dtype=F64).to(dtype)
+    rl = torch.randint(0, classes, (n,), generator=gen)
+    cl = torch.randint(0, classes, (m,), generator=gen)
+    return x, y, rl, cl
+
+
+def _grads(loss_fn, x0, y0, param, upstream=1.7):
+    """(loss, dx, dy, dparam) of upstream * loss (the pair's halves summed for reduction='none')."""
+    x, y = x0.detach().clone().requires_grad_(), y0.detach().clone().requires_grad_()
+    p = torch.tensor(param, dtype=F64 if x0.dtype == F64 else F32, requires_grad=True)
+    loss = loss_fn(x, y, p)
+    if isinstance(loss, tuple):
+        loss = loss[0].sum() + loss[1].sum()
+    return [loss.detach(), *torch.autograd.grad(loss * upstream, (x, y, p))]
+
+
+def _two_calls(target, reverse, kernel, backend="reference", **options):
+    """The definition: two ik.icon_loss calls, halved."""
+    def f(x, y, p):
+        kw = {**options, PARAM_NAME[kernel]: p}
+        return (ik.icon_loss(x, y, target=target, kernel=kernel, backend=backend, **kw)
+                + ik.icon_loss(y, x, target=reverse, kernel=kernel, backend=backend, **kw)) / 2
+    return f
+
+
+def _both(target, kernel, backend, **options):
+    def f(x, y, p):
+        return ik.icon_loss_bidirectional(x, y, target=target, kernel=kernel, backend=backend,
+                                          **{**options, PARAM_NAME[kernel]: p})
+    return f
+
+
+def _close(got, want, tol):
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tol, (relative_error(g, w), tol)
+
+
+SHAPES = [(37, 23, False), (23, 37, False), (16, 16, True), (1, 1, False), (1, 6, False), (6, 1, False)]
+CASES = list(itertools.product(SHAPES, (0.0, 0.3), ("kl", "cross_entropy")))
+
+
+@needs_cpu
+@pytest.mark.parametrize("kernel", ["dot", "cosine", "gaussian"])
+@pytest.mark.parametrize("shape,alpha,divergence", CASES)
+def test_cpu_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, alpha, divergence):
+    n, m, exclude_self = shape
+    x, y, rl, cl = _inputs(n, m, classes=2 if n * m > 1 else 1)
+    options = dict(alpha=alpha, divergence=divergence, exclude_self=exclude_self)
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), kernel, **options), x, y, 0.6)
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _grads(_both(ik.Labels(rl, cl), kernel, "cpu", **options), x, y, 0.6)
+        assert _cpu_calls() == (1, 1), tile
+        _close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["dot", "cosine", "gaussian", "student_t", "power"])
+@pytest.mark.parametrize("shape,alpha,divergence", CASES[::3] + CASES[1::6])
+def test_torch_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, alpha, divergence):
+    n, m, exclude_self = shape
+    x, y, rl, cl = _inputs(n, m, classes=2 if n * m > 1 else 1)
+    options = dict(alpha=alpha, divergence=divergence, exclude_self=exclude_self)
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), kernel, **options), x, y, 0.6)
+    calls = TorchCalls(monkeypatch)
+    for elements in (5, 100, 1 << 20):        # strips of 1 row, a few rows, everything
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", elements)
+        got = _grads(_both(ik.Labels(rl, cl), kernel, "torch", **options), x, y, 0.6)
+        _close(got, want, 1e-12)
+    assert calls.calls == 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+def test_log_dot_and_the_other_targets_take_two_calls_with_the_reverse_target(backend):
+    """Dense(p) reverses to Dense(p.T), Affinity(z, z_cols) to Affinity(z_cols, z), Neighbors to the
+    lists of the rows that list each column (= Dense of its scattered weights, transposed)."""
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("the cpu backend is not built")
+    gen = torch.Generator().manual_seed(4)
+    n, m = 9, 6
+    x, y, _, _ = _inputs(n, m)
+    p = torch.rand(n, m, generator=gen, dtype=F64)
+    z, zc = torch.randn(n, 3, generator=gen, dtype=F64), torch.randn(m, 3, generator=gen, dtype=F64)
+    idx = torch.randint(-1, m, (n, 4), generator=gen)
+    w = torch.rand(n, 4, generator=gen, dtype=F64)
+    scattered = torch.zeros(n, m, dtype=F64)
+    keep = idx >= 0
+    scattered.index_put_((torch.arange(n)[:, None].expand(n, 4)[keep], idx[keep]), w[keep], accumulate=True)
+    for target, reverse in [(ik.Dense(p), ik.Dense(p.T)),
+                            (ik.Affinity(z, zc, sigma=0.8), ik.Affinity(zc, z, sigma=0.8)),
+                            (ik.Neighbors(idx, w), ik.Dense(scattered.T))]:
+        want = _grads(_two_calls(target, reverse, "dot", alpha=0.1), x, y, 0.6)
+        got = _grads(_both(target, "dot", backend, alpha=0.1), x, y, 0.6)
+        _close(got, want, 1e-12)
+    rl, cl = torch.randint(0, 2, (n,), generator=gen), torch.randint(0, 2, (m,), generator=gen)
+    xs, ys = x.abs() + 0.1, y.abs() + 0.1            # log_dot: positive dot products
+    got = ik.icon_loss_bidirectional(xs, ys, target=ik.Labels(rl, cl), kernel="log_dot", backend=backend)
+    want = (ik.icon_loss(xs, ys, target=ik.Labels(rl, cl), kernel="log_dot", backend="reference")
+            + ik.icon_loss(ys, xs, target=ik.Labels(cl, rl), kernel="log_dot", backend="reference")) / 2
+    assert relative_error(got, want) <= 1e-12
+
+
+def test_neighbor_weights_get_their_gradient_through_the_reverse_lists():
+    gen = torch.Generator().manual_seed(6)
+    n, m = 7, 5
+    x, y, _, _ = _inputs(n, m)
+    idx = torch.tensor([[0, 1, -1], [1, 1, 2], [4, -1, -1], [0, 3, 2], [2, 2, 2], [-1, -1, -1], [4, 0, 1]])
+    w0 = torch.rand(n, 3, generator=gen, dtype=F64) + 0.1
+
+    def value(backend, dense):
+        w = w0.clone().requires_grad_()
+        if dense:
+            keep = idx >= 0
+            rows = torch.arange(n)[:, None].expand(n, 3)[keep]
+            p = torch.zeros(n, m, dtype=F64).index_put((rows, idx[keep]), w[keep], accumulate=True)
+            target = ik.Dense(p)
+        else:
+            target = ik.Neighbors(idx, w)
+        loss = ik.icon_loss_bidirectional(x, y, target=target, kernel="dot", temperature=0.7, backend=backend)
+        return loss.detach(), torch.autograd.grad(loss, w)[0]
+
+    want = value("reference", dense=True)
+    for backend in ["reference", "torch"] + (["cpu"] if HAS_CPU else []):
+        _close(value(backend, dense=False), want, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["cpu"] if HAS_CPU else []))
+def test_reductions(backend):
+    x, y, rl, cl = _inputs(12, 12, classes=4)
+    target = ik.Labels(rl, cl)
+    kw = dict(kernel="cosine", temperature=0.2, backend=backend)
+    rows_x = ik.icon_loss(x, y, target=target, reduction="none", backend="reference", kernel="cosine",
+                          temperature=0.2)
+    rows_y = ik.icon_loss(y, x, target=ik.Labels(cl, rl), reduction="none", backend="reference", kernel="cosine",
+                          temperature=0.2)
+    half_x, half_y = ik.icon_loss_bidirectional(x, y, target=target, reduction="none", **kw)
+    assert half_x.shape == (12,) and half_y.shape == (12,)
+    _close([half_x, half_y], [rows_x / 2, rows_y / 2], 1e-12)
+    total = ik.icon_loss_bidirectional(x, y, target=target, reduction="sum", **kw)
+    assert relative_error(total, (rows_x.sum() + rows_y.sum()) / 2) <= 1e-12
+    mean = ik.icon_loss_bidirectional(x, y, target=target, **kw)
+    want = (ik.icon_loss(x, y, target=target, backend="reference", kernel="cosine", temperature=0.2)
+            + ik.icon_loss(y, x, target=ik.Labels(cl, rl), backend="reference", kernel="cosine", temperature=0.2)) / 2
+    assert relative_error(mean, want) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_rows_left_out_and_an_all_left_out_batch(backend):
+    x, y, _, _ = _inputs(6, 4)
+    rl = torch.tensor([0, 0, 1, 1, 5, 5])
+    cl = torch.tensor([0, 1, 7, 7])                 # y's rows 2, 3 and x's rows 4, 5 have no positive
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot"), x, y, 0.5)
+    _close(_grads(_both(ik.Labels(rl, cl), "dot", backend), x, y, 0.5), want, 1e-12)
+    none = _grads(_both(ik.Labels(torch.zeros(6, dtype=torch.long), torch.ones(4, dtype=torch.long)), "dot",
+                        backend), x, y, 0.5)
+    assert all(float(t.abs().max()) == 0 for t in none)
+
+
+@needs_cpu
+@pytest.mark.parametrize("temperature,scale", [(0.01, 1.0), (0.01, 30.0), (0.05, 30.0)])
+def test_float32_huge_logits_within_twice_pytorchs_own_error(monkeypatch, temperature, scale):
+    """Logits up to 1e6 in both directions: the backward's q and q' must sum to 1 without a
+    renormalising pass, from the forward's very logits and the LSEs' rounding (stats row 2).
+    Strips of 12 rows (ragged: 12, 12, 12, 4) and the default. Strips of one row, or of 7, are
+    tested in float64 only: the GEMM itself rounds the Gram otherwise at those shapes (MKL's GEMV
+    or another micro-kernel), and at tau = 0.01 that alone moves dL/dx to 5.4e-6 where naive
+    PyTorch's own error is 1.4e-6 (the GEMV's fp32 logits put through the exact float64 softmax
+    give the 5.4e-6 too)."""
+    gen = torch.Generator().manual_seed(5)
+    n, m = 40, 30
+    x = (scale * torch.randn(n, 16, generator=gen, dtype=F64)).float().double()
+    y = (scale * torch.randn(m, 16, generator=gen, dtype=F64)).float().double()
+    rl, cl = torch.arange(n) % m, torch.arange(m)
+    exact = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot"), x, y, temperature)
+    naive = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot"), x.float(), y.float(), temperature)
+    for backend, tile in (("cpu", "360"), ("cpu", ""), ("torch", "")):
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _grads(_both(ik.Labels(rl, cl), "dot", backend), x.float(), y.float(), temperature)
+        assert _cpu_calls() == ((1, 1) if backend == "cpu" else (0, 0))
+        for mine, theirs, want in zip(got, naive, exact):
+            assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 2.4e-7
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_pytorchs_own_error(backend, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(48, 32, generator=gen, dtype=F64).to(dtype)
+    y = torch.randn(40, 32, generator=gen, dtype=F64).to(dtype)
+    rl, cl = torch.arange(48) % 40, torch.arange(40)
+    exact = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "cosine"), x.double(), y.double(), 0.1)
+    naive = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "cosine"), x, y, 0.1)
+    got = _grads(_both(ik.Labels(rl, cl), "cosine", backend), x, y, 0.1)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    for mine, theirs, want in zip(got, naive, exact):
+        assert relative_error(mine, want) <= 2 * relative_error(theirs, want) + 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_gradcheck(monkeypatch, backend):
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "10")   # strips of 2 rows (M = 5)
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 10)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, generator=gen, dtype=F64, requires_grad=True)
+    y = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    t = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    rl, cl = torch.tensor([0, 0, 1, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 0])
+    for kernel in ("dot", "gaussian"):
+        def f(x, y, t):
+            return ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), kernel=kernel, backend=backend,
+                                              alpha=0.1, reduction="none", **{PARAM_NAME[kernel]: t})
+        assert torch.autograd.gradcheck(f, (x, y, t))
+
+
+@needs_cpu
+def test_opcheck_of_the_bidirectional_ops():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 4, generator=gen, dtype=F64), torch.randn(6, 4, generator=gen, dtype=F64)
+    rl, cl = torch.arange(9) // 3, torch.arange(6) // 2
+    args = (x, y, torch.tensor(0.5, dtype=F64), "dot", rl, cl, 0.1, False, 0)
+    op = torch.ops.icon_kernels
+    torch.library.opcheck(op.cpu_bidirectional_forward.default, args)
+    out = op.cpu_bidirectional_forward(*args)
+    gx, gy = torch.linspace(-1, 1, 9, dtype=F64), torch.linspace(0.5, 1, 6, dtype=F64)
+    torch.library.opcheck(op.cpu_bidirectional_backward.default,
+                          (gx, gy, *args, out[1], out[2], out[4], out[5], True))
+
+
+@needs_cpu
+def test_the_ops_check_every_size_they_index():
+    x, y = torch.randn(5, 3), torch.randn(4, 3)
+    rl, cl = torch.arange(5), torch.arange(4)
+    p = torch.tensor(0.5)
+    op = torch.ops.icon_kernels
+    bad = [((x, y, p, "dot", rl[:4], cl, 0.0, False, 0), "row_labels"),
+           ((x, y, p, "dot", rl, torch.arange(5), 0.0, False, 0), "col_labels"),
+           ((x, torch.randn(4, 2), p, "dot", rl, cl, 0.0, False, 0), "y must have shape"),
+           ((x, y, torch.ones(5), "dot", rl, cl, 0.0, False, 0), "param"),
+           ((x, y, p, "student_t", rl, cl, 0.0, False, 0), "kernel"),
+           ((x, y, p, "dot", rl, cl, 0.0, True, 0), "exclude_self"),
+           ((x, y, p, "dot", rl, cl, 0.0, False, 3), "divergence")]
+    for args, name in bad:
+        with pytest.raises(RuntimeError, match=name):
+            op.cpu_bidirectional_forward(*args)
+    args = (x, y, p, "dot", rl, cl, 0.0, False, 0)
+    out = op.cpu_bidirectional_forward(*args)
+    g5, g4 = torch.ones(5), torch.ones(4)
+    with pytest.raises(RuntimeError, match="grad_y_rows"):
+        op.cpu_bidirectional_backward(g5, g5, *args, out[1], out[2], out[4], out[5], False)
+    with pytest.raises(RuntimeError, match="stats_y"):
+        op.cpu_bidirectional_backward(g5, g4, *args, out[1], out[2], out[4], out[2], False)
+    with pytest.raises(RuntimeError, match="one icon_kernels::cpu_bidirectional_forward"):
+        op.cpu_bidirectional_backward(g5, g4, *args, out[1], torch.zeros(4, 5), out[4], out[5], False)
+
+
+def test_bad_arguments_name_themselves():
+    x, y, rl, cl = _inputs(6, 6)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        ik.icon_loss_bidirectional(x, None, target=ik.Labels(rl))
+    with pytest.raises(ValueError, match="temperature must be one value"):
+        ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), temperature=torch.full((6,), 0.5, dtype=F64))
+    with pytest.raises(ValueError, match="normalization"):
+        ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), normalization="joint")
+    with pytest.raises(ValueError, match="exclude_self"):
+        ik.icon_loss_bidirectional(x, y[:4], target=ik.Labels(rl, cl[:4]), exclude_self=True)
+    with pytest.raises(ValueError, match="sigma has one value per row"):
+        ik.icon_loss_bidirectional(x, y, target=ik.Affinity(x, y, sigma=torch.ones(6, dtype=F64)))
+    with pytest.raises(ValueError, match="ICON_KERNELS_SYMMETRIC"):
+        import os
+        os.environ["ICON_KERNELS_SYMMETRIC"] = "2"
+        try:
+            ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), backend="cpu")
+        finally:
+            del os.environ["ICON_KERNELS_SYMMETRIC"]
+
+
+@needs_cpu
+def test_the_switch_and_auto(monkeypatch):
+    x, y, rl, cl = _inputs(8, 5)
+    want = _grads(_both(ik.Labels(rl, cl), "dot", "reference"), x, y, 0.5)
+    got = _grads(_both(ik.Labels(rl, cl), "dot", "auto"), x, y, 0.5)
+    assert _cpu_calls() == (1, 1)                      # "auto" on the CPU: the cpu ops
+    _close(got, want, 1e-12)
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+    got = _grads(_both(ik.Labels(rl, cl), "dot", "cpu"), x, y, 0.5)
+    assert _cpu_calls() == (0, 0)                      # two calls of the cpu backend
+    _close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_y_is_x(backend):
+    x, _, rl, _ = _inputs(9, 1)
+
+    def grad(f):
+        xx = x.clone().requires_grad_()
+        loss = f(xx, xx, torch.tensor(0.5, dtype=F64))
+        return [loss.detach(), *torch.autograd.grad(loss, xx)]
+    _close(grad(_both(ik.Labels(rl, rl), "dot", backend, exclude_self=True)),
+           grad(_two_calls(ik.Labels(rl, rl), ik.Labels(rl, rl), "dot", exclude_self=True)), 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_double_backward_raises(backend):
+    x, y, rl, cl = _inputs(5, 4)
+    x.requires_grad_()
+    loss = ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), kernel="dot", backend=backend)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["cpu"] if HAS_CPU else []))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_clip_loss_is_both_directions_in_one_pass(backend, reduction):
+    gen = torch.Generator().manual_seed(8)
+    img, txt = torch.randn(10, 6, generator=gen, dtype=F64), torch.randn(10, 6, generator=gen, dtype=F64)
+
+    def run(crit, two_calls):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        if two_calls:
+            scale = crit.logit_scale.exp().clamp(max=crit.max_logit_scale)
+            ids = torch.arange(10)
+            kw = dict(kernel="cosine", temperature=scale.reciprocal(), exclude_self=False, backend="reference",
+                      reduction=reduction)
+            loss = (ik.icon_loss(a, b, target=ik.Labels(ids, ids), **kw)
+                    + ik.icon_loss(b, a, target=ik.Labels(ids, ids), **kw)) / 2
+        else:
+            loss = crit(a, b)
+        return [loss.detach(), *torch.autograd.grad(loss.sum(), (a, b, crit.logit_scale))]
+
+    crit = ik.CLIPLoss(backend=backend, reduction=reduction).double()
+    got = run(crit, two_calls=False)
+    if backend == "cpu":
+        assert _cpu_calls() == (1, 1)
+    _close(got, run(crit, two_calls=True), 1e-12)
