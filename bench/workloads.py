@@ -14,6 +14,10 @@ and naive PyTorch under ``torch.compile`` compute the same thing.
 - ``clip``: CLIP-style, rectangular. N image rows against M = N/2 caption columns (two images per
   caption): x (N x d), y (M x d), Labels(arange(N)//2, arange(M)), kernel ``cosine``,
   temperature 0.07; every pair is valid.
+- ``clip-both``: CLIP's loss, both directions: ``ik.icon_loss_bidirectional`` over N image rows
+  and N caption rows (pair i is image i with caption i), kernel ``cosine``, temperature 0.07. Its
+  floor is one direction's four GEMMs: the one-pass ``cpu`` schedule computes both directions in
+  that many GEMM-equivalents, two ``icon_loss`` calls ("cpu-plain") in twice as many.
 - ``tsne-reverse_kl``, ``tsne-tv``, ``tsne-js``, ``infonce-tv``, ``infonce-js``: the same
   configurations with another divergence of DESIGN.md §1.1 ("Beyond I-Con"); their cost ratio is
   the time of a variant over its kl row on the same backend.
@@ -130,6 +134,19 @@ def _clip_loss(inp, backend):
                         kernel="cosine", temperature=0.07, backend=backend)
 
 
+def _clip_both_inputs(n, d, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, d, generator=gen)
+    x = y + 0.7 * torch.randn(n, d, generator=gen)
+    return {"x": x.to(device=device, dtype=dtype).requires_grad_(),
+            "y": y.to(device=device, dtype=dtype).requires_grad_(), "ids": torch.arange(n).to(device)}
+
+
+def _clip_both_loss(inp, backend):
+    return ik.icon_loss_bidirectional(inp["x"], inp["y"], target=ik.Labels(inp["ids"], inp["ids"]),
+                                      kernel="cosine", temperature=0.07, backend=backend)
+
+
 CONFIGS: Dict[str, Config] = {
     "infonce": Config("infonce", "InfoNCE/SupCon: labels, dot kernel, tau 0.1, y = x",
                       "labels arange(N)//2", "dot", _infonce_inputs, _infonce_loss),
@@ -138,6 +155,9 @@ CONFIGS: Dict[str, Config] = {
     "clip": Config("clip", "CLIP-style: N x M=N/2 rectangular, labels, cosine, tau 0.07",
                    "labels rows arange(N)//2, cols arange(M)", "cosine", _clip_inputs, _clip_loss,
                    m_of_n=_clip_m, leaves=("x", "y")),
+    "clip-both": Config("clip-both", "CLIP, both directions: icon_loss_bidirectional, N x N pairs, cosine, tau 0.07 "
+                        "(floor: one direction's 4 GEMMs)", "labels arange(N) both sides", "cosine",
+                        _clip_both_inputs, _clip_both_loss, leaves=("x", "y")),
     # the divergences of "Beyond I-Con" on the same configurations (the kl rows above are their
     # baseline: cost ratio = time of the variant / time of its kl row, same backend)
     **{f"tsne-{div}": Config(f"tsne-{div}", f"t-SNE as 'tsne', divergence {div}", "affinity gaussian sigma=4",
@@ -266,7 +286,8 @@ MODES: Dict[Tuple[str, str], Mode] = {
     # the divergence and joint rows last: the deadline cuts the tail first
     ("cpu", "default"): Mode([("infonce", ("float32",), (2048, 4096, 8192, 16384), ()),
                               ("tsne", ("float32",), (2048, 8192), ()),
-                              ("clip", ("float32",), (4096, 16384), ())]
+                              ("clip", ("float32",), (4096, 16384), ()),
+                              ("clip-both", ("float32",), (4096, 8192), ())]
                              + [(c, ("float32",), (8192,), ("compiled",))
                                 for c in ("tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")]
                              + [("jointtsne", ("float32",), (2048, 8192), ())],
@@ -315,10 +336,12 @@ FLOOR = "GEMM floor"          # the floor's label in the table, the CSV and the 
 ALLOWANCE = {"compiled": 240.0, "keops": 300.0}
 DEFAULT_ALLOWANCE = 60.0
 
-# The configurations where the cpu backend runs its symmetric schedule (self mode on the label hot
-# path: csrc/cpu_symmetric_labels.h, DESIGN.md §1.3). There the sweep also times "cpu-plain", the
-# same backend with ICON_KERNELS_SYMMETRIC=0, so that both schedules are in one run.
-SYMMETRIC_CPU = ("infonce", "supcon100")
+# The configurations where the cpu backend runs a tile-pair schedule (DESIGN.md §1.3): the symmetric
+# one in self mode on the label hot path (csrc/cpu_symmetric_labels.h), the bidirectional one for
+# both directions of CLIP (csrc/cpu_bidirectional_labels.cpp). There the sweep also times
+# "cpu-plain", the same backend with ICON_KERNELS_SYMMETRIC=0 (plain schedule; two calls for
+# clip-both), so that both schedules are in one run.
+SYMMETRIC_CPU = ("infonce", "supcon100", "clip-both")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 

@@ -1,10 +1,9 @@
 // Tile pairs of the label hot path (DESIGN.md §1.3): one Gram tile S_IJ = A_I B_J^T serves the rows
-// of I (over the columns J) and the rows of J (over the columns I, from its transpose). Two
-// schedules read it:
-//   self mode      (cpu_symmetric_labels.h)    A = B = x, the pairs I <= J: 2 GEMM-equivalents
-//                                              for forward + backward instead of 4;
-//   bidirectional  (cpu_bidirectional_labels.cpp) A = x, B = y, every pair: both directions of
-//                                              1/2 [L(x->y) + L(y->x)] in 4 instead of 8.
+// of I (over the columns J) and the rows of J (over the columns I, from its transpose). The self
+// mode's symmetric schedule (cpu_symmetric_labels.h: A = B = x, the pairs I <= J, 2 GEMM-
+// equivalents for forward + backward instead of 4) runs on it; the bidirectional ops
+// (cpu_bidirectional_labels.cpp: strips of x against all of y, no transposes) share its sides,
+// online statistics, row finish and exactness rule.
 // Forward: each side's rows merge their statistics over the column blocks online (running max,
 // rescaled sum of exps, the label sums). Backward: the same GEMM recomputes the tile bit for bit;
 // the rows of I give W_IJ, the rows of J give W_JI, H_IJ = W_IJ + W_JI^T, dA_I += H_IJ B_J and

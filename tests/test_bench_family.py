@@ -46,3 +46,21 @@ def test_the_family_plan_covers_every_member_at_4096_and_8192():
     plan = workloads.MODES[("cpu", "family")].plan
     assert [entry[0] for entry in plan] == list(workloads.FAMILY)
     assert all(entry[2] == (4096, 8192) and entry[3] == () for entry in plan)   # every contender
+
+
+def test_clip_both_directions_agree_on_every_schedule(monkeypatch):
+    """The clip-both row: naive, torch, cpu and cpu-plain (two calls under ICON_KERNELS_SYMMETRIC=0)
+    compute the same loss and gradients; its floor is one direction's four GEMMs."""
+    cfg = workloads.CONFIGS["clip-both"]
+    inp = cfg.make(80, 16, torch.float64, "cpu")
+    assert [gemms for *_, gemms in workloads.floor_operands(cfg, inp)] == [4]
+    want_loss = workloads.build("naive", cfg, inp)()
+    want = torch.autograd.grad(want_loss, [inp[k] for k in cfg.leaves])
+    names = ["torch"] + (["cpu", "cpu-plain"] if "cpu" in ik.available_backends() else [])
+    monkeypatch.setenv(workloads.SCHEDULE_SWITCH, "1")     # build's cpu contenders set it per call
+    for name in names:
+        loss = workloads.build(name, cfg, inp)()
+        got = torch.autograd.grad(loss, [inp[k] for k in cfg.leaves])
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
