@@ -2,7 +2,8 @@
 tests/test_triton_resources.py checks ahead of time for sm_90:
 
 - ``benchmark``: the GPU benchmark's configurations (bench/workloads.py: infonce in bf16 and fp32,
-  tsne and clip in bf16), as bench/gpu_check.sh runs them;
+  tsne and clip in bf16), as bench/gpu_check.sh runs them, and clip-both in bf16 (both CLIP
+  directions: the backward kernels' BIDIR variant);
 - ``worst``: the heaviest variants: fp32, d = dz = 256, an Affinity target with target gradients
   and alpha, beta > 0 (both forward passes), and the bf16 t-SNE of the benchmark.
 
@@ -52,7 +53,8 @@ def heavy_affinity_call():
 
 def main(benchmark_out, worst_out):
     bench = [benchmark_call("infonce", torch.bfloat16), benchmark_call("infonce", torch.float32),
-             benchmark_call("tsne", torch.bfloat16), benchmark_call("clip", torch.bfloat16)]
+             benchmark_call("tsne", torch.bfloat16), benchmark_call("clip", torch.bfloat16),
+             benchmark_call("clip-both", torch.bfloat16)]
     worst = [heavy_affinity_call(), benchmark_call("tsne", torch.bfloat16)]
     for path, calls in ((benchmark_out, bench), (worst_out, worst)):
         keys = record(calls)

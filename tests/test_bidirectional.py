@@ -1,6 +1,8 @@
 """ik.icon_loss_bidirectional (DESIGN.md §1.3): 1/2 [L(x->y) + L(y->x)] with the reverse direction's
 target transposed. One pass over the strips of S = x y^T on cpu (csrc/cpu_bidirectional_labels.cpp)
-and torch (backends/bidirectional_torch.py) for Labels targets; two calls elsewhere.
+and torch (backends/bidirectional_torch.py), one backward for both directions on triton
+(triton/backward_kernels.py, BIDIR; under TRITON_INTERPRET=1 without a GPU) for Labels targets;
+two calls elsewhere.
 
 Every path must equal two ik.icon_loss calls of the dense reference (1e-12 in float64, ragged
 strips forced), keep fp32 and half precision within twice naive PyTorch's own error, pass
@@ -13,12 +15,16 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from icon_kernels.backends import bidirectional_torch
+from cases import device_of
+from icon_kernels.backends import bidirectional_ops, bidirectional_torch
 from icon_kernels.backends import blockwise as torch_backend
 
 F64, F32 = torch.float64, torch.float32
 HAS_CPU = "cpu" in ik.available_backends()
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the cpu backend is not built")
+needs_triton = pytest.mark.skipif("triton" not in ik.available_backends(),
+                                  reason=ik.available_backends(with_reasons=True).get("triton") or "")
+TRITON_F32 = 5e-5       # float32 against the float64 reference (test_backends_vs_reference.TRITON_F32)
 # ICON_KERNELS_CPU_TILE_ELEMENTS: "8" gives strips of one row (M > 8), "100" ragged strips of a
 # few rows, "" the default
 TILES = ("8", "100", "")
@@ -391,3 +397,52 @@ def test_clip_loss_is_both_directions_in_one_pass(backend, reduction):
     if backend == "cpu":
         assert _cpu_calls() == (1, 1)
     _close(got, run(crit, two_calls=True), 1e-12)
+
+
+class OpCalls:
+    """Counts the one-pass bidirectional op calls of each backend."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {}
+        forward_op = bidirectional_ops.forward_op
+
+        def counted(name):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return forward_op(name)
+        monkeypatch.setattr(bidirectional_ops, "forward_op", counted)
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["dot", "cosine", "gaussian", "student_t"])
+@pytest.mark.parametrize("shape,alpha,divergence", [((37, 23, False), 0.0, "kl"), ((23, 40, False), 0.3, "kl"),
+                                                    ((16, 16, True), 0.3, "cross_entropy"), ((1, 3, False), 0.0, "kl")])
+def test_triton_one_backward_for_both_directions(monkeypatch, kernel, shape, alpha, divergence):
+    """fp32 (the Triton kernels compute in fp32) against two float64 reference calls; ragged tiles:
+    the interpreter's 32 x 32 tiles over 37 and 23 rows."""
+    n, m, exclude_self = shape
+    x, y, rl, cl = _inputs(n, m, classes=2 if n * m > 3 else 1)
+    options = dict(alpha=alpha, divergence=divergence, exclude_self=exclude_self)
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), kernel, **options), x, y, 0.6)
+    device = device_of("triton")
+    calls = OpCalls(monkeypatch)
+    got = _grads(_both(ik.Labels(rl.to(device), cl.to(device)), kernel, "triton", **options),
+                 x.float().to(device), y.float().to(device), 0.6)
+    assert calls.calls == {"triton": 1}
+    _close([t.cpu() for t in got], want, TRITON_F32)
+
+
+@needs_triton
+def test_triton_bidirectional_ops_pass_opcheck_and_leave_rows_out():
+    device = device_of("triton")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 4, generator=gen).to(device)
+    y = torch.randn(6, 4, generator=gen).to(device)
+    rl, cl = (torch.arange(9) // 3).to(device), torch.tensor([0, 0, 1, 7, 7, 2]).to(device)
+    args = (x, y, torch.tensor(0.5, device=device), "dot", rl, cl, 0.1, False, 0)
+    op = torch.ops.icon_kernels
+    torch.library.opcheck(op.triton_bidirectional_forward.default, args)
+    out = op.triton_bidirectional_forward(*args)
+    assert out[4].tolist() == [True, True, True, False, False, True]      # y's rows 3, 4: no positive
+    gx, gy = torch.linspace(-1, 1, 9, device=device), torch.linspace(0.5, 1, 6, device=device)
+    torch.library.opcheck(op.triton_bidirectional_backward.default,
+                          (gx, gy, *args, out[1], out[2], out[4], out[5], True))

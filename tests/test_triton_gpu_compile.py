@@ -18,7 +18,9 @@ def test_kernels_compile_for_sm90():
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     compiled = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
-    # variants(): 6 kl variants x 5 kernels, and 5 f-divergence variants x 3 (the second pass and
-    # the two backward kernels; their first pass is kl's two-pass forward)
-    assert len(compiled) == 45, proc.stdout
+    # variants(): 6 kl variants x 5 kernels, 5 f-divergence variants x 3 (the second pass and the
+    # two backward kernels; their first pass is kl's two-pass forward), and the bidirectional
+    # backward (BIDIR) of the Labels variant: 2 kernels
+    assert len(compiled) == 47, proc.stdout
+    assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
     assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")

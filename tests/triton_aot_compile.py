@@ -34,7 +34,7 @@ STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
          "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward"}
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
            "int64": "*i64", "int32": "*i32", "bool": "*i1"}
-FLOATS = {"m_valid", "alpha", "beta"}
+FLOATS = {"m_valid", "m_valid2", "alpha", "beta"}
 INTS = {"N", "M", "D", "DZ", "N_BUCKET", "M_BUCKET"}          # and every stride_*
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 DEFAULT_CONFIG = (64, 64, 4, 2)
@@ -149,8 +149,12 @@ def variants():
         per_kernel = [] if f_divergence else [("icon_forward_kernel", dict(c, ONE_PASS=True)),
                                               ("icon_forward_kernel", dict(c, ONE_PASS=False))]
         per_kernel += [("icon_mixture_kernel", dict(c, HAS_BETA=True, DIVERGENCE=divergence))]
-        per_kernel += [(name, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2, DIVERGENCE=divergence))
+        per_kernel += [(name, dict(c, HAS_BETA=kernel % 2 == 0, TARGET_GRAD=target == 2, DIVERGENCE=divergence,
+                                   BIDIR=False))
                        for name in ("icon_backward_rows_kernel", "icon_backward_cols_kernel")]
+        if target == 0 and divergence < 2:   # both directions of a Labels loss (launchers.bidirectional_backward)
+            per_kernel += [(name, dict(c, HAS_BETA=False, TARGET_GRAD=False, DIVERGENCE=divergence, BIDIR=True))
+                           for name in ("icon_backward_rows_kernel", "icon_backward_cols_kernel")]
         for name, constexprs in per_kernel:
             yield {"kernel": name, "constexprs": constexprs, "tensors": tensors, "ints": {}}
 
@@ -162,8 +166,8 @@ def compile_all(archs):
             assert compiled.asm.get("cubin"), "no cubin produced"
             c = key["constexprs"]
             print(f"sm_{arch} {key['kernel']} {key['tensors']['X'][0]} KERNEL={c['KERNEL']} "
-                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']} DIVERGENCE={c.get('DIVERGENCE', '-')}: ok",
-                  flush=True)
+                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']} BIDIR={c.get('BIDIR', '-')} "
+                  f"DIVERGENCE={c.get('DIVERGENCE', '-')}: ok", flush=True)
     return 0
 
 

@@ -4,6 +4,12 @@
 targets with grad, dZ and d(target param); ``icon_backward_cols_kernel`` is column-parallel and
 writes dY (and dZ_cols), so no atomics are needed. In self mode autograd adds dX and dY.
 
+BIDIR (a Labels target, beta = 0, kl or cross_entropy; launchers.bidirectional_backward) makes one
+backward of both directions of 1/2 [L(x->y) + L(y->x)] (DESIGN.md §1.3): each tile's gradient is
+G_ij + G'_ji, G' the reverse direction's (y's row j over x: q' = exp(s_ij - LSE'_j), its labels'
+p' and upstream gradient g'_j, read per column from STATS2 and GRAD2), so the two kernels make dX
+and dY of both directions from one recomputed tile each: four GEMM-equivalents instead of eight.
+
 For an f-divergence (DIVERGENCE 2..6, DESIGN.md §1.1) dL/ds_k = (1 - beta) q_k (g_k - Gamma_i) and
 dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), with Gamma_i and Phi_i read from the forward's saved
 statistics (rows 1 and 3): both kernels see a row's columns one tile at a time, so recomputing
@@ -13,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .tile_helpers import (exp_, f_tile, grad_weight, gram_block, load_rows, load_vec, pair_logits,
-                           param_grad, tile_target_weights, valid_pairs)
+                           param_grad, shifted_param_grad, tile_target_weights, valid_pairs)
 
 
 @triton.jit
@@ -60,6 +66,18 @@ def f_tile_gradients(s, valid, p, t, lse, lse_p, g, gamma, phi, m_valid, alpha, 
 
 
 @triton.jit
+def reverse_gradients(s, valid, rows, cols, N, M, LAB, CLAB, lse2, g2, norm2, m_valid2, alpha):
+    """dL/ds_ij of the reverse direction (y's row j over x's columns) on one tile, Labels target,
+    beta = 0: g'_j (q'_ji - p~'_ji), 0 off the valid set and where g'_j = 0 (a row left out)."""
+    li = tl.load(LAB + rows, mask=rows < N, other=0)
+    cj = tl.load(CLAB + cols, mask=cols < M, other=0)
+    q2 = exp_(tl.where(valid, s - lse2[None, :], float("-inf")))
+    p2 = tl.where((li[:, None] == cj[None, :]) & valid, 1.0 / norm2[None, :], 0.0)
+    p2_mix = tl.where(valid, (1.0 - alpha) * p2 + alpha / m_valid2, 0.0)
+    return tl.where(valid & (g2 != 0.0)[None, :], g2[None, :] * (q2 - p2_mix), 0.0)
+
+
+@triton.jit
 def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
               N, M, LAB, CLAB, NORM, DENSE, stride_dense,
@@ -67,8 +85,10 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
               D_CHUNKED: tl.constexpr, UPCAST: tl.constexpr, KERNEL: tl.constexpr,
               T_KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
               KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr,
-              PRECISION: tl.constexpr, DIVERGENCE: tl.constexpr):
-    """Everything the two backward kernels need from one (rows, cols) tile."""
+              PRECISION: tl.constexpr, DIVERGENCE: tl.constexpr,
+              lse2, g2, norm2, m_valid2, BIDIR: tl.constexpr):
+    """Everything the two backward kernels need from one (rows, cols) tile. With BIDIR, w holds
+    both directions' gradient weights and grad_s2 the reverse direction's dL/ds (else grad_s)."""
     valid = valid_pairs(rows, cols, N, M, EXCLUDE_SELF)
     ab = gram_block(x, y, X, Y, rows, cols, N, M, stride_x, stride_y, D, BLOCK_D, D_CHUNKED,
                     UPCAST, PRECISION)
@@ -87,11 +107,16 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
     else:                     # r_stat and h_stat hold Gamma_i and Phi_i
         grad_s, grad_t = f_tile_gradients(s, valid, p, t, lse, lse_p, g, r_stat, h_stat, m_valid,
                                           alpha, beta, TARGET, HAS_BETA, TARGET_GRAD, DIVERGENCE)
-    w = grad_weight(grad_s, aux, prm, KERNEL)
+    grad_s2 = grad_s
+    if BIDIR:
+        grad_s2 = reverse_gradients(s, valid, rows, cols, N, M, LAB, CLAB, lse2, g2, norm2, m_valid2, alpha)
+        w = grad_weight(grad_s + grad_s2, aux, prm, KERNEL)
+    else:
+        w = grad_weight(grad_s, aux, prm, KERNEL)
     w_t = w
     if TARGET_GRAD:
         w_t = grad_weight(grad_t, t_aux, t_prm, T_KERNEL)
-    return w, grad_s, s, aux, w_t, grad_t, t, t_aux
+    return w, grad_s, s, aux, w_t, grad_t, t, t_aux, grad_s2
 
 
 @triton.jit
@@ -121,6 +146,16 @@ def row_side(rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, s
 
 
 @triton.jit
+def column_side(cols, STATS2, GRAD2, M, dummy, BIDIR: tl.constexpr):
+    """The reverse direction's per-column LSE', upstream gradient g' and positive count K' (its
+    forward's stats rows 0 and NORM_ROW = 2) for BIDIR; else ``dummy`` three times."""
+    if BIDIR:
+        return (load_vec(STATS2, cols, M, 0.0), load_vec(GRAD2, cols, M, 0.0),
+                load_vec(STATS2 + 2 * M, cols, M, 1.0))
+    return dummy, dummy, dummy
+
+
+@triton.jit
 def grad_dot(w, b, PRECISION: tl.constexpr):
     """w (fp32 gradient weights) times feature block b. For bf16 b, w is rounded to bf16 for the
     tensor cores; fp16 would flush the tiny weights of a large batch to zero, so there b is
@@ -138,12 +173,12 @@ def _finite(lse):
 @triton.jit
 def icon_backward_rows_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
-        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DX, DPRM, DZ_ROWS, DTPRM,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta, N_BUCKET,
+        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, STATS2, GRAD2, DX, DPRM, DZ_ROWS, DTPRM,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, m_valid2, alpha, beta, N_BUCKET,
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
-        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_M: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BIDIR: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
@@ -169,16 +204,19 @@ def icon_backward_rows_kernel(
         if TARGET == 2:
             zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
             zc_sq = load_vec(ZCSQ, cols, M, 0.0)
-        w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
+        lse2, g2, norm2 = column_side(cols, STATS2, GRAD2, M, y_sq, BIDIR)
+        w, grad_s, s, aux, w_t, grad_t, t, t_aux, grad_s2 = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION,
-            DIVERGENCE)
+            DIVERGENCE, lse2, g2, norm2, m_valid2, BIDIR)
         dx += grad_dot(w, y, PRECISION)
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
+        if BIDIR:           # (the reverse direction's G sums to zero along columns)
+            dprm += shifted_param_grad(grad_s2, s, aux, prm, _finite(lse2)[None, :], KERNEL)
         if TARGET_GRAD:
             dz += grad_dot(w_t, zc, PRECISION)
             wt_sum += tl.sum(w_t, 1)
@@ -201,12 +239,12 @@ def icon_backward_rows_kernel(
 @triton.jit
 def icon_backward_cols_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
-        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, DY, DZ_COLS,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, alpha, beta, N_BUCKET,
+        Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, STATS2, GRAD2, DY, DZ_COLS,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, m_valid2, alpha, beta, N_BUCKET,
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
-        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_M: tl.constexpr,
+        TARGET_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, BIDIR: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
@@ -221,6 +259,7 @@ def icon_backward_cols_kernel(
     if TARGET == 2:
         zc = load_rows(ZC, cols, M, stride_zc, BLOCK_DZ, DZ, UPCAST_Z, 0)
         zc_sq = load_vec(ZCSQ, cols, M, 0.0)
+    lse2, g2, norm2 = column_side(cols, STATS2, GRAD2, M, y_sq, BIDIR)
     dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_N], tl.float32)
     dzc = tl.zeros([BLOCK_N, BLOCK_DZ], tl.float32)
@@ -230,13 +269,13 @@ def icon_backward_cols_kernel(
         x, x_sq, prm, lse, r_stat, g, z, z_sq, t_prm, lse_p, h_stat = row_side(
             rows, X, XSQ, PRM, STATS, GRAD, Z, ZSQ, TPRM, N, D, DZ, stride_x, stride_z, c * BLOCK_D,
             TARGET, BLOCK_D, BLOCK_DZ, UPCAST, UPCAST_Z)
-        w, grad_s, s, aux, w_t, grad_t, t, t_aux = pair_tile(
+        w, grad_s, s, aux, w_t, grad_t, t, t_aux, grad_s2 = pair_tile(
             rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
             z, z_sq, t_prm, lse_p, h_stat, zc, zc_sq,
             N, M, LAB, CLAB, NORM, DENSE, stride_dense,
             m_valid, alpha, beta, X, Y, stride_x, stride_y, D, BLOCK_D, D_CHUNKED, UPCAST,
             KERNEL, T_KERNEL, TARGET, EXCLUDE_SELF, KL, HAS_BETA, TARGET_GRAD, PRECISION,
-            DIVERGENCE)
+            DIVERGENCE, lse2, g2, norm2, m_valid2, BIDIR)
         dy += grad_dot(tl.trans(w), x, PRECISION)
         w_sum += tl.sum(w, 0)
         if TARGET_GRAD:

@@ -137,7 +137,7 @@ def _pruner(stage: str):
 # variant may not fit a heavy one, e.g. Affinity targets with target grads) and the power-of-two
 # buckets of N and M, not N and M: a new batch size must not benchmark every config again.
 _KEY = ["N_BUCKET", "M_BUCKET", "D", "DZ", "KERNEL", "T_KERNEL", "TARGET", "EXCLUDE_SELF", "KL",
-        "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "DIVERGENCE", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
+        "ONE_PASS", "HAS_BETA", "TARGET_GRAD", "DIVERGENCE", "BIDIR", "UPCAST", "UPCAST_Z", "D_CHUNKED"]
 
 
 class _Launcher:
@@ -484,7 +484,8 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
-                  TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags)
+                  TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
+                  STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
     _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
     _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
@@ -505,3 +506,48 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
 def _reduce_param(per_row, param):
     """Per-row parameter grads summed for a scalar parameter."""
     return (per_row if param.dim() == 1 else per_row.sum()).to(param.dtype)
+
+
+# --- both directions of 1/2 [L(x->y) + L(y->x)] (icon_kernels/backends/bidirectional_ops.py) ---------
+# The arguments of the bidirectional ops' schemas: x, y, param, kernel, row_labels, col_labels,
+# alpha, exclude_self, divergence (a Labels target, beta = 0, kl or cross_entropy).
+
+def _direction(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence) -> OpArgs:
+    return OpArgs(x, y, param, kernel, "labels", row_labels, col_labels, None, None, None, None, None, "dot",
+                  None, alpha, 0.0, exclude_self, divergence, "conditional", False)
+
+
+def bidirectional_forward(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence):
+    """(rows, included, stats) of x's rows over y, then of y's rows over x: the forward kernel once
+    per direction (each stats keeps its rows' positive counts in NORM_ROW for the backward)."""
+    forward_x = forward(*_direction(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence))
+    forward_y = forward(*_direction(y, x, param, kernel, col_labels, row_labels, alpha, exclude_self, divergence))
+    return (*forward_x, *forward_y)
+
+
+def bidirectional_backward(grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha,
+                           exclude_self, divergence, valid_x, stats_x, valid_y, stats_y, need_param_grad):
+    """(dx, dy, dparam) of both directions from one pair of backward kernels (BIDIR): each tile's
+    gradient is the x -> y direction's plus the transposed y -> x direction's."""
+    op = _direction(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence)
+    _computed_divergence(op)
+    with _on_device(op.x):
+        x, y = op.x.contiguous(), op.y.contiguous()
+        stats = stats_x.float().contiguous()
+        stats2 = _aligned(stats_y.float())
+        target, _ = _backward_target(op, x, y, stats)
+        tensors, sizes, flags = _kernel_arguments(op, x, y, target)
+        n, m, d = sizes["N"], sizes["M"], sizes["D"]
+        g = torch.where(valid_x, grad_x_rows.float(), 0.0).contiguous()
+        g2 = torch.where(valid_y, grad_y_rows.float(), 0.0).contiguous()
+        dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        dy = torch.empty(m, d, dtype=torch.float32, device=x.device)
+        dprm = torch.empty(n, dtype=torch.float32, device=x.device)
+        dummy = tensors["XSQ"]
+        common = dict(**tensors, STATS=stats, GRAD=g, STATS2=stats2, GRAD2=g2, **sizes,
+                      m_valid2=float(max(n - int(op.exclude_self), 1)), beta=0.0, HAS_BETA=False,
+                      TARGET_GRAD=False, DIVERGENCE=op.divergence, BIDIR=True, **flags)
+        d_chunks = triton.cdiv(d, flags["BLOCK_D"])
+        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dummy, DTPRM=dummy, **common)
+        _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dummy, **common)
+        return dx.to(op.x.dtype), dy.to(op.y.dtype), dprm.sum().reshape(op.param.shape).to(op.param.dtype)

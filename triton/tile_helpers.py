@@ -99,10 +99,18 @@ def grad_weight(grad, aux, prm, KERNEL: tl.constexpr):
 @triton.jit
 def param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
     """Per-row dL/dparam of one tile. Rows of G sum to zero, so s is shifted by the row LSE."""
+    return shifted_param_grad(grad, s, aux, prm, shift[:, None], KERNEL)
+
+
+@triton.jit
+def shifted_param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
+    """Per-row sums of dL/dparam of one tile, s shifted by ``shift`` (broadcast to the tile): a
+    constant along each line of the tile whose G sums to zero (the row LSE for a row's G, the
+    column's for the reverse direction's G of the bidirectional pass)."""
     if KERNEL == 0:
-        d = -tl.sum(grad * (s - shift[:, None]), 1) / prm
+        d = -tl.sum(grad * (s - shift), 1) / prm
     elif KERNEL == 1:
-        d = -2.0 * tl.sum(grad * (s - shift[:, None]), 1) / prm
+        d = -2.0 * tl.sum(grad * (s - shift), 1) / prm
     elif KERNEL == 2:
         nu = prm[:, None]
         ds = -0.5 * tl.log(1.0 + aux / nu) + 0.5 * (nu + 1.0) * aux / (nu * (nu + aux))

@@ -6,7 +6,9 @@ transposed target (target_adapters: ``reverse``). For a Labels target with beta 
 cross-entropy and one kernel parameter, both directions come from one pass over the strips of
 S = x y^T: on ``cpu`` (dot, cosine, Gaussian) the fused ops (bidirectional_ops,
 csrc/cpu_bidirectional_labels.cpp: four N M d GEMM-equivalents for forward + backward instead of
-eight), on ``torch`` (every kernel) bidirectional_torch, the readable version of the algorithm.
+eight), on ``triton`` (every kernel) its bidirectional ops (the forward kernel once per direction,
+then one pair of backward kernels for both: six GEMM-equivalents instead of ten), on ``torch``
+(every kernel) bidirectional_torch, the readable version of the algorithm.
 Everything else, and ``ICON_KERNELS_SYMMETRIC=0`` (the off switch of the tile-pair schedules,
 for benchmarks), computes the two directions as two calls of the chosen backend.
 """
@@ -20,7 +22,7 @@ from ..families import DIVERGENCES
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
-from . import bidirectional_torch, registry
+from . import bidirectional_ops, bidirectional_torch, registry
 from .dispatch import computing_backends, kernel_inputs, row_losses
 
 SWITCH = "ICON_KERNELS_SYMMETRIC"
@@ -48,8 +50,8 @@ def one_pass_backend(problem: Problem, backend: str):
         return None
     if backend == "cpu" and problem.kernel in CPU_KERNELS:
         return "cpu"
-    if backend == "torch" and bidirectional_torch.fits(problem):
-        return "torch"
+    if backend in ("torch", "triton") and bidirectional_torch.fits(problem):
+        return backend
     return None
 
 
@@ -58,8 +60,10 @@ def _one_pass_rows(problem: Problem, version: str):
     x, y, kernel, param = kernel_inputs(problem.kernel, problem.x, problem.y, problem.param)
     if version == "torch":
         return bidirectional_torch.row_losses(problem, x, y, param, kernel)
+    if version == "triton" and x.dtype == torch.float64:
+        registry.warn_triton_float64()
     t = problem.target
-    rows_x, inc_x, _, rows_y, inc_y, _ = torch.ops.icon_kernels.cpu_bidirectional_forward(
+    rows_x, inc_x, _, rows_y, inc_y, _ = bidirectional_ops.forward_op(version)(
         x, y, param.reshape(()), kernel, t.row_labels, t.col_labels, problem.alpha, problem.exclude_self,
         DIVERGENCES[problem.divergence].code)
     return rows_x, inc_x, rows_y, inc_y

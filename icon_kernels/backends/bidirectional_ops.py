@@ -1,14 +1,14 @@
-"""Schemas, fake implementations and autograd of the fused CPU backend's bidirectional label ops
-(kernels in csrc/cpu_bidirectional_labels.cpp; DESIGN.md §1.3): both directions of
-1/2 [L(x->y) + L(y->x)] over one S = x y^T in one pass, for a Labels target with beta = 0, KL or
-cross-entropy and the dot or Gaussian kernel with one scalar parameter (cosine as dot on
-normalised rows).
+"""Schemas, fake implementations and autograd of the bidirectional label ops (DESIGN.md §1.3): both
+directions of 1/2 [L(x->y) + L(y->x)] over one S = x y^T, for a Labels target with beta = 0 and KL
+or cross-entropy, one kernel parameter (cosine as dot on normalised rows). One op pair per backend,
+``icon_kernels::<backend>_bidirectional_forward`` / ``_backward``: ``cpu`` (kernels in
+csrc/cpu_bidirectional_labels.cpp: dot and Gaussian) and ``triton`` (triton/launchers.py
+bidirectional_forward / _backward: every kernel).
 
-``icon_kernels::cpu_bidirectional_forward`` returns (rows_x, included_x, stats_x, rows_y,
-included_y, stats_y): the row losses, included rows and [4, rows] statistics of x's rows over y
-(direction x -> y), then of y's rows over x. ``icon_kernels::cpu_bidirectional_backward`` takes the
-upstream gradients of both directions' row losses and returns (dx, dy, dparam); it reads its
-forward's record in the stats, so it runs only after that op.
+The forward returns (rows_x, included_x, stats_x, rows_y, included_y, stats_y): the row losses,
+included rows and [4, rows] statistics of x's rows over y (direction x -> y), then of y's rows over
+x. The backward takes the upstream gradients of both directions' row losses and returns (dx, dy,
+dparam); it reads its own forward's stats (the cpu op checks the record there).
 """
 from __future__ import annotations
 
@@ -43,29 +43,52 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(valid_x, stats_x, valid_y, stats_y)
 
 
-def _backward(ctx, grad_x_rows, _gvx, _gsx, grad_y_rows, _gvy, _gsy):
-    x, y, param, row_labels, col_labels, valid_x, stats_x, valid_y, stats_y = ctx.saved_tensors
-    _, _, _, kernel, _, _, alpha, exclude_self, divergence = ctx.inputs
-    # an unused direction's upstream gradient arrives as None
-    grad_x_rows = torch.zeros_like(stats_x[0]) if grad_x_rows is None else grad_x_rows
-    grad_y_rows = torch.zeros_like(stats_y[0]) if grad_y_rows is None else grad_y_rows
-    dx, dy, dparam = torch.ops.icon_kernels.cpu_bidirectional_backward(
-        grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence,
-        valid_x, stats_x, valid_y, stats_y, ctx.needs_input_grad[2])
-    return (dx, dy, dparam) + (None,) * (N_ARGS - 3)
+def _make_backward(backward_op):
+    def backward(ctx, grad_x_rows, _gvx, _gsx, grad_y_rows, _gvy, _gsy):
+        x, y, param, row_labels, col_labels, valid_x, stats_x, valid_y, stats_y = ctx.saved_tensors
+        _, _, _, kernel, _, _, alpha, exclude_self, divergence = ctx.inputs
+        # an unused direction's upstream gradient arrives as None
+        grad_x_rows = torch.zeros_like(stats_x[0]) if grad_x_rows is None else grad_x_rows
+        grad_y_rows = torch.zeros_like(stats_y[0]) if grad_y_rows is None else grad_y_rows
+        dx, dy, dparam = backward_op(grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha,
+                                     exclude_self, divergence, valid_x, stats_x, valid_y, stats_y,
+                                     ctx.needs_input_grad[2])
+        return (dx, dy, dparam) + (None,) * (N_ARGS - 3)
+    return backward
 
 
-def _double_backward(ctx, *grads):
-    from .second_backward import message
-    raise NotImplementedError(message("the fused backend 'cpu' (bidirectional)"))
+def _double_backward(name: str):
+    def backward(ctx, *grads):
+        from .second_backward import message
+        raise NotImplementedError(message(f"the fused backend {name!r} (bidirectional)"))
+    return backward
 
 
-def register() -> None:
-    """Defines the two ops (their CPU kernels come from icon_kernels._C)."""
-    fwd, bwd = "icon_kernels::cpu_bidirectional_forward", "icon_kernels::cpu_bidirectional_backward"
-    torch.library.define(fwd, FORWARD_SCHEMA)
-    torch.library.define(bwd, BACKWARD_SCHEMA)
-    torch.library.register_fake(fwd, _fake_forward)
-    torch.library.register_fake(bwd, _fake_backward)
-    torch.library.register_autograd(fwd, _backward, setup_context=_setup_context)
-    torch.library.register_autograd(bwd, _double_backward, setup_context=lambda ctx, inputs, output: None)
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def register(name: str, forward_impl=None, backward_impl=None) -> None:
+    """Defines icon_kernels::{name}_bidirectional_forward / _backward with fake and autograd: from
+    the C++ kernels of icon_kernels._C without implementations, else as custom ops of them."""
+    fwd_name = f"icon_kernels::{name}_bidirectional_forward"
+    bwd_name = f"icon_kernels::{name}_bidirectional_backward"
+    if forward_impl is None:
+        torch.library.define(fwd_name, FORWARD_SCHEMA)
+        torch.library.define(bwd_name, BACKWARD_SCHEMA)
+        torch.library.register_fake(fwd_name, _fake_forward)
+        torch.library.register_fake(bwd_name, _fake_backward)
+        bwd = getattr(torch.ops.icon_kernels, f"{name}_bidirectional_backward").default
+        torch.library.register_autograd(fwd_name, _make_backward(bwd), setup_context=_setup_context)
+        torch.library.register_autograd(bwd_name, _double_backward(name), setup_context=_no_context)
+        return
+    fwd = torch.library.custom_op(fwd_name, forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
+    bwd = torch.library.custom_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+    fwd.register_fake(_fake_forward)
+    bwd.register_fake(_fake_backward)
+    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
+    bwd.register_autograd(_double_backward(name), setup_context=_no_context)
+
+
+def forward_op(name: str):
+    return getattr(torch.ops.icon_kernels, f"{name}_bidirectional_forward")

@@ -28,5 +28,5 @@ def register() -> None:
         return
     register_backend("cpu")
     label_block_ops.register()
-    bidirectional_ops.register()
+    bidirectional_ops.register("cpu")
     _REASON = None

@@ -106,7 +106,7 @@ def no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _without_autocast(impl: Callable, first_tensor: int) -> Callable:
+def without_autocast(impl: Callable, first_tensor: int) -> Callable:
     """``impl`` run with autocast disabled on the device of its argument ``first_tensor``."""
     def run(*args):
         with no_autocast(args[first_tensor].device):
@@ -143,9 +143,9 @@ def register_backend(name: str, forward_impl: Optional[Callable] = None,
         torch.library.register_autograd(fwd_name, _make_autograd(bwd), setup_context=_setup_context)
         torch.library.register_autograd(bwd_name, _double_backward_error(name), setup_context=_no_context)
     else:
-        fwd = torch.library.custom_op(fwd_name, _without_autocast(forward_impl, 0), mutates_args=(),
+        fwd = torch.library.custom_op(fwd_name, without_autocast(forward_impl, 0), mutates_args=(),
                                       device_types=device_types, schema=FORWARD_SCHEMA)
-        bwd = torch.library.custom_op(bwd_name, _without_autocast(backward_impl, 1), mutates_args=(),
+        bwd = torch.library.custom_op(bwd_name, without_autocast(backward_impl, 1), mutates_args=(),
                                       device_types=device_types, schema=BACKWARD_SCHEMA)
         fwd.register_fake(_fake_forward)
         bwd.register_fake(_fake_backward)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from .ops import register_backend
+from . import bidirectional_ops
+from .ops import without_autocast, register_backend
 
 _REASON: Optional[str] = "not registered"
 
@@ -55,4 +56,6 @@ def register() -> None:
 
     launchers.use_neighbor_pairs(neighbor_pairs)
     register_backend("triton", launchers.forward, launchers.backward)
+    bidirectional_ops.register("triton", without_autocast(launchers.bidirectional_forward, 0),
+                               without_autocast(launchers.bidirectional_backward, 2))
     _REASON = None
