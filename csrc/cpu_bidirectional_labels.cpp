@@ -2,10 +2,13 @@
 // 1/2 [L(x->y) + L(y->x)] over one S = x y^T (CLIP, CMC), on the label hot path (Labels target,
 // beta = 0, KL or cross-entropy, dot or Gaussian kernel with one scalar parameter: cosine arrives
 // here as dot on normalised rows). Two separate fused calls pay eight N M d GEMMs for forward +
-// backward; here every tile pair (I of x, J of y) is one Gram tile whose rows give the
-// statistics of x's rows over y and whose columns give y's rows over x (forward: one GEMM), and
-// whose backward forms H = W_row + W_col^T from one recomputed tile, dx += H y and dy += H^T x
-// (three): four in all, one direction's floor. The driver is cpu_tile_pairs.h's.
+// backward. Here S is made in strips of rows of x against all of y (one GEMM per strip): x's rows
+// take their statistics from their strip, y's rows are the strip's columns, whose statistics are
+// merged online over the strips (forward: one GEMM-equivalent); the backward recomputes each
+// strip, forms H = W_row + W_col^T in place and adds dX_I = H y, dY += H^T x_I (three): four in
+// all, one direction's floor. From cpu_tile_pairs.h it shares the sides (LabelSide), the online
+// row statistics, the row finish and the exactness rule (the record in stats row 3), not the
+// tile-pair loop.
 //
 // icon_kernels::cpu_bidirectional_forward returns (rows, included, stats) of x's rows (direction
 // x -> y) and then of y's rows (y -> x), each as cpu_forward's for that direction; the stats
@@ -37,6 +40,8 @@ void check_bidirectional_args(const at::Tensor& x, const at::Tensor& y, const at
                               double alpha, bool exclude_self, int64_t divergence) {
   check::features(x, y);
   const int64_t n = x.size(0), m = y.size(0);
+  // (the backward reads row 3 of both stats: an empty side has none)
+  TORCH_CHECK(n > 0 && m > 0, "x and y must have at least one row each, got ", n, " and ", m);
   TORCH_CHECK(param.dim() <= 1 && param.numel() == 1,
               "param must hold one value (the kernel's parameter for both directions), got shape ", param.sizes());
   check::floating("param", param);
@@ -46,9 +51,10 @@ void check_bidirectional_args(const at::Tensor& x, const at::Tensor& y, const at
               kernel);
   check::vector("row_labels", row_labels, n, "one label per row of x", x);
   check::vector("col_labels", col_labels, m, "one label per row of y", x);
-  TORCH_CHECK(!at::isFloatingType(row_labels.scalar_type()) && !at::isFloatingType(col_labels.scalar_type()),
-              "row_labels and col_labels must be integer tensors, got ", row_labels.scalar_type(), " and ",
-              col_labels.scalar_type());
+  TORCH_CHECK(at::isIntegralType(row_labels.scalar_type(), /*includeBool=*/true),
+              "row_labels must be an integer tensor, got ", row_labels.scalar_type());
+  TORCH_CHECK(at::isIntegralType(col_labels.scalar_type(), /*includeBool=*/true),
+              "col_labels must be an integer tensor, got ", col_labels.scalar_type());
   TORCH_CHECK(alpha >= 0 && alpha < 1, "alpha must lie in [0, 1), got ", alpha);
   TORCH_CHECK(!exclude_self || n == m, "exclude_self needs as many rows in y as in x: x has ", n, ", y ", m);
   TORCH_CHECK(divergence == kKl || divergence == kCrossEntropy,

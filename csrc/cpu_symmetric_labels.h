@@ -11,7 +11,8 @@
 //             dx when x and y are one autograd input: the backward op's y_is_x).
 // Two GEMM-equivalents instead of four; the exps per pair do not change (q_ij and q_ji differ
 // through LSE_i != LSE_j). Memory: two tiles of pair_block^2 entries. The tile-pair driver and
-// its exactness rule are cpu_tile_pairs.h's, shared with the bidirectional ops.
+// its exactness rule are cpu_tile_pairs.h's (the bidirectional ops share the rule and the row
+// statistics, not the driver).
 //
 // It runs when the row path is the label hot path (cpu_row_paths.h), x and y are the same
 // tensor, the columns' labels are the rows', the parameter is one scalar (a per-row temperature
@@ -69,14 +70,14 @@ template <typename T>
 TilePair<T> self_tile_pair(const Problem<T>& pb) {
   const LabelSide<T> side{pb.x, pb.x_sq.template data_ptr<T>(), pb.labels.template data_ptr<int64_t>(),
                           pb.labels.template data_ptr<int64_t>(), pb.m_valid, double(pb.alpha), pb.exclude_self};
-  return {{side, side}, true, pb.kernel, pb.prm.template data_ptr<T>()[0]};
+  return {side, pb.kernel, pb.prm.template data_ptr<T>()[0]};
 }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Problem<T>& pb) {
   const int64_t block = pair_block(pb.tile, pb.n);
   const TilePair<T> tp = self_tile_pair(pb);
-  auto out = finish_label_side(tp.side[0], tile_pair_statistics(tp, block)[0], pb.kl, block);
+  auto out = finish_label_side(tp.side, tile_pair_statistics(tp, block), pb.kl, block);
   RowPathTally tally;
   tally.rows[kLabelHotRows] = pb.n;
   tally.add_to(0);
@@ -91,14 +92,13 @@ std::vector<at::Tensor> symmetric_label_backward(const Problem<T>& pb, const at:
                                                  bool param_grad, int64_t block) {
   const TilePair<T> tp = self_tile_pair(pb);
   const at::Tensor g = masked_grads(grad_rows, valid, pb.x.options());
-  std::vector<SideGrads<T>> out;
-  out.push_back(side_grads(tp.side[0], pb.n, g, stats, param_grad));
+  SideGrads<T> out = side_grads(tp.side, pb.n, g, stats, param_grad);
   tile_pair_backward(tp, block, out, param_grad);
   RowPathTally tally;
   tally.rows[kLabelHotRows] = pb.n;
   tally.add_to(1);
   symmetric_schedule_counters()[1].fetch_add(1, std::memory_order_relaxed);
-  return {out[0].dfeat, at::zeros({pb.m, pb.d}, pb.x.options()), param_grads(out[0], pb.kernel, tp.prm),
+  return {out.dfeat, at::zeros({pb.m, pb.d}, pb.x.options()), param_grads(out, pb.kernel, tp.prm),
           at::Tensor(), at::Tensor(), at::Tensor()};
 }
 

@@ -155,52 +155,47 @@ struct LabelSide {
   }
 };
 
-// The two sides; same: self mode, one matrix (side[1] is side[0]) whose pairs I <= J are visited.
-// Per-row arrays of the two sides are indexed by slot(side): self mode has one set.
+// Self mode's tile pairs: one matrix (the rows are the columns) and the learned kernel.
 template <typename T>
 struct TilePair {
-  LabelSide<T> side[2];
-  bool same;
+  LabelSide<T> side;
   int kernel;
   T prm;
-  int slot(int s) const { return same ? 0 : s; }
 };
 
-// Runs body(i0, i1, j0, j1) over the pairs of row blocks I = [i0, i1) of side 0 and J = [j0, j1)
-// of side 1, in order: I <= J in self mode, every pair otherwise.
+// Runs body(i0, i1, j0, j1) over the pairs of row blocks I = [i0, i1) <= J = [j0, j1), in order.
 template <typename T, typename F>
 void for_each_tile_pair(const TilePair<T>& tp, int64_t block, F&& body) {
-  const int64_t n = tp.side[0].size(), m = tp.side[1].size();
+  const int64_t n = tp.side.size();
   for (int64_t i0 = 0; i0 < n; i0 += block)
-    for (int64_t j0 = tp.same ? i0 : 0; j0 < m; j0 += block)
-      body(i0, std::min(n, i0 + block), j0, std::min(m, j0 + block));
+    for (int64_t j0 = i0; j0 < n; j0 += block) body(i0, std::min(n, i0 + block), j0, std::min(n, j0 + block));
 }
 
-// One tile pair of both passes: the Gram tile A_I B_J^T into buf (ni x nj, dense; the forward and
+// One tile pair of both passes: the Gram tile X_I X_J^T into buf (ni x nj, dense; the forward and
 // the backward make it with the same GEMM, bit for bit), its transpose into t_buf for the rows of
-// J (not on a self-mode diagonal), the logits of every row of both sides (s in place), then
-// row(s, i, seg, logits) for each, split across threads: side s's row i over the columns
-// [col0, col0 + seg.m), seg its label segment, logits its entries, which it may overwrite (in buf
-// for side 0, in t_buf for side 1).
+// J (off the diagonal), the logits of every row of both sides (s in place), then
+// row(s, i, seg, logits) for each, split across threads: row i of side s (0: I, 1: J) over the
+// columns [col0, col0 + seg.m), seg its label segment, logits its entries, which it may overwrite
+// (in buf for side 0, in t_buf for side 1).
 template <typename T, typename F>
 void for_each_tile_row(const TilePair<T>& tp, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& buf,
                        at::Tensor& t_buf, F&& row) {
   const int64_t ni = i1 - i0, nj = j1 - j0;
-  const bool one_side = tp.same && i0 == j0;
+  const bool one_side = i0 == j0;
   at::Tensor tile = dense_tile(buf, ni, nj);
-  at::mm_out(tile, tp.side[0].rows.narrow(0, i0, ni), tp.side[1].rows.narrow(0, j0, nj).t());
+  at::mm_out(tile, tp.side.rows.narrow(0, i0, ni), tp.side.rows.narrow(0, j0, nj).t());
   T* s_p = buf.template data_ptr<T>();
   T* st_p = t_buf.template data_ptr<T>();
   if (!one_side) transpose_tile<T, false>(s_p, ni, nj, st_p);
   at::parallel_for(0, one_side ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int s = r < ni ? 0 : 1;
-      const LabelSide<T>& own = tp.side[s];
+      const LabelSide<T>& own = tp.side;
       const int64_t i = s == 0 ? i0 + r : j0 + (r - ni), col0 = s == 0 ? j0 : i0, len = s == 0 ? nj : ni;
       T* logits = s == 0 ? s_p + r * nj : st_p + (r - ni) * ni;
       // the logits stored once, and read as stored (the exactness note above)
       with_label_kernel(tp.kernel, [&](auto code) {
-        fast_logits<T, decltype(code)::value>(logits, tp.side[1 - s].sq + col0, own.sq[i], tp.prm, len);
+        fast_logits<T, decltype(code)::value>(logits, own.sq + col0, own.sq[i], tp.prm, len);
       });
       row(s, i, own.segment(i, col0, len), logits);
     }
@@ -234,22 +229,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_label_side(const LabelSide
   return {loss, included, stats};
 }
 
-// The forward's merged statistics of every row of both sides (one vector per slot).
+// The forward's merged statistics of every row.
 template <typename T>
-std::vector<std::vector<OnlineLabelRow<T>>> tile_pair_statistics(const TilePair<T>& tp, int64_t block) {
-  std::vector<std::vector<OnlineLabelRow<T>>> acc(tp.same ? 1 : 2);
-  for (int s = 0; s < int(acc.size()); ++s) acc[s].resize(size_t(tp.side[s].size()));
-  const auto opts = tp.side[0].rows.options();
+std::vector<OnlineLabelRow<T>> tile_pair_statistics(const TilePair<T>& tp, int64_t block) {
+  std::vector<OnlineLabelRow<T>> acc(size_t(tp.side.size()));
+  const auto opts = tp.side.rows.options();
   at::Tensor s_buf = at::empty({block, block}, opts), st_buf = at::empty({block, block}, opts);
   for_each_tile_pair(tp, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    for_each_tile_row(tp, i0, i1, j0, j1, s_buf, st_buf, [&](int s, int64_t i, const LabelRow& seg, T* logits) {
-      add_label_segment<T>(seg, logits, &acc[tp.slot(s)][i]);
+    for_each_tile_row(tp, i0, i1, j0, j1, s_buf, st_buf, [&](int, int64_t i, const LabelRow& seg, T* logits) {
+      add_label_segment<T>(seg, logits, &acc[i]);
     });
   });
   return acc;
 }
 
-// What the backward reads and writes per slot: the upstream gradients (0 for a row left out), the
+// What the backward reads and writes: the upstream gradients (0 for a row left out), the
 // forward's stats (in T, contiguous), the positive counts; dfeat (dL/d rows, in T) and, for the
 // parameter's gradient, each row's sums over every column block (centred once per row at the end).
 template <typename T>
@@ -262,29 +256,28 @@ struct SideGrads {
   std::vector<double> dp, gs, qb, qs;
 };
 
-// The backward over every tile pair: dfeat of each slot, and the parameter sums when param_grad.
+// The backward over every tile pair: dfeat (dL/dx, x being both the rows and the columns), and
+// the parameter sums when param_grad.
 template <typename T>
-void tile_pair_backward(const TilePair<T>& tp, int64_t block, std::vector<SideGrads<T>>& out, bool param_grad) {
-  const auto opts = tp.side[0].rows.options();
+void tile_pair_backward(const TilePair<T>& tp, int64_t block, SideGrads<T>& o, bool param_grad) {
+  const auto opts = tp.side.rows.options();
   const bool dist = is_distance(tp.kernel);
   at::Tensor w_buf = at::empty({block, block}, opts), wt_buf = at::empty({block, block}, opts);
   for_each_tile_pair(tp, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t ni = i1 - i0, nj = j1 - j0;
-    const bool one_side = tp.same && i0 == j0;
+    const bool one_side = i0 == j0;
     // the Gram tile, then W_IJ (and W_JI in wt_buf), then H_IJ in w_buf
     for_each_tile_row(tp, i0, i1, j0, j1, w_buf, wt_buf, [&](int s, int64_t i, const LabelRow& seg, T* row) {
-      SideGrads<T>& o = out[tp.slot(s)];
       const T gi = o.g[i];
       if (gi == T(0)) {   // left out, or zero upstream gradient: no contribution
         std::fill(row, row + seg.m, T(0));
         return;
       }
-      const T* st = o.stats;
       const int64_t col0 = s == 0 ? j0 : i0;
       const LabelGradSums sums = with_label_kernel(tp.kernel, [&](auto code) {
-        return fast_label_backward<T, decltype(code)::value, true>(seg, o.k[i], row, tp.side[1 - s].sq + col0,
-                                                                   tp.side[s].sq[i], tp.prm, st[i], gi,
-                                                                   st[2 * o.n + i]);
+        return fast_label_backward<T, decltype(code)::value, true>(seg, o.k[i], row, tp.side.sq + col0,
+                                                                   tp.side.sq[i], tp.prm, o.stats[i], gi,
+                                                                   o.stats[2 * o.n + i]);
       });
       if (param_grad) {
         o.dp[i] += sums.dp;
@@ -296,24 +289,20 @@ void tile_pair_backward(const TilePair<T>& tp, int64_t block, std::vector<SideGr
     at::Tensor h = dense_tile(w_buf, ni, nj);
     T* w_p = w_buf.template data_ptr<T>();
     T* wt_p = wt_buf.template data_ptr<T>();
-    // H = W_IJ + W_JI^T (on a self-mode diagonal, W_II + W_II^T), then both sides' gradients
+    // H = W_IJ + W_JI^T (on the diagonal, W_II + W_II^T), then both sides' gradients
     if (one_side) dense_tile(wt_buf, ni, nj).copy_(h);   // W_II, whose transpose is added
     transpose_tile<T, true>(wt_p, nj, ni, w_p);
-    SideGrads<T>& a = out[tp.slot(0)];
-    SideGrads<T>& b = out[tp.slot(1)];
-    a.dfeat.narrow(0, i0, ni).addmm_(h, tp.side[1].rows.narrow(0, j0, nj));
-    if (!one_side) b.dfeat.narrow(0, j0, nj).addmm_(h.t(), tp.side[0].rows.narrow(0, i0, ni));
+    o.dfeat.narrow(0, i0, ni).addmm_(h, tp.side.rows.narrow(0, j0, nj));
+    if (!one_side) o.dfeat.narrow(0, j0, nj).addmm_(h.t(), tp.side.rows.narrow(0, i0, ni));
     if (dist) {   // diag(H 1) of both sides: H's row sums and column sums
-      a.h_sum.narrow(0, i0, ni) += h.sum(1, false, at::kDouble);
-      if (!one_side) b.h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
+      o.h_sum.narrow(0, i0, ni) += h.sum(1, false, at::kDouble);
+      if (!one_side) o.h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
     }
   });
-  if (dist)
-    for (size_t s = 0; s < out.size(); ++s)
-      out[s].dfeat -= out[s].h_sum.to(out[s].dfeat.scalar_type()).unsqueeze(1) * tp.side[s].rows;
+  if (dist) o.dfeat -= o.h_sum.to(o.dfeat.scalar_type()).unsqueeze(1) * tp.side.rows;
 }
 
-// SideGrads of one slot: g and stats in T (contiguous tensors kept alive by the caller).
+// SideGrads of one side: g and stats in T (contiguous tensors kept alive by the caller).
 template <typename T>
 SideGrads<T> side_grads(const LabelSide<T>& side, int64_t n_cols, const at::Tensor& g, const at::Tensor& stats,
                         bool param_grad) {
@@ -325,7 +314,7 @@ SideGrads<T> side_grads(const LabelSide<T>& side, int64_t n_cols, const at::Tens
           std::vector<double>(np), std::vector<double>(np), std::vector<double>(np), std::vector<double>(np)};
 }
 
-// dL/dparam of every row of a slot (double): fast_param_scale times the row's centred sum.
+// dL/dparam of every row of a side (double): fast_param_scale times the row's centred sum.
 template <typename T>
 at::Tensor param_grads(const SideGrads<T>& o, int kernel, T prm) {
   auto out = at::zeros({o.n}, at::TensorOptions().dtype(at::kDouble));

@@ -71,12 +71,14 @@ def icon_loss_bidirectional(x, y, *, target, kernel="cosine", temperature=0.1, s
     Affinity(z_cols, z); a symmetrised target stays itself). The kernel's parameter must be one
     value (a float or a one-element tensor, which may require grad); an Affinity target's too.
 
-    With ``backend="cpu"`` (or "auto" on the CPU) a Labels target with beta = 0, divergence "kl"
-    or "cross_entropy" and the dot, cosine or gaussian kernel takes one pass over the tiles of
-    S = x y^T for both directions: the row and column statistics from the same tiles, and one
-    backward with H = W_row + W_col^T, four N M d GEMM-equivalents for forward + backward where
-    two ``icon_loss`` calls take eight. Every other problem, and every problem under
-    ICON_KERNELS_SYMMETRIC=0, is computed as the two ``icon_loss`` calls on the chosen backend.
+    A Labels target with beta = 0 and divergence "kl" or "cross_entropy" takes one pass for both
+    directions on three backends. ``cpu`` (also "auto" on the CPU; dot, cosine or gaussian
+    kernel): the row and column statistics from the same strips of S = x y^T, and one backward
+    with H = W_row + W_col^T, four N M d GEMM-equivalents for forward + backward where two
+    ``icon_loss`` calls take eight. ``triton`` (every kernel): one backward for both directions.
+    ``torch`` (every kernel; two calls under torch.compile): the same algorithm in PyTorch. Every
+    other problem, and every problem under ICON_KERNELS_SYMMETRIC=0, is computed as the two
+    ``icon_loss`` calls on the chosen backend.
 
     exclude_self (square problems only) leaves out the pairs (i, i) in both directions.
     normalization must be "conditional" (under "joint" the two directions are one divergence:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from .backends.registry import ALL_BACKENDS
 from .functional import icon_loss
+from .validation import DIVERGENCES, KERNELS, NORMALIZATIONS, REDUCTIONS, check_choice, check_unit_interval
 
 
 class ICon(torch.nn.Module):
@@ -21,6 +23,16 @@ class ICon(torch.nn.Module):
                  beta=0.0, exclude_self=None, divergence="kl", reduction="mean", backend="auto",
                  normalization="conditional"):
         super().__init__()
+        # the choices and mixing weights are checked here, so that a typo fails at construction and
+        # not at the first call; the kernel parameters (floats or tensors) are checked per call
+        check_choice("kernel", kernel, KERNELS)
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, ("auto",) + ALL_BACKENDS)
+        alpha, beta = check_unit_interval("alpha", alpha), check_unit_interval("beta", beta)
+        if exclude_self is not None and not isinstance(exclude_self, bool):
+            raise TypeError(f"exclude_self must be a bool or None, got {type(exclude_self).__name__}")
         self.kernel, self.temperature, self.sigma, self.dof = kernel, temperature, sigma, dof
         self.exponent = exponent
         self.alpha, self.beta, self.exclude_self = alpha, beta, exclude_self

@@ -194,7 +194,7 @@ class NeighborsAdapter(TargetAdapter):
 
 
 # the kernel-parameter fields of ik.Affinity (temperature, sigma, dof, exponent), from the table
-_PARAMS = tuple(dict.fromkeys(name for name in KERNEL_PARAM.values() if name))
+AFFINITY_PARAMS = tuple(dict.fromkeys(name for name in KERNEL_PARAM.values() if name))
 
 
 class AffinityAdapter(TargetAdapter):
@@ -214,9 +214,9 @@ class AffinityAdapter(TargetAdapter):
         else:
             check_features("z_cols", z_cols, m, target.z.shape[1], x)
         check_symmetrize(target, n, m)
-        for name in _PARAMS:
+        for name in AFFINITY_PARAMS:
             check_positive(name, getattr(target, name), x, n)
-        return replace(target, **{name: inf_to_nan(getattr(target, name)) for name in _PARAMS})
+        return replace(target, **{name: inf_to_nan(getattr(target, name)) for name in AFFINITY_PARAMS})
 
     def check_shard(self, target, x, y, n_cols):
         if target.z_cols is None and y is not None and target.symmetrize is not True:
@@ -295,11 +295,18 @@ class DenseAdapter(TargetAdapter):
         return Dense(target.p[:, order])
 
 
+# A hub (a point that many rows list) makes the transposed lists long: beyond this many times the
+# target's entries (and REVERSE_PADDING_FLOOR entries, 48 MiB of index and weight) the reverse
+# direction raises instead of padding (dispatch.HUB_PADDING_FACTOR is the same rule for symmetrize)
+REVERSE_PADDING_FACTOR = 4
+REVERSE_PADDING_FLOOR = 1 << 22
+
+
 def transposed_neighbors(indices: torch.Tensor, weights: Optional[torch.Tensor], m: int):
     """(indices, weights) of the transposed neighbour lists: row j of the result lists every row i
     of ``indices`` that lists j, with that entry's weight (a repeat stays a repeat), padded with -1
-    to the longest list (a hub listed by many rows makes it that long). Differentiable in
-    ``weights``; weights None stays None."""
+    to the longest list. Differentiable in ``weights``; weights None stays None. Raises when a hub
+    would make the padding more than REVERSE_PADDING_FACTOR times the entries."""
     n, k = indices.shape
     listed = indices >= 0
     cols = indices[listed]
@@ -308,6 +315,11 @@ def transposed_neighbors(indices: torch.Tensor, weights: Optional[torch.Tensor],
     cols, rows = cols[order], rows[order]
     counts = torch.bincount(cols, minlength=m)
     width = max(1, int(counts.max())) if cols.numel() else 1
+    if m * width > max(REVERSE_PADDING_FACTOR * cols.numel() + m, REVERSE_PADDING_FLOOR):
+        raise ValueError(f"indices: the reverse direction lists, for each of the {m} columns, the rows that list "
+                         f"it, padded to the longest list; a column listed by {width} rows makes that {m * width} "
+                         f"entries for the target's {cols.numel()} (a hub). Give the reverse direction's target "
+                         "yourself (two ik.icon_loss calls), or an ik.Dense target")
     slot = torch.arange(cols.numel(), device=indices.device) - (torch.cumsum(counts, 0) - counts)[cols]
     out_idx = torch.full((m, width), -1, dtype=indices.dtype, device=indices.device)
     out_idx[cols, slot] = rows

@@ -55,6 +55,10 @@ CASES = (
     # target kernels' chains are kl's code, selected above
     (F_DIVERGENCES, "test_triton_every_divergence_and_target", None),
     (F_DIVERGENCES, "test_half_precision_error_within_twice_pytorchs_own", lambda ident: ident.endswith("-triton")),
+    # both directions of icon_loss_bidirectional in one Triton backward (BIDIR): the dot kernel's
+    # four shapes (about four compiles), and its ops' opcheck
+    ("test_bidirectional.py", "test_triton_one_backward_for_both_directions", lambda ident: ident.endswith("-dot")),
+    ("test_bidirectional.py", "test_triton_bidirectional_ops_pass_opcheck_and_leave_rows_out", None),
 )
 
 

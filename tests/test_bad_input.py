@@ -548,3 +548,14 @@ def test_minus_inf_in_y_with_neighbors_and_dot_gives_nan(backend, no_hang):
     rows = ik.icon_loss(x, y, target=target, kernel="dot", reduction="none", backend=backend)
     assert torch.isnan(rows[1]).item() and not (rows == float("inf")).any()
     assert torch.isnan(ik.icon_loss(x, y, target=target, kernel="dot", backend=backend)).item()
+
+
+@pytest.mark.parametrize("kwargs,name", [({"kernel": "bogus"}, "kernel"), ({"divergence": "bogus"}, "divergence"),
+                                         ({"normalization": "bogus"}, "normalization"),
+                                         ({"reduction": "bogus"}, "reduction"), ({"backend": "bogus"}, "backend"),
+                                         ({"alpha": 1.0}, "alpha"), ({"beta": -0.1}, "beta")])
+def test_icon_module_checks_its_choices_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ik.ICon(**kwargs)
+    with pytest.raises(TypeError, match="exclude_self"):
+        ik.ICon(exclude_self="yes")

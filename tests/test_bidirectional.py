@@ -60,6 +60,19 @@ class TorchCalls:
         monkeypatch.setattr(bidirectional_torch.BidirectionalLabels, "apply", counted)
 
 
+class OpCalls:
+    """Counts the one-pass bidirectional op calls of each backend."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {}
+        forward_op = bidirectional_ops.forward_op
+
+        def counted(name):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return forward_op(name)
+        monkeypatch.setattr(bidirectional_ops, "forward_op", counted)
+
+
 def _inputs(n, m, d=5, dtype=F64, seed=0, classes=3):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen, dtype=F64).to(dtype)
@@ -72,7 +85,7 @@ def _inputs(n, m, d=5, dtype=F64, seed=0, classes=3):
 def _grads(loss_fn, x0, y0, param, upstream=1.7):
     """(loss, dx, dy, dparam) of upstream * loss (the pair's halves summed for reduction='none')."""
     x, y = x0.detach().clone().requires_grad_(), y0.detach().clone().requires_grad_()
-    p = torch.tensor(param, dtype=F64 if x0.dtype == F64 else F32, requires_grad=True)
+    p = torch.tensor(param, dtype=F64 if x0.dtype == F64 else F32, device=x0.device, requires_grad=True)
     loss = loss_fn(x, y, p)
     if isinstance(loss, tuple):
         loss = loss[0].sum() + loss[1].sum()
@@ -135,11 +148,13 @@ def test_torch_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, a
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
-def test_log_dot_and_the_other_targets_take_two_calls_with_the_reverse_target(backend):
+def test_the_other_targets_take_two_calls_with_the_reverse_target(monkeypatch, backend):
     """Dense(p) reverses to Dense(p.T), Affinity(z, z_cols) to Affinity(z_cols, z), Neighbors to the
-    lists of the rows that list each column (= Dense of its scattered weights, transposed)."""
+    lists of the rows that list each column (= Dense of its scattered weights, transposed); and
+    log_dot, one pass on torch (a symmetric kernel), two calls on cpu (not its ops' kernel)."""
     if backend == "cpu" and not HAS_CPU:
         pytest.skip("the cpu backend is not built")
+    calls, torch_calls = OpCalls(monkeypatch), TorchCalls(monkeypatch)
     gen = torch.Generator().manual_seed(4)
     n, m = 9, 6
     x, y, _, _ = _inputs(n, m)
@@ -158,10 +173,12 @@ def test_log_dot_and_the_other_targets_take_two_calls_with_the_reverse_target(ba
         _close(got, want, 1e-12)
     rl, cl = torch.randint(0, 2, (n,), generator=gen), torch.randint(0, 2, (m,), generator=gen)
     xs, ys = x.abs() + 0.1, y.abs() + 0.1            # log_dot: positive dot products
+    assert calls.calls == {} and torch_calls.calls == 0          # the other targets: two calls
     got = ik.icon_loss_bidirectional(xs, ys, target=ik.Labels(rl, cl), kernel="log_dot", backend=backend)
     want = (ik.icon_loss(xs, ys, target=ik.Labels(rl, cl), kernel="log_dot", backend="reference")
             + ik.icon_loss(ys, xs, target=ik.Labels(cl, rl), kernel="log_dot", backend="reference")) / 2
     assert relative_error(got, want) <= 1e-12
+    assert calls.calls == {} and torch_calls.calls == (backend == "torch")
 
 
 def test_neighbor_weights_get_their_gradient_through_the_reverse_lists():
@@ -296,7 +313,12 @@ def test_the_ops_check_every_size_they_index():
     rl, cl = torch.arange(5), torch.arange(4)
     p = torch.tensor(0.5)
     op = torch.ops.icon_kernels
-    bad = [((x, y, p, "dot", rl[:4], cl, 0.0, False, 0), "row_labels"),
+    empty, none = torch.randn(0, 3), torch.zeros(0, dtype=torch.long)
+    bad = [((x, empty, p, "dot", rl, none, 0.0, False, 0), "at least one row"),
+           ((empty, y, p, "dot", none, cl, 0.0, False, 0), "at least one row"),
+           ((x, y, p, "dot", rl.double(), cl, 0.0, False, 0), "row_labels must be an integer"),
+           ((x, y, p, "dot", rl, cl.to(torch.complex64), 0.0, False, 0), "col_labels must be an integer"),
+           ((x, y, p, "dot", rl[:4], cl, 0.0, False, 0), "row_labels"),
            ((x, y, p, "dot", rl, torch.arange(5), 0.0, False, 0), "col_labels"),
            ((x, torch.randn(4, 2), p, "dot", rl, cl, 0.0, False, 0), "y must have shape"),
            ((x, y, torch.ones(5), "dot", rl, cl, 0.0, False, 0), "param"),
@@ -399,19 +421,6 @@ def test_clip_loss_is_both_directions_in_one_pass(backend, reduction):
     _close(got, run(crit, two_calls=True), 1e-12)
 
 
-class OpCalls:
-    """Counts the one-pass bidirectional op calls of each backend."""
-
-    def __init__(self, monkeypatch):
-        self.calls = {}
-        forward_op = bidirectional_ops.forward_op
-
-        def counted(name):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return forward_op(name)
-        monkeypatch.setattr(bidirectional_ops, "forward_op", counted)
-
-
 @needs_triton
 @pytest.mark.parametrize("kernel", ["dot", "cosine", "gaussian", "student_t"])
 @pytest.mark.parametrize("shape,alpha,divergence", [((37, 23, False), 0.0, "kl"), ((23, 40, False), 0.3, "kl"),
@@ -446,3 +455,110 @@ def test_triton_bidirectional_ops_pass_opcheck_and_leave_rows_out():
     gx, gy = torch.linspace(-1, 1, 9, device=device), torch.linspace(0.5, 1, 6, device=device)
     torch.library.opcheck(op.triton_bidirectional_backward.default,
                           (gx, gy, *args, out[1], out[2], out[4], out[5], True))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_torch_compile_fullgraph_matches_eager(backend):
+    """The cpu ops trace; the torch version's backward (autograd.grad per strip) does not, so under
+    torch.compile it is two calls."""
+    x, y, rl, cl = _inputs(20, 12, dtype=F32)
+
+    def step(x, y, tau):
+        return ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), kernel="cosine", temperature=tau,
+                                          backend=backend)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        xi, yi, ti = x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(0.2, requires_grad=True)
+        loss = fn(xi, yi, ti)
+        loss.backward()
+        results.append((loss.detach(), xi.grad, yi.grad, ti.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"] + (["cpu"] if HAS_CPU else []))
+def test_one_element_parameters_are_one_value_at_n_or_m_1(backend):
+    x, y, _, _ = _inputs(1, 5)
+    rl, cl = torch.zeros(1, dtype=torch.long), torch.arange(5)
+    t = torch.tensor([0.5], dtype=F64)
+    got = ik.icon_loss_bidirectional(x, y, target=ik.Labels(rl, cl), kernel="dot", temperature=t, backend=backend)
+    want = _two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot")(x, y, torch.tensor(0.5, dtype=F64))
+    assert relative_error(got, want) <= 1e-12
+    z, zc = torch.randn(1, 3, dtype=F64), torch.randn(5, 3, dtype=F64)
+    got = ik.icon_loss_bidirectional(x, y, target=ik.Affinity(z, zc, sigma=torch.tensor([0.7], dtype=F64)),
+                                     kernel="dot", backend=backend)
+    want = (ik.icon_loss(x, y, target=ik.Affinity(z, zc, sigma=0.7), kernel="dot", backend="reference")
+            + ik.icon_loss(y, x, target=ik.Affinity(zc, z, sigma=0.7), kernel="dot", backend="reference")) / 2
+    assert relative_error(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_target_gradients_and_square_reverse_targets(backend):
+    """Gradients into the target's tensors through the reverse direction (Affinity z, z_cols and
+    sigma; Dense p), square Affinity with z_cols=None and symmetrize, Neighbors with self entries
+    under exclude_self and with symmetrize, all against two reference calls."""
+    gen = torch.Generator().manual_seed(9)
+    n = 8
+    x, y, _, _ = _inputs(n, n)
+    z0, zc0 = torch.randn(n, 3, generator=gen, dtype=F64), torch.randn(n, 3, generator=gen, dtype=F64)
+    p0 = torch.rand(n, n, generator=gen, dtype=F64)
+    idx = torch.randint(0, n, (n, 3), generator=gen)
+    idx[:, 0] = torch.arange(n)                       # every row lists itself
+    cases = [
+        (lambda z, zc, s, p: ik.Affinity(z, zc, sigma=s), lambda z, zc, s, p: ik.Affinity(zc, z, sigma=s), False),
+        (lambda z, zc, s, p: ik.Affinity(z, sigma=s), lambda z, zc, s, p: ik.Affinity(z, sigma=s), True),
+        (lambda z, zc, s, p: ik.Affinity(z, sigma=s, symmetrize=True),
+         lambda z, zc, s, p: ik.Affinity(z, sigma=s, symmetrize=True), True),
+        (lambda z, zc, s, p: ik.Dense(p), lambda z, zc, s, p: ik.Dense(p.T), False),
+        (lambda z, zc, s, p: ik.Neighbors(idx, p[:, :3]), None, True),
+        (lambda z, zc, s, p: ik.Neighbors(idx, p[:, :3], symmetrize=True),
+         lambda z, zc, s, p: ik.Neighbors(idx, p[:, :3], symmetrize=True), True),
+    ]
+    for make, make_reverse, exclude_self in cases:
+        # (a symmetrised target's own gradient is the reference's alone: none asked for there)
+        grad = not getattr(make(z0, zc0, 0.8, p0), "symmetrize", False)
+
+        def run(bidirectional):
+            z, zc = z0.clone().requires_grad_(grad), zc0.clone().requires_grad_(grad)
+            s = torch.tensor(0.8, dtype=F64, requires_grad=grad)
+            p = p0.clone().requires_grad_(grad)
+            if bidirectional:
+                loss = ik.icon_loss_bidirectional(x, y, target=make(z, zc, s, p), kernel="dot", temperature=0.5,
+                                                  exclude_self=exclude_self, backend=backend)
+            elif make_reverse is None:                # the reverse of Neighbors: scattered, transposed
+                keep = idx >= 0
+                rows = torch.arange(n)[:, None].expand(n, 3)
+                w = torch.zeros(n, n, dtype=F64).index_put((rows[keep], idx[keep]), p[:, :3][keep], accumulate=True)
+                kw = dict(kernel="dot", temperature=0.5, exclude_self=exclude_self, backend="reference")
+                loss = (ik.icon_loss(x, y, target=ik.Dense(w), **kw) + ik.icon_loss(y, x, target=ik.Dense(w.T), **kw)) / 2
+            else:
+                kw = dict(kernel="dot", temperature=0.5, exclude_self=exclude_self, backend="reference")
+                loss = (ik.icon_loss(x, y, target=make(z, zc, s, p), **kw)
+                        + ik.icon_loss(y, x, target=make_reverse(z, zc, s, p), **kw)) / 2
+            if not grad:
+                return [loss.detach()]
+            grads = torch.autograd.grad(loss, (z, zc, s, p), allow_unused=True)
+            return [loss.detach()] + [g if g is not None else torch.zeros(()) for g in grads]
+        _close(run(True), run(False), 1e-10)
+
+
+def test_a_hub_in_the_reverse_neighbor_lists_raises():
+    from icon_kernels import target_adapters
+    n = 3000
+    idx = torch.zeros(n, 1, dtype=torch.long)                    # every row lists point 0
+    idx_more = torch.cat([idx, torch.arange(n)[:, None]], 1)
+    with pytest.raises(ValueError, match="indices: the reverse direction"):
+        target_adapters.transposed_neighbors(idx_more, None, n)
+    small, _ = target_adapters.transposed_neighbors(idx[:50], None, 50)   # under the floor: padded
+    assert small.shape == (50, 50) and int((small >= 0).sum()) == 50
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+def test_label_dtypes_and_non_contiguous_inputs(dtype):
+    x, y, rl, cl = _inputs(11, 7, d=6)
+    xt, yt = x.T.contiguous().T, torch.cat([y, y], 1)[:, :6]          # non-contiguous features
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot"), x, y, 0.5)
+    for backend in ["torch"] + (["cpu"] if HAS_CPU else []):
+        got = _grads(_both(ik.Labels(rl.to(dtype), cl.to(dtype)[::1]), "dot", backend), xt, yt, 0.5)
+        _close(got, want, 1e-12)

@@ -15,12 +15,14 @@ for benchmarks), computes the two directions as two calls of the chosen backend.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from ..families import DIVERGENCES
 from ..reduction import reduce_rows
-from ..target_adapters import adapter_for
+from ..target_adapters import AFFINITY_PARAMS, adapter_for
+from ..targets import Affinity
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
 from . import bidirectional_ops, bidirectional_torch, registry
 from .dispatch import computing_backends, kernel_inputs, row_losses
@@ -37,22 +39,31 @@ def one_pass_enabled() -> bool:
     return value != "0"
 
 
+def _one_value(value):
+    return value.reshape(()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
 def _scalar_param(problem: Problem) -> bool:
     return not isinstance(problem.param, torch.Tensor) or problem.param.numel() == 1
 
 
 def one_pass_backend(problem: Problem, backend: str):
     """The one-pass version that computes ``problem`` (x -> y) and its reverse on ``backend``
-    ("cpu": the fused ops; "torch": bidirectional_torch), or None (two calls)."""
-    if not (adapter_for(problem.target).name == "labels" and problem.beta == 0
-            and problem.divergence in ("kl", "cross_entropy") and problem.normalization == "conditional"
-            and _scalar_param(problem) and one_pass_enabled()):
+    ("cpu" and "triton": their bidirectional ops; "torch": bidirectional_torch), or None (two
+    calls). Under torch.compile the torch version is two calls: its backward pulls the gradient
+    through each strip's logits with torch.autograd.grad, which Dynamo does not trace."""
+    if backend == "cpu":
+        fits = problem.kernel in CPU_KERNELS
+    elif backend == "triton":
+        fits = bidirectional_torch.fits(problem)
+    elif backend == "torch":
+        fits = bidirectional_torch.fits(problem) and not torch.compiler.is_compiling()
+    else:
         return None
-    if backend == "cpu" and problem.kernel in CPU_KERNELS:
-        return "cpu"
-    if backend in ("torch", "triton") and bidirectional_torch.fits(problem):
-        return backend
-    return None
+    if not (fits and adapter_for(problem.target).name == "labels" and problem.beta == 0
+            and problem.divergence in ("kl", "cross_entropy") and problem.normalization == "conditional"):
+        return None
+    return backend if one_pass_enabled() else None
 
 
 def _one_pass_rows(problem: Problem, version: str):
@@ -75,12 +86,17 @@ def loss(x, y, *, target, backend="auto", exclude_self=False, reduction="mean", 
         raise TypeError(f"y must be a torch.Tensor (the columns of x -> y, the rows of y -> x), got "
                         f"{type(y).__name__}")
     options = {**LOSS_OPTIONS, **options}
+    # a one-element parameter is one value for both directions: 0-d, so that neither direction's
+    # check reads a (1,) tensor as one value per row (of x at N = 1, of y at M = 1)
+    options = {k: _one_value(v) for k, v in options.items()}
+    if isinstance(target, Affinity):
+        target = replace(target, **{k: _one_value(getattr(target, k)) for k in AFFINITY_PARAMS})
     forward = check_arguments(x, y, target=target, exclude_self=exclude_self, reduction=reduction, weight=None,
                               **options)
     if forward.normalization != "conditional":
         raise ValueError("normalization='joint' has one q over all pairs for both directions, so its two "
                          "directions are one divergence: use ik.icon_loss (normalization must be 'conditional')")
-    if not _scalar_param(forward):
+    if not _scalar_param(forward):          # (one-element tensors are 0-d by now)
         name = KERNEL_PARAM[forward.kernel]
         raise ValueError(f"{name} must be one value for both directions (a float or a one-element tensor), got "
                          f"shape {tuple(forward.param.shape)}")

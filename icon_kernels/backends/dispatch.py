@@ -138,11 +138,11 @@ def _hub_heavy_symmetric_neighbors(problem: Problem) -> bool:
     times its entries: row i's symmetrised entries are its own valid ones plus one per row that
     lists i, counted in O(N k) without building them."""
     target = problem.target
-    if not (getattr(target, "symmetrize", False) and adapter_for(target).name == "neighbors"):
+    adapter = adapter_for(target)
+    if not (getattr(target, "symmetrize", False) and adapter.name == "neighbors"):
         return False
     n = problem.x.shape[0]
-    slots = adapter_for(target).op_slots(target)
-    index = slots.nbr_index
+    index = adapter.op_slots(target).nbr_index
     rows = torch.arange(n, device=index.device)[:, None].expand_as(index)
     keep = index >= 0
     if problem.exclude_self:

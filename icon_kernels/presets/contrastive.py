@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..functional import icon_loss_bidirectional
+from ..backends.bidirectional import loss as bidirectional_loss
 from ..targets import Labels
 from ..validation import KERNEL_PARAM, check_labels, check_matrix, check_parametric_kernel
 from .base import PresetLoss, check_positive, check_views
@@ -107,10 +107,11 @@ class CLIPLoss(PresetLoss):
     modalities. The loss is the mean of the image->text and text->image cross-entropies, as in
     CLIP. ``logit_scale`` starts at log(1/0.07), is an nn.Parameter when ``learnable``, and
     exp(logit_scale) is clamped at ``max_logit_scale`` (100, as CLIP). In one process the loss is
-    ``ik.icon_loss_bidirectional``: the ``cpu`` backend computes both directions from one pass over
-    the tiles of S (four GEMM-equivalents for forward + backward instead of eight), the others as
-    two calls. Distributed: each rank passes its own pairs; pair ids are made unique across ranks,
-    and the two directions are two calls of ``ik.distributed.icon_loss``.
+    ``ik.icon_loss_bidirectional``: the ``cpu``, ``torch`` and ``triton`` backends compute both
+    directions in one pass (on ``cpu`` four GEMM-equivalents for forward + backward instead of
+    eight), ``cuda`` and ``reference`` as two calls. Distributed: each rank passes its own pairs;
+    pair ids are made unique across ranks, and the two directions are two calls of
+    ``ik.distributed.icon_loss``.
     """
 
     DIVERGENCE = "cross_entropy"
@@ -145,9 +146,9 @@ class CLIPLoss(PresetLoss):
         txt_ids = global_ids(m, self.placement, image_emb.device)
         common = dict(kernel="cosine", temperature=temperature, exclude_self=False)
         if not self.placement.distributed:     # both directions from one pass where a backend can
-            both = icon_loss_bidirectional(image_emb, text_emb, target=Labels(img_ids, txt_ids), alpha=self.alpha,
-                                           beta=self.beta, divergence=self.divergence, reduction=self.reduction,
-                                           backend=self.backend, **common)
+            both = bidirectional_loss(image_emb, text_emb, target=Labels(img_ids, txt_ids), alpha=self.alpha,
+                                      beta=self.beta, divergence=self.divergence, reduction=self.reduction,
+                                      backend=self.backend, **common)
             return both[0] + both[1] if self.reduction == "none" else both
         image_to_text = self._loss(image_emb, text_emb, target=Labels(img_ids, txt_ids), **common)
         text_to_image = self._loss(text_emb, image_emb, target=Labels(txt_ids, img_ids), **common)
