@@ -14,7 +14,8 @@
 // x -> y) and then of y's rows (y -> x), each as cpu_forward's for that direction; the stats
 // rows are the tile-pair schedule's (LSE, -, its rounding residual, the block side).
 // icon_kernels::cpu_bidirectional_backward takes the upstream gradients of both directions' row
-// losses and returns (dx, dy, dparam); it runs only after that forward (it reads the record).
+// losses and returns (dx, dy, dparam); it runs only after that forward (it reads the record). A
+// gradient not needed (need_x_grad, need_y_grad false: a frozen tower) is zeros, without its GEMM.
 #include "cpu_bidirectional_labels.h"
 
 #include <ATen/ATen.h>
@@ -331,7 +332,8 @@ inline void h_row(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t w, T w
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tensor& grad_x, const at::Tensor& grad_y,
                                       const at::Tensor& valid_x, const at::Tensor& stats_x,
-                                      const at::Tensor& valid_y, const at::Tensor& stats_y, bool param_grad) {
+                                      const at::Tensor& valid_y, const at::Tensor& stats_y, bool param_grad,
+                                      bool x_grad, bool y_grad) {
   const int64_t n = b.n, m = b.m;
   const auto opts = b.x.options();
   const at::Tensor st_x = stats_x.to(opts.dtype()).contiguous(), st_y = stats_y.to(opts.dtype()).contiguous();
@@ -348,7 +350,8 @@ std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tenso
   std::vector<double> part(param_grad ? size_t(4 * rows * chunks) : 0);
   const int64_t* lr = b.labels.template data_ptr<int64_t>();
   const int64_t* lc = b.col_labels.template data_ptr<int64_t>();
-  auto dx = at::empty({n, b.d}, opts), dy = at::zeros({m, b.d}, opts);
+  // a gradient nobody needs (a frozen tower) is zeros, and its GEMM is skipped
+  auto dx = x_grad ? at::empty({n, b.d}, opts) : at::zeros({n, b.d}, opts), dy = at::zeros({m, b.d}, opts);
   auto h_cols = at::zeros({m}, opts.dtype(at::kDouble));
   const bool dist = is_distance(b.kernel);
   at::Tensor buf = at::empty({rows, m}, opts);
@@ -386,15 +389,18 @@ std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tenso
           const double* pr = part.data() + 4 * (r * chunks + c);
           px.dp[i0 + r] += pr[0]; px.gs[i0 + r] += pr[1]; px.qb[i0 + r] += pr[2]; px.qs[i0 + r] += pr[3];
         }
-    at::Tensor dx_i = dx.narrow(0, i0, ni);
-    at::mm_out(dx_i, h, b.y);                      // the strip's rows see every column: dX_I = H Y
-    dy.addmm_(h.t(), b.x.narrow(0, i0, ni));        // dY += H^T X_I
-    if (dist) {                                     // minus diag(H 1) X and diag(H^T 1) Y
-      dx_i -= h.sum(1, false, at::kDouble).to(opts.dtype()).unsqueeze(1) * b.x.narrow(0, i0, ni);
-      h_cols += h.sum(0, false, at::kDouble);
+    if (x_grad) {
+      at::Tensor dx_i = dx.narrow(0, i0, ni);
+      at::mm_out(dx_i, h, b.y);                    // the strip's rows see every column: dX_I = H Y
+      if (dist) dx_i -= h.sum(1, false, at::kDouble).to(opts.dtype()).unsqueeze(1) * b.x.narrow(0, i0, ni);
+    }
+    if (y_grad) {
+      dy.addmm_(h.t(), b.x.narrow(0, i0, ni));      // dY += H^T X_I
+      if (dist) h_cols += h.sum(0, false, at::kDouble);
     }
   }
-  if (dist) dy -= h_cols.to(opts.dtype()).unsqueeze(1) * b.y;
+  // (distance kernels: minus diag(H 1) X above, diag(H^T 1) Y here)
+  if (dist && y_grad) dy -= h_cols.to(opts.dtype()).unsqueeze(1) * b.y;
   double dprm = 0;
   if (param_grad) {
     const double scale = b.kernel == kDot ? fast_param_scale<double, kDot>(b.prm)
@@ -424,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_bidirectional_backward(
     const at::Tensor& grad_x_rows, const at::Tensor& grad_y_rows, const at::Tensor& x, const at::Tensor& y,
     const at::Tensor& param, c10::string_view kernel, const at::Tensor& row_labels, const at::Tensor& col_labels,
     double alpha, bool exclude_self, int64_t divergence, const at::Tensor& valid_x, const at::Tensor& stats_x,
-    const at::Tensor& valid_y, const at::Tensor& stats_y, bool need_param_grad) {
+    const at::Tensor& valid_y, const at::Tensor& stats_y, bool need_param_grad, bool need_x_grad, bool need_y_grad) {
   const NoAutocast no_autocast;
   check_bidirectional_args(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence);
   check_side_grads("grad_x_rows", grad_x_rows, "valid_x", valid_x, "stats_x", stats_x, x.size(0), x);
@@ -432,10 +438,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_bidirectional_backward(
   const std::vector<at::Tensor> g = x.scalar_type() == at::kDouble
       ? backward_impl(Bidirectional<double>(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self,
                                             divergence),
-                      grad_x_rows, grad_y_rows, valid_x, stats_x, valid_y, stats_y, need_param_grad)
+                      grad_x_rows, grad_y_rows, valid_x, stats_x, valid_y, stats_y, need_param_grad, need_x_grad,
+                      need_y_grad)
       : backward_impl(Bidirectional<float>(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self,
                                            divergence),
-                      grad_x_rows, grad_y_rows, valid_x, stats_x, valid_y, stats_y, need_param_grad);
+                      grad_x_rows, grad_y_rows, valid_x, stats_x, valid_y, stats_y, need_param_grad, need_x_grad,
+                      need_y_grad);
   return {g[0].to(x.scalar_type()), g[1].to(y.scalar_type()), g[2].reshape(param.sizes()).to(param.scalar_type())};
 }
 

@@ -303,8 +303,9 @@ def test_opcheck_of_the_bidirectional_ops():
     torch.library.opcheck(op.cpu_bidirectional_forward.default, args)
     out = op.cpu_bidirectional_forward(*args)
     gx, gy = torch.linspace(-1, 1, 9, dtype=F64), torch.linspace(0.5, 1, 6, dtype=F64)
-    torch.library.opcheck(op.cpu_bidirectional_backward.default,
-                          (gx, gy, *args, out[1], out[2], out[4], out[5], True))
+    for need_x, need_y in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(op.cpu_bidirectional_backward.default,
+                              (gx, gy, *args, out[1], out[2], out[4], out[5], True, need_x, need_y))
 
 
 @needs_cpu
@@ -332,11 +333,11 @@ def test_the_ops_check_every_size_they_index():
     out = op.cpu_bidirectional_forward(*args)
     g5, g4 = torch.ones(5), torch.ones(4)
     with pytest.raises(RuntimeError, match="grad_y_rows"):
-        op.cpu_bidirectional_backward(g5, g5, *args, out[1], out[2], out[4], out[5], False)
+        op.cpu_bidirectional_backward(g5, g5, *args, out[1], out[2], out[4], out[5], False, True, True)
     with pytest.raises(RuntimeError, match="stats_y"):
-        op.cpu_bidirectional_backward(g5, g4, *args, out[1], out[2], out[4], out[2], False)
+        op.cpu_bidirectional_backward(g5, g4, *args, out[1], out[2], out[4], out[2], False, True, True)
     with pytest.raises(RuntimeError, match="one icon_kernels::cpu_bidirectional_forward"):
-        op.cpu_bidirectional_backward(g5, g4, *args, out[1], torch.zeros(4, 5), out[4], out[5], False)
+        op.cpu_bidirectional_backward(g5, g4, *args, out[1], torch.zeros(4, 5), out[4], out[5], False, True, True)
 
 
 def test_bad_arguments_name_themselves():
@@ -454,7 +455,9 @@ def test_triton_bidirectional_ops_pass_opcheck_and_leave_rows_out():
     assert out[4].tolist() == [True, True, True, False, False, True]      # y's rows 3, 4: no positive
     gx, gy = torch.linspace(-1, 1, 9, device=device), torch.linspace(0.5, 1, 6, device=device)
     torch.library.opcheck(op.triton_bidirectional_backward.default,
-                          (gx, gy, *args, out[1], out[2], out[4], out[5], True))
+                          (gx, gy, *args, out[1], out[2], out[4], out[5], True, True, True))
+    _, dy, _ = op.triton_bidirectional_backward(gx, gy, *args, out[1], out[2], out[4], out[5], True, True, False)
+    assert float(dy.abs().max()) == 0
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
@@ -562,3 +565,27 @@ def test_label_dtypes_and_non_contiguous_inputs(dtype):
     for backend in ["torch"] + (["cpu"] if HAS_CPU else []):
         got = _grads(_both(ik.Labels(rl.to(dtype), cl.to(dtype)[::1]), "dot", backend), xt, yt, 0.5)
         _close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else [])
+                         + (["triton"] if "triton" in ik.available_backends() else []))
+def test_a_frozen_tower_gets_no_gradient_and_the_other_the_right_one(backend):
+    """y without grad (a locked text tower, as in LiT), then x without grad: the other side's
+    gradient and the temperature's are the two calls' (the op skips the frozen side's GEMM)."""
+    device = device_of(backend)
+    dtype = F32 if backend == "triton" else F64
+    x, y, rl, cl = _inputs(13, 9, classes=3)
+    tol = TRITON_F32 if backend == "triton" else 1e-12
+    for frozen in ("x", "y"):
+        xx = x.clone().to(device, dtype).requires_grad_(frozen != "x")
+        yy = y.clone().to(device, dtype).requires_grad_(frozen != "y")
+        t = torch.tensor(0.4, dtype=dtype, device=device, requires_grad=True)
+        loss = ik.icon_loss_bidirectional(xx, yy, target=ik.Labels(rl.to(device), cl.to(device)), kernel="gaussian",
+                                          sigma=t, backend=backend)
+        live = yy if frozen == "x" else xx
+        got = torch.autograd.grad(loss, (live, t))
+        x64, y64 = x.clone().requires_grad_(), y.clone().requires_grad_()
+        t64 = torch.tensor(0.4, dtype=F64, requires_grad=True)
+        want = _two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "gaussian")(x64, y64, t64)
+        want = torch.autograd.grad(want, (y64 if frozen == "x" else x64, t64))
+        _close([g.cpu() for g in got], want, tol)

@@ -526,9 +526,11 @@ def bidirectional_forward(x, y, param, kernel, row_labels, col_labels, alpha, ex
 
 
 def bidirectional_backward(grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha,
-                           exclude_self, divergence, valid_x, stats_x, valid_y, stats_y, need_param_grad):
+                           exclude_self, divergence, valid_x, stats_x, valid_y, stats_y, need_param_grad,
+                           need_x_grad, need_y_grad):
     """(dx, dy, dparam) of both directions from one pair of backward kernels (BIDIR): each tile's
-    gradient is the x -> y direction's plus the transposed y -> x direction's."""
+    gradient is the x -> y direction's plus the transposed y -> x direction's. The column kernel
+    (dY) is skipped when y needs no gradient (dy zeros); the row kernel makes dparam too."""
     op = _direction(x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, divergence)
     _computed_divergence(op)
     with _on_device(op.x):
@@ -541,7 +543,7 @@ def bidirectional_backward(grad_x_rows, grad_y_rows, x, y, param, kernel, row_la
         g = torch.where(valid_x, grad_x_rows.float(), 0.0).contiguous()
         g2 = torch.where(valid_y, grad_y_rows.float(), 0.0).contiguous()
         dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
-        dy = torch.empty(m, d, dtype=torch.float32, device=x.device)
+        dy = (torch.empty if need_y_grad else torch.zeros)(m, d, dtype=torch.float32, device=x.device)
         dprm = torch.empty(n, dtype=torch.float32, device=x.device)
         dummy = tensors["XSQ"]
         common = dict(**tensors, STATS=stats, GRAD=g, STATS2=stats2, GRAD2=g2, **sizes,
@@ -549,5 +551,6 @@ def bidirectional_backward(grad_x_rows, grad_y_rows, x, y, param, kernel, row_la
                       TARGET_GRAD=False, DIVERGENCE=op.divergence, BIDIR=True, **flags)
         d_chunks = triton.cdiv(d, flags["BLOCK_D"])
         _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dummy, DTPRM=dummy, **common)
-        _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dummy, **common)
+        if need_y_grad:
+            _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dummy, **common)
         return dx.to(op.x.dtype), dy.to(op.y.dtype), dprm.sum().reshape(op.param.shape).to(op.param.dtype)

@@ -8,7 +8,8 @@ bidirectional_forward / _backward: every kernel).
 The forward returns (rows_x, included_x, stats_x, rows_y, included_y, stats_y): the row losses,
 included rows and [4, rows] statistics of x's rows over y (direction x -> y), then of y's rows over
 x. The backward takes the upstream gradients of both directions' row losses and returns (dx, dy,
-dparam); it reads its own forward's stats (the cpu op checks the record there).
+dparam); it reads its own forward's stats (the cpu op checks the record there). need_x_grad and
+need_y_grad False let it skip a GEMM (a frozen tower, as in LiT): that gradient is then zeros.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ ARGS = ("Tensor x, Tensor y, Tensor param, str kernel, Tensor row_labels, Tensor
         "bool exclude_self, int divergence")
 FORWARD_SCHEMA = f"({ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 BACKWARD_SCHEMA = (f"(Tensor grad_x_rows, Tensor grad_y_rows, {ARGS}, Tensor valid_x, Tensor stats_x, "
-                   "Tensor valid_y, Tensor stats_y, bool need_param_grad) -> (Tensor, Tensor, Tensor)")
+                   "Tensor valid_y, Tensor stats_y, bool need_param_grad, bool need_x_grad, bool need_y_grad)"
+                   " -> (Tensor, Tensor, Tensor)")
 N_ARGS = 9
 
 
@@ -50,10 +52,11 @@ def _make_backward(backward_op):
         # an unused direction's upstream gradient arrives as None
         grad_x_rows = torch.zeros_like(stats_x[0]) if grad_x_rows is None else grad_x_rows
         grad_y_rows = torch.zeros_like(stats_y[0]) if grad_y_rows is None else grad_y_rows
+        need = ctx.needs_input_grad
         dx, dy, dparam = backward_op(grad_x_rows, grad_y_rows, x, y, param, kernel, row_labels, col_labels, alpha,
                                      exclude_self, divergence, valid_x, stats_x, valid_y, stats_y,
-                                     ctx.needs_input_grad[2])
-        return (dx, dy, dparam) + (None,) * (N_ARGS - 3)
+                                     need[2], need[0], need[1])
+        return (dx if need[0] else None, dy if need[1] else None, dparam) + (None,) * (N_ARGS - 3)
     return backward
 
 

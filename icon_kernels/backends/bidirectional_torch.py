@@ -113,10 +113,11 @@ class BidirectionalLabels(torch.autograd.Function):
         g_x = torch.where(inc_x, grad_x_rows.to(acc), zeros) if grad_x_rows is not None else zeros.expand(n)
         g_y = torch.where(inc_y, grad_y_rows.to(acc), zeros) if grad_y_rows is not None else zeros.expand(m)
         xa, ya, pa = x.detach().to(acc), y.detach().to(acc), param.detach().to(acc)
+        needs = ctx.needs_input_grad[:3]
         dx, dy, dparam = torch.zeros_like(xa), torch.zeros_like(ya), torch.zeros_like(pa)
         for r0, r1 in row_chunks(n, m):
-            with torch.enable_grad():
-                xs, ys, ps = (t.detach().requires_grad_() for t in (xa[r0:r1], ya, pa))
+            with torch.enable_grad():     # (only what needs a gradient: a frozen tower costs nothing)
+                xs, ys, ps = (t.detach().requires_grad_(need) for t, need in zip((xa[r0:r1], ya, pa), needs))
                 s, _ = tile_math.logits(kernel, xs, ys, ps)
             valid, positive = _masks(row_labels, col_labels, r0, r1, exclude_self)
             sv = s.detach()
@@ -127,9 +128,13 @@ class BidirectionalLabels(torch.autograd.Function):
             # a row left out (g = 0) adds nothing, also where its q is NaN
             grad = (torch.where(g_x[r0:r1, None] != 0, g_x[r0:r1, None] * (q_x - p_x), 0.0)
                     + torch.where(g_y[None, :] != 0, g_y[None, :] * (q_y - p_y), 0.0))
-            gx, gy, gp = torch.autograd.grad(s, (xs, ys, ps), grad, allow_unused=True)
-            dx[r0:r1] += gx
-            dy += gy
+            wanted = [t for t, need in zip((xs, ys, ps), needs) if need]
+            got = iter(torch.autograd.grad(s, wanted, grad, allow_unused=True) if s.requires_grad else [])
+            gx, gy, gp = (next(got, None) if need else None for need in needs)
+            if gx is not None:
+                dx[r0:r1] += gx
+            if gy is not None:
+                dy += gy
             if gp is not None:
                 dparam += gp
         grads = second_backward.guard([dx.to(x.dtype), dy.to(y.dtype), dparam.to(param.dtype)],
