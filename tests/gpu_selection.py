@@ -91,6 +91,8 @@ def selected(nodeid: str) -> bool:
 # kernels (test_f_divergences_backends.py's Triton matrix, 20 cases, and its fp16 / bf16 cases,
 # 10) it triggers 424 keys (tests/compile_keys.py on the selection as bench/gpu_check.sh --plan
 # runs it, 2026-12-02; those tests alone: 106), about 133 s on 8 workers: within the budget's 480.
+# With the bidirectional pass's Triton tests (test_bidirectional.py, the dot kernel's 4 shapes
+# and the ops' opcheck) it triggers 434 keys (bench/gpu_check.sh --plan, 2026-12-03), about 136 s.
 COMPILE_BUDGET_S = 150
 COMPILE_S_PER_KEY = 2.5
 
