@@ -14,7 +14,6 @@ for benchmarks), computes the two directions as two calls of the chosen backend.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
@@ -24,19 +23,11 @@ from ..reduction import reduce_rows
 from ..target_adapters import AFFINITY_PARAMS, adapter_for
 from ..targets import Affinity
 from ..validation import KERNEL_PARAM, LOSS_OPTIONS, Problem, check_arguments
-from . import bidirectional_ops, bidirectional_torch, registry
+from . import bidirectional_ops, bidirectional_torch, registry, symmetric_torch
 from .dispatch import computing_backends, kernel_inputs, row_losses
 
-SWITCH = "ICON_KERNELS_SYMMETRIC"
 CPU_KERNELS = ("dot", "cosine", "gaussian")      # the cpu ops' (the label hot path's)
-
-
-def one_pass_enabled() -> bool:
-    """The off switch, read at every call as the C++ kernels read it: unset, "" or "1" on, "0" off."""
-    value = os.environ.get(SWITCH, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{SWITCH} must be 0 or 1, got {value!r}")
-    return value != "0"
+one_pass_enabled = symmetric_torch.schedules_enabled
 
 
 def _one_value(value):

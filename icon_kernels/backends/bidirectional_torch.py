@@ -34,7 +34,7 @@ def _masks(row_labels, col_labels, r0: int, r1: int, exclude_self: bool):
     return valid, (row_labels[r0:r1, None] == col_labels[None, :]) & valid
 
 
-def _row_losses(lse, sum_s, pos_s, k, alpha: float, m_valid: int, kl: bool):
+def label_row_losses(lse, sum_s, pos_s, k, alpha: float, m_valid: int, kl: bool):
     """A Labels row's loss from its statistics in closed form (rows without positives: 0, out)."""
     included = (k > 0) & (m_valid > 0)
     b = alpha / max(m_valid, 1)
@@ -45,14 +45,14 @@ def _row_losses(lse, sum_s, pos_s, k, alpha: float, m_valid: int, kl: bool):
     return torch.where(included, loss, 0.0), included
 
 
-def _p_mix(positive, valid, k, alpha: float, m_valid: int, along: int):
+def label_p_mix(positive, valid, k, alpha: float, m_valid: int, along: int):
     """p~ of the strip's entries for one direction: (1 - alpha) / K on positives + alpha / M' on
     valid entries; ``along`` 1 when k counts per row, 0 per column."""
     per = ((1 - alpha) / k.clamp_min(1)).unsqueeze(along)
     return torch.where(positive, per, 0.0) + valid.to(per.dtype) * (alpha / max(m_valid, 1))
 
 
-def _exp_under(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def exp_under(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """exp(s - LSE) in s's dtype with the LSE unrounded (float64): (s - hi) - lo. At logits of 1e3
     an LSE rounded to fp32 is off by an ulp of s, and a row's q would not sum to 1 (the naive
     log_softmax's own error is far below that); -inf (no valid entry) shifts by 0."""
@@ -94,8 +94,8 @@ class BidirectionalLabels(torch.autograd.Function):
         lse_y = torch.where(col_max == NEG_INF, 0.0, col_max).double() + torch.log(col_exp)
         lse_y = torch.where(col_max == NEG_INF, NEG_INF, lse_y)
         self_pairs = 1 if exclude_self else 0
-        rows_x, inc_x = _row_losses(lse_x.to(acc), sums_x[0], sums_x[1], k_x, alpha, m - self_pairs, kl)
-        rows_y, inc_y = _row_losses(lse_y.to(acc), sums_y[0].to(acc), sums_y[1].to(acc), k_y, alpha, n - self_pairs,
+        rows_x, inc_x = label_row_losses(lse_x.to(acc), sums_x[0], sums_x[1], k_x, alpha, m - self_pairs, kl)
+        rows_y, inc_y = label_row_losses(lse_y.to(acc), sums_y[0].to(acc), sums_y[1].to(acc), k_y, alpha, n - self_pairs,
                                     kl)
         ctx.save_for_backward(x, y, param, row_labels, col_labels, lse_x, k_x, inc_x, lse_y, k_y, inc_y)
         ctx.options = (kernel, alpha, exclude_self)
@@ -121,10 +121,10 @@ class BidirectionalLabels(torch.autograd.Function):
                 s, _ = tile_math.logits(kernel, xs, ys, ps)
             valid, positive = _masks(row_labels, col_labels, r0, r1, exclude_self)
             sv = s.detach()
-            q_x = torch.where(valid, _exp_under(sv, lse_x[r0:r1, None]), 0.0)
-            q_y = torch.where(valid, _exp_under(sv, lse_y[None, :]), 0.0)
-            p_x = _p_mix(positive, valid, k_x[r0:r1], alpha, m - self_pairs, along=1)
-            p_y = _p_mix(positive, valid, k_y, alpha, n - self_pairs, along=0)
+            q_x = torch.where(valid, exp_under(sv, lse_x[r0:r1, None]), 0.0)
+            q_y = torch.where(valid, exp_under(sv, lse_y[None, :]), 0.0)
+            p_x = label_p_mix(positive, valid, k_x[r0:r1], alpha, m - self_pairs, along=1)
+            p_y = label_p_mix(positive, valid, k_y, alpha, n - self_pairs, along=0)
             # a row left out (g = 0) adds nothing, also where its q is NaN
             grad = (torch.where(g_x[r0:r1, None] != 0, g_x[r0:r1, None] * (q_x - p_x), 0.0)
                     + torch.where(g_y[None, :] != 0, g_y[None, :] * (q_y - p_y), 0.0))

@@ -13,7 +13,7 @@ from ..families import (DIVERGENCES, JOINT_WEIGHT_GRAD_BACKENDS, NORMALIZATIONS,
 from ..reduction import reduce_rows
 from ..target_adapters import adapter_for
 from ..validation import LOSS_OPTIONS, Problem, check_arguments
-from . import blockwise, column_blocks, column_stream, neighbor_pairs, reference, registry
+from . import blockwise, column_blocks, column_stream, neighbor_pairs, reference, registry, symmetric_torch
 from .blockwise import Problem as OpArguments
 from .ops import forward_op
 from .tile_math import accumulation_dtype
@@ -118,6 +118,9 @@ def row_losses(problem: Problem, backend: str):
         return reference.row_losses(problem)
     if name == "cpu" and _hub_heavy_symmetric_neighbors(problem):
         name = "torch"                 # its column stream keeps the entries as lists: O(entries)
+    if name == "torch" and symmetric_torch.fits(problem) and symmetric_torch.schedules_enabled():
+        x, _, kernel, param = kernel_inputs(problem.kernel, problem.x, None, problem.param)
+        return symmetric_torch.row_losses(problem, x, param, kernel)      # self mode: each tile pair once
     if name == "torch" and needs_column_stream(problem):
         rows, own, inputs = column_problem(problem, problem.x, problem.y, row_offset=0,
                                            tile_elements=blockwise.CHUNK_ELEMENTS)
