@@ -34,7 +34,7 @@ STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
          "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward"}
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
            "int64": "*i64", "int32": "*i32", "bool": "*i1"}
-FLOATS = {"m_valid", "m_valid2", "alpha", "beta"}
+FLOATS = {"m_valid", "m_valid2", "reverse_param", "alpha", "beta"}
 INTS = {"N", "M", "D", "DZ", "N_BUCKET", "M_BUCKET"}          # and every stride_*
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 DEFAULT_CONFIG = (64, 64, 4, 2)

@@ -9,6 +9,9 @@ backward of both directions of 1/2 [L(x->y) + L(y->x)] (DESIGN.md §1.3): each t
 G_ij + G'_ji, G' the reverse direction's (y's row j over x: q' = exp(s_ij - LSE'_j), its labels'
 p' and upstream gradient g'_j, read per column from STATS2 and GRAD2), so the two kernels make dX
 and dY of both directions from one recomputed tile each: four GEMM-equivalents instead of eight.
+In self mode (y is x: launchers._symmetric_backward) the reverse direction is the loss itself read
+by columns, so the row kernel alone makes the whole dL/dx, sum_j (W_ij + W_ji) x_j: two
+GEMM-equivalents instead of four, with reverse_param = 0 (row j's dparam term is its own row's).
 
 For an f-divergence (DIVERGENCE 2..6, DESIGN.md §1.1) dL/ds_k = (1 - beta) q_k (g_k - Gamma_i) and
 dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), with Gamma_i and Phi_i read from the forward's saved
@@ -174,7 +177,7 @@ def _finite(lse):
 def icon_backward_rows_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, STATS2, GRAD2, DX, DPRM, DZ_ROWS, DTPRM,
-        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, m_valid2, alpha, beta, N_BUCKET,
+        N, M, D, DZ, stride_x, stride_y, stride_z, stride_zc, m_valid, m_valid2, reverse_param, alpha, beta, N_BUCKET,
         M_BUCKET,
         KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, TARGET: tl.constexpr,
         EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr, HAS_BETA: tl.constexpr,
@@ -216,7 +219,7 @@ def icon_backward_rows_kernel(
         w_sum += tl.sum(w, 1)
         dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
         if BIDIR:           # (the reverse direction's G sums to zero along columns)
-            dprm += shifted_param_grad(grad_s2, s, aux, prm, _finite(lse2)[None, :], KERNEL)
+            dprm += reverse_param * shifted_param_grad(grad_s2, s, aux, prm, _finite(lse2)[None, :], KERNEL)
         if TARGET_GRAD:
             dz += grad_dot(w_t, zc, PRECISION)
             wt_sum += tl.sum(w_t, 1)

@@ -248,7 +248,7 @@ class BackwardArgs(NamedTuple):
     stats: torch.Tensor
     need_target_grad: bool
     need_param_grad: bool
-    y_is_x: bool              # not read: dx and dy are returned apart
+    y_is_x: bool              # x and y one autograd input: the symmetric schedule may return dy = 0
 
 
 # The row of the forward's stats [4, N] that keeps a Labels, Dense or Neighbors target's row
@@ -487,9 +487,18 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, **common)
-    _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
-                                                                            **common)
+    if _symmetric(op, saved, pairs, target_grad):
+        # self mode: the columns are the rows, the reverse direction is row j's own term G_ji, and
+        # the row kernel makes the whole dL/dx (x and y are one autograd input: dy is zeros)
+        common.update(STATS2=stats, GRAD2=g, m_valid2=sizes["m_valid"], BIDIR=True)
+        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
+                                              **common)
+        dy.zero_()
+    else:
+        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
+                                              **common)
+        _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dz_cols,
+                                                                                **common)
     if pairs is not None:
         pair_dx, pair_dy, pair_dprm = _neighbor_backward(op, tensors, sizes, stats, g, beta, pairs)
         dx += pair_dx
@@ -501,6 +510,26 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     else:
         grads += [op.x.new_empty(0) for _ in range(3)]
     return tuple(grads)
+
+
+def symmetric_schedule_enabled() -> bool:
+    """ICON_KERNELS_SYMMETRIC, read as the C++ kernels and the package read it: unset, "" or "1"
+    on, "0" off, anything else an error."""
+    value = os.environ.get("ICON_KERNELS_SYMMETRIC", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"ICON_KERNELS_SYMMETRIC must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
+def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool) -> bool:
+    """Whether the backward runs self mode's symmetric schedule: x and y one autograd input
+    (y_is_x), a Labels target whose column labels are its rows', beta = 0, kl or cross_entropy,
+    one kernel parameter (a per-row one breaks s_ij = s_ji), and the switch on."""
+    if not (saved.y_is_x and op.target == "labels" and op.beta == 0 and not op.f_divergence
+            and pairs is None and not target_grad and op.param.numel() == 1):
+        return False
+    same = op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
+    return same and symmetric_schedule_enabled()
 
 
 def _reduce_param(per_row, param):
@@ -550,7 +579,8 @@ def bidirectional_backward(grad_x_rows, grad_y_rows, x, y, param, kernel, row_la
                       m_valid2=float(max(n - int(op.exclude_self), 1)), beta=0.0, HAS_BETA=False,
                       TARGET_GRAD=False, DIVERGENCE=op.divergence, BIDIR=True, **flags)
         d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dummy, DTPRM=dummy, **common)
+        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dummy, DTPRM=dummy, reverse_param=1.0,
+                                              **common)
         if need_y_grad:
             _cols_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), d_chunks)](DY=dy, DZ_COLS=dummy, **common)
         return dx.to(op.x.dtype), dy.to(op.y.dtype), dprm.sum().reshape(op.param.shape).to(op.param.dtype)
