@@ -21,7 +21,8 @@ backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are
 need_target_grad, and dparam may be zeros when need_param_grad is False (a float parameter: a
 backend may skip that work). y_is_x says that x and y are one autograd input (self mode: y=None),
 whose gradient is dx + dy: a backend may then return that sum as dx and zeros as dy (the cpu
-op's symmetric schedule, csrc/cpu_symmetric_labels.h, forms it with one GEMM instead of two).
+op's symmetric schedule, csrc/cpu_symmetric_labels.h, forms it with one GEMM instead of two, and
+the triton backward with its row kernel alone, triton/launchers.py _symmetric).
 That schedule's forward keeps, for a Labels target, each LSE's rounding residual in stats row 2
 and its block size in row 3; its backward runs only after such a forward (it reads the record).
 """
