@@ -589,3 +589,30 @@ def test_a_frozen_tower_gets_no_gradient_and_the_other_the_right_one(backend):
         want = _two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "gaussian")(x64, y64, t64)
         want = torch.autograd.grad(want, (y64 if frozen == "x" else x64, t64))
         _close([g.cpu() for g in got], want, tol)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if HAS_CPU else []))
+def test_rows_accumulate_in_fp32_under_autocast(backend):
+    """As tests/test_autocast.py for icon_loss: the one-pass versions run their GEMMs outside
+    torch.autocast, so bf16 inputs give fp32-accurate row losses (before the cast to bf16)."""
+    from icon_kernels.backends import bidirectional
+    from icon_kernels.validation import LOSS_OPTIONS, check_arguments
+    x, y, rl, cl = _inputs(40, 30, d=16)
+    options = {**LOSS_OPTIONS, "kernel": "dot", "temperature": 0.3}
+
+    def rows(a, b, version):
+        problem = check_arguments(a, b, target=ik.Labels(rl, cl), exclude_self=False, reduction="none", weight=None,
+                                  **options)
+        if version == "reference":
+            return (ik.icon_loss(a, b, target=ik.Labels(rl, cl), reduction="none", backend="reference", **options),
+                    ik.icon_loss(b, a, target=ik.Labels(cl, rl), reduction="none", backend="reference", **options))
+        rows_x, _, rows_y, _ = bidirectional._one_pass_rows(problem, version)
+        return rows_x, rows_y
+
+    xb, yb = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    want = rows(xb.double(), yb.double(), "reference")
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = rows(xb, yb, backend)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert relative_error(g.double(), w) <= 1e-5

@@ -19,6 +19,7 @@ import torch
 
 from ..families import learned_kernel
 from . import second_backward, tile_math
+from .ops import no_autocast
 from .blockwise import row_chunks
 
 NEG_INF = float("-inf")
@@ -65,7 +66,12 @@ class BidirectionalLabels(torch.autograd.Function):
     """(rows_x, included_x, rows_y, included_y) of both directions; gradients to x, y, param."""
 
     @staticmethod
-    def forward(ctx, x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, kl):
+    def forward(ctx, *args):
+        with no_autocast(args[0].device):   # fp32 accumulation under torch.autocast, as the ops
+            return BidirectionalLabels._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, x, y, param, kernel, row_labels, col_labels, alpha, exclude_self, kl):
         acc = tile_math.accumulation_dtype(x.dtype)
         xa, ya, pa = x.to(acc), y.to(acc), param.to(acc)
         n, m = x.shape[0], y.shape[0]
@@ -103,7 +109,12 @@ class BidirectionalLabels(torch.autograd.Function):
         return rows_x, inc_x, rows_y, inc_y
 
     @staticmethod
-    def backward(ctx, grad_x_rows, _gix, grad_y_rows, _giy):
+    def backward(ctx, *grads):
+        with no_autocast(ctx.saved_tensors[0].device):
+            return BidirectionalLabels._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, grad_x_rows, _gix, grad_y_rows, _giy):
         x, y, param, row_labels, col_labels, lse_x, k_x, inc_x, lse_y, k_y, inc_y = ctx.saved_tensors
         kernel, alpha, exclude_self = ctx.options
         acc = k_x.dtype

@@ -24,6 +24,7 @@ import torch
 from ..families import learned_kernel
 from ..target_adapters import adapter_for
 from . import blockwise, second_backward, tile_math
+from .ops import no_autocast
 from .bidirectional_torch import exp_under, label_p_mix, label_row_losses
 
 NEG_INF = float("-inf")
@@ -90,7 +91,12 @@ class SymmetricLabels(torch.autograd.Function):
     """(rows, included) of the self-mode Labels loss; gradients to x and the parameter."""
 
     @staticmethod
-    def forward(ctx, x, param, kernel, labels, alpha, exclude_self, kl):
+    def forward(ctx, *args):
+        with no_autocast(args[0].device):   # fp32 accumulation under torch.autocast, as the ops
+            return SymmetricLabels._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, x, param, kernel, labels, alpha, exclude_self, kl):
         acc = tile_math.accumulation_dtype(x.dtype)
         xa, pa = x.to(acc), param.to(acc)
         n = x.shape[0]
@@ -112,7 +118,12 @@ class SymmetricLabels(torch.autograd.Function):
         return rows, included
 
     @staticmethod
-    def backward(ctx, grad_rows, _grad_included):
+    def backward(ctx, *grads):
+        with no_autocast(ctx.saved_tensors[0].device):
+            return SymmetricLabels._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, grad_rows, _grad_included):
         x, param, labels, lse, k, included = ctx.saved_tensors
         kernel, alpha, exclude_self = ctx.options
         acc = k.dtype
