@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu_label_rows.h"   // kSumBlock
+#include "cpu_label_rows.h"   // kSumBlock, row_max, blocked_exp_sum
 #include "divergence_math.h"
 #include "fast_math.h"
 
@@ -233,23 +233,13 @@ template <typename T>
 inline double simd_row_lse_wide(T* s, int64_t self, int64_t m) {
   const T inf = std::numeric_limits<T>::infinity();
   if (self >= 0) s[self] = -inf;
-  T mx = -inf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < m; ++j) mx = s[j] > mx ? s[j] : mx;
+  const T mx = row_max(s, m);
   if (mx == -inf) {
     bool nan = false;
     for (int64_t j = 0; j < m; ++j) nan |= std::isnan(s[j]);
     return nan ? std::numeric_limits<double>::quiet_NaN() : double(mx);
   }
-  double se = 0;
-  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(m, j0 + kSumBlock);
-    T bse = 0;
-#pragma omp simd reduction(+ : bse)
-    for (int64_t j = j0; j < j1; ++j) bse += vexp(s[j] - mx);
-    se += bse;
-  }
-  return double(mx) + std::log(se);
+  return double(mx) + std::log(blocked_exp_sum(s, m, mx));
 }
 
 // simd_row_lse_wide rounded to T.
