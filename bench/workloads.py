@@ -337,11 +337,12 @@ ALLOWANCE = {"compiled": 240.0, "keops": 300.0}
 DEFAULT_ALLOWANCE = 60.0
 
 # The configurations where the cpu backend runs a tile-pair schedule (DESIGN.md §1.3): the symmetric
-# one in self mode on the label hot path (csrc/cpu_symmetric_labels.h), the bidirectional one for
+# one in self mode on the label hot path (csrc/cpu_symmetric_labels.h) and for SNE / t-SNE
+# (csrc/cpu_symmetric_affinity.h), the bidirectional one for
 # both directions of CLIP (csrc/cpu_bidirectional_labels.cpp). There the sweep also times
 # "cpu-plain", the same backend with ICON_KERNELS_SYMMETRIC=0 (plain schedule; two calls for
 # clip-both), so that both schedules are in one run.
-SYMMETRIC_CPU = ("infonce", "supcon100", "clip-both")
+SYMMETRIC_CPU = ("infonce", "supcon100", "clip-both", "sne", "tsne", "jointtsne")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 

@@ -57,6 +57,26 @@ std::vector<double> q_masses(const std::vector<double>& lse, T log_z) {
   return out;
 }
 
+// Joint forward KL or cross-entropy without beta (Problem::defers_log_z): the rows' losses under
+// their own LSE_i (0 where LSE_i = -inf) put under log Z, L_i += (log Z - LSE_i) sum_j p~_ij, and
+// the statistics the backward reads: log Z, Gamma_i = -sum_j p~ and the row's share of q.
+template <typename T>
+void put_under_log_z(const Problem<T>& pb, const std::vector<double>& row_lse, const std::vector<double>& row_loss,
+                     const std::vector<double>& p_mass, T* loss, const bool* included, T* st) {
+  const int64_t n = pb.n;
+  const double log_z = log_sum_exp(row_lse);
+  const T log_z_t = T(log_z);
+  const std::vector<double> q_mass = q_masses(row_lse, log_z_t);
+  for (int64_t i = 0; i < n; ++i) {
+    const double shift = double(finite_shift(T(row_lse[i])));
+    const double moved = p_mass[i] == 0 ? 0.0 : (log_z - shift) * p_mass[i];
+    loss[i] = std::isnan(log_z) ? T(log_z) : included[i] ? T(row_loss[i] + moved) : T(0);
+    st[i] = log_z_t;
+    st[n + i] = T(-p_mass[i]);
+    st[3 * n + i] = T(q_mass[i]);
+  }
+}
+
 // The statistics of pass 1. The forward computes them (stats == nullptr); the backward reads
 // log Z and LSE^p from its forward's stats rows 0 and 2 and recounts the target's total (one pass
 // over each target row: no Gram).

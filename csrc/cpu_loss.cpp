@@ -35,6 +35,8 @@
 #include "op_checks.h"
 #include "op_codes.h"
 #include "cpu_row_paths.h"
+#include "cpu_symmetric_affinity.h"
+#include "cpu_symmetric_joint.h"
 #include "cpu_symmetric_labels.h"
 #include "tile_math.h"
 
@@ -43,29 +45,13 @@ namespace {
 
 using namespace cpu;
 
-// Joint forward KL or cross-entropy without beta (Problem::defers_log_z): the rows' losses under
-// their own LSE_i (0 where LSE_i = -inf) put under log Z, L_i += (log Z - LSE_i) sum_j p~_ij, and
-// the statistics the backward reads: log Z, Gamma_i = -sum_j p~ and the row's share of q.
-template <typename T>
-void put_under_log_z(const Problem<T>& pb, const std::vector<double>& row_lse, const std::vector<double>& row_loss,
-                     const std::vector<double>& p_mass, T* loss, const bool* included, T* st) {
-  const int64_t n = pb.n;
-  const double log_z = log_sum_exp(row_lse);
-  const T log_z_t = T(log_z);
-  const std::vector<double> q_mass = q_masses(row_lse, log_z_t);
-  for (int64_t i = 0; i < n; ++i) {
-    const double shift = double(finite_shift(T(row_lse[i])));
-    const double moved = p_mass[i] == 0 ? 0.0 : (log_z - shift) * p_mass[i];
-    loss[i] = std::isnan(log_z) ? T(log_z) : included[i] ? T(row_loss[i] + moved) : T(0);
-    st[i] = log_z_t;
-    st[n + i] = T(-p_mass[i]);
-    st[3 * n + i] = T(q_mass[i]);
-  }
-}
-
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
   if (symmetric_labels_apply(pb)) return symmetric_label_forward<T>(pb);   // self mode: each tile pair once
+  if (symmetric_affinity_apply(pb)) return symmetric_affinity_forward<T>(pb);
+  if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
+  // (the symmetric Affinity backward reads a record in row 3: none from this forward)
+  const bool row3_free = symmetric_affinity_fit(pb);
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   auto loss = at::zeros({n}, pb.x.options());
@@ -150,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
         else if (pb.beta > 0) st[n + i] = T(-f.gamma);
         if (pb.target == kAffinity) st[2 * n + i] = pb.symmetrize ? gr.lse_p[i] : tg.lse_p;   // row i's own
         if (pb.joint && !defer) st[3 * n + i] = T(gr.q_mass[i]);   // (defer: put_under_log_z)
-        else if (pb.target == kAffinity) st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
+        else if (pb.target == kAffinity && !row3_free) st[3 * n + i] = T(pb.kl ? f.phi - f.p_sum : f.phi);
       }
       tally.add_to(0);
     });
@@ -176,6 +162,16 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
+  // SNE / t-SNE in self mode: H = W + W^T per tile pair (cpu_symmetric_affinity.h), after its forward
+  if (y_is_x && !target_grad && !param_grad && symmetric_affinity_fit(pb)) {
+    const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
+    std::vector<T> lo_p;
+    const int64_t block = recorded_affinity_block(st_acc.template data_ptr<T>(), pb.n, &lo_p);
+    if (block > 0) return symmetric_affinity_backward<T>(pb, grad_rows, valid, st_acc, block, lo_p);
+  }
+  // joint t-SNE in self mode (cpu_symmetric_joint.h: the plain joint stats, no record)
+  if (y_is_x && !target_grad && !param_grad && symmetric_joint_apply(pb))
+    return symmetric_joint_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous());
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   const auto opts = pb.x.options();

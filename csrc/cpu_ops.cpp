@@ -70,14 +70,17 @@ static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
 }
 
 // _C.cpu_symmetric_counts() -> {"forward": calls, "backward": calls, "bidirectional_forward": calls,
-// "bidirectional_backward": calls}: the calls that ran the symmetric schedule
-// (cpu_symmetric_labels.h) and the bidirectional ops (cpu_bidirectional_labels.cpp) since the last
-// call (which resets them).
+// "bidirectional_backward": calls, "affinity_forward": calls, "affinity_backward": calls,
+// "joint_forward": calls, "joint_backward": calls}: the calls that ran the symmetric schedule
+// (cpu_symmetric_labels.h), the bidirectional ops (cpu_bidirectional_labels.cpp), the symmetric
+// Affinity schedule (cpu_symmetric_affinity.h) and joint t-SNE's (cpu_symmetric_joint.h) since the
+// last call (which resets them).
 static PyObject* cpu_symmetric_counts(PyObject*, PyObject*) {
-  long long c[4];
-  for (int k = 0; k < 4; ++k) c[k] = icon::cpu::symmetric_schedule_counters()[k].exchange(0);
-  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "forward", c[0], "backward", c[1], "bidirectional_forward", c[2],
-                       "bidirectional_backward", c[3]);
+  long long c[8];
+  for (int k = 0; k < 8; ++k) c[k] = icon::cpu::symmetric_schedule_counters()[k].exchange(0);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "forward", c[0], "backward", c[1],
+                       "bidirectional_forward", c[2], "bidirectional_backward", c[3], "affinity_forward", c[4],
+                       "affinity_backward", c[5], "joint_forward", c[6], "joint_backward", c[7]);
 }
 
 static PyMethodDef kMethods[] = {

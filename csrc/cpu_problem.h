@@ -53,6 +53,7 @@ struct Problem {
   bool joint, symmetrize;         // normalization="joint"; a symmetrised Affinity target (§1.2)
   bool scalar_param;              // one learned-kernel parameter for every row
   bool self_pairs;                // x and y are the same tensor (self mode): s_ij = s_ji for a symmetric kernel
+  bool z_self = false;            // an Affinity target's z_cols is its z (the same tensor)
   at::Tensor x, y, x_sq, y_sq, prm, labels, col_labels, nbr_index, nbr_weight, dense, z, zc,
       z_sq, zc_sq, t_prm;
 
@@ -100,6 +101,8 @@ struct Problem {
     } else if (target == kDense) {
       dense = dense_p->to(acc).contiguous();
     } else {
+      z_self = z_in->data_ptr() == z_cols->data_ptr() && z_in->sizes() == z_cols->sizes() &&
+               z_in->strides() == z_cols->strides() && z_in->scalar_type() == z_cols->scalar_type();
       z = z_in->to(acc).contiguous();
       zc = z_cols->to(acc).contiguous();
       dz = z.size(1);

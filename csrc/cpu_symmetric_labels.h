@@ -45,10 +45,12 @@ inline bool symmetric_schedule_enabled() {
 }
 
 // Calls of the tile-pair schedules since the last read: the symmetric schedule's forward (0) and
-// backward (1), the bidirectional ops' (2, 3; cpu_bidirectional_labels.cpp).
+// backward (1), the bidirectional ops' (2, 3; cpu_bidirectional_labels.cpp), the symmetric
+// Affinity schedule's (4, 5; cpu_symmetric_affinity.h) and joint t-SNE's (6, 7;
+// cpu_symmetric_joint.h).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
-  static std::atomic<int64_t> counters[4];
+  static std::atomic<int64_t> counters[8];
   return counters;
 }
 

@@ -25,6 +25,9 @@ op's symmetric schedule, csrc/cpu_symmetric_labels.h, forms it with one GEMM ins
 the triton backward with its row kernel alone, triton/launchers.py _symmetric).
 That schedule's forward keeps, for a Labels target, each LSE's rounding residual in stats row 2
 and its block size in row 3; its backward runs only after such a forward (it reads the record).
+For an Affinity target in self mode (SNE, t-SNE: csrc/cpu_symmetric_affinity.h) the cpu op keeps
+LSE's residual in row 1 and in row 3 the record 8 * block + LSE^p's residual in units of the last
+place of row 2 (its plain forward leaves row 3 at 0 there: nothing reads H_i on the cpu).
 """
 from __future__ import annotations
 

@@ -1,0 +1,461 @@
+// The symmetric schedule (DESIGN.md §1.3) for an Affinity target in self mode: SNE and t-SNE with
+// conditional rows, y = x and z_cols = z, where both the learned logits s_ij and the target's
+// Gram entries are symmetric. The plain schedule pays six N^2 GEMM-equivalents for forward +
+// backward (S and T in the forward, S and T again in the backward, W Y and W^T X); here each pair
+// of row blocks I <= J is one Gram tile of x and one of z (cpu_tile_pairs.h's blocks):
+//   forward   the rows of I take their statistics over the columns J from the tiles, and the rows
+//             of J theirs over the columns I from the transposed tiles, merged online: for each
+//             row its learned and target maxima, sum_j e^{s - m}, sum_j e^{t - m^p} and
+//             C = sum_j e^{t - m^p} ((t - m^p) - (s - m)) (cross-entropy: -(s - m)), rescaled
+//             when a maximum grows; KL = C / S^p - log S^p + log S, each pair's difference taken
+//             before the sum as the plain rows take log p - log q;
+//   backward  one pass over the same tiles (the same GEMM calls, bit for bit) forms
+//             H_ij = W_ij + W_ji = weight(g_i (q_ij - p_ij) + g_j (q_ji - p_ji), d_ij) directly, since
+//             the kernel's weight is linear in dL/ds and depends on the pair only; then
+//             dX_I += H X_J and dX_J += H^T X_I (a distance kernel minus diag(H 1) X).
+// Three GEMM-equivalents instead of six; the exps per pair do not change. A diagonal tile's upper
+// triangle is mirrored onto its lower one in both passes, so that s_ij and s_ji are one value.
+// t-SNE's Cauchy kernel (student_t, nu = 1) takes e^s = 1 / (1 + d^2) in both passes, as
+// cpu_cauchy_rows.h does.
+//
+// It applies to KL and cross-entropy with alpha = beta = 0, one scalar learned parameter (any
+// kernel but log_dot), a Gaussian or dot target kernel with a parameter per row or one for all
+// (perplexity-calibrated sigma_i), a target that is not symmetrised, and conditional rows; the backward to
+// y_is_x without a target or learned-parameter gradient (anything else runs the plain backward,
+// which renormalises its rows itself and reads only stats rows 0 and 2).
+//
+// Stats: row 0 LSE, row 1 its rounding residual, row 2 LSE^p (as the plain rows), row 3 the
+// record 8 b + r: b the block side (the backward recomputes the forward's very tiles) and r the
+// residual of LSE^p in units of the last place of row 2 (|r| <= 1/2; fp32 keeps it to 2^-12 of
+// that unit at b <= 256). The plain forward leaves row 3 at 0 (no record) for these problems.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_family_rows.h"
+#include "cpu_problem.h"
+#include "cpu_row_paths.h"
+#include "cpu_symmetric_labels.h"   // symmetric_schedule_enabled, symmetric_schedule_counters
+#include "cpu_tile_pairs.h"         // pair_block, dense_tile, transpose_tile
+
+namespace icon {
+namespace cpu {
+
+// Whether pb has the structure of the symmetric Affinity schedule (the off switch aside).
+template <typename T>
+bool symmetric_affinity_fit(const Problem<T>& pb) {
+  if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
+  if (pb.joint || pb.symmetrize || pb.alpha != T(0) || pb.beta != T(0)) return false;
+  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
+  if (pb.kernel == kLogDot) return false;
+  // the target's logits are linear in its Gram term with one coefficient per row (target_coefs):
+  // sigma_i per row (perplexity) is each side's own scale
+  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+}
+
+template <typename T>
+bool symmetric_affinity_apply(const Problem<T>& pb) {
+  return symmetric_affinity_fit(pb) && symmetric_schedule_enabled();
+}
+
+// Row 3's record (above): the unit of the last place of hi, and the encoding and decoding.
+template <typename T>
+T last_place(T hi) {
+  const T a = std::fabs(hi);
+  return std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
+}
+
+template <typename T>
+T affinity_record(int64_t block, double lse_p, T hi) {
+  const double r = std::isfinite(lse_p) ? (lse_p - double(hi)) / double(last_place(hi)) : 0.0;
+  return T(8.0 * double(block) + r);
+}
+
+// The block side recorded in v, or 0 (not such a forward's stats); *r_out its residual unit count.
+template <typename T>
+int64_t decode_affinity_record(T v, int64_t limit, double* r_out) {
+  const double b = std::nearbyint(double(v) / 8.0), r = double(v) - 8.0 * b;
+  if (!(b >= 1 && b <= double(limit) && std::fabs(r) <= 1.0)) return 0;
+  *r_out = r;
+  return int64_t(b);
+}
+
+// The target's logits: the fit keeps the Gaussian and dot target kernels, whose logits are linear in
+// their Gram term: t_ij = coef_i aux_ij with aux the squared distance (T_DIST) or z_i . z_j, and
+// coef_i = -1 / (2 sigma_i^2) or 1 / tau (one per row, so that each side scales by its own).
+template <typename T, bool T_DIST>
+ICON_SIMD_INLINE T target_aux(T ab, T a_sq, T b_sq) {
+  if constexpr (T_DIST) return squared_distance(ab, a_sq, b_sq);
+  else return ab;
+}
+
+template <typename T>
+std::vector<T> target_coefs(const Problem<T>& pb) {
+  const T* tp = pb.t_prm.template data_ptr<T>();
+  std::vector<T> coef(static_cast<size_t>(pb.n));
+  for (int64_t i = 0; i < pb.n; ++i)
+    coef[i] = pb.t_kernel == kGaussian ? T(-1) / (T(2) * tp[i] * tp[i]) : T(1) / tp[i];
+  return coef;
+}
+
+// A row's statistics merged over column blocks (see the top): the learned and target maxima and
+// sums, and C. The Cauchy kernel's sum is sum_j r_j = sum_j e^{s_j} unshifted (every r is at most
+// 1), with the largest r (rmax): its loss takes log(ss / rmax) where the others take log ss, so
+// that both are over the same logit as C's shift.
+struct OnlineAffinityRow {
+  double ms = -std::numeric_limits<double>::infinity(), mt = -std::numeric_limits<double>::infinity();
+  double ss = 0, sp = 0, c = 0, rmax = 0;
+};
+
+// Adds row i's logits over one column block to its statistics: ab and tab its Gram entries of x
+// and z over the block's len columns (they become s and t), x_sq and z_sq the columns' squared
+// norms (zeros unless a distance needs them), self the row's own column in the block or -1.
+// CAUCHY: e^s = r = 1 / (1 + d^2), summed unshifted.
+template <typename T, int K, bool T_DIST, bool CAUCHY, bool KL>
+void add_affinity_segment(const KernelRow<T, K> k, T coef,   // k by value (affinity_h_tile's note)
+                          T* ab, T* tab, const T* x_sq, T xi_sq, const T* z_sq,
+                          T zi_sq, int64_t len, int64_t self, OnlineAffinityRow* acc) {
+  const double dinf = std::numeric_limits<double>::infinity();
+  const T inf = std::numeric_limits<T>::infinity();
+  T ms = -inf, mt = -inf, rsum = 0, rmax = 0;
+#pragma omp simd reduction(max : ms, mt, rmax) reduction(+ : rsum)
+  for (int64_t j = 0; j < len; ++j) {
+    const T aux = k.aux(ab[j], xi_sq, x_sq[j]);
+    const T s = CAUCHY ? -vlog1p(aux) : k.logit(aux);
+    const T t = target_aux<T, T_DIST>(tab[j], zi_sq, z_sq[j]) * coef;
+    ab[j] = s;
+    tab[j] = t;
+    const bool valid = j != self;
+    if constexpr (CAUCHY) {
+      const T r = valid ? T(1) / (T(1) + aux) : T(0);
+      rsum += r;
+      rmax = r > rmax ? r : rmax;
+    }
+    ms = valid && s > ms ? s : ms;
+    mt = valid && t > mt ? t : mt;
+  }
+  // the merged maxima; the sums so far rescaled to them (C as the top says)
+  if (double(mt) > acc->mt) {
+    if (acc->sp > 0) {
+      const double f = std::exp(acc->mt - double(mt));
+      acc->c = KL ? f * (acc->c + (acc->mt - double(mt)) * acc->sp) : f * acc->c;
+      acc->sp *= f;
+    }
+    acc->mt = double(mt);
+  }
+  if (double(ms) > acc->ms) {
+    if (!CAUCHY && acc->ss > 0) acc->ss *= std::exp(acc->ms - double(ms));
+    if (acc->sp > 0) acc->c += (double(ms) - acc->ms) * acc->sp;
+    acc->ms = double(ms);
+  }
+  if constexpr (CAUCHY) {
+    acc->ss += double(rsum);
+    acc->rmax = std::max(acc->rmax, double(rmax));
+  }
+  if (acc->mt == -dinf) return;   // no finite target logit yet
+  // no finite learned logit yet: shift 0, so that the pairs' -inf logits give C = inf (p > 0 = q)
+  const T top_s = acc->ms == -dinf ? T(0) : T(acc->ms), top_t = T(acc->mt);
+  T ss = 0, sp = 0, c = 0;
+#pragma omp simd reduction(+ : ss, sp, c)
+  for (int64_t j = 0; j < len; ++j) {
+    const bool valid = j != self;
+    const T e = valid ? vexp(tab[j] - top_t) : T(0);
+    const T ds = ab[j] - top_s;
+    const T d = KL ? (tab[j] - top_t) - ds : -ds;
+    if constexpr (!CAUCHY) ss += valid ? vexp(ds) : T(0);
+    sp += e;
+    c += e == T(0) ? T(0) : e * d;
+  }
+  if constexpr (!CAUCHY) acc->ss += double(ss);
+  acc->sp += double(sp);
+  acc->c += double(c);
+}
+
+// One Gram tile a_I a_J^T (ni x nj, dense) into buf; a diagonal tile's upper triangle mirrored onto
+// its lower one (so that the pair (i, j) and (j, i) are one value) and, for a distance (sq: the
+// rows' squared norms, else nullptr), its self pairs made exact: the Gram entry |a_i|^2 itself, so
+// that d_ii^2 = 0 (from a_i . a_i it is rounding noise, which the power kernel's log(d^2 + eps)
+// makes 1e-3 of a row's loss).
+template <typename T>
+void pair_gram(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* sq, at::Tensor& buf) {
+  const int64_t ni = i1 - i0, nj = j1 - j0;
+  at::Tensor tile = dense_tile(buf, ni, nj);
+  at::mm_out(tile, a.narrow(0, i0, ni), a.narrow(0, j0, nj).t());
+  if (i0 != j0) return;
+  T* p = buf.template data_ptr<T>();
+  at::parallel_for(0, ni, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < r; ++c) p[r * ni + c] = p[c * ni + r];
+      if (sq != nullptr) p[r * ni + r] = sq[i0 + r];
+    }
+  });
+}
+
+// The z tile of one tile pair (pair_gram), as every pass makes it: the same GEMM call, bit for bit.
+template <typename T>
+void target_tile(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& t_buf) {
+  pair_gram<T>(pb.z, i0, i1, j0, j1, pb.t_kernel == kGaussian ? pb.z_sq.template data_ptr<T>() : nullptr, t_buf);
+}
+
+// The x and z tiles of one tile pair: X_I X_J^T into s_buf and Z_I Z_J^T into t_buf.
+template <typename T>
+void affinity_tiles(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& s_buf,
+                    at::Tensor& t_buf) {
+  pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(pb.kernel) ? pb.x_sq.template data_ptr<T>() : nullptr, s_buf);
+  target_tile(pb, i0, i1, j0, j1, t_buf);
+}
+
+// The forward's row statistics over every tile pair.
+template <typename T, int K, bool T_DIST, bool CAUCHY, bool KL>
+std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, int64_t block) {
+  const int64_t n = pb.n;
+  std::vector<OnlineAffinityRow> acc(static_cast<size_t>(n));
+  const std::vector<T> coef = target_coefs(pb);
+  const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const auto opts = pb.x.options();
+  at::Tensor s_buf = at::empty({block, block}, opts), st_buf = at::empty({block, block}, opts),
+             t_buf = at::empty({block, block}, opts), tt_buf = at::empty({block, block}, opts);
+  T* s_p = s_buf.template data_ptr<T>();
+  T* st_p = st_buf.template data_ptr<T>();
+  T* t_p = t_buf.template data_ptr<T>();
+  T* tt_p = tt_buf.template data_ptr<T>();
+  for (int64_t i0 = 0; i0 < n; i0 += block)
+    for (int64_t j0 = i0; j0 < n; j0 += block) {
+      const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+      const bool one_side = i0 == j0;
+      affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+      if (!one_side) {
+        transpose_tile<T, false>(s_p, ni, nj, st_p);
+        transpose_tile<T, false>(t_p, ni, nj, tt_p);
+      }
+      at::parallel_for(0, one_side ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const bool rows_of_i = r < ni;   // else a row of J over the columns I (the transposed tiles)
+          const int64_t i = rows_of_i ? i0 + r : j0 + (r - ni), col0 = rows_of_i ? j0 : i0;
+          const int64_t len = rows_of_i ? nj : ni;
+          T* ab = rows_of_i ? s_p + r * nj : st_p + (r - ni) * ni;
+          T* tab = rows_of_i ? t_p + r * nj : tt_p + (r - ni) * ni;
+          const int64_t self = pb.exclude_self && one_side ? r : -1;
+          add_affinity_segment<T, K, T_DIST, CAUCHY, KL>(k, coef[i], ab, tab, x_sq + col0, x_sq[i], z_sq + col0,
+                                                         z_sq[i], len, self, &acc[i]);
+        }
+      });
+    }
+  return acc;
+}
+
+// t-SNE's Cauchy kernel: student_t with nu = 1 (cpu_cauchy_rows.h)
+template <typename T>
+bool cauchy_kernel(const Problem<T>& pb) {
+  return pb.kernel == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1);
+}
+
+template <typename F>
+decltype(auto) with_flag(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// f(K, T_DIST, CAUCHY) for pb's kernels: the one switch from codes to instantiations.
+template <typename T, typename F>
+decltype(auto) with_affinity_kernels(const Problem<T>& pb, F&& f) {
+  const bool cauchy = cauchy_kernel(pb);
+  auto rest = [&](auto kc) {
+    return with_flag(pb.t_kernel == kGaussian, [&](auto t_dist) {
+      return with_flag(cauchy && decltype(kc)::value == kStudentT, [&](auto c) { return f(kc, t_dist, c); });
+    });
+  };
+  switch (pb.kernel) {   // symmetric_affinity_fit's kernels
+    case kDot: return rest(KernelCode<kDot>{});
+    case kGaussian: return rest(KernelCode<kGaussian>{});
+    case kStudentT: return rest(KernelCode<kStudentT>{});
+    case kPower: return rest(KernelCode<kPower>{});
+    default: TORCH_CHECK(false, "icon_kernels cpu: the symmetric Affinity schedule has no kernel code ", pb.kernel);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const Problem<T>& pb) {
+  const int64_t n = pb.n, block = pair_block(pb.tile, n);
+  const bool kl = pb.divergence == kKl;
+  const bool cauchy = cauchy_kernel(pb);
+  const std::vector<OnlineAffinityRow> acc = with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
+    return with_flag(kl, [&](auto is_kl) {
+      return affinity_pair_statistics<T, decltype(kc)::value, decltype(t_dist)::value, decltype(is_cauchy)::value,
+                                      decltype(is_kl)::value>(pb, block);
+    });
+  });
+  const auto opts = pb.x.options();
+  auto loss = at::zeros({n}, opts);
+  auto included = at::zeros({n}, opts.dtype(at::kBool));
+  auto stats = at::zeros({4, n}, opts);
+  T* loss_p = loss.template data_ptr<T>();
+  bool* inc_p = included.template data_ptr<bool>();
+  T* st = stats.template data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) {
+    const OnlineAffinityRow& a = acc[i];
+    const double log_sp = std::log(a.sp);
+    // log sum_j e^{s_j - m}: the Cauchy sums are unshifted (over the largest r for the loss)
+    const double log_ss = cauchy ? std::log(a.ss) - std::log(a.rmax) : std::log(a.ss);
+    const double lse = cauchy ? std::log(a.ss) : a.ms + log_ss, lse_p = a.mt + log_sp;
+    const double row = kl ? a.c / a.sp - log_sp + log_ss : a.c / a.sp + log_ss;
+    inc_p[i] = pb.m_valid > 0;
+    loss_p[i] = inc_p[i] ? T(row) : T(0);
+    const T hi = T(lse), hi_p = T(lse_p);
+    st[i] = hi;
+    st[n + i] = std::isfinite(lse) ? T(lse - double(hi)) : T(0);
+    st[2 * n + i] = hi_p;
+    st[3 * n + i] = affinity_record<T>(block, lse_p, hi_p);
+  }
+  RowPathTally tally;
+  tally.rows[kFamilyRows] = n;
+  tally.add_to(0);
+  symmetric_schedule_counters()[4].fetch_add(1, std::memory_order_relaxed);
+  return {loss, included, stats};
+}
+
+// The block side of the forward that made stats (T, contiguous), with every row's LSE^p residual
+// into lo_p; 0 when they are not the symmetric Affinity forward's (the plain backward runs then).
+template <typename T>
+int64_t recorded_affinity_block(const T* st, int64_t n, std::vector<T>* lo_p) {
+  lo_p->assign(size_t(n), T(0));
+  int64_t block = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double r = 0;
+    const int64_t b = decode_affinity_record<T>(st[3 * n + i], n, &r);
+    if (b == 0 || (block != 0 && b != block)) return 0;
+    block = b;
+    const T hi = st[2 * n + i];
+    (*lo_p)[i] = std::isfinite(hi) ? T(r * double(last_place(hi))) : T(0);
+  }
+  return block;
+}
+
+// H over one tile pair in place of its Gram tile ab (ni x nj, rows from i0, columns from j0), with
+// the z tile tab: H_ij = weight(g_i (q_ij - p_ij) + g_j (q_ji - p_ji), d_ij), 0 at an excluded
+// self pair; the rows' sums of H into row_sum (ni values).
+template <typename T, int K, bool T_DIST, bool CAUCHY>
+void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* g, const T* hi,
+                     const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni, int64_t j0,
+                     int64_t nj, T* ab, const T* tab, double* row_sum) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const bool diag = i0 == j0;
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    // a local copy: through the reference its constants might alias the stores, and a load of them
+    // in the loop kept GCC from vectorising it (scalar code, 3x slower)
+    const KernelRow<T, K> k = k_in;
+    // the logits of the row's pairs, stored before exp reads them: an expression such as
+    // exp(aux * c - lse) would be contracted into an fma, whose unrounded product moves p or q by
+    // up to an ulp of the logit (1e-4 relative at target logits of 1e3), and the forward's sums
+    // were of the rounded logits (cpu_label_rows.h's LOGITS note)
+    std::vector<T> s_row(static_cast<size_t>(nj)), tr_row(s_row.size()), tc_row(s_row.size());
+    T* sv = s_row.data();
+    T* trv = tr_row.data();
+    T* tcv = tc_row.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = i0 + r;
+      // the self pair adds nothing when excluded, and nothing to a distance kernel's dX (x_i - x_i)
+      // where its Gram-made d^2 is rounding noise (power: W_ii = G n / (d^2 + eps) up to 1e12)
+      const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
+      T* w = ab + r * nj;
+      const T* tr = tab + r * nj;
+      const T gi = g[i], hi_i = hi[i], lo_i = lo[i], hp_i = hp[i], lp_i = lp[i], ci = coef[i], ai = a[i];
+      const T xi_sq = x_sq[i], zi_sq = z_sq[i];
+      const T* gc = g + j0;
+      const T* hic = hi + j0;
+      const T* loc = lo + j0;
+      const T* hpc = hp + j0;
+      const T* lpc = lp + j0;
+      const T* cc = coef + j0;
+      const T* acol = a + j0;
+      const T* xc_sq = x_sq + j0;
+      const T* zc_sq = z_sq + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) {
+        if constexpr (!CAUCHY) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
+        const T taux = target_aux<T, T_DIST>(tr[j], zi_sq, zc_sq[j]);
+        trv[j] = taux * ci;
+        tcv[j] = taux * cc[j];
+      }
+      T rs = 0;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t j = 0; j < nj; ++j) {
+        const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
+        T q_r, q_c, rr = 0;
+        if constexpr (CAUCHY) {
+          rr = T(1) / (T(1) + aux);
+          q_r = rr * ai;
+          q_c = rr * acol[j];
+        } else {
+          q_r = vexp((sv[j] - hi_i) - lo_i);
+          q_c = vexp((sv[j] - hic[j]) - loc[j]);
+        }
+        const T p_r = vexp((trv[j] - hp_i) - lp_i), p_c = vexp((tcv[j] - hpc[j]) - lpc[j]);
+        const T grad = (gi != T(0) ? gi * (q_r - p_r) : T(0)) + (gc[j] != T(0) ? gc[j] * (q_c - p_c) : T(0));
+        T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
+        h = j == self ? T(0) : h;
+        w[j] = h;
+        rs += h;
+      }
+      row_sum[r] = double(rs);
+    }
+  });
+}
+
+// stats: the forward's (T, contiguous); block and lo_p: recorded_affinity_block's.
+template <typename T>
+std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
+                                                    const at::Tensor& valid, const at::Tensor& stats, int64_t block,
+                                                    const std::vector<T>& lo_p) {
+  const int64_t n = pb.n;
+  const auto opts = pb.x.options();
+  const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
+  const T* g = g_t.template data_ptr<T>();
+  const T* st = stats.template data_ptr<T>();
+  const std::vector<T> coef = target_coefs(pb);
+  std::vector<T> a(static_cast<size_t>(n));   // the Cauchy kernel's q / r = e^{-LSE}, rounded once
+  for (int64_t i = 0; i < n; ++i) a[i] = T(std::exp(-(double(st[i]) + double(st[n + i]))));
+  const bool dist = is_distance(pb.kernel);
+  auto dfeat = at::zeros({n, pb.d}, opts);
+  auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));
+  double* hs = h_sum.template data_ptr<double>();
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
+  std::vector<double> row_sum(static_cast<size_t>(block));
+  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto cauchy) {
+    constexpr int K = decltype(kc)::value;
+    const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
+    for (int64_t i0 = 0; i0 < n; i0 += block)
+      for (int64_t j0 = i0; j0 < n; j0 += block) {
+        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+        affinity_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(
+            pb, k, coef.data(), g, st, st + n, st + 2 * n, lo_p.data(), a.data(), i0, ni, j0, nj,
+            s_buf.template data_ptr<T>(), t_buf.template data_ptr<T>(), row_sum.data());
+        at::Tensor h = dense_tile(s_buf, ni, nj);
+        dfeat.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
+        if (i0 != j0) dfeat.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
+        if (dist) {   // diag(H 1) of both sides: H's row sums and (off the diagonal) column sums
+          for (int64_t r = 0; r < ni; ++r) hs[i0 + r] += row_sum[r];
+          if (i0 != j0) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
+        }
+      }
+    return 0;
+  });
+  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
+  RowPathTally tally;
+  tally.rows[kFamilyRows] = n;
+  tally.add_to(1);
+  symmetric_schedule_counters()[5].fetch_add(1, std::memory_order_relaxed);
+  return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
+          at::Tensor()};
+}
+
+}  // namespace cpu
+}  // namespace icon

@@ -1,0 +1,425 @@
+// The symmetric schedule (DESIGN.md §1.3) for joint t-SNE: van der Maaten's objective, an Affinity
+// target symmetrised and normalised over all pairs, P_ij = (p_{j|i} + p_{i|j}) / 2N, and one learned
+// distribution q_ij = e^{s_ij} / Z (DESIGN.md §1.2), in self mode. P and q are both symmetric, so one
+// value per pair serves both rows. Per pair of row blocks I <= J (cpu_tile_pairs.h's blocks):
+//   pass 1    the z tile gives LSE^p of the rows of I (over J) and of J (over I, transposed),
+//             merged online (the conditional p_{j|i} that P is made of);
+//   forward   the x and z tiles give, once per pair, the learned term (Cauchy: r = e^s = 1/(1+d^2);
+//             otherwise s), P and P (log P - s); their row sums (rows of I) and column sums (rows
+//             of J) make each row's sum_j P, sum_j P (log P - s) and its own LSE_i, and the rows are
+//             put under log Z = logsumexp_i LSE_i afterwards (cpu_global_rows.h: put_under_log_z);
+//   backward  H_ij = weight(-(g_i + g_j) P_ij + 2 q_ij C, d_ij) with C = sum_k g_k P_k / sum_k q_k
+//             (every row moves Z), then dX_I += H X_J, dX_J += H^T X_I.
+// 1/2 + 1 + 3/2 = three GEMM-equivalents (the plain joint rows take seven). The stats are the plain
+// joint rows' (log Z, -sum_j P, LSE^p, the row's share of q), so the plain backward can run after
+// this forward (a learned parameter's gradient) and this backward after the plain forward; which
+// backward runs follows ICON_KERNELS_SYMMETRIC at the backward (no row is free for a record: a
+// switch flipped between the forward and the backward recomputes the tiles with other blocks, at
+// the cost of an ulp of each logit).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_global_rows.h"          // put_under_log_z
+#include "cpu_symmetric_affinity.h"   // target_coefs, target_aux, with_affinity_kernels, affinity_tiles
+
+namespace icon {
+namespace cpu {
+
+// Whether pb is joint t-SNE with the structure of this schedule (the off switch aside): the
+// conditions of symmetric_affinity_fit, but joint normalisation and a symmetrised target.
+template <typename T>
+bool symmetric_joint_fit(const Problem<T>& pb) {
+  if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
+  if (!pb.joint || !pb.symmetrize || pb.alpha != T(0) || pb.beta != T(0)) return false;
+  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
+  if (pb.kernel == kLogDot) return false;
+  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+}
+
+template <typename T>
+bool symmetric_joint_apply(const Problem<T>& pb) {
+  return symmetric_joint_fit(pb) && symmetric_schedule_enabled();
+}
+
+// One row's online max and sum of exps (LSE).
+struct OnlineLse {
+  double m = -std::numeric_limits<double>::infinity(), s = 0;
+  void add(double seg_max, double seg_sum_at_max) {   // a segment's sum of e^{v - seg_max}
+    if (seg_max == -std::numeric_limits<double>::infinity()) return;
+    if (seg_max > m) {
+      s = s * std::exp(m - seg_max) + seg_sum_at_max;
+      m = seg_max;
+    } else {
+      s += seg_sum_at_max * std::exp(seg_max - m);
+    }
+  }
+  double lse() const { return m + std::log(s); }   // -inf without a term; NaN stays NaN
+};
+
+// Pass 1: LSE^p of every row, rounded to T as the plain rows' (global_rows).
+template <typename T, bool T_DIST>
+std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
+  const int64_t n = pb.n;
+  std::vector<OnlineLse> acc(static_cast<size_t>(n));
+  std::vector<double> nan_seen(static_cast<size_t>(n), 0.0);
+  const std::vector<T> coef = target_coefs(pb);
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const auto opts = pb.x.options();
+  at::Tensor t_buf = at::empty({block, block}, opts), tt_buf = at::empty({block, block}, opts);
+  T* t_p = t_buf.template data_ptr<T>();
+  T* tt_p = tt_buf.template data_ptr<T>();
+  for (int64_t i0 = 0; i0 < n; i0 += block)
+    for (int64_t j0 = i0; j0 < n; j0 += block) {
+      const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+      const bool one_side = i0 == j0;
+      target_tile(pb, i0, i1, j0, j1, t_buf);
+      if (!one_side) transpose_tile<T, false>(t_p, ni, nj, tt_p);
+      at::parallel_for(0, one_side ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const bool rows_of_i = r < ni;
+          const int64_t i = rows_of_i ? i0 + r : j0 + (r - ni), col0 = rows_of_i ? j0 : i0;
+          const int64_t len = rows_of_i ? nj : ni;
+          T* t = rows_of_i ? t_p + r * nj : tt_p + (r - ni) * ni;
+          const int64_t self = pb.exclude_self && one_side ? r : -1;
+          const T ci = coef[i], zi_sq = z_sq[i];
+          const T* zc_sq = z_sq + col0;
+          const T inf = std::numeric_limits<T>::infinity();
+          T mx = -inf, nan = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nan)
+          for (int64_t j = 0; j < len; ++j) {
+            const T v = target_aux<T, T_DIST>(t[j], zi_sq, zc_sq[j]) * ci;
+            t[j] = j != self ? v : -inf;
+            mx = t[j] > mx ? t[j] : mx;
+            nan += t[j] != t[j] ? T(1) : T(0);
+          }
+          if (nan > 0) nan_seen[i] = 1;
+          if (mx == -inf) continue;
+          acc[i].add(double(mx), blocked_exp_sum(t, len, mx));
+        }
+      });
+    }
+  std::vector<T> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = nan_seen[i] != 0 ? std::numeric_limits<T>::quiet_NaN() : T(acc[i].lse());
+  return out;
+}
+
+// The per-pair values of one tile pair in place, after affinity_tiles: the s tile becomes the
+// learned term (Cauchy: r; else s), the z tile P_ij, and k_buf P (log P - s) (cross-entropy:
+// -P s); 0 (s: -inf) at an
+// excluded self pair. P from the symmetrised log p as the plain rows' symmetric_log_p, minus
+// log N; the products stored before exp reads them (cpu_symmetric_affinity.h's LOGITS note).
+template <typename T, int K, bool T_DIST, bool CAUCHY>
+void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, int64_t i0,
+                       int64_t ni, int64_t j0, int64_t nj, bool kl, T* ab, T* tab, T* kv) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const bool diag = i0 == j0;
+  const T log_2n = T(std::log(2.0 * double(pb.n)));
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    // a local copy: through the reference its constants might alias the stores, and a load of them
+    // in the loop kept GCC from vectorising it (scalar code, 3x slower)
+    const KernelRow<T, K> k = k_in;
+    std::vector<T> own(static_cast<size_t>(nj)), other(own.size());
+    T* ov = own.data();
+    T* tv = other.data();
+    const T inf = std::numeric_limits<T>::infinity();
+    // locals, not the captured references: a load through one in the loop (it might alias the
+    // stores) kept GCC from vectorising it (scalar code, 3x slower)
+    const T keep_lp = kl ? T(1) : T(0), shift = log_2n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t self = pb.exclude_self && diag ? r : -1;
+      T* w = ab + r * nj;
+      T* p = tab + r * nj;
+      T* kr = kv + r * nj;
+      const T ci = coef[i], li = lse_p[i], xi_sq = x_sq[i], zi_sq = z_sq[i];
+      const T* cc = coef + j0;
+      const T* lc = lse_p + j0;
+      const T* xc_sq = x_sq + j0;
+      const T* zc_sq = z_sq + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) {
+        const T taux = target_aux<T, T_DIST>(p[j], zi_sq, zc_sq[j]);
+        ov[j] = taux * ci;      // t_ij
+        tv[j] = taux * cc[j];   // t_ji
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) {
+        const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
+        const T s = CAUCHY ? -vlog1p(aux) : k.logit(aux);
+        const T a = ov[j] - li, b = tv[j] - lc[j];
+        const T hi = a > b ? a : b, lo = a > b ? b : a;
+        const T lp = (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - shift;
+        const T pj = vexp(lp);
+        const bool valid = j != self;
+        const T kj = pj == T(0) ? T(0) : pj * (keep_lp * lp - s);   // cross-entropy: no P log P
+        p[j] = valid ? pj : T(0);
+        kr[j] = valid ? kj : T(0);
+        if constexpr (CAUCHY) w[j] = valid ? T(1) / (T(1) + aux) : T(0);
+        else w[j] = valid ? s : -inf;
+      }
+    }
+  });
+}
+
+// A row's sums of the forward: sum_j P, sum_j P (log P - s), and its learned LSE (Cauchy: sum_j r
+// unshifted in ls.s with ls.m = 0).
+struct JointRow {
+  double pm = 0, c = 0;
+  OnlineLse ls;
+};
+
+// The sums of one tile pair into the rows of I (the tile's rows) and, off the diagonal, of J (its
+// columns: SIMD across them, no transposes).
+template <typename T, bool CAUCHY>
+void add_joint_sums(int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* w, const T* p, const T* kv,
+                    std::vector<JointRow>& acc) {
+  const bool diag = i0 == j0;
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* wr = w + r * nj;
+      const T* pr = p + r * nj;
+      const T* kr = kv + r * nj;
+      T pm = 0, c = 0;
+#pragma omp simd reduction(+ : pm, c)
+      for (int64_t j = 0; j < nj; ++j) {
+        pm += pr[j];
+        c += kr[j];
+      }
+      JointRow& a = acc[i0 + r];
+      a.pm += double(pm);
+      a.c += double(c);
+      if constexpr (CAUCHY) {
+        T rs = 0;
+#pragma omp simd reduction(+ : rs)
+        for (int64_t j = 0; j < nj; ++j) rs += wr[j];
+        a.ls.m = 0;
+        a.ls.s += double(rs);
+      } else {
+        const T mx = row_max(wr, nj);
+        if (mx != -inf) a.ls.add(double(mx), blocked_exp_sum(wr, nj, mx));
+      }
+    }
+  });
+  if (diag) return;
+  // the columns: each thread a range of them, over every row of the tile (sums in T: <= 256 rows)
+  at::parallel_for(0, nj, 64, [&](int64_t c0, int64_t c1) {
+    const int64_t len = c1 - c0;
+    std::vector<T> pm(static_cast<size_t>(len), T(0)), c(pm.size(), T(0)), mx(pm.size(), -inf), se(pm.size(), T(0));
+    T* pmv = pm.data();
+    T* cv = c.data();
+    T* mv = mx.data();
+    T* sv = se.data();
+    for (int64_t r = 0; r < ni; ++r) {
+      const T* wr = w + r * nj + c0;
+      const T* pr = p + r * nj + c0;
+      const T* kr = kv + r * nj + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        pmv[j] += pr[j];
+        cv[j] += kr[j];
+        if constexpr (CAUCHY) sv[j] += wr[j];
+        else mv[j] = wr[j] > mv[j] ? wr[j] : mv[j];
+      }
+    }
+    if constexpr (!CAUCHY) {
+      for (int64_t r = 0; r < ni; ++r) {
+        const T* wr = w + r * nj + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) sv[j] += mv[j] == -inf ? T(0) : vexp(wr[j] - mv[j]);
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      JointRow& a = acc[j0 + c0 + j];
+      a.pm += double(pmv[j]);
+      a.c += double(cv[j]);
+      if constexpr (CAUCHY) {
+        a.ls.m = 0;
+        a.ls.s += double(sv[j]);
+      } else if (mv[j] != -inf) {
+        a.ls.add(double(mv[j]), double(sv[j]));
+      }
+    }
+  });
+}
+
+// The forward: (loss, included, stats) as the plain joint rows' (put_under_log_z).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Problem<T>& pb) {
+  const int64_t n = pb.n, block = pair_block(pb.tile, n);
+  const auto opts = pb.x.options();
+  std::vector<T> lse_p;
+  std::vector<JointRow> acc(static_cast<size_t>(n));
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts),
+             k_buf = at::empty({block, block}, opts);
+  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
+    constexpr int K = decltype(kc)::value;
+    constexpr bool TD = decltype(t_dist)::value, C = decltype(is_cauchy)::value;
+    lse_p = joint_target_lse<T, TD>(pb, block);
+    const std::vector<T> coef = target_coefs(pb);
+    const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
+    for (int64_t i0 = 0; i0 < n; i0 += block)
+      for (int64_t j0 = i0; j0 < n; j0 += block) {
+        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+        T* w = s_buf.template data_ptr<T>();
+        T* p = t_buf.template data_ptr<T>();
+        T* kv = k_buf.template data_ptr<T>();
+        joint_pair_values<T, K, TD, C>(pb, k, coef.data(), lse_p.data(), i0, ni, j0, nj, pb.divergence == kKl, w, p,
+                                       kv);
+        add_joint_sums<T, C>(i0, ni, j0, nj, w, p, kv, acc);
+      }
+    return 0;
+  });
+  auto loss = at::zeros({n}, opts);
+  auto included = at::zeros({n}, opts.dtype(at::kBool));
+  auto stats = at::zeros({4, n}, opts);
+  T* loss_p = loss.template data_ptr<T>();
+  bool* inc_p = included.template data_ptr<bool>();
+  T* st = stats.template data_ptr<T>();
+  std::vector<double> row_lse(static_cast<size_t>(n)), row_loss(row_lse.size()), p_mass(row_lse.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const JointRow& a = acc[i];
+    row_lse[i] = a.ls.s > 0 || std::isnan(a.ls.s) ? a.ls.lse() : -std::numeric_limits<double>::infinity();
+    const double shift = double(finite_shift(T(row_lse[i])));   // as put_under_log_z takes it off
+    row_loss[i] = a.c + a.pm * shift;                           // sum_j P (log P - s + LSE_i)
+    p_mass[i] = a.pm;
+    inc_p[i] = pb.m_valid > 0;
+    st[2 * n + i] = lse_p[i];
+  }
+  put_under_log_z<T>(pb, row_lse, row_loss, p_mass, loss_p, inc_p, st);
+  RowPathTally tally;
+  tally.rows[kFamilyRows] = n;
+  tally.add_to(0);
+  symmetric_schedule_counters()[6].fetch_add(1, std::memory_order_relaxed);
+  return {loss, included, stats};
+}
+
+// H over one tile pair in place of its Gram tile ab, with the z tile tab (affinity_tiles'):
+// H_ij = weight(-(g_i + g_j) P_ij + 2 q_ij C, d_ij), 0 at an excluded self pair (and at a distance
+// kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
+template <typename T, int K, bool T_DIST, bool CAUCHY>
+void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, const T* g,
+                  T log_z, T centre, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
+                  double* row_sum) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const bool diag = i0 == j0;
+  const T log_2n = T(std::log(2.0 * double(pb.n)));
+  const T a_z = T(std::exp(-double(log_z)));   // the Cauchy kernel's q / r, rounded once
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    // a local copy: through the reference its constants might alias the stores, and a load of them
+    // in the loop kept GCC from vectorising it (scalar code, 3x slower)
+    const KernelRow<T, K> k = k_in;
+    std::vector<T> own(static_cast<size_t>(nj)), other(own.size()), s_row(own.size());
+    T* ov = own.data();
+    T* tv = other.data();
+    T* sv = s_row.data();
+    const T inf = std::numeric_limits<T>::infinity();
+    const T shift = log_2n, az = a_z, lz = log_z, cz = centre;   // locals (joint_pair_values' note)
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
+      T* w = ab + r * nj;
+      const T* tr = tab + r * nj;
+      const T gi = g[i], ci = coef[i], li = lse_p[i], xi_sq = x_sq[i], zi_sq = z_sq[i];
+      const T* gc = g + j0;
+      const T* cc = coef + j0;
+      const T* lc = lse_p + j0;
+      const T* xc_sq = x_sq + j0;
+      const T* zc_sq = z_sq + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) {
+        const T taux = target_aux<T, T_DIST>(tr[j], zi_sq, zc_sq[j]);
+        ov[j] = taux * ci;
+        tv[j] = taux * cc[j];
+        if constexpr (!CAUCHY) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
+      }
+      T rs = 0;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t j = 0; j < nj; ++j) {
+        const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
+        T q, rr = 0;
+        if constexpr (CAUCHY) {
+          rr = T(1) / (T(1) + aux);
+          q = rr * az;
+        } else {
+          q = vexp(sv[j] - lz);
+        }
+        const T a = ov[j] - li, b = tv[j] - lc[j];
+        const T hi = a > b ? a : b, lo = a > b ? b : a;
+        const T pj = hi == -inf ? T(0) : vexp(hi + vlog1p(vexp(lo - hi)) - shift);
+        const T grad = T(2) * q * cz - (gi + gc[j]) * pj;
+        T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
+        h = j == self ? T(0) : h;
+        w[j] = h;
+        rs += h;
+      }
+      row_sum[r] = double(rs);
+    }
+  });
+}
+
+// The backward from the joint stats (T, contiguous): log Z (row 0), -sum_j P (row 1), LSE^p
+// (row 2), each row's share of q (row 3).
+template <typename T>
+std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
+                                                 const at::Tensor& valid, const at::Tensor& stats) {
+  const int64_t n = pb.n, block = pair_block(pb.tile, n);
+  const auto opts = pb.x.options();
+  const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
+  const T* g = g_t.template data_ptr<T>();
+  const T* st = stats.template data_ptr<T>();
+  // C = sum_k g_k P_k / sum_k q_k: s_ij moves every q through Z (the plain rows' centre, signed)
+  double num = 0, q_total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] != T(0)) num -= double(g[i]) * double(st[n + i]);
+    q_total += double(st[3 * n + i]);
+  }
+  const T centre = T(q_total > 0 ? num / q_total : 0.0);
+  const std::vector<T> coef = target_coefs(pb);
+  const bool dist = is_distance(pb.kernel);
+  auto dfeat = at::zeros({n, pb.d}, opts);
+  auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));
+  double* hs = h_sum.template data_ptr<double>();
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
+  std::vector<double> row_sum(static_cast<size_t>(block));
+  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
+    constexpr int K = decltype(kc)::value;
+    const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
+    for (int64_t i0 = 0; i0 < n; i0 += block)
+      for (int64_t j0 = i0; j0 < n; j0 += block) {
+        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+        joint_h_tile<T, K, decltype(t_dist)::value, decltype(is_cauchy)::value>(
+            pb, k, coef.data(), st + 2 * n, g, st[0], centre, i0, ni, j0, nj, s_buf.template data_ptr<T>(),
+            t_buf.template data_ptr<T>(), row_sum.data());
+        at::Tensor h = dense_tile(s_buf, ni, nj);
+        dfeat.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
+        if (i0 != j0) dfeat.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
+        if (dist) {
+          for (int64_t r = 0; r < ni; ++r) hs[i0 + r] += row_sum[r];
+          if (i0 != j0) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
+        }
+      }
+    return 0;
+  });
+  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
+  RowPathTally tally;
+  tally.rows[kFamilyRows] = n;
+  tally.add_to(1);
+  symmetric_schedule_counters()[7].fetch_add(1, std::memory_order_relaxed);
+  return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
+          at::Tensor()};
+}
+
+}  // namespace cpu
+}  // namespace icon
