@@ -157,9 +157,9 @@ void add_affinity_segment(const KernelRow<T, K> k, T coef,   // k by value (affi
     acc->ss += double(rsum);
     acc->rmax = std::max(acc->rmax, double(rmax));
   }
-  if (acc->mt == -dinf) return;   // no finite target logit yet
-  // no finite learned logit yet: shift 0, so that the pairs' -inf logits give C = inf (p > 0 = q)
-  const T top_s = acc->ms == -dinf ? T(0) : T(acc->ms), top_t = T(acc->mt);
+  // no finite learned (target) logit yet: shift 0, so that -inf logits add 0 to the sums (and
+  // give C = inf where p > 0 = q) and NaN ones NaN; the learned sum must still take this block
+  const T top_s = acc->ms == -dinf ? T(0) : T(acc->ms), top_t = acc->mt == -dinf ? T(0) : T(acc->mt);
   T ss = 0, sp = 0, c = 0;
 #pragma omp simd reduction(+ : ss, sp, c)
   for (int64_t j = 0; j < len; ++j) {
@@ -339,7 +339,8 @@ int64_t recorded_affinity_block(const T* st, int64_t n, std::vector<T>* lo_p) {
 
 // H over one tile pair in place of its Gram tile ab (ni x nj, rows from i0, columns from j0), with
 // the z tile tab: H_ij = weight(g_i (q_ij - p_ij) + g_j (q_ji - p_ji), d_ij), 0 at an excluded
-// self pair; the rows' sums of H into row_sum (ni values).
+// self pair; the rows' sums of H into row_sum (ni values). a: the Cauchy kernel's e^{-LSE} of
+// every row, high parts then low parts (2n values).
 template <typename T, int K, bool T_DIST, bool CAUCHY>
 void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* g, const T* hi,
                      const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni, int64_t j0,
@@ -366,7 +367,8 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
       T* w = ab + r * nj;
       const T* tr = tab + r * nj;
-      const T gi = g[i], hi_i = hi[i], lo_i = lo[i], hp_i = hp[i], lp_i = lp[i], ci = coef[i], ai = a[i];
+      const T gi = g[i], hi_i = hi[i], lo_i = lo[i], hp_i = hp[i], lp_i = lp[i], ci = coef[i], ai = a[i],
+              ai_lo = a[pb.n + i];
       const T xi_sq = x_sq[i], zi_sq = z_sq[i];
       const T* gc = g + j0;
       const T* hic = hi + j0;
@@ -375,6 +377,7 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
       const T* lpc = lp + j0;
       const T* cc = coef + j0;
       const T* acol = a + j0;
+      const T* acol_lo = a + pb.n + j0;
       const T* xc_sq = x_sq + j0;
       const T* zc_sq = z_sq + j0;
 #pragma omp simd
@@ -391,8 +394,8 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
         T q_r, q_c, rr = 0;
         if constexpr (CAUCHY) {
           rr = T(1) / (T(1) + aux);
-          q_r = rr * ai;
-          q_c = rr * acol[j];
+          q_r = rr * ai + rr * ai_lo;
+          q_c = rr * acol[j] + rr * acol_lo[j];
         } else {
           q_r = vexp((sv[j] - hi_i) - lo_i);
           q_c = vexp((sv[j] - hic[j]) - loc[j]);
@@ -420,8 +423,14 @@ std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const 
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
   const std::vector<T> coef = target_coefs(pb);
-  std::vector<T> a(static_cast<size_t>(n));   // the Cauchy kernel's q / r = e^{-LSE}, rounded once
-  for (int64_t i = 0; i < n; ++i) a[i] = T(std::exp(-(double(st[i]) + double(st[n + i]))));
+  // the Cauchy kernel's q / r = e^{-LSE} in two parts (q = r a_hi + r a_lo): one rounding of it
+  // would be an error shared by the whole row, with no renormalisation to take it off
+  std::vector<T> a(static_cast<size_t>(2 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = std::exp(-(double(st[i]) + double(st[n + i])));
+    a[i] = T(v);
+    a[n + i] = std::isfinite(v) ? T(v - double(a[i])) : T(0);
+  }
   const bool dist = is_distance(pb.kernel);
   auto dfeat = at::zeros({n, pb.d}, opts);
   auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));

@@ -10,7 +10,7 @@
 //             put under log Z = logsumexp_i LSE_i afterwards (cpu_global_rows.h: put_under_log_z);
 //   backward  H_ij = weight(-(g_i + g_j) P_ij + 2 q_ij C, d_ij) with C = sum_k g_k P_k / sum_k q_k
 //             (every row moves Z), then dX_I += H X_J, dX_J += H^T X_I.
-// 1/2 + 1 + 3/2 = three GEMM-equivalents (the plain joint rows take seven). The stats are the plain
+// 1/2 + 1 + 2 = three and a half GEMM-equivalents (the plain joint rows take seven). The stats are the plain
 // joint rows' (log Z, -sum_j P, LSE^p, the row's share of q), so the plain backward can run after
 // this forward (a learned parameter's gradient) and this backward after the plain forward; which
 // backward runs follows ICON_KERNELS_SYMMETRIC at the backward (no row is free for a record: a
@@ -132,7 +132,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
     const T inf = std::numeric_limits<T>::infinity();
     // locals, not the captured references: a load through one in the loop (it might alias the
     // stores) kept GCC from vectorising it (scalar code, 3x slower)
-    const T keep_lp = kl ? T(1) : T(0), shift = log_2n;
+    const T keep_lp = kl ? T(1) : T(0), shift = log_2n, nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = pb.exclude_self && diag ? r : -1;
@@ -156,7 +156,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
         const T s = CAUCHY ? -vlog1p(aux) : k.logit(aux);
         const T a = ov[j] - li, b = tv[j] - lc[j];
         const T hi = a > b ? a : b, lo = a > b ? b : a;
-        const T lp = (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - shift;
+        const T lp = (a != a || b != b) ? nan : (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - shift;
         const T pj = vexp(lp);
         const bool valid = j != self;
         const T kj = pj == T(0) ? T(0) : pj * (keep_lp * lp - s);   // cross-entropy: no P log P
@@ -308,13 +308,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
 // kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
 template <typename T, int K, bool T_DIST, bool CAUCHY>
 void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, const T* g,
-                  T log_z, T centre, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
+                  T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
                   double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* z_sq = pb.z_sq.template data_ptr<T>();
   const bool diag = i0 == j0;
   const T log_2n = T(std::log(2.0 * double(pb.n)));
-  const T a_z = T(std::exp(-double(log_z)));   // the Cauchy kernel's q / r, rounded once
+  // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
+  // shared by every pair)
+  const T centre = T(centre_exact);
+  const double a_exact = std::exp(-double(log_z));
+  const T a_z = T(a_exact), a_z_lo = std::isfinite(a_exact) ? T(a_exact - double(a_z)) : T(0);
+  const T centre_lo = T(centre_exact - double(centre));
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -324,7 +329,9 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
     T* tv = other.data();
     T* sv = s_row.data();
     const T inf = std::numeric_limits<T>::infinity();
-    const T shift = log_2n, az = a_z, lz = log_z, cz = centre;   // locals (joint_pair_values' note)
+    // locals (joint_pair_values' note)
+    const T shift = log_2n, az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
+    const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
@@ -350,14 +357,14 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
         T q, rr = 0;
         if constexpr (CAUCHY) {
           rr = T(1) / (T(1) + aux);
-          q = rr * az;
+          q = rr * az + rr * az_lo;
         } else {
           q = vexp(sv[j] - lz);
         }
         const T a = ov[j] - li, b = tv[j] - lc[j];
         const T hi = a > b ? a : b, lo = a > b ? b : a;
-        const T pj = hi == -inf ? T(0) : vexp(hi + vlog1p(vexp(lo - hi)) - shift);
-        const T grad = T(2) * q * cz - (gi + gc[j]) * pj;
+        const T pj = (a != a || b != b) ? nan : hi == -inf ? T(0) : vexp(hi + vlog1p(vexp(lo - hi)) - shift);
+        const T grad = (T(2) * q * cz + T(2) * q * cz_lo) - (gi + gc[j]) * pj;
         T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
         h = j == self ? T(0) : h;
         w[j] = h;
@@ -384,7 +391,7 @@ std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at:
     if (g[i] != T(0)) num -= double(g[i]) * double(st[n + i]);
     q_total += double(st[3 * n + i]);
   }
-  const T centre = T(q_total > 0 ? num / q_total : 0.0);
+  const double centre = q_total > 0 ? num / q_total : 0.0;
   const std::vector<T> coef = target_coefs(pb);
   const bool dist = is_distance(pb.kernel);
   auto dfeat = at::zeros({n, pb.d}, opts);

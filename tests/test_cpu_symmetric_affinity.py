@@ -334,3 +334,24 @@ def test_the_stats_record(monkeypatch):
     assert torch.equal(plain[3], torch.zeros(n))
     for row in (0, 2):
         assert torch.allclose(plain[row], stats[row], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_non_finite_target_logits_in_a_rows_first_block(monkeypatch, bad):
+    """A row whose first column block has no finite target logit (t = -inf from an overflowing
+    distance, or NaN) still takes that block's learned terms into its LSE, and NaN stays NaN: as
+    the plain schedule (a review found the block skipped)."""
+    n = 6
+    x, z, upstream = _inputs(n, 13)
+    z = z[:, :1].clone()
+    z[:2] = 1e200 if bad == "inf" else float("nan")    # rows 0, 1: block 0 (blocks of 2 rows)
+    target = _target(z, "gaussian", 1.0)
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "8")
+    got = ik.icon_loss(x, target=target, kernel="gaussian", backend="cpu", reduction="none")
+    assert _counts()[0] == 1
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+    want = ik.icon_loss(x, target=target, kernel="gaussian", backend="cpu", reduction="none")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert finite.any() or bad == "nan"
+    assert relative_error(got[finite], want[finite]) <= 1e-12
