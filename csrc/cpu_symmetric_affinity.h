@@ -46,16 +46,22 @@
 namespace icon {
 namespace cpu {
 
-// Whether pb has the structure of the symmetric Affinity schedule (the off switch aside).
+// What both Affinity schedules (this one and joint t-SNE's, cpu_symmetric_joint.h) need: self mode
+// (x is y, z_cols is z), one scalar learned parameter and any learned kernel but log_dot, KL or
+// cross-entropy with alpha = beta = 0, and a target kernel whose logits are linear in its Gram term
+// with one coefficient per row (target_coefs: sigma_i per row is each side's own scale).
+template <typename T>
+bool symmetric_affinity_structure(const Problem<T>& pb) {
+  if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
+  if (pb.alpha != T(0) || pb.beta != T(0) || pb.kernel == kLogDot) return false;
+  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
+  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+}
+
+// Whether pb runs this schedule's conditional rows (the off switch aside).
 template <typename T>
 bool symmetric_affinity_fit(const Problem<T>& pb) {
-  if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
-  if (pb.joint || pb.symmetrize || pb.alpha != T(0) || pb.beta != T(0)) return false;
-  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
-  if (pb.kernel == kLogDot) return false;
-  // the target's logits are linear in its Gram term with one coefficient per row (target_coefs):
-  // sigma_i per row (perplexity) is each side's own scale
-  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+  return !pb.joint && !pb.symmetrize && symmetric_affinity_structure(pb);
 }
 
 template <typename T>
@@ -226,9 +232,8 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
   T* st_p = st_buf.template data_ptr<T>();
   T* t_p = t_buf.template data_ptr<T>();
   T* tt_p = tt_buf.template data_ptr<T>();
-  for (int64_t i0 = 0; i0 < n; i0 += block)
-    for (int64_t j0 = i0; j0 < n; j0 += block) {
-      const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+  for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const int64_t ni = i1 - i0, nj = j1 - j0;
       const bool one_side = i0 == j0;
       affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
       if (!one_side) {
@@ -247,7 +252,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
                                                          z_sq[i], len, self, &acc[i]);
         }
       });
-    }
+  });
   return acc;
 }
 
@@ -291,13 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const 
                                       decltype(is_kl)::value>(pb, block);
     });
   });
-  const auto opts = pb.x.options();
-  auto loss = at::zeros({n}, opts);
-  auto included = at::zeros({n}, opts.dtype(at::kBool));
-  auto stats = at::zeros({4, n}, opts);
-  T* loss_p = loss.template data_ptr<T>();
-  bool* inc_p = included.template data_ptr<bool>();
-  T* st = stats.template data_ptr<T>();
+  RowOutputs<T> out(n, pb.x.options());
+  T* st = out.st;
   for (int64_t i = 0; i < n; ++i) {
     const OnlineAffinityRow& a = acc[i];
     const double log_sp = std::log(a.sp);
@@ -305,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const 
     const double log_ss = cauchy ? std::log(a.ss) - std::log(a.rmax) : std::log(a.ss);
     const double lse = cauchy ? std::log(a.ss) : a.ms + log_ss, lse_p = a.mt + log_sp;
     const double row = kl ? a.c / a.sp - log_sp + log_ss : a.c / a.sp + log_ss;
-    inc_p[i] = pb.m_valid > 0;
-    loss_p[i] = inc_p[i] ? T(row) : T(0);
+    out.inc_p[i] = pb.m_valid > 0;
+    out.loss_p[i] = out.inc_p[i] ? T(row) : T(0);
     const T hi = T(lse), hi_p = T(lse_p);
     st[i] = hi;
     st[n + i] = std::isfinite(lse) ? T(lse - double(hi)) : T(0);
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const 
   tally.rows[kFamilyRows] = n;
   tally.add_to(0);
   symmetric_schedule_counters()[4].fetch_add(1, std::memory_order_relaxed);
-  return {loss, included, stats};
+  return out.tuple();
 }
 
 // The block side of the forward that made stats (T, contiguous), with every row's LSE^p residual
@@ -412,14 +412,53 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
   });
 }
 
+// The backward of both Affinity schedules over every tile pair: the x and z tiles (affinity_tiles),
+// fill(kernel, t_dist, cauchy)(i0, ni, j0, nj, x tile, z tile, row sums) turning the x tile into H
+// and its row sums, then dX_I += H X_J, dX_J += H^T X_I and a distance's -diag(H 1) X. Returns the
+// backward op's outputs (the whole dL/dx as dx, zeros for dy and dparam); counter: the
+// symmetric_schedule_counters slot of the calling schedule.
+template <typename T, typename Fill>
+std::vector<at::Tensor> h_tile_backward(const Problem<T>& pb, int64_t block, int counter, Fill&& fill) {
+  const int64_t n = pb.n;
+  const auto opts = pb.x.options();
+  const bool dist = is_distance(pb.kernel);
+  auto dfeat = at::zeros({n, pb.d}, opts);
+  auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));
+  double* hs = h_sum.template data_ptr<double>();
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
+  std::vector<double> row_sum(static_cast<size_t>(block));
+  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto cauchy) {
+    auto h_tile = fill(kc, t_dist, cauchy);
+    for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const int64_t ni = i1 - i0, nj = j1 - j0;
+      affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+      h_tile(i0, ni, j0, nj, s_buf.template data_ptr<T>(), t_buf.template data_ptr<T>(), row_sum.data());
+      at::Tensor h = dense_tile(s_buf, ni, nj);
+      dfeat.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
+      if (i0 != j0) dfeat.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
+      if (dist) {   // diag(H 1) of both sides: H's row sums and (off the diagonal) column sums
+        for (int64_t r = 0; r < ni; ++r) hs[i0 + r] += row_sum[r];
+        if (i0 != j0) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
+      }
+    });
+    return 0;
+  });
+  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
+  RowPathTally tally;
+  tally.rows[kFamilyRows] = n;
+  tally.add_to(1);
+  symmetric_schedule_counters()[counter].fetch_add(1, std::memory_order_relaxed);
+  return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
+          at::Tensor()};
+}
+
 // stats: the forward's (T, contiguous); block and lo_p: recorded_affinity_block's.
 template <typename T>
 std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
                                                     const at::Tensor& valid, const at::Tensor& stats, int64_t block,
                                                     const std::vector<T>& lo_p) {
   const int64_t n = pb.n;
-  const auto opts = pb.x.options();
-  const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
+  const at::Tensor g_t = masked_grads(grad_rows, valid, pb.x.options());
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
   const std::vector<T> coef = target_coefs(pb);
@@ -431,39 +470,14 @@ std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const 
     a[i] = T(v);
     a[n + i] = std::isfinite(v) ? T(v - double(a[i])) : T(0);
   }
-  const bool dist = is_distance(pb.kernel);
-  auto dfeat = at::zeros({n, pb.d}, opts);
-  auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));
-  double* hs = h_sum.template data_ptr<double>();
-  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
-  std::vector<double> row_sum(static_cast<size_t>(block));
-  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto cauchy) {
+  return h_tile_backward(pb, block, 5, [&](auto kc, auto t_dist, auto cauchy) {
     constexpr int K = decltype(kc)::value;
-    const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
-    for (int64_t i0 = 0; i0 < n; i0 += block)
-      for (int64_t j0 = i0; j0 < n; j0 += block) {
-        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
-        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
-        affinity_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(
-            pb, k, coef.data(), g, st, st + n, st + 2 * n, lo_p.data(), a.data(), i0, ni, j0, nj,
-            s_buf.template data_ptr<T>(), t_buf.template data_ptr<T>(), row_sum.data());
-        at::Tensor h = dense_tile(s_buf, ni, nj);
-        dfeat.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
-        if (i0 != j0) dfeat.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
-        if (dist) {   // diag(H 1) of both sides: H's row sums and (off the diagonal) column sums
-          for (int64_t r = 0; r < ni; ++r) hs[i0 + r] += row_sum[r];
-          if (i0 != j0) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
-        }
-      }
-    return 0;
+    return [&, k = KernelRow<T, K>(pb.prm.template data_ptr<T>()[0])](int64_t i0, int64_t ni, int64_t j0, int64_t nj,
+                                                                     T* ab, const T* tab, double* row_sum) {
+      affinity_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(
+          pb, k, coef.data(), g, st, st + n, st + 2 * n, lo_p.data(), a.data(), i0, ni, j0, nj, ab, tab, row_sum);
+    };
   });
-  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
-  RowPathTally tally;
-  tally.rows[kFamilyRows] = n;
-  tally.add_to(1);
-  symmetric_schedule_counters()[5].fetch_add(1, std::memory_order_relaxed);
-  return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
-          at::Tensor()};
 }
 
 }  // namespace cpu

@@ -31,15 +31,22 @@
 namespace icon {
 namespace cpu {
 
-// Whether pb is joint t-SNE with the structure of this schedule (the off switch aside): the
-// conditions of symmetric_affinity_fit, but joint normalisation and a symmetrised target.
+// Whether pb is joint t-SNE with the structure of this schedule (the off switch aside):
+// symmetric_affinity_structure's, with joint normalisation and a symmetrised target.
 template <typename T>
 bool symmetric_joint_fit(const Problem<T>& pb) {
-  if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
-  if (!pb.joint || !pb.symmetrize || pb.alpha != T(0) || pb.beta != T(0)) return false;
-  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
-  if (pb.kernel == kLogDot) return false;
-  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+  return pb.joint && pb.symmetrize && symmetric_affinity_structure(pb);
+}
+
+// log P_ij = log((p_{j|i} + p_{i|j}) / 2N) from a = t_ij - LSE^p_i and b = t_ji - LSE^p_j, as the
+// plain rows' symmetric_log_p (exact where either p underflows; NaN on either side gives NaN);
+// log_2n = log 2N.
+template <typename T>
+ICON_SIMD_INLINE T joint_log_p(T a, T b, T log_2n) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T hi = a > b ? a : b, lo = a > b ? b : a;
+  const T r = (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - log_2n;
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : r;
 }
 
 template <typename T>
@@ -74,9 +81,8 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
   at::Tensor t_buf = at::empty({block, block}, opts), tt_buf = at::empty({block, block}, opts);
   T* t_p = t_buf.template data_ptr<T>();
   T* tt_p = tt_buf.template data_ptr<T>();
-  for (int64_t i0 = 0; i0 < n; i0 += block)
-    for (int64_t j0 = i0; j0 < n; j0 += block) {
-      const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+  for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const int64_t ni = i1 - i0, nj = j1 - j0;
       const bool one_side = i0 == j0;
       target_tile(pb, i0, i1, j0, j1, t_buf);
       if (!one_side) transpose_tile<T, false>(t_p, ni, nj, tt_p);
@@ -103,7 +109,7 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
           acc[i].add(double(mx), blocked_exp_sum(t, len, mx));
         }
       });
-    }
+  });
   std::vector<T> out(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
     out[i] = nan_seen[i] != 0 ? std::numeric_limits<T>::quiet_NaN() : T(acc[i].lse());
@@ -132,7 +138,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
     const T inf = std::numeric_limits<T>::infinity();
     // locals, not the captured references: a load through one in the loop (it might alias the
     // stores) kept GCC from vectorising it (scalar code, 3x slower)
-    const T keep_lp = kl ? T(1) : T(0), shift = log_2n, nan = std::numeric_limits<T>::quiet_NaN();
+    const T keep_lp = kl ? T(1) : T(0), shift = log_2n;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = pb.exclude_self && diag ? r : -1;
@@ -154,9 +160,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
       for (int64_t j = 0; j < nj; ++j) {
         const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
         const T s = CAUCHY ? -vlog1p(aux) : k.logit(aux);
-        const T a = ov[j] - li, b = tv[j] - lc[j];
-        const T hi = a > b ? a : b, lo = a > b ? b : a;
-        const T lp = (a != a || b != b) ? nan : (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - shift;
+        const T lp = joint_log_p(ov[j] - li, tv[j] - lc[j], shift);
         const T pj = vexp(lp);
         const bool valid = j != self;
         const T kj = pj == T(0) ? T(0) : pj * (keep_lp * lp - s);   // cross-entropy: no P log P
@@ -266,9 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
     lse_p = joint_target_lse<T, TD>(pb, block);
     const std::vector<T> coef = target_coefs(pb);
     const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
-    for (int64_t i0 = 0; i0 < n; i0 += block)
-      for (int64_t j0 = i0; j0 < n; j0 += block) {
-        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
+    for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+        const int64_t ni = i1 - i0, nj = j1 - j0;
         affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
         T* w = s_buf.template data_ptr<T>();
         T* p = t_buf.template data_ptr<T>();
@@ -276,15 +279,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
         joint_pair_values<T, K, TD, C>(pb, k, coef.data(), lse_p.data(), i0, ni, j0, nj, pb.divergence == kKl, w, p,
                                        kv);
         add_joint_sums<T, C>(i0, ni, j0, nj, w, p, kv, acc);
-      }
+    });
     return 0;
   });
-  auto loss = at::zeros({n}, opts);
-  auto included = at::zeros({n}, opts.dtype(at::kBool));
-  auto stats = at::zeros({4, n}, opts);
-  T* loss_p = loss.template data_ptr<T>();
-  bool* inc_p = included.template data_ptr<bool>();
-  T* st = stats.template data_ptr<T>();
+  RowOutputs<T> out(n, opts);
   std::vector<double> row_lse(static_cast<size_t>(n)), row_loss(row_lse.size()), p_mass(row_lse.size());
   for (int64_t i = 0; i < n; ++i) {
     const JointRow& a = acc[i];
@@ -292,15 +290,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
     const double shift = double(finite_shift(T(row_lse[i])));   // as put_under_log_z takes it off
     row_loss[i] = a.c + a.pm * shift;                           // sum_j P (log P - s + LSE_i)
     p_mass[i] = a.pm;
-    inc_p[i] = pb.m_valid > 0;
-    st[2 * n + i] = lse_p[i];
+    out.inc_p[i] = pb.m_valid > 0;
+    out.st[2 * n + i] = lse_p[i];
   }
-  put_under_log_z<T>(pb, row_lse, row_loss, p_mass, loss_p, inc_p, st);
+  put_under_log_z<T>(pb, row_lse, row_loss, p_mass, out.loss_p, out.inc_p, out.st);
   RowPathTally tally;
   tally.rows[kFamilyRows] = n;
   tally.add_to(0);
   symmetric_schedule_counters()[6].fetch_add(1, std::memory_order_relaxed);
-  return {loss, included, stats};
+  return out.tuple();
 }
 
 // H over one tile pair in place of its Gram tile ab, with the z tile tab (affinity_tiles'):
@@ -328,10 +326,8 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
     T* ov = own.data();
     T* tv = other.data();
     T* sv = s_row.data();
-    const T inf = std::numeric_limits<T>::infinity();
     // locals (joint_pair_values' note)
     const T shift = log_2n, az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
-    const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
@@ -361,9 +357,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
         } else {
           q = vexp(sv[j] - lz);
         }
-        const T a = ov[j] - li, b = tv[j] - lc[j];
-        const T hi = a > b ? a : b, lo = a > b ? b : a;
-        const T pj = (a != a || b != b) ? nan : hi == -inf ? T(0) : vexp(hi + vlog1p(vexp(lo - hi)) - shift);
+        const T pj = vexp(joint_log_p(ov[j] - li, tv[j] - lc[j], shift));
         const T grad = (T(2) * q * cz + T(2) * q * cz_lo) - (gi + gc[j]) * pj;
         T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
         h = j == self ? T(0) : h;
@@ -393,39 +387,14 @@ std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at:
   }
   const double centre = q_total > 0 ? num / q_total : 0.0;
   const std::vector<T> coef = target_coefs(pb);
-  const bool dist = is_distance(pb.kernel);
-  auto dfeat = at::zeros({n, pb.d}, opts);
-  auto h_sum = at::zeros({n}, opts.dtype(at::kDouble));
-  double* hs = h_sum.template data_ptr<double>();
-  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
-  std::vector<double> row_sum(static_cast<size_t>(block));
-  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
+  return h_tile_backward(pb, block, 7, [&](auto kc, auto t_dist, auto cauchy) {
     constexpr int K = decltype(kc)::value;
-    const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
-    for (int64_t i0 = 0; i0 < n; i0 += block)
-      for (int64_t j0 = i0; j0 < n; j0 += block) {
-        const int64_t i1 = std::min(n, i0 + block), j1 = std::min(n, j0 + block), ni = i1 - i0, nj = j1 - j0;
-        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
-        joint_h_tile<T, K, decltype(t_dist)::value, decltype(is_cauchy)::value>(
-            pb, k, coef.data(), st + 2 * n, g, st[0], centre, i0, ni, j0, nj, s_buf.template data_ptr<T>(),
-            t_buf.template data_ptr<T>(), row_sum.data());
-        at::Tensor h = dense_tile(s_buf, ni, nj);
-        dfeat.narrow(0, i0, ni).addmm_(h, pb.x.narrow(0, j0, nj));
-        if (i0 != j0) dfeat.narrow(0, j0, nj).addmm_(h.t(), pb.x.narrow(0, i0, ni));
-        if (dist) {
-          for (int64_t r = 0; r < ni; ++r) hs[i0 + r] += row_sum[r];
-          if (i0 != j0) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
-        }
-      }
-    return 0;
+    return [&, k = KernelRow<T, K>(pb.prm.template data_ptr<T>()[0])](int64_t i0, int64_t ni, int64_t j0, int64_t nj,
+                                                                     T* ab, const T* tab, double* row_sum) {
+      joint_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(pb, k, coef.data(), st + 2 * n, g, st[0],
+                                                                           centre, i0, ni, j0, nj, ab, tab, row_sum);
+    };
   });
-  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
-  RowPathTally tally;
-  tally.rows[kFamilyRows] = n;
-  tally.add_to(1);
-  symmetric_schedule_counters()[7].fetch_add(1, std::memory_order_relaxed);
-  return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
-          at::Tensor()};
 }
 
 }  // namespace cpu

@@ -19,7 +19,9 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -163,13 +165,32 @@ struct TilePair {
   T prm;
 };
 
-// Runs body(i0, i1, j0, j1) over the pairs of row blocks I = [i0, i1) <= J = [j0, j1), in order.
-template <typename T, typename F>
-void for_each_tile_pair(const TilePair<T>& tp, int64_t block, F&& body) {
-  const int64_t n = tp.side.size();
+// Runs body(i0, i1, j0, j1) over the pairs of row blocks I = [i0, i1) <= J = [j0, j1) of n rows, in
+// order (every tile-pair schedule: this file's, cpu_symmetric_affinity.h's, cpu_symmetric_joint.h's).
+template <typename F>
+void for_each_block_pair(int64_t n, int64_t block, F&& body) {
   for (int64_t i0 = 0; i0 < n; i0 += block)
     for (int64_t j0 = i0; j0 < n; j0 += block) body(i0, std::min(n, i0 + block), j0, std::min(n, j0 + block));
 }
+
+template <typename T, typename F>
+void for_each_tile_pair(const TilePair<T>& tp, int64_t block, F&& body) {
+  for_each_block_pair(tp.side.size(), block, std::forward<F>(body));
+}
+
+// A forward op's outputs for n rows (loss, included, stats [4, n]), zeroed, with their pointers.
+template <typename T>
+struct RowOutputs {
+  at::Tensor loss, included, stats;
+  T* loss_p;
+  bool* inc_p;
+  T* st;
+  RowOutputs(int64_t n, const at::TensorOptions& opts)
+      : loss(at::zeros({n}, opts)), included(at::zeros({n}, opts.dtype(at::kBool))), stats(at::zeros({4, n}, opts)),
+        loss_p(loss.template data_ptr<T>()), inc_p(included.template data_ptr<bool>()),
+        st(stats.template data_ptr<T>()) {}
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {loss, included, stats}; }
+};
 
 // One tile pair of both passes: the Gram tile X_I X_J^T into buf (ni x nj, dense; the forward and
 // the backward make it with the same GEMM, bit for bit), its transpose into t_buf for the rows of
@@ -209,13 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_label_side(const LabelSide
                                                                  const std::vector<OnlineLabelRow<T>>& acc,
                                                                  bool kl, int64_t block) {
   const int64_t n = side.size();
-  const auto opts = side.rows.options();
-  auto loss = at::zeros({n}, opts);
-  auto included = at::zeros({n}, opts.dtype(at::kBool));
-  auto stats = at::zeros({4, n}, opts);
-  T* loss_p = loss.template data_ptr<T>();
-  bool* inc_p = included.template data_ptr<bool>();
-  T* st = stats.template data_ptr<T>();
+  RowOutputs<T> out(n, side.rows.options());
+  T* loss_p = out.loss_p;
+  bool* inc_p = out.inc_p;
+  T* st = out.st;
   for (int64_t i = 0; i < n; ++i) {
     const double lse = online_lse(acc[i]);
     const T hi = T(lse);
@@ -226,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_label_side(const LabelSide
     st[2 * n + i] = std::isfinite(lse) ? T(lse - double(hi)) : T(0);
     st[3 * n + i] = T(block);
   }
-  return {loss, included, stats};
+  return out.tuple();
 }
 
 // The forward's merged statistics of every row.
