@@ -25,7 +25,9 @@ namespace icon {
 // so k logs per row instead of one per pair).
 enum LogP : int { kLogOfP = 0, kExactLogP = 1, kTwoLevelLogP = 2, kSparseLogP = 3 };
 
-// One row: log q = s[j] - lse (j != self), the target row p (normalised, 0 off the valid set).
+// One row: log q = (s[j] - lse) - lse_lo (j != self; lse_lo: the LSE's rounding residual where a
+// schedule keeps it, cpu_symmetric_label_family.h), the target row p (normalised, 0 off the valid
+// set).
 template <typename T>
 struct FRow {
   const T* s;
@@ -36,6 +38,7 @@ struct FRow {
   int64_t m, self;
   T alpha, beta, mv;
   T log_pos = 0, log_zero = 0;     // kTwoLevelLogP
+  T lse_lo = 0;
 };
 
 struct FRowSums {
@@ -114,11 +117,11 @@ ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg
   const T* const s_row = r.s;
   const T* const p_row = r.p;
   const T* const t_row = r.t;
-  const T lse = r.lse, log_p_shift = r.log_p_shift, log_pos = r.log_pos, log_zero = r.log_zero;
+  const T lse = r.lse, lse_lo = r.lse_lo, log_p_shift = r.log_p_shift, log_pos = r.log_pos, log_zero = r.log_zero;
   T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
 #pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
   for (int64_t j = j0; j < j1; ++j) {
-    const T lq = s_row[j] - lse;
+    const T lq = (s_row[j] - lse) - lse_lo;
     const T q = kNeedQ ? vexp(lq) : T(0);
     const T pj = p_row[j];
     const T pm = keep_p * pj + b;
@@ -225,6 +228,21 @@ inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf,
       return {nan, nan, nan, nan, nan};
     }
   }
+}
+
+// sum_j q_j over j != self with q_j = exp((s[j] - lse) - lse_lo) as f_row forms them, in blocks:
+// the q total where f_row forms no q (forward KL and cross-entropy without beta).
+template <typename T>
+inline double row_q_total(const T* s, T lse, T lse_lo, int64_t self, int64_t m) {
+  double q_total = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bq = 0;
+#pragma omp simd reduction(+ : bq)
+    for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp((s[j] - lse) - lse_lo) : T(0);
+    q_total += bq;
+  }
+  return q_total;
 }
 
 // The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD and unrounded

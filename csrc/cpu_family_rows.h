@@ -124,6 +124,12 @@ inline decltype(auto) with_kernel(int kernel, F&& f) {
   }
 }
 
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+inline decltype(auto) with_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // s[j] = the logit of Gram entry ab[j] (s may be ab: in place).
 template <typename T, int K>
 inline void kernel_logits(const KernelRow<T, K>& k, const T* ab, T* s, const T* b_sq, T a_sq, int64_t m) {
@@ -170,14 +176,7 @@ inline double affinity_row(const T* t, T lse_p, int64_t self, int64_t m, T* p, d
 // an error shared by the whole row would come back in dL/dx times the q-mean of y - x_i).
 template <typename T>
 inline T renormalised_lse(const T* s, T lse, int64_t self, int64_t m) {
-  double q_total = 0;
-  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(m, j0 + kSumBlock);
-    T bq = 0;
-#pragma omp simd reduction(+ : bq)
-    for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp(s[j] - lse) : T(0);
-    q_total += bq;
-  }
+  const double q_total = row_q_total<T>(s, lse, T(0), self, m);
   return q_total > 0 ? T(double(lse) + std::log(q_total)) : lse;
 }
 

@@ -37,6 +37,7 @@
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_affinity.h"
 #include "cpu_symmetric_joint.h"
+#include "cpu_symmetric_label_family.h"
 #include "cpu_symmetric_labels.h"
 #include "tile_math.h"
 
@@ -48,6 +49,7 @@ using namespace cpu;
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
   if (symmetric_labels_apply(pb)) return symmetric_label_forward<T>(pb);   // self mode: each tile pair once
+  if (symmetric_label_family_apply(pb)) return symmetric_label_family_forward<T>(pb);   // beta > 0, f-divs
   if (symmetric_affinity_apply(pb)) return symmetric_affinity_forward<T>(pb);
   if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
   // (the symmetric Affinity backward reads a record in row 3: none from this forward)
@@ -146,11 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
 }
 
 
-template <typename F>
-decltype(auto) with_bool(bool b, F&& f) {
-  return b ? f(std::true_type{}) : f(std::false_type{});
-}
-
 template <typename T>
 std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& grad_rows,
                                       const at::Tensor& valid, const at::Tensor& stats_in,
@@ -161,6 +158,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
+  }
+  // the rest of the Labels family in self mode (cpu_symmetric_label_family.h), after its forward
+  if (y_is_x && !target_grad && symmetric_label_family_fit(pb)) {
+    const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
+    std::vector<T> lo;
+    const int64_t block = recorded_label_family_block(st_acc.template data_ptr<T>(), pb.n, &lo);
+    if (block > 0) return symmetric_label_family_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block, lo);
   }
   // SNE / t-SNE in self mode: H = W + W^T per tile pair (cpu_symmetric_affinity.h), after its forward
   if (y_is_x && !target_grad && !param_grad && symmetric_affinity_fit(pb)) {

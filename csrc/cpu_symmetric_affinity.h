@@ -69,28 +69,6 @@ bool symmetric_affinity_apply(const Problem<T>& pb) {
   return symmetric_affinity_fit(pb) && symmetric_schedule_enabled();
 }
 
-// Row 3's record (above): the unit of the last place of hi, and the encoding and decoding.
-template <typename T>
-T last_place(T hi) {
-  const T a = std::fabs(hi);
-  return std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
-}
-
-template <typename T>
-T affinity_record(int64_t block, double lse_p, T hi) {
-  const double r = std::isfinite(lse_p) ? (lse_p - double(hi)) / double(last_place(hi)) : 0.0;
-  return T(8.0 * double(block) + r);
-}
-
-// The block side recorded in v, or 0 (not such a forward's stats); *r_out its residual unit count.
-template <typename T>
-int64_t decode_affinity_record(T v, int64_t limit, double* r_out) {
-  const double b = std::nearbyint(double(v) / 8.0), r = double(v) - 8.0 * b;
-  if (!(b >= 1 && b <= double(limit) && std::fabs(r) <= 1.0)) return 0;
-  *r_out = r;
-  return int64_t(b);
-}
-
 // The target's logits: the fit keeps the Gaussian and dot target kernels, whose logits are linear in
 // their Gram term: t_ij = coef_i aux_ij with aux the squared distance (T_DIST) or z_i . z_j, and
 // coef_i = -1 / (2 sigma_i^2) or 1 / tau (one per row, so that each side scales by its own).
@@ -180,26 +158,6 @@ void add_affinity_segment(const KernelRow<T, K> k, T coef,   // k by value (affi
   if constexpr (!CAUCHY) acc->ss += double(ss);
   acc->sp += double(sp);
   acc->c += double(c);
-}
-
-// One Gram tile a_I a_J^T (ni x nj, dense) into buf; a diagonal tile's upper triangle mirrored onto
-// its lower one (so that the pair (i, j) and (j, i) are one value) and, for a distance (sq: the
-// rows' squared norms, else nullptr), its self pairs made exact: the Gram entry |a_i|^2 itself, so
-// that d_ii^2 = 0 (from a_i . a_i it is rounding noise, which the power kernel's log(d^2 + eps)
-// makes 1e-3 of a row's loss).
-template <typename T>
-void pair_gram(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* sq, at::Tensor& buf) {
-  const int64_t ni = i1 - i0, nj = j1 - j0;
-  at::Tensor tile = dense_tile(buf, ni, nj);
-  at::mm_out(tile, a.narrow(0, i0, ni), a.narrow(0, j0, nj).t());
-  if (i0 != j0) return;
-  T* p = buf.template data_ptr<T>();
-  at::parallel_for(0, ni, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t c = 0; c < r; ++c) p[r * ni + c] = p[c * ni + r];
-      if (sq != nullptr) p[r * ni + r] = sq[i0 + r];
-    }
-  });
 }
 
 // The z tile of one tile pair (pair_gram), as every pass makes it: the same GEMM call, bit for bit.
@@ -311,12 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const 
     st[i] = hi;
     st[n + i] = std::isfinite(lse) ? T(lse - double(hi)) : T(0);
     st[2 * n + i] = hi_p;
-    st[3 * n + i] = affinity_record<T>(block, lse_p, hi_p);
+    st[3 * n + i] = pair_record<T>(block, lse_p, hi_p);
   }
-  RowPathTally tally;
-  tally.rows[kFamilyRows] = n;
-  tally.add_to(0);
-  symmetric_schedule_counters()[4].fetch_add(1, std::memory_order_relaxed);
+  count_schedule_call(kFamilyRows, n, 0, 4);
   return out.tuple();
 }
 
@@ -324,17 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_forward(const 
 // into lo_p; 0 when they are not the symmetric Affinity forward's (the plain backward runs then).
 template <typename T>
 int64_t recorded_affinity_block(const T* st, int64_t n, std::vector<T>* lo_p) {
-  lo_p->assign(size_t(n), T(0));
-  int64_t block = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    double r = 0;
-    const int64_t b = decode_affinity_record<T>(st[3 * n + i], n, &r);
-    if (b == 0 || (block != 0 && b != block)) return 0;
-    block = b;
-    const T hi = st[2 * n + i];
-    (*lo_p)[i] = std::isfinite(hi) ? T(r * double(last_place(hi))) : T(0);
-  }
-  return block;
+  return recorded_pair_residuals(st, n, 2, lo_p);
 }
 
 // H over one tile pair in place of its Gram tile ab (ni x nj, rows from i0, columns from j0), with
@@ -444,10 +389,7 @@ std::vector<at::Tensor> h_tile_backward(const Problem<T>& pb, int64_t block, int
     return 0;
   });
   if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
-  RowPathTally tally;
-  tally.rows[kFamilyRows] = n;
-  tally.add_to(1);
-  symmetric_schedule_counters()[counter].fetch_add(1, std::memory_order_relaxed);
+  count_schedule_call(kFamilyRows, n, 1, counter);
   return {dfeat, at::zeros({pb.m, pb.d}, opts), at::zeros({n}, opts.dtype(at::kDouble)), at::Tensor(), at::Tensor(),
           at::Tensor()};
 }

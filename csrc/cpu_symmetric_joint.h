@@ -294,10 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
     out.st[2 * n + i] = lse_p[i];
   }
   put_under_log_z<T>(pb, row_lse, row_loss, p_mass, out.loss_p, out.inc_p, out.st);
-  RowPathTally tally;
-  tally.rows[kFamilyRows] = n;
-  tally.add_to(0);
-  symmetric_schedule_counters()[6].fetch_add(1, std::memory_order_relaxed);
+  count_schedule_call(kFamilyRows, n, 0, 6);
   return out.tuple();
 }
 

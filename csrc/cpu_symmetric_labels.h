@@ -46,12 +46,28 @@ inline bool symmetric_schedule_enabled() {
 
 // Calls of the tile-pair schedules since the last read: the symmetric schedule's forward (0) and
 // backward (1), the bidirectional ops' (2, 3; cpu_bidirectional_labels.cpp), the symmetric
-// Affinity schedule's (4, 5; cpu_symmetric_affinity.h) and joint t-SNE's (6, 7;
-// cpu_symmetric_joint.h).
+// Affinity schedule's (4, 5; cpu_symmetric_affinity.h), joint t-SNE's (6, 7;
+// cpu_symmetric_joint.h) and the label family schedule's (8, 9; cpu_symmetric_label_family.h).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
+constexpr int kSymmetricCounters = 10;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
-  static std::atomic<int64_t> counters[8];
+  static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;
+}
+
+// Counts one call of a tile-pair schedule: its n rows as run by row path `path` in pass `pass` (0
+// forward, 1 backward; cpu_row_paths.h's counters) and the call in slot `counter` above.
+inline void count_schedule_call(int path, int64_t n, int pass, int counter) {
+  RowPathTally tally;
+  tally.rows[path] = n;
+  tally.add_to(pass);
+  symmetric_schedule_counters()[counter].fetch_add(1, std::memory_order_relaxed);
+}
+
+// Whether the columns' labels are the rows' (the same tensor, or equal values).
+template <typename T>
+bool same_row_and_column_labels(const Problem<T>& pb) {
+  return pb.labels.data_ptr() == pb.col_labels.data_ptr() || at::equal(pb.labels, pb.col_labels);
 }
 
 // Whether pb has the symmetric label schedule's structure: self mode on the label hot path, one
@@ -59,7 +75,7 @@ inline std::atomic<int64_t>* symmetric_schedule_counters() {
 template <typename T>
 bool symmetric_labels_fit(const Problem<T>& pb) {
   if (!pb.self_pairs || !pb.scalar_param || pb.row_path() != kLabelHotRows || pb.n < 2) return false;
-  return pb.labels.data_ptr() == pb.col_labels.data_ptr() || at::equal(pb.labels, pb.col_labels);
+  return same_row_and_column_labels(pb);
 }
 
 // Whether the forward of pb runs the symmetric label schedule.
@@ -80,10 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_forward(const Pro
   const int64_t block = pair_block(pb.tile, pb.n);
   const TilePair<T> tp = self_tile_pair(pb);
   auto out = finish_label_side(tp.side, tile_pair_statistics(tp, block), pb.kl, block);
-  RowPathTally tally;
-  tally.rows[kLabelHotRows] = pb.n;
-  tally.add_to(0);
-  symmetric_schedule_counters()[0].fetch_add(1, std::memory_order_relaxed);
+  count_schedule_call(kLabelHotRows, pb.n, 0, 0);
   return out;
 }
 
@@ -96,10 +109,7 @@ std::vector<at::Tensor> symmetric_label_backward(const Problem<T>& pb, const at:
   const at::Tensor g = masked_grads(grad_rows, valid, pb.x.options());
   SideGrads<T> out = side_grads(tp.side, pb.n, g, stats, param_grad);
   tile_pair_backward(tp, block, out, param_grad);
-  RowPathTally tally;
-  tally.rows[kLabelHotRows] = pb.n;
-  tally.add_to(1);
-  symmetric_schedule_counters()[1].fetch_add(1, std::memory_order_relaxed);
+  count_schedule_call(kLabelHotRows, pb.n, 1, 1);
   return {out.dfeat, at::zeros({pb.m, pb.d}, pb.x.options()), param_grads(out, pb.kernel, tp.prm),
           at::Tensor(), at::Tensor(), at::Tensor()};
 }

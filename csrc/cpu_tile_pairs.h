@@ -52,6 +52,50 @@ int64_t recorded_pair_block(const T* stats, int64_t n, int64_t limit) {
   return b >= 1 && b <= double(limit) && b == std::floor(b) ? int64_t(b) : 0;
 }
 
+// A record in stats row 3 of a schedule that keeps a row statistic hi (rounded to T) with its
+// rounding residual and has no row free for the residual: 8 * block + the residual in units of the
+// last place of hi (|r| <= 1/2; in float32 beside a block of 256, 12 bits of it survive). The
+// symmetric Affinity schedule records LSE^p so (cpu_symmetric_affinity.h), the symmetric label
+// family schedule the LSE (cpu_symmetric_label_family.h).
+template <typename T>
+T last_place(T hi) {
+  const T a = std::fabs(hi);
+  return std::nextafter(a, std::numeric_limits<T>::infinity()) - a;
+}
+
+template <typename T>
+T pair_record(int64_t block, double wide, T hi) {
+  const double r = std::isfinite(wide) ? (wide - double(hi)) / double(last_place(hi)) : 0.0;
+  return T(8.0 * double(block) + r);
+}
+
+// The block side recorded in v, or 0 (not such a forward's stats); *r_out its residual unit count.
+template <typename T>
+int64_t decode_pair_record(T v, int64_t limit, double* r_out) {
+  const double b = std::nearbyint(double(v) / 8.0), r = double(v) - 8.0 * b;
+  if (!(b >= 1 && b <= double(limit) && std::fabs(r) <= 1.0)) return 0;
+  *r_out = r;
+  return int64_t(b);
+}
+
+// The block side that every row of stats (T, contiguous, n rows) records in row 3, with the
+// residual of each row's statistic in row hi_row into lo; 0 when some row records none or another
+// block (not such a forward's stats: the plain backward runs then).
+template <typename T>
+int64_t recorded_pair_residuals(const T* st, int64_t n, int hi_row, std::vector<T>* lo) {
+  lo->assign(size_t(n), T(0));
+  int64_t block = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double r = 0;
+    const int64_t b = decode_pair_record<T>(st[3 * n + i], n, &r);
+    if (b == 0 || (block != 0 && b != block)) return 0;
+    block = b;
+    const T hi = st[hi_row * n + i];
+    (*lo)[i] = std::isfinite(hi) ? T(r * double(last_place(hi))) : T(0);
+  }
+  return block;
+}
+
 // The first rows * cols entries of a tile buffer as a dense rows x cols matrix (the GEMMs write
 // it, the row loops read it with row stride cols).
 inline at::Tensor dense_tile(const at::Tensor& buf, int64_t rows, int64_t cols) {
@@ -111,6 +155,26 @@ void add_label_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
     acc->mx = mx;
   }
   if (acc->mx == -inf) return;   // no finite logit yet: nothing to add (NaN shows in sum_s)
+  acc->se += blocked_exp_sum(s, seg.m, acc->mx);
+}
+
+// add_label_segment without the label sums, for a row whose loss takes its pairs under the LSE
+// (cpu_symmetric_label_family.h): the running max and sum of exps. A NaN logit makes the sum NaN,
+// also in a block without a finite logit.
+template <typename T>
+void add_lse_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (seg.self >= 0) s[seg.self] = -inf;
+  const T mx = row_max(s, seg.m);
+  if (mx > acc->mx) {
+    acc->se *= std::exp(double(acc->mx) - double(mx));
+    acc->mx = mx;
+  }
+  if (acc->mx == -inf) {   // no finite logit yet (row_max passes NaN over): keep a NaN
+    for (int64_t j = 0; j < seg.m; ++j)
+      if (std::isnan(s[j])) acc->se = acc->sum_s = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
   acc->se += blocked_exp_sum(s, seg.m, acc->mx);
 }
 
@@ -192,35 +256,89 @@ struct RowOutputs {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {loss, included, stats}; }
 };
 
-// One tile pair of both passes: the Gram tile X_I X_J^T into buf (ni x nj, dense; the forward and
-// the backward make it with the same GEMM, bit for bit), its transpose into t_buf for the rows of
-// J (off the diagonal), the logits of every row of both sides (s in place), then
-// row(s, i, seg, logits) for each, split across threads: row i of side s (0: I, 1: J) over the
-// columns [col0, col0 + seg.m), seg its label segment, logits its entries, which it may overwrite
-// (in buf for side 0, in t_buf for side 1).
+// The Gram tile A_I A_J^T of a pair of row blocks into buf (ni x nj, dense; every pass makes it
+// with the same GEMM call, bit for bit). Off the diagonal, its transpose into *t_buf for the rows of
+// J (when t_buf is given). On the diagonal, its upper triangle mirrored onto its lower one (the
+// pairs (i, j) and (j, i) one value) and, for a distance kernel (sq: the rows' squared norms, else
+// nullptr), the self pairs made exact: the Gram entry |a_i|^2 itself, so that d_ii^2 = 0 (from
+// a_i . a_i it is rounding noise, which the power kernel's log(d^2 + eps) makes 1e-3 of a row's
+// loss).
+template <typename T>
+void pair_gram(const at::Tensor& a, int64_t i0, int64_t i1, int64_t j0, int64_t j1, const T* sq, at::Tensor& buf,
+               at::Tensor* t_buf = nullptr) {
+  const int64_t ni = i1 - i0, nj = j1 - j0;
+  at::Tensor tile = dense_tile(buf, ni, nj);
+  at::mm_out(tile, a.narrow(0, i0, ni), a.narrow(0, j0, nj).t());
+  T* p = buf.template data_ptr<T>();
+  if (i0 != j0) {
+    if (t_buf != nullptr) transpose_tile<T, false>(p, ni, nj, t_buf->template data_ptr<T>());
+    return;
+  }
+  at::parallel_for(0, ni, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < r; ++c) p[r * ni + c] = p[c * ni + r];
+      if (sq != nullptr) p[r * ni + r] = sq[i0 + r];
+    }
+  });
+}
+
+// Row r of a tile pair's rows (0 <= r < ni: the rows of I over the columns J, in the tile; then
+// the rows of J over the columns I, in its transpose): side s, row i, the columns [col0, col0 +
+// len), and its entries at offset in its buffer (buf for side 0, t_buf for side 1).
+struct SideRow {
+  int s;
+  int64_t i, col0, len, offset;
+};
+
+inline SideRow side_row(int64_t r, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+  return r < ni ? SideRow{0, i0 + r, j0, nj, r * nj} : SideRow{1, j0 + (r - ni), i0, ni, (r - ni) * ni};
+}
+
+// The rows a tile pair's row loop runs: both sides, or one on a diagonal tile.
+inline int64_t tile_pair_rows(int64_t i0, int64_t ni, int64_t j0, int64_t nj) { return i0 == j0 ? ni : ni + nj; }
+
+// One tile pair of both passes: the Gram tile and its transpose (pair_gram), the logits of every
+// row of both sides (s in place), then row(s, i, seg, logits) for each, split across threads: row
+// i of side s (0: I, 1: J) over the columns [col0, col0 + seg.m), seg its label segment, logits
+// its entries, which it may overwrite (in buf for side 0, in t_buf for side 1).
 template <typename T, typename F>
 void for_each_tile_row(const TilePair<T>& tp, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& buf,
                        at::Tensor& t_buf, F&& row) {
   const int64_t ni = i1 - i0, nj = j1 - j0;
-  const bool one_side = i0 == j0;
-  at::Tensor tile = dense_tile(buf, ni, nj);
-  at::mm_out(tile, tp.side.rows.narrow(0, i0, ni), tp.side.rows.narrow(0, j0, nj).t());
+  pair_gram<T>(tp.side.rows, i0, i1, j0, j1, is_distance(tp.kernel) ? tp.side.sq : nullptr, buf, &t_buf);
   T* s_p = buf.template data_ptr<T>();
   T* st_p = t_buf.template data_ptr<T>();
-  if (!one_side) transpose_tile<T, false>(s_p, ni, nj, st_p);
-  at::parallel_for(0, one_side ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int s = r < ni ? 0 : 1;
+      const SideRow sr = side_row(r, i0, ni, j0, nj);
       const LabelSide<T>& own = tp.side;
-      const int64_t i = s == 0 ? i0 + r : j0 + (r - ni), col0 = s == 0 ? j0 : i0, len = s == 0 ? nj : ni;
-      T* logits = s == 0 ? s_p + r * nj : st_p + (r - ni) * ni;
+      T* logits = (sr.s == 0 ? s_p : st_p) + sr.offset;
       // the logits stored once, and read as stored (the exactness note above)
       with_label_kernel(tp.kernel, [&](auto code) {
-        fast_logits<T, decltype(code)::value>(logits, own.sq + col0, own.sq[i], tp.prm, len);
+        fast_logits<T, decltype(code)::value>(logits, own.sq + sr.col0, own.sq[sr.i], tp.prm, sr.len);
       });
-      row(s, i, own.segment(i, col0, len), logits);
+      row(sr.s, sr.i, own.segment(sr.i, sr.col0, sr.len), logits);
     }
   });
+}
+
+// A tile pair's backward from W_IJ (in w_buf, the rows of I) and W_JI (in wt_buf, the rows of J;
+// on a diagonal tile w_buf alone holds W_II): H_IJ = W_IJ + W_JI^T in w_buf (on the diagonal
+// W_II + W_II^T), then dfeat_I += H_IJ A_J, dfeat_J += H_IJ^T A_I and, for a distance kernel,
+// diag(H 1) of both sides into h_sum (double; the caller takes h_sum * A off at the end).
+template <typename T>
+void add_h_tile(const at::Tensor& rows, int64_t i0, int64_t ni, int64_t j0, int64_t nj, at::Tensor& w_buf,
+                at::Tensor& wt_buf, bool dist, at::Tensor& dfeat, at::Tensor& h_sum) {
+  const bool one_side = i0 == j0;
+  at::Tensor h = dense_tile(w_buf, ni, nj);
+  if (one_side) dense_tile(wt_buf, ni, nj).copy_(h);   // W_II, whose transpose is added
+  transpose_tile<T, true>(wt_buf.template data_ptr<T>(), nj, ni, w_buf.template data_ptr<T>());
+  dfeat.narrow(0, i0, ni).addmm_(h, rows.narrow(0, j0, nj));
+  if (!one_side) dfeat.narrow(0, j0, nj).addmm_(h.t(), rows.narrow(0, i0, ni));
+  if (dist) {   // diag(H 1) of both sides: H's row sums and column sums
+    h_sum.narrow(0, i0, ni) += h.sum(1, false, at::kDouble);
+    if (!one_side) h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
+  }
 }
 
 // The forward of one side from its merged statistics: (loss, included, stats) with stats rows 0
@@ -283,7 +401,6 @@ void tile_pair_backward(const TilePair<T>& tp, int64_t block, SideGrads<T>& o, b
   at::Tensor w_buf = at::empty({block, block}, opts), wt_buf = at::empty({block, block}, opts);
   for_each_tile_pair(tp, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t ni = i1 - i0, nj = j1 - j0;
-    const bool one_side = i0 == j0;
     // the Gram tile, then W_IJ (and W_JI in wt_buf), then H_IJ in w_buf
     for_each_tile_row(tp, i0, i1, j0, j1, w_buf, wt_buf, [&](int s, int64_t i, const LabelRow& seg, T* row) {
       const T gi = o.g[i];
@@ -304,18 +421,7 @@ void tile_pair_backward(const TilePair<T>& tp, int64_t block, SideGrads<T>& o, b
         o.qs[i] += sums.q_sum;
       }
     });
-    at::Tensor h = dense_tile(w_buf, ni, nj);
-    T* w_p = w_buf.template data_ptr<T>();
-    T* wt_p = wt_buf.template data_ptr<T>();
-    // H = W_IJ + W_JI^T (on the diagonal, W_II + W_II^T), then both sides' gradients
-    if (one_side) dense_tile(wt_buf, ni, nj).copy_(h);   // W_II, whose transpose is added
-    transpose_tile<T, true>(wt_p, nj, ni, w_p);
-    o.dfeat.narrow(0, i0, ni).addmm_(h, tp.side.rows.narrow(0, j0, nj));
-    if (!one_side) o.dfeat.narrow(0, j0, nj).addmm_(h.t(), tp.side.rows.narrow(0, i0, ni));
-    if (dist) {   // diag(H 1) of both sides: H's row sums and column sums
-      o.h_sum.narrow(0, i0, ni) += h.sum(1, false, at::kDouble);
-      if (!one_side) o.h_sum.narrow(0, j0, nj) += h.sum(0, false, at::kDouble);
-    }
+    add_h_tile<T>(tp.side.rows, i0, ni, j0, nj, w_buf, wt_buf, dist, o.dfeat, o.h_sum);
   });
   if (dist) o.dfeat -= o.h_sum.to(o.dfeat.scalar_type()).unsqueeze(1) * tp.side.rows;
 }

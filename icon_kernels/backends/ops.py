@@ -28,6 +28,10 @@ and its block size in row 3; its backward runs only after such a forward (it rea
 For an Affinity target in self mode (SNE, t-SNE: csrc/cpu_symmetric_affinity.h) the cpu op keeps
 LSE's residual in row 1 and in row 3 the record 8 * block + LSE^p's residual in units of the last
 place of row 2 (its plain forward leaves row 3 at 0 there: nothing reads H_i on the cpu).
+For the other Labels members in self mode (beta > 0, f-divergences, Student-t:
+csrc/cpu_symmetric_label_family.h) the cpu op keeps Gamma_i (sum_j q g / sum_j q) in rows 1 and 2
+(high and low parts) and in row 3 the record 8 * block + LSE's residual in units of the last place
+of row 0.
 """
 from __future__ import annotations
 
