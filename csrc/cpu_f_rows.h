@@ -230,21 +230,6 @@ inline FRowSums f_row(int divergence, const FRow<T>& r, int log_p, T* qg, T* pf,
   }
 }
 
-// sum_j q_j over j != self with q_j = exp((s[j] - lse) - lse_lo) as f_row forms them, in blocks:
-// the q total where f_row forms no q (forward KL and cross-entropy without beta).
-template <typename T>
-inline double row_q_total(const T* s, T lse, T lse_lo, int64_t self, int64_t m) {
-  double q_total = 0;
-  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
-    const int64_t j1 = std::min(m, j0 + kSumBlock);
-    T bq = 0;
-#pragma omp simd reduction(+ : bq)
-    for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp((s[j] - lse) - lse_lo) : T(0);
-    q_total += bq;
-  }
-  return q_total;
-}
-
 // The LSE over j != self of a row of logits s (s[self] becomes -inf), in SIMD and unrounded
 // (double): a NaN logit gives NaN, a row without a valid column -inf.
 template <typename T>

@@ -176,7 +176,14 @@ inline double affinity_row(const T* t, T lse_p, int64_t self, int64_t m, T* p, d
 // an error shared by the whole row would come back in dL/dx times the q-mean of y - x_i).
 template <typename T>
 inline T renormalised_lse(const T* s, T lse, int64_t self, int64_t m) {
-  const double q_total = row_q_total<T>(s, lse, T(0), self, m);
+  double q_total = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bq = 0;
+#pragma omp simd reduction(+ : bq)
+    for (int64_t j = j0; j < j1; ++j) bq += j != self ? vexp(s[j] - lse) : T(0);
+    q_total += bq;
+  }
   return q_total > 0 ? T(double(lse) + std::log(q_total)) : lse;
 }
 

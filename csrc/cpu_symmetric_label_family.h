@@ -268,6 +268,10 @@ std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, co
             const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
                 KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), side.sq + sr.col0, side.sq[i],
                 seg.m, g[i] * keep_q, row_gamma, finite_shift(st[i]));
+            // a distance kernel's kept self pair (d^2 = 0 exactly, pair_gram): its dX term is
+            // W_ii (x_i - x_i) = 0, so W_ii = 0; formed as H_ii x_i - diag(H 1)_i x_i, the power
+            // kernel's W_ii = G n / eps (~1e12) left its rounding (its dL/dparam term stays)
+            if (is_distance(K) && i0 == j0 && seg.self < 0) ab[i - sr.col0] = T(0);
             if constexpr (PARAM) {
               dp[i] += sums.dp;
               gs[i] += sums.g_sum;
