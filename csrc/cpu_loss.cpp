@@ -36,6 +36,7 @@
 #include "op_codes.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_affinity.h"
+#include "cpu_symmetric_affinity_family.h"
 #include "cpu_symmetric_joint.h"
 #include "cpu_symmetric_label_family.h"
 #include "cpu_symmetric_labels.h"
@@ -51,9 +52,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   if (symmetric_labels_apply(pb)) return symmetric_label_forward<T>(pb);   // self mode: each tile pair once
   if (symmetric_label_family_apply(pb)) return symmetric_label_family_forward<T>(pb);   // beta > 0, f-divs
   if (symmetric_affinity_apply(pb)) return symmetric_affinity_forward<T>(pb);
+  if (symmetric_affinity_family_apply(pb)) return symmetric_affinity_family_forward<T>(pb);   // f-divs, alpha, beta
   if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
-  // (the symmetric Affinity backward reads a record in row 3: none from this forward)
-  const bool row3_free = symmetric_affinity_fit(pb);
+  // (the symmetric Affinity backwards read a record in row 3: none from this forward)
+  const bool row3_free = symmetric_affinity_fit(pb) || symmetric_affinity_family_fit(pb);
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   auto loss = at::zeros({n}, pb.x.options());
@@ -172,6 +174,14 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     std::vector<T> lo_p;
     const int64_t block = recorded_affinity_block(st_acc.template data_ptr<T>(), pb.n, &lo_p);
     if (block > 0) return symmetric_affinity_backward<T>(pb, grad_rows, valid, st_acc, block, lo_p);
+  }
+  // the rest of the Affinity family in self mode (cpu_symmetric_affinity_family.h), after its forward
+  if (y_is_x && !target_grad && symmetric_affinity_family_fit(pb)) {
+    const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
+    std::vector<T> lo;
+    const int64_t block = recorded_affinity_family_block(st_acc.template data_ptr<T>(), pb.n, &lo);
+    if (block > 0)
+      return symmetric_affinity_family_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block, lo);
   }
   // joint t-SNE in self mode (cpu_symmetric_joint.h: the plain joint stats, no record)
   if (y_is_x && !target_grad && !param_grad && symmetric_joint_apply(pb))

@@ -1,0 +1,367 @@
+// The symmetric schedule (DESIGN.md §1.3) for the Affinity targets on the family rows in self mode
+// (y = x, z_cols = z): t-SNE and SNE with an f-divergence (reverse KL, TV, Hellinger, JS, chi^2),
+// and KL or cross-entropy with alpha or beta > 0 (the KL / cross-entropy rows without them have
+// their own one-sweep schedule, cpu_symmetric_affinity.h). Each pair of row blocks I <= J is one Gram
+// tile of x and one of z, read by the rows of I and, column by column, by the rows of J.
+//
+// An f-divergence's terms take p and q themselves, so the forward sweeps the tile pairs twice:
+//   pass 1   each row's learned LSE and target LSE^p, merged online (add_lse_segment);
+//   pass 2   each row's divergence sums under them, block by block (f_row of cpu_f_rows.h: the
+//            loss, Gamma = sum_j q g and sum_j q), with q = exp(s - LSE) and p = exp(t - LSE^p),
+//            log p = t - LSE^p exactly (alpha = 0) or the log of the mixture.
+// The backward recomputes each tile pair once and forms W for both sides with learned_backward
+// and the saved Gamma, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
+// (add_h_tile). Four N^2 d GEMM-equivalents instead of six (each sweep half of both Grams; the
+// backward half of both Grams and two products); the exps per pair do not change.
+//
+// Stats: row 0 the LSE and row 2 LSE^p rounded to T (what the plain backward reads: it
+// renormalises p and q over its own rows), row 1 Gamma rounded to T, row 3 the record 8 * block +
+// LSE^p's residual in units of its last place (pair_record): target logits are often far from 0
+// (a small sigma_i), and p must sum to 1 in the backward with no row sweep. Pass 2 and the backward
+// take q = exp(s - LSE) from the T-rounded LSE (as the plain rows do: their forward takes the same
+// q, their backward renormalises), so q sums to 1 up to that rounding, but both take the same q
+// and p, and Gamma is the q-weighted mean of g over exactly them: sum_j G_ij = 0 up to each entry's
+// rounding and Gamma's. No row is free for the LSE's residual or Gamma's (the stats are [4, n] in
+// T); at learned logits in the thousands (fp32 ulp 1e-4) the losses are off by 1e-6 relative, as
+// the plain forward's. The plain forward leaves row 3 at 0 for these problems, so this backward
+// runs only after this forward. The target's gradient (z or its parameter) and a y that is not
+// x's autograd input run the plain backward on these stats; the learned parameter's runs here.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu_f_rows.h"
+#include "cpu_family_rows.h"
+#include "cpu_problem.h"
+#include "cpu_row_paths.h"
+#include "cpu_symmetric_affinity.h"   // symmetric_affinity_fit, target_coefs, target_aux
+#include "cpu_symmetric_labels.h"
+#include "cpu_tile_pairs.h"
+
+namespace icon {
+namespace cpu {
+
+// Whether pb has this schedule's structure: an Affinity target with conditional rows, not
+// symmetrised, in self mode (x is y, z_cols is z), one scalar learned parameter and any learned
+// kernel but log_dot, a Gaussian or dot target kernel (a parameter per row or one), and what the
+// one-sweep Affinity schedule does not take (an f-divergence, or alpha or beta > 0).
+template <typename T>
+bool symmetric_affinity_family_fit(const Problem<T>& pb) {
+  if (pb.target != kAffinity || pb.global() || !pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2)
+    return false;
+  if (pb.kernel == kLogDot || symmetric_affinity_fit(pb)) return false;
+  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+}
+
+template <typename T>
+bool symmetric_affinity_family_apply(const Problem<T>& pb) {
+  return symmetric_affinity_family_fit(pb) && symmetric_schedule_enabled();
+}
+
+// A thread's row buffers (one block of columns each): learned logits, target logits less LSE^p
+// (log p), p, q, q g, and a row of J's Gram entries of x and of z gathered from the tiles' columns.
+template <typename T>
+struct AffinityRowScratch {
+  std::vector<T> s, t, p, q, qg, col, t_col;
+  explicit AffinityRowScratch(int64_t block)
+      : s(size_t(block)), t(size_t(block)), p(size_t(block)), q(size_t(block)), qg(size_t(block)),
+        col(size_t(block)), t_col(size_t(block)) {}
+};
+
+// What every row of both passes reads: the learned kernel, x's and z's squared norms, each row's
+// target coefficient (target_coefs) and the self pair rule.
+template <typename T, int K>
+struct AffinityPairRows {
+  KernelRow<T, K> k;
+  const T* x_sq;
+  const T* z_sq;
+  std::vector<T> coef;
+  bool exclude_self;
+};
+
+// row(sr, self, ab, scratch) for every row of both sides of the tile pair (I, J), split across
+// threads, after the Gram tiles of x (into s_buf) and z (into t_buf): ab the row's Gram entries
+// of x, self its self column in the block or -1, scratch.s its logits and scratch.t its target
+// logits (stored before anything reads them, as for_each_family_row's). A row of J gathers its
+// entries from the tiles' columns. With w_out (the backward), ab is the row's copy in w_out (rows
+// of I, ni x nj) or wt_out (rows of J, nj x ni), which it overwrites with W; without, read only.
+template <typename T, int K, bool T_DIST, typename F>
+void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
+                                  int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
+                                  T* w_out, T* wt_out, F&& row) {
+  const int64_t ni = i1 - i0, nj = j1 - j0;
+  pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
+  pair_gram<T>(pb.z, i0, i1, j0, j1, T_DIST ? rows.z_sq : nullptr, t_buf);
+  const T* g_p = s_buf.template data_ptr<T>();
+  const T* t_p = t_buf.template data_ptr<T>();
+  at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
+    const KernelRow<T, K> k = rows.k;   // a local copy (for_each_family_row's note)
+    AffinityRowScratch<T> sc(block);
+    for (int64_t r = r0; r < r1; ++r) {
+      const SideRow sr = side_row(r, i0, ni, j0, nj);
+      T* ab;
+      const T* tab;
+      if (sr.s == 0) {
+        ab = const_cast<T*>(g_p) + r * nj;
+        if (w_out != nullptr) ab = std::copy(ab, ab + nj, w_out + r * nj) - nj;
+        tab = t_p + r * nj;
+      } else {
+        const int64_t c = r - ni;
+        ab = wt_out != nullptr ? wt_out + c * ni : sc.col.data();
+        T* tc = sc.t_col.data();
+        for (int64_t t = 0; t < ni; ++t) {
+          ab[t] = g_p[t * nj + c];
+          tc[t] = t_p[t * nj + c];
+        }
+        tab = tc;
+      }
+      const int64_t i = sr.i, len = sr.len;
+      kernel_logits<T, K>(k, ab, sc.s.data(), rows.x_sq + sr.col0, rows.x_sq[i], len);
+      const T coef = rows.coef[i], zi_sq = rows.z_sq[i];
+      const T* zc_sq = rows.z_sq + sr.col0;
+      T* t_row = sc.t.data();
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
+      const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
+      row(sr, self, ab, sc);
+    }
+  });
+}
+
+// The forward's row loop: row(sr, self, scratch) for every row of both sides of the tile pair
+// (I, J) with scratch.s its logits and scratch.t its target logits over the block, as
+// for_each_affinity_family_row's, but each learned logit and target Gram term computed once per
+// pair: the tiles become s (symmetric: one scalar parameter) and the target's aux (d^2 or z_i . z_j;
+// each row scales it by its own coefficient), in place, before the rows read them (a row of J
+// from the tiles' columns). The backward recomputes its logits per row from the same Gram entries
+// with the same kernel_logits, so both passes and the backward see the same values.
+template <typename T, int K, bool T_DIST, typename F>
+void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
+                                 int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
+                                 F&& row) {
+  const int64_t ni = i1 - i0, nj = j1 - j0;
+  pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
+  pair_gram<T>(pb.z, i0, i1, j0, j1, T_DIST ? rows.z_sq : nullptr, t_buf);
+  T* s_p = s_buf.template data_ptr<T>();
+  T* t_p = t_buf.template data_ptr<T>();
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    const KernelRow<T, K> k = rows.k;
+    const T* zc_sq = rows.z_sq + j0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = i0 + r;
+      T* s_row = s_p + r * nj;
+      T* aux = t_p + r * nj;
+      kernel_logits<T, K>(k, s_row, s_row, rows.x_sq + j0, rows.x_sq[i], nj);
+      const T zi_sq = rows.z_sq[i];
+#pragma omp simd
+      for (int64_t j = 0; j < nj; ++j) aux[j] = target_aux<T, T_DIST>(aux[j], zi_sq, zc_sq[j]);
+    }
+  });
+  at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
+    AffinityRowScratch<T> sc(block);
+    for (int64_t r = r0; r < r1; ++r) {
+      const SideRow sr = side_row(r, i0, ni, j0, nj);
+      const int64_t i = sr.i, len = sr.len;
+      const T coef = rows.coef[i];
+      T* s = sc.s.data();
+      T* t = sc.t.data();
+      if (sr.s == 0) {
+        const T* s_row = s_p + r * nj;
+        const T* aux = t_p + r * nj;
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) {
+          s[j] = s_row[j];
+          t[j] = aux[j] * coef;
+        }
+      } else {
+        const int64_t c = r - ni;
+        for (int64_t u = 0; u < ni; ++u) {
+          s[u] = s_p[u * nj + c];
+          t[u] = t_p[u * nj + c] * coef;
+        }
+      }
+      const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
+      row(sr, self, sc);
+    }
+  });
+}
+
+// p and log p of a row over one column block from its target logits (in sc.t, which become
+// t - LSE^p) and LSE^p; p = 0 at the self column. Then the row as f_row takes it.
+template <typename T>
+FRow<T> affinity_family_segment(const Problem<T>& pb, int64_t i, int64_t len, int64_t self, T lse, T lse_p,
+                                T lse_p_lo, AffinityRowScratch<T>& sc) {
+  const T shift = finite_shift(lse_p), lo = std::isfinite(lse_p) ? lse_p_lo : T(0);
+  T* t = sc.t.data();
+  T* p = sc.p.data();
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const T lp = (t[j] - shift) - lo;
+    t[j] = lp;
+    p[j] = j != self ? vexp(lp) : T(0);
+  }
+  FRow<T> r = pb.f_row(i, sc.s.data(), lse, p, t, T(0), 0.0, 0.0);
+  r.m = len;
+  r.self = self;
+  return r;
+}
+
+template <typename F>
+decltype(auto) with_target_distance(int t_kernel, F&& f) {
+  switch (t_kernel) {
+    case kGaussian: return f(std::true_type{});
+    case kDot: return f(std::false_type{});
+    default: TORCH_CHECK(false, "icon_kernels cpu: the symmetric Affinity family schedule has no target kernel code ",
+                         t_kernel);
+  }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward(const Problem<T>& pb) {
+  const int64_t n = pb.n, block = pair_block(pb.tile, n);
+  const auto opts = pb.x.options();
+  RowOutputs<T> out(n, opts);
+  T* st = out.st;
+  std::vector<OnlineLabelRow<T>> acc_q(static_cast<size_t>(n)), acc_p(static_cast<size_t>(n));
+  std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
+  std::vector<T> lo_p;
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
+  const int log_p = pb.log_p_mode();
+  with_kernel(pb.kernel, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    return with_target_distance(pb.t_kernel, [&](auto td) {
+      constexpr bool T_DIST = decltype(td)::value;
+      const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
+                                        pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
+                                        target_coefs(pb), pb.exclude_self};
+      // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch)
+      for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+        for_each_affinity_logit_row<T, K, T_DIST>(
+            pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
+              const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
+              add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
+              add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
+            });
+      });
+      for (int64_t i = 0; i < n; ++i) {
+        st[i] = T(online_lse(acc_q[i]));
+        const double lse_p = online_lse(acc_p[i]);
+        st[2 * n + i] = T(lse_p);
+        st[3 * n + i] = pair_record<T>(block, lse_p, st[2 * n + i]);
+      }
+      recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
+      // pass 2: the divergence sums under them
+      for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+        for_each_affinity_logit_row<T, K, T_DIST>(
+            pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
+              const int64_t i = sr.i;
+              const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i], lo_p[i], sc);
+              const FRowSums f = f_row<T>(pb.divergence, r, log_p, nullptr, nullptr);
+              loss[i] += f.loss;
+              gamma[i] += f.gamma;
+              q_sum[i] += f.q_sum;
+            });
+      });
+      return 0;
+    });
+  });
+  const bool has = pb.m_valid > 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out.inc_p[i] = has;
+    out.loss_p[i] = has ? T(loss[i]) : T(0);
+    // Gamma as the q-weighted mean of g over the backward's very q (learned_backward)
+    const double g_mean = q_sum[i] > 0 ? gamma[i] / q_sum[i] : gamma[i];
+    st[n + i] = T(g_mean);
+  }
+  count_schedule_call(pb.row_path(), n, 0, 10);
+  return out.tuple();
+}
+
+// The block side of the forward that made stats (T, contiguous), with every row's LSE^p residual
+// into lo; 0 when they are not this schedule's forward's.
+template <typename T>
+int64_t recorded_affinity_family_block(const T* st, int64_t n, std::vector<T>* lo) {
+  return recorded_pair_residuals(st, n, 2, lo);
+}
+
+// stats: the forward's (T, contiguous); block and lo: recorded_affinity_family_block's.
+template <typename T>
+std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
+                                                           const at::Tensor& valid, const at::Tensor& stats,
+                                                           bool param_grad, int64_t block, const std::vector<T>& lo) {
+  const int64_t n = pb.n;
+  const auto opts = pb.x.options();
+  const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
+  const T* g = g_t.template data_ptr<T>();
+  const T* st = stats.template data_ptr<T>();
+  const T prm = pb.prm.template data_ptr<T>()[0];
+  const T keep_q = T(1) - pb.beta;
+  const bool dist = is_distance(pb.kernel);
+  const int log_p = pb.log_p_mode();
+  auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
+  const size_t np = param_grad ? size_t(n) : 0;
+  std::vector<double> dp(np), gs(np), qb(np), qs(np);   // a row's dL/dparam sums (centred_sum)
+  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts),
+             w_buf = at::empty({block, block}, opts), wt_buf = at::empty({block, block}, opts);
+  with_kernel(pb.kernel, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    return with_target_distance(pb.t_kernel, [&](auto td) {
+      constexpr bool T_DIST = decltype(td)::value;
+      const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
+                                        pb.z_sq.template data_ptr<T>(), target_coefs(pb), pb.exclude_self};
+      return with_bool(param_grad, [&](auto with_param) {
+        return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
+          constexpr bool PARAM = decltype(with_param)::value, Q_ZERO_GRAD = decltype(zero_at_q0)::value;
+          for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+            // W_IJ in w_buf and W_JI in wt_buf, in place of their Gram entries
+            for_each_affinity_family_row<T, K, T_DIST>(
+                pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, w_buf.template data_ptr<T>(),
+                wt_buf.template data_ptr<T>(), [&](const SideRow& sr, int64_t self, T* ab, AffinityRowScratch<T>& sc) {
+              const int64_t i = sr.i, len = sr.len;
+              if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
+                std::fill(ab, ab + len, T(0));
+                return;
+              }
+              const FRow<T> r = affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc);
+              f_row<T>(pb.divergence, r, log_p, sc.qg.data(), nullptr, sc.q.data());
+              // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
+              if (self >= 0) ab[self] = T(0);
+              const double row_gamma = double(st[n + i]);
+              const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
+                  KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), rows.x_sq + sr.col0,
+                  rows.x_sq[i], len, g[i] * keep_q, row_gamma, finite_shift(st[i]));
+              // a distance kernel's kept self pair: W_ii = 0 (cpu_symmetric_label_family.h's note)
+              if (is_distance(K) && i0 == j0 && self < 0) ab[i - sr.col0] = T(0);
+              if constexpr (PARAM) {
+                dp[i] += sums.dp;
+                gs[i] += sums.g_sum;
+                qb[i] += sums.q_basis;
+                qs[i] += sums.q_sum;
+              }
+            });
+            add_h_tile<T>(pb.x, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
+          });
+          return 0;
+        });
+      });
+    });
+  });
+  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
+  auto dprm = at::zeros({n}, opts.dtype(at::kDouble));
+  if (param_grad) {
+    double* p = dprm.template data_ptr<double>();
+    const double scale = param_scale<double>(pb.kernel, prm);
+    for (int64_t i = 0; i < n; ++i) p[i] = scale * centred_sum(dp[i], gs[i], qb[i], qs[i]);
+  }
+  count_schedule_call(pb.row_path(), n, 1, 11);
+  return {dfeat, at::zeros({pb.m, pb.d}, opts), dprm, at::Tensor(), at::Tensor(), at::Tensor()};
+}
+
+}  // namespace cpu
+}  // namespace icon
