@@ -197,7 +197,10 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
 template <typename T>
 FRow<T> affinity_family_segment(const Problem<T>& pb, int64_t i, int64_t len, int64_t self, T lse, T lse_p,
                                 T lse_p_lo, AffinityRowScratch<T>& sc) {
-  const T shift = finite_shift(lse_p), lo = std::isfinite(lse_p) ? lse_p_lo : T(0);
+  // a row without a finite target logit keeps its LSE^p as the shift (-inf - -inf: NaN, as the
+  // plain rows' affinity_row and the reference), not finite_shift's 0 (p = 0, a finite loss)
+  const T lo = std::isfinite(lse_p) ? lse_p_lo : T(0);
+  const T shift = lse_p;
   T* t = sc.t.data();
   T* p = sc.p.data();
 #pragma omp simd
@@ -231,6 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
   std::vector<OnlineLabelRow<T>> acc_q(static_cast<size_t>(n)), acc_p(static_cast<size_t>(n));
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
   std::vector<T> lo_p;
+  std::vector<double> lse_q(static_cast<size_t>(n));   // unrounded
+  // forward KL and cross-entropy without beta: f_row's sums take no q (q g = -p~), so sum_j q is the
+  // backward's: exp(LSE - LSE rounded to T), up to each entry's rounding
+  const bool q_sum_of_lse = !pb.f_div && pb.beta == T(0);
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
   const int log_p = pb.log_p_mode();
   with_kernel(pb.kernel, [&](auto kc) {
@@ -250,7 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
             });
       });
       for (int64_t i = 0; i < n; ++i) {
-        st[i] = T(online_lse(acc_q[i]));
+        lse_q[i] = online_lse(acc_q[i]);
+        st[i] = T(lse_q[i]);
         const double lse_p = online_lse(acc_p[i]);
         st[2 * n + i] = T(lse_p);
         st[3 * n + i] = pair_record<T>(block, lse_p, st[2 * n + i]);
@@ -275,6 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
   for (int64_t i = 0; i < n; ++i) {
     out.inc_p[i] = has;
     out.loss_p[i] = has ? T(loss[i]) : T(0);
+    if (q_sum_of_lse) q_sum[i] = std::isfinite(lse_q[i]) ? std::exp(lse_q[i] - double(st[i])) : 0.0;
     // Gamma as the q-weighted mean of g over the backward's very q (learned_backward)
     const double g_mean = q_sum[i] > 0 ? gamma[i] / q_sum[i] : gamma[i];
     st[n + i] = T(g_mean);
