@@ -8,6 +8,7 @@ median over rounds of each round's ratio, so a load change between rounds mostly
 
     python bench/floor_ratio.py                              # the family sweep's configurations, N = 8192, cpu
     python bench/floor_ratio.py --configs tsne knn-graph --sizes 4096 --rounds 3
+    python bench/floor_ratio.py --backend cpu-plain --configs tsne-js   # the plain schedule
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def measure(names, backend, n, d, rounds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(workloads.FAMILY), choices=list(workloads.CONFIGS))
-    parser.add_argument("--backend", default="cpu", choices=("torch", "cpu"))
+    # cpu-plain: the cpu backend with ICON_KERNELS_SYMMETRIC=0 (its plain schedule; workloads.build)
+    parser.add_argument("--backend", default="cpu", choices=("torch", "cpu", "cpu-plain"))
     parser.add_argument("--sizes", nargs="+", type=int, default=[8192])
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
