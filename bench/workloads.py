@@ -338,15 +338,15 @@ DEFAULT_ALLOWANCE = 60.0
 
 # The configurations where the cpu backend runs a tile-pair schedule (DESIGN.md §1.3): the symmetric
 # one in self mode on the label hot path (csrc/cpu_symmetric_labels.h), for the other Labels
-# members on the family rows (csrc/cpu_symmetric_label_family.h: beta > 0, Student-t; not the
-# closed-form f-divergence rows of infonce-tv and infonce-js), for SNE / t-SNE
+# members on the family rows and the closed-form f-divergence rows (csrc/cpu_symmetric_label_family.h:
+# beta > 0, Student-t; infonce-tv and infonce-js), for SNE / t-SNE
 # (csrc/cpu_symmetric_affinity.h, csrc/cpu_symmetric_joint.h) and for t-SNE with an f-divergence
 # (csrc/cpu_symmetric_affinity_family.h), the bidirectional one for
 # both directions of CLIP (csrc/cpu_bidirectional_labels.cpp). There the sweep also times
 # "cpu-plain", the same backend with ICON_KERNELS_SYMMETRIC=0 (plain schedule; two calls for
 # clip-both), so that both schedules are in one run.
 SYMMETRIC_CPU = ("infonce", "supcon100", "infonce-debiased", "tsimclr5", "clip-both", "sne", "tsne", "jointtsne",
-                 "tsne-reverse_kl", "tsne-tv", "tsne-js")
+                 "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 

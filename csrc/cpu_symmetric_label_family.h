@@ -17,6 +17,16 @@
 // recomputed tile, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Two and a half N^2 d GEMM-equivalents instead of four (two without pass 2).
 //
+// The closed-form rows (cpu_f_label_rows.h: tv, hellinger, js, chi2 with alpha = beta = 0, the dot
+// or Gaussian kernel; up to 2^22 positive pairs) need one sweep: each row merges its max and its
+// negatives' sum of exps online and keeps its positives' logits, and the loss and D = sum_pos d
+// follow from the LSE in closed form (f_label_forward_of's formulas). Their backward forms G as
+// f_label_backward_of does: g_i q D at the negatives (learned_backward with q g' = 0 and Gamma' =
+// Gamma - c = -D, which the stats keep in rows 1 and 2 instead of Gamma) and g_i (q D - d) at the
+// positives, in double. A row that is not finite sends the forward to the two sweeps, with no
+// record (the plain backward then runs, as the plain closed-form rows leave such a row to the
+// family rows). Two GEMM-equivalents instead of four.
+//
 // Stats: row 0 the LSE rounded to T (as the plain rows), rows 1 and 2 Gamma / sum_j q in two
 // parts (hi, lo), row 3 the record 8 * block + the LSE's residual in units of its last place
 // (pair_record). Both pass 2 and the backward take q = exp((s - hi) - lo): they sum to 1 up to
@@ -34,15 +44,27 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_f_label_rows.h"   // label_neg_g, label_pos_d
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
 #include "cpu_problem.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_labels.h"
 #include "cpu_tile_pairs.h"
+#include "divergence_math.h"
 
 namespace icon {
 namespace cpu {
+
+// The positive pairs of a self-mode Labels target (every row's count, self excluded).
+template <typename T>
+int64_t total_positives(const Problem<T>& pb) {
+  const LabelSide<T> side = self_tile_pair(pb).side;
+  int64_t total = 0;
+  for (int64_t k : side.positive_counts(pb.n)) total += k;
+  return total;
+}
+constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of float logits
 
 // Whether pb has this schedule's structure: a plain Labels target (no joint normalisation) on the
 // family rows (the hot path has its own schedule, cpu_symmetric_labels.h; the closed-form rows of
@@ -51,8 +73,12 @@ namespace cpu {
 template <typename T>
 bool symmetric_label_family_fit(const Problem<T>& pb) {
   if (pb.target != kLabels || pb.global() || !pb.self_pairs || !pb.scalar_param || pb.n < 2) return false;
-  if (pb.kernel == kLogDot || pb.row_path() != kFamilyRows) return false;
-  return same_row_and_column_labels(pb);
+  const RowPath path = pb.row_path();
+  if (pb.kernel == kLogDot || (path != kFamilyRows && path != kLabelClosedFormRows)) return false;
+  if (!same_row_and_column_labels(pb)) return false;
+  // the closed-form rows keep every positive's logit until the LSE is known: at most
+  // kClosedFormPositives of them (few classes, K ~ N / 2, run the plain rows)
+  return path != kLabelClosedFormRows || total_positives(pb) <= kClosedFormPositives;
 }
 
 template <typename T>
@@ -149,6 +175,188 @@ FRow<T> family_segment(const FamilyRowsOfPairs<T>& rows, const LabelRow& seg, in
   return r;
 }
 
+// The closed-form rows (cpu_f_label_rows.h: tv, hellinger, js or chi2 with alpha = beta = 0, the
+// dot or Gaussian kernel) need one sweep: each row merges its max and its negatives' sum of exps
+// online and keeps its positives' logits; the LSE, the loss and Gamma then follow as
+// f_label_forward_of's (the negatives in closed form, the positives in double).
+template <typename T>
+struct ClosedFormRow {
+  OnlineLabelRow<T> acc;   // mx, se: the negatives' sum of exps under mx; sum_s NaN: a NaN logit
+  std::vector<T> pos;      // the positives' logits
+};
+
+template <typename T>
+void add_closed_form_segment(const LabelRow& seg, T* s, ClosedFormRow<T>* row) {
+  const T inf = std::numeric_limits<T>::infinity();
+  OnlineLabelRow<T>* acc = &row->acc;
+  const int64_t* const c = seg.col_labels;
+  const int64_t label = seg.label, self = seg.self, m = seg.m;
+  if (self >= 0) s[self] = -inf;
+  for (int64_t j = 0; j < m; ++j) {
+    if (c[j] == label && j != self) row->pos.push_back(s[j]);
+    if (std::isnan(s[j])) acc->sum_s = std::numeric_limits<double>::quiet_NaN();
+  }
+  const T mx = row_max(s, m);
+  if (mx > acc->mx) {
+    acc->se *= std::exp(double(acc->mx) - double(mx));
+    acc->mx = mx;
+  }
+  if (acc->mx == -inf) return;   // no finite logit yet
+  const T top = acc->mx;
+  double se = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T b = 0;
+#pragma omp simd reduction(+ : b)
+    for (int64_t j = j0; j < j1; ++j) b += c[j] != label ? vexp(s[j] - top) : T(0);
+    se += b;
+  }
+  acc->se += se;
+}
+
+// A row's LSE from its merged sums (the positives' in double); false where the row is not finite
+// (a NaN or infinite logit, no finite one): the caller then runs the two sweeps.
+template <typename T>
+bool closed_form_lse(const ClosedFormRow<T>& row, double* lse_out) {
+  const OnlineLabelRow<T>& acc = row.acc;
+  if (!std::isfinite(acc.mx) || std::isnan(acc.sum_s) || !std::isfinite(acc.se)) return false;
+  const double mx = double(acc.mx);
+  double se_pos = 0;
+  for (const T v : row.pos) se_pos += std::exp(double(v) - mx);
+  *lse_out = mx + std::log(acc.se + se_pos);
+  return std::isfinite(*lse_out);
+}
+
+// The row's loss and Gamma - c = -D under lse, as f_label_forward_of: the negatives' share of q is
+// one minus the positives' (their sum of exps over the row's, from the merged sums).
+template <int D, typename T>
+void closed_form_row(const ClosedFormRow<T>& row, double lse, double* loss_out, double* gamma_out) {
+  const double c = label_neg_g<D>();
+  const double q_neg = std::exp(double(row.acc.mx) - lse) * row.acc.se;
+  double loss = c * q_neg, d_sum = 0;
+  const int64_t k = int64_t(row.pos.size());
+  if (k > 0) {
+    const double p = 1.0 / double(k), lp = -std::log(double(k));
+    for (const T v : row.pos) {
+      const double lq = double(v) - lse, q = std::exp(lq);
+      loss += f_pair_terms<double>(D, p, q, lp, lq).term;
+      d_sum += label_pos_d<D>(p, q, lp, lq);
+    }
+  }
+  *loss_out = loss;
+  *gamma_out = -d_sum;   // Gamma - c = -D (closed_form_negatives)
+}
+
+template <typename T>
+void closed_form_row_of(int divergence, const ClosedFormRow<T>& row, double lse, double* loss, double* gamma) {
+  switch (divergence) {
+    case kTv: return closed_form_row<kTv>(row, lse, loss, gamma);
+    case kHellinger: return closed_form_row<kHellinger>(row, lse, loss, gamma);
+    case kJs: return closed_form_row<kJs>(row, lse, loss, gamma);
+    case kChi2: return closed_form_row<kChi2>(row, lse, loss, gamma);
+    default: TORCH_CHECK(false, "icon_kernels cpu: no closed-form Labels rows for divergence code ", divergence);
+  }
+}
+
+// The closed-form rows' forward in one sweep into out (stats as the two sweeps': LSE, Gamma in two
+// parts, the record); false, with out untouched, where a row is not finite.
+template <typename T>
+bool closed_form_forward(const Problem<T>& pb, const LabelSide<T>& side, int64_t block, RowOutputs<T>* out) {
+  const int64_t n = pb.n;
+  std::vector<ClosedFormRow<T>> rows(static_cast<size_t>(n));
+  const std::vector<int64_t> k = side.positive_counts(n);
+  for (int64_t i = 0; i < n; ++i) rows[i].pos.reserve(size_t(std::max<int64_t>(k[i], 0)));
+  at::Tensor buf = at::empty({block, block}, pb.x.options());
+  with_label_kernel(pb.kernel, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    const KernelRow<T, K> kr(pb.prm.template data_ptr<T>()[0]);
+    for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      for_each_family_row(side, kr, i0, i1, j0, j1, block, buf, static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                          [&](const LabelRow& seg, const SideRow& sr, T*, FamilyRowScratch<T>& sc) {
+                            add_closed_form_segment<T>(seg, sc.s.data(), &rows[sr.i]);
+                          });
+    });
+    return 0;
+  });
+  std::vector<double> lse(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    if (!closed_form_lse(rows[i], &lse[i])) return false;
+  T* st = out->st;
+  for (int64_t i = 0; i < n; ++i) {
+    st[i] = T(lse[i]);
+    st[3 * n + i] = pair_record<T>(block, lse[i], st[i]);
+  }
+  // the loss and D under the LSE as the backward decodes it (hi + the recorded residual): its q
+  // and d at the positives are then these very values, so that q D - d cancels exactly where it
+  // should (a row whose q sits on one positive: G = 0 there)
+  std::vector<T> lo;
+  recorded_pair_residuals(st, n, 0, &lo);
+  for (int64_t i = 0; i < n; ++i) {
+    double loss = 0, gamma = 0;
+    closed_form_row_of(pb.divergence, rows[i], double(st[i]) + double(lo[i]), &loss, &gamma);
+    const bool inc = k[i] > 0 && pb.m_valid > 0;
+    out->inc_p[i] = inc;
+    out->loss_p[i] = inc ? T(loss) : T(0);
+    st[n + i] = T(gamma);   // Gamma' = Gamma - c = -D in two parts
+    st[2 * n + i] = T(gamma - double(st[n + i]));
+  }
+  return true;
+}
+
+// A closed-form row's backward over one column block, as f_label_backward_of forms it: with
+// D = sum_pos d = c - Gamma (stats rows 1 and 2 keep Gamma - c = -D), G = g_i q D at a negative
+// and g_i (q D - d) at a positive, never as c q - q g, which cancels. closed_form_negatives gives
+// learned_backward q at the negatives and 0 at the positives (q g' = 0 with g' = g - c, and Gamma'
+// = -D: G = g_i q D there, 0 at the positives); closed_form_positives then writes the positives' W
+// from G in double, with q and d from the LSE's double value, and their dL/dparam terms.
+template <typename T>
+void closed_form_negatives(const LabelRow& seg, const T* s, T hi, T lo, T* q, T* qg) {
+  const int64_t* const c = seg.col_labels;
+  const int64_t label = seg.label, self = seg.self, m = seg.m;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    q[j] = c[j] != label && j != self ? vexp((s[j] - hi) - lo) : T(0);
+    qg[j] = T(0);
+  }
+}
+
+struct ParamSums {
+  double dp = 0, gs = 0, qb = 0, qs = 0;
+};
+
+template <typename T, int K, int D, bool PARAM>
+void closed_form_positives_of(const LabelRow& seg, const KernelRow<T, K>& kr, T* w, const T* s, double lse, int64_t k,
+                              double d_sum, double scale, T shift, ParamSums* ps) {
+  if (k <= 0) return;
+  const double p = 1.0 / double(k), lp = -std::log(double(k));
+  const int64_t* const c = seg.col_labels;
+  const int64_t label = seg.label, self = seg.self, m = seg.m;
+  for (int64_t j = 0; j < m; ++j) {
+    if (c[j] != label || j == self) continue;
+    const double lq = double(s[j]) - lse, q = std::exp(lq);
+    const double grad = scale * (q * d_sum - label_pos_d<D>(p, q, lp, lq));
+    w[j] = kr.weight(T(grad), T(0));   // the label kernels' weight is linear in G, aux unread
+    if constexpr (PARAM) {
+      const double basis = kr.basis(s[j], T(0), shift);
+      if (grad != 0) { ps->dp += grad * basis; ps->gs += grad; }
+      if (q != 0) { ps->qb += q * basis; ps->qs += q; }
+    }
+  }
+}
+
+template <typename T, int K, bool PARAM>
+void closed_form_positives(int divergence, const LabelRow& seg, const KernelRow<T, K>& kr, T* w, const T* s,
+                           double lse, int64_t k, double d_sum, double scale, T shift, ParamSums* ps) {
+  switch (divergence) {
+    case kTv: return closed_form_positives_of<T, K, kTv, PARAM>(seg, kr, w, s, lse, k, d_sum, scale, shift, ps);
+    case kHellinger:
+      return closed_form_positives_of<T, K, kHellinger, PARAM>(seg, kr, w, s, lse, k, d_sum, scale, shift, ps);
+    case kJs: return closed_form_positives_of<T, K, kJs, PARAM>(seg, kr, w, s, lse, k, d_sum, scale, shift, ps);
+    case kChi2: return closed_form_positives_of<T, K, kChi2, PARAM>(seg, kr, w, s, lse, k, d_sum, scale, shift, ps);
+    default: TORCH_CHECK(false, "icon_kernels cpu: no closed-form Labels rows for divergence code ", divergence);
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(const Problem<T>& pb) {
   const int64_t n = pb.n, block = pair_block(pb.tile, n);
@@ -156,6 +364,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
   const auto opts = pb.x.options();
   RowOutputs<T> out(n, opts);
   T* st = out.st;
+  // the closed-form rows in one sweep where every row is finite (else the two sweeps below)
+  if (pb.row_path() == kLabelClosedFormRows && closed_form_forward(pb, side, block, &out)) {
+    count_schedule_call(pb.row_path(), n, 0, 8);
+    return out.tuple();
+  }
   std::vector<OnlineLabelRow<T>> acc(static_cast<size_t>(n));
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
   // forward KL and cross-entropy without beta (Student-t, power): the loss is the label hot path's
@@ -211,6 +424,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
       st[n + i] = T(g_mean);
       st[2 * n + i] = std::isfinite(g_mean) ? T(g_mean - double(st[n + i])) : T(0);
     }
+    // closed-form rows here have a row that is not finite: no record, so the plain backward runs
+    // (its closed-form rows leave such a row to the family rows, which renormalise it)
+    if (pb.row_path() == kLabelClosedFormRows) std::fill(st + 3 * n, st + 4 * n, T(0));
     return 0;
   });
   count_schedule_call(pb.row_path(), n, 0, 8);
@@ -239,6 +455,8 @@ std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, co
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T keep_q = T(1) - pb.beta;
   const bool dist = is_distance(pb.kernel);
+  // the closed-form rows' one sweep keeps Gamma - c (closed_form_negatives)
+  const bool closed = pb.row_path() == kLabelClosedFormRows;
   auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
   const size_t np = param_grad ? size_t(n) : 0;
   std::vector<double> dp(np), gs(np), qb(np), qs(np);   // a row's dL/dparam sums (centred_sum)
@@ -260,23 +478,32 @@ std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, co
               std::fill(ab, ab + seg.m, T(0));
               return;
             }
-            const FRow<T> r = family_segment(rows, seg, i, sc);
-            f_row<T>(pb.divergence, r, kTwoLevelLogP, sc.qg.data(), nullptr, sc.q.data());
+            if (closed) {
+              closed_form_negatives<T>(seg, sc.s.data(), st[i], lo[i], sc.q.data(), sc.qg.data());
+            } else {
+              const FRow<T> r = family_segment(rows, seg, i, sc);
+              f_row<T>(pb.divergence, r, kTwoLevelLogP, sc.qg.data(), nullptr, sc.q.data());
+            }
             // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
             if (seg.self >= 0) ab[seg.self] = T(0);
             const double row_gamma = double(st[n + i]) + double(st[2 * n + i]);
             const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
                 KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), side.sq + sr.col0, side.sq[i],
                 seg.m, g[i] * keep_q, row_gamma, finite_shift(st[i]));
+            ParamSums pos_sums;
+            if (closed)
+              closed_form_positives<T, K, PARAM>(pb.divergence, seg, KernelRow<T, K>(prm), ab, sc.s.data(),
+                                                 double(st[i]) + double(lo[i]), rows.k[i], -row_gamma,
+                                                 double(g[i] * keep_q), finite_shift(st[i]), &pos_sums);
             // a distance kernel's kept self pair (d^2 = 0 exactly, pair_gram): its dX term is
             // W_ii (x_i - x_i) = 0, so W_ii = 0; formed as H_ii x_i - diag(H 1)_i x_i, the power
             // kernel's W_ii = G n / eps (~1e12) left its rounding (its dL/dparam term stays)
             if (is_distance(K) && i0 == j0 && seg.self < 0) ab[i - sr.col0] = T(0);
             if constexpr (PARAM) {
-              dp[i] += sums.dp;
-              gs[i] += sums.g_sum;
-              qb[i] += sums.q_basis;
-              qs[i] += sums.q_sum;
+              dp[i] += sums.dp + pos_sums.dp;
+              gs[i] += sums.g_sum + pos_sums.gs;
+              qb[i] += sums.q_basis + pos_sums.qb;
+              qs[i] += sums.q_sum + pos_sums.qs;
             }
           });
           add_h_tile<T>(side.rows, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);

@@ -206,3 +206,21 @@ def test_pin_malloc_makes_the_mmap_threshold_static(mode, where):
         pytest.skip("glibc < 2.33: no mallinfo2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == where, proc.stdout
+
+
+@pytest.mark.parametrize("script,args,rows", [
+    ("schedule_ab.py", ["--configs", "tsne-js", "--sizes", "64", "--rounds", "1"],
+     ["| tsne-js | 64 | cpu |", "| tsne-js | 64 | cpu-plain |"]),
+    ("floor_ratio.py", ["--backend", "cpu-plain", "--configs", "tsne-js", "--sizes", "64", "--rounds", "1"],
+     ["| tsne-js | 64 |"]),
+])
+def test_schedule_scripts_print_their_rows(script, args, rows):
+    """bench/schedule_ab.py (both cpu schedules, forward and backward apart) and floor_ratio.py with
+    the plain schedule run end to end on a tiny size and print a row per schedule."""
+    import icon_kernels as ik
+    if "cpu" not in ik.available_backends():
+        pytest.skip("the cpu backend is not built")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    for row in rows:
+        assert row in out, out

@@ -77,6 +77,10 @@ CASES = [(k, n, excl, *mix) for k, n, excl, mix in itertools.product(
     if not (k == "power" and not excl)]   # the power self pair: test_power_kernel_self_pair
 CASES += [(k, n, excl, *mix) for k, n, excl, mix in itertools.product(("student_t", "power"), (2, 7, 37), (True, False),
                                                                       NO_BETA) if excl or k != "power"]
+# the closed-form rows (cpu_f_label_rows.h: dot, cosine, Gaussian with alpha = beta = 0): one sweep
+CLOSED = (("tv", 0.0, 0.0), ("hellinger", 0.0, 0.0), ("js", 0.0, 0.0), ("chi2", 0.0, 0.0))
+CASES += [(k, n, excl, *mix) for k, n, excl, mix in itertools.product(("dot", "gaussian", "cosine"), (2, 7, 37),
+                                                                      (True, False), CLOSED)]
 
 
 @pytest.mark.parametrize("kernel,n,exclude_self,divergence,alpha,beta", CASES)
@@ -233,7 +237,7 @@ def test_runs_only_where_it_applies(monkeypatch):
 
     assert ran(kernel="dot", beta=0.2) == RAN
     assert ran(kernel="gaussian", divergence="tv", alpha=0.1) == RAN
-    assert ran(kernel="gaussian", divergence="tv") == NOT_RAN                  # the closed-form rows
+    assert ran(kernel="gaussian", divergence="tv") == RAN                      # the closed-form rows
     assert ran(kernel="student_t") == RAN
     assert ran(kernel="power", divergence="hellinger") == RAN
     assert ran(kernel="cosine", y=x, exclude_self=True, beta=0.2) == RAN       # one normalised x
@@ -247,6 +251,11 @@ def test_runs_only_where_it_applies(monkeypatch):
     ik.icon_loss(phi, target=ik.Labels(labels), kernel="log_dot", beta=0.2, backend="cpu").backward()
     assert _counts() == NOT_RAN
     assert ran(kernel="student_t", normalization="joint") == NOT_RAN
+    # the closed-form rows keep every positive's logit: more than 2^22 of them run the plain rows
+    big = torch.randn(2100, 2, generator=gen, dtype=F64, requires_grad=True)
+    ik.icon_loss(big, target=ik.Labels(torch.zeros(2100, dtype=torch.long)), kernel="dot", divergence="js",
+                 backend="cpu").backward()
+    assert _counts() == NOT_RAN
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
     assert ran(kernel="dot", beta=0.2) == NOT_RAN
 
@@ -339,3 +348,62 @@ def test_non_finite_inputs_as_the_plain_schedule(monkeypatch):
     for g, p in zip(got, plain):
         assert torch.equal(g.isnan(), p.isnan())
         assert torch.allclose(g, p, rtol=1e-12, atol=0, equal_nan=True)
+
+
+# (chi2 only where no positive's q underflows: its p^2 / q is inf there, in every implementation)
+@pytest.mark.parametrize("divergence,kernel,param,scale", [
+    (div, *case) for div in ("tv", "hellinger", "js")
+    for case in (("dot", 0.01, 30.0), ("dot", 0.1, 1.0), ("gaussian", 0.5, 1.0))] + [("chi2", "dot", 0.5, 1.0)])
+def test_float32_closed_form_rows_within_twice_pytorchs_own_error(monkeypatch, divergence, kernel, param, scale):
+    """The closed-form rows' one sweep (alpha = beta = 0, dot or Gaussian): the LSE with its
+    residual and D = sum_pos d in two parts from the positives in double, the positives' G in
+    double, as the plain closed-form rows form them; logits up to 1e6. (Not here: a Gaussian of
+    sigma 0.05 on unit-scale x, logits near -3000 with q on one column per row, where the exact
+    dL/dx is 3e-32 and this schedule's is 5e-14 against the plain schedule's exact 0: its D comes
+    from the forward, not from the backward's own row.)"""
+    gen = torch.Generator().manual_seed(6)
+    n = 40
+    x = (scale * torch.randn(n, 16, generator=gen, dtype=F64)).to(F32).double()
+    labels = torch.arange(n) // 4
+    upstream = torch.rand(n, generator=gen, dtype=F64) + 0.5
+    options = dict(param=param, divergence=divergence)
+    want = _run(x, labels, kernel, "reference", upstream, **options)
+    naive = _run(x.float(), labels, kernel, "reference", upstream, **options)
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+        plain = _run(x.float(), labels, kernel, "cpu", upstream, **options)
+        monkeypatch.delenv("ICON_KERNELS_SYMMETRIC")
+        got = _run(x.float(), labels, kernel, "cpu", upstream, **options)
+        assert _counts() == RAN
+        for mine, theirs, ours, exact in zip(got, naive, plain, want):
+            floor = 8 * 2.0 ** -23 if exact.numel() == 1 else 0.0
+            # (blocks of 2 or 10 rows make the Gaussian's Gram from tiny GEMMs, whose rounding takes
+            # both schedules past twice naive PyTorch's error at sigma 0.5: 4e-6 against 1.3e-6)
+            if tile == "":
+                assert relative_error(mine, exact) <= max(2 * relative_error(theirs, exact) + 2.4e-7, floor)
+            # and within 3x the plain schedule's, whose backward takes D and renormalises q over its
+            # own row (here D is the forward's: tv at tau 0.1 measured 2.6x, 4.2e-6 against 1.6e-6,
+            # where naive PyTorch's error is 2.5e-2)
+            assert relative_error(mine, exact) <= max(3 * relative_error(ours, exact) + 2.4e-7, floor)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_closed_form_rows_with_non_finite_logits_take_the_two_sweeps(monkeypatch, bad):
+    """A NaN or infinite logit leaves the one sweep's closed forms (as the plain closed-form rows
+    leave theirs for the family rows): the two sweeps run instead, with no record, so that the plain
+    backward runs after them (its closed-form rows leave such a row to the family rows); the losses
+    and gradients are the plain schedule's, NaN where it has NaN."""
+    x, labels, upstream = _inputs(9, 9, d=4)
+    x[3, 1] = float(bad)
+    options = dict(divergence="js", param_grad=False)
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+    plain = _run(x, labels, "dot", "cpu", upstream, **options)
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC")
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "18")
+    got = _run(x, labels, "dot", "cpu", upstream, **options)
+    assert _counts() == {"label_family_forward": 1, "label_family_backward": 0}
+    for g, p in zip(got, plain):
+        assert torch.equal(g.isnan(), p.isnan()) and torch.equal(g.isinf(), p.isinf())
+        finite = p.isfinite()
+        assert torch.allclose(g[finite], p[finite], rtol=1e-12, atol=0)
