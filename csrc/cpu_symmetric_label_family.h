@@ -64,12 +64,12 @@ int64_t total_positives(const Problem<T>& pb) {
   for (int64_t k : side.positive_counts(pb.n)) total += k;
   return total;
 }
-constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of float logits
+constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of logits in fp32, 32 in fp64
 
 // Whether pb has this schedule's structure: a plain Labels target (no joint normalisation) on the
-// family rows (the hot path has its own schedule, cpu_symmetric_labels.h; the closed-form rows of
-// cpu_f_label_rows.h take no log per pair, which two sweeps would cost more than they save), in
-// self mode with one scalar parameter, the columns' labels the rows', a kernel other than log_dot.
+// family rows or the closed-form rows (cpu_f_label_rows.h: one sweep here, up to
+// kClosedFormPositives positive pairs; the hot path has its own schedule, cpu_symmetric_labels.h),
+// in self mode with one scalar parameter, the columns' labels the rows', a kernel other than log_dot.
 template <typename T>
 bool symmetric_label_family_fit(const Problem<T>& pb) {
   if (pb.target != kLabels || pb.global() || !pb.self_pairs || !pb.scalar_param || pb.n < 2) return false;
@@ -298,7 +298,7 @@ bool closed_form_forward(const Problem<T>& pb, const LabelSide<T>& side, int64_t
     out->inc_p[i] = inc;
     out->loss_p[i] = inc ? T(loss) : T(0);
     st[n + i] = T(gamma);   // Gamma' = Gamma - c = -D in two parts
-    st[2 * n + i] = T(gamma - double(st[n + i]));
+    st[2 * n + i] = std::isfinite(gamma) ? T(gamma - double(st[n + i])) : T(0);
   }
   return true;
 }
@@ -429,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
     if (pb.row_path() == kLabelClosedFormRows) std::fill(st + 3 * n, st + 4 * n, T(0));
     return 0;
   });
-  count_schedule_call(pb.row_path(), n, 0, 8);
+  // (closed-form rows here had a row that is not finite: they ran the family rows' two sweeps)
+  count_schedule_call(kFamilyRows, n, 0, 8);
   return out.tuple();
 }
 

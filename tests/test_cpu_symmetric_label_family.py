@@ -221,9 +221,9 @@ def test_opcheck_of_the_symmetric_ops():
 
 def test_runs_only_where_it_applies(monkeypatch):
     """Self mode with one scalar parameter, a Labels target on the family rows (beta > 0, an
-    f-divergence off its closed form, a kernel the hot path lacks); not on the hot path (its own
-    schedule) or the closed-form rows, for a
-    separate y, a per-row parameter, other targets, log_dot, joint normalisation, or when off."""
+    f-divergence off its closed form, a kernel the hot path lacks) or the closed-form rows (up to
+    2^22 positive pairs); not on the hot path (its own schedule), for a separate y, a per-row
+    parameter, other targets, log_dot, joint normalisation, or when off."""
     gen = torch.Generator().manual_seed(4)
     n = 12
     x = torch.randn(n, 4, generator=gen, dtype=F64, requires_grad=True)
@@ -388,22 +388,26 @@ def test_float32_closed_form_rows_within_twice_pytorchs_own_error(monkeypatch, d
             assert relative_error(mine, exact) <= max(3 * relative_error(ours, exact) + 2.4e-7, floor)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "far"])
 def test_closed_form_rows_with_non_finite_logits_take_the_two_sweeps(monkeypatch, bad):
     """A NaN or infinite logit leaves the one sweep's closed forms (as the plain closed-form rows
     leave theirs for the family rows): the two sweeps run instead, with no record, so that the plain
     backward runs after them (its closed-form rows leave such a row to the family rows); the losses
     and gradients are the plain schedule's, NaN where it has NaN."""
     x, labels, upstream = _inputs(9, 9, d=4)
-    x[3, 1] = float(bad)
+    # far: a Gaussian with one sample at 1e200, whose row has no finite logit (the others have
+    # -inf at its column only): the other rows' values must still be the plain schedule's
+    x[3, 1] = 1e200 if bad == "far" else float(bad)
+    kernel = "gaussian" if bad == "far" else "dot"
     options = dict(divergence="js", param_grad=False)
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
-    plain = _run(x, labels, "dot", "cpu", upstream, **options)
+    plain = _run(x, labels, kernel, "cpu", upstream, **options)
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC")
     monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "18")
-    got = _run(x, labels, "dot", "cpu", upstream, **options)
+    got = _run(x, labels, kernel, "cpu", upstream, **options)
     assert _counts() == {"label_family_forward": 1, "label_family_backward": 0}
     for g, p in zip(got, plain):
         assert torch.equal(g.isnan(), p.isnan()) and torch.equal(g.isinf(), p.isinf())
         finite = p.isfinite()
         assert torch.allclose(g[finite], p[finite], rtol=1e-12, atol=0)
+    assert got[0].isfinite().any() or bad == "nan"   # the other rows' losses were compared
