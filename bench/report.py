@@ -44,6 +44,39 @@ def _git():
         return None
 
 
+def _cache_size(level: int):
+    """The size of cpu0's level-``level`` data or unified cache as sysfs spells it ("512K"), or None."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            with open(f"{base}/{entry}/level") as f:
+                if int(f.read()) != level:
+                    continue
+            with open(f"{base}/{entry}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                return f.read().strip()
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_description():
+    """The CPU model with what moves the CPU figures: family/model, the widest SIMD the kernels are
+    compiled for (-march=native: AVX-512 or AVX2) and the per-core L2 (the tile-pair working set).
+    Two VMs both called "AMD EPYC" (Zen 3: AVX2, 512 KiB L2; Zen 4: AVX-512, 1 MiB) give very
+    different ratios to the floor (README, the family sweep of 2026-12-04)."""
+    name = _read("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    flags = (_read("/proc/cpuinfo", "flags") or "").split()
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    family, model = _read("/proc/cpuinfo", "cpu family"), _read("/proc/cpuinfo", "model\t")
+    details = [f"family {family} model {model}" if family and model else None, simd,
+               f"L2 {_cache_size(2)}" if _cache_size(2) else None]
+    details = [d for d in details if d]
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def machine_info():
     mem = _read("/proc/meminfo", "MemTotal")
     avail = _read("/proc/meminfo", "MemAvailable")
@@ -54,7 +87,7 @@ def machine_info():
         triton_version = None
     return {
         "host": socket.gethostname(), "platform": platform.platform(),
-        "cpu": _read("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(), "mem_total_gib": int(mem.split()[0]) / 2**20 if mem else None,
         "mem_available_gib": int(avail.split()[0]) / 2**20 if avail else None,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
