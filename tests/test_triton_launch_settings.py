@@ -28,11 +28,18 @@ def _launches(dtype, target="labels", **kw):
     return recorder.distinct()
 
 
-def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch):
+def _precisions(keys) -> set:
+    """The dot precisions of the launches that have dots (not the triangular schedule's merge)."""
+    return {k["constexprs"]["PRECISION"] for k in keys if k["kernel"] != "icon_symmetric_merge_kernel"}
+
+
+@pytest.mark.parametrize("symmetric", ["1", "0"])        # the triangular kernels and the plain ones
+def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch, symmetric):
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", symmetric)
     monkeypatch.delenv("ICON_KERNELS_TRITON_FP32", raising=False)
-    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"tf32x3"}
+    assert _precisions(_launches(torch.float32)) == {"tf32x3"}
     monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "ieee")
-    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"ieee"}
+    assert _precisions(_launches(torch.float32)) == {"ieee"}
     monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "fp32")
     with pytest.raises(ValueError, match="ICON_KERNELS_TRITON_FP32"):
         _launches(torch.float32)
