@@ -93,6 +93,9 @@ def test_without_autotuning_one_shape_per_variant():
     assert launchers.fixed_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 4, 2)
     assert launchers.fixed_shape(_args(torch.bfloat16, 2, 128, 128), "backward") == (64, 32, 4, 2)
     assert launchers.fixed_shape(_args(torch.float32, 2, 256, 256), "backward") == (32, 32, 4, 2)
+    # self mode's triangular kernels: the same tiles with twice the warps (they spill less so)
+    assert launchers.triangular_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 8, 2)
+    assert launchers.triangular_shape(_args(torch.bfloat16, 0, 128), "forward") == (64, 64, 8, 2)
     # an f-divergence's second pass and backward: 64 x 32 in bf16 too (kl and cross_entropy: 64 x 64)
     for code, shape in ((0, (64, 64, 4, 2)), (1, (64, 64, 4, 2)), (3, (64, 32, 4, 2))):
         assert launchers.fixed_shape({**_args(torch.bfloat16, 0, 128), "DIVERGENCE": code}, "forward") == shape

@@ -38,7 +38,7 @@ STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
          "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward",
          "icon_symmetric_forward_kernel": "forward", "icon_symmetric_backward_kernel": "backward"}
 # self mode's triangular kernels (launchers._triangular_forward / _triangular_backward): launched
-# with fixed_shape's tile, never autotuned; the merge kernel holds row vectors only (no tile, no
+# with triangular_shape's tile and warps, never autotuned; the merge kernel holds row vectors only (no tile, no
 # reduction: launchers estimates nothing for it, the 4 KB of scratch that every estimate adds)
 FIXED_SHAPE = {"icon_symmetric_forward_kernel", "icon_symmetric_merge_kernel", "icon_symmetric_backward_kernel"}
 MERGE_SHARED = 4096
@@ -133,7 +133,9 @@ def launched_shapes(key, autotune: bool):
     if key["kernel"] == "icon_symmetric_merge_kernel":
         return [DEFAULT_CONFIG]               # (its BLOCK_M is the forward's: 64 or 32, one as the other)
     args, stage = _launch_args(key), STAGE[key["kernel"]]
-    if not autotune or key["kernel"] in FIXED_SHAPE:
+    if key["kernel"] in FIXED_SHAPE:
+        return [launchers.triangular_shape(args, stage)]
+    if not autotune:
         return [launchers.fixed_shape(args, stage)]
     kept = launchers._pruner(stage)([_config(s) for s in launchers.AUTOTUNE_SHAPES], None, **args)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
