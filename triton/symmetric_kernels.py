@@ -23,7 +23,10 @@ block have equal work and all of them can run at once.
   loss and stats rows 0 and 1 as the plain forward does.
 - ``icon_symmetric_backward_kernel``: from one recomputed tile S_IJ, row i's G_ij (with LSE_i) and
   row j's G_ji (with LSE_j), H = G_IJ + G_JI^T, then dX_I += H X_J and dX_J += H^T X_I (the row-norm
-  correction of the distance kernels from H's row and column sums). dX_I stays in registers over
+  correction of the distance kernels from H's row and column sums). On the diagonal block H is
+  G_II alone, every row's G from its own logits as in the forward (s_ij and s_ji of one fp32 tile
+  may differ in the last bit, and at logits of 1e5 and more that moves q by percents), and
+  dX_I += H X_I + H^T X_I. dX_I stays in registers over
   the program's tiles; dX_J, and every sum across programs, is added to fp32 buffers with
   atomics. dparam per row is the row's own term, sum_j G_ij ds_ij / dparam (as the plain row
   kernel's, and the previous self-mode row kernel's with reverse_param = 0).
@@ -227,18 +230,23 @@ def icon_symmetric_backward_kernel(
             same = (lab[:, None] == tl.load(LAB + cols, mask=in_cols, other=0)[None, :]) & valid
             grad_rows = _label_gradients(s, valid, same, lse[:, None], g[:, None], k_rows[:, None],
                                          m_valid, alpha)
-            grad_cols = _label_gradients(s, valid, same, lse_c[None, :], load_vec(GRAD, cols, N, 0.0)[None, :],
-                                         load_vec(STATS + 2 * N, cols, N, 1.0)[None, :], m_valid, alpha)
+            # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
+            # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
+            # bitwise symmetric), and reaches x_i through W^T below
+            grad_cols = tl.where(J != I, _label_gradients(s, valid, same, lse_c[None, :],
+                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
+                                                          load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
+                                                          m_valid, alpha), 0.0)
             w = grad_weight(grad_rows + grad_cols, aux, prm, KERNEL)        # H's gradient weights
             dx += grad_dot(w, y, PRECISION)
             w_sum += tl.sum(w, 1)
             dprm += param_grad(grad_rows, s, aux, prm, finite_shift(lse), KERNEL)
-            if J != I:        # the columns' rows: H^T X_I, and their own dparam terms G_ji
-                dy = grad_dot(tl.trans(w), x, PRECISION)
-                if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
-                    dy -= tl.sum(w, 0)[:, None] * y.to(tl.float32)
-                tl.atomic_add(DX + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
-                              mask=in_cols[:, None] & (dk < D)[None, :], sem="relaxed")
+            dy = grad_dot(tl.trans(w), x, PRECISION)                       # H^T X_I into the columns' rows
+            if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
+                dy -= tl.sum(w, 0)[:, None] * y.to(tl.float32)
+            tl.atomic_add(DX + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
+                          mask=in_cols[:, None] & (dk < D)[None, :], sem="relaxed")
+            if J != I:        # the columns' rows' own dparam terms G_ji
                 dprm_c = shifted_param_grad(tl.trans(grad_cols), tl.trans(s), tl.trans(aux),
                                             load_vec(PRM, cols, N, 1.0), finite_shift(lse_c)[:, None], KERNEL)
                 tl.atomic_add(DPRM + cols, dprm_c, mask=in_cols & first, sem="relaxed")
