@@ -579,9 +579,9 @@ def triangular_shape(args, stage: str) -> tuple:
     """The triangular kernels' launch: fixed_shape's tile with twice its warps. They hold more
     than the plain kernels (the backward dX_I over its tiles and H^T X_I per tile, the forward
     both sides' statistics): in the sm_90 cubins 8 warps spill about half of what 4 do (the
-    benchmark's InfoNCE, tests/test_triton_resources.py: the fp32 backward at 64 x 32 768 B per
-    thread instead of 1024, bf16 at 64 x 64 none instead of 248, the forward none instead of
-    136-176; the fp32 Student-t backward 1216 instead of 2120)."""
+    benchmark's InfoNCE, tests/test_triton_resources.py: the fp32 backward at 64 x 32 about 0.5-0.8
+    KB per thread instead of 1 KB, bf16 at 64 x 64 under 0.1 KB instead of 0.25, the forward none
+    instead of 136-176 B; the fp32 Student-t backward 1.2 KB instead of 2.1)."""
     bm, bn, warps, stages = fixed_shape(args, stage)
     return bm, bn, 2 * warps, stages
 
