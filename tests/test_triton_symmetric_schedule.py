@@ -113,6 +113,18 @@ def test_several_panels_chunks_and_tiles_per_block(monkeypatch, kernel, n, exclu
     assert counts["_triangular_backward_kernel"] == 1
 
 
+@pytest.mark.parametrize("kernel", ["dot", "gaussian"])
+def test_feature_dim_in_chunks(monkeypatch, kernel):
+    """d beyond the register budget (shrunk here: d = 50 in 4 ragged chunks of 16): the forward's
+    Gram loops over the chunks, the backward has one program per chunk of dX (each recomputing S)
+    and dparam from the first chunk's programs."""
+    from icon_kernels._triton import launchers
+    monkeypatch.setattr(launchers, "MAX_BLOCK_D", 32)
+    monkeypatch.setattr(launchers, "D_CHUNK", 16)
+    x, labels, upstream = _inputs(45, seed=11, d=50)
+    _check_both_schedules(monkeypatch, x, labels, upstream, kernel, exclude_self=True, alpha=0.1, divergence="kl")
+
+
 @pytest.mark.parametrize("kernel", ["power", "log_dot"])
 def test_the_other_kernels(monkeypatch, kernel):
     """Every kernel is symmetric when y is x: power (a parameter) and log_dot (none; positive x.x)."""
