@@ -28,8 +28,8 @@ block have equal work and all of them can run at once.
   may differ in the last bit, and at logits of 1e5 and more that moves q by percents), and
   dX_I += H X_I + H^T X_I. dX_I stays in registers over
   the program's tiles; dX_J, and every sum across programs, is added to fp32 buffers with
-  atomics. dparam per row is the row's own term, sum_j G_ij ds_ij / dparam (as the plain row
-  kernel's, and the previous self-mode row kernel's with reverse_param = 0).
+  atomics. dparam per row is the row's own term, sum_j G_ij ds_ij / dparam, as the plain row
+  kernel's (its s shifted by the row's LSE; the launcher sums the rows for the one parameter).
 
 GEMM-equivalents: the forward's Grams ½, the backward's S ½ plus H X_J and H^T X_I ½ each: 2
 instead of the plain 4. These kernels are launched with one tile shape (no autotuning: the
