@@ -19,8 +19,10 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     compiled = [line for line in proc.stdout.splitlines() if line.endswith(": ok")]
     # variants(): 6 kl variants x 5 kernels, 5 f-divergence variants x 3 (the second pass and the
-    # two backward kernels; their first pass is kl's two-pass forward), and the bidirectional
-    # backward (BIDIR) of the Labels variant: 2 kernels
-    assert len(compiled) == 47, proc.stdout
+    # two backward kernels; their first pass is kl's two-pass forward), the bidirectional
+    # backward (BIDIR) of the Labels variant: 2 kernels, and self mode's triangular kernels
+    # (triangular_variants(): 3 variants x forward and backward, the merge with kl and cross_entropy)
+    assert len(compiled) == 55, proc.stdout
     assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
+    assert sum("icon_symmetric_" in line for line in compiled) == 8, proc.stdout
     assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")

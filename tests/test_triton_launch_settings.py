@@ -28,11 +28,18 @@ def _launches(dtype, target="labels", **kw):
     return recorder.distinct()
 
 
-def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch):
+def _precisions(keys) -> set:
+    """The dot precisions of the launches that have dots (not the triangular schedule's merge)."""
+    return {k["constexprs"]["PRECISION"] for k in keys if k["kernel"] != "icon_symmetric_merge_kernel"}
+
+
+@pytest.mark.parametrize("symmetric", ["1", "0"])        # the triangular kernels and the plain ones
+def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch, symmetric):
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", symmetric)
     monkeypatch.delenv("ICON_KERNELS_TRITON_FP32", raising=False)
-    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"tf32x3"}
+    assert _precisions(_launches(torch.float32)) == {"tf32x3"}
     monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "ieee")
-    assert {k["constexprs"]["PRECISION"] for k in _launches(torch.float32)} == {"ieee"}
+    assert _precisions(_launches(torch.float32)) == {"ieee"}
     monkeypatch.setenv("ICON_KERNELS_TRITON_FP32", "fp32")
     with pytest.raises(ValueError, match="ICON_KERNELS_TRITON_FP32"):
         _launches(torch.float32)
@@ -86,6 +93,9 @@ def test_without_autotuning_one_shape_per_variant():
     assert launchers.fixed_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 4, 2)
     assert launchers.fixed_shape(_args(torch.bfloat16, 2, 128, 128), "backward") == (64, 32, 4, 2)
     assert launchers.fixed_shape(_args(torch.float32, 2, 256, 256), "backward") == (32, 32, 4, 2)
+    # self mode's triangular kernels: the same tiles with twice the warps (they spill less so)
+    assert launchers.triangular_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 8, 2)
+    assert launchers.triangular_shape(_args(torch.bfloat16, 0, 128), "forward") == (64, 64, 8, 2)
     # an f-divergence's second pass and backward: 64 x 32 in bf16 too (kl and cross_entropy: 64 x 64)
     for code, shape in ((0, (64, 64, 4, 2)), (1, (64, 64, 4, 2)), (3, (64, 32, 4, 2))):
         assert launchers.fixed_shape({**_args(torch.bfloat16, 0, 128), "DIVERGENCE": code}, "forward") == shape

@@ -38,7 +38,8 @@ def _compiled(keys, configs):
 
 def _label(r):
     k, c = r["key"], r["key"]["constexprs"]
-    return (f"{k['kernel']} {k['tensors']['X'][0]} target={c['TARGET']} d={c['BLOCK_D']} dz={c['BLOCK_DZ']} "
+    return (f"{k['kernel']} {k['tensors'].get('X', ['-'])[0]} target={c.get('TARGET')} d={c.get('BLOCK_D')} "
+            f"dz={c.get('BLOCK_DZ')} "
             f"grad={c.get('TARGET_GRAD')} bidir={c.get('BIDIR')} {tuple(r['config'])}: shared {r['shared']} (est {r['estimated_shared']}) "
             f"regs {r['regs']} stack {r['stack']} B, {r['seconds']} s")
 

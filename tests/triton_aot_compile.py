@@ -27,15 +27,25 @@ from triton.compiler import ASTSource
 from icon_kernels._triton import launchers
 from icon_kernels._triton.backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from icon_kernels._triton.forward_kernels import icon_forward_kernel, icon_mixture_kernel
+from icon_kernels._triton.symmetric_kernels import (icon_symmetric_backward_kernel, icon_symmetric_forward_kernel,
+                                                    icon_symmetric_merge_kernel)
 
 KERNELS = {fn.__name__: fn for fn in (icon_forward_kernel, icon_mixture_kernel,
-                                      icon_backward_rows_kernel, icon_backward_cols_kernel)}
+                                      icon_backward_rows_kernel, icon_backward_cols_kernel,
+                                      icon_symmetric_forward_kernel, icon_symmetric_merge_kernel,
+                                      icon_symmetric_backward_kernel)}
 STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
-         "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward"}
+         "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward",
+         "icon_symmetric_forward_kernel": "forward", "icon_symmetric_backward_kernel": "backward"}
+# self mode's triangular kernels (launchers._triangular_forward / _triangular_backward): launched
+# with triangular_shape's tile and warps, never autotuned; the merge kernel holds row vectors only (no tile, no
+# reduction: launchers estimates nothing for it, the 4 KB of scratch that every estimate adds)
+FIXED_SHAPE = {"icon_symmetric_forward_kernel", "icon_symmetric_merge_kernel", "icon_symmetric_backward_kernel"}
+MERGE_SHARED = 4096
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
            "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 FLOATS = {"m_valid", "m_valid2", "reverse_param", "alpha", "beta"}
-INTS = {"N", "M", "D", "DZ", "N_BUCKET", "M_BUCKET"}          # and every stride_*
+INTS = {"N", "M", "D", "DZ", "N_BUCKET", "M_BUCKET", "block0", "panel_blocks", "panel_cap", "chunks"}  # and stride_*
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 DEFAULT_CONFIG = (64, 64, 4, 2)
 
@@ -73,7 +83,8 @@ def compile_key(key, config=DEFAULT_CONFIG, arch=90):
     fn = KERNELS[key["kernel"]]
     bm, bn, warps, stages = config
     attrs, ones = specialisation(fn, key)
-    constexprs = dict(key["constexprs"], BLOCK_M=bm, BLOCK_N=bn, **ones)
+    tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+    constexprs = dict(key["constexprs"], **{k: v for k, v in tile.items() if k in fn.arg_names}, **ones)
     sig = dict(signature(fn, key), **{name: "constexpr" for name in ones})
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
@@ -111,13 +122,19 @@ def _config(shape):
 
 def estimated_shared(key, shape) -> int:
     """launchers' pre-compile estimate (its autotune pruning) for this key and shape."""
+    if key["kernel"] == "icon_symmetric_merge_kernel":
+        return MERGE_SHARED
     return launchers.estimated_shared_bytes(_config(shape), _launch_args(key), STAGE[key["kernel"]])
 
 
 def launched_shapes(key, autotune: bool):
     """The (BM, BN, warps, stages) launchers would compile for this key: every shape its pruning
     keeps when autotuning, else its one shape of ICON_KERNELS_TRITON_AUTOTUNE=0."""
+    if key["kernel"] == "icon_symmetric_merge_kernel":
+        return [DEFAULT_CONFIG]               # (its BLOCK_M is the forward's: 64 or 32, one as the other)
     args, stage = _launch_args(key), STAGE[key["kernel"]]
+    if key["kernel"] in FIXED_SHAPE:
+        return [launchers.triangular_shape(args, stage)]
     if not autotune:
         return [launchers.fixed_shape(args, stage)]
     kept = launchers._pruner(stage)([_config(s) for s in launchers.AUTOTUNE_SHAPES], None, **args)
@@ -157,6 +174,22 @@ def variants():
                            for name in ("icon_backward_rows_kernel", "icon_backward_cols_kernel")]
         for name, constexprs in per_kernel:
             yield {"kernel": name, "constexprs": constexprs, "tensors": tensors, "ints": {}}
+    yield from triangular_variants()
+
+
+def triangular_variants():
+    """Self mode's triangular kernels (symmetric_kernels.py: Labels only, one pass): the distance
+    kernels' row-norm correction, chunked d, fp16 (upcast gradient dots) and native bf16; the merge
+    kernel with kl and cross_entropy."""
+    for kernel, dtype, chunked, block_d in ((0, "bfloat16", False, 128), (1, "float32", True, 128),
+                                            (2, "float16", False, 64)):
+        c = dict(KERNEL=kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
+                 UPCAST=dtype == "float32", D_CHUNKED=chunked)
+        tensors = {"X": [dtype, True], "LAB": ["int64", True]}
+        for name in ("icon_symmetric_forward_kernel", "icon_symmetric_backward_kernel"):
+            yield {"kernel": name, "constexprs": c, "tensors": tensors, "ints": {}}
+    for kl in (True, False):
+        yield {"kernel": "icon_symmetric_merge_kernel", "constexprs": {"KL": kl}, "tensors": {}, "ints": {}}
 
 
 def compile_all(archs):
@@ -165,8 +198,8 @@ def compile_all(archs):
             compiled, _ = compile_key(key, arch=arch)
             assert compiled.asm.get("cubin"), "no cubin produced"
             c = key["constexprs"]
-            print(f"sm_{arch} {key['kernel']} {key['tensors']['X'][0]} KERNEL={c['KERNEL']} "
-                  f"TARGET={c['TARGET']} D_CHUNKED={c['D_CHUNKED']} BIDIR={c.get('BIDIR', '-')} "
+            print(f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
+                  f"TARGET={c.get('TARGET', '-')} D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
                   f"DIVERGENCE={c.get('DIVERGENCE', '-')}: ok", flush=True)
     return 0
 

@@ -9,9 +9,7 @@ backward of both directions of 1/2 [L(x->y) + L(y->x)] (DESIGN.md §1.3): each t
 G_ij + G'_ji, G' the reverse direction's (y's row j over x: q' = exp(s_ij - LSE'_j), its labels'
 p' and upstream gradient g'_j, read per column from STATS2 and GRAD2), so the two kernels make dX
 and dY of both directions from one recomputed tile each: four GEMM-equivalents instead of eight.
-In self mode (y is x: launchers._symmetric_backward) the reverse direction is the loss itself read
-by columns, so the row kernel alone makes the whole dL/dx, sum_j (W_ij + W_ji) x_j: two
-GEMM-equivalents instead of four, with reverse_param = 0 (row j's dparam term is its own row's).
+(Self mode on a Labels target runs symmetric_kernels.py's triangular backward instead.)
 
 For an f-divergence (DIVERGENCE 2..6, DESIGN.md §1.1) dL/ds_k = (1 - beta) q_k (g_k - Gamma_i) and
 dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), with Gamma_i and Phi_i read from the forward's saved
@@ -21,8 +19,8 @@ them would take a third pass over the tiles.
 import triton
 import triton.language as tl
 
-from .tile_helpers import (exp_, f_tile, grad_weight, gram_block, load_rows, load_vec, pair_logits,
-                           param_grad, shifted_param_grad, tile_target_weights, valid_pairs)
+from .tile_helpers import (exp_, f_tile, finite_shift, grad_dot, grad_weight, gram_block, load_rows, load_vec,
+                           pair_logits, param_grad, shifted_param_grad, tile_target_weights, valid_pairs)
 
 
 @triton.jit
@@ -159,21 +157,6 @@ def column_side(cols, STATS2, GRAD2, M, dummy, BIDIR: tl.constexpr):
 
 
 @triton.jit
-def grad_dot(w, b, PRECISION: tl.constexpr):
-    """w (fp32 gradient weights) times feature block b. For bf16 b, w is rounded to bf16 for the
-    tensor cores; fp16 would flush the tiny weights of a large batch to zero, so there b is
-    upcast instead."""
-    if b.dtype == tl.float16:
-        return tl.dot(w, b.to(tl.float32), input_precision=PRECISION)
-    return tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
-
-
-@triton.jit
-def _finite(lse):
-    return tl.where(lse == float("-inf"), 0.0, lse)
-
-
-@triton.jit
 def icon_backward_rows_kernel(
         X, Y, XSQ, YSQ, PRM, LAB, CLAB, NORM, DENSE, stride_dense,
         Z, ZC, ZSQ, ZCSQ, TPRM, STATS, GRAD, STATS2, GRAD2, DX, DPRM, DZ_ROWS, DTPRM,
@@ -217,13 +200,13 @@ def icon_backward_rows_kernel(
             DIVERGENCE, lse2, g2, norm2, m_valid2, BIDIR)
         dx += grad_dot(w, y, PRECISION)
         w_sum += tl.sum(w, 1)
-        dprm += param_grad(grad_s, s, aux, prm, _finite(lse), KERNEL)
+        dprm += param_grad(grad_s, s, aux, prm, finite_shift(lse), KERNEL)
         if BIDIR:           # (the reverse direction's G sums to zero along columns)
-            dprm += reverse_param * shifted_param_grad(grad_s2, s, aux, prm, _finite(lse2)[None, :], KERNEL)
+            dprm += reverse_param * shifted_param_grad(grad_s2, s, aux, prm, finite_shift(lse2)[None, :], KERNEL)
         if TARGET_GRAD:
             dz += grad_dot(w_t, zc, PRECISION)
             wt_sum += tl.sum(w_t, 1)
-            dtprm += param_grad(grad_t, t, t_aux, t_prm, _finite(lse_p), T_KERNEL)
+            dtprm += param_grad(grad_t, t, t_aux, t_prm, finite_shift(lse_p), T_KERNEL)
     if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
         dx -= w_sum[:, None] * x.to(tl.float32)
     dk = c * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -15,6 +15,8 @@ import triton
 
 from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
+from .symmetric_kernels import (icon_symmetric_backward_kernel, icon_symmetric_forward_kernel,
+                                icon_symmetric_merge_kernel)
 
 # The Neighbors targets' sparse O(N k d) gather (icon_kernels/backends/neighbor_pairs.py) is handed in by
 # the package when it registers this backend (icon_kernels/backends/triton.py): this folder imports
@@ -76,7 +78,7 @@ def default_shape(args) -> tuple:
     Labels, hellinger, sm_90: the second pass spills 1.1 KB per thread at 64 x 64, none at 64 x 32)."""
     bf16 = not args["UPCAST"] and args["X"].dtype == torch.bfloat16
     f_divergence = args.get("DIVERGENCE", 0) not in CLOSED_FORM_CODES     # the first pass has none
-    wide = bf16 and args["TARGET"] != TARGET_CODES["affinity"] and not f_divergence
+    wide = bf16 and _target(args) != TARGET_CODES["affinity"] and not f_divergence
     return (64, 64, 4, 2) if wide else (64, 32, 4, 2)
 
 
@@ -89,9 +91,15 @@ def default_shape(args) -> tuple:
 SHARED_LIMIT = 232448          # bytes per block on sm_90 (227 KB)
 
 
+def _target(args) -> int:
+    """A launch's target code; the triangular kernels (symmetric_kernels.py) have no TARGET
+    argument: they compute Labels targets only."""
+    return args.get("TARGET", TARGET_CODES["labels"])
+
+
 def _operand_bytes(args, tensor: str, upcast: str, stage: str) -> float:
     """Shared bytes per staged operand element: fp16 operands of the backward's gradient dots are
-    upcast to fp32 there (grad_dot in backward_kernels.py)."""
+    upcast to fp32 there (grad_dot in tile_helpers.py)."""
     element = args[tensor].element_size()
     fp32_dot = args[upcast] or element != 2 or (stage == "backward" and args[tensor].dtype == torch.float16)
     return max(element, 4) * 5 / 3 if fp32_dot else element
@@ -102,9 +110,9 @@ def estimated_shared_bytes(config, args, stage: str) -> int:
     bm, bn, stages = meta["BLOCK_M"], meta["BLOCK_N"], max(1, config.num_stages)
     rows = (max(bm, bn) + stages * max(bm, bn))      # either side may be the staged one
     total = rows * args["BLOCK_D"] * _operand_bytes(args, "X", "UPCAST", stage)
-    if args["TARGET"] == TARGET_CODES["affinity"]:
+    if _target(args) == TARGET_CODES["affinity"]:
         total += rows * args["BLOCK_DZ"] * _operand_bytes(args, "Z", "UPCAST_Z", stage)
-    if args["TARGET"] == TARGET_CODES["dense"]:           # the target's tiles are staged too
+    if _target(args) == TARGET_CODES["dense"]:           # the target's tiles are staged too
         total += stages * bm * bn * max(args["DENSE"].element_size(), 4)
     if stage == "backward":
         total += 4 * bm * bn * 4
@@ -422,8 +430,11 @@ def _forward(op: OpArgs):
         stats[NORM_ROW] = norm              # for the backward (_backward_target)
     two_pass = (beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
                 or op.f_divergence)
-    _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
-                                   ONE_PASS=not two_pass, **flags)
+    if _one_input(op) and _self_mode_labels(op):      # (one pass: Labels, beta = 0, kl or cross_entropy)
+        _triangular_forward(tensors, sizes, flags, loss, stats)
+    else:
+        _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
+                                       ONE_PASS=not two_pass, **flags)
     if two_pass:
         _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
                                        HAS_BETA=beta > 0, DIVERGENCE=op.divergence, **flags)
@@ -488,11 +499,9 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
     if _symmetric(op, saved, pairs, target_grad):
-        # self mode: the columns are the rows, the reverse direction is row j's own term G_ji, and
-        # the row kernel makes the whole dL/dx (x and y are one autograd input: dy is zeros)
-        common.update(STATS2=stats, GRAD2=g, m_valid2=sizes["m_valid"], BIDIR=True)
-        _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
-                                              **common)
+        # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
+        # y are one autograd input: dy is zeros)
+        dx, dprm = _triangular_backward(tensors, sizes, flags, stats, g)
         dy.zero_()
     else:
         _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
@@ -521,15 +530,118 @@ def symmetric_schedule_enabled() -> bool:
     return value != "0"
 
 
-def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool) -> bool:
-    """Whether the backward runs self mode's symmetric schedule: x and y one autograd input
-    (y_is_x), a Labels target whose column labels are its rows', beta = 0, kl or cross_entropy,
-    one kernel parameter (a per-row one breaks s_ij = s_ji), and the switch on."""
-    if not (saved.y_is_x and op.target == "labels" and op.beta == 0 and not op.f_divergence
-            and pairs is None and not target_grad and op.param.numel() == 1):
+def _self_mode_labels(op: OpArgs) -> bool:
+    """Whether the loss has the triangular schedule's structure, y being x: a Labels target whose
+    column labels are its rows', beta = 0, kl or cross_entropy, one kernel parameter (a per-row one
+    breaks s_ij = s_ji), and the switch on. Every kernel is symmetric when y is x (log_dot too)."""
+    if not (op.target == "labels" and op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
         return False
     same = op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     return same and symmetric_schedule_enabled()
+
+
+def _one_input(op: OpArgs) -> bool:
+    """Whether the forward's x and y are one tensor. The forward op has no autograd context (the
+    backward's y_is_x): the same object, or the same data, shape, strides and dtype, as the cpu
+    op decides (csrc/cpu_problem.h self_pairs). Its statistics are the plain forward's either way,
+    so any backward may follow it."""
+    x, y = op.x, op.y
+    return x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+                      and x.dtype == y.dtype)
+
+
+def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool) -> bool:
+    """Whether the backward runs self mode's triangular schedule: x and y one autograd input
+    (y_is_x) and _self_mode_labels."""
+    return saved.y_is_x and pairs is None and not target_grad and _self_mode_labels(op)
+
+
+# --- self mode's triangular schedule (symmetric_kernels.py; DESIGN.md §1.3) ---------------------------
+# The kernels are reached through these names (tests count their launches). They run with one tile
+# shape, triangular_shape's (the interpreter's under TRITON_INTERPRET), not autotuned: the forward's
+# partial buffers are laid out by BLOCK_M. A column block is BLOCK_M rows, swept in BLOCK_N-wide tiles.
+_triangular_forward_kernel = icon_symmetric_forward_kernel
+_triangular_merge_kernel = icon_symmetric_merge_kernel
+_triangular_backward_kernel = icon_symmetric_backward_kernel
+# Column blocks per program at most (program (I, c) takes every chunks-th block from I + c on): the
+# programs of row block 0 do this many block pairs, those of the last row blocks one or none.
+BLOCKS_PER_PROGRAM = 8
+# The forward's partial statistics of one panel of row blocks: 5 fp32 per (row block of the panel,
+# row) for the column side and per (row block, program, row of the block) for the row side. Panels
+# hold as many row blocks as fit in PANEL_BYTES (at least one): O(panel * N) memory, never
+# O(N^2 / BLOCK_M); e.g. 64 MiB holds the 128 row blocks of N = 8192 (one panel) and 25 of the
+# 1024 of N = 65536 (41 panels, 82 launches).
+PANEL_BYTES = 64 << 20
+STATISTICS = 5            # m, l, sum p s, sum s, sum p~ log p~ (the partials of symmetric_kernels.py)
+
+
+def triangular_shape(args, stage: str) -> tuple:
+    """The triangular kernels' launch: fixed_shape's tile with twice its warps. They hold more
+    than the plain kernels (the backward dX_I over its tiles and H^T X_I per tile, the forward
+    both sides' statistics): in the sm_90 cubins 8 warps spill about half of what 4 do (the
+    benchmark's InfoNCE, tests/test_triton_resources.py: the fp32 backward at 64 x 32 about 0.5-0.8
+    KB per thread instead of 1 KB, bf16 at 64 x 64 under 0.1 KB instead of 0.25, the forward none
+    instead of 136-176 B; the fp32 Student-t backward 1.2 KB instead of 2.1)."""
+    bm, bn, warps, stages = fixed_shape(args, stage)
+    return bm, bn, 2 * warps, stages
+
+
+def _triangular_shape(tensors, flags, stage: str) -> tuple:
+    if INTERPRET:
+        return INTERPRETER_SHAPE
+    return triangular_shape(dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"]), stage)
+
+
+def _chunks(n_blocks: int) -> int:
+    return max(1, triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM))
+
+
+def _triangular_arguments(tensors, sizes, flags) -> dict:
+    return dict(X=tensors["X"], XSQ=tensors["XSQ"], PRM=tensors["PRM"], LAB=tensors["LAB"], N=sizes["N"],
+                D=sizes["D"], stride_x=sizes["stride_x"], m_valid=sizes["m_valid"], alpha=sizes["alpha"],
+                KERNEL=flags["KERNEL"], EXCLUDE_SELF=flags["EXCLUDE_SELF"], BLOCK_D=flags["BLOCK_D"],
+                PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"], D_CHUNKED=flags["D_CHUNKED"])
+
+
+def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
+    """Fills loss and stats rows 0 and 1 as icon_forward_kernel's ONE_PASS Labels rows: per panel
+    of row blocks, the forward kernel's partials, then the merge into the running statistics
+    (which finishes the panel's row blocks)."""
+    n, dev = sizes["N"], tensors["X"].device
+    bm, bn, warps, stages = _triangular_shape(tensors, flags, "forward")
+    n_blocks = triton.cdiv(n, bm)
+    chunks = _chunks(n_blocks)
+    per_block = STATISTICS * 4 * (n + chunks * bm)
+    panel = max(1, min(n_blocks, PANEL_BYTES // per_block))
+    col_part = torch.empty(STATISTICS, panel, n, dtype=torch.float32, device=dev)
+    row_part = torch.empty(STATISTICS, panel, chunks, bm, dtype=torch.float32, device=dev)
+    run = torch.zeros(STATISTICS, n, dtype=torch.float32, device=dev)
+    run[0] = -1.0e30                    # symmetric_kernels.NO_MAX
+    arguments = _triangular_arguments(tensors, sizes, flags)
+    for block0 in range(0, n_blocks, panel):
+        blocks = min(panel, n_blocks - block0)
+        _triangular_forward_kernel[(blocks, chunks)](
+            **arguments, NORM=tensors["NORM"], COL_PART=col_part, ROW_PART=row_part, block0=block0,
+            panel_cap=panel, chunks=chunks, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        _triangular_merge_kernel[(n_blocks - block0,)](
+            COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n,
+            m_valid=sizes["m_valid"], alpha=sizes["alpha"], block0=block0, panel_blocks=blocks,
+            panel_cap=panel, chunks=chunks, KL=flags["KL"], BLOCK_M=bm, num_warps=4)
+
+
+def _triangular_backward(tensors, sizes, flags, stats, g):
+    """(dx, per-row dparam) of self mode from the triangular kernel, accumulated in fp32 with
+    atomics (their order, and so the last bits, may vary between runs on a GPU)."""
+    n, d, dev = sizes["N"], sizes["D"], tensors["X"].device
+    bm, bn, warps, stages = _triangular_shape(tensors, flags, "backward")
+    n_blocks = triton.cdiv(n, bm)
+    dx = torch.zeros(n, d, dtype=torch.float32, device=dev)
+    dprm = torch.zeros(n, dtype=torch.float32, device=dev)
+    grid = (n_blocks, _chunks(n_blocks), triton.cdiv(d, flags["BLOCK_D"]))
+    _triangular_backward_kernel[grid](**_triangular_arguments(tensors, sizes, flags), STATS=stats, GRAD=g, DX=dx,
+                                      DPRM=dprm, chunks=grid[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                      num_stages=stages)
+    return dx, dprm
 
 
 def _reduce_param(per_row, param):

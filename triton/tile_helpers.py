@@ -125,6 +125,22 @@ def shifted_param_grad(grad, s, aux, prm, shift, KERNEL: tl.constexpr):
 
 
 @triton.jit
+def grad_dot(w, b, PRECISION: tl.constexpr):
+    """w (fp32 gradient weights) times feature block b. For bf16 b, w is rounded to bf16 for the
+    tensor cores; fp16 would flush the tiny weights of a large batch to zero, so there b is
+    upcast instead."""
+    if b.dtype == tl.float16:
+        return tl.dot(w, b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+
+
+@triton.jit
+def finite_shift(lse):
+    """A row LSE as the shift of param_grad: 0 for a row without valid columns (LSE = -inf)."""
+    return tl.where(lse == float("-inf"), 0.0, lse)
+
+
+@triton.jit
 def valid_pairs(rows, cols, N, M, EXCLUDE_SELF: tl.constexpr):
     ok = (rows < N)[:, None] & (cols < M)[None, :]
     if EXCLUDE_SELF:

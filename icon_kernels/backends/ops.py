@@ -22,7 +22,7 @@ need_target_grad, and dparam may be zeros when need_param_grad is False (a float
 backend may skip that work). y_is_x says that x and y are one autograd input (self mode: y=None),
 whose gradient is dx + dy: a backend may then return that sum as dx and zeros as dy (the cpu
 op's symmetric schedule, csrc/cpu_symmetric_labels.h, forms it with one GEMM instead of two, and
-the triton backward with its row kernel alone, triton/launchers.py _symmetric).
+the triton backward with its triangular kernel, triton/launchers.py _symmetric).
 That schedule's forward keeps, for a Labels target, each LSE's rounding residual in stats row 2
 and its block size in row 3; its backward runs only after such a forward (it reads the record).
 For an Affinity target in self mode (SNE, t-SNE: csrc/cpu_symmetric_affinity.h) the cpu op keeps

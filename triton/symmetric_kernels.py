@@ -1,0 +1,258 @@
+"""Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target whose column labels
+are its rows', beta = 0, kl or cross_entropy, one kernel parameter (launchers._self_mode_labels).
+Then s_ij = s_ji, and each pair of row blocks (I, J), I <= J, is computed once.
+
+Blocks and tiles: row block I is BLOCK_M rows, and so is column block J (the same rows of x); a
+block pair is swept in BLOCK_M x BLOCK_N tiles (BLOCK_N divides BLOCK_M), so the tile shapes of
+the plain kernels serve here too. Program (I, c) of a launch takes the column blocks
+J = I + c, I + c + chunks, ... below n_blocks: a strided share, so that the programs of one row
+block have equal work and all of them can run at once.
+
+- ``icon_symmetric_forward_kernel``: one Gram tile feeds the row statistics of rows I over the
+  columns of J (the row side) and those of rows J over the columns of I (the column side, the
+  tile read down its columns; not on the diagonal block, where the row side already sees every
+  pair). The statistics are those of forward_kernels.icon_forward_kernel's ONE_PASS Labels
+  branch: running max m, sum of exps l, sum_j p s, sum_j s and sum_j p~ log p~. It runs over a
+  panel of row blocks block0 .. block0 + panel_blocks - 1 and writes partial statistics, no N x N
+  storage: the column side of rows J per (row block k of the panel) to COL_PART [5, panel_cap, N]
+  (statistics m, l, sum p s, sum s, sum p~ log p~ along the leading axis),
+  the row side per (k, c) to ROW_PART [5, panel_cap, chunks, BLOCK_M].
+- ``icon_symmetric_merge_kernel``: folds a panel's partials into the running statistics of every
+  row block at or after the panel (RUN [5, N]) with the online max rescaling; a row block of the
+  panel is then complete (every tile (I, R), I <= R, has been seen), and the program writes its
+  loss and stats rows 0 and 1 as the plain forward does.
+- ``icon_symmetric_backward_kernel``: from one recomputed tile S_IJ, row i's G_ij (with LSE_i) and
+  row j's G_ji (with LSE_j), H = G_IJ + G_JI^T, then dX_I += H X_J and dX_J += H^T X_I (the row-norm
+  correction of the distance kernels from H's row and column sums). On the diagonal block H is
+  G_II alone, every row's G from its own logits as in the forward (s_ij and s_ji of one fp32 tile
+  may differ in the last bit, and at logits of 1e5 and more that moves q by percents), and
+  dX_I += H X_I + H^T X_I. dX_I stays in registers over
+  the program's tiles; dX_J, and every sum across programs, is added to fp32 buffers with
+  atomics. dparam per row is the row's own term, sum_j G_ij ds_ij / dparam, as the plain row
+  kernel's (its s shifted by the row's LSE; the launcher sums the rows for the one parameter).
+
+GEMM-equivalents: the forward's Grams ½, the backward's S ½ plus H X_J and H^T X_I ½ each: 2
+instead of the plain 4. These kernels are launched with one tile shape (no autotuning: the
+panel's partial buffers are laid out by BLOCK_M, which the launcher must know before launching).
+Everything accumulates in fp32.
+"""
+import triton
+import triton.language as tl
+
+from .tile_helpers import (exp_, finite_shift, grad_dot, grad_weight, gram_block, load_rows, load_vec,
+                           pair_logits, param_grad, shifted_param_grad, valid_pairs)
+
+NO_MAX = tl.constexpr(-1.0e30)       # the running max of no column yet (as icon_forward_kernel's)
+
+
+@triton.jit
+def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr):
+    """The statistics of one tile along AXIS (1: the rows' over the tile's columns; 0: the
+    columns' over the tile's rows): max, sum of exps under it, sum p s, sum s, sum p~ log p~,
+    with p = 1/K where the labels match (k: K broadcast along AXIS). The max is at least NO_MAX,
+    so a line without a valid pair merges as (NO_MAX, 0)."""
+    s_m = tl.where(valid, s, float("-inf"))
+    m = tl.maximum(tl.max(s_m, AXIS), NO_MAX)
+    if AXIS == 1:
+        l = tl.sum(exp_(s_m - m[:, None]), 1)
+    else:
+        l = tl.sum(exp_(s_m - m[None, :]), 0)
+    p = tl.where(same, 1.0 / k, 0.0)
+    sum_ps = tl.sum(tl.where(p != 0.0, p * s, 0.0), AXIS)
+    p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+    ent = tl.sum(tl.where(p_mix != 0.0, p_mix * tl.log(p_mix), 0.0), AXIS)
+    sum_s = tl.sum(tl.where(valid, s, 0.0), AXIS)
+    return m, l, sum_ps, sum_s, ent
+
+
+@triton.jit
+def _merge(m, l, m2, l2):
+    """Two (max, sum of exps under it) pairs of the same rows as one."""
+    m_new = tl.maximum(m, m2)
+    return m_new, l * exp_(m - m_new) + l2 * exp_(m2 - m_new)
+
+
+@triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
+def icon_symmetric_forward_kernel(
+        X, XSQ, PRM, LAB, NORM, COL_PART, ROW_PART,
+        N, D, stride_x, m_valid, alpha, block0, panel_cap, chunks,
+        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
+    k = tl.program_id(0)                  # the row block's place in the panel
+    c = tl.program_id(1)                  # its share of the column blocks
+    I = block0 + k
+    rows = I * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    lab = tl.load(LAB + rows, mask=rows < N, other=0)
+    k_rows = load_vec(NORM, rows, N, 1.0)
+    m = tl.full([BLOCK_M], NO_MAX, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    sum_ps = tl.zeros([BLOCK_M], tl.float32)
+    sum_s = tl.zeros([BLOCK_M], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    col_stat = panel_cap * N              # the partials' stride from one statistic to the next
+    for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
+        for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            valid = valid_pairs(rows, cols, N, N, EXCLUDE_SELF)
+            y = load_rows(X, cols, N, stride_x, BLOCK_D, D, UPCAST, 0)
+            ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
+                            UPCAST, PRECISION)
+            s, aux = pair_logits(ab, x_sq, load_vec(XSQ, cols, N, 0.0), prm, KERNEL)
+            same = (lab[:, None] == tl.load(LAB + cols, mask=cols < N, other=0)[None, :]) & valid
+            t_m, t_l, t_ps, t_s, t_ent = _label_statistics(s, valid, same, k_rows[:, None], m_valid,
+                                                           alpha, 1)
+            m, l = _merge(m, l, t_m, t_l)
+            sum_ps += t_ps
+            sum_s += t_s
+            ent += t_ent
+            if J != I:        # rows J over the columns of I: this tile read down its columns
+                k_cols = load_vec(NORM, cols, N, 1.0)
+                c_m, c_l, c_ps, c_s, c_ent = _label_statistics(s, valid, same, k_cols[None, :], m_valid,
+                                                               alpha, 0)
+                at = COL_PART + k * N + cols
+                in_cols = cols < N
+                tl.store(at, c_m, mask=in_cols)
+                tl.store(at + col_stat, c_l, mask=in_cols)
+                tl.store(at + 2 * col_stat, c_ps, mask=in_cols)
+                tl.store(at + 3 * col_stat, c_s, mask=in_cols)
+                tl.store(at + 4 * col_stat, c_ent, mask=in_cols)
+    row_stat = panel_cap * chunks * BLOCK_M
+    at = ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(at, m)
+    tl.store(at + row_stat, l)
+    tl.store(at + 2 * row_stat, sum_ps)
+    tl.store(at + 3 * row_stat, sum_s)
+    tl.store(at + 4 * row_stat, ent)
+
+
+@triton.jit(do_not_specialize=["block0", "panel_blocks", "panel_cap", "chunks"])
+def icon_symmetric_merge_kernel(
+        COL_PART, ROW_PART, RUN, LOSS, STATS,
+        N, m_valid, alpha, block0, panel_blocks, panel_cap, chunks,
+        KL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program r: row block R = block0 + r. Its column-side partials come from the panel's row
+    blocks before it; if the panel holds R, its row-side partials too, and R is complete."""
+    R = block0 + tl.program_id(0)
+    rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < N
+    m = tl.load(RUN + rows, mask=in_rows, other=NO_MAX)
+    l = tl.load(RUN + N + rows, mask=in_rows, other=0.0)
+    sum_ps = tl.load(RUN + 2 * N + rows, mask=in_rows, other=0.0)
+    sum_s = tl.load(RUN + 3 * N + rows, mask=in_rows, other=0.0)
+    ent = tl.load(RUN + 4 * N + rows, mask=in_rows, other=0.0)
+    col_stat = panel_cap * N
+    for k in range(0, tl.minimum(panel_blocks, R - block0)):
+        at = COL_PART + k * N + rows
+        m, l = _merge(m, l, tl.load(at, mask=in_rows, other=NO_MAX),
+                      tl.load(at + col_stat, mask=in_rows, other=0.0))
+        sum_ps += tl.load(at + 2 * col_stat, mask=in_rows, other=0.0)
+        sum_s += tl.load(at + 3 * col_stat, mask=in_rows, other=0.0)
+        ent += tl.load(at + 4 * col_stat, mask=in_rows, other=0.0)
+    if R - block0 < panel_blocks:
+        row_stat = panel_cap * chunks * BLOCK_M
+        for c in range(0, chunks):
+            at = ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m, l = _merge(m, l, tl.load(at), tl.load(at + row_stat))
+            sum_ps += tl.load(at + 2 * row_stat)
+            sum_s += tl.load(at + 3 * row_stat)
+            ent += tl.load(at + 4 * row_stat)
+        # the finish of icon_forward_kernel's ONE_PASS Labels rows
+        lse = m + tl.log(l)
+        cross = (1.0 - alpha) * sum_ps + alpha / m_valid * sum_s - lse
+        if KL:
+            loss = ent - cross
+        else:
+            loss = -cross
+        tl.store(LOSS + rows, loss, mask=in_rows)
+        tl.store(STATS + rows, lse, mask=in_rows)
+        tl.store(STATS + N + rows, tl.full([BLOCK_M], 1.0, tl.float32), mask=in_rows)
+    else:
+        tl.store(RUN + rows, m, mask=in_rows)
+        tl.store(RUN + N + rows, l, mask=in_rows)
+        tl.store(RUN + 2 * N + rows, sum_ps, mask=in_rows)
+        tl.store(RUN + 3 * N + rows, sum_s, mask=in_rows)
+        tl.store(RUN + 4 * N + rows, ent, mask=in_rows)
+
+
+@triton.jit
+def _label_gradients(s, valid, same, lse, g, k, m_valid, alpha):
+    """g (q - p~) of the rows whose (LSE, upstream gradient, positive count) are lse, g, k, each
+    broadcast along the tile (rows i: [:, None], the G_ji of rows j: [None, :]); 0 off the valid
+    set and on rows left out (g = 0), as backward_kernels.tile_gradients and reverse_gradients."""
+    q = exp_(tl.where(valid, s - lse, float("-inf")))
+    p_mix = tl.where(valid, (1.0 - alpha) * tl.where(same, 1.0 / k, 0.0) + alpha / m_valid, 0.0)
+    return tl.where(valid & (g != 0.0), g * (q - p_mix), 0.0)
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def icon_symmetric_backward_kernel(
+        X, XSQ, PRM, LAB, STATS, GRAD, DX, DPRM,
+        N, D, stride_x, m_valid, alpha, chunks,
+        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
+    """Program (I, c, chunk of d): DX and DPRM are zeroed fp32 buffers that every program adds
+    into. With D_CHUNKED each chunk's program recomputes S over all of d (as the plain kernels)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
+    I = tl.program_id(0)
+    c = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
+    first = tl.program_id(2) == 0         # per-row dparam: from the first chunk's programs
+    rows = I * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < N
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, d0)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    lse = load_vec(STATS, rows, N, 0.0)
+    k_rows = load_vec(STATS + 2 * N, rows, N, 1.0)       # launchers.NORM_ROW: K_i
+    g = load_vec(GRAD, rows, N, 0.0)
+    lab = tl.load(LAB + rows, mask=in_rows, other=0)
+    dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    dprm = tl.zeros([BLOCK_M], tl.float32)
+    dk = d0 + tl.arange(0, BLOCK_D)
+    for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
+        for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            in_cols = cols < N
+            y = load_rows(X, cols, N, stride_x, BLOCK_D, D, UPCAST, d0)
+            y_sq = load_vec(XSQ, cols, N, 0.0)
+            lse_c = load_vec(STATS, cols, N, 0.0)
+            valid = valid_pairs(rows, cols, N, N, EXCLUDE_SELF)
+            ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
+                            UPCAST, PRECISION)
+            s, aux = pair_logits(ab, x_sq, y_sq, prm, KERNEL)
+            same = (lab[:, None] == tl.load(LAB + cols, mask=in_cols, other=0)[None, :]) & valid
+            grad_rows = _label_gradients(s, valid, same, lse[:, None], g[:, None], k_rows[:, None],
+                                         m_valid, alpha)
+            # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
+            # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
+            # bitwise symmetric), and reaches x_i through W^T below
+            grad_cols = tl.where(J != I, _label_gradients(s, valid, same, lse_c[None, :],
+                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
+                                                          load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
+                                                          m_valid, alpha), 0.0)
+            w = grad_weight(grad_rows + grad_cols, aux, prm, KERNEL)        # H's gradient weights
+            dx += grad_dot(w, y, PRECISION)
+            w_sum += tl.sum(w, 1)
+            dprm += param_grad(grad_rows, s, aux, prm, finite_shift(lse), KERNEL)
+            dy = grad_dot(tl.trans(w), x, PRECISION)                       # H^T X_I into the columns' rows
+            if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
+                dy -= tl.sum(w, 0)[:, None] * y.to(tl.float32)
+            tl.atomic_add(DX + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
+                          mask=in_cols[:, None] & (dk < D)[None, :], sem="relaxed")
+            if J != I:        # the columns' rows' own dparam terms G_ji
+                dprm_c = shifted_param_grad(tl.trans(grad_cols), tl.trans(s), tl.trans(aux),
+                                            load_vec(PRM, cols, N, 1.0), finite_shift(lse_c)[:, None], KERNEL)
+                tl.atomic_add(DPRM + cols, dprm_c, mask=in_cols & first, sem="relaxed")
+    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
+        dx -= w_sum[:, None] * x.to(tl.float32)
+    tl.atomic_add(DX + rows.to(tl.int64)[:, None] * D + dk[None, :], dx,
+                  mask=in_rows[:, None] & (dk < D)[None, :], sem="relaxed")
+    tl.atomic_add(DPRM + rows, dprm, mask=in_rows & first, sem="relaxed")
+
