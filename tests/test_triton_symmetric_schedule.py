@@ -5,6 +5,8 @@ parameter): each pair of row blocks once, the column-side statistics merged per 
 dL/dx from one kernel (the column kernel is not launched). Under TRITON_INTERPRET=1 without a GPU;
 fp32 against the float64 reference (test_backends_vs_reference.TRITON_F32), and against the plain
 schedule (ICON_KERNELS_SYMMETRIC=0)."""
+import os
+
 import pytest
 import torch
 
@@ -178,9 +180,10 @@ def test_plain_where_the_symmetry_breaks(monkeypatch):
 
 
 def test_the_forward_decides_from_its_own_arguments(monkeypatch):
-    """The forward op sees no autograd context: x and y one tensor (the same object or the same
-    data, shape and strides) run the triangular forward, another tensor with equal values does not;
-    its statistics are the plain forward's either way."""
+    """The forward op sees no autograd context: x and y one tensor object (the autograd layer's
+    y_is_x) run the triangular forward, which records its BLOCK_M in stats row 3; a view of x or a
+    copy is another tensor and runs the plain forward (row 3 zero). Rows 0-2 agree."""
+    from icon_kernels._triton import launchers
     from icon_kernels.backends.ops import forward_op
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
     device = device_of("triton")
@@ -195,8 +198,60 @@ def test_the_forward_decides_from_its_own_arguments(monkeypatch):
         return launches.count["_triangular_forward_kernel"], out
 
     (tri_same, same), (tri_view, view), (tri_copy, copy) = forward(x), forward(x.view(40, 6)), forward(x.clone())
-    assert (tri_same, tri_view, tri_copy) == (1, 1, 0)
+    assert (tri_same, tri_view, tri_copy) == (1, 0, 0)
+    block = launchers.INTERPRETER_SHAPE[0] if launchers.INTERPRET else None
+    assert torch.all(same[2][3] == same[2][3, 0]) and same[2][3, 0] >= 1
+    if block is not None:
+        assert same[2][3, 0] == block
+    assert torch.all(view[2][3] == 0) and torch.all(copy[2][3] == 0)
     for mine in (same, view):
         assert relative_error(mine[0], copy[0]) <= TRITON_F32
         assert torch.equal(mine[1], copy[1])
-        assert relative_error(mine[2], copy[2]) <= TRITON_F32
+        assert relative_error(mine[2][:3], copy[2][:3]) <= TRITON_F32
+
+
+def _huge_logit_run(x0, labels, y_of, upstream, device, switch_at_backward=None):
+    """(rows, dx) of icon_loss(x, y_of(x)) at tau = 0.01, the switch set to switch_at_backward
+    between forward and backward if given."""
+    x = x0.detach().clone().to(device).requires_grad_()
+    rows = ik.icon_loss(x, y_of(x), target=ik.Labels(labels.to(device)), temperature=0.01, backend="triton",
+                        reduction="none", exclude_self=True)
+    if switch_at_backward is not None:
+        os.environ["ICON_KERNELS_SYMMETRIC"] = switch_at_backward
+    (dx,) = torch.autograd.grad(rows, (x,), grad_outputs=upstream.to(device, rows.dtype))
+    return rows.detach().cpu(), dx.detach().cpu()
+
+
+@pytest.mark.parametrize("case", ["detached_y", "switch_off_at_backward", "switch_on_at_backward"])
+def test_the_backward_follows_its_forward(monkeypatch, case):
+    """At logits near 1e6 an ulp of s moves q by percents, so the backward must take each pair's
+    logit from the same tile orientation as the forward did. y = x.detach() (another tensor, no
+    y_is_x) runs plain in both passes; a switch changed between forward and backward does not change
+    the backward's schedule (the forward's record in stats row 3 decides). Each agrees with the
+    float64 reference on the same fp32 features."""
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
+    device = device_of("triton")
+    gen = torch.Generator().manual_seed(5)
+    n = 64                        # two row blocks of the interpreter's tile
+    x = (30 * torch.randn(n, 16, generator=gen, dtype=torch.float64)).float()   # as test_low_temperature_...
+    labels = torch.arange(n) // 2
+    upstream = torch.rand(n, generator=gen) + 0.5
+    launches = Launches(monkeypatch)
+    if case == "detached_y":
+        got = _huge_logit_run(x, labels, lambda t: t.detach(), upstream, device)
+        assert launches.triangular() == 0, launches.count
+    elif case == "switch_off_at_backward":
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "1")
+        got = _huge_logit_run(x, labels, lambda t: None, upstream, device, switch_at_backward="0")
+        assert launches.count["_triangular_backward_kernel"] == 1 and launches.count["_cols_kernel"] == 0
+    else:
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+        got = _huge_logit_run(x, labels, lambda t: None, upstream, device, switch_at_backward="1")
+        assert launches.triangular() == 0 and launches.count["_cols_kernel"] == 1, launches.count
+    xr = x.double().requires_grad_()
+    y_of = (lambda t: t.detach()) if case == "detached_y" else (lambda t: None)
+    want_rows = ik.icon_loss(xr, y_of(xr), target=ik.Labels(labels), temperature=0.01, backend="reference",
+                             reduction="none", exclude_self=True)
+    (want_dx,) = torch.autograd.grad(want_rows, (xr,), grad_outputs=upstream.double())
+    assert relative_error(got[0], want_rows.detach()) <= 1e-5      # test_low_temperature_and_huge_logits'
+    assert relative_error(got[1], want_dx) <= 1e-5

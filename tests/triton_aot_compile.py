@@ -180,9 +180,11 @@ def variants():
 def triangular_variants():
     """Self mode's triangular kernels (symmetric_kernels.py: Labels only, one pass): the distance
     kernels' row-norm correction, chunked d, fp16 (upcast gradient dots) and native bf16; the merge
-    kernel with kl and cross_entropy."""
+    kernel with kl and cross_entropy; the backward at d = 256 (MAX_BLOCK_D, one block of d), which
+    holds the most (fp32 Student-t 164 KB of shared memory at 32 x 32 on sm_90, fp16 115 KB)."""
     for kernel, dtype, chunked, block_d in ((0, "bfloat16", False, 128), (1, "float32", True, 128),
-                                            (2, "float16", False, 64)):
+                                            (2, "float16", False, 64), (3, "float32", False, 256),
+                                            (1, "float16", False, 256)):
         c = dict(KERNEL=kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
                  UPCAST=dtype == "float32", D_CHUNKED=chunked)
         tensors = {"X": [dtype, True], "LAB": ["int64", True]}

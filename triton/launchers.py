@@ -266,6 +266,7 @@ class BackwardArgs(NamedTuple):
 # (LSE) of a forward's stats is ever read (icon_kernels/backends/target_weight_grads.py, for a
 # target that requires grad); the loss itself drops them.
 NORM_ROW = 2
+TRIANGULAR_RECORD_ROW = 3   # a Labels forward's free row: the triangular forward's BLOCK_M, else 0
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -432,6 +433,7 @@ def _forward(op: OpArgs):
                 or op.f_divergence)
     if _one_input(op) and _self_mode_labels(op):      # (one pass: Labels, beta = 0, kl or cross_entropy)
         _triangular_forward(tensors, sizes, flags, loss, stats)
+        stats[TRIANGULAR_RECORD_ROW] = _triangular_tile(tensors, flags)[0]   # (the backward follows it)
     else:
         _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
                                        ONE_PASS=not two_pass, **flags)
@@ -498,7 +500,7 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    if _symmetric(op, saved, pairs, target_grad):
+    if _symmetric(op, saved, pairs, target_grad, _triangular_record(stats, tensors, flags)):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)
         dx, dprm = _triangular_backward(tensors, sizes, flags, stats, g)
@@ -530,30 +532,44 @@ def symmetric_schedule_enabled() -> bool:
     return value != "0"
 
 
-def _self_mode_labels(op: OpArgs) -> bool:
+def _self_mode_structure(op: OpArgs) -> bool:
     """Whether the loss has the triangular schedule's structure, y being x: a Labels target whose
     column labels are its rows', beta = 0, kl or cross_entropy, one kernel parameter (a per-row one
-    breaks s_ij = s_ji), and the switch on. Every kernel is symmetric when y is x (log_dot too)."""
+    breaks s_ij = s_ji). Every kernel is symmetric when y is x (log_dot too)."""
     if not (op.target == "labels" and op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
         return False
-    same = op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
-    return same and symmetric_schedule_enabled()
+    return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
+
+
+def _self_mode_labels(op: OpArgs) -> bool:
+    """Whether the forward runs the triangular schedule's structure: _self_mode_structure and the
+    switch on."""
+    return _self_mode_structure(op) and symmetric_schedule_enabled()
 
 
 def _one_input(op: OpArgs) -> bool:
-    """Whether the forward's x and y are one tensor. The forward op has no autograd context (the
-    backward's y_is_x): the same object, or the same data, shape, strides and dtype, as the cpu
-    op decides (csrc/cpu_problem.h self_pairs). Its statistics are the plain forward's either way,
-    so any backward may follow it."""
-    x, y = op.x, op.y
-    return x is y or (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
-                      and x.dtype == y.dtype)
+    """Whether the forward's x and y are one tensor: the same object, as the autograd layer's
+    y_is_x decides (ops.py: inputs[0] is inputs[1]), so that a triangular forward is followed by
+    the triangular backward. A y of the same data that is another tensor (x.detach(), a view) runs
+    the plain forward, whose statistics the plain backward reads: the row statistics of a
+    triangular forward take s_ji from the column side of a tile, which can differ from the plain
+    backward's s_ij in the last bit (fp32 dots are not symmetric in their rounding), and at logits
+    of 1e6 that moves q by percents."""
+    return op.x is op.y
 
 
-def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool) -> bool:
+def _triangular_record(stats, tensors, flags) -> bool:
+    """Whether the stats are a triangular forward's with the tile the backward launches (stats row
+    TRIANGULAR_RECORD_ROW holds its BLOCK_M; 0 after a plain forward)."""
+    return stats.shape[1] > 0 and float(stats[TRIANGULAR_RECORD_ROW, 0]) == _triangular_tile(tensors, flags)[0]
+
+
+def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool, recorded: bool) -> bool:
     """Whether the backward runs self mode's triangular schedule: x and y one autograd input
-    (y_is_x) and _self_mode_labels."""
-    return saved.y_is_x and pairs is None and not target_grad and _self_mode_labels(op)
+    (y_is_x), the structure, and a triangular forward with the same tile before it (recorded). The
+    backward follows its forward, never the switch at backward time: each block pair's logits must
+    be the very values (bitwise) that made the row statistics."""
+    return saved.y_is_x and pairs is None and not target_grad and recorded and _self_mode_structure(op)
 
 
 # --- self mode's triangular schedule (symmetric_kernels.py; DESIGN.md §1.3) ---------------------------
@@ -569,8 +585,9 @@ BLOCKS_PER_PROGRAM = 8
 # The forward's partial statistics of one panel of row blocks: 5 fp32 per (row block of the panel,
 # row) for the column side and per (row block, program, row of the block) for the row side. Panels
 # hold as many row blocks as fit in PANEL_BYTES (at least one): O(panel * N) memory, never
-# O(N^2 / BLOCK_M); e.g. 64 MiB holds the 128 row blocks of N = 8192 (one panel) and 25 of the
-# 1024 of N = 65536 (41 panels, 82 launches).
+# O(N^2 / BLOCK_M); at BLOCK_M = 64, 64 MiB holds the 128 row blocks of N = 8192 (one panel) and
+# 45 of the 1024 of N = 65536 (23 panels, 46 launches). Past N of about 3.3M one row block's
+# partials alone exceed it (a panel is never empty).
 PANEL_BYTES = 64 << 20
 STATISTICS = 5            # m, l, sum p s, sum s, sum p~ log p~ (the partials of symmetric_kernels.py)
 
@@ -592,6 +609,14 @@ def _triangular_shape(tensors, flags, stage: str) -> tuple:
     return triangular_shape(dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"]), stage)
 
 
+def _triangular_tile(tensors, flags) -> tuple:
+    """(BLOCK_M, BLOCK_N) of both triangular stages: the backward's (the one that holds more), so
+    that the forward's block pairs are the backward's and every pair's logits come from the same
+    tile orientation in both passes."""
+    bm, bn, _, _ = _triangular_shape(tensors, flags, "backward")
+    return bm, bn
+
+
 def _chunks(n_blocks: int) -> int:
     return max(1, triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM))
 
@@ -608,7 +633,8 @@ def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
     of row blocks, the forward kernel's partials, then the merge into the running statistics
     (which finishes the panel's row blocks)."""
     n, dev = sizes["N"], tensors["X"].device
-    bm, bn, warps, stages = _triangular_shape(tensors, flags, "forward")
+    _, _, warps, stages = _triangular_shape(tensors, flags, "forward")
+    bm, bn = _triangular_tile(tensors, flags)
     n_blocks = triton.cdiv(n, bm)
     chunks = _chunks(n_blocks)
     per_block = STATISTICS * 4 * (n + chunks * bm)
@@ -633,7 +659,8 @@ def _triangular_backward(tensors, sizes, flags, stats, g):
     """(dx, per-row dparam) of self mode from the triangular kernel, accumulated in fp32 with
     atomics (their order, and so the last bits, may vary between runs on a GPU)."""
     n, d, dev = sizes["N"], sizes["D"], tensors["X"].device
-    bm, bn, warps, stages = _triangular_shape(tensors, flags, "backward")
+    _, _, warps, stages = _triangular_shape(tensors, flags, "backward")
+    bm, bn = _triangular_tile(tensors, flags)
     n_blocks = triton.cdiv(n, bm)
     dx = torch.zeros(n, d, dtype=torch.float32, device=dev)
     dprm = torch.zeros(n, dtype=torch.float32, device=dev)
