@@ -59,7 +59,7 @@ ASAN_TESTS ?= tests/test_cpu_global_rows.py tests/test_joint_normalization.py te
               tests/test_cpu_row_paths.py tests/test_op_size_checks.py tests/test_cpu_row_chunks.py \
               tests/test_cpu_symmetric_schedule.py tests/test_cpu_symmetric_affinity.py \
               tests/test_cpu_symmetric_joint.py tests/test_cpu_symmetric_label_family.py \
-              tests/test_cpu_symmetric_affinity_family.py
+              tests/test_cpu_symmetric_affinity_family.py tests/test_cpu_symmetric_dense_neighbors.py
 asan: install-test
 	rm -rf $(ASAN_DIR) && git clone -q . $(ASAN_DIR)
 	cd $(ASAN_DIR) && ICON_KERNELS_SANITIZE=address ICON_KERNELS_NO_CUDA=1 $(abspath $(VPY)) setup.py -q build_ext --inplace

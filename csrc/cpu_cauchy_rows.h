@@ -34,6 +34,22 @@ inline double cauchy_logits_lse(const T* ab, T* s, const T* b_sq, T a_sq, int64_
   return std::log(total);   // log 0 = -inf; NaN stays NaN
 }
 
+// sum_j 1 / (1 + d²_j) over j != self of a row's Gram entries ab, blocked as cauchy_logits_lse's
+// sum, unlogged: the symmetric schedule merges a row's column blocks before its log
+// (cpu_symmetric_target_kl.h), with no logit formed.
+template <typename T>
+inline double cauchy_reciprocal_sum(const T* ab, const T* b_sq, T a_sq, int64_t self, int64_t m) {
+  double total = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T bt = 0;
+#pragma omp simd reduction(+ : bt)
+    for (int64_t j = j0; j < j1; ++j) bt += j != self ? T(1) / (T(1) + squared_distance(ab[j], a_sq, b_sq[j])) : T(0);
+    total += bt;
+  }
+  return total;
+}
+
 // The backward rows' reciprocals r = 1 / (1 + d²) of a row's Gram entries ab (0 at self).
 template <typename T>
 inline void cauchy_reciprocals(const T* ab, T* r, const T* b_sq, T a_sq, int64_t self, int64_t m) {
@@ -45,10 +61,12 @@ inline void cauchy_reciprocals(const T* ab, T* r, const T* b_sq, T a_sq, int64_t
 // What f_row gives forward KL and cross-entropy without beta in the backward (kRowLearned), from
 // the reciprocals: q = r e^{-lse} and q g = -p~ per column (0 at self; r is 0 there), and the
 // row sums gamma = sum q g, q_sum and p_sum. mv: the mixtures' size (alpha / mv is p~'s floor).
+// exp_neg_lse: e^{-LSE} (cauchy_learned_row's, or the symmetric schedule's from the LSE with its
+// rounding residual, so that the q of a row sum to 1 with no renormalisation).
 template <typename T>
-inline FRowSums cauchy_learned_row(const T* r, T lse, const T* p, int64_t self, int64_t m, T alpha, T mv,
-                                   T* q_out, T* qg) {
-  const T scale = std::exp(-lse), keep = T(1) - alpha, b = alpha / mv;
+inline FRowSums cauchy_learned_row_scaled(const T* r, T exp_neg_lse, const T* p, int64_t self, int64_t m, T alpha,
+                                          T mv, T* q_out, T* qg) {
+  const T scale = exp_neg_lse, keep = T(1) - alpha, b = alpha / mv;
   FRowSums out{0, 0, 0, 0, 0};
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
@@ -68,6 +86,12 @@ inline FRowSums cauchy_learned_row(const T* r, T lse, const T* p, int64_t self, 
     out.p_sum += p_sum;
   }
   return out;
+}
+
+template <typename T>
+inline FRowSums cauchy_learned_row(const T* r, T lse, const T* p, int64_t self, int64_t m, T alpha, T mv,
+                                   T* q_out, T* qg) {
+  return cauchy_learned_row_scaled<T>(r, std::exp(-lse), p, self, m, alpha, mv, q_out, qg);
 }
 
 // W = 2 G r in place of the row's Gram entries w, with G = scale (q g - q Gamma) and Gamma in two

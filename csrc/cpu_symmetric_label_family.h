@@ -1,17 +1,22 @@
 // The symmetric schedule (DESIGN.md §1.3) for the Labels targets on the family rows
 // (cpu_row_paths.h), in self mode: debiased InfoNCE / SupCon (beta > 0), the f-divergences off
 // their closed forms (alpha or beta > 0, or a kernel other than dot and Gaussian) and the kernels
-// the hot path lacks (Student-t: t-SimCLR; power). Each pair of row blocks I <= J is one Gram tile
-// S_IJ = X_I X_J^T, read by the rows of I and, column by column, by the rows of J
-// (for_each_family_row; the pair loop and H of cpu_tile_pairs.h).
+// the hot path lacks (Student-t: t-SimCLR; power); and for Dense and Neighbors targets (the kNN
+// graph) in self mode, every divergence, alpha and beta. Each pair of row blocks I <= J is one Gram
+// tile S_IJ = X_I X_J^T, read by the rows of I and, column by column, by the rows of J
+// (for_each_family_row; the pair loop and H of cpu_tile_pairs.h). Each row reads its own target
+// over the other block (cpu_target_segments.h: the one place that tells the targets apart), so the
+// sweeps below are one code for the three targets.
 //
 // A row's loss here needs its LSE before its pairs (log q~ is the log of a mixture, an
 // f-divergence's terms take q), so the forward sweeps the tile pairs twice:
 //   pass 1   each row's LSE merged online over its column blocks (add_lse_segment);
 //   pass 2   each row's divergence sums under it, block by block (f_row of cpu_f_rows.h: the loss,
 //            Gamma = sum_j q g and sum_j q over these very q).
-// Forward KL and cross-entropy without beta (Student-t, power) need pass 1 alone: their loss is
-// the hot path's closed form of the LSE and the label sums, and Gamma is -1.
+// Forward KL and cross-entropy without beta (Student-t, power; any kernel on Dense and Neighbors)
+// need pass 1 alone: their loss is a closed form of the LSE and the target's sums (the hot path's
+// for Labels, cpu_symmetric_target_kl.h's for Dense and Neighbors, which forms no logit per pair
+// for t-SNE's Cauchy kernel), and Gamma is -1.
 // The backward cannot take Gamma from a sweep of the whole row first (the plain backward does), so
 // the forward saves it: G_ij = g_i (1 - beta) (q_ij g_ij - q_ij Gamma_i) for both sides of the one
 // recomputed tile, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
@@ -32,7 +37,7 @@
 // (pair_record). Both pass 2 and the backward take q = exp((s - hi) - lo): they sum to 1 up to
 // each entry's rounding, and Gamma is the q-weighted mean of g over exactly the backward's q, so
 // sum_j G_ij = 0 up to those roundings with no row sweep. The plain forward leaves rows 2 and 3 at
-// 0 for a Labels target, so the backward runs this schedule only after its forward (the record
+// 0 for a Labels, Dense or Neighbors target, so the backward runs this schedule only after its forward (the record
 // and its block); the plain backward after this forward reads row 0 only and renormalises itself.
 #pragma once
 #include <ATen/ATen.h>
@@ -42,14 +47,18 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_cauchy_rows.h"
 #include "cpu_f_label_rows.h"   // label_neg_g, label_pos_d
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
 #include "cpu_problem.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_labels.h"
+#include "cpu_symmetric_target_kl.h"
+#include "cpu_target_segments.h"
 #include "cpu_tile_pairs.h"
 #include "divergence_math.h"
 
@@ -66,46 +75,61 @@ int64_t total_positives(const Problem<T>& pb) {
 }
 constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of logits in fp32, 32 in fp64
 
-// Whether pb has this schedule's structure: a plain Labels target (no joint normalisation) on the
-// family rows or the closed-form rows (cpu_f_label_rows.h: one sweep here, up to
-// kClosedFormPositives positive pairs; the hot path has its own schedule, cpu_symmetric_labels.h),
-// in self mode with one scalar parameter, the columns' labels the rows', a kernel other than log_dot.
+// Whether pb has this schedule's structure: self mode with one scalar parameter, a kernel other
+// than log_dot, conditional rows of a plain target (no joint normalisation, not symmetrised), and
+//   Labels     on the family rows or the closed-form rows (cpu_f_label_rows.h: one sweep here, up
+//              to kClosedFormPositives positive pairs; the hot path has its own schedule,
+//              cpu_symmetric_labels.h), the columns' labels the rows';
+//   Dense, Neighbors   every divergence, alpha and beta (they run the family rows only).
 template <typename T>
 bool symmetric_label_family_fit(const Problem<T>& pb) {
-  if (pb.target != kLabels || pb.global() || !pb.self_pairs || !pb.scalar_param || pb.n < 2) return false;
+  if (pb.global() || !pb.self_pairs || !pb.scalar_param || pb.n < 2 || pb.kernel == kLogDot) return false;
   const RowPath path = pb.row_path();
-  if (pb.kernel == kLogDot || (path != kFamilyRows && path != kLabelClosedFormRows)) return false;
-  if (!same_row_and_column_labels(pb)) return false;
-  // the closed-form rows keep every positive's logit until the LSE is known: at most
-  // kClosedFormPositives of them (few classes, K ~ N / 2, run the plain rows)
-  return path != kLabelClosedFormRows || total_positives(pb) <= kClosedFormPositives;
+  switch (pb.target) {
+    case kDense:
+    case kNeighbors: return path == kFamilyRows;
+    case kLabels:
+      if ((path != kFamilyRows && path != kLabelClosedFormRows) || !same_row_and_column_labels(pb)) return false;
+      // the closed-form rows keep every positive's logit until the LSE is known: at most
+      // kClosedFormPositives of them (few classes, K ~ N / 2, run the plain rows)
+      return path != kLabelClosedFormRows || total_positives(pb) <= kClosedFormPositives;
+    default: return false;   // Affinity: cpu_symmetric_affinity.h, cpu_symmetric_affinity_family.h
+  }
 }
+
+// The counter slots (cpu_symmetric_labels.h) of a target's forward; its backward's is the next.
+inline int family_schedule_counter(int target) { return target == kLabels ? 8 : 12; }
 
 template <typename T>
 bool symmetric_label_family_apply(const Problem<T>& pb) {
   return symmetric_label_family_fit(pb) && symmetric_schedule_enabled();
 }
 
-// A thread's row buffers (one block of columns each): logits, p, q, q g, and a row of J's Gram
-// entries gathered from the tile's column.
+// A thread's row buffers (one block of columns each): logits, p, log p~ (a Neighbors row's), q,
+// q g, and a row of J's Gram entries gathered from the tile's column.
 template <typename T>
 struct FamilyRowScratch {
-  std::vector<T> s, p, q, qg, col;
+  std::vector<T> s, p, lp, q, qg, col;
   explicit FamilyRowScratch(int64_t block)
-      : s(size_t(block)), p(size_t(block)), q(size_t(block)), qg(size_t(block)), col(size_t(block)) {}
+      : s(size_t(block)), p(size_t(block)), lp(size_t(block)), q(size_t(block)), qg(size_t(block)),
+        col(size_t(block)) {}
 };
 
 // row(seg, sr, ab, scratch) for every row of both sides of the tile pair (I, J), split across
-// threads, after the Gram tile (pair_gram, into buf, which the rows only read): ab the row's Gram
-// entries, scratch.s its logits (stored before anything reads them: an exp of an unstored product
-// would be contracted into an fma, and pass 2 and the backward must see the same logits). A row
-// of J gathers its entries from the tile's column in the thread that reads them (no transpose
-// pass, with its own parallel region, per tile pair). With w_out (the backward), ab is the row's
-// copy in w_out (rows of I, ni x nj) or wt_out (rows of J, nj x ni), which it overwrites with W;
-// without (the forward), the Gram row itself or the gathered column, read only.
-template <typename T, int K, typename F>
-void for_each_family_row(const LabelSide<T>& side, const KernelRow<T, K>& k_in, int64_t i0, int64_t i1, int64_t j0,
-                         int64_t j1, int64_t block, at::Tensor& buf, T* w_out, T* wt_out, F&& row) {
+// threads, after the Gram tile (pair_gram, into buf, which the rows only read): seg the row's
+// segment over the pair's other block (segs.segment: a LabelRow, or a ColumnSpan; segs also gives
+// the rows and their squared norms), ab the row's Gram entries, scratch.s its logits (stored
+// before anything reads them: an exp of an unstored product would be contracted into an fma, and
+// pass 2 and the backward must see the same logits; not formed without `logits`: the Cauchy rows
+// take reciprocals of the Gram entries). A row of J gathers its entries from the tile's column in
+// the thread that reads them (no transpose pass, with its own parallel region, per tile pair).
+// With w_out (the backward), ab is the row's copy in w_out (rows of I, ni x nj) or wt_out (rows of
+// J, nj x ni), which it overwrites with W; without (the forward), the Gram row itself or the
+// gathered column, read only.
+template <typename T, int K, typename Segs, typename F>
+void for_each_family_row(const Segs& side, const KernelRow<T, K>& k_in, int64_t i0, int64_t i1, int64_t j0,
+                         int64_t j1, int64_t block, at::Tensor& buf, T* w_out, T* wt_out, F&& row,
+                         bool logits = true) {
   const int64_t ni = i1 - i0, nj = j1 - j0;
   pair_gram<T>(side.rows, i0, i1, j0, j1, is_distance(K) ? side.sq : nullptr, buf);
   T* g_p = buf.template data_ptr<T>();
@@ -123,53 +147,35 @@ void for_each_family_row(const LabelSide<T>& side, const KernelRow<T, K>& k_in, 
         ab = wt_out != nullptr ? wt_out + c * ni : scratch.col.data();
         for (int64_t t = 0; t < ni; ++t) ab[t] = g_p[t * nj + c];
       }
-      kernel_logits<T, K>(k, ab, scratch.s.data(), side.sq + sr.col0, side.sq[sr.i], sr.len);
+      if (logits) kernel_logits<T, K>(k, ab, scratch.s.data(), side.sq + sr.col0, side.sq[sr.i], sr.len);
       row(side.segment(sr.i, sr.col0, sr.len), sr, ab, scratch);
     }
   });
 }
 
-// p over a row's column block: 1/K (inv) at the positives, 0 elsewhere and at the self column.
-template <typename T>
-void label_p_segment(const LabelRow& seg, T inv, T* p) {
-  const int64_t* c = seg.col_labels;
-  const int64_t label = seg.label, self = seg.self;
-#pragma omp simd
-  for (int64_t j = 0; j < seg.m; ++j) p[j] = c[j] == label && j != self ? inv : T(0);
-}
-
-// What both passes of a row read: its f_row (the LSE in two parts, the two levels of log p~), 1/K.
-template <typename T>
-struct FamilyRowsOfPairs {
-  std::vector<FRow<T>> f;
-  std::vector<T> inv_k;
-  std::vector<int64_t> k;
-};
-
-// The rows' FRow with the LSE hi (rounded to T) and lo (its residual), and 1/K.
-template <typename T>
-FamilyRowsOfPairs<T> family_rows_of_pairs(const Problem<T>& pb, const LabelSide<T>& side, const T* hi,
+// What both passes of a row read: its f_row with the LSE hi (rounded to T) and lo (its residual),
+// and a Labels row's two levels of log p~.
+template <typename T, typename Segs>
+std::vector<FRow<T>> family_rows_of_pairs(const Problem<T>& pb, const Segs& segs, const T* hi,
                                           const std::vector<T>& lo) {
-  FamilyRowsOfPairs<T> out;
-  out.k = side.positive_counts(pb.n);
-  out.f.resize(size_t(pb.n));
-  out.inv_k.resize(size_t(pb.n));
+  std::vector<FRow<T>> f(static_cast<size_t>(pb.n));
   for (int64_t i = 0; i < pb.n; ++i) {
-    const int64_t k = out.k[i];
-    out.f[i] = pb.f_row(i, nullptr, hi[i], nullptr, nullptr, T(0), 0.0, double(k));
-    out.f[i].lse_lo = lo[i];
-    out.inv_k[i] = k > 0 ? T(1.0 / double(k)) : T(0);   // as target_row's p
+    f[i] = pb.f_row(i, nullptr, hi[i], nullptr, nullptr, T(0), 0.0, segs.label_divisor(i));
+    f[i].lse_lo = lo[i];
   }
-  return out;
+  return f;
 }
 
-// Row i over one column block, as f_row takes it: the block's logits, p, length and self column.
-template <typename T>
-FRow<T> family_segment(const FamilyRowsOfPairs<T>& rows, const LabelRow& seg, int64_t i, FamilyRowScratch<T>& sc) {
-  label_p_segment<T>(seg, rows.inv_k[i], sc.p.data());
-  FRow<T> r = rows.f[i];
+// Row i over one column block, as f_row takes it: the block's logits, p (and log p~ where the
+// target has it per entry, when log_p), length and self column.
+template <typename T, typename Segs, typename Seg>
+FRow<T> family_segment(const std::vector<FRow<T>>& rows, const Segs& segs, const Seg& seg, int64_t i,
+                       FamilyRowScratch<T>& sc, bool log_p) {
+  segs.fill(i, seg, sc.p.data(), sc.lp.data(), log_p);
+  FRow<T> r = rows[i];
   r.s = sc.s.data();
   r.p = sc.p.data();
+  r.t = sc.lp.data();
   r.m = seg.m;
   r.self = seg.self;
   return r;
@@ -357,68 +363,81 @@ void closed_form_positives(int divergence, const LabelRow& seg, const KernelRow<
   }
 }
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(const Problem<T>& pb) {
-  const int64_t n = pb.n, block = pair_block(pb.tile, n);
-  const LabelSide<T> side = self_tile_pair(pb).side;
-  const auto opts = pb.x.options();
-  RowOutputs<T> out(n, opts);
-  T* st = out.st;
-  // the closed-form rows in one sweep where every row is finite (else the two sweeps below)
-  if (pb.row_path() == kLabelClosedFormRows && closed_form_forward(pb, side, block, &out)) {
-    count_schedule_call(pb.row_path(), n, 0, 8);
-    return out.tuple();
-  }
+// The sweeps of every row into out: pass 1 its LSE, pass 2 its divergence sums under it; or pass 1
+// alone for forward KL and cross-entropy without beta, whose loss is a closed form of the LSE and
+// the target's sums (Labels: the hot path's, label_row_loss; Dense and Neighbors:
+// target_kl_row_loss). Their Gamma is -sum_j p~ / sum_j q = -1 (q from the LSE in two parts sums
+// to 1 up to each entry's rounding).
+template <typename T, typename Segs>
+void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOutputs<T>* out) {
+  constexpr bool kLabelRows = Segs::kTarget == kLabels;
+  const int64_t n = pb.n;
+  T* st = out->st;
   std::vector<OnlineLabelRow<T>> acc(static_cast<size_t>(n));
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
-  // forward KL and cross-entropy without beta (Student-t, power): the loss is the label hot path's
-  // closed form of the row's LSE and label sums, one sweep; their Gamma is -sum_j p~ / sum_j q = -1
-  // (q from the LSE in two parts sums to 1 up to each entry's rounding)
   const bool one_pass = !pb.f_div && pb.beta == T(0);
-  at::Tensor buf = at::empty({block, block}, opts);
+  // the Cauchy rows' one sweep: reciprocals summed with no running max and no logit per pair
+  // (cpu_symmetric_target_kl.h), the max fixed at 0 (every e^s is at most 1)
+  const bool cauchy = !kLabelRows && one_pass && cauchy_target_rows(pb);
+  if (cauchy)
+    for (OnlineLabelRow<T>& a : acc) a.mx = T(0);
+  at::Tensor buf = at::empty({block, block}, pb.x.options());
   T* const no_out = nullptr;   // the forward reads the Gram entries only
   with_kernel(pb.kernel, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
-    // pass 1: the LSE of every row (s[self] becomes -inf in the scratch)
+    // pass 1: the LSE of every row (s[self] becomes -inf in the scratch), and in one_pass the sums
+    // of the closed form
     for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      for_each_family_row(side, k, i0, i1, j0, j1, block, buf, no_out, no_out,
-                          [&](const LabelRow& seg, const SideRow& sr, T*, FamilyRowScratch<T>& sc) {
-                            if (one_pass) add_label_segment<T>(seg, sc.s.data(), &acc[sr.i]);
-                            else add_lse_segment<T>(seg, sc.s.data(), &acc[sr.i]);
-                          });
+      for_each_family_row(segs, k, i0, i1, j0, j1, block, buf, no_out, no_out,
+                          [&](const auto& seg, const SideRow& sr, T* ab, FamilyRowScratch<T>& sc) {
+                            if (!one_pass) {
+                              add_lse_segment<T>(seg, sc.s.data(), &acc[sr.i]);
+                            } else if constexpr (kLabelRows) {
+                              add_label_segment<T>(seg, sc.s.data(), &acc[sr.i]);
+                            } else {
+                              add_target_kl_segment<T, K>(segs, sr.i, seg, k, ab, sc.s.data(), segs.sq + sr.col0,
+                                                          segs.sq[sr.i], cauchy, &acc[sr.i]);
+                            }
+                          }, !cauchy);
     });
-    std::vector<T> lo(static_cast<size_t>(n));
+    std::vector<double> lse(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
-      const double lse = online_lse(acc[i]);
-      st[i] = T(lse);
-      st[3 * n + i] = pair_record<T>(block, lse, st[i]);
+      lse[i] = online_lse(acc[i]);
+      st[i] = T(lse[i]);
+      st[3 * n + i] = pair_record<T>(block, lse[i], st[i]);
     }
     if (one_pass) {
       for (int64_t i = 0; i < n; ++i) {
-        const LabelSums<T> sums{st[i], T(acc[i].sum_s), T(acc[i].pos_s), acc[i].k};
-        out.inc_p[i] = label_row_loss<T>(side.segment(i, 0, 0), sums, pb.kl, &out.loss_p[i]);
+        if constexpr (kLabelRows) {
+          const LabelSums<T> sums{st[i], T(acc[i].sum_s), T(acc[i].pos_s), acc[i].k};
+          out->inc_p[i] = label_row_loss<T>(segs.segment(i, 0, 0), sums, pb.kl, &out->loss_p[i]);
+        } else {
+          out->inc_p[i] = target_kl_row_loss<T>(segs, i, acc[i], lse[i], pb.kl, &out->loss_p[i]);
+        }
         st[n + i] = T(-1);
       }
       return 0;
     }
+    std::vector<T> lo;
     recorded_pair_residuals(st, n, 0, &lo);   // lo as the backward decodes it
-    const FamilyRowsOfPairs<T> rows = family_rows_of_pairs(pb, side, st, lo);
-    // pass 2: the divergence sums under it
+    const std::vector<FRow<T>> rows = family_rows_of_pairs(pb, segs, st, lo);
+    // pass 2: the divergence sums under it (a Neighbors row's log p~ per entry: kSparseLogP)
+    const bool log_p = Segs::kLogP == kSparseLogP;
     for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      for_each_family_row(side, k, i0, i1, j0, j1, block, buf, no_out, no_out,
-                          [&](const LabelRow& seg, const SideRow& sr, T*, FamilyRowScratch<T>& sc) {
+      for_each_family_row(segs, k, i0, i1, j0, j1, block, buf, no_out, no_out,
+                          [&](const auto& seg, const SideRow& sr, T*, FamilyRowScratch<T>& sc) {
                             const int64_t i = sr.i;
-                            const FRow<T> r = family_segment(rows, seg, i, sc);
-                            const FRowSums f = f_row<T>(pb.divergence, r, kTwoLevelLogP, nullptr, nullptr);
+                            const FRow<T> r = family_segment(rows, segs, seg, i, sc, log_p);
+                            const FRowSums f = f_row<T>(pb.divergence, r, Segs::kLogP, nullptr, nullptr);
                             loss[i] += f.loss;
                             gamma[i] += f.gamma;
                             q_sum[i] += f.q_sum;
                           });
     });
     for (int64_t i = 0; i < n; ++i) {
-      out.inc_p[i] = rows.k[i] > 0 && pb.m_valid > 0;
-      out.loss_p[i] = out.inc_p[i] ? T(loss[i]) : T(0);
+      out->inc_p[i] = segs.has(i) && pb.m_valid > 0;
+      out->loss_p[i] = out->inc_p[i] ? T(loss[i]) : T(0);
       // Gamma as the q-weighted mean of g over the backward's very q (learned_backward)
       const double g_mean = q_sum[i] > 0 ? gamma[i] / q_sum[i] : gamma[i];
       st[n + i] = T(g_mean);
@@ -429,8 +448,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
     if (pb.row_path() == kLabelClosedFormRows) std::fill(st + 3 * n, st + 4 * n, T(0));
     return 0;
   });
-  // (closed-form rows here had a row that is not finite: they ran the family rows' two sweeps)
-  count_schedule_call(kFamilyRows, n, 0, 8);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(const Problem<T>& pb) {
+  const int64_t n = pb.n, block = pair_block(pb.tile, n);
+  RowOutputs<T> out(n, pb.x.options());
+  // the Dense and Neighbors rows' sum p~ log p~: only the one sweep's forward KL reads it
+  const bool with_entropy = pb.kl && pb.beta == T(0);
+  with_target_segments(pb, with_entropy, [&](const auto& segs) {
+    using Segs = std::decay_t<decltype(segs)>;
+    if constexpr (Segs::kTarget == kLabels) {
+      // the closed-form rows in one sweep where every row is finite (else the two sweeps)
+      if (pb.row_path() == kLabelClosedFormRows && closed_form_forward(pb, segs, block, &out)) {
+        count_schedule_call(pb.row_path(), n, 0, family_schedule_counter(kLabels));
+        return 0;
+      }
+    }
+    family_sweeps(pb, segs, block, &out);
+    // (closed-form rows here had a row that is not finite: they ran the family rows' two sweeps)
+    count_schedule_call(kFamilyRows, n, 0, family_schedule_counter(Segs::kTarget));
+    return 0;
+  });
   return out.tuple();
 }
 
@@ -442,22 +481,30 @@ int64_t recorded_label_family_block(const T* st, int64_t n, std::vector<T>* lo) 
 }
 
 // stats: the forward's (T, contiguous); block and lo: recorded_label_family_block's.
-template <typename T>
-std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
-                                                        const at::Tensor& valid, const at::Tensor& stats,
-                                                        bool param_grad, int64_t block, const std::vector<T>& lo) {
+template <typename T, typename Segs>
+std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, const at::Tensor& grad_rows,
+                                        const at::Tensor& valid, const at::Tensor& stats, bool param_grad,
+                                        int64_t block, const std::vector<T>& lo) {
+  constexpr bool kLabelRows = Segs::kTarget == kLabels;
   const int64_t n = pb.n;
-  const LabelSide<T> side = self_tile_pair(pb).side;
   const auto opts = pb.x.options();
   const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
-  const FamilyRowsOfPairs<T> rows = family_rows_of_pairs(pb, side, st, lo);
+  const std::vector<FRow<T>> rows = family_rows_of_pairs(pb, segs, st, lo);
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T keep_q = T(1) - pb.beta;
   const bool dist = is_distance(pb.kernel);
   // the closed-form rows' one sweep keeps Gamma - c (closed_form_negatives)
-  const bool closed = pb.row_path() == kLabelClosedFormRows;
+  const bool closed = kLabelRows && pb.row_path() == kLabelClosedFormRows;
+  // t-SNE's Cauchy rows where dL/ds needs no log q (forward KL, cross-entropy without beta, no dof
+  // gradient): q = r e^{-LSE} and W = 2 G r from one reciprocal per pair, as the plain rows'
+  const bool cauchy = !kLabelRows && !param_grad && !pb.f_div && pb.beta == T(0) && pb.kernel == kStudentT &&
+                      prm == T(1);
+  // the f-divergences read log p~; KL's and cross-entropy's dL/ds is -p~ q / q~ (no log p)
+  const bool log_p = pb.f_div && Segs::kLogP == kSparseLogP;
+  std::vector<T> exp_neg_lse(cauchy ? size_t(n) : 0);   // e^{-LSE} from the LSE and its residual
+  for (size_t i = 0; i < exp_neg_lse.size(); ++i) exp_neg_lse[i] = T(std::exp(-(double(st[i]) + double(lo[i]))));
   auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
   const size_t np = param_grad ? size_t(n) : 0;
   std::vector<double> dp(np), gs(np), qb(np), qs(np);   // a row's dL/dparam sums (centred_sum)
@@ -471,31 +518,44 @@ std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, co
         constexpr bool PARAM = decltype(with_param)::value, Q_ZERO_GRAD = decltype(zero_at_q0)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           // W_IJ in w_buf and W_JI in wt_buf, in place of their Gram entries
-          for_each_family_row(side, k, i0, i1, j0, j1, block, buf, w_buf.template data_ptr<T>(),
+          for_each_family_row(segs, k, i0, i1, j0, j1, block, buf, w_buf.template data_ptr<T>(),
                               wt_buf.template data_ptr<T>(),
-                              [&](const LabelRow& seg, const SideRow& sr, T* ab, FamilyRowScratch<T>& sc) {
+                              [&](const auto& seg, const SideRow& sr, T* ab, FamilyRowScratch<T>& sc) {
             const int64_t i = sr.i;
             if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
               std::fill(ab, ab + seg.m, T(0));
               return;
             }
-            if (closed) {
-              closed_form_negatives<T>(seg, sc.s.data(), st[i], lo[i], sc.q.data(), sc.qg.data());
-            } else {
-              const FRow<T> r = family_segment(rows, seg, i, sc);
-              f_row<T>(pb.divergence, r, kTwoLevelLogP, sc.qg.data(), nullptr, sc.q.data());
+            const double row_gamma = double(st[n + i]) + double(st[2 * n + i]);
+            if (cauchy) {   // W = 2 G r in place of the Gram entries; r = 0 at the self column
+              segs.fill(i, seg, sc.p.data(), sc.lp.data(), false);
+              cauchy_reciprocals<T>(ab, sc.s.data(), segs.sq + sr.col0, segs.sq[i], seg.self, seg.m);
+              cauchy_learned_row_scaled<T>(sc.s.data(), exp_neg_lse[i], sc.p.data(), seg.self, seg.m, pb.alpha,
+                                           pb.mix_size(), sc.q.data(), sc.qg.data());
+              cauchy_learned_backward<T>(ab, sc.s.data(), sc.q.data(), sc.qg.data(), seg.m, g[i] * keep_q,
+                                         row_gamma);
+              if (i0 == j0 && seg.self < 0) ab[i - sr.col0] = T(0);   // the kept self pair (below)
+              return;
+            }
+            if constexpr (kLabelRows) {
+              if (closed) closed_form_negatives<T>(seg, sc.s.data(), st[i], lo[i], sc.q.data(), sc.qg.data());
+            }
+            if (!closed) {
+              const FRow<T> r = family_segment(rows, segs, seg, i, sc, log_p);
+              f_row<T>(pb.divergence, r, Segs::kLogP, sc.qg.data(), nullptr, sc.q.data());
             }
             // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
             if (seg.self >= 0) ab[seg.self] = T(0);
-            const double row_gamma = double(st[n + i]) + double(st[2 * n + i]);
             const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
-                KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), side.sq + sr.col0, side.sq[i],
+                KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), segs.sq + sr.col0, segs.sq[i],
                 seg.m, g[i] * keep_q, row_gamma, finite_shift(st[i]));
             ParamSums pos_sums;
-            if (closed)
-              closed_form_positives<T, K, PARAM>(pb.divergence, seg, KernelRow<T, K>(prm), ab, sc.s.data(),
-                                                 double(st[i]) + double(lo[i]), rows.k[i], -row_gamma,
-                                                 double(g[i] * keep_q), finite_shift(st[i]), &pos_sums);
+            if constexpr (kLabelRows) {
+              if (closed)
+                closed_form_positives<T, K, PARAM>(pb.divergence, seg, KernelRow<T, K>(prm), ab, sc.s.data(),
+                                                   double(st[i]) + double(lo[i]), segs.k[i], -row_gamma,
+                                                   double(g[i] * keep_q), finite_shift(st[i]), &pos_sums);
+            }
             // a distance kernel's kept self pair (d^2 = 0 exactly, pair_gram): its dX term is
             // W_ii (x_i - x_i) = 0, so W_ii = 0; formed as H_ii x_i - diag(H 1)_i x_i, the power
             // kernel's W_ii = G n / eps (~1e12) left its rounding (its dL/dparam term stays)
@@ -506,22 +566,31 @@ std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, co
               qb[i] += sums.q_basis + pos_sums.qb;
               qs[i] += sums.q_sum + pos_sums.qs;
             }
-          });
-          add_h_tile<T>(side.rows, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
+          }, !cauchy);
+          add_h_tile<T>(segs.rows, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
         });
         return 0;
       });
     });
   });
-  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * side.rows;
+  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * segs.rows;
   auto dprm = at::zeros({n}, opts.dtype(at::kDouble));
   if (param_grad) {
     double* p = dprm.template data_ptr<double>();
     const double scale = param_scale<double>(pb.kernel, prm);
     for (int64_t i = 0; i < n; ++i) p[i] = scale * centred_sum(dp[i], gs[i], qb[i], qs[i]);
   }
-  count_schedule_call(pb.row_path(), n, 1, 9);
+  count_schedule_call(pb.row_path(), n, 1, family_schedule_counter(Segs::kTarget) + 1);
   return {dfeat, at::zeros({pb.m, pb.d}, opts), dprm, at::Tensor(), at::Tensor(), at::Tensor()};
+}
+
+template <typename T>
+std::vector<at::Tensor> symmetric_label_family_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
+                                                        const at::Tensor& valid, const at::Tensor& stats,
+                                                        bool param_grad, int64_t block, const std::vector<T>& lo) {
+  return with_target_segments(pb, false, [&](const auto& segs) {
+    return family_backward(pb, segs, grad_rows, valid, stats, param_grad, block, lo);
+  });
 }
 
 }  // namespace cpu

@@ -47,10 +47,11 @@ inline bool symmetric_schedule_enabled() {
 // Calls of the tile-pair schedules since the last read: the symmetric schedule's forward (0) and
 // backward (1), the bidirectional ops' (2, 3; cpu_bidirectional_labels.cpp), the symmetric
 // Affinity schedule's (4, 5; cpu_symmetric_affinity.h), joint t-SNE's (6, 7;
-// cpu_symmetric_joint.h), the label family schedule's (8, 9; cpu_symmetric_label_family.h) and the
-// Affinity family schedule's (10, 11; cpu_symmetric_affinity_family.h).
+// cpu_symmetric_joint.h), the label family schedule's (8, 9; cpu_symmetric_label_family.h), the
+// Affinity family schedule's (10, 11; cpu_symmetric_affinity_family.h) and the family schedule's on
+// Dense and Neighbors targets (12, 13; cpu_symmetric_label_family.h as well).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
-constexpr int kSymmetricCounters = 12;
+constexpr int kSymmetricCounters = 14;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
   static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;

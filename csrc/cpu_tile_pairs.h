@@ -160,9 +160,10 @@ void add_label_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
 
 // add_label_segment without the label sums, for a row whose loss takes its pairs under the LSE
 // (cpu_symmetric_label_family.h): the running max and sum of exps. A NaN logit makes the sum NaN,
-// also in a block without a finite logit.
-template <typename T>
-void add_lse_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
+// also in a block without a finite logit. seg: any row segment with m and self (a LabelRow, or a
+// Dense or Neighbors row's ColumnSpan).
+template <typename T, typename Seg>
+void add_lse_segment(const Seg& seg, T* s, OnlineLabelRow<T>* acc) {
   const T inf = std::numeric_limits<T>::infinity();
   if (seg.self >= 0) s[seg.self] = -inf;
   const T mx = row_max(s, seg.m);

@@ -32,7 +32,8 @@ For the other Labels members in self mode (beta > 0, f-divergences, Student-t:
 csrc/cpu_symmetric_label_family.h) the cpu op keeps Gamma_i (sum_j q g / sum_j q) in rows 1 and 2
 (high and low parts; Gamma_i - c = -D_i on the closed-form tv / hellinger / js / chi2 rows, whose
 forward leaves no record where a row is not finite) and in row 3 the record 8 * block + LSE's
-residual in units of the last place of row 0.
+residual in units of the last place of row 0; so do Dense and Neighbors targets in self mode (the
+same schedule; Gamma_i = -1 for forward KL and cross-entropy without beta).
 For the other Affinity members in self mode (f-divergences, alpha or beta > 0:
 csrc/cpu_symmetric_affinity_family.h) the cpu op keeps Gamma_i in row 1 and in row 3 the record
 8 * block + LSE^p's residual in units of the last place of row 2 (rows 0 and 2 as the plain

@@ -1,0 +1,265 @@
+// The target row of row i over one column block [col0, col0 + len), for the symmetric schedule's
+// family rows (cpu_symmetric_label_family.h): a tile pair's rows of I read their targets over the
+// columns J and its rows of J theirs over the columns I, but each side always reads its OWN row's
+// target, so no transposed view of the target is needed. One instantiation per target:
+//   LabelSegments     p = 1/K at the positives (the labels of the block's columns);
+//   DenseSegments     p = w[i, col0:col0+len] over the row's total (directly addressable);
+//   NeighborSegments  the row's k entries, sorted by column with repeats merged once, filtered to
+//                     the block (a binary search and a walk: no per-block scan of the k list).
+// Each gives p exactly as target_row (cpu_problem.h) forms the whole row (the same roundings), and
+// log p~ as the plain family rows take it (log_p_mode_of: two levels, sparse entries, the log of
+// p~ per pair in f_row), so that the symmetric and plain schedules agree to the last bits that a
+// reordered sum allows. with_target_segments is the one switch from a target code to an
+// instantiation; it ends in an error.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "cpu_f_rows.h"
+#include "cpu_label_rows.h"
+#include "cpu_problem.h"
+#include "cpu_symmetric_labels.h"   // self_tile_pair
+#include "cpu_tile_pairs.h"
+#include "op_codes.h"
+
+namespace icon {
+namespace cpu {
+
+// A row over one column block: the block's first column, its length and the row's self column in
+// it (or -1), as f_row and add_lse_segment read a row.
+struct ColumnSpan {
+  int64_t col0, m, self;
+};
+
+inline ColumnSpan column_span(bool exclude_self, int64_t i, int64_t col0, int64_t len) {
+  return {col0, len, exclude_self && i >= col0 && i < col0 + len ? i - col0 : -1};
+}
+
+// Labels: the rows' labels are the columns' (self mode); the geometry of LabelSide, the positive
+// counts and 1/K as target_row's p.
+template <typename T>
+struct LabelSegments : LabelSide<T> {
+  static constexpr int kTarget = kLabels;
+  static constexpr int kLogP = kTwoLevelLogP;
+  std::vector<int64_t> k;
+  std::vector<T> inv_k;
+  LabelSegments(const LabelSide<T>& side, int64_t n) : LabelSide<T>(side), k(side.positive_counts(n)), inv_k(size_t(n)) {
+    for (int64_t i = 0; i < n; ++i) inv_k[i] = k[i] > 0 ? T(1.0 / double(k[i])) : T(0);   // as target_row's p
+  }
+  bool has(int64_t i) const { return k[i] > 0; }
+  double label_divisor(int64_t i) const { return double(k[i]); }
+  // p over the block: 1/K at the positives, 0 elsewhere and at the self column (log p~ has two
+  // levels, from FRow's log_pos and log_zero: lp is not written)
+  void fill(int64_t i, const LabelRow& seg, T* p, T*, bool) const {
+    const int64_t* c = seg.col_labels;
+    const int64_t label = seg.label, self = seg.self;
+    const T inv = inv_k[i];
+#pragma omp simd
+    for (int64_t j = 0; j < seg.m; ++j) p[j] = c[j] == label && j != self ? inv : T(0);
+  }
+};
+
+// What every non-label instantiation shares: the rows (x, contiguous, in T), their squared norms
+// (zeros unless the kernel is a distance), the self rule, and each row's target total (double, as
+// target_row sums it) with whether it has any mass (a NaN total keeps its row: NaN loss).
+template <typename T>
+struct WeightSegmentsBase {
+  at::Tensor rows;
+  const T* sq;
+  bool exclude_self;
+  T alpha, b;                  // p~ = (1 - alpha) p + b, b = alpha / M'
+  int64_t m_valid;
+  std::vector<double> total;
+  std::vector<char> has_mass;
+  std::vector<double> entropy;   // sum_j p~ log p~ over the valid columns (forward KL only)
+  explicit WeightSegmentsBase(const Problem<T>& pb)
+      : rows(pb.x), sq(pb.x_sq.template data_ptr<T>()), exclude_self(pb.exclude_self), alpha(pb.alpha),
+        b(pb.alpha / pb.mix_size()), m_valid(pb.m_valid), total(size_t(pb.n)), has_mass(size_t(pb.n)) {}
+  ColumnSpan segment(int64_t i, int64_t col0, int64_t len) const { return column_span(exclude_self, i, col0, len); }
+  bool has(int64_t i) const { return has_mass[i] != 0; }
+  double label_divisor(int64_t) const { return 0.0; }
+  // log p~ as the plain rows take it for a pair of p~ = pm (T): -inf at 0
+  static T log_mix(T pm) { return pm == T(0) ? -std::numeric_limits<T>::infinity() : T(std::log(pm)); }
+};
+
+// Dense: p = w_ij / W_i over j != self (W_i the row's total over its valid columns).
+template <typename T>
+struct DenseSegments : WeightSegmentsBase<T> {
+  static constexpr int kTarget = kDense;
+  static constexpr int kLogP = kLogOfP;
+  const T* w;
+  int64_t m;
+  DenseSegments(const Problem<T>& pb, bool with_entropy)
+      : WeightSegmentsBase<T>(pb), w(pb.dense.template data_ptr<T>()), m(pb.m) {
+    if (with_entropy) this->entropy.assign(size_t(pb.n), 0.0);
+    const T keep = T(1) - this->alpha, b = this->b;
+    at::parallel_for(0, pb.n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t self = this->exclude_self ? i : -1;
+        const T* wi = w + i * m;
+        double total = 0;   // blocked as target_row's
+        for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+          const int64_t j1 = std::min(m, j0 + kSumBlock);
+          T bt = 0;
+#pragma omp simd reduction(+ : bt)
+          for (int64_t j = j0; j < j1; ++j) bt += j != self ? wi[j] : T(0);
+          total += bt;
+        }
+        this->total[i] = total;
+        this->has_mass[i] = total != 0;
+        if (!with_entropy || total == 0) continue;
+        double ent = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          if (j == self) continue;
+          const T pm = keep * T(double(wi[j]) / total) + b;
+          if (pm != T(0)) ent += double(pm) * double(this->log_mix(pm));
+        }
+        this->entropy[i] = ent;
+      }
+    });
+  }
+  // p over the block, one division in double per pair as target_row's (0 for a row without mass,
+  // which is left out); log p~ is f_row's own (kLogOfP): lp is not written
+  void fill(int64_t i, const ColumnSpan& seg, T* p, T*, bool) const {
+    const T* wi = w + i * m + seg.col0;
+    if (!this->has(i)) {
+      std::fill(p, p + seg.m, T(0));
+      return;
+    }
+    const double by = this->total[i];
+    for (int64_t j = 0; j < seg.m; ++j) p[j] = T(double(j != seg.self ? wi[j] : T(0)) / by);
+  }
+  // sum_j p_ij s_ij over the block's valid columns where p != 0 (an s of -inf at p = 0 adds
+  // nothing, as f_row's select); logit(j): the logit of the block's column j
+  template <typename F>
+  double p_dot(int64_t i, const ColumnSpan& seg, F&& logit) const {
+    if (!this->has(i)) return 0.0;
+    const T* wi = w + i * m + seg.col0;
+    const double by = this->total[i];
+    double out = 0;
+    for (int64_t j = 0; j < seg.m; ++j) {
+      const T pj = T(double(j != seg.self ? wi[j] : T(0)) / by);
+      if (pj != T(0)) out += double(pj) * double(logit(j));
+    }
+    return out;
+  }
+};
+
+// Neighbors: each row's valid entries (0 <= j < M, j != i when self pairs are excluded; -1 pads),
+// sorted by column with repeats merged: their weights added in T in the order of the row's list,
+// as target_row's scatter adds them, then divided by the row's total in double. An entry's log p~
+// is neighbor_log_p's; off the entries p = 0 and log p~ = log(alpha / M') (-inf at alpha = 0).
+template <typename T>
+struct NeighborSegments : WeightSegmentsBase<T> {
+  static constexpr int kTarget = kNeighbors;
+  static constexpr int kLogP = kSparseLogP;
+  int64_t k;                      // slots per row: the entries of row i are [i k, i k + count[i])
+  std::vector<int64_t> count, col;
+  std::vector<T> p, lp;
+  T lp_off;
+  NeighborSegments(const Problem<T>& pb, bool with_entropy)
+      : WeightSegmentsBase<T>(pb), k(pb.nbr_index.size(1)), count(size_t(pb.n)), col(size_t(pb.n * k)),
+        p(size_t(pb.n * k)), lp(size_t(pb.n * k)), lp_off(WeightSegmentsBase<T>::log_mix(this->b)) {
+    if (with_entropy) this->entropy.assign(size_t(pb.n), 0.0);
+    const int64_t m = pb.m;
+    const int64_t* idx_all = pb.nbr_index.template data_ptr<int64_t>();
+    const T* w_all = pb.nbr_weight.template data_ptr<T>();
+    const T keep = T(1) - this->alpha, b = this->b;
+    at::parallel_for(0, pb.n, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> order(static_cast<size_t>(k));
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t self = this->exclude_self ? i : -1;
+        const int64_t* idx = idx_all + i * k;
+        const T* w = w_all + i * k;
+        int64_t valid = 0;
+        double total = 0;
+        for (int64_t c = 0; c < k; ++c)
+          if (idx[c] >= 0 && idx[c] < m && idx[c] != self) {
+            order[valid++] = c;
+            total += w[c];
+          }
+        // stable: repeats keep the list's order, so their sum in T is the scatter's
+        std::stable_sort(order.begin(), order.begin() + valid, [&](int64_t a, int64_t c) { return idx[a] < idx[c]; });
+        int64_t n_e = 0;
+        int64_t* cols = col.data() + i * k;
+        T* ps = p.data() + i * k;
+        for (int64_t e = 0; e < valid; ++e) {
+          const int64_t c = order[e];
+          if (n_e > 0 && cols[n_e - 1] == idx[c]) {
+            ps[n_e - 1] += w[c];
+          } else {
+            cols[n_e] = idx[c];
+            ps[n_e++] = T(0) + w[c];
+          }
+        }
+        count[i] = n_e;
+        this->total[i] = total;
+        this->has_mass[i] = total != 0;
+        T* lps = lp.data() + i * k;
+        double ent = 0;
+        for (int64_t e = 0; e < n_e; ++e) {
+          if (total != 0) ps[e] = T(double(ps[e]) / total);   // one rounding, as target_row
+          const T pm = keep * ps[e] + b;
+          lps[e] = this->log_mix(pm);
+          if (pm != T(0)) ent += double(pm) * double(lps[e]);
+        }
+        // the uniform remainder: M' - (distinct entries) columns at p~ = b
+        if (with_entropy && b > T(0)) ent += double(this->m_valid - n_e) * double(b) * double(lp_off);
+        if (with_entropy) this->entropy[i] = ent;
+      }
+    });
+  }
+  // The entries of row i inside the block: [first, last) of its sorted slots.
+  std::pair<int64_t, int64_t> entries_in(int64_t i, const ColumnSpan& seg) const {
+    const int64_t* c0 = col.data() + i * k;
+    const int64_t* c1 = c0 + count[i];
+    const int64_t* first = std::lower_bound(c0, c1, seg.col0);
+    const int64_t* last = std::lower_bound(first, c1, seg.col0 + seg.m);
+    return {i * k + (first - c0), i * k + (last - c0)};
+  }
+  // p (and, with log_p, log p~) over the block. A row whose total is NaN has p = NaN on every
+  // column (target_row divides every column by it).
+  void fill(int64_t i, const ColumnSpan& seg, T* p_out, T* lp_out, bool log_p) const {
+    const bool nan_row = std::isnan(this->total[i]);
+    std::fill(p_out, p_out + seg.m, nan_row ? std::numeric_limits<T>::quiet_NaN() : T(0));
+    if (log_p) std::fill(lp_out, lp_out + seg.m, lp_off);
+    if (!this->has(i)) return;
+    const auto range = entries_in(i, seg);
+    for (int64_t e = range.first; e < range.second; ++e) {
+      p_out[col[e] - seg.col0] = p[e];
+      if (log_p) lp_out[col[e] - seg.col0] = lp[e];
+    }
+  }
+  // sum_e p_e s_e over the row's entries in the block where p != 0; logit(j) the logit of the
+  // block's column j (only the entries' logits are formed)
+  template <typename F>
+  double p_dot(int64_t i, const ColumnSpan& seg, F&& logit) const {
+    if (!this->has(i)) return 0.0;
+    const auto range = entries_in(i, seg);
+    double out = 0;
+    for (int64_t e = range.first; e < range.second; ++e)
+      if (p[e] != T(0)) out += double(p[e]) * double(logit(col[e] - seg.col0));
+    return out;
+  }
+};
+
+// f(segments) for the target of pb in self mode: Labels (the rows' labels the columns'), Dense or
+// Neighbors; with_entropy: the Dense and Neighbors rows' sum p~ log p~ (the one-sweep forward KL).
+template <typename T, typename F>
+decltype(auto) with_target_segments(const Problem<T>& pb, bool with_entropy, F&& f) {
+  switch (pb.target) {
+    case kLabels: return f(LabelSegments<T>(self_tile_pair(pb).side, pb.n));
+    case kDense: return f(DenseSegments<T>(pb, with_entropy));
+    case kNeighbors: return f(NeighborSegments<T>(pb, with_entropy));
+    default: TORCH_CHECK(false, "icon_kernels cpu: no symmetric family rows for target code ", pb.target);
+  }
+}
+
+}  // namespace cpu
+}  // namespace icon
