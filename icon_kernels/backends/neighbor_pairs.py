@@ -70,6 +70,17 @@ def entropy_correction(idx: torch.Tensor, weights: torch.Tensor, alpha: float, m
     return torch.where(used, p_mix * torch.log(p_mix) - b_log_b, 0.0).sum(1)
 
 
+def _add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """out[index[r]] += rows[r], the same bits every run. On CUDA index_add_ adds colliding rows
+    with atomics in a varying order (an opcheck of the Triton backend failed on the H200 by 2.4e-7
+    between two identical runs), while index_put_ with accumulate sorts the indices first; on the
+    CPU it is the other way round (index_put_ accumulates in parallel, index_add_ in order)."""
+    if out.is_cuda:
+        out.index_put_((index,), rows, accumulate=True)
+    else:
+        out.index_add_(0, index, rows)
+
+
 def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
           s: torch.Tensor, aux: torch.Tensor, param: torch.Tensor, shift: torch.Tensor):
     """Pull dL/ds on the pairs (N, k) back to (dX (N, d), dY (M, d), dparam per row (N,)).
@@ -97,10 +108,7 @@ def chain(kernel: str, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, idx
             rows_part -= w.sum(1, keepdim=True) * a
             cols_part -= w[:, :, None] * b
         dx[r0:r1] = rows_part
-        # index_put_ with accumulate sorts the indices on CUDA: the same sum order every run,
-        # where index_add_'s atomics gave dY different last bits from run to run (an opcheck
-        # of the Triton backend failed on the H200 by 2.4e-7 on one of two identical runs)
-        dy.index_put_((col_idx.reshape(-1),), cols_part.reshape(-1, x.shape[1]), accumulate=True)
+        _add_rows(dy, col_idx.reshape(-1), cols_part.reshape(-1, x.shape[1]))
     return dx, dy, dparam
 
 
