@@ -1,10 +1,15 @@
-"""Build script: the fused C++ CPU kernels and, where a CUDA toolkit and a CUDA build of torch
-are present, the CUDA kernels (csrc/) become the extension icon_kernels._C.
+"""Build script: two extensions from csrc/.
+
+- icon_kernels._C: the fused C++ CPU kernels.
+- icon_kernels._C_cuda: the CUDA kernels, where a CUDA toolkit and a CUDA build of torch are
+  present (a GPU is not needed to build them).
 
 Built ahead of time with torch.utils.cpp_extension (ninja makes it fast), which needs torch at
-build time: install with `pip install --no-build-isolation -e .`. Set ICON_KERNELS_NO_EXT=1 to
-skip the extension; the package then runs without the `cpu` backend and says why. The Triton
-kernels are JIT-compiled at run time.
+build time: install with `pip install --no-build-isolation -e .`. The Triton kernels are
+JIT-compiled at run time. Switches (the package runs without what was skipped and says why):
+ICON_KERNELS_NO_EXT=1 builds neither extension, ICON_KERNELS_NO_CUDA=1 skips _C_cuda, and
+ICON_KERNELS_NO_CPU_EXT=1 skips _C: bench/gpu_check.sh builds only the CUDA kernels, because the
+GPU machine's compiler did not finish the CPU kernels within its time (2026-12-04: over 220 s).
 """
 import os
 
@@ -23,22 +28,23 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     # flags are read anywhere); with trapping math GCC keeps them slow (vlog: 10 ns vs 1.3 ns a pair)
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
-    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_bidirectional_labels.cpp", "csrc/cpu_ops.cpp"]
-    # CUDA kernels whenever a toolkit and a CUDA build of torch are present, GPU or not.
-    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    with_cuda = bool(torch.version.cuda and nvcc and os.environ.get("ICON_KERNELS_NO_CUDA") != "1")
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")   # Ampere + Hopper; user value wins
-        ext_modules.append(cpp_extension.CUDAExtension(
-            "icon_kernels._C", sources + ["csrc/cuda_loss.cu"],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp"] + sanitizer_flags,
-        ))
-    else:
+    sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_bidirectional_labels.cpp", "csrc/cpu_ops.cpp",
+               *(f"csrc/cpu_schedule_{name}.cpp" for name in ("labels", "label_family", "affinity", "affinity_family",
+                                                              "joint"))]   # (cpu_schedule_instances.h)
+    if os.environ.get("ICON_KERNELS_NO_CPU_EXT") != "1":
         ext_modules.append(cpp_extension.CppExtension(
             "icon_kernels._C", sources, extra_compile_args=cxx_flags,
             extra_link_args=["-fopenmp"] + sanitizer_flags,
         ))
-    cmdclass["build_ext"] = cpp_extension.BuildExtension
+    # CUDA kernels whenever a toolkit and a CUDA build of torch are present, GPU or not.
+    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda and nvcc and os.environ.get("ICON_KERNELS_NO_CUDA") != "1":
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")   # Ampere + Hopper; user value wins
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "icon_kernels._C_cuda", ["csrc/cuda_loss.cu", "csrc/cuda_module.cpp"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        ))
+    if ext_modules:
+        cmdclass["build_ext"] = cpp_extension.BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

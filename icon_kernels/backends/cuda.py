@@ -1,12 +1,13 @@
-"""Registration of the fused CUDA backend (csrc/cuda_loss.cu, compiled into icon_kernels._C
-whenever a CUDA toolkit and a CUDA build of torch were present at install, GPU or not)."""
+"""Registration of the fused CUDA backend (csrc/cuda_loss.cu, compiled into the extension
+icon_kernels._C_cuda whenever a CUDA toolkit and a CUDA build of torch were present at install,
+GPU or not; it does not need the CPU kernels' extension icon_kernels._C)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from . import cpu as cpu_backend
 from .ops import register_backend
 
 _REASON: Optional[str] = "not registered"
@@ -24,13 +25,18 @@ def has_cuda_kernels() -> bool:
 def register() -> None:
     """Defines icon_kernels::cuda_forward/_backward; usable with CUDA kernels and a device."""
     global _REASON
-    if cpu_backend.unavailable_reason() is not None:      # the same extension carries both
-        _REASON = cpu_backend.unavailable_reason()
+    try:
+        from .. import _C_cuda  # noqa: F401 - importing it registers the CUDA kernels
+    except ImportError as exc:
+        skipped = [name for name in ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CUDA") if os.environ.get(name) == "1"]
+        _REASON = ("the CUDA extension icon_kernels._C_cuda is not built"
+                   + (f" ({skipped[0]}=1)" if skipped else " (it needs a CUDA toolkit and a CUDA build of torch "
+                      "at install time)")
+                   + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
         return
     register_backend("cuda")
-    if not has_cuda_kernels():
-        _REASON = ("icon_kernels._C was built without CUDA kernels (no CUDA toolkit or a CPU-only "
-                   "torch at install time)")
+    if not has_cuda_kernels():     # (a module without the kernels' registration: a broken build)
+        _REASON = "icon_kernels._C_cuda registered no CUDA kernel for icon_kernels::cuda_forward"
     elif not torch.cuda.is_available():
         _REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
     else:
