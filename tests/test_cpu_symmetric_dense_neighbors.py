@@ -156,16 +156,19 @@ def test_one_row(target):
         _close(got, want, 1e-12)
 
 
-KERNELS32 = [("dot", 0.05, 3.0), ("gaussian", 0.5, 1.0), ("student_t", 1.0, 3.0), ("student_t", 5.0, 3.0),
-             ("power", 2.0, 1.0)]
+# (kernel, parameter, logit scale, parameter gradient). student_t with dof 1 both ways: without a
+# dof gradient the Cauchy reciprocals run forward (alpha = 0) and backward; with one, the forward's
+# LSE from the reciprocal sums meets a backward that forms every logit.
+KERNELS32 = [("dot", 0.05, 3.0, True), ("gaussian", 0.5, 1.0, True), ("student_t", 1.0, 3.0, False),
+             ("student_t", 1.0, 3.0, True), ("student_t", 5.0, 3.0, True), ("power", 2.0, 1.0, True)]
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("kernel,param,scale", KERNELS32)
+@pytest.mark.parametrize("kernel,param,scale,param_grad", KERNELS32)
 @pytest.mark.parametrize("divergence,alpha,beta", [("kl", 0.0, 0.0), ("cross_entropy", 0.1, 0.0),
                                                    ("kl", 0.1, 0.2), ("js", 0.1, 0.0)])
-def test_float32_within_twice_the_plain_schedules_error(monkeypatch, target, kernel, param, scale, divergence, alpha,
-                                                        beta):
+def test_float32_within_twice_the_plain_schedules_error(monkeypatch, target, kernel, param, scale, param_grad,
+                                                        divergence, alpha, beta):
     """No row sweep renormalises the backward's q: the LSE's residual (the record in stats row 3)
     and Gamma over exactly those q keep fp32 within twice the plain schedule's error (which
     renormalises each row), with logits up to 1e3. Blocks of 20+ rows run the SIMD body."""
@@ -176,8 +179,7 @@ def test_float32_within_twice_the_plain_schedules_error(monkeypatch, target, ker
     tgt64 = TARGETS[target](n, gen, k=15) if target == "neighbors" else TARGETS[target](n, gen)
     tgt32 = (ik.Neighbors(tgt64.indices, tgt64.weights.float()) if target == "neighbors"
              else ik.Dense(tgt64.p.float()))
-    options = dict(param=param, divergence=divergence, alpha=alpha, beta=beta, param_grad=kernel != "student_t"
-                   or param != 1.0)
+    options = dict(param=param, divergence=divergence, alpha=alpha, beta=beta, param_grad=param_grad)
     exact = _run(x, tgt64, kernel, "reference", upstream, **options)
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
     plain = _run(x.float(), tgt32, kernel, "cpu", upstream, **options)
