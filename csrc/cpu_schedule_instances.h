@@ -1,9 +1,11 @@
 #pragma once
 // The symmetric schedules' entry points, instantiated for float and double once each in a
-// translation unit of their own (cpu_schedule_<name>.cpp) and declared `extern template` in
-// cpu_loss.cpp, which calls them. One cpu_loss.cpp that instantiated all of them compiled for
-// 7 minutes (422 s with -O3 -march=native on the 2-core Zen 3 VM, 2026-12-04), longer than the
-// GPU machine's build step allowed; split, the units build in parallel.
+// translation unit of their own (cpu_schedule_<name>.cpp; the two largest, label_family and
+// affinity_family, one unit per element type) and declared `extern template` in cpu_loss.cpp,
+// which calls them. One cpu_loss.cpp that instantiated all of them compiled for 7 minutes (422 s
+// with -O3 -march=native on the 2-core Zen 3 VM, 2026-12-04); split, the units build in
+// parallel on a machine with the cores (the total compile time grows: each unit compiles the
+// row helpers it uses).
 //
 // ICON_<NAME>_SCHEDULE(PREFIX, T): PREFIX is `template` (the definition's unit) or `extern template`.
 

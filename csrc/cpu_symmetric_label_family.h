@@ -98,7 +98,14 @@ bool symmetric_label_family_fit(const Problem<T>& pb) {
 }
 
 // The counter slots (cpu_symmetric_labels.h) of a target's forward; its backward's is the next.
-inline int family_schedule_counter(int target) { return target == kLabels ? 8 : 12; }
+inline int family_schedule_counter(int target) {
+  switch (target) {
+    case kLabels: return 8;      // label_family_forward
+    case kDense:
+    case kNeighbors: return 12;  // target_family_forward
+    default: TORCH_CHECK(false, "icon_kernels: no symmetric family schedule counter for target code ", target);
+  }
+}
 
 template <typename T>
 bool symmetric_label_family_apply(const Problem<T>& pb) {

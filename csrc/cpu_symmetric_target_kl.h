@@ -12,6 +12,7 @@
 // running max (cpu_cauchy_rows.h), and its backward takes q = r e^{-LSE} and W = 2 G r from one
 // reciprocal per pair (cauchy_learned_row_scaled, cauchy_learned_backward).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <limits>
 

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "icon_kernels"
 CORE, BACKENDS, SIDE, PRESETS, API = range(5)
 LAYER_OF_TOP_MODULE = {"targets": CORE, "families": CORE, "validation": CORE, "reduction": CORE,
                        "target_adapters": CORE,
-                       "_C": BACKENDS, "_triton": BACKENDS, "backends": BACKENDS,
+                       "_C": BACKENDS, "_C_cuda": BACKENDS, "_triton": BACKENDS, "backends": BACKENDS,
                        "helpers": SIDE, "distributed": SIDE, "presets": PRESETS,
                        "functional": API, "modules": API, "env_report": API, "__main__": API,
                        "__init__": API}
@@ -29,8 +29,8 @@ def placement(module: str):
     if len(parts) == 1:
         return API, "icon_kernels"
     top = parts[1]
-    subpackage = {"_C": "backends", "_triton": "backends"}.get(top, top)   # the compiled kernels
-    if len(parts) == 2 and top not in ("backends", "helpers", "distributed", "presets", "_C", "_triton"):
+    subpackage = {"_C": "backends", "_C_cuda": "backends", "_triton": "backends"}.get(top, top)   # the compiled kernels
+    if len(parts) == 2 and top not in ("backends", "helpers", "distributed", "presets", "_C", "_C_cuda", "_triton"):
         subpackage = "core" if LAYER_OF_TOP_MODULE[top] == CORE else "api"
     return LAYER_OF_TOP_MODULE[top], subpackage
 
@@ -57,7 +57,7 @@ def package_imports(path: Path, text: str):
                 candidate = f"{source}.{alias.name}"
                 where = PACKAGE.parent / Path(*candidate.split("."))
                 is_module = (where.with_suffix(".py").exists() or where.is_dir()
-                             or candidate == "icon_kernels._C")     # the built extension
+                             or candidate in ("icon_kernels._C", "icon_kernels._C_cuda"))   # the built extensions
                 yield (candidate if is_module else source), node.lineno
 
 

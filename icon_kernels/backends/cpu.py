@@ -19,11 +19,13 @@ def register() -> None:
     bidirectional label ops); their CPU kernels come from icon_kernels._C."""
     global _REASON
     try:
-        from .. import _C  # noqa: F401 - importing it registers the C++ kernels
+        # (absolute: a missing module then reads "No module named ...", where `from .. import`
+        # reads "cannot import name ... (most likely due to a circular import)")
+        import icon_kernels._C  # noqa: F401 - importing it registers the C++ kernels
     except ImportError as exc:
-        skipped = os.environ.get("ICON_KERNELS_NO_EXT") == "1"
+        skipped = [name for name in ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CPU_EXT") if os.environ.get(name) == "1"]
         _REASON = ("the C++ extension icon_kernels._C is not built"
-                   + (" (ICON_KERNELS_NO_EXT=1)" if skipped else "")
+                   + (f" ({skipped[0]}=1)" if skipped else "")
                    + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
         return
     register_backend("cpu")

@@ -26,7 +26,9 @@ def register() -> None:
     """Defines icon_kernels::cuda_forward/_backward; usable with CUDA kernels and a device."""
     global _REASON
     try:
-        from .. import _C_cuda  # noqa: F401 - importing it registers the CUDA kernels
+        # (absolute: a missing module then reads "No module named ...", where `from .. import`
+        # reads "cannot import name ... (most likely due to a circular import)")
+        import icon_kernels._C_cuda  # noqa: F401 - importing it registers the CUDA kernels
     except ImportError as exc:
         skipped = [name for name in ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CUDA") if os.environ.get(name) == "1"]
         _REASON = ("the CUDA extension icon_kernels._C_cuda is not built"
