@@ -32,7 +32,7 @@ install-bench: $(VENV)/.installed-bench
 install-examples: $(VENV)/.installed-examples
 
 test: install-test
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=25 tests
 
 bench: install-bench
 	$(VPY) bench/run_bench.py $(BENCH_ARGS)

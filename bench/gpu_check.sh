@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1                    # a killed step still shows what it
 # name:limit in seconds. The build is the CUDA extension alone (setup.py: ICON_KERNELS_NO_CPU_EXT=1):
 # one nvcc unit, 98 s for two architectures on the 2-core VM. On 2026-12-04 the GPU machine's
 # build of both extensions was still compiling the CPU kernels after 150 s and again after 220 s
-# (cpu_loss.cpp, then one unit of 422 s here; now split in six). The tests' Triton compiles are
+# (cpu_loss.cpp, one unit of 422 s on the 2-core VM). The tests' Triton compiles are
 # counted by --plan (tests/gpu_selection.py holds their budget; 122 s on 8 workers on 2026-12-04);
 # the benchmark also gets whatever the earlier steps left unused.
 STEPS="build:180 tests:200 memcheck:40 racecheck:40 bench:80"

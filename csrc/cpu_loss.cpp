@@ -41,14 +41,6 @@
 #include "cpu_symmetric_label_family.h"
 #include "cpu_symmetric_labels.h"
 #include "tile_math.h"
-#include "cpu_schedule_instances.h"
-
-// the schedules' float and double instances live in cpu_schedule_*.cpp (cpu_schedule_instances.h)
-namespace icon {
-namespace cpu {
-ICON_ALL_SCHEDULES(extern template)
-}  // namespace cpu
-}  // namespace icon
 
 namespace icon {
 namespace {
