@@ -138,7 +138,7 @@ if command -v setsid > /dev/null && command -v pkill > /dev/null; then
   setsid nice -n 19 bash -c 'trap "echo stopped by gpu_check" TERM; t0=$(date +%s); timeout -k 5 "$1" \
       env ICON_KERNELS_NO_CUDA=1 MAX_JOBS=4 "$2" setup.py -q build_ext --build-lib "$3/lib" --build-temp "$3/tmp"
     echo "rc $? after $(( $(date +%s) - t0 )) s"; g++ --version | head -n 1
-    echo "ninja log (start ms, end ms, mtime, output, hash):"; cat "$3/tmp/.ninja_log"' cpu-build \
+    echo "ninja log (start ms, end ms, mtime, output, hash):"; cat "$3"/tmp/*/.ninja_log' cpu-build \
     "$(( $(limit_of tests) + 10 ))" "$PY" "$cpu_build_dir" > "$OUT/cpu_ext_build.log" 2>&1 &
   cpu_build_pid=$!
 fi
