@@ -29,9 +29,10 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     # flags are read anywhere); with trapping math GCC keeps them slow (vlog: 10 ns vs 1.3 ns a pair)
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
-    # cpu_loss.cpp is one unit of 422 s on the 2-core VM (2026-12-04). Splitting its symmetric
-    # schedules into units of their own was measured the same day and dropped: their shared row
-    # helpers then compile in every unit, and the 2-core build took 509-525 s instead of ~450 s.
+    # cpu_loss.cpp is one unit of 422 s on the 2-core VM (2026-12-04). Two splits were measured
+    # the same day and dropped: by schedule (their shared row helpers then compile in every unit;
+    # clean 2-core build 509-525 s instead of ~450 s), and by element type (float 317 s, double
+    # 227 s, the dispatching unit 58 s: clean build 433 s, within the noise of ~450 s).
     sources = ["csrc/cpu_loss.cpp", "csrc/cpu_label_blocks.cpp", "csrc/cpu_bidirectional_labels.cpp", "csrc/cpu_ops.cpp"]
     if os.environ.get("ICON_KERNELS_NO_CPU_EXT") != "1":
         ext_modules.append(cpp_extension.CppExtension(
