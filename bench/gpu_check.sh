@@ -11,7 +11,10 @@
 # after every row (5 files in all, 8 come back).
 #
 #   bash bench/gpu_check.sh --plan   # no GPU needed: the steps, their limits, the number of GPU
-#                                    # tests and of the Triton compiles they trigger (~1 min)
+#                                    # tests and of the Triton compiles they trigger (~2.5 min:
+#                                    # it runs the selection under the interpreter)
+#   bash bench/gpu_check.sh --plan KEYS.json   # the same with the keys already recorded by
+#                                    # tests/compile_keys.py (tests/conftest.py does it in `make test`)
 #   bash bench/gpu_check.sh          # on a machine without CUDA: prints a skip and exits 0
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +56,10 @@ plan() {
   # shellcheck disable=SC2086
   collected=$("$PY" -m pytest --collect-only -q -p no:cacheprovider $TEST_FILES 2>/dev/null | grep -c "::")
   echo "  GPU tests        ${collected} collected here (a GPU adds the cuda-backend cases of test_ops.py)"
+  if [ -n "${1:-}" ]; then                   # keys recorded elsewhere
+    "$PY" tests/gpu_selection.py --budget-line "$1" "$PYTEST_WORKERS"
+    return $?
+  fi
   local keys; keys=$(mktemp)
   # shellcheck disable=SC2086
   TRITON_INTERPRET=1 "$PY" tests/compile_keys.py "$keys" -q -p no:cacheprovider $TEST_FILES >/dev/null 2>&1
@@ -63,7 +70,7 @@ plan() {
 }
 
 if [ "${1:-}" = "--plan" ]; then
-  plan
+  plan "${2:-}"
   exit $?
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then

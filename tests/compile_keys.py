@@ -69,6 +69,7 @@ class Recorder:
 
     def __init__(self):
         self.keys: dict[str, dict] = {}
+        self.enabled = True             # tests/conftest.py records only the GPU selection's tests
         self._run = None
 
     def install(self):
@@ -76,8 +77,9 @@ class Recorder:
         recorder = self
 
         def run(kernel, *args, **kwargs):
-            key = launch_key(kernel, kwargs)
-            recorder.keys.setdefault(json.dumps(key, sort_keys=True), key)
+            if recorder.enabled:
+                key = launch_key(kernel, kwargs)
+                recorder.keys.setdefault(json.dumps(key, sort_keys=True), key)
             return recorder._run(kernel, *args, **kwargs)
 
         InterpretedFunction.run = run
@@ -89,6 +91,13 @@ class Recorder:
     def distinct(self) -> list[dict]:
         return [self.keys[k] for k in sorted(self.keys)]
 
+    def write(self, out: str, pytest_exit: int) -> int:
+        """Writes ``{"pytest_exit", "keys"}`` (what ``gpu_selection.budget_line`` reads)."""
+        keys = self.distinct()
+        with open(out, "w") as f:
+            json.dump({"pytest_exit": int(pytest_exit), "keys": keys}, f, indent=1)
+        return len(keys)
+
 
 def main(argv):
     import pytest
@@ -99,10 +108,8 @@ def main(argv):
         code = pytest.main(pytest_args)
     finally:
         recorder.uninstall()
-    keys = recorder.distinct()
-    with open(out, "w") as f:
-        json.dump({"pytest_exit": int(code), "keys": keys}, f, indent=1)
-    print(f"compile_keys: {len(keys)} distinct Triton compile keys, pytest exit {int(code)}")
+    count = recorder.write(out, int(code))
+    print(f"compile_keys: {count} distinct Triton compile keys, pytest exit {int(code)}")
     return 0
 
 

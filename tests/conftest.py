@@ -10,7 +10,10 @@ if not torch.cuda.is_available():
 import pytest
 
 import gpu_selection
+import selection_keys
 from icon_kernels.backends import blockwise as torch_backend
+
+_selection_record = None       # selection_keys.SelectionRecord of this session, or None
 
 
 def pytest_report_header(config):
@@ -21,8 +24,44 @@ def pytest_report_header(config):
     return [f"icon_kernels: triton backend unavailable: {why}"] if why else []
 
 
+def pytest_configure(config):
+    global _selection_record
+    _selection_record = selection_keys.start_recording()
+
+
+def pytest_unconfigure(config):
+    if _selection_record is not None:
+        _selection_record.recorder.uninstall()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The GPU selection's compile keys are recorded while its tests run (selection_keys.py)."""
+    record = _selection_record
+    if record is not None:
+        record.start(item.nodeid)
+    try:
+        yield
+    finally:
+        if record is not None:
+            record.stop()
+
+
+def pytest_runtest_logreport(report):
+    if _selection_record is not None:
+        _selection_record.report(report)
+
+
+@pytest.fixture
+def selection_record(request):
+    """What this session recorded of the GPU selection (selection_keys.SelectionRecord), or None."""
+    return _selection_record
+
+
 def pytest_collection_modifyitems(config, items):
-    """ICON_KERNELS_GPU_SELECTION=1: keep only the GPU selection (bench/gpu_check.sh)."""
+    """The plan test of bench/gpu_check.sh runs last (selection_keys.py). And
+    ICON_KERNELS_GPU_SELECTION=1: keep only the GPU selection (bench/gpu_check.sh)."""
+    selection_keys.plan_test_last(items)
     if os.environ.get(gpu_selection.ENV) != "1":
         return
     keep = [item for item in items if gpu_selection.selected(item.nodeid)]

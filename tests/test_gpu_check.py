@@ -1,5 +1,7 @@
 """bench/gpu_check.sh without a GPU: its plan fits the 540 s budget (steps, GPU tests, Triton
-compiles) and, without CUDA, it prints a clean skip and exits 0."""
+compiles) and, without CUDA, it prints a clean skip and exits 0. The plan test runs last in a
+session (tests/selection_keys.py): when the session ran the whole GPU selection, the compile keys
+recorded meanwhile go to the script; otherwise the script runs the selection itself."""
 import os
 import re
 import subprocess
@@ -16,9 +18,23 @@ def _run(*args, **env):
                           env=full, cwd=ROOT)
 
 
-def test_plan_fits_the_budget_and_counts_tests_and_compiles():
+def _plan(record, tmp_path):
+    """The script's plan, from the keys this session recorded when it ran the whole selection."""
+    if record is not None:
+        keys = str(tmp_path / "keys.json")
+        ran = record.write(keys)
+        proc = _run("--plan", keys)
+        out = proc.stdout + proc.stderr
+        collected = re.search(r"GPU tests\s+(\d+) collected", out)
+        if collected and int(collected.group(1)) == ran:
+            return proc, out
     proc = _run("--plan")
-    out = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr
+
+
+def test_plan_fits_the_budget_and_counts_tests_and_compiles(selection_record, tmp_path):
+    proc, out = _plan(selection_record, tmp_path)
+    print(out)                                   # the plan, in pytest -rP and junit reports
     assert proc.returncode == 0, out
     limits = [int(s) for s in re.findall(r"step \S+\s+limit\s+(\d+) s", out)]
     assert len(limits) == 5 and sum(limits) <= 540, out
