@@ -23,13 +23,18 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
 
     sanitize = os.environ.get("ICON_KERNELS_SANITIZE")   # e.g. "address" for an ASan build
     sanitizer_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+    # Python's CFLAGS carry -g, and debug info for these templates is much of the compile: -g0
+    # (2-core VM, 2026-12-04: cpu_loss.cpp 422 s -> 271 s, a clean build of both extensions
+    # ~450 s -> 304 s, _C 59.6 MB -> 8.6 MB; cpu_ops.cpp alone 32 s -> 19 s). A sanitizer
+    # build keeps -g for its reports, and ICON_KERNELS_DEBUG_INFO=1 keeps it for perf annotate.
+    debug_flags = [] if sanitize or os.environ.get("ICON_KERNELS_DEBUG_INFO") == "1" else ["-g0"]
     # The extension is built on the machine that runs it, so it may use that CPU's vector ISA;
     # ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
     # -fno-trapping-math: the SIMD row loops evaluate both sides of their selects (no FP exception
     # flags are read anywhere); with trapping math GCC keeps them slow (vlog: 10 ns vs 1.3 ns a pair)
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + (
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"] + sanitizer_flags + debug_flags + (
         [] if os.environ.get("ICON_KERNELS_PORTABLE") == "1" else ["-march=native"])
-    # cpu_loss.cpp is one unit of 422 s on the 2-core VM (2026-12-04). Two splits were measured
+    # cpu_loss.cpp is one unit of 422 s on the 2-core VM (2026-12-04, with -g). Two splits were measured
     # the same day and dropped: by schedule (their shared row helpers then compile in every unit;
     # clean 2-core build 509-525 s instead of ~450 s), and by element type (float 317 s, double
     # 227 s, the dispatching unit 58 s: clean build 433 s, within the noise of ~450 s).
@@ -45,7 +50,7 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")   # Ampere + Hopper; user value wins
         ext_modules.append(cpp_extension.CUDAExtension(
             "icon_kernels._C_cuda", ["csrc/cuda_loss.cu", "csrc/cuda_module.cpp"],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3"] + debug_flags, "nvcc": ["-O3", "-lineinfo"]},
         ))
     class BuildExtensions(cpp_extension.BuildExtension):
         """Builds the two extensions at the same time, each with a ninja run and a build folder of
