@@ -108,11 +108,11 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
       T* ab;
       const T* tab;
       if (sr.s == 0) {
-        ab = const_cast<T*>(g_p) + r * nj;
-        if (w_out != nullptr) ab = std::copy(ab, ab + nj, w_out + r * nj) - nj;
-        tab = t_p + r * nj;
+        ab = const_cast<T*>(g_p) + sr.offset;
+        if (w_out != nullptr) ab = std::copy(ab, ab + nj, w_out + sr.offset) - nj;
+        tab = t_p + sr.offset;
       } else {
-        const int64_t c = r - ni;
+        const int64_t c = sr.k;
         ab = wt_out != nullptr ? wt_out + c * ni : sc.col.data();
         T* tc = sc.t_col.data();
         for (int64_t t = 0; t < ni; ++t) {
@@ -172,15 +172,15 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
       T* s = sc.s.data();
       T* t = sc.t.data();
       if (sr.s == 0) {
-        const T* s_row = s_p + r * nj;
-        const T* aux = t_p + r * nj;
+        const T* s_row = s_p + sr.offset;
+        const T* aux = t_p + sr.offset;
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) {
           s[j] = s_row[j];
           t[j] = aux[j] * coef;
         }
       } else {
-        const int64_t c = r - ni;
+        const int64_t c = sr.k;
         for (int64_t u = 0; u < ni; ++u) {
           s[u] = s_p[u * nj + c];
           t[u] = t_p[u * nj + c] * coef;

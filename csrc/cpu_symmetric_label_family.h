@@ -147,10 +147,10 @@ void for_each_family_row(const Segs& side, const KernelRow<T, K>& k_in, int64_t 
       const SideRow sr = side_row(r, i0, ni, j0, nj);
       T* ab;
       if (sr.s == 0) {
-        ab = g_p + r * nj;
-        if (w_out != nullptr) ab = std::copy(ab, ab + nj, w_out + r * nj) - nj;
+        ab = g_p + sr.offset;
+        if (w_out != nullptr) ab = std::copy(ab, ab + nj, w_out + sr.offset) - nj;
       } else {
-        const int64_t c = r - ni;
+        const int64_t c = sr.k;
         ab = wt_out != nullptr ? wt_out + c * ni : scratch.col.data();
         for (int64_t t = 0; t < ni; ++t) ab[t] = g_p[t * nj + c];
       }

@@ -15,30 +15,14 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
+from symmetric_cases import F32, F64, LEARNED, TILES, counts, fresh_schedule  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
-F64, F32 = torch.float64, torch.float32
-# entries per tile: 8 gives blocks of 2 rows, 200 blocks of 10 (ragged at N = 37), "" the default
-TILES = ("8", "200", "")
-# learned kernels of the schedule: (kernel, its parameter); student_t with dof 1 is the Cauchy kernel
-LEARNED = (("student_t", {"dof": 1.0}), ("student_t", {"dof": 3.0}), ("gaussian", {"sigma": 1.3}),
-           ("cosine", {"temperature": 0.5}), ("dot", {"temperature": 2.0}), ("power", {"exponent": 2.0}))
-
 
 def _counts():
-    from icon_kernels import _C
-    counts = _C.cpu_symmetric_counts()
-    return (counts["affinity_forward"], counts["affinity_backward"])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts(monkeypatch):
-    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
-    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
-    _counts()
-    yield
+    return counts("affinity_forward", "affinity_backward")
 
 
 def _target(z, t_kernel="gaussian", t_param=2.0):

@@ -17,30 +17,16 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
+from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts  # noqa: F401
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
-F64, F32 = torch.float64, torch.float32
-# entries per tile: 8 gives blocks of 2 rows, 200 blocks of 10 (ragged at N = 23), "" the default
-TILES = ("8", "200", "")
-PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof",
-         "power": "exponent"}
 RAN = {"target_family_forward": 1, "target_family_backward": 1}
 NOT_RAN = {"target_family_forward": 0, "target_family_backward": 0}
 
 
 def _counts():
-    from icon_kernels import _C
-    counts = _C.cpu_symmetric_counts()
-    return {k: counts[k] for k in RAN}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts(monkeypatch):
-    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
-    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
-    _counts()
-    yield
+    return named_counts(*RAN)
 
 
 def _neighbors(n, gen, dtype=F64, k=4):
@@ -124,14 +110,17 @@ def test_float64_equals_the_plain_schedule_and_the_reference(monkeypatch, target
         _close(got, plain, 1e-12)
 
 
+@pytest.mark.parametrize("exclude_self", [True, False])
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("divergence,alpha,beta", [("kl", 0.0, 0.0), ("kl", 0.1, 0.0), ("js", 0.1, 0.2)])
-def test_cauchy_rows_without_a_dof_gradient(monkeypatch, target, divergence, alpha, beta):
+def test_cauchy_rows_without_a_dof_gradient(monkeypatch, target, divergence, alpha, beta, exclude_self):
     """The kNN-graph embedding: student_t with dof 1 as a float (no dof gradient), where the
-    backward takes one reciprocal per pair (and the forward, with alpha = 0, no logit per pair)."""
+    backward takes one reciprocal per pair (and the forward, with alpha = 0, no logit per pair);
+    with the self pair kept too (r_ii = 1, on a diagonal tile)."""
     x, upstream, gen = _inputs(23, 3)
     tgt = TARGETS[target](23, gen)
-    options = dict(param=1.0, param_grad=False, alpha=alpha, beta=beta, divergence=divergence)
+    options = dict(param=1.0, param_grad=False, alpha=alpha, beta=beta, divergence=divergence,
+                   exclude_self=exclude_self)
     want = _run(x, tgt, "student_t", "reference", upstream, **options)
     for tile in TILES:
         monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)

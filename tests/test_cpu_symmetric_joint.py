@@ -14,28 +14,17 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
+from symmetric_cases import F32, F64, TILES, counts, fresh_schedule  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
-F64, F32 = torch.float64, torch.float32
-TILES = ("8", "200", "")   # entries per tile: blocks of 2 rows, of 10 (ragged at N = 37), the default
 LEARNED = (("student_t", {"dof": 1.0}), ("student_t", {"dof": 3.0}), ("gaussian", {"sigma": 1.3}),
            ("cosine", {"temperature": 0.5}), ("power", {"exponent": 2.0}))
 
 
 def _counts():
-    from icon_kernels import _C
-    counts = _C.cpu_symmetric_counts()
-    return (counts["joint_forward"], counts["joint_backward"])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts(monkeypatch):
-    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
-    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
-    _counts()
-    yield
+    return counts("joint_forward", "joint_backward")
 
 
 def _target(z, sigma=2.0, t_kernel="gaussian"):

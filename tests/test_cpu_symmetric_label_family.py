@@ -16,31 +16,17 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
+from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
-F64, F32 = torch.float64, torch.float32
-# entries per tile: 8 gives blocks of 2 rows, 200 blocks of 10 (ragged at N = 37), "" the default
-TILES = ("8", "200", "")
-PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof",
-         "power": "exponent"}
 RAN = {"label_family_forward": 1, "label_family_backward": 1}
 NOT_RAN = {"label_family_forward": 0, "label_family_backward": 0}
 
 
 def _counts():
-    from icon_kernels import _C
-    counts = _C.cpu_symmetric_counts()
-    return {k: counts[k] for k in RAN}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts(monkeypatch):
-    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
-    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
-    _counts()
-    yield
+    return named_counts(*RAN)
 
 
 def _run(x0, labels, kernel, backend, upstream, param=0.7, param_grad=True, y=None, **options):

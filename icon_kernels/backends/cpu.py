@@ -1,11 +1,10 @@
 """Registration of the fused C++ CPU backend (csrc/, built into icon_kernels._C)."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from . import bidirectional_ops, label_block_ops
-from .ops import register_backend
+from .ops import missing_extension_reason, register_backend
 
 _REASON: Optional[str] = "not registered"
 
@@ -23,10 +22,8 @@ def register() -> None:
         # reads "cannot import name ... (most likely due to a circular import)")
         import icon_kernels._C  # noqa: F401 - importing it registers the C++ kernels
     except ImportError as exc:
-        skipped = [name for name in ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CPU_EXT") if os.environ.get(name) == "1"]
-        _REASON = ("the C++ extension icon_kernels._C is not built"
-                   + (f" ({skipped[0]}=1)" if skipped else "")
-                   + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
+        _REASON = missing_extension_reason("icon_kernels._C", "C++ extension",
+                                           ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CPU_EXT"), exc)
         return
     register_backend("cpu")
     label_block_ops.register()

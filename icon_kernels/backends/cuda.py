@@ -3,12 +3,11 @@ icon_kernels._C_cuda whenever a CUDA toolkit and a CUDA build of torch were pres
 GPU or not; it does not need the CPU kernels' extension icon_kernels._C)."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .ops import register_backend
+from .ops import missing_extension_reason, register_backend
 
 _REASON: Optional[str] = "not registered"
 
@@ -30,11 +29,9 @@ def register() -> None:
         # reads "cannot import name ... (most likely due to a circular import)")
         import icon_kernels._C_cuda  # noqa: F401 - importing it registers the CUDA kernels
     except ImportError as exc:
-        skipped = [name for name in ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CUDA") if os.environ.get(name) == "1"]
-        _REASON = ("the CUDA extension icon_kernels._C_cuda is not built"
-                   + (f" ({skipped[0]}=1)" if skipped else " (it needs a CUDA toolkit and a CUDA build of torch "
-                      "at install time)")
-                   + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
+        _REASON = missing_extension_reason(
+            "icon_kernels._C_cuda", "CUDA extension", ("ICON_KERNELS_NO_EXT", "ICON_KERNELS_NO_CUDA"), exc,
+            otherwise=" (it needs a CUDA toolkit and a CUDA build of torch at install time)")
         return
     register_backend("cuda")
     if not has_cuda_kernels():     # (a module without the kernels' registration: a broken build)

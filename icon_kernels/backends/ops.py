@@ -140,6 +140,17 @@ def _no_context(ctx, inputs, output):
     pass
 
 
+def missing_extension_reason(module: str, what: str, switches, exc: Exception, otherwise: str = "") -> str:
+    """Why a compiled backend is unavailable: its extension ``module`` did not import. Names the
+    first of the build switches ``switches`` (environment variables) that is set to 1, else
+    ``otherwise`` (what the build needs), then the import error and how to rebuild."""
+    import os
+
+    skipped = [name for name in switches if os.environ.get(name) == "1"]
+    return (f"the {what} {module} is not built" + (f" ({skipped[0]}=1)" if skipped else otherwise)
+            + f": {exc}. Reinstall with `pip install --no-build-isolation -e .`")
+
+
 def register_backend(name: str, forward_impl: Optional[Callable] = None,
                      backward_impl: Optional[Callable] = None, device_types=None):
     """Defines icon_kernels::{name}_forward / _backward with fake and autograd; returns forward.

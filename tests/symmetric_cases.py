@@ -1,0 +1,38 @@
+"""What the tests of the cpu backend's symmetric schedules share (tests/test_cpu_symmetric_*.py):
+the tile settings, the kernels' parameter names, the schedule counters and a fixture that starts
+every test from the default schedule with its counters at zero."""
+import pytest
+import torch
+
+F64, F32 = torch.float64, torch.float32
+# ICON_KERNELS_CPU_TILE_ELEMENTS: 8 gives blocks of 2 rows, 200 blocks of 10 (ragged at N = 37
+# or 23), "" the default
+TILES = ("8", "200", "")
+# the argument of icon_loss that holds each learned kernel's parameter
+PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "student_t": "dof",
+         "power": "exponent"}
+# learned kernels: (kernel, its parameter); student_t with dof 1 is t-SNE's Cauchy kernel
+LEARNED = (("student_t", {"dof": 1.0}), ("student_t", {"dof": 3.0}), ("gaussian", {"sigma": 1.3}),
+           ("cosine", {"temperature": 0.5}), ("dot", {"temperature": 2.0}), ("power", {"exponent": 2.0}))
+
+
+def named_counts(*names) -> dict:
+    """The named counters of _C.cpu_symmetric_counts() (calls per pass that ran a schedule since
+    the last read, which resets every counter)."""
+    from icon_kernels import _C
+    every = _C.cpu_symmetric_counts()
+    return {name: every[name] for name in names}
+
+
+def counts(*names) -> tuple:
+    """named_counts' values, in the order named."""
+    return tuple(named_counts(*names).values())
+
+
+@pytest.fixture(autouse=True)
+def fresh_schedule(monkeypatch):
+    """The default schedule and tile, and the counters at zero (import it into a test module)."""
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
+    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
+    counts()
+    yield
