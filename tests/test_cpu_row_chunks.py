@@ -8,7 +8,9 @@ column of an exclude_self row falls at every position of a block and the family 
 it (f_row_impl) runs at block starts, middles and ends. Every kernel and target, with a kernel
 parameter that needs a gradient and an Affinity target whose z needs one (learned_backward's and
 target_backward's parameter sums), over KL, cross-entropy and three f-divergences with alpha and
-beta."""
+beta. Every case runs twice against one reference: under the default switch (self mode then takes
+a symmetric tile-pair schedule wherever one applies, with blocks of 7 rows) and under
+ICON_KERNELS_SYMMETRIC=0 (the plain row paths)."""
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def small_cpu_chunks(monkeypatch):
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s[0] for s in SETTINGS])
 @pytest.mark.parametrize("target_kind", TARGETS)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_ragged_chunks_and_blocks_equal_reference(small_cpu_chunks, kernel, target_kind, setting):
+def test_ragged_chunks_and_blocks_equal_reference(small_cpu_chunks, monkeypatch, kernel, target_kind, setting):
     if keeps_self_pair_at_zero(kernel, setting):
         pytest.skip("the power kernel's kept self pair: backends agree only on a finite value (cases.py)")
     if setting[5] == "reverse_kl" and target_kind == "labels" and setting[3] == 0:
@@ -49,10 +51,14 @@ def test_ragged_chunks_and_blocks_equal_reference(small_cpu_chunks, kernel, targ
     problem, upstream = build(kernel, target_kind, setting, torch.float64, seed_of(kernel, target_kind, setting[0]),
                               param_tensor="scalar", target_grad=target_kind == "affinity", n=N, d=D)
     want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
-    assert relative_error(got_loss, want_loss) < TOL
-    for i, (got, want) in enumerate(zip(got_grads, want_grads)):
-        assert relative_error(got, want) < TOL, f"leaf {i}: {relative_error(got, want):.2e}"
+    # self mode runs a symmetric schedule where one applies (blocks of 7 rows too); the plain row
+    # paths are what ICON_KERNELS_SYMMETRIC=0 runs
+    for schedule in ("1", "0"):
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
+        got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
+        assert relative_error(got_loss, want_loss) < TOL, schedule
+        for i, (got, want) in enumerate(zip(got_grads, want_grads)):
+            assert relative_error(got, want) < TOL, f"{schedule} leaf {i}: {relative_error(got, want):.2e}"
 
 
 def test_the_tile_setting_is_read(monkeypatch):
@@ -68,12 +74,16 @@ def test_the_tile_setting_is_read(monkeypatch):
 
 @pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[5]], ids=lambda s: s[0])
 @pytest.mark.parametrize("t_kernel", ["dot", "student_t", "log_dot", "power"])
-def test_every_affinity_target_kernel_on_ragged_chunks(small_cpu_chunks, t_kernel, setting):
+def test_every_affinity_target_kernel_on_ragged_chunks(small_cpu_chunks, monkeypatch, t_kernel, setting):
     """target_backward per target kernel (the test above takes the default gaussian target)."""
     problem, upstream = build("student_t", "affinity", setting, torch.float64, seed_of(t_kernel, setting[0]),
                               param_tensor="scalar", target_grad=True, t_kernel=t_kernel, n=N, d=D)
     want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
-    assert relative_error(got_loss, want_loss) < TOL
-    for i, (got, want) in enumerate(zip(got_grads, want_grads)):
-        assert relative_error(got, want) < TOL, f"leaf {i}: {relative_error(got, want):.2e}"
+    # self mode runs a symmetric schedule where one applies (blocks of 7 rows too); the plain row
+    # paths are what ICON_KERNELS_SYMMETRIC=0 runs
+    for schedule in ("1", "0"):
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
+        got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
+        assert relative_error(got_loss, want_loss) < TOL, schedule
+        for i, (got, want) in enumerate(zip(got_grads, want_grads)):
+            assert relative_error(got, want) < TOL, f"{schedule} leaf {i}: {relative_error(got, want):.2e}"
