@@ -119,20 +119,27 @@ struct Bidirectional {
     const int64_t entries = cpu::tile_elements(kStripBytes / int64_t(sizeof(T)));
     return std::max<int64_t>(1, std::min({kStripRows, entries / std::max<int64_t>(m, 1), n}));
   }
-  // the strip's logits in place, row by row, as both passes compute them (bit for bit)
-  void strip_logits(T* s, int64_t i0, int64_t ni) const {
+  // Row i's logits in place of its Gram entries: one out-of-line function for the forward (which
+  // takes each row's logits right before its statistics, while the row is in cache) and the
+  // backward (strip_logits), so that both passes compute them bit for bit.
+  __attribute__((noinline)) void row_logits(T* row, int64_t i) const {
     const T* ysq = y_sq.template data_ptr<T>();
     const T* xsq = x_sq.template data_ptr<T>();
+    cpu::with_label_kernel(kernel, [&](auto code) { fast_logits<T, decltype(code)::value>(row, ysq, xsq[i], prm, m); });
+  }
+  void strip_logits(T* s, int64_t i0, int64_t ni) const {
     at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        cpu::with_label_kernel(kernel, [&](auto code) {
-          fast_logits<T, decltype(code)::value>(s + r * m, ysq, xsq[i0 + r], prm, m);
-        });
+      for (int64_t r = r0; r < r1; ++r) row_logits(s + r * m, i0 + r);
     });
   }
-  at::Tensor strip(at::Tensor& buf, int64_t i0, int64_t ni) const {
+  // The strip's Gram entries x_I y^T (rows x M, in buf); strip() then makes them logits.
+  at::Tensor strip_gram(at::Tensor& buf, int64_t i0, int64_t ni) const {
     at::Tensor tile = cpu::dense_tile(buf, ni, m);
     at::mm_out(tile, x.narrow(0, i0, ni), y.t());
+    return tile;
+  }
+  at::Tensor strip(at::Tensor& buf, int64_t i0, int64_t ni) const {
+    at::Tensor tile = strip_gram(buf, i0, ni);
     strip_logits(buf.template data_ptr<T>(), i0, ni);
     return tile;
   }
@@ -231,10 +238,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor buf = at::empty({rows, m}, b.x.options());
   for (int64_t i0 = 0; i0 < n; i0 += rows) {
     const int64_t ni = std::min(rows, n - i0);
-    b.strip(buf, i0, ni);
+    b.strip_gram(buf, i0, ni);
     T* s = buf.template data_ptr<T>();
-    at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {   // x's rows: every column at once
-      for (int64_t r = r0; r < r1; ++r) cpu::add_label_segment<T>(xs.segment(i0 + r, 0, m), s + r * m, &x_acc[i0 + r]);
+    // x's rows, every column at once: each row's logits, then its statistics while it is in cache
+    // (the strip, 32 MiB at M = 8192, is far larger than L2: a separate logits pass read it once more)
+    at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        b.row_logits(s + r * m, i0 + r);
+        cpu::add_label_segment<T>(xs.segment(i0 + r, 0, m), s + r * m, &x_acc[i0 + r]);
+      }
     });
     for_each_column_chunk(m, [&](int64_t c0, int64_t c1) { cols.add(b, s, i0, ni, c0, c1); });
   }
