@@ -27,7 +27,7 @@ if os.environ.get("ICON_KERNELS_NO_EXT") != "1":
     # (2-core VM, 2026-12-04: cpu_loss.cpp 422 s -> 271 s, a clean build of both extensions
     # ~450 s -> 304 s, _C 59.6 MB -> 8.6 MB; cpu_ops.cpp alone 32 s -> 19 s). A sanitizer
     # build keeps -g for its reports, and ICON_KERNELS_DEBUG_INFO=1 keeps it for perf annotate.
-    debug_flags = [] if sanitize or os.environ.get("ICON_KERNELS_DEBUG_INFO") == "1" else ["-g0"]
+    debug_flags = [] if sanitize else ["-g"] if os.environ.get("ICON_KERNELS_DEBUG_INFO") == "1" else ["-g0"]
     # The extension is built on the machine that runs it, so it may use that CPU's vector ISA;
     # ICON_KERNELS_PORTABLE=1 builds for the generic x86-64 baseline instead.
     # -fno-trapping-math: the SIMD row loops evaluate both sides of their selects (no FP exception

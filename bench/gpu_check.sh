@@ -13,8 +13,9 @@
 #   bash bench/gpu_check.sh --plan   # no GPU needed: the steps, their limits, the number of GPU
 #                                    # tests and of the Triton compiles they trigger (~2.5 min:
 #                                    # it runs the selection under the interpreter)
-#   bash bench/gpu_check.sh --plan KEYS.json   # the same with the keys already recorded by
-#                                    # tests/compile_keys.py (tests/conftest.py does it in `make test`)
+#   bash bench/gpu_check.sh --plan KEYS.json   # the same from keys recorded elsewhere (a path
+#                                    # from the repository root): tests/test_gpu_check.py passes
+#                                    # those its session recorded while running the selection
 #   bash bench/gpu_check.sh          # on a machine without CUDA: prints a skip and exits 0
 set -uo pipefail
 cd "$(dirname "$0")/.."

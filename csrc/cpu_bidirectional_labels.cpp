@@ -122,7 +122,7 @@ struct Bidirectional {
   // Row i's logits in place of its Gram entries: one out-of-line function for the forward (which
   // takes each row's logits right before its statistics, while the row is in cache) and the
   // backward (strip_logits), so that both passes compute them bit for bit.
-  __attribute__((noinline)) void row_logits(T* row, int64_t i) const {
+  __attribute__((noipa)) void row_logits(T* row, int64_t i) const {
     const T* ysq = y_sq.template data_ptr<T>();
     const T* xsq = x_sq.template data_ptr<T>();
     cpu::with_label_kernel(kernel, [&](auto code) { fast_logits<T, decltype(code)::value>(row, ysq, xsq[i], prm, m); });

@@ -9,8 +9,8 @@ it (f_row_impl) runs at block starts, middles and ends. Every kernel and target,
 parameter that needs a gradient and an Affinity target whose z needs one (learned_backward's and
 target_backward's parameter sums), over KL, cross-entropy and three f-divergences with alpha and
 beta. Every case runs twice against one reference: under the default switch (self mode then takes
-a symmetric tile-pair schedule wherever one applies, with blocks of 7 rows) and under
-ICON_KERNELS_SYMMETRIC=0 (the plain row paths)."""
+a symmetric tile-pair schedule wherever one applies; the same setting makes its blocks 62 rows,
+sqrt(7 N / 2), the last one 46) and under ICON_KERNELS_SYMMETRIC=0 (the plain row paths)."""
 import pytest
 import torch
 
@@ -51,7 +51,7 @@ def test_ragged_chunks_and_blocks_equal_reference(small_cpu_chunks, monkeypatch,
     problem, upstream = build(kernel, target_kind, setting, torch.float64, seed_of(kernel, target_kind, setting[0]),
                               param_tensor="scalar", target_grad=target_kind == "affinity", n=N, d=D)
     want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    # self mode runs a symmetric schedule where one applies (blocks of 7 rows too); the plain row
+    # self mode runs a symmetric schedule where one applies (blocks of 62 rows); the plain row
     # paths are what ICON_KERNELS_SYMMETRIC=0 runs
     for schedule in ("1", "0"):
         monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
@@ -79,7 +79,7 @@ def test_every_affinity_target_kernel_on_ragged_chunks(small_cpu_chunks, monkeyp
     problem, upstream = build("student_t", "affinity", setting, torch.float64, seed_of(t_kernel, setting[0]),
                               param_tensor="scalar", target_grad=True, t_kernel=t_kernel, n=N, d=D)
     want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    # self mode runs a symmetric schedule where one applies (blocks of 7 rows too); the plain row
+    # self mode runs a symmetric schedule where one applies (blocks of 62 rows); the plain row
     # paths are what ICON_KERNELS_SYMMETRIC=0 runs
     for schedule in ("1", "0"):
         monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
