@@ -35,6 +35,18 @@ SETTINGS = [
 TOL = 1e-9
 
 
+def _both_schedules_equal_reference(monkeypatch, problem, upstream):
+    """cpu under ICON_KERNELS_SYMMETRIC=1 (self mode takes a symmetric schedule where one applies,
+    blocks of 62 rows) and 0 (the plain row paths), each against one reference."""
+    want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
+    for schedule in ("1", "0"):
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
+        got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
+        assert relative_error(got_loss, want_loss) < TOL, schedule
+        for i, (got, want) in enumerate(zip(got_grads, want_grads)):
+            assert relative_error(got, want) < TOL, f"{schedule} leaf {i}: {relative_error(got, want):.2e}"
+
+
 @pytest.fixture
 def small_cpu_chunks(monkeypatch):
     monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", str(ROWS_PER_CHUNK * N))
@@ -50,15 +62,7 @@ def test_ragged_chunks_and_blocks_equal_reference(small_cpu_chunks, monkeypatch,
         pytest.skip("reverse_kl against Labels needs alpha > 0")
     problem, upstream = build(kernel, target_kind, setting, torch.float64, seed_of(kernel, target_kind, setting[0]),
                               param_tensor="scalar", target_grad=target_kind == "affinity", n=N, d=D)
-    want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    # self mode runs a symmetric schedule where one applies (blocks of 62 rows); the plain row
-    # paths are what ICON_KERNELS_SYMMETRIC=0 runs
-    for schedule in ("1", "0"):
-        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
-        got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
-        assert relative_error(got_loss, want_loss) < TOL, schedule
-        for i, (got, want) in enumerate(zip(got_grads, want_grads)):
-            assert relative_error(got, want) < TOL, f"{schedule} leaf {i}: {relative_error(got, want):.2e}"
+    _both_schedules_equal_reference(monkeypatch, problem, upstream)
 
 
 def test_the_tile_setting_is_read(monkeypatch):
@@ -78,12 +82,4 @@ def test_every_affinity_target_kernel_on_ragged_chunks(small_cpu_chunks, monkeyp
     """target_backward per target kernel (the test above takes the default gaussian target)."""
     problem, upstream = build("student_t", "affinity", setting, torch.float64, seed_of(t_kernel, setting[0]),
                               param_tensor="scalar", target_grad=True, t_kernel=t_kernel, n=N, d=D)
-    want_loss, want_grads = loss_and_grads(*problem, "reference", upstream)
-    # self mode runs a symmetric schedule where one applies (blocks of 62 rows); the plain row
-    # paths are what ICON_KERNELS_SYMMETRIC=0 runs
-    for schedule in ("1", "0"):
-        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", schedule)
-        got_loss, got_grads = loss_and_grads(*problem, "cpu", upstream)
-        assert relative_error(got_loss, want_loss) < TOL, schedule
-        for i, (got, want) in enumerate(zip(got_grads, want_grads)):
-            assert relative_error(got, want) < TOL, f"{schedule} leaf {i}: {relative_error(got, want):.2e}"
+    _both_schedules_equal_reference(monkeypatch, problem, upstream)
