@@ -84,10 +84,25 @@ constexpr int64_t kStripBytes = int64_t(32) << 20;
 // Columns per task of the column loops (their per-column state stays in L1).
 constexpr int64_t kColumnChunk = 256;
 
+// Both sides' labels as int32 codes, equal exactly where the labels are: the element loops compare
+// them, one AVX2 instruction per 8 lanes where int64 takes two and a pack. Labels within int32's
+// range are their own codes; others are numbered through unique (both sides at once).
+std::pair<at::Tensor, at::Tensor> int32_label_codes(const at::Tensor& row_labels, const at::Tensor& col_labels) {
+  const int64_t n = row_labels.numel();
+  at::Tensor both = at::cat({row_labels.reshape({-1}).to(at::kLong), col_labels.reshape({-1}).to(at::kLong)});
+  const auto range = at::aminmax(both);
+  if (std::get<0>(range).item<int64_t>() < std::numeric_limits<int32_t>::min() ||
+      std::get<1>(range).item<int64_t>() > std::numeric_limits<int32_t>::max())
+    both = std::get<1>(at::_unique(both, /*sorted=*/false, /*return_inverse=*/true));
+  both = both.to(at::kInt);
+  return {both.narrow(0, 0, n).contiguous(), both.narrow(0, n, both.size(0) - n).contiguous()};
+}
+
 // The op's arguments in the accumulation type T: features, norms, labels, the kernel.
 template <typename T>
 struct Bidirectional {
   at::Tensor x, y, x_sq, y_sq, labels, col_labels;
+  at::Tensor codes, col_codes;   // the labels as int32_label_codes, for the element loops
   int64_t n, m, d;
   int kernel;
   T prm;
@@ -106,6 +121,7 @@ struct Bidirectional {
     y_sq = is_distance(kernel) ? y.square().sum(1) : at::zeros({m}, y.options());
     labels = row_labels.to(at::kLong).contiguous();
     col_labels = col_lab.to(at::kLong).contiguous();
+    std::tie(codes, col_codes) = int32_label_codes(labels, col_labels);
     prm = param.to(acc).reshape({}).template item<T>();
   }
   // the sides as cpu_tile_pairs.h reads them: x's rows over y's, y's over x's
@@ -132,6 +148,11 @@ struct Bidirectional {
       for (int64_t r = r0; r < r1; ++r) row_logits(s + r * m, i0 + r);
     });
   }
+  // x's row i over all of y as the forward's row statistics read it (int32 label codes)
+  LabelRowOf<int32_t> x_row(int64_t i) const {
+    const int32_t* code = codes.data_ptr<int32_t>();
+    return {col_codes.data_ptr<int32_t>(), code[i], m, exclude_self ? i : -1, alpha, m - (exclude_self ? 1 : 0)};
+  }
   // The strip's Gram entries x_I y^T (rows x M, in buf); strip() then makes them logits.
   at::Tensor strip_gram(at::Tensor& buf, int64_t i0, int64_t ni) const {
     at::Tensor tile = cpu::dense_tile(buf, ni, m);
@@ -152,6 +173,22 @@ void tally_rows(int pass, int64_t rows) {
   cpu::symmetric_schedule_counters()[2 + pass].fetch_add(1, std::memory_order_relaxed);
 }
 
+// One strip row's entries in the columns [j0, j1) of a chunk (c: the chunk's column labels, top:
+// its shifts) into the chunk's block sums. The row's self column is left out of the span by the
+// caller (no index compare per lane).
+template <typename T>
+inline void add_column_span(const T* row, const int32_t* c, int32_t label, const T* top, int64_t j0, int64_t j1,
+                            T* bse, T* bs, T* bp, T* bk) {
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    const bool hit = c[j] == label;
+    bse[j] += vexp(row[j] - top[j]);
+    bs[j] += row[j];
+    bp[j] += hit ? row[j] : T(0);
+    bk[j] += hit ? T(1) : T(0);
+  }
+}
+
 // y's rows (the strips' columns) merged over the strips online, per column: the running max, the
 // sum of exps under it, the sums of s over valid entries and over positives, the positive count.
 template <typename T>
@@ -167,7 +204,7 @@ struct ColumnStats {
   void add(const Bidirectional<T>& b, const T* s, int64_t i0, int64_t ni, int64_t c0, int64_t c1) {
     const T inf = std::numeric_limits<T>::infinity();
     const int64_t w = c1 - c0, m = b.m;
-    const int64_t *lr = b.labels.template data_ptr<int64_t>(), *lc = b.col_labels.template data_ptr<int64_t>() + c0;
+    const int32_t *lr = b.codes.template data_ptr<int32_t>(), *lc = b.col_codes.template data_ptr<int32_t>() + c0;
     T top[kColumnChunk];
     for (int64_t j = 0; j < w; ++j) top[j] = -inf;
     for (int64_t r = 0; r < ni; ++r) {   // the strip's column max (NaN passed over, as row_max)
@@ -192,15 +229,12 @@ struct ColumnStats {
       for (int64_t j = 0; j < w; ++j) bse[j] = bs[j] = bp[j] = bk[j] = T(0);
       for (int64_t r = rb; r < std::min(ni, rb + kSumBlock); ++r) {
         const T* row = s + r * m + c0;
-        const int64_t i = i0 + r, li = lr[i], self = b.exclude_self ? i - c0 : -1;
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          const bool valid = j != self;
-          const bool hit = (lc[j] == li) & valid;   // (no short circuit: it would stop the SIMD loop)
-          bse[j] += vexp(row[j] - top[j]);
-          bs[j] += valid ? row[j] : T(0);
-          bp[j] += hit ? row[j] : T(0);
-          bk[j] += hit ? T(1) : T(0);
+        const int64_t i = i0 + r, self = b.exclude_self ? i - c0 : -1;
+        if (self >= 0 && self < w) {   // the self entry (-inf, no pair) adds nothing
+          add_column_span(row, lc, lr[i], top, 0, self, bse, bs, bp, bk);
+          add_column_span(row, lc, lr[i], top, self + 1, w, bse, bs, bp, bk);
+        } else {
+          add_column_span(row, lc, lr[i], top, 0, w, bse, bs, bp, bk);
         }
       }
       for (int64_t j = 0; j < w; ++j) {
@@ -245,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         b.row_logits(s + r * m, i0 + r);
-        cpu::add_label_segment<T>(xs.segment(i0 + r, 0, m), s + r * m, &x_acc[i0 + r]);
+        cpu::add_label_segment<T>(b.x_row(i0 + r), s + r * m, &x_acc[i0 + r]);
       }
     });
     for_each_column_chunk(m, [&](int64_t c0, int64_t c1) { cols.add(b, s, i0, ni, c0, c1); });
@@ -293,31 +327,31 @@ struct ParamSums {
 template <typename T>
 struct HRow {
   T g, lse, lo, shift, pos, uniform;
-  int64_t label, self;   // self: the row's self column in the chunk, or -1
+  int32_t label;   // (its int32_label_codes code)
+  int64_t self;    // the row's self column in the chunk, or -1
 };
 template <typename T>
 struct HColumns {
   const T *g, *lse, *lo, *shift, *pos;
   T uniform;
-  const int64_t* labels;
+  const int32_t* labels;
   T *dp, *gs, *qb, *qs;
 };
 
-// Row r of a strip over one column chunk: H_ij = (G_ij + G'_ji) w_scale in place of s_ij, G from
-// x's row i (q under LSE_i), G' from y's row j (q' under LSE'_j), both off the same logit. PARAM:
-// the row's sums for dL/dparam into out[0..4), the columns' added into c's arrays.
-template <typename T, bool PARAM>
-inline void h_row(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t w, T w_scale, double* out) {
+// h_row over the columns [j0, j1), all valid pairs (VALID) or the row's self entry (no pair: H is
+// the same formula with q = p = 0, so that a NaN or infinite g shows as in the other entries).
+// Adds the row's sums for dL/dparam into sums[0..4) and the columns' into c's arrays.
+template <typename T, bool PARAM, bool VALID>
+inline void h_span(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t j0, int64_t j1, T w_scale, T* sums) {
   T dp = 0, gs = 0, qb = 0, qs = 0;
 #pragma omp simd reduction(+ : dp, gs, qb, qs)
-  for (int64_t j = 0; j < w; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const T sv = row[j];
-    const bool valid = j != x.self;
     const bool hit = c.labels[j] == x.label;
-    const T q1 = valid ? vexp((sv - x.lse) - x.lo) : T(0);
-    const T p1 = valid ? (hit ? x.pos : T(0)) + x.uniform : T(0);
-    const T q2 = valid ? vexp((sv - c.lse[j]) - c.lo[j]) : T(0);
-    const T p2 = valid ? (hit ? c.pos[j] : T(0)) + c.uniform : T(0);
+    const T q1 = VALID ? vexp((sv - x.lse) - x.lo) : T(0);
+    const T p1 = VALID ? (hit ? x.pos : T(0)) + x.uniform : T(0);
+    const T q2 = VALID ? vexp((sv - c.lse[j]) - c.lo[j]) : T(0);
+    const T p2 = VALID ? (hit ? c.pos[j] : T(0)) + c.uniform : T(0);
     // a row left out (g = 0) adds nothing, also where its q is NaN
     const T gr1 = x.g == T(0) ? T(0) : x.g * (q1 - p1);
     const T gr2 = c.g[j] == T(0) ? T(0) : c.g[j] * (q2 - p2);
@@ -337,7 +371,26 @@ inline void h_row(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t w, T w
     }
   }
   if constexpr (PARAM) {
-    out[0] = dp; out[1] = gs; out[2] = qb; out[3] = qs;
+    sums[0] += dp; sums[1] += gs; sums[2] += qb; sums[3] += qs;
+  }
+}
+
+// Row r of a strip over one column chunk: H_ij = (G_ij + G'_ji) w_scale in place of s_ij, G from
+// x's row i (q under LSE_i), G' from y's row j (q' under LSE'_j), both off the same logit. PARAM:
+// the row's sums for dL/dparam into out[0..4), the columns' added into c's arrays. The self entry
+// is its own span, so that the element loops test no index.
+template <typename T, bool PARAM>
+inline void h_row(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t w, T w_scale, double* out) {
+  T sums[4] = {0, 0, 0, 0};
+  if (x.self >= 0 && x.self < w) {
+    h_span<T, PARAM, true>(x, c, row, 0, x.self, w_scale, sums);
+    h_span<T, PARAM, false>(x, c, row, x.self, x.self + 1, w_scale, sums);
+    h_span<T, PARAM, true>(x, c, row, x.self + 1, w, w_scale, sums);
+  } else {
+    h_span<T, PARAM, true>(x, c, row, 0, w, w_scale, sums);
+  }
+  if constexpr (PARAM) {
+    out[0] = sums[0]; out[1] = sums[1]; out[2] = sums[2]; out[3] = sums[3];
   }
 }
 
@@ -360,8 +413,8 @@ std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tenso
   ParamSums px(param_grad ? n : 0), py(param_grad ? m : 0);
   // x's rows' partial sums per column chunk (each chunk's task writes its own), added up per strip
   std::vector<double> part(param_grad ? size_t(4 * rows * chunks) : 0);
-  const int64_t* lr = b.labels.template data_ptr<int64_t>();
-  const int64_t* lc = b.col_labels.template data_ptr<int64_t>();
+  const int32_t* lr = b.codes.template data_ptr<int32_t>();
+  const int32_t* lc = b.col_codes.template data_ptr<int32_t>();
   // a gradient nobody needs (a frozen tower) is zeros, and its GEMM is skipped
   auto dx = x_grad ? at::empty({n, b.d}, opts) : at::zeros({n, b.d}, opts), dy = at::zeros({m, b.d}, opts);
   auto h_cols = at::zeros({m}, opts.dtype(at::kDouble));

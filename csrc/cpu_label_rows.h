@@ -30,12 +30,17 @@ inline void fast_logits(T* row, const T* b_sq, T a_sq, T prm, int64_t m) {
   }
 }
 
-struct LabelRow {
-  const int64_t* col_labels;
-  int64_t label, m, self;   // self = i when self pairs are excluded, else -1
+// L: the label type. The ops take int64 labels; the bidirectional op codes them as int32 (one
+// AVX2 compare per 8 lanes, where int64 takes two and a pack).
+template <typename L>
+struct LabelRowOf {
+  const L* col_labels;
+  L label;
+  int64_t m, self;   // self = i when self pairs are excluded, else -1
   double alpha;
   int64_t m_valid;
 };
+using LabelRow = LabelRowOf<int64_t>;
 
 // Positives of a row among its valid columns.
 inline int64_t label_count(const LabelRow& r) {
@@ -58,27 +63,44 @@ struct LabelSums {
 // no long running fp32 sum) at the speed of the plain SIMD loop.
 constexpr int64_t kSumBlock = 512;
 
+// label_value_sums over the columns [j0, j1), without the self column's test: the caller leaves
+// the self column out of the span (an int64 index compare per lane costs as much as the sums).
+template <typename T, typename L>
+inline void label_value_span(const L* col_labels, L label, const T* s, int64_t j0, int64_t j1, T* bs, T* bp,
+                             int32_t* hits) {
+  T vs = 0, vp = 0;
+  int32_t h = 0;
+#pragma omp simd reduction(+ : vs, vp, h)
+  for (int64_t j = j0; j < j1; ++j) {
+    const bool hit = col_labels[j] == label;
+    vs += s[j];
+    vp += hit ? s[j] : T(0);
+    h += hit;
+  }
+  *bs += vs;
+  *bp += vp;
+  *hits += h;
+}
+
 // The sums of s over the row's valid columns and over its positives, and the positive count, each
 // block of kSumBlock in T and the blocks in double (the symmetric schedule's column blocks too).
-template <typename T>
-inline void label_value_sums(const LabelRow& r, const T* s, double* sum_s, double* pos_s, int64_t* k) {
+template <typename T, typename L>
+inline void label_value_sums(const LabelRowOf<L>& r, const T* s, double* sum_s, double* pos_s, int64_t* k) {
   const int64_t m = r.m;
-  int64_t hits = 0;
   for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
     const int64_t j1 = std::min(m, j0 + kSumBlock);
     T bs = 0, bp = 0;
-#pragma omp simd reduction(+ : bs, bp, hits)
-    for (int64_t j = j0; j < j1; ++j) {
-      const bool hit = r.col_labels[j] == r.label && j != r.self;
-      const bool valid = j != r.self;
-      bs += valid ? s[j] : T(0);
-      bp += hit ? s[j] : T(0);
-      hits += hit;
+    int32_t hits = 0;   // at most kSumBlock
+    if (r.self >= j0 && r.self < j1) {   // the self column is no pair: the spans either side of it
+      label_value_span(r.col_labels, r.label, s, j0, r.self, &bs, &bp, &hits);
+      label_value_span(r.col_labels, r.label, s, r.self + 1, j1, &bs, &bp, &hits);
+    } else {
+      label_value_span(r.col_labels, r.label, s, j0, j1, &bs, &bp, &hits);
     }
     *sum_s += bs;
     *pos_s += bp;
+    *k += hits;
   }
-  *k += hits;
 }
 
 // sum_j exp(s_j - top) over s[0..m), in blocks as above (-inf entries add 0).

@@ -143,8 +143,8 @@ struct OnlineLabelRow {
 
 // Adds the logits of one row over one column block (seg: the block's labels, length and the row's
 // self column in it) to its statistics; s[self] becomes -inf. The sums as label_row_sums'.
-template <typename T>
-void add_label_segment(const LabelRow& seg, T* s, OnlineLabelRow<T>* acc) {
+template <typename T, typename L>
+void add_label_segment(const LabelRowOf<L>& seg, T* s, OnlineLabelRow<T>* acc) {
   const T inf = std::numeric_limits<T>::infinity();
   label_value_sums(seg, s, &acc->sum_s, &acc->pos_s, &acc->k);
   if (seg.self >= 0) s[seg.self] = -inf;

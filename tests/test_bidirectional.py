@@ -132,6 +132,21 @@ def test_cpu_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, alp
         _close(got, want, 1e-12)
 
 
+@needs_cpu
+@pytest.mark.parametrize("offset", [0, 2**32, -2**40])
+def test_cpu_labels_beyond_int32_stay_distinct(offset):
+    """The cpu op compares int32 codes of the labels: labels that agree in their low 32 bits
+    (0 and 2**32) must stay different classes, and labels out of int32's range still work."""
+    x, y, rl, cl = _inputs(19, 23, classes=3)
+    # class 2 becomes 2**32 (+ offset): equal to class 0 modulo 2**32 when offset is a multiple of it
+    rl, cl = (torch.where(lab == 2, 2**32, lab) + offset for lab in (rl, cl))
+    options = dict(alpha=0.2, divergence="kl")
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot", **options), x, y, 0.6)
+    got = _grads(_both(ik.Labels(rl, cl), "dot", "cpu", **options), x, y, 0.6)
+    assert _cpu_calls() == (1, 1)
+    _close(got, want, 1e-12)
+
+
 @pytest.mark.parametrize("kernel", ["dot", "cosine", "gaussian", "student_t", "power"])
 @pytest.mark.parametrize("shape,alpha,divergence", CASES[::3] + CASES[1::6])
 def test_torch_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, alpha, divergence):
