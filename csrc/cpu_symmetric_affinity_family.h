@@ -5,10 +5,14 @@
 // tile of x and one of z, read by the rows of I and, column by column, by the rows of J.
 //
 // An f-divergence's terms take p and q themselves, so the forward sweeps the tile pairs twice:
-//   pass 1   each row's learned LSE and target LSE^p, merged online (add_lse_segment);
+//   pass 1   each row's learned LSE and target LSE^p, merged online (add_lse_segment; t-SNE's
+//            Student-t at nu = 1 sums its weights 1 / (1 + d^2), add_weight_segment: no log per
+//            pair for the logit, no max pass and no exp per row entry);
 //   pass 2   each row's divergence sums under them, block by block (f_row of cpu_f_rows.h: the
 //            loss, Gamma = sum_j q g and sum_j q), with q = exp(s - LSE) and p = exp(t - LSE^p),
-//            log p = t - LSE^p exactly (alpha = 0) or the log of the mixture.
+//            log p = t - LSE^p exactly (alpha = 0) or the log of the mixture; reverse KL with
+//            alpha = 0 reads log p only and forms no p (family_rows_read_p), here and in the
+//            backward.
 // The backward recomputes each tile pair once and forms W for both sides with learned_backward
 // and the saved Gamma, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Four N^2 d GEMM-equivalents instead of six (each sweep half of both Grams; the
@@ -140,8 +144,10 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
 // pair: the tiles become s (symmetric: one scalar parameter) and the target's aux (d^2 or z_i . z_j;
 // each row scales it by its own coefficient), in place, before the rows read them (a row of J
 // from the tiles' columns). The backward recomputes its logits per row from the same Gram entries
-// with the same kernel_logits, so both passes and the backward see the same values.
-template <typename T, int K, bool T_DIST, typename F>
+// with the same kernel_logits, so both passes and the backward see the same values. CAUCHY (t-SNE's
+// Student-t with nu = 1, pass 1): scratch.s holds the pair's weight exp(s) = 1 / (1 + d^2) instead
+// of its logit, a division per pair instead of a log (add_weight_segment takes its LSE).
+template <typename T, int K, bool T_DIST, bool CAUCHY, typename F>
 void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                  int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
                                  F&& row) {
@@ -157,7 +163,14 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
       const int64_t i = i0 + r;
       T* s_row = s_p + r * nj;
       T* aux = t_p + r * nj;
-      kernel_logits<T, K>(k, s_row, s_row, rows.x_sq + j0, rows.x_sq[i], nj);
+      if constexpr (CAUCHY) {
+        const T* xc_sq = rows.x_sq + j0;
+        const T xi_sq = rows.x_sq[i];
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) s_row[j] = T(1) / (T(1) + k.aux(s_row[j], xi_sq, xc_sq[j]));
+      } else {
+        kernel_logits<T, K>(k, s_row, s_row, rows.x_sq + j0, rows.x_sq[i], nj);
+      }
       const T zi_sq = rows.z_sq[i];
 #pragma omp simd
       for (int64_t j = 0; j < nj; ++j) aux[j] = target_aux<T, T_DIST>(aux[j], zi_sq, zc_sq[j]);
@@ -192,22 +205,36 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
   });
 }
 
+// Whether a row's terms read p itself: reverse KL with an exact log p (alpha = 0) reads log p and
+// q only (f_terms_simd), so that affinity_family_segment leaves out its exp per pair.
+template <typename T>
+bool family_rows_read_p(const Problem<T>& pb) {
+  return !(pb.divergence == kReverseKl && pb.log_p_mode() == kExactLogP);
+}
+
 // p and log p of a row over one column block from its target logits (in sc.t, which become
-// t - LSE^p) and LSE^p; p = 0 at the self column. Then the row as f_row takes it.
+// t - LSE^p) and LSE^p; p = 0 at the self column. Then the row as f_row takes it. Without
+// form_p (family_rows_read_p false) only log p: sc.p stays as the scratch was made (zeros), and
+// the sums' p_sum, which this schedule does not read, is 0.
 template <typename T>
 FRow<T> affinity_family_segment(const Problem<T>& pb, int64_t i, int64_t len, int64_t self, T lse, T lse_p,
-                                T lse_p_lo, AffinityRowScratch<T>& sc) {
+                                T lse_p_lo, AffinityRowScratch<T>& sc, bool form_p) {
   // a row without a finite target logit keeps its LSE^p as the shift (-inf - -inf: NaN, as the
   // plain rows' affinity_row and the reference), not finite_shift's 0 (p = 0, a finite loss)
   const T lo = std::isfinite(lse_p) ? lse_p_lo : T(0);
   const T shift = lse_p;
   T* t = sc.t.data();
   T* p = sc.p.data();
+  if (form_p) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    const T lp = (t[j] - shift) - lo;
-    t[j] = lp;
-    p[j] = j != self ? vexp(lp) : T(0);
+    for (int64_t j = 0; j < len; ++j) {
+      const T lp = (t[j] - shift) - lo;
+      t[j] = lp;
+      p[j] = j != self ? vexp(lp) : T(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) t[j] = (t[j] - shift) - lo;
   }
   FRow<T> r = pb.f_row(i, sc.s.data(), lse, p, t, T(0), 0.0, 0.0);
   r.m = len;
@@ -240,6 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
   const bool q_sum_of_lse = !pb.f_div && pb.beta == T(0);
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
   const int log_p = pb.log_p_mode();
+  const bool form_p = family_rows_read_p(pb);
   with_kernel(pb.kernel, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     return with_target_distance(pb.t_kernel, [&](auto td) {
@@ -247,14 +275,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
                                         pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
                                         target_coefs(pb), pb.exclude_self};
-      // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch)
-      for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-        for_each_affinity_logit_row<T, K, T_DIST>(
-            pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
-              const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
-              add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
-              add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
-            });
+      // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
+      // Cauchy weight)
+      const bool cauchy = K == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1);
+      with_bool(cauchy, [&](auto is_cauchy) {
+        constexpr bool CAUCHY = decltype(is_cauchy)::value && K == kStudentT;
+        for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+          for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
+              pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
+              [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
+                const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
+                if constexpr (CAUCHY) add_weight_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
+                else add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
+                add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
+              });
+        });
+        return 0;
       });
       for (int64_t i = 0; i < n; ++i) {
         lse_q[i] = online_lse(acc_q[i]);
@@ -266,10 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
       // pass 2: the divergence sums under them
       for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-        for_each_affinity_logit_row<T, K, T_DIST>(
+        for_each_affinity_logit_row<T, K, T_DIST, false>(
             pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
               const int64_t i = sr.i;
-              const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i], lo_p[i], sc);
+              const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i], lo_p[i], sc, form_p);
               const FRowSums f = f_row<T>(pb.divergence, r, log_p, nullptr, nullptr);
               loss[i] += f.loss;
               gamma[i] += f.gamma;
@@ -313,6 +349,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
   const T keep_q = T(1) - pb.beta;
   const bool dist = is_distance(pb.kernel);
   const int log_p = pb.log_p_mode();
+  const bool form_p = family_rows_read_p(pb);
   auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
   const size_t np = param_grad ? size_t(n) : 0;
   std::vector<double> dp(np), gs(np), qb(np), qs(np);   // a row's dL/dparam sums (centred_sum)
@@ -337,7 +374,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 std::fill(ab, ab + len, T(0));
                 return;
               }
-              const FRow<T> r = affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc);
+              const FRow<T> r = affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc, form_p);
               f_row<T>(pb.divergence, r, log_p, sc.qg.data(), nullptr, sc.q.data());
               // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
               if (self >= 0) ab[self] = T(0);

@@ -179,6 +179,24 @@ void add_lse_segment(const Seg& seg, T* s, OnlineLabelRow<T>* acc) {
   acc->se += blocked_exp_sum(s, seg.m, acc->mx);
 }
 
+// add_lse_segment for a row of weights w = exp(s) in (0, 1] (a Cauchy kernel's 1 / (1 + d^2)):
+// their sum under the fixed max 0, so that online_lse is log sum_j w, with no max pass and no exp.
+// w[self] becomes 0; a NaN weight makes the sum NaN, a row of zeros gives -inf.
+template <typename T, typename Seg>
+void add_weight_segment(const Seg& seg, T* w, OnlineLabelRow<T>* acc) {
+  if (seg.self >= 0) w[seg.self] = T(0);
+  acc->mx = T(0);
+  double sum = 0;
+  for (int64_t j0 = 0; j0 < seg.m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(seg.m, j0 + kSumBlock);
+    T block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t j = j0; j < j1; ++j) block += w[j];
+    sum += block;
+  }
+  acc->se += sum;
+}
+
 // The row's LSE unrounded: NaN when a logit is, -inf without a valid column.
 template <typename T>
 double online_lse(const OnlineLabelRow<T>& acc) {
