@@ -308,7 +308,6 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* z_sq = pb.z_sq.template data_ptr<T>();
   const bool diag = i0 == j0;
-  const T log_2n = T(std::log(2.0 * double(pb.n)));
   // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
   // shared by every pair)
   const T centre = T(centre_exact);
@@ -324,7 +323,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
     T* tv = other.data();
     T* sv = s_row.data();
     // locals (joint_pair_values' note)
-    const T shift = log_2n, az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
+    const T inv_2n = T(0.5 / double(pb.n)), az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
@@ -354,7 +353,9 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
         } else {
           q = vexp(sv[j] - lz);
         }
-        const T pj = vexp(joint_log_p(ov[j] - li, tv[j] - lc[j], shift));
+        // P itself, (p_{j|i} + p_{i|j}) / 2N: two exps, where exp(joint_log_p) takes three
+        // transcendentals (the forward needs log P, exact where P underflows; here P = 0 is exact)
+        const T pj = (vexp(ov[j] - li) + vexp(tv[j] - lc[j])) * inv_2n;
         const T grad = (T(2) * q * cz + T(2) * q * cz_lo) - (gi + gc[j]) * pj;
         T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
         h = j == self ? T(0) : h;
