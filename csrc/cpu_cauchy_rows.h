@@ -94,6 +94,39 @@ inline FRowSums cauchy_learned_row(const T* r, T lse, const T* p, int64_t self, 
   return cauchy_learned_row_scaled<T>(r, std::exp(-lse), p, self, m, alpha, mv, q_out, qg);
 }
 
+// Total variation's row sums from the reciprocals, alpha = beta = 0 (p~ = p, q~ = q): q = r scale
+// (scale = e^{-LSE}) and |p - q| read no log, so the row takes no log and no exp per pair, where
+// f_row forms q = exp(s - LSE) from the logit s = -log1p(d²). The terms as f_terms_simd's for TV:
+// loss 1/2 |p - q|, q g = -1/2 q sign(p - q); the self column adds nothing (r = p = 0 there).
+// STORE: q and q g per column into q_out and qg (the backward).
+template <typename T, bool STORE>
+inline FRowSums cauchy_tv_row(const T* r, T scale, const T* p, int64_t m, T* q_out, T* qg) {
+  FRowSums out{0, 0, 0, 0, 0};
+  for (int64_t j0 = 0; j0 < m; j0 += kSumBlock) {
+    const int64_t j1 = std::min(m, j0 + kSumBlock);
+    T loss = 0, gamma = 0, q_sum = 0, p_sum = 0;
+#pragma omp simd reduction(+ : loss, gamma, q_sum, p_sum)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T q = r[j] * scale, pj = p[j];
+      const T sign = pj > q ? T(1) : (pj < q ? T(-1) : T(0));
+      const T g = T(-0.5) * q * sign;
+      loss += T(0.5) * std::fabs(pj - q);
+      gamma += g;
+      q_sum += q;
+      p_sum += pj;
+      if constexpr (STORE) {
+        q_out[j] = q;
+        qg[j] = g;
+      }
+    }
+    out.loss += loss;
+    out.gamma += gamma;
+    out.q_sum += q_sum;
+    out.p_sum += p_sum;
+  }
+  return out;
+}
+
 // W = 2 G r in place of the row's Gram entries w, with G = scale (q g - q Gamma) and Gamma in two
 // parts as learned_backward's (no dof gradient here); returns the row sum of W.
 template <typename T>

@@ -13,6 +13,8 @@
 //            log p = t - LSE^p exactly (alpha = 0) or the log of the mixture; reverse KL with
 //            alpha = 0 reads log p only and forms no p (family_rows_read_p), here and in the
 //            backward.
+//            t-SNE's Cauchy kernel under TV (alpha = beta = 0) takes q = r e^{-LSE} from the
+//            reciprocals here and in the backward (cauchy_tv_rows): no log or exp per pair for q.
 // The backward recomputes each tile pair once and forms W for both sides with learned_backward
 // and the saved Gamma, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Four N^2 d GEMM-equivalents instead of six (each sweep half of both Grams; the
@@ -40,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_cauchy_rows.h"   // cauchy_tv_row, cauchy_reciprocals, cauchy_learned_backward
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
 #include "cpu_problem.h"
@@ -95,7 +98,8 @@ struct AffinityPairRows {
 // logits (stored before anything reads them, as for_each_family_row's). A row of J gathers its
 // entries from the tiles' columns. With w_out (the backward), ab is the row's copy in w_out (rows
 // of I, ni x nj) or wt_out (rows of J, nj x ni), which it overwrites with W; without, read only.
-template <typename T, int K, bool T_DIST, typename F>
+// Without LOGITS scratch.s is left unset (a row that takes the reciprocals, cauchy_tv_rows).
+template <typename T, int K, bool T_DIST, bool LOGITS, typename F>
 void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                   int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
                                   T* w_out, T* wt_out, F&& row) {
@@ -126,7 +130,7 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
         tab = tc;
       }
       const int64_t i = sr.i, len = sr.len;
-      kernel_logits<T, K>(k, ab, sc.s.data(), rows.x_sq + sr.col0, rows.x_sq[i], len);
+      if constexpr (LOGITS) kernel_logits<T, K>(k, ab, sc.s.data(), rows.x_sq + sr.col0, rows.x_sq[i], len);
       const T coef = rows.coef[i], zi_sq = rows.z_sq[i];
       const T* zc_sq = rows.z_sq + sr.col0;
       T* t_row = sc.t.data();
@@ -210,6 +214,24 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
 template <typename T>
 bool family_rows_read_p(const Problem<T>& pb) {
   return !(pb.divergence == kReverseKl && pb.log_p_mode() == kExactLogP);
+}
+
+// t-SNE's Cauchy kernel (Student-t, nu = 1) under total variation with alpha = beta = 0: pass 2
+// and the backward take q = r e^{-LSE} from the reciprocals r = 1 / (1 + d^2) (cauchy_tv_row: no
+// log and no exp per pair for q), both from the same q_scales, so that Gamma is the q-weighted
+// mean of g over the backward's very q.
+template <typename T>
+bool cauchy_tv_rows(const Problem<T>& pb) {
+  return pb.kernel == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1) && pb.divergence == kTv &&
+         pb.alpha == T(0) && pb.beta == T(0);
+}
+
+// Every row's e^{-LSE} in T from the stats' T-rounded LSE (row 0), as both passes take it.
+template <typename T>
+std::vector<T> q_scales(const T* st, int64_t n) {
+  std::vector<T> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = T(std::exp(-double(st[i])));
+  return out;
 }
 
 // p and log p of a row over one column block from its target logits (in sc.t, which become
@@ -300,17 +322,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
         st[3 * n + i] = pair_record<T>(block, lse_p, st[2 * n + i]);
       }
       recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
-      // pass 2: the divergence sums under them
-      for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-        for_each_affinity_logit_row<T, K, T_DIST, false>(
-            pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
-              const int64_t i = sr.i;
-              const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i], lo_p[i], sc, form_p);
-              const FRowSums f = f_row<T>(pb.divergence, r, log_p, nullptr, nullptr);
-              loss[i] += f.loss;
-              gamma[i] += f.gamma;
-              q_sum[i] += f.q_sum;
-            });
+      // pass 2: the divergence sums under them (cauchy_tv_rows: the tiles hold the reciprocals)
+      const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
+      with_bool(!q_scale.empty(), [&](auto tv_weights) {
+        constexpr bool TV_R = decltype(tv_weights)::value && K == kStudentT;
+        for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+          for_each_affinity_logit_row<T, K, T_DIST, TV_R>(
+              pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
+              [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
+                const int64_t i = sr.i;
+                [[maybe_unused]] const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i],
+                                                                           lo_p[i], sc, form_p);
+                FRowSums f;
+                if constexpr (TV_R) {
+                  if (self >= 0) sc.s[self] = T(0);   // (r = 1 at d_ii = 0)
+                  f = cauchy_tv_row<T, false>(sc.s.data(), q_scale[i], sc.p.data(), sr.len, nullptr, nullptr);
+                } else {
+                  f = f_row<T>(pb.divergence, r, log_p, nullptr, nullptr);
+                }
+                loss[i] += f.loss;
+                gamma[i] += f.gamma;
+                q_sum[i] += f.q_sum;
+              });
+        });
+        return 0;
       });
       return 0;
     });
@@ -361,12 +396,15 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
       constexpr bool T_DIST = decltype(td)::value;
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
                                         pb.z_sq.template data_ptr<T>(), target_coefs(pb), pb.exclude_self};
+      const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
+         return with_bool(!q_scale.empty(), [&](auto tv_weights) {
           constexpr bool PARAM = decltype(with_param)::value, Q_ZERO_GRAD = decltype(zero_at_q0)::value;
+          constexpr bool TV_R = decltype(tv_weights)::value && K == kStudentT;
           for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
             // W_IJ in w_buf and W_JI in wt_buf, in place of their Gram entries
-            for_each_affinity_family_row<T, K, T_DIST>(
+            for_each_affinity_family_row<T, K, T_DIST, !TV_R || PARAM>(
                 pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, w_buf.template data_ptr<T>(),
                 wt_buf.template data_ptr<T>(), [&](const SideRow& sr, int64_t self, T* ab, AffinityRowScratch<T>& sc) {
               const int64_t i = sr.i, len = sr.len;
@@ -374,11 +412,25 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 std::fill(ab, ab + len, T(0));
                 return;
               }
-              const FRow<T> r = affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc, form_p);
-              f_row<T>(pb.divergence, r, log_p, sc.qg.data(), nullptr, sc.q.data());
+              [[maybe_unused]] const FRow<T> r =
+                  affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc, form_p);
+              const double row_gamma = double(st[n + i]);
+              if constexpr (TV_R) {
+                // q and q g from the reciprocals (sc.col: free in the backward, whose rows of J are in
+                // wt_buf), then W = 2 G r without the dof's gradient
+                T* rr = sc.col.data();
+                cauchy_reciprocals<T>(ab, rr, rows.x_sq + sr.col0, rows.x_sq[i], self, len);
+                cauchy_tv_row<T, true>(rr, q_scale[i], sc.p.data(), len, sc.q.data(), sc.qg.data());
+                if constexpr (!PARAM) {
+                  cauchy_learned_backward<T>(ab, rr, sc.q.data(), sc.qg.data(), len, g[i] * keep_q, row_gamma);
+                  if (i0 == j0 && self < 0) ab[i - sr.col0] = T(0);   // the kept self pair (below)
+                  return;
+                }
+              } else {
+                f_row<T>(pb.divergence, r, log_p, sc.qg.data(), nullptr, sc.q.data());
+              }
               // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
               if (self >= 0) ab[self] = T(0);
-              const double row_gamma = double(st[n + i]);
               const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
                   KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), rows.x_sq + sr.col0,
                   rows.x_sq[i], len, g[i] * keep_q, row_gamma, finite_shift(st[i]));
@@ -394,6 +446,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
             add_h_tile<T>(pb.x, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
           });
           return 0;
+         });
         });
       });
     });

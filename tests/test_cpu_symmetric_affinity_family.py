@@ -87,6 +87,22 @@ def test_float64_equals_the_plain_schedule_and_the_reference(monkeypatch, learne
         _close(got, plain, 1e-12)
 
 
+@pytest.mark.parametrize("n,exclude_self", [(7, True), (37, True), (37, False)])
+def test_float64_cauchy_tv_rows_without_the_dof_gradient(monkeypatch, n, exclude_self):
+    """t-SNE's kernel (dof 1) under TV takes q = r e^{-LSE} from the reciprocals in pass 2 and the
+    backward, whose W is then 2 G r (the matrix above asks for the dof's gradient, which takes
+    learned_backward instead): equal to the reference with ragged blocks."""
+    kernel, params = LEARNED[0]
+    x, z, upstream = _inputs(n, 29)
+    options = dict(divergence="tv", exclude_self=exclude_self)
+    want = _run(x, z, kernel, params, "reference", upstream, **options)
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _run(x, z, kernel, params, "cpu", upstream, **options)
+        assert _counts() == RAN, tile
+        _close(got, want, 1e-12)
+
+
 @pytest.mark.parametrize("divergence,alpha,beta", [("reverse_kl", 0.0, 0.0), ("tv", 0.0, 0.0), ("kl", 0.2, 0.1)])
 def test_the_power_kernels_self_pair(monkeypatch, divergence, alpha, beta):
     """exclude_self=False with the power kernel: s_ii = -(n/2) log(eps) dominates each row, and its
