@@ -1,7 +1,8 @@
 // Student-t with nu = 1 (t-SNE's Cauchy kernel) on the family rows: e^{s_ij} = 1 / (1 + d²_ij), so
 // (issue 17 item 1) a row's LSE is the log of a sum of reciprocals (no exp, no max pass: every
 // term is at most 1), and where dL/ds does not depend on log q (forward KL and cross-entropy
-// without beta, and no target or dof gradient) the backward takes q = r e^{-LSE} and
+// without beta, and no target or dof gradient; total variation without alpha or beta in the
+// symmetric Affinity family schedule, cauchy_tv_row) the backward takes q = r e^{-LSE} and
 // W = 2 G r from one reciprocal r per pair, instead of a log1p, an exp and a division.
 #pragma once
 #include <algorithm>

@@ -25,7 +25,8 @@
 // LSE^p's residual in units of its last place (pair_record): target logits are often far from 0
 // (a small sigma_i), and p must sum to 1 in the backward with no row sweep. Pass 2 and the backward
 // take q = exp(s - LSE) from the T-rounded LSE (as the plain rows do: their forward takes the same
-// q, their backward renormalises), so q sums to 1 up to that rounding, but both take the same q
+// q, their backward renormalises; t-SNE's TV rows r e^{-LSE} from the same LSE, cauchy_tv_rows),
+// so q sums to 1 up to that rounding, but both take the same q
 // and p, and Gamma is the q-weighted mean of g over exactly them: sum_j G_ij = 0 up to each entry's
 // rounding and Gamma's. No row is free for the LSE's residual or Gamma's (the stats are [4, n] in
 // T); at learned logits in the thousands (fp32 ulp 1e-4) the losses are off by 1e-6 relative, as
@@ -40,6 +41,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu_cauchy_rows.h"   // cauchy_tv_row, cauchy_reciprocals, cauchy_learned_backward
@@ -149,8 +151,9 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
 // each row scales it by its own coefficient), in place, before the rows read them (a row of J
 // from the tiles' columns). The backward recomputes its logits per row from the same Gram entries
 // with the same kernel_logits, so both passes and the backward see the same values. CAUCHY (t-SNE's
-// Student-t with nu = 1, pass 1): scratch.s holds the pair's weight exp(s) = 1 / (1 + d^2) instead
-// of its logit, a division per pair instead of a log (add_weight_segment takes its LSE).
+// Student-t with nu = 1: pass 1, and pass 2 under cauchy_tv_rows): scratch.s holds the pair's
+// weight exp(s) = 1 / (1 + d^2) instead of its logit, a division per pair instead of a log
+// (add_weight_segment takes its LSE, cauchy_tv_row its q).
 template <typename T, int K, bool T_DIST, bool CAUCHY, typename F>
 void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                  int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
@@ -214,6 +217,15 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
 template <typename T>
 bool family_rows_read_p(const Problem<T>& pb) {
   return !(pb.divergence == kReverseKl && pb.log_p_mode() == kExactLogP);
+}
+
+// with_bool for a Cauchy-rows flag of kernel K: both instantiations only for Student-t (the one
+// kernel with Cauchy rows), f(std::false_type{}) alone for the others, so that their row loops are
+// not compiled twice.
+template <int K, typename F>
+decltype(auto) with_cauchy_flag(bool flag, F&& f) {
+  if constexpr (K == kStudentT) return with_bool(flag, std::forward<F>(f));
+  else return f(std::false_type{});
 }
 
 // t-SNE's Cauchy kernel (Student-t, nu = 1) under total variation with alpha = beta = 0: pass 2
@@ -300,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
       // Cauchy weight)
       const bool cauchy = K == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1);
-      with_bool(cauchy, [&](auto is_cauchy) {
-        constexpr bool CAUCHY = decltype(is_cauchy)::value && K == kStudentT;
+      with_cauchy_flag<K>(cauchy, [&](auto is_cauchy) {
+        constexpr bool CAUCHY = decltype(is_cauchy)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
               pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
@@ -324,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
       // pass 2: the divergence sums under them (cauchy_tv_rows: the tiles hold the reciprocals)
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
-      with_bool(!q_scale.empty(), [&](auto tv_weights) {
-        constexpr bool TV_R = decltype(tv_weights)::value && K == kStudentT;
+      with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
+        constexpr bool TV_R = decltype(tv_weights)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           for_each_affinity_logit_row<T, K, T_DIST, TV_R>(
               pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
@@ -399,9 +411,9 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
-         return with_bool(!q_scale.empty(), [&](auto tv_weights) {
+         return with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
           constexpr bool PARAM = decltype(with_param)::value, Q_ZERO_GRAD = decltype(zero_at_q0)::value;
-          constexpr bool TV_R = decltype(tv_weights)::value && K == kStudentT;
+          constexpr bool TV_R = decltype(tv_weights)::value;
           for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
             // W_IJ in w_buf and W_JI in wt_buf, in place of their Gram entries
             for_each_affinity_family_row<T, K, T_DIST, !TV_R || PARAM>(

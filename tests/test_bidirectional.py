@@ -133,6 +133,22 @@ def test_cpu_one_pass_equals_two_reference_calls(monkeypatch, kernel, shape, alp
 
 
 @needs_cpu
+@pytest.mark.parametrize("divergence", ["kl", "cross_entropy"])
+def test_cpu_self_columns_beyond_the_first_chunk_and_sum_block(monkeypatch, divergence):
+    """exclude_self at N = M = 600: the self column of a row falls in every column chunk (256 wide)
+    and in the second sum block (512 wide) of the row statistics, where the element loops split
+    the row around it, and outside the chunk for most rows."""
+    x, y, rl, cl = _inputs(600, 600, classes=4, seed=3)
+    options = dict(alpha=0.3, divergence=divergence, exclude_self=True)
+    want = _grads(_two_calls(ik.Labels(rl, cl), ik.Labels(cl, rl), "dot", **options), x, y, 0.6)
+    for tile in ("100", ""):
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _grads(_both(ik.Labels(rl, cl), "dot", "cpu", **options), x, y, 0.6)
+        assert _cpu_calls() == (1, 1), tile
+        _close(got, want, 1e-12)
+
+
+@needs_cpu
 @pytest.mark.parametrize("offset", [0, 2**32, -2**40])
 def test_cpu_labels_beyond_int32_stay_distinct(offset):
     """The cpu op compares int32 codes of the labels: labels that agree in their low 32 bits
