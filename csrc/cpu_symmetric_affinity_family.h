@@ -171,10 +171,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
       T* s_row = s_p + r * nj;
       T* aux = t_p + r * nj;
       if constexpr (CAUCHY) {
-        const T* xc_sq = rows.x_sq + j0;
-        const T xi_sq = rows.x_sq[i];
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) s_row[j] = T(1) / (T(1) + k.aux(s_row[j], xi_sq, xc_sq[j]));
+        cauchy_reciprocals<T>(s_row, s_row, rows.x_sq + j0, rows.x_sq[i], -1, nj);   // (the backward's)
       } else {
         kernel_logits<T, K>(k, s_row, s_row, rows.x_sq + j0, rows.x_sq[i], nj);
       }
@@ -234,8 +231,7 @@ decltype(auto) with_cauchy_flag(bool flag, F&& f) {
 // mean of g over the backward's very q.
 template <typename T>
 bool cauchy_tv_rows(const Problem<T>& pb) {
-  return pb.kernel == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1) && pb.divergence == kTv &&
-         pb.alpha == T(0) && pb.beta == T(0);
+  return cauchy_kernel(pb) && pb.divergence == kTv && pb.alpha == T(0) && pb.beta == T(0);
 }
 
 // Every row's e^{-LSE} in T from the stats' T-rounded LSE (row 0), as both passes take it.
@@ -311,8 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
                                         target_coefs(pb), pb.exclude_self};
       // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
       // Cauchy weight)
-      const bool cauchy = K == kStudentT && pb.prm.template data_ptr<T>()[0] == T(1);
-      with_cauchy_flag<K>(cauchy, [&](auto is_cauchy) {
+      with_cauchy_flag<K>(cauchy_kernel(pb), [&](auto is_cauchy) {
         constexpr bool CAUCHY = decltype(is_cauchy)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
