@@ -145,6 +145,21 @@ inline void row_logits(int kernel, T prm, const T* ab, T* s, const T* b_sq, T a_
   });
 }
 
+// s[j] = the logit of Gram entry ab[j] under column j's parameter prm[j]: a symmetrised target's
+// t_ji, and the symmetric Affinity schedules' (z_cols = z, so a.b and the distance of the pair are
+// the same; the parameter is row j's).
+template <typename T>
+inline void column_logits(int kernel, const T* prm, const T* ab, T* s, const T* b_sq, T a_sq, int64_t m) {
+  with_kernel(kernel, [&](auto code) {
+    constexpr int K = decltype(code)::value;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const KernelRow<T, K> k(prm[j]);
+      s[j] = k.logit(k.aux(ab[j], a_sq, b_sq[j]));
+    }
+  });
+}
+
 // An Affinity target's row: p[j] = exp(t[j] - lse_p) over j != self, renormalised to sum 1 (the
 // T-rounded LSE^p leaves the sum 1 only up to its rounding), and divided by ``divisor`` (joint
 // normalisation: the number of rows). Returns log of the total before renormalising (0 when it

@@ -141,20 +141,6 @@ GlobalRows<T> global_rows(const Problem<T>& pb, const T* stats) {
   return gr;
 }
 
-// s[j] = the logit of Gram entry ab[j] under column j's parameter prm[j]: a symmetrised target's
-// t_ji (z_cols = z, so a.b and the distance of the pair are the same; the parameter is row j's).
-template <typename T>
-inline void column_logits(int kernel, const T* prm, const T* ab, T* s, const T* b_sq, T a_sq, int64_t m) {
-  with_kernel(kernel, [&](auto code) {
-    constexpr int K = decltype(code)::value;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      const KernelRow<T, K> k(prm[j]);
-      s[j] = k.logit(k.aux(ab[j], a_sq, b_sq[j]));
-    }
-  });
-}
-
 // lp[j] = (p_{j|i} + p_{i|j}) / 2 over j != self (0 at self), two exps and no log: the rows that
 // read p only (symmetric_log_p's arguments).
 template <typename T>

@@ -48,14 +48,14 @@ namespace cpu {
 
 // What both Affinity schedules (this one and joint t-SNE's, cpu_symmetric_joint.h) need: self mode
 // (x is y, z_cols is z), one scalar learned parameter and any learned kernel but log_dot, KL or
-// cross-entropy with alpha = beta = 0, and a target kernel whose logits are linear in its Gram term
-// with one coefficient per row (target_coefs: sigma_i per row is each side's own scale).
+// cross-entropy with alpha = beta = 0. Any target kernel, with a parameter per row or one: with
+// z_cols = z its Gram term (z_i . z_j or the squared distance) is the pair's, and each side takes
+// its logit under its own row's parameter (target_coefs, pair_target_logits).
 template <typename T>
 bool symmetric_affinity_structure(const Problem<T>& pb) {
   if (!pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2 || pb.target != kAffinity) return false;
   if (pb.alpha != T(0) || pb.beta != T(0) || pb.kernel == kLogDot) return false;
-  if (pb.divergence != kKl && pb.divergence != kCrossEntropy) return false;
-  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+  return pb.divergence == kKl || pb.divergence == kCrossEntropy;
 }
 
 // Whether pb runs this schedule's conditional rows (the off switch aside).
@@ -69,9 +69,18 @@ bool symmetric_affinity_apply(const Problem<T>& pb) {
   return symmetric_affinity_fit(pb) && symmetric_schedule_enabled();
 }
 
-// The target's logits: the fit keeps the Gaussian and dot target kernels, whose logits are linear in
-// their Gram term: t_ij = coef_i aux_ij with aux the squared distance (T_DIST) or z_i . z_j, and
-// coef_i = -1 / (2 sigma_i^2) or 1 / tau (one per row, so that each side scales by its own).
+// The target's logits. The Gaussian and dot target kernels' are linear in their Gram term,
+// t_ij = coef_i aux_ij with aux the squared distance (T_DIST) or z_i . z_j and coef_i = -1 / (2
+// sigma_i^2) or 1 / tau_i (one per row, so that each side scales by its own), which the fused
+// loops compute inline. The others (Student-t, power, log_dot: a log per pair) are not: their rows
+// take the plain rows' row_logits (target_row_logits; pair_target_logits for both orientations)
+// before those loops, which then read the logits as a dot kernel's Gram terms with coefficient 1
+// (t * 1 = t exactly; with_affinity_kernels gives them T_DIST = false).
+template <typename T>
+bool linear_target(const Problem<T>& pb) {
+  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+}
+
 template <typename T, bool T_DIST>
 ICON_SIMD_INLINE T target_aux(T ab, T a_sq, T b_sq) {
   if constexpr (T_DIST) return squared_distance(ab, a_sq, b_sq);
@@ -81,10 +90,44 @@ ICON_SIMD_INLINE T target_aux(T ab, T a_sq, T b_sq) {
 template <typename T>
 std::vector<T> target_coefs(const Problem<T>& pb) {
   const T* tp = pb.t_prm.template data_ptr<T>();
-  std::vector<T> coef(static_cast<size_t>(pb.n));
+  std::vector<T> coef(static_cast<size_t>(pb.n), T(1));   // (1: a nonlinear kernel's, see above)
+  if (!linear_target(pb)) return coef;
   for (int64_t i = 0; i < pb.n; ++i)
     coef[i] = pb.t_kernel == kGaussian ? T(-1) / (T(2) * tp[i] * tp[i]) : T(1) / tp[i];
   return coef;
+}
+
+// Row i's target logits over the columns [col0, col0 + len) from its Gram entries of z under a
+// nonlinear target kernel (gram may be t: in place), as the plain rows compute them.
+template <typename T>
+void target_row_logits(const Problem<T>& pb, int64_t i, const T* gram, T* t, int64_t col0, int64_t len) {
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  row_logits<T>(pb.t_kernel, pb.t_prm.template data_ptr<T>()[i], gram, t, z_sq + col0, z_sq[i], len);
+}
+
+// Both orientations of the target logits over row i's Gram entries of z with the columns [j0, j0 +
+// nj): own[j] = t_ij (row i's parameter) and other[j] = t_ji (column j's), one Gram term for both
+// (the squared distance is symmetric bit for bit: a + b = b + a in IEEE arithmetic).
+template <typename T, bool T_DIST>
+void pair_target_logits(const Problem<T>& pb, bool linear, const T* coef, int64_t i, int64_t j0, const T* gram,
+                        T* own, T* other, int64_t nj) {
+  const T* z_sq = pb.z_sq.template data_ptr<T>();
+  const T zi_sq = z_sq[i];
+  const T* zc_sq = z_sq + j0;
+  if (!linear) {
+    const T* tp = pb.t_prm.template data_ptr<T>();
+    row_logits<T>(pb.t_kernel, tp[i], gram, own, zc_sq, zi_sq, nj);
+    column_logits<T>(pb.t_kernel, tp + j0, gram, other, zc_sq, zi_sq, nj);
+    return;
+  }
+  const T ci = coef[i];
+  const T* cc = coef + j0;
+#pragma omp simd
+  for (int64_t j = 0; j < nj; ++j) {
+    const T taux = target_aux<T, T_DIST>(gram[j], zi_sq, zc_sq[j]);
+    own[j] = taux * ci;
+    other[j] = taux * cc[j];
+  }
 }
 
 // A row's statistics merged over column blocks (see the top): the learned and target maxima and
@@ -163,7 +206,7 @@ void add_affinity_segment(const KernelRow<T, K> k, T coef,   // k by value (affi
 // The z tile of one tile pair (pair_gram), as every pass makes it: the same GEMM call, bit for bit.
 template <typename T>
 void target_tile(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& t_buf) {
-  pair_gram<T>(pb.z, i0, i1, j0, j1, pb.t_kernel == kGaussian ? pb.z_sq.template data_ptr<T>() : nullptr, t_buf);
+  pair_gram<T>(pb.z, i0, i1, j0, j1, is_distance(pb.t_kernel) ? pb.z_sq.template data_ptr<T>() : nullptr, t_buf);
 }
 
 // The x and z tiles of one tile pair: X_I X_J^T into s_buf and Z_I Z_J^T into t_buf.
@@ -180,6 +223,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
   const int64_t n = pb.n;
   std::vector<OnlineAffinityRow> acc(static_cast<size_t>(n));
   const std::vector<T> coef = target_coefs(pb);
+  const bool linear = linear_target(pb);
   const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* z_sq = pb.z_sq.template data_ptr<T>();
@@ -206,6 +250,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
           T* ab = rows_of_i ? s_p + r * nj : st_p + (r - ni) * ni;
           T* tab = rows_of_i ? t_p + r * nj : tt_p + (r - ni) * ni;
           const int64_t self = pb.exclude_self && one_side ? r : -1;
+          if (!linear) target_row_logits(pb, i, tab, tab, col0, len);   // (the row's own copy)
           add_affinity_segment<T, K, T_DIST, CAUCHY, KL>(k, coef[i], ab, tab, x_sq + col0, x_sq[i], z_sq + col0,
                                                          z_sq[i], len, self, &acc[i]);
         }
@@ -225,7 +270,8 @@ decltype(auto) with_flag(bool b, F&& f) {
   return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// f(K, T_DIST, CAUCHY) for pb's kernels: the one switch from codes to instantiations.
+// f(K, T_DIST, CAUCHY) for pb's kernels: the one switch from codes to instantiations. T_DIST is the
+// Gaussian target's; the others run as the dot kernel (linear_target's note).
 template <typename T, typename F>
 decltype(auto) with_affinity_kernels(const Problem<T>& pb, F&& f) {
   const bool cauchy = cauchy_kernel(pb);
@@ -291,8 +337,7 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
                      const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni, int64_t j0,
                      int64_t nj, T* ab, const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const T* z_sq = pb.z_sq.template data_ptr<T>();
-  const bool diag = i0 == j0;
+  const bool diag = i0 == j0, linear = linear_target(pb);
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -312,26 +357,21 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
       T* w = ab + r * nj;
       const T* tr = tab + r * nj;
-      const T gi = g[i], hi_i = hi[i], lo_i = lo[i], hp_i = hp[i], lp_i = lp[i], ci = coef[i], ai = a[i],
-              ai_lo = a[pb.n + i];
-      const T xi_sq = x_sq[i], zi_sq = z_sq[i];
+      const T gi = g[i], hi_i = hi[i], lo_i = lo[i], hp_i = hp[i], lp_i = lp[i], ai = a[i], ai_lo = a[pb.n + i];
+      const T xi_sq = x_sq[i];
       const T* gc = g + j0;
       const T* hic = hi + j0;
       const T* loc = lo + j0;
       const T* hpc = hp + j0;
       const T* lpc = lp + j0;
-      const T* cc = coef + j0;
       const T* acol = a + j0;
       const T* acol_lo = a + pb.n + j0;
       const T* xc_sq = x_sq + j0;
-      const T* zc_sq = z_sq + j0;
+      if constexpr (!CAUCHY) {
 #pragma omp simd
-      for (int64_t j = 0; j < nj; ++j) {
-        if constexpr (!CAUCHY) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
-        const T taux = target_aux<T, T_DIST>(tr[j], zi_sq, zc_sq[j]);
-        trv[j] = taux * ci;
-        tcv[j] = taux * cc[j];
+        for (int64_t j = 0; j < nj; ++j) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
       }
+      pair_target_logits<T, T_DIST>(pb, linear, coef, i, j0, tr, trv, tcv, nj);
       T rs = 0;
 #pragma omp simd reduction(+ : rs)
       for (int64_t j = 0; j < nj; ++j) {

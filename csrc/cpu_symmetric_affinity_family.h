@@ -58,14 +58,14 @@ namespace cpu {
 
 // Whether pb has this schedule's structure: an Affinity target with conditional rows, not
 // symmetrised, in self mode (x is y, z_cols is z), one scalar learned parameter and any learned
-// kernel but log_dot, a Gaussian or dot target kernel (a parameter per row or one), and what the
-// one-sweep Affinity schedule does not take (an f-divergence, or alpha or beta > 0).
+// kernel but log_dot, any target kernel (a parameter per row or one: symmetric_affinity_structure's
+// note), and what the one-sweep Affinity schedule does not take (an f-divergence, or alpha or
+// beta > 0).
 template <typename T>
 bool symmetric_affinity_family_fit(const Problem<T>& pb) {
   if (pb.target != kAffinity || pb.global() || !pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2)
     return false;
-  if (pb.kernel == kLogDot || symmetric_affinity_fit(pb)) return false;
-  return pb.t_kernel == kGaussian || pb.t_kernel == kDot;
+  return pb.kernel != kLogDot && !symmetric_affinity_fit(pb);
 }
 
 template <typename T>
@@ -84,13 +84,15 @@ struct AffinityRowScratch {
 };
 
 // What every row of both passes reads: the learned kernel, x's and z's squared norms, each row's
-// target coefficient (target_coefs) and the self pair rule.
+// target coefficient (target_coefs), whether the target kernel is linear (linear_target: else each
+// row's logits are target_row_logits') and the self pair rule.
 template <typename T, int K>
 struct AffinityPairRows {
   KernelRow<T, K> k;
   const T* x_sq;
   const T* z_sq;
   std::vector<T> coef;
+  bool linear_t;
   bool exclude_self;
 };
 
@@ -107,7 +109,7 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
                                   T* w_out, T* wt_out, F&& row) {
   const int64_t ni = i1 - i0, nj = j1 - j0;
   pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
-  pair_gram<T>(pb.z, i0, i1, j0, j1, T_DIST ? rows.z_sq : nullptr, t_buf);
+  target_tile(pb, i0, i1, j0, j1, t_buf);
   const T* g_p = s_buf.template data_ptr<T>();
   const T* t_p = t_buf.template data_ptr<T>();
   at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
@@ -136,8 +138,12 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
       const T coef = rows.coef[i], zi_sq = rows.z_sq[i];
       const T* zc_sq = rows.z_sq + sr.col0;
       T* t_row = sc.t.data();
+      if (rows.linear_t) {
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
+        for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
+      } else {
+        target_row_logits(pb, i, tab, t_row, sr.col0, len);
+      }
       const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
       row(sr, self, ab, sc);
     }
@@ -160,7 +166,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
                                  F&& row) {
   const int64_t ni = i1 - i0, nj = j1 - j0;
   pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
-  pair_gram<T>(pb.z, i0, i1, j0, j1, T_DIST ? rows.z_sq : nullptr, t_buf);
+  target_tile(pb, i0, i1, j0, j1, t_buf);
   T* s_p = s_buf.template data_ptr<T>();
   T* t_p = t_buf.template data_ptr<T>();
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
@@ -203,6 +209,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
           t[u] = t_p[u * nj + c] * coef;
         }
       }
+      if (!rows.linear_t) target_row_logits(pb, i, t, t, sr.col0, len);   // (coef 1: t holds the Gram terms)
       const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
       row(sr, self, sc);
     }
@@ -272,11 +279,17 @@ FRow<T> affinity_family_segment(const Problem<T>& pb, int64_t i, int64_t len, in
   return r;
 }
 
+// f(T_DIST) for the target kernel: true for the Gaussian's squared distance, false for the dot
+// kernel's z_i . z_j and for the nonlinear kernels, whose rows make their logits from the Gram
+// entries themselves (target_row_logits; pair_gram still makes their self pairs exact).
 template <typename F>
 decltype(auto) with_target_distance(int t_kernel, F&& f) {
   switch (t_kernel) {
     case kGaussian: return f(std::true_type{});
-    case kDot: return f(std::false_type{});
+    case kDot:
+    case kStudentT:
+    case kPower:
+    case kLogDot: return f(std::false_type{});
     default: TORCH_CHECK(false, "icon_kernels cpu: the symmetric Affinity family schedule has no target kernel code ",
                          t_kernel);
   }
@@ -304,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       constexpr bool T_DIST = decltype(td)::value;
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
                                         pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
-                                        target_coefs(pb), pb.exclude_self};
+                                        target_coefs(pb), linear_target(pb), pb.exclude_self};
       // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
       // Cauchy weight)
       with_cauchy_flag<K>(cauchy_kernel(pb), [&](auto is_cauchy) {
@@ -402,7 +415,8 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
     return with_target_distance(pb.t_kernel, [&](auto td) {
       constexpr bool T_DIST = decltype(td)::value;
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
-                                        pb.z_sq.template data_ptr<T>(), target_coefs(pb), pb.exclude_self};
+                                        pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
+                                        pb.exclude_self};
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD

@@ -25,9 +25,13 @@ def _counts():
     return counts("affinity_forward", "affinity_backward")
 
 
+T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
+           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
+
+
 def _target(z, t_kernel="gaussian", t_param=2.0):
-    name = "sigma" if t_kernel == "gaussian" else "temperature"
-    return ik.Affinity(z, kernel=t_kernel, **{name: t_param})
+    name = T_PARAM[t_kernel]
+    return ik.Affinity(z, kernel=t_kernel, **({name: t_param} if name else {}))
 
 
 def _run(x0, z, kernel, params, backend, upstream, target=None, **options):
@@ -103,12 +107,17 @@ def test_the_power_kernels_self_pair(monkeypatch, divergence):
 
 
 @pytest.mark.parametrize("t_kernel,per_row", [("gaussian", True), ("gaussian", False), ("cosine", False),
-                                               ("dot", True)])
+                                               ("dot", True), ("student_t", True), ("student_t", False),
+                                               ("power", True), ("log_dot", False)])
 def test_target_kernels_and_a_parameter_per_row(monkeypatch, t_kernel, per_row):
     """sigma_i per row (perplexity calibration, ik.helpers.calibrate_sigma) scales each side's
-    target logits by its own row: t_ij != t_ji while the Gram tile is shared."""
+    target logits by its own row: t_ij != t_ji while the Gram tile is shared. The Student-t, power
+    and log_dot target kernels are not linear in the Gram term: each side takes its row's logits
+    from it (target_row_logits, pair_target_logits)."""
     n = 23
     x, z, upstream = _inputs(n, 11)
+    if t_kernel == "log_dot":
+        z = z.abs() + 0.1   # log(z_i . z_j) needs z_i . z_j > 0
     t_param = torch.linspace(0.6, 2.5, n, dtype=F64) if per_row else torch.tensor(1.4, dtype=F64)
     target = _target(z, t_kernel, t_param)
     want = _run(x, z, "student_t", {"dof": 1.0}, "reference", upstream, target=target)
@@ -209,7 +218,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(divergence="cross_entropy") == (1, 1)
     assert ran(target=ik.Affinity(z, z.clone(), kernel="gaussian")) == (0, 0)
     assert ran(y=x.detach().clone(), exclude_self=True) == (0, 0)
-    assert ran(target=ik.Affinity(z, kernel="student_t")) == (0, 0)
+    assert ran(target=ik.Affinity(z, kernel="student_t")) == (1, 1)         # a nonlinear target kernel
     assert ran(target=ik.Affinity(z, kernel="gaussian", symmetrize=True)) == (0, 0)
     assert ran(alpha=0.1) == (0, 0)
     assert ran(beta=0.1) == (0, 0)

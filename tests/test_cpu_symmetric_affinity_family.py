@@ -33,9 +33,13 @@ def _counts():
     return counts("affinity_family_forward", "affinity_family_backward")
 
 
+T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
+           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
+
+
 def _target(z, t_kernel="gaussian", t_param=2.0):
-    name = "sigma" if t_kernel == "gaussian" else "temperature"
-    return ik.Affinity(z, kernel=t_kernel, **{name: t_param})
+    name = T_PARAM[t_kernel]
+    return ik.Affinity(z, kernel=t_kernel, **({name: t_param} if name else {}))
 
 
 def _run(x0, z, kernel, params, backend, upstream, target=None, param_grad=False, **options):
@@ -134,13 +138,17 @@ def test_the_power_kernels_self_pair(monkeypatch, divergence, alpha, beta):
 
 
 @pytest.mark.parametrize("t_kernel,per_row", [("gaussian", True), ("gaussian", False), ("cosine", False),
-                                               ("dot", True)])
+                                               ("dot", True), ("student_t", True), ("student_t", False),
+                                               ("power", True), ("log_dot", False)])
 @pytest.mark.parametrize("divergence", ["js", "reverse_kl"])
 def test_target_kernels_and_a_parameter_per_row(monkeypatch, t_kernel, per_row, divergence):
     """sigma_i per row (perplexity calibration) scales each side's target logits by its own row:
-    t_ij != t_ji while the Gram tile of z is shared."""
+    t_ij != t_ji while the Gram tile of z is shared. The Student-t, power and log_dot target
+    kernels are not linear in the Gram term: each side takes its row's logits from it."""
     n = 23
     x, z, upstream = _inputs(n, 11)
+    if t_kernel == "log_dot":
+        z = z.abs() + 0.1   # log(z_i . z_j) needs z_i . z_j > 0
     t_param = torch.linspace(0.6, 2.5, n, dtype=F64) if per_row else torch.tensor(1.4, dtype=F64)
     target = _target(z, t_kernel, t_param)
     want = _run(x, z, "student_t", {"dof": 1.0}, "reference", upstream, target=target, divergence=divergence)
@@ -280,7 +288,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(divergence="cross_entropy") == NOT_RAN
     assert ran(target=ik.Affinity(z, z.clone(), kernel="gaussian")) == NOT_RAN
     assert ran(y=x.detach().clone(), exclude_self=True) == NOT_RAN
-    assert ran(target=ik.Affinity(z, kernel="student_t")) == NOT_RAN
+    assert ran(target=ik.Affinity(z, kernel="student_t")) == RAN   # a nonlinear target kernel
     assert ran(target=ik.Affinity(z, kernel="gaussian", symmetrize=True)) == NOT_RAN
     assert ran(normalization="joint") == NOT_RAN
     assert ran(kernel="gaussian", sigma=torch.linspace(0.5, 1.5, n, dtype=F64)) == NOT_RAN

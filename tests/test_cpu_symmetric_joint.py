@@ -27,9 +27,13 @@ def _counts():
     return counts("joint_forward", "joint_backward")
 
 
+T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
+           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
+
+
 def _target(z, sigma=2.0, t_kernel="gaussian"):
-    name = "sigma" if t_kernel == "gaussian" else "temperature"
-    return ik.Affinity(z, kernel=t_kernel, symmetrize=True, **{name: sigma})
+    name = T_PARAM[t_kernel]
+    return ik.Affinity(z, kernel=t_kernel, symmetrize=True, **({name: sigma} if name else {}))
 
 
 def _run(x0, target, kernel, params, backend, upstream, **options):
@@ -73,6 +77,25 @@ def test_float64_equals_the_plain_joint_rows_and_the_reference(monkeypatch, lear
         assert _counts() == (1, 1), tile
         _close(got, want, 1e-12)
         _close(got, plain, 1e-12)
+
+
+@pytest.mark.parametrize("t_kernel,per_row", [("student_t", True), ("student_t", False), ("power", True),
+                                               ("log_dot", False)])
+def test_nonlinear_target_kernels(monkeypatch, t_kernel, per_row):
+    """Target kernels whose logits are not linear in the Gram term: each side of a pair takes its
+    own row's logit (its parameter) from the shared Gram entry of z, in both passes and the
+    backward (target_row_logits, pair_target_logits)."""
+    n = 23
+    x, z, upstream = _inputs(n, 13)
+    if t_kernel == "log_dot":
+        z = z.abs() + 0.1   # log(z_i . z_j) needs z_i . z_j > 0
+    t_param = torch.linspace(0.6, 2.5, n, dtype=F64) if per_row else torch.tensor(1.4, dtype=F64)
+    target = _target(z, t_param, t_kernel)
+    want = _run(x, target, "student_t", {"dof": 1.0}, "reference", upstream)
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "50")   # blocks of 5 rows
+    got = _run(x, target, "student_t", {"dof": 1.0}, "cpu", upstream)
+    assert _counts() == (1, 1)
+    _close(got, want, 1e-12)
 
 
 def test_a_dot_target_and_zero_upstream_gradients(monkeypatch):
@@ -152,7 +175,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(divergence="cross_entropy") == (1, 1)
     assert ran(normalization="conditional") == (0, 0)
     assert ran(target=ik.Affinity(z, kernel="gaussian")) == (0, 0)          # not symmetrised
-    assert ran(target=ik.Affinity(z, kernel="student_t", symmetrize=True)) == (0, 0)
+    assert ran(target=ik.Affinity(z, kernel="student_t", symmetrize=True)) == (1, 1)   # nonlinear
     assert ran(y=x.detach().clone()) == (0, 0)
     assert ran(alpha=0.1) == (0, 0)
     assert ran(beta=0.1) == (0, 0)
