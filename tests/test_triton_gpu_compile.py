@@ -9,6 +9,7 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot_compile.py")
+SHARED_LIMIT = 232448          # bytes of shared memory per block on sm_90
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -21,8 +22,18 @@ def test_kernels_compile_for_sm90():
     # variants(): 6 kl variants x 5 kernels, 5 f-divergence variants x 3 (the second pass and the
     # two backward kernels; their first pass is kl's two-pass forward), the bidirectional
     # backward (BIDIR) of the Labels variant: 2 kernels, and self mode's triangular kernels
-    # (triangular_variants(): 5 variants x forward and backward, the merge with kl and cross_entropy)
-    assert len(compiled) == 59, proc.stdout
+    # (triangular_variants(): 5 Labels and 5 Affinity variants x forward and backward, each merge
+    # kernel with kl and cross_entropy)
+    assert len(compiled) == 71, proc.stdout
     assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
-    assert sum("icon_symmetric_" in line for line in compiled) == 12, proc.stdout
+    assert sum("icon_symmetric_" in line for line in compiled) == 24, proc.stdout
+    assert sum("icon_symmetric_affinity_" in line for line in compiled) == 12, proc.stdout
     assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")
+    # the triangular kernels, compiled at their launch's shape, fit in sm_90's shared memory, and
+    # launchers' estimate (which decides triangular_fits) is above what each cubin needs
+    fixed = [line for line in compiled if "icon_symmetric_" in line]
+    print("\n".join(fixed))
+    for line in fixed:
+        shared = int(line.split(" shared=")[1].split()[0])
+        estimate = int(line.split("(est ")[1].split(")")[0])
+        assert shared <= SHARED_LIMIT and shared <= estimate, line

@@ -45,12 +45,17 @@ def test_fp32_dots_default_to_tf32x3_and_ieee_is_an_opt_in(monkeypatch, symmetri
         _launches(torch.float32)
 
 
+@pytest.mark.parametrize("symmetric", ["1", "0"])        # the triangular kernels and the plain ones
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_affinity_target_features_stay_in_the_input_dtype(dtype):
-    """No fp32 copy of z: a GPU then runs the target Gram on tensor cores too."""
+def test_affinity_target_features_stay_in_the_input_dtype(monkeypatch, dtype, symmetric):
+    """No fp32 copy of z: a GPU then runs the target Gram on tensor cores too. (The triangular
+    kernels read z alone, z_cols being z, and their merge kernel no target features.)"""
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", symmetric)
     keys = _launches(dtype, target="affinity")
     name = str(dtype).replace("torch.", "")
-    assert keys and all(k["tensors"]["Z"][0] == name and k["tensors"]["ZC"][0] == name for k in keys)
+    features = [k["tensors"][t][0] for k in keys for t in ("Z", "ZC") if t in k["tensors"]]
+    assert len(features) >= 2 and set(features) == {name}
+    assert any(k["kernel"].startswith("icon_symmetric_affinity") for k in keys) == (symmetric == "1")
 
 
 def test_autotune_key_uses_power_of_two_buckets_of_n_and_m():
@@ -96,6 +101,10 @@ def test_without_autotuning_one_shape_per_variant():
     # self mode's triangular kernels: the same tiles with twice the warps (they spill less so)
     assert launchers.triangular_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 8, 2)
     assert launchers.triangular_shape(_args(torch.bfloat16, 0, 128), "forward") == (64, 64, 8, 2)
+    # ... an Affinity target's (t-SNE in bf16): never the wide tile; both stages take the backward's
+    # tile (fp32 at d = dz = 256: the smallest), each its own warps
+    assert launchers.triangular_launch(_args(torch.bfloat16, 2, 128, 128), "forward") == (64, 32, 8, 2)
+    assert launchers.triangular_launch(_args(torch.float32, 2, 256, 256), "forward") == (32, 32, 8, 2)
     # an f-divergence's second pass and backward: 64 x 32 in bf16 too (kl and cross_entropy: 64 x 64)
     for code, shape in ((0, (64, 64, 4, 2)), (1, (64, 64, 4, 2)), (3, (64, 32, 4, 2))):
         assert launchers.fixed_shape({**_args(torch.bfloat16, 0, 128), "DIVERGENCE": code}, "forward") == shape

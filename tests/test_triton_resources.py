@@ -2,8 +2,9 @@
 compiled ahead of time by Triton's real compiler (tests/triton_aot_compile.py) from the launch keys
 recorded under the interpreter (tests/resource_variants.py).
 
-- The heaviest variants (fp32, d = dz = 256, Affinity with target gradients; the bf16 t-SNE) fit
-  in shared memory with every autotune config that launchers' pruning keeps.
+- The heaviest variants (fp32, d = dz = 256, Affinity with target gradients; the bf16 t-SNE, which
+  runs the triangular kernels of self mode) fit in shared memory with every autotune config that
+  launchers' pruning keeps (the triangular kernels: their one launch shape).
 - No variant the GPU benchmark runs (autotune off) spills more than 1 KB per thread.
 - launchers' shared-memory estimate, which prunes before compiling, is above every cubin's need.
 """
@@ -52,8 +53,11 @@ def test_gpu_resources_of_the_benchmark_and_the_heaviest_variants(tmp_path):
                     + ["heaviest (every config kept by the pruning):"] + [_label(r) for r in worst_rows]))
     assert len(bench_rows) >= 10 and len(worst_rows) >= 7
     kernels = {r["key"]["kernel"] for r in worst_rows}
+    # the heavy Affinity variant (alpha, beta > 0, target gradients) runs the plain kernels, the
+    # bf16 t-SNE (self mode) the Affinity target's triangular ones
     assert kernels == {"icon_forward_kernel", "icon_mixture_kernel", "icon_backward_rows_kernel",
-                       "icon_backward_cols_kernel"}
+                       "icon_backward_cols_kernel", "icon_symmetric_affinity_forward_kernel",
+                       "icon_symmetric_affinity_merge_kernel", "icon_symmetric_affinity_backward_kernel"}
     for r in bench_rows + worst_rows:
         assert r["shared"] <= SHARED_LIMIT, _label(r)
         assert r["estimated_shared"] >= r["shared"], "the pruning estimate is too low: " + _label(r)

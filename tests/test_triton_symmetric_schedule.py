@@ -23,11 +23,12 @@ PLAIN = ("_forward_kernel", "_rows_kernel", "_cols_kernel")
 
 
 class Launches:
-    """Counts the launches of the launchers' kernels, by the launchers' names for them."""
+    """Counts the launches of the launchers' kernels, by the launchers' names for them (``names``;
+    tests/test_triton_symmetric_affinity.py counts the Affinity target's triangular kernels too)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, names=TRIANGULAR + PLAIN):
         from icon_kernels._triton import launchers
-        self.count = dict.fromkeys(TRIANGULAR + PLAIN, 0)
+        self.count = dict.fromkeys(names, 0)
         for name in self.count:
             monkeypatch.setattr(launchers, name, self._counted(name, getattr(launchers, name)))
 

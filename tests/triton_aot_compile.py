@@ -27,21 +27,32 @@ from triton.compiler import ASTSource
 from icon_kernels._triton import launchers
 from icon_kernels._triton.backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from icon_kernels._triton.forward_kernels import icon_forward_kernel, icon_mixture_kernel
+from icon_kernels._triton.symmetric_affinity_kernels import (icon_symmetric_affinity_backward_kernel,
+                                                             icon_symmetric_affinity_forward_kernel,
+                                                             icon_symmetric_affinity_merge_kernel)
 from icon_kernels._triton.symmetric_kernels import (icon_symmetric_backward_kernel, icon_symmetric_forward_kernel,
                                                     icon_symmetric_merge_kernel)
 
 KERNELS = {fn.__name__: fn for fn in (icon_forward_kernel, icon_mixture_kernel,
                                       icon_backward_rows_kernel, icon_backward_cols_kernel,
                                       icon_symmetric_forward_kernel, icon_symmetric_merge_kernel,
-                                      icon_symmetric_backward_kernel)}
+                                      icon_symmetric_backward_kernel, icon_symmetric_affinity_forward_kernel,
+                                      icon_symmetric_affinity_merge_kernel, icon_symmetric_affinity_backward_kernel)}
 STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
          "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward",
-         "icon_symmetric_forward_kernel": "forward", "icon_symmetric_backward_kernel": "backward"}
+         "icon_symmetric_forward_kernel": "forward", "icon_symmetric_backward_kernel": "backward",
+         "icon_symmetric_affinity_forward_kernel": "forward", "icon_symmetric_affinity_backward_kernel": "backward"}
 # self mode's triangular kernels (launchers._triangular_forward / _triangular_backward): launched
-# with triangular_shape's tile and warps, never autotuned; the merge kernel holds row vectors only (no tile, no
-# reduction: launchers estimates nothing for it, the 4 KB of scratch that every estimate adds)
-FIXED_SHAPE = {"icon_symmetric_forward_kernel", "icon_symmetric_merge_kernel", "icon_symmetric_backward_kernel"}
+# with triangular_launch's tile and warps, never autotuned; the merge kernels hold row vectors only (no tile, no
+# reduction: launchers estimates nothing for them, the 4 KB of scratch that every estimate adds)
+MERGE_KERNELS = {"icon_symmetric_merge_kernel", "icon_symmetric_affinity_merge_kernel"}
+FIXED_SHAPE = {"icon_symmetric_forward_kernel", "icon_symmetric_backward_kernel",
+               "icon_symmetric_affinity_forward_kernel", "icon_symmetric_affinity_backward_kernel"} | MERGE_KERNELS
+# the Affinity target's triangular kernels take no TARGET argument (launchers._target reads a launch
+# without one as a Labels launch; launchers._triangular_shape names it)
+AFFINITY_TRIANGULAR = {"icon_symmetric_affinity_forward_kernel", "icon_symmetric_affinity_backward_kernel"}
 MERGE_SHARED = 4096
+SHARED_LIMIT = launchers.SHARED_LIMIT
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
            "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 FLOATS = {"m_valid", "m_valid2", "reverse_param", "alpha", "beta"}
@@ -110,6 +121,8 @@ def _launch_args(key) -> dict:
     """What launchers' pruning reads of a launch: its constexprs and the feature tensors' dtypes."""
     import torch
     args = dict(key["constexprs"])
+    if key["kernel"] in AFFINITY_TRIANGULAR:
+        args["TARGET"] = launchers.TARGET_CODES["affinity"]
     for name in ("X", "Z", "DENSE"):
         args[name] = torch.empty(0, dtype=getattr(torch, key["tensors"].get(name, ["float32"])[0]))
     return args
@@ -122,7 +135,7 @@ def _config(shape):
 
 def estimated_shared(key, shape) -> int:
     """launchers' pre-compile estimate (its autotune pruning) for this key and shape."""
-    if key["kernel"] == "icon_symmetric_merge_kernel":
+    if key["kernel"] in MERGE_KERNELS:
         return MERGE_SHARED
     return launchers.estimated_shared_bytes(_config(shape), _launch_args(key), STAGE[key["kernel"]])
 
@@ -130,11 +143,11 @@ def estimated_shared(key, shape) -> int:
 def launched_shapes(key, autotune: bool):
     """The (BM, BN, warps, stages) launchers would compile for this key: every shape its pruning
     keeps when autotuning, else its one shape of ICON_KERNELS_TRITON_AUTOTUNE=0."""
-    if key["kernel"] == "icon_symmetric_merge_kernel":
+    if key["kernel"] in MERGE_KERNELS:
         return [DEFAULT_CONFIG]               # (its BLOCK_M is the forward's: 64 or 32, one as the other)
     args, stage = _launch_args(key), STAGE[key["kernel"]]
     if key["kernel"] in FIXED_SHAPE:
-        return [launchers.triangular_shape(args, stage)]
+        return [launchers.triangular_launch(args, stage)]
     if not autotune:
         return [launchers.fixed_shape(args, stage)]
     kept = launchers._pruner(stage)([_config(s) for s in launchers.AUTOTUNE_SHAPES], None, **args)
@@ -192,17 +205,52 @@ def triangular_variants():
             yield {"kernel": name, "constexprs": c, "tensors": tensors, "ints": {}}
     for kl in (True, False):
         yield {"kernel": "icon_symmetric_merge_kernel", "constexprs": {"KL": kl}, "tensors": {}, "ints": {}}
+    yield from triangular_affinity_variants()
+
+
+def triangular_affinity_variants():
+    """Self mode's triangular kernels of an Affinity target (symmetric_affinity_kernels.py: SNE,
+    t-SNE): t-SNE (Student-t learned, Gaussian target) in fp32 and native bf16 at d = dz = 128 (the
+    benchmark's), SNE (Gaussian on Gaussian) in fp16 (upcast gradient dots), a dot kernel on a dot
+    target with chunked d, and the heaviest that launchers.triangular_fits lets run, fp32 t-SNE at
+    d = 256, dz = 64 (fp32 at d = dz = 256 runs the plain kernels: the triangular backward's cubin
+    needs 263 KB of shared memory); the forward with kl and cross_entropy, the merge with both.
+    compile_all compiles them at the launch's shape (launched_shapes)."""
+    for kernel, t_kernel, dtype, chunked, block_d, block_dz, kl in (
+            (2, 1, "float32", False, 128, 128, True), (2, 1, "bfloat16", False, 128, 128, False),
+            (1, 1, "float16", False, 64, 64, True), (0, 0, "float32", True, 128, 32, False),
+            (2, 1, "float32", False, 256, 64, True)):
+        c = dict(KERNEL=kernel, T_KERNEL=t_kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, BLOCK_DZ=block_dz,
+                 PRECISION="tf32x3", UPCAST=dtype == "float32", UPCAST_Z=dtype == "float32", D_CHUNKED=chunked)
+        tensors = {"X": [dtype, True], "Z": [dtype, True]}
+        yield {"kernel": "icon_symmetric_affinity_forward_kernel", "constexprs": dict(c, KL=kl), "tensors": tensors,
+               "ints": {}}
+        yield {"kernel": "icon_symmetric_affinity_backward_kernel", "constexprs": c, "tensors": tensors, "ints": {}}
+    for kl in (True, False):
+        yield {"kernel": "icon_symmetric_affinity_merge_kernel", "constexprs": {"KL": kl}, "tensors": {}, "ints": {}}
 
 
 def compile_all(archs):
+    """Every variant at DEFAULT_CONFIG, the triangular kernels (FIXED_SHAPE) at the one shape their
+    launcher uses; a triangular kernel's line gives its shape, shared memory and, from the cubin,
+    registers and stack per thread (tests/test_triton_gpu_compile.py checks the shared memory)."""
     for arch in archs:
         for key in variants():
-            compiled, _ = compile_key(key, arch=arch)
+            fixed = key["kernel"] in FIXED_SHAPE
+            shape = launched_shapes(key, False)[0] if fixed else DEFAULT_CONFIG
+            compiled, _ = compile_key(key, shape, arch=arch)
             assert compiled.asm.get("cubin"), "no cubin produced"
             c = key["constexprs"]
+            resources = ""
+            if fixed:
+                used = resource_usage(compiled)
+                resources = (f" shape={'x'.join(map(str, shape))} d={c.get('BLOCK_D', '-')} "
+                             f"dz={c.get('BLOCK_DZ', '-')} regs={used['regs']} stack={used['stack']} "
+                             f"shared={used['shared']} "
+                             f"(est {estimated_shared(key, shape)})")
             print(f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
                   f"TARGET={c.get('TARGET', '-')} D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
-                  f"DIVERGENCE={c.get('DIVERGENCE', '-')}: ok", flush=True)
+                  f"DIVERGENCE={c.get('DIVERGENCE', '-')}{resources}: ok", flush=True)
     return 0
 
 

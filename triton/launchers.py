@@ -15,6 +15,8 @@ import triton
 
 from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
+from .symmetric_affinity_kernels import (icon_symmetric_affinity_backward_kernel,
+                                         icon_symmetric_affinity_forward_kernel, icon_symmetric_affinity_merge_kernel)
 from .symmetric_kernels import (icon_symmetric_backward_kernel, icon_symmetric_forward_kernel,
                                 icon_symmetric_merge_kernel)
 
@@ -92,8 +94,9 @@ SHARED_LIMIT = 232448          # bytes per block on sm_90 (227 KB)
 
 
 def _target(args) -> int:
-    """A launch's target code; the triangular kernels (symmetric_kernels.py) have no TARGET
-    argument: they compute Labels targets only."""
+    """A launch's target code; the triangular kernels have no TARGET argument (symmetric_kernels.py
+    computes Labels targets, symmetric_affinity_kernels.py Affinity ones): their launcher
+    (_triangular_shape) names it, and without it a launch is taken for a Labels one."""
     return args.get("TARGET", TARGET_CODES["labels"])
 
 
@@ -267,6 +270,17 @@ class BackwardArgs(NamedTuple):
 # target that requires grad); the loss itself drops them.
 NORM_ROW = 2
 TRIANGULAR_RECORD_ROW = 3   # a Labels forward's free row: the triangular forward's BLOCK_M, else 0
+# An Affinity forward's record of the triangular schedule: its row 3 is taken (H_i = L_i, which the
+# plain backward reads for the target's gradient, and the triangular forward writes as the plain one
+# does), so the record is row 1, R_i: at beta = 0 under kl or cross_entropy (the schedule's
+# structure, which _symmetric checks before reading a record) no kernel reads it, and the plain
+# forward writes 1 there, never a tile size. The triangular forward writes its BLOCK_M (>= 16).
+AFFINITY_RECORD_ROW = 1
+
+
+def _record_row(op: OpArgs) -> int:
+    """The stats row of a triangular forward's record for op's target."""
+    return AFFINITY_RECORD_ROW if op.target == "affinity" else TRIANGULAR_RECORD_ROW
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -431,9 +445,9 @@ def _forward(op: OpArgs):
         stats[NORM_ROW] = norm              # for the backward (_backward_target)
     two_pass = (beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
                 or op.f_divergence)
-    if _one_input(op) and _self_mode_labels(op):      # (one pass: Labels, beta = 0, kl or cross_entropy)
+    if _one_input(op) and _self_mode_triangular(op) and _triangular_fits(tensors, flags):   # (one pass)
         _triangular_forward(tensors, sizes, flags, loss, stats)
-        stats[TRIANGULAR_RECORD_ROW] = _triangular_tile(tensors, flags)[0]   # (the backward follows it)
+        stats[_record_row(op)] = _triangular_tile(tensors, flags)[0]         # (the backward follows it)
     else:
         _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
                                        ONE_PASS=not two_pass, **flags)
@@ -500,7 +514,7 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    if _symmetric(op, saved, pairs, target_grad, _triangular_record(stats, tensors, flags)):
+    if _symmetric(op, saved, pairs, target_grad, _triangular_record(stats, tensors, flags, _record_row(op))):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)
         dx, dprm = _triangular_backward(tensors, sizes, flags, stats, g)
@@ -533,15 +547,32 @@ def symmetric_schedule_enabled() -> bool:
 
 
 def _self_mode_structure(op: OpArgs) -> bool:
-    """Whether the loss has the triangular schedule's structure, y being x: a Labels target whose
-    column labels are its rows', beta = 0, kl or cross_entropy, one kernel parameter (a per-row one
-    breaks s_ij = s_ji). Every kernel is symmetric when y is x (log_dot too)."""
-    if not (op.target == "labels" and op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
+    """Whether the loss has the triangular schedule's structure, y being x: beta = 0, kl or
+    cross_entropy, one kernel parameter (a per-row one breaks s_ij = s_ji; every kernel is symmetric
+    when y is x, log_dot too), and
+
+    - a Labels target whose column labels are its rows' (symmetric_kernels.py), or
+    - an Affinity target (SNE, t-SNE: symmetric_affinity_kernels.py) with alpha = 0, z_cols z (the
+      same tensor or equal values) and a Gaussian or dot target kernel (cosine arrives as dot), whose
+      parameter may be one value or one per row (each side of a tile scales the symmetric Gram term
+      by its own row's coefficient). _computed_divergence has already refused joint normalisation and
+      symmetrised targets.
+
+    Everything else runs the plain kernels: Neighbors and Dense targets, beta > 0, the
+    f-divergences, a per-row learned parameter, an Affinity target with alpha > 0, other columns
+    z_cols or another target kernel (student_t, power, log_dot)."""
+    if not (op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
         return False
-    return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
+    if op.target == "labels":
+        return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
+    if op.target == "affinity":
+        if op.alpha != 0 or op.t_kernel not in ("gaussian", "dot"):
+            return False
+        return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
+    return False
 
 
-def _self_mode_labels(op: OpArgs) -> bool:
+def _self_mode_triangular(op: OpArgs) -> bool:
     """Whether the forward runs the triangular schedule's structure: _self_mode_structure and the
     switch on."""
     return _self_mode_structure(op) and symmetric_schedule_enabled()
@@ -558,27 +589,34 @@ def _one_input(op: OpArgs) -> bool:
     return op.x is op.y
 
 
-def _triangular_record(stats, tensors, flags) -> bool:
-    """Whether the stats are a triangular forward's with the tile the backward launches (stats row
-    TRIANGULAR_RECORD_ROW holds its BLOCK_M; 0 after a plain forward)."""
-    return stats.shape[1] > 0 and float(stats[TRIANGULAR_RECORD_ROW, 0]) == _triangular_tile(tensors, flags)[0]
+def _triangular_record(stats, tensors, flags, row: int) -> bool:
+    """Whether the stats are a triangular forward's with the tile the backward launches: stats row
+    ``row`` (_record_row: TRIANGULAR_RECORD_ROW, 0 after a plain forward; AFFINITY_RECORD_ROW, 1
+    after a plain forward) holds its BLOCK_M."""
+    return stats.shape[1] > 0 and float(stats[row, 0]) == _triangular_tile(tensors, flags)[0]
 
 
 def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool, recorded: bool) -> bool:
     """Whether the backward runs self mode's triangular schedule: x and y one autograd input
-    (y_is_x), the structure, and a triangular forward with the same tile before it (recorded). The
+    (y_is_x), no gradient of an Affinity target's z or parameter (target_grad: the plain backward
+    makes it, reading the stats rows 0, 2 and 3 that the triangular forward writes as the plain one
+    does), the structure, and a triangular forward with the same tile before it (recorded). The
     backward follows its forward, never the switch at backward time: each block pair's logits must
     be the very values (bitwise) that made the row statistics."""
     return saved.y_is_x and pairs is None and not target_grad and recorded and _self_mode_structure(op)
 
 
-# --- self mode's triangular schedule (symmetric_kernels.py; DESIGN.md §1.3) ---------------------------
+# --- self mode's triangular schedule (symmetric_kernels.py for Labels targets, symmetric_affinity_kernels.py
+# for Affinity targets; DESIGN.md §1.3) -----------------------------------------------------------------
 # The kernels are reached through these names (tests count their launches). They run with one tile
-# shape, triangular_shape's (the interpreter's under TRITON_INTERPRET), not autotuned: the forward's
+# shape, triangular_launch's (the interpreter's under TRITON_INTERPRET), not autotuned: the forward's
 # partial buffers are laid out by BLOCK_M. A column block is BLOCK_M rows, swept in BLOCK_N-wide tiles.
 _triangular_forward_kernel = icon_symmetric_forward_kernel
 _triangular_merge_kernel = icon_symmetric_merge_kernel
 _triangular_backward_kernel = icon_symmetric_backward_kernel
+_triangular_affinity_forward_kernel = icon_symmetric_affinity_forward_kernel
+_triangular_affinity_merge_kernel = icon_symmetric_affinity_merge_kernel
+_triangular_affinity_backward_kernel = icon_symmetric_affinity_backward_kernel
 # Column blocks per program at most (program (I, c) takes every chunks-th block from I + c on): the
 # programs of row block 0 do this many block pairs, those of the last row blocks one or none.
 BLOCKS_PER_PROGRAM = 8
@@ -589,7 +627,9 @@ BLOCKS_PER_PROGRAM = 8
 # 45 of the 1024 of N = 65536 (23 panels, 46 launches). Past N of about 3.3M one row block's
 # partials alone exceed it (a panel is never empty).
 PANEL_BYTES = 64 << 20
-STATISTICS = 5            # m, l, sum p s, sum s, sum p~ log p~ (the partials of symmetric_kernels.py)
+# the partials' statistics per row: Labels m, l, sum p s, sum s, sum p~ log p~ (symmetric_kernels.py);
+# Affinity m_q, l_q, m_p, l_p, A (symmetric_affinity_kernels.py)
+STATISTICS = 5
 
 
 def triangular_shape(args, stage: str) -> tuple:
@@ -603,16 +643,54 @@ def triangular_shape(args, stage: str) -> tuple:
     return bm, bn, 2 * warps, stages
 
 
+def triangular_launch(args, stage: str) -> tuple:
+    """(BLOCK_M, BLOCK_N, warps, stages) of a triangular kernel's launch at ``stage``: the
+    backward's tile in both stages (the one that holds more), so that the forward's block pairs are
+    the backward's and every pair's logits come from the same tile orientation in both passes; the
+    stage's own warps and stages (tests/triton_aot_compile.py compiles these)."""
+    bm, bn, _, _ = triangular_shape(args, "backward")
+    _, _, warps, stages = triangular_shape(args, stage)
+    return bm, bn, warps, stages
+
+
+def _affinity_launch(flags) -> bool:
+    return flags["TARGET"] == TARGET_CODES["affinity"]
+
+
+def triangular_fits(args) -> bool:
+    """Whether the triangular backward's launch (the stage that holds more) is estimated to fit in
+    shared memory: estimated_shared_bytes, an upper bound of the sm_90 cubins'. Where it does not,
+    the forward runs the plain kernels, whose smallest tile with 4 warps still fits: an fp32
+    Affinity target at d = dz = 256 (the triangular backward's cubin at 32 x 32 needs 263 KB,
+    tests/triton_aot_compile.py). A Labels target always fits (d is chunked past 256)."""
+    shape = triangular_launch(args, "backward")
+    return estimated_shared_bytes(_config(shape), args, "backward") <= SHARED_LIMIT
+
+
+def _triangular_launch_args(tensors, flags) -> dict:
+    """What triangular_launch and triangular_fits read of a launch. An Affinity target's kernels
+    stage z's tiles too: TARGET, Z, UPCAST_Z and BLOCK_DZ go into the shared-memory estimate, and its
+    tile is never the wide bf16 one (default_shape)."""
+    args = dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"], TARGET=flags["TARGET"])
+    if _affinity_launch(flags):
+        args.update(Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
+    return args
+
+
+def _triangular_fits(tensors, flags) -> bool:
+    """triangular_fits of this launch (always under the interpreter, which has no shared memory)."""
+    return INTERPRET or triangular_fits(_triangular_launch_args(tensors, flags))
+
+
 def _triangular_shape(tensors, flags, stage: str) -> tuple:
+    """triangular_launch of this launch (the interpreter's shape under TRITON_INTERPRET)."""
     if INTERPRET:
         return INTERPRETER_SHAPE
-    return triangular_shape(dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"]), stage)
+    return triangular_launch(_triangular_launch_args(tensors, flags), stage)
 
 
 def _triangular_tile(tensors, flags) -> tuple:
-    """(BLOCK_M, BLOCK_N) of both triangular stages: the backward's (the one that holds more), so
-    that the forward's block pairs are the backward's and every pair's logits come from the same
-    tile orientation in both passes."""
+    """(BLOCK_M, BLOCK_N) of both triangular stages (triangular_launch)."""
     bm, bn, _, _ = _triangular_shape(tensors, flags, "backward")
     return bm, bn
 
@@ -622,19 +700,24 @@ def _chunks(n_blocks: int) -> int:
 
 
 def _triangular_arguments(tensors, sizes, flags) -> dict:
-    return dict(X=tensors["X"], XSQ=tensors["XSQ"], PRM=tensors["PRM"], LAB=tensors["LAB"], N=sizes["N"],
-                D=sizes["D"], stride_x=sizes["stride_x"], m_valid=sizes["m_valid"], alpha=sizes["alpha"],
-                KERNEL=flags["KERNEL"], EXCLUDE_SELF=flags["EXCLUDE_SELF"], BLOCK_D=flags["BLOCK_D"],
-                PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"], D_CHUNKED=flags["D_CHUNKED"])
+    """The arguments that the forward and backward kernels of the launch's target share."""
+    common = dict(X=tensors["X"], XSQ=tensors["XSQ"], PRM=tensors["PRM"], N=sizes["N"], D=sizes["D"],
+                  stride_x=sizes["stride_x"], KERNEL=flags["KERNEL"], EXCLUDE_SELF=flags["EXCLUDE_SELF"],
+                  BLOCK_D=flags["BLOCK_D"], PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"],
+                  D_CHUNKED=flags["D_CHUNKED"])
+    if _affinity_launch(flags):       # z's rows are also its columns (z_cols is z)
+        return dict(common, Z=tensors["Z"], ZSQ=tensors["ZSQ"], TPRM=tensors["TPRM"], DZ=sizes["DZ"],
+                    stride_z=sizes["stride_z"], T_KERNEL=flags["T_KERNEL"], BLOCK_DZ=flags["BLOCK_DZ"],
+                    UPCAST_Z=flags["UPCAST_Z"])
+    return dict(common, LAB=tensors["LAB"], m_valid=sizes["m_valid"], alpha=sizes["alpha"])
 
 
 def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
-    """Fills loss and stats rows 0 and 1 as icon_forward_kernel's ONE_PASS Labels rows: per panel
-    of row blocks, the forward kernel's partials, then the merge into the running statistics
-    (which finishes the panel's row blocks)."""
+    """Fills loss and the stats rows of icon_forward_kernel's ONE_PASS rows (Labels: 0 and 1;
+    Affinity: 0, 2 and 3): per panel of row blocks, the forward kernel's partials, then the merge
+    into the running statistics (which finishes the panel's row blocks)."""
     n, dev = sizes["N"], tensors["X"].device
-    _, _, warps, stages = _triangular_shape(tensors, flags, "forward")
-    bm, bn = _triangular_tile(tensors, flags)
+    bm, bn, warps, stages = _triangular_shape(tensors, flags, "forward")
     n_blocks = triton.cdiv(n, bm)
     chunks = _chunks(n_blocks)
     per_block = STATISTICS * 4 * (n + chunks * bm)
@@ -642,32 +725,38 @@ def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
     col_part = torch.empty(STATISTICS, panel, n, dtype=torch.float32, device=dev)
     row_part = torch.empty(STATISTICS, panel, chunks, bm, dtype=torch.float32, device=dev)
     run = torch.zeros(STATISTICS, n, dtype=torch.float32, device=dev)
-    run[0] = -1.0e30                    # symmetric_kernels.NO_MAX
     arguments = _triangular_arguments(tensors, sizes, flags)
+    if _affinity_launch(flags):
+        run[0] = run[2] = -1.0e30       # symmetric_kernels.NO_MAX: the learned and the target maxima
+        forward_kernel, merge_kernel = _triangular_affinity_forward_kernel, _triangular_affinity_merge_kernel
+        forward_only, merge_only = dict(KL=flags["KL"]), {}
+    else:
+        run[0] = -1.0e30
+        forward_kernel, merge_kernel = _triangular_forward_kernel, _triangular_merge_kernel
+        forward_only, merge_only = dict(NORM=tensors["NORM"]), dict(m_valid=sizes["m_valid"], alpha=sizes["alpha"])
     for block0 in range(0, n_blocks, panel):
         blocks = min(panel, n_blocks - block0)
-        _triangular_forward_kernel[(blocks, chunks)](
-            **arguments, NORM=tensors["NORM"], COL_PART=col_part, ROW_PART=row_part, block0=block0,
+        forward_kernel[(blocks, chunks)](
+            **arguments, **forward_only, COL_PART=col_part, ROW_PART=row_part, block0=block0,
             panel_cap=panel, chunks=chunks, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _triangular_merge_kernel[(n_blocks - block0,)](
-            COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n,
-            m_valid=sizes["m_valid"], alpha=sizes["alpha"], block0=block0, panel_blocks=blocks,
-            panel_cap=panel, chunks=chunks, KL=flags["KL"], BLOCK_M=bm, num_warps=4)
+        merge_kernel[(n_blocks - block0,)](
+            COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n, **merge_only,
+            block0=block0, panel_blocks=blocks, panel_cap=panel, chunks=chunks, KL=flags["KL"], BLOCK_M=bm,
+            num_warps=4)
 
 
 def _triangular_backward(tensors, sizes, flags, stats, g):
     """(dx, per-row dparam) of self mode from the triangular kernel, accumulated in fp32 with
     atomics (their order, and so the last bits, may vary between runs on a GPU)."""
     n, d, dev = sizes["N"], sizes["D"], tensors["X"].device
-    _, _, warps, stages = _triangular_shape(tensors, flags, "backward")
-    bm, bn = _triangular_tile(tensors, flags)
+    bm, bn, warps, stages = _triangular_shape(tensors, flags, "backward")
     n_blocks = triton.cdiv(n, bm)
     dx = torch.zeros(n, d, dtype=torch.float32, device=dev)
     dprm = torch.zeros(n, dtype=torch.float32, device=dev)
     grid = (n_blocks, _chunks(n_blocks), triton.cdiv(d, flags["BLOCK_D"]))
-    _triangular_backward_kernel[grid](**_triangular_arguments(tensors, sizes, flags), STATS=stats, GRAD=g, DX=dx,
-                                      DPRM=dprm, chunks=grid[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                      num_stages=stages)
+    kernel = _triangular_affinity_backward_kernel if _affinity_launch(flags) else _triangular_backward_kernel
+    kernel[grid](**_triangular_arguments(tensors, sizes, flags), STATS=stats, GRAD=g, DX=dx, DPRM=dprm,
+                 chunks=grid[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dx, dprm
 
 

@@ -1,5 +1,5 @@
 """Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target whose column labels
-are its rows', beta = 0, kl or cross_entropy, one kernel parameter (launchers._self_mode_labels).
+are its rows', beta = 0, kl or cross_entropy, one kernel parameter (launchers._self_mode_structure).
 Then s_ij = s_ji, and each pair of row blocks (I, J), I <= J, is computed once.
 
 Blocks and tiles: row block I is BLOCK_M rows, and so is column block J (the same rows of x); a
@@ -35,6 +35,11 @@ GEMM-equivalents: the forward's Grams ½, the backward's S ½ plus H X_J and H^T
 instead of the plain 4. These kernels are launched with one tile shape (no autotuning: the
 panel's partial buffers are laid out by BLOCK_M, which the launcher must know before launching).
 Everything accumulates in fp32.
+
+What does not depend on the target is shared with the Affinity target's triangular kernels
+(symmetric_affinity_kernels.py): NO_MAX, merge_max_sum, the partials' store_statistics /
+load_statistics (five statistics per row) and the backward's chain_pair_tile (one tile's H to dX_I,
+dX_J and dparam) and finish_rows.
 """
 import triton
 import triton.language as tl
@@ -66,10 +71,28 @@ def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _merge(m, l, m2, l2):
+def merge_max_sum(m, l, m2, l2):
     """Two (max, sum of exps under it) pairs of the same rows as one."""
     m_new = tl.maximum(m, m2)
     return m_new, l * exp_(m - m_new) + l2 * exp_(m2 - m_new)
+
+
+@triton.jit
+def store_statistics(at, stride, s0, s1, s2, s3, s4, mask):
+    """The STATISTICS (5) per-row statistics of a partial or running buffer: s_k at at + k stride."""
+    tl.store(at, s0, mask=mask)
+    tl.store(at + stride, s1, mask=mask)
+    tl.store(at + 2 * stride, s2, mask=mask)
+    tl.store(at + 3 * stride, s3, mask=mask)
+    tl.store(at + 4 * stride, s4, mask=mask)
+
+
+@triton.jit
+def load_statistics(at, stride, mask):
+    """store_statistics' five statistics back (0 where masked: rows past N, never stored)."""
+    return (tl.load(at, mask=mask, other=0.0), tl.load(at + stride, mask=mask, other=0.0),
+            tl.load(at + 2 * stride, mask=mask, other=0.0), tl.load(at + 3 * stride, mask=mask, other=0.0),
+            tl.load(at + 4 * stride, mask=mask, other=0.0))
 
 
 @triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
@@ -106,7 +129,7 @@ def icon_symmetric_forward_kernel(
             same = (lab[:, None] == tl.load(LAB + cols, mask=cols < N, other=0)[None, :]) & valid
             t_m, t_l, t_ps, t_s, t_ent = _label_statistics(s, valid, same, k_rows[:, None], m_valid,
                                                            alpha, 1)
-            m, l = _merge(m, l, t_m, t_l)
+            m, l = merge_max_sum(m, l, t_m, t_l)
             sum_ps += t_ps
             sum_s += t_s
             ent += t_ent
@@ -114,20 +137,9 @@ def icon_symmetric_forward_kernel(
                 k_cols = load_vec(NORM, cols, N, 1.0)
                 c_m, c_l, c_ps, c_s, c_ent = _label_statistics(s, valid, same, k_cols[None, :], m_valid,
                                                                alpha, 0)
-                at = COL_PART + k * N + cols
-                in_cols = cols < N
-                tl.store(at, c_m, mask=in_cols)
-                tl.store(at + col_stat, c_l, mask=in_cols)
-                tl.store(at + 2 * col_stat, c_ps, mask=in_cols)
-                tl.store(at + 3 * col_stat, c_s, mask=in_cols)
-                tl.store(at + 4 * col_stat, c_ent, mask=in_cols)
-    row_stat = panel_cap * chunks * BLOCK_M
-    at = ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tl.store(at, m)
-    tl.store(at + row_stat, l)
-    tl.store(at + 2 * row_stat, sum_ps)
-    tl.store(at + 3 * row_stat, sum_s)
-    tl.store(at + 4 * row_stat, ent)
+                store_statistics(COL_PART + k * N + cols, col_stat, c_m, c_l, c_ps, c_s, c_ent, cols < N)
+    store_statistics(ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M), panel_cap * chunks * BLOCK_M,
+                     m, l, sum_ps, sum_s, ent, rows < N)
 
 
 @triton.jit(do_not_specialize=["block0", "panel_blocks", "panel_cap", "chunks"])
@@ -140,27 +152,22 @@ def icon_symmetric_merge_kernel(
     R = block0 + tl.program_id(0)
     rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    m = tl.load(RUN + rows, mask=in_rows, other=NO_MAX)
-    l = tl.load(RUN + N + rows, mask=in_rows, other=0.0)
-    sum_ps = tl.load(RUN + 2 * N + rows, mask=in_rows, other=0.0)
-    sum_s = tl.load(RUN + 3 * N + rows, mask=in_rows, other=0.0)
-    ent = tl.load(RUN + 4 * N + rows, mask=in_rows, other=0.0)
-    col_stat = panel_cap * N
+    m, l, sum_ps, sum_s, ent = load_statistics(RUN + rows, N, in_rows)
     for k in range(0, tl.minimum(panel_blocks, R - block0)):
-        at = COL_PART + k * N + rows
-        m, l = _merge(m, l, tl.load(at, mask=in_rows, other=NO_MAX),
-                      tl.load(at + col_stat, mask=in_rows, other=0.0))
-        sum_ps += tl.load(at + 2 * col_stat, mask=in_rows, other=0.0)
-        sum_s += tl.load(at + 3 * col_stat, mask=in_rows, other=0.0)
-        ent += tl.load(at + 4 * col_stat, mask=in_rows, other=0.0)
+        c_m, c_l, c_ps, c_s, c_ent = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
+        m, l = merge_max_sum(m, l, c_m, c_l)
+        sum_ps += c_ps
+        sum_s += c_s
+        ent += c_ent
     if R - block0 < panel_blocks:
-        row_stat = panel_cap * chunks * BLOCK_M
         for c in range(0, chunks):
-            at = ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M)
-            m, l = _merge(m, l, tl.load(at), tl.load(at + row_stat))
-            sum_ps += tl.load(at + 2 * row_stat)
-            sum_s += tl.load(at + 3 * row_stat)
-            ent += tl.load(at + 4 * row_stat)
+            r_m, r_l, r_ps, r_s, r_ent = load_statistics(
+                ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
+                panel_cap * chunks * BLOCK_M, in_rows)
+            m, l = merge_max_sum(m, l, r_m, r_l)
+            sum_ps += r_ps
+            sum_s += r_s
+            ent += r_ent
         # the finish of icon_forward_kernel's ONE_PASS Labels rows
         lse = m + tl.log(l)
         cross = (1.0 - alpha) * sum_ps + alpha / m_valid * sum_s - lse
@@ -172,11 +179,7 @@ def icon_symmetric_merge_kernel(
         tl.store(STATS + rows, lse, mask=in_rows)
         tl.store(STATS + N + rows, tl.full([BLOCK_M], 1.0, tl.float32), mask=in_rows)
     else:
-        tl.store(RUN + rows, m, mask=in_rows)
-        tl.store(RUN + N + rows, l, mask=in_rows)
-        tl.store(RUN + 2 * N + rows, sum_ps, mask=in_rows)
-        tl.store(RUN + 3 * N + rows, sum_s, mask=in_rows)
-        tl.store(RUN + 4 * N + rows, ent, mask=in_rows)
+        store_statistics(RUN + rows, N, m, l, sum_ps, sum_s, ent, in_rows)
 
 
 @triton.jit
@@ -187,6 +190,45 @@ def _label_gradients(s, valid, same, lse, g, k, m_valid, alpha):
     q = exp_(tl.where(valid, s - lse, float("-inf")))
     p_mix = tl.where(valid, (1.0 - alpha) * tl.where(same, 1.0 / k, 0.0) + alpha / m_valid, 0.0)
     return tl.where(valid & (g != 0.0), g * (q - p_mix), 0.0)
+
+
+@triton.jit
+def chain_pair_tile(grad_rows, grad_cols, s, aux, x, y, prm, lse, cols, prm_cols, lse_cols, dk, DX, DPRM, N, D,
+                    first, off_diagonal, KERNEL: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of the triangular backward from its two sides' dL/ds (grad_rows: G_IJ of rows I;
+    grad_cols: G_JI^T of rows J, zero on the diagonal block): H = G_IJ + G_JI^T through the kernel's
+    gradient weights W (linear in dL/ds, a function of the pair only). Adds H^T X_I (with the distance
+    kernels' row-norm correction) into the columns' rows of DX and, off the diagonal block
+    (off_diagonal), the columns' rows' own dparam terms into DPRM (their G sums to zero along the
+    tile's columns: s is shifted by their LSE); returns what stays in the program's registers: H X_J,
+    W's row sums (the rows' correction, finish_rows) and the rows' own dparam terms."""
+    w = grad_weight(grad_rows + grad_cols, aux, prm, KERNEL)
+    dx = grad_dot(w, y, PRECISION)
+    dprm = param_grad(grad_rows, s, aux, prm, finite_shift(lse), KERNEL)
+    dy = grad_dot(tl.trans(w), x, PRECISION)
+    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
+        dy -= tl.sum(w, 0)[:, None] * y.to(tl.float32)
+    in_cols = cols < N
+    tl.atomic_add(DX + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
+                  mask=in_cols[:, None] & (dk < D)[None, :], sem="relaxed")
+    if off_diagonal:
+        dprm_c = shifted_param_grad(tl.trans(grad_cols), tl.trans(s), tl.trans(aux), prm_cols,
+                                    finite_shift(lse_cols)[:, None], KERNEL)
+        tl.atomic_add(DPRM + cols, dprm_c, mask=in_cols & first, sem="relaxed")
+    return dx, tl.sum(w, 1), dprm
+
+
+@triton.jit
+def finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL: tl.constexpr):
+    """The program's rows after its tiles: the distance kernels' row-norm correction of H X_J, then
+    dX_I and the rows' dparam added to the buffers that every program adds into (dparam from the
+    first chunk of d's programs only)."""
+    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
+        dx -= w_sum[:, None] * x.to(tl.float32)
+    in_rows = rows < N
+    tl.atomic_add(DX + rows.to(tl.int64)[:, None] * D + dk[None, :], dx,
+                  mask=in_rows[:, None] & (dk < D)[None, :], sem="relaxed")
+    tl.atomic_add(DPRM + rows, dprm, mask=in_rows & first, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["chunks"])
@@ -232,27 +274,16 @@ def icon_symmetric_backward_kernel(
                                          m_valid, alpha)
             # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
             # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
-            # bitwise symmetric), and reaches x_i through W^T below
+            # bitwise symmetric), and reaches x_i through H^T (chain_pair_tile)
             grad_cols = tl.where(J != I, _label_gradients(s, valid, same, lse_c[None, :],
                                                           load_vec(GRAD, cols, N, 0.0)[None, :],
                                                           load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
                                                           m_valid, alpha), 0.0)
-            w = grad_weight(grad_rows + grad_cols, aux, prm, KERNEL)        # H's gradient weights
-            dx += grad_dot(w, y, PRECISION)
-            w_sum += tl.sum(w, 1)
-            dprm += param_grad(grad_rows, s, aux, prm, finite_shift(lse), KERNEL)
-            dy = grad_dot(tl.trans(w), x, PRECISION)                       # H^T X_I into the columns' rows
-            if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
-                dy -= tl.sum(w, 0)[:, None] * y.to(tl.float32)
-            tl.atomic_add(DX + cols.to(tl.int64)[:, None] * D + dk[None, :], dy,
-                          mask=in_cols[:, None] & (dk < D)[None, :], sem="relaxed")
-            if J != I:        # the columns' rows' own dparam terms G_ji
-                dprm_c = shifted_param_grad(tl.trans(grad_cols), tl.trans(s), tl.trans(aux),
-                                            load_vec(PRM, cols, N, 1.0), finite_shift(lse_c)[:, None], KERNEL)
-                tl.atomic_add(DPRM + cols, dprm_c, mask=in_cols & first, sem="relaxed")
-    if KERNEL == 1 or KERNEL == 2 or KERNEL == 4:
-        dx -= w_sum[:, None] * x.to(tl.float32)
-    tl.atomic_add(DX + rows.to(tl.int64)[:, None] * D + dk[None, :], dx,
-                  mask=in_rows[:, None] & (dk < D)[None, :], sem="relaxed")
-    tl.atomic_add(DPRM + rows, dprm, mask=in_rows & first, sem="relaxed")
+            t_dx, t_w_sum, t_dprm = chain_pair_tile(grad_rows, grad_cols, s, aux, x, y, prm, lse, cols,
+                                                    load_vec(PRM, cols, N, 1.0), lse_c, dk, DX, DPRM, N, D,
+                                                    first, J != I, KERNEL, PRECISION)
+            dx += t_dx
+            w_sum += t_w_sum
+            dprm += t_dprm
+    finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL)
 

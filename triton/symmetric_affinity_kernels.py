@@ -1,0 +1,252 @@
+"""Triangular kernels of self mode for an Affinity target: SNE and t-SNE (DESIGN.md §1.3). y is x
+and z_cols is z, conditional rows, kl or cross_entropy with alpha = beta = 0, one learned kernel
+parameter, and a Gaussian or dot target kernel whose parameter is one value or one per row
+(launchers._self_mode_structure). Then s_ij = s_ji, and the target's Gram term (z_i.z_j, or the
+squared distance) is symmetric too: t_ij = c_i a_ij and t_ji = c_j a_ij, each side scaling the one
+tile entry a_ij by its own row's coefficient (-1 / (2 sigma^2) or 1 / tau; per-row sigma_i from
+perplexity calibration makes t_ij != t_ji). Each pair of row blocks (I, J), I <= J, is one Gram tile
+of x and one of z.
+
+Blocks, tiles, programs, panels and partial buffers are those of symmetric_kernels.py (whose
+target-free helpers these kernels share). The five statistics per row are
+m_q, l_q (the learned max and sum of exps), m_p, l_p (the target's) and A = sum_j e^{t_j - m_p} a_j
+with a_j = t_j - s_j (kl) or s_j (cross_entropy), online in m_p like l_p. Then
+KL_i = A / l_p - LSE^p_i + LSE_i and CE_i = LSE_i - A / l_p: icon_forward_kernel's ONE_PASS
+Affinity rows (sum_j p t - LSE^p - sum_j p s + LSE), with t - s taken per pair, so that five
+statistics hold both sums.
+
+- ``icon_symmetric_affinity_forward_kernel``: one pair of Gram tiles feeds the statistics of rows
+  I over the columns of J (row side, t with the rows' coefficients) and of rows J over the columns
+  of I (column side, t with the columns' coefficients; not on the diagonal block), written as
+  partials per panel of row blocks (COL_PART [5, panel_cap, N], ROW_PART [5, panel_cap, chunks,
+  BLOCK_M]).
+- ``icon_symmetric_affinity_merge_kernel``: folds a panel's partials into the running statistics
+  (RUN [5, N], both maxima rescaled online, A with m_p) and finishes the row blocks the panel
+  completes: the loss and stats rows 0 (LSE), 2 (LSE^p) and 3 (H_i = L_i) as the plain forward
+  writes them, so that the plain backward (the target's gradient) can follow this forward. Row 1
+  is the launcher's record (launchers.AFFINITY_RECORD_ROW).
+- ``icon_symmetric_affinity_backward_kernel``: from one recomputed pair of tiles, G_ij = g_i (q_ij -
+  p_ij) with row i's LSE and LSE^p, G_ji = g_j (q_ji - p_ji) with row j's (and t with its
+  coefficient), then H = G_IJ + G_JI^T to dX_I, dX_J and the learned parameter per row
+  (symmetric_kernels.chain_pair_tile). On the diagonal block every row's G comes from its own row
+  side, as in the forward. The target's gradient is the plain backward's.
+
+GEMM-equivalents (x's and z's alike): the forward's Grams ½ + ½, the backward's S and T ½ + ½,
+H X_J and H^T X_I ½ each: 3 instead of the plain kernels' 8 (S and T in the forward, both again in
+each of the two backward kernels, G Y and G^T X). Everything accumulates in fp32.
+"""
+import triton
+import triton.language as tl
+
+from .symmetric_kernels import (NO_MAX, chain_pair_tile, finish_rows, load_statistics, merge_max_sum,
+                                store_statistics)
+from .tile_helpers import exp_, gram_block, load_rows, load_vec, pair_logits, valid_pairs
+
+
+@triton.jit
+def column_target_logits(t_aux, prm_cols, T_KERNEL: tl.constexpr):
+    """t_ji of the columns' rows j from the tile's target term a_ij (pair_logits' aux: z_i.z_j for
+    dot, the clamped squared distance for gaussian) with the columns' own parameters: the tile read
+    down its columns. pair_logits gives the rows' t_ij from the same a_ij."""
+    if T_KERNEL == 0:
+        t = t_aux / prm_cols[None, :]
+    elif T_KERNEL == 1:
+        t = -t_aux / (2.0 * prm_cols * prm_cols)[None, :]
+    else:
+        tl.static_assert(False, "column_target_logits: the triangular schedule takes gaussian and dot targets")
+    return t
+
+
+@triton.jit
+def _affinity_statistics(s, t, valid, KL: tl.constexpr, AXIS: tl.constexpr):
+    """(m_q, l_q, m_p, l_p, A) of one tile along AXIS (1: the rows' over the tile's columns; 0: the
+    columns' over the tile's rows). The maxima are at least NO_MAX, as icon_forward_kernel's running
+    maxima start there, so a line without a valid pair, or whose target logits are all -inf, merges
+    as (NO_MAX, 0) and finishes as the plain forward does (LSE = -inf; A / l_p = 0 / 0). A pair
+    whose e^{t - m_p} is 0 (t = -inf, or underflow) adds nothing to A, as it adds nothing to the
+    plain forward's sums (e (t - s) would be 0 * -inf = NaN at t = -inf)."""
+    s_m = tl.where(valid, s, float("-inf"))
+    m_q = tl.maximum(tl.max(s_m, AXIS), NO_MAX)
+    l_q = tl.sum(exp_(s_m - tl.expand_dims(m_q, AXIS)), AXIS)
+    t_m = tl.where(valid, t, float("-inf"))
+    m_p = tl.maximum(tl.max(t_m, AXIS), NO_MAX)
+    e = exp_(t_m - tl.expand_dims(m_p, AXIS))
+    l_p = tl.sum(e, AXIS)
+    if KL:
+        a = tl.sum(tl.where(e != 0.0, e * (t - s), 0.0), AXIS)
+    else:
+        a = tl.sum(tl.where(e != 0.0, e * s, 0.0), AXIS)
+    return m_q, l_q, m_p, l_p, a
+
+
+@triton.jit
+def _merge_target(m_p, l_p, a, m_p2, l_p2, a2):
+    """Two (target max, sum of exps under it, A under it) triples of the same rows as one: l_p and A
+    are both sums of e^{t - m_p}, rescaled alike."""
+    m_new = tl.maximum(m_p, m_p2)
+    r = exp_(m_p - m_new)
+    r2 = exp_(m_p2 - m_new)
+    return m_new, l_p * r + l_p2 * r2, a * r + a2 * r2
+
+
+@triton.jit
+def _tile_logits(x, y, X, XSQ, rows, cols, x_sq, prm, z, Z, ZSQ, z_sq, t_prm, N, D, DZ, stride_x, stride_z,
+                 KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, UPCAST_Z: tl.constexpr,
+                 D_CHUNKED: tl.constexpr):
+    """(s, aux, the rows' t, t_aux) of one tile, from the Gram tiles of x and z: the same calls in
+    forward and backward, so that both passes see the same bits (fp32 Grams of the two orientations
+    of a tile may differ in the last bit)."""
+    ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED, UPCAST,
+                    PRECISION)
+    s, aux = pair_logits(ab, x_sq, load_vec(XSQ, cols, N, 0.0), prm, KERNEL)
+    zc = load_rows(Z, cols, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
+    t, t_aux = pair_logits(tl.dot(z, tl.trans(zc), input_precision=PRECISION), z_sq, load_vec(ZSQ, cols, N, 0.0),
+                           t_prm, T_KERNEL)
+    return s, aux, t, t_aux
+
+
+@triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
+def icon_symmetric_affinity_forward_kernel(
+        X, XSQ, PRM, Z, ZSQ, TPRM, COL_PART, ROW_PART,
+        N, D, DZ, stride_x, stride_z, block0, panel_cap, chunks,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, KL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
+    """Program (k, c): row block I = block0 + k, its share c of the column blocks (J = I + c, ... by
+    chunks), as symmetric_kernels.icon_symmetric_forward_kernel."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
+    k = tl.program_id(0)
+    c = tl.program_id(1)
+    I = block0 + k
+    rows = I * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
+    z_sq = load_vec(ZSQ, rows, N, 0.0)
+    t_prm = load_vec(TPRM, rows, N, 1.0)
+    m_q = tl.full([BLOCK_M], NO_MAX, tl.float32)
+    l_q = tl.zeros([BLOCK_M], tl.float32)
+    m_p = tl.full([BLOCK_M], NO_MAX, tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    a = tl.zeros([BLOCK_M], tl.float32)
+    for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
+        for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            valid = valid_pairs(rows, cols, N, N, EXCLUDE_SELF)
+            y = load_rows(X, cols, N, stride_x, BLOCK_D, D, UPCAST, 0)
+            s, aux, t, t_aux = _tile_logits(x, y, X, XSQ, rows, cols, x_sq, prm, z, Z, ZSQ, z_sq, t_prm, N, D, DZ,
+                                            stride_x, stride_z, KERNEL, T_KERNEL, BLOCK_D, BLOCK_DZ, PRECISION,
+                                            UPCAST, UPCAST_Z, D_CHUNKED)
+            r_mq, r_lq, r_mp, r_lp, r_a = _affinity_statistics(s, t, valid, KL, 1)
+            m_q, l_q = merge_max_sum(m_q, l_q, r_mq, r_lq)
+            m_p, l_p, a = _merge_target(m_p, l_p, a, r_mp, r_lp, r_a)
+            if J != I:        # rows J over the columns of I: the tiles read down their columns
+                t_cols = column_target_logits(t_aux, load_vec(TPRM, cols, N, 1.0), T_KERNEL)
+                c_mq, c_lq, c_mp, c_lp, c_a = _affinity_statistics(s, t_cols, valid, KL, 0)
+                store_statistics(COL_PART + k * N + cols, panel_cap * N, c_mq, c_lq, c_mp, c_lp, c_a, cols < N)
+    store_statistics(ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M), panel_cap * chunks * BLOCK_M,
+                     m_q, l_q, m_p, l_p, a, rows < N)
+
+
+@triton.jit(do_not_specialize=["block0", "panel_blocks", "panel_cap", "chunks"])
+def icon_symmetric_affinity_merge_kernel(
+        COL_PART, ROW_PART, RUN, LOSS, STATS,
+        N, block0, panel_blocks, panel_cap, chunks,
+        KL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program r: row block R = block0 + r. Its column-side partials come from the panel's row
+    blocks before it; if the panel holds R, its row-side partials too, and R is complete."""
+    R = block0 + tl.program_id(0)
+    rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = rows < N
+    m_q, l_q, m_p, l_p, a = load_statistics(RUN + rows, N, in_rows)
+    for k in range(0, tl.minimum(panel_blocks, R - block0)):
+        c_mq, c_lq, c_mp, c_lp, c_a = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
+        m_q, l_q = merge_max_sum(m_q, l_q, c_mq, c_lq)
+        m_p, l_p, a = _merge_target(m_p, l_p, a, c_mp, c_lp, c_a)
+    if R - block0 < panel_blocks:
+        for c in range(0, chunks):
+            r_mq, r_lq, r_mp, r_lp, r_a = load_statistics(
+                ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
+                panel_cap * chunks * BLOCK_M, in_rows)
+            m_q, l_q = merge_max_sum(m_q, l_q, r_mq, r_lq)
+            m_p, l_p, a = _merge_target(m_p, l_p, a, r_mp, r_lp, r_a)
+        # the finish of icon_forward_kernel's ONE_PASS Affinity rows
+        lse = m_q + tl.log(l_q)
+        lse_p = m_p + tl.log(l_p)
+        if KL:
+            loss = a / l_p - lse_p + lse
+        else:
+            loss = lse - a / l_p
+        tl.store(LOSS + rows, loss, mask=in_rows)
+        tl.store(STATS + rows, lse, mask=in_rows)
+        tl.store(STATS + 2 * N + rows, lse_p, mask=in_rows)
+        tl.store(STATS + 3 * N + rows, loss, mask=in_rows)        # H_i: the plain backward's dL/dt
+    else:
+        store_statistics(RUN + rows, N, m_q, l_q, m_p, l_p, a, in_rows)
+
+
+@triton.jit
+def _affinity_gradients(s, t, valid, lse, lse_p, g):
+    """g (q - p) of the rows whose (LSE, LSE^p, upstream gradient) are lse, lse_p, g, each broadcast
+    along the tile (rows i: [:, None], the G_ji of rows j: [None, :]; t is that side's), 0 off the
+    valid set: backward_kernels.tile_gradients at alpha = beta = 0 (a row left out has no valid
+    pair, and a NaN p gives NaN as there, whatever g)."""
+    q = exp_(tl.where(valid, s - lse, float("-inf")))
+    p = tl.where(valid, exp_(t - lse_p), 0.0)
+    return tl.where(valid, g * (q - p), 0.0)
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def icon_symmetric_affinity_backward_kernel(
+        X, XSQ, PRM, Z, ZSQ, TPRM, STATS, GRAD, DX, DPRM,
+        N, D, DZ, stride_x, stride_z, chunks,
+        KERNEL: tl.constexpr, T_KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DZ: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, UPCAST_Z: tl.constexpr, D_CHUNKED: tl.constexpr):
+    """Program (I, c, chunk of d): DX and DPRM are zeroed fp32 buffers that every program adds
+    into. With D_CHUNKED each chunk's program recomputes S over all of d (as the plain kernels), and
+    T always over all of z's features (as the plain kernels)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
+    I = tl.program_id(0)
+    c = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_D
+    first = tl.program_id(2) == 0         # per-row dparam: from the first chunk's programs
+    rows = I * BLOCK_M + tl.arange(0, BLOCK_M)
+    x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, d0)
+    x_sq = load_vec(XSQ, rows, N, 0.0)
+    prm = load_vec(PRM, rows, N, 1.0)
+    z = load_rows(Z, rows, N, stride_z, BLOCK_DZ, DZ, UPCAST_Z, 0)
+    z_sq = load_vec(ZSQ, rows, N, 0.0)
+    t_prm = load_vec(TPRM, rows, N, 1.0)
+    lse = load_vec(STATS, rows, N, 0.0)
+    lse_p = load_vec(STATS + 2 * N, rows, N, 0.0)
+    g = load_vec(GRAD, rows, N, 0.0)
+    dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    dprm = tl.zeros([BLOCK_M], tl.float32)
+    dk = d0 + tl.arange(0, BLOCK_D)
+    for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
+        for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            valid = valid_pairs(rows, cols, N, N, EXCLUDE_SELF)
+            y = load_rows(X, cols, N, stride_x, BLOCK_D, D, UPCAST, d0)
+            s, aux, t, t_aux = _tile_logits(x, y, X, XSQ, rows, cols, x_sq, prm, z, Z, ZSQ, z_sq, t_prm, N, D, DZ,
+                                            stride_x, stride_z, KERNEL, T_KERNEL, BLOCK_D, BLOCK_DZ, PRECISION,
+                                            UPCAST, UPCAST_Z, D_CHUNKED)
+            grad_rows = _affinity_gradients(s, t, valid, lse[:, None], lse_p[:, None], g[:, None])
+            # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
+            # own row side's (the forward's values for row j), and reaches x_i through H^T
+            lse_c = load_vec(STATS, cols, N, 0.0)
+            t_cols = column_target_logits(t_aux, load_vec(TPRM, cols, N, 1.0), T_KERNEL)
+            grad_cols = tl.where(J != I, _affinity_gradients(s, t_cols, valid, lse_c[None, :],
+                                                             load_vec(STATS + 2 * N, cols, N, 0.0)[None, :],
+                                                             load_vec(GRAD, cols, N, 0.0)[None, :]), 0.0)
+            t_dx, t_w_sum, t_dprm = chain_pair_tile(grad_rows, grad_cols, s, aux, x, y, prm, lse, cols,
+                                                    load_vec(PRM, cols, N, 1.0), lse_c, dk, DX, DPRM, N, D,
+                                                    first, J != I, KERNEL, PRECISION)
+            dx += t_dx
+            w_sum += t_w_sum
+            dprm += t_dprm
+    finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL)
