@@ -232,6 +232,11 @@ decltype(auto) with_cauchy_flag(bool flag, F&& f) {
   else return f(std::false_type{});
 }
 
+// One sweep over t-SNE's Cauchy weights (the counter of cpu_symmetric_labels.h's note).
+inline void count_cauchy_sweep() {
+  symmetric_schedule_counters()[kCauchySweepCounter].fetch_add(1, std::memory_order_relaxed);
+}
+
 // t-SNE's Cauchy kernel (Student-t, nu = 1) under total variation with alpha = beta = 0: pass 2
 // and the backward take q = r e^{-LSE} from the reciprocals r = 1 / (1 + d^2) (cauchy_tv_row: no
 // log and no exp per pair for q), both from the same q_scales, so that Gamma is the q-weighted
@@ -332,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
                 add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
               });
         });
+        if constexpr (CAUCHY) count_cauchy_sweep();
         return 0;
       });
       for (int64_t i = 0; i < n; ++i) {
@@ -365,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
                 q_sum[i] += f.q_sum;
               });
         });
+        if constexpr (TV_R) count_cauchy_sweep();
         return 0;
       });
       return 0;
@@ -466,6 +473,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
             });
             add_h_tile<T>(pb.x, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
           });
+          if constexpr (TV_R) count_cauchy_sweep();
           return 0;
          });
         });

@@ -49,9 +49,12 @@ inline bool symmetric_schedule_enabled() {
 // Affinity schedule's (4, 5; cpu_symmetric_affinity.h), joint t-SNE's (6, 7;
 // cpu_symmetric_joint.h), the label family schedule's (8, 9; cpu_symmetric_label_family.h), the
 // Affinity family schedule's (10, 11; cpu_symmetric_affinity_family.h) and the family schedule's on
-// Dense and Neighbors targets (12, 13; cpu_symmetric_label_family.h as well).
+// Dense and Neighbors targets (12, 13; cpu_symmetric_label_family.h as well); 14 counts the
+// Affinity family schedule's sweeps that took t-SNE's Cauchy weights (its pass 1, and pass 2 and
+// the backward under cauchy_tv_rows), so that a test sees a silent fallback to the generic rows.
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
-constexpr int kSymmetricCounters = 14;
+constexpr int kSymmetricCounters = 15;
+constexpr int kCauchySweepCounter = 14;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
   static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;

@@ -107,6 +107,21 @@ def test_float64_cauchy_tv_rows_without_the_dof_gradient(monkeypatch, n, exclude
         _close(got, want, 1e-12)
 
 
+@pytest.mark.parametrize("divergence,dof,alpha,beta,dof_grad,sweeps", [
+    ("tv", 1.0, 0.0, 0.0, False, 3), ("tv", 1.0, 0.0, 0.0, True, 3), ("js", 1.0, 0.0, 0.0, False, 1),
+    ("reverse_kl", 1.0, 0.0, 0.0, False, 1), ("tv", 1.0, 0.1, 0.0, False, 1), ("kl", 1.0, 0.2, 0.0, False, 1),
+    ("tv", 3.0, 0.0, 0.0, False, 0)])
+def test_the_cauchy_sweeps_where_they_apply(divergence, dof, alpha, beta, dof_grad, sweeps):
+    """t-SNE's kernel (dof 1) sums its Cauchy weights in pass 1 (every divergence), and under TV with
+    alpha = beta = 0 takes q from them in pass 2 and the backward too (cauchy_tv_rows); other dofs
+    never. The counter sees a silent fallback to the generic rows, which the values alone would not."""
+    x, z, upstream = _inputs(23, 31)
+    _run(x, z, "student_t", {"dof": dof}, "cpu", upstream, param_grad=dof_grad, divergence=divergence, alpha=alpha,
+         beta=beta)
+    assert counts("affinity_family_forward", "affinity_family_backward", "affinity_family_cauchy_sweeps") == (
+        1, 1, sweeps)
+
+
 @pytest.mark.parametrize("divergence,alpha,beta", [("reverse_kl", 0.0, 0.0), ("tv", 0.0, 0.0), ("kl", 0.2, 0.1)])
 def test_the_power_kernels_self_pair(monkeypatch, divergence, alpha, beta):
     """exclude_self=False with the power kernel: s_ii = -(n/2) log(eps) dominates each row, and its
@@ -261,7 +276,7 @@ def test_opcheck_of_the_ops():
 
 
 def test_runs_only_where_it_applies(monkeypatch):
-    """Self mode with an unsymmetrised Gaussian or dot target, an f-divergence or alpha / beta > 0,
+    """Self mode with an unsymmetrised target (any target kernel), an f-divergence or alpha / beta > 0,
     conditional rows and one learned parameter (KL and cross-entropy without alpha and beta run
     cpu_symmetric_affinity.h). The backward also needs x and y to be one autograd input and no
     gradient for z or the target's parameter (the plain backward runs then: tested below)."""
