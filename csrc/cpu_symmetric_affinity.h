@@ -19,7 +19,7 @@
 // cpu_cauchy_rows.h does.
 //
 // It applies to KL and cross-entropy with alpha = beta = 0, one scalar learned parameter (any
-// kernel but log_dot), a Gaussian or dot target kernel with a parameter per row or one for all
+// kernel but log_dot), any target kernel with a parameter per row or one for all
 // (perplexity-calibrated sigma_i), a target that is not symmetrised, and conditional rows; the backward to
 // y_is_x without a target or learned-parameter gradient (anything else runs the plain backward,
 // which renormalises its rows itself and reads only stats rows 0 and 2).

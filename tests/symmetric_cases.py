@@ -4,6 +4,8 @@ every test from the default schedule with its counters at zero."""
 import pytest
 import torch
 
+import icon_kernels as ik
+
 F64, F32 = torch.float64, torch.float32
 # ICON_KERNELS_CPU_TILE_ELEMENTS: 8 gives blocks of 2 rows, 200 blocks of 10 (ragged at N = 37
 # or 23), "" the default
@@ -14,6 +16,16 @@ PARAM = {"dot": "temperature", "cosine": "temperature", "gaussian": "sigma", "st
 # learned kernels: (kernel, its parameter); student_t with dof 1 is t-SNE's Cauchy kernel
 LEARNED = (("student_t", {"dof": 1.0}), ("student_t", {"dof": 3.0}), ("gaussian", {"sigma": 1.3}),
            ("cosine", {"temperature": 0.5}), ("dot", {"temperature": 2.0}), ("power", {"exponent": 2.0}))
+
+# each Affinity target kernel's parameter argument (log_dot has none)
+T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
+           "power": "exponent", "log_dot": None}
+
+
+def affinity_target(z, t_kernel="gaussian", t_param=2.0, **options):
+    """ik.Affinity(z) with the target kernel's parameter t_param (ignored for log_dot)."""
+    name = T_PARAM[t_kernel]
+    return ik.Affinity(z, kernel=t_kernel, **({name: t_param} if name else {}), **options)
 
 
 def named_counts(*names) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, LEARNED, TILES, counts, fresh_schedule  # noqa: F401
+from symmetric_cases import F32, F64, LEARNED, TILES, affinity_target, counts, fresh_schedule  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -25,13 +25,8 @@ def _counts():
     return counts("affinity_forward", "affinity_backward")
 
 
-T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
-           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
-
-
 def _target(z, t_kernel="gaussian", t_param=2.0):
-    name = T_PARAM[t_kernel]
-    return ik.Affinity(z, kernel=t_kernel, **({name: t_param} if name else {}))
+    return affinity_target(z, t_kernel, t_param)
 
 
 def _run(x0, z, kernel, params, backend, upstream, target=None, **options):
@@ -125,6 +120,78 @@ def test_target_kernels_and_a_parameter_per_row(monkeypatch, t_kernel, per_row):
     got = _run(x, z, "student_t", {"dof": 1.0}, "cpu", upstream, target=target)
     assert _counts() == (1, 1)
     _close(got, want, 1e-12)
+
+
+def _schedule_counts(divergence):
+    """(forward, backward) calls of the schedule that takes divergence at alpha = beta = 0: this
+    file's for KL and cross-entropy, the Affinity family schedule's for the f-divergences."""
+    if divergence in ("kl", "cross_entropy"):
+        return _counts()
+    return counts("affinity_family_forward", "affinity_family_backward")
+
+
+@pytest.mark.parametrize("t_kernel", ["student_t", "power"])
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_nonlinear_targets_in_float32_and_at_two_rows(monkeypatch, t_kernel, divergence):
+    """A nonlinear target kernel with a parameter per row in float32 (p must sum to 1 in the
+    backward from LSE^p's recorded residual, with no row sweep) within twice PyTorch's own error,
+    and at N = 2 (one pair) in float64."""
+    n = 40
+    x, z, upstream = _inputs(n, 17)
+    x, z = x.to(F32).double(), z.to(F32).double()
+    t_param = torch.linspace(0.7, 2.0, n, dtype=F64)
+    want = _run(x, z, "student_t", {"dof": 1.0}, "reference", upstream, target=_target(z, t_kernel, t_param),
+                divergence=divergence)
+    target32 = _target(z.float(), t_kernel, t_param.float())
+    naive = _run(x.float(), z, "student_t", {"dof": 1.0}, "reference", upstream, target=target32,
+                 divergence=divergence)
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _run(x.float(), z, "student_t", {"dof": 1.0}, "cpu", upstream, target=target32, divergence=divergence)
+        assert _schedule_counts(divergence) == (1, 1), tile
+        for mine, theirs, exact in zip(got, naive, want):
+            assert relative_error(mine, exact) <= 2 * relative_error(theirs, exact) + 2.4e-7
+    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS")
+    x2, z2, up2 = _inputs(2, 19)
+    target2 = _target(z2, t_kernel, torch.tensor([0.8, 1.7], dtype=F64))
+    want2 = _run(x2, z2, "student_t", {"dof": 1.0}, "reference", up2, target=target2, divergence=divergence)
+    got2 = _run(x2, z2, "student_t", {"dof": 1.0}, "cpu", up2, target=target2, divergence=divergence)
+    assert _schedule_counts(divergence) == (1, 1)
+    for mine, exact in zip(got2, want2):   # (one pair: the losses and gradients are 0 up to rounding)
+        assert relative_error(mine, exact) <= 1e-12 or (mine - exact).abs().max() <= 1e-15
+
+
+@pytest.mark.parametrize("divergence", ["kl", "cross_entropy", "js"])
+def test_a_power_targets_self_pair(monkeypatch, divergence):
+    """exclude_self=False with the power target kernel: t_ii = -(n/2) log(eps) dominates each row's
+    p. The symmetric schedules make d_ii^2 exactly 0 (pair_gram), where the plain rows' and the
+    reference's Gram-made d^2 is rounding noise that log(d^2 + eps) magnifies: the oracle takes d^2
+    from explicit differences."""
+    n, exponent = 9, 1.5
+    x, z, upstream = _inputs(n, 23)
+
+    def oracle(x):
+        dx2 = (x[:, None, :] - x[None, :, :]).square().sum(-1)
+        dz2 = (z[:, None, :] - z[None, :, :]).square().sum(-1)
+        log_q = torch.log_softmax(-torch.log1p(dx2), dim=1)                      # student_t, dof 1
+        log_p = torch.log_softmax(-(exponent / 2) * torch.log(dz2 + 1e-12), dim=1)
+        p, q = log_p.exp(), log_q.exp()
+        if divergence == "kl":
+            return (p * (log_p - log_q)).sum(1)
+        if divergence == "cross_entropy":
+            return -(p * log_q).sum(1)
+        log_m = torch.log((p + q) / 2)
+        return 0.5 * (p * (log_p - log_m) + q * (log_q - log_m)).sum(1)          # js
+
+    xw = x.clone().requires_grad_()
+    want_rows = oracle(xw)
+    want = [want_rows.detach(), torch.autograd.grad(want_rows, [xw], upstream)[0]]
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _run(x, z, "student_t", {"dof": 1.0}, "cpu", upstream, target=_target(z, "power", exponent),
+                   divergence=divergence, exclude_self=False)
+        assert _schedule_counts(divergence) == (1, 1), tile
+        _close(got, want, 1e-12)
 
 
 @pytest.mark.parametrize("learned,t_sigma,scale", [(0, 0.05, 1.0), (0, 1.0, 30.0), (2, 0.05, 1.0),

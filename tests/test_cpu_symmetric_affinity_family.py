@@ -16,7 +16,7 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, LEARNED, TILES, counts, fresh_schedule  # noqa: F401
+from symmetric_cases import F32, F64, LEARNED, TILES, affinity_target, counts, fresh_schedule  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -33,13 +33,8 @@ def _counts():
     return counts("affinity_family_forward", "affinity_family_backward")
 
 
-T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
-           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
-
-
 def _target(z, t_kernel="gaussian", t_param=2.0):
-    name = T_PARAM[t_kernel]
-    return ik.Affinity(z, kernel=t_kernel, **({name: t_param} if name else {}))
+    return affinity_target(z, t_kernel, t_param)
 
 
 def _run(x0, z, kernel, params, backend, upstream, target=None, param_grad=False, **options):

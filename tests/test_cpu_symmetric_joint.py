@@ -14,7 +14,7 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, TILES, counts, fresh_schedule  # noqa: F401
+from symmetric_cases import F32, F64, TILES, affinity_target, counts, fresh_schedule  # noqa: F401
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -27,13 +27,8 @@ def _counts():
     return counts("joint_forward", "joint_backward")
 
 
-T_PARAM = {"gaussian": "sigma", "dot": "temperature", "cosine": "temperature", "student_t": "dof",
-           "power": "exponent", "log_dot": None}   # each target kernel's parameter (log_dot has none)
-
-
 def _target(z, sigma=2.0, t_kernel="gaussian"):
-    name = T_PARAM[t_kernel]
-    return ik.Affinity(z, kernel=t_kernel, symmetrize=True, **({name: sigma} if name else {}))
+    return affinity_target(z, t_kernel, sigma, symmetrize=True)
 
 
 def _run(x0, target, kernel, params, backend, upstream, **options):
@@ -79,13 +74,12 @@ def test_float64_equals_the_plain_joint_rows_and_the_reference(monkeypatch, lear
         _close(got, plain, 1e-12)
 
 
-@pytest.mark.parametrize("t_kernel,per_row", [("student_t", True), ("student_t", False), ("power", True),
-                                               ("log_dot", False)])
-def test_nonlinear_target_kernels(monkeypatch, t_kernel, per_row):
+@pytest.mark.parametrize("t_kernel,per_row,n", [("student_t", True, 23), ("student_t", False, 23), ("power", True, 23),
+                                                 ("log_dot", False, 23), ("student_t", True, 2)])
+def test_nonlinear_target_kernels(monkeypatch, t_kernel, per_row, n):
     """Target kernels whose logits are not linear in the Gram term: each side of a pair takes its
     own row's logit (its parameter) from the shared Gram entry of z, in both passes and the
     backward (target_row_logits, pair_target_logits)."""
-    n = 23
     x, z, upstream = _inputs(n, 13)
     if t_kernel == "log_dot":
         z = z.abs() + 0.1   # log(z_i . z_j) needs z_i . z_j > 0
