@@ -22,12 +22,14 @@ def test_kernels_compile_for_sm90():
     # variants(): 6 kl variants x 5 kernels, 5 f-divergence variants x 3 (the second pass and the
     # two backward kernels; their first pass is kl's two-pass forward), the bidirectional
     # backward (BIDIR) of the Labels variant: 2 kernels, and self mode's triangular kernels
-    # (triangular_variants(): 5 Labels and 5 Affinity variants x forward and backward, each merge
-    # kernel with kl and cross_entropy)
-    assert len(compiled) == 71, proc.stdout
+    # (triangular_variants(): 5 Labels and 9 Affinity variants x forward and backward, each merge
+    # kernel with kl and cross_entropy; the Affinity variants over every target kernel, T_KERNEL)
+    assert len(compiled) == 79, proc.stdout
     assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
-    assert sum("icon_symmetric_" in line for line in compiled) == 24, proc.stdout
-    assert sum("icon_symmetric_affinity_" in line for line in compiled) == 12, proc.stdout
+    assert sum("icon_symmetric_" in line for line in compiled) == 32, proc.stdout
+    affinity = [line for line in compiled if "icon_symmetric_affinity_" in line]
+    assert len(affinity) == 20, proc.stdout
+    assert {line.split("T_KERNEL=")[1][0] for line in affinity if "_merge_" not in line} == set("01234")
     assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")
     # the triangular kernels, compiled at their launch's shape, fit in sm_90's shared memory, and
     # launchers' estimate (which decides triangular_fits) is above what each cubin needs

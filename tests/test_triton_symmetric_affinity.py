@@ -1,10 +1,10 @@
 """Self mode's triangular schedule for an Affinity target (SNE, t-SNE) on the Triton backend
 (triton/symmetric_affinity_kernels.py, routed by triton/launchers.py: y omitted, z_cols z, conditional
-rows, kl or cross_entropy with alpha = beta = 0, one learned kernel parameter, a Gaussian or dot
-target kernel with one parameter or one per row). Under TRITON_INTERPRET=1 without a GPU: fp32
-against the float64 reference (test_backends_vs_reference.TRITON_F32) and against the plain schedule
-(ICON_KERNELS_SYMMETRIC=0), with launch counts that show which kernels ran. Ragged N over row blocks
-of the interpreter's 32 rows; per-row sigma makes t_ij != t_ji."""
+rows, kl or cross_entropy with alpha = beta = 0, one learned kernel parameter, any target kernel
+(gaussian, dot, student_t, power, log_dot) with one parameter or one per row). Under TRITON_INTERPRET=1
+without a GPU: fp32 against the float64 reference (test_backends_vs_reference.TRITON_F32) and against
+the plain schedule (ICON_KERNELS_SYMMETRIC=0), with launch counts that show which kernels ran. Ragged
+N over row blocks of the interpreter's 32 rows; a per-row target parameter makes t_ij != t_ji."""
 import os
 
 import pytest
@@ -43,10 +43,10 @@ def _run(x0, z0, t_param, kernel, backend, upstream, dtype, param=1.3, t_kernel=
     t = t_param.to(device, dtype).requires_grad_(target_grad) if isinstance(t_param, torch.Tensor) else t_param
     p = torch.tensor(param, dtype=dtype, device=device, requires_grad=True)
     named = {PARAM_NAME[kernel]: p} if kernel in PARAM_NAME else {}          # (log_dot has no parameter)
-    t_name = {"gaussian": "sigma", "dot": "temperature", "student_t": "dof"}[t_kernel]
-    target = ik.Affinity(z, kernel=t_kernel, **{t_name: t}, z_cols=options.pop("z_cols", None))
+    t_named = {PARAM_NAME[t_kernel]: t} if t_kernel in PARAM_NAME else {}
+    target = ik.Affinity(z, kernel=t_kernel, **t_named, z_cols=options.pop("z_cols", None))
     rows = ik.icon_loss(x, target=target, kernel=kernel, **named, backend=backend, reduction="none", **options)
-    wrt = (x, *named.values(), z, t) if target_grad else (x, *named.values())
+    wrt = (x, *named.values(), z, *t_named.values()) if target_grad else (x, *named.values())
     grads = torch.autograd.grad(rows, wrt, grad_outputs=upstream.to(device, rows.dtype))
     return [g.detach().cpu() for g in (rows, *grads)]
 
@@ -179,9 +179,9 @@ def test_bf16_as_the_plain_schedule(monkeypatch):
 
 
 def test_plain_where_the_structure_does_not_fit(monkeypatch):
-    """alpha > 0, beta > 0, an f-divergence, other column features z_cols, a Student-t target
-    kernel, a per-row learned parameter and an explicit y that is another tensor run the plain
-    kernels; the default run and z_cols equal to z (another tensor) the triangular ones."""
+    """alpha > 0, beta > 0, an f-divergence, other column features z_cols, a per-row learned
+    parameter and an explicit y that is another tensor run the plain kernels; the default run, z_cols
+    equal to z (another tensor) and every target kernel the triangular ones."""
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
     device = device_of("triton")
     x0, z0, _, _ = _inputs(20, seed=1, dtype=torch.float32)
@@ -191,7 +191,8 @@ def test_plain_where_the_structure_does_not_fit(monkeypatch):
     def launched(y=None, sigma=1.5, z_cols=None, t_kernel="gaussian", **kw):
         launches.reset()
         x = x0.clone().requires_grad_()
-        target = ik.Affinity(z, z_cols=z_cols, kernel=t_kernel, sigma=sigma)
+        target = ik.Affinity(z.abs() + 0.1 if t_kernel == "log_dot" else z, z_cols=z_cols, kernel=t_kernel,
+                             sigma=sigma)
         ik.icon_loss(x, y, target=target, kernel="student_t", backend="triton", **kw).backward()
         return sum(launches.count[name] for name in TRIANGULAR), launches.count["_cols_kernel"]
 
@@ -201,7 +202,8 @@ def test_plain_where_the_structure_does_not_fit(monkeypatch):
     assert launched(beta=0.1) == (0, 1)
     assert launched(divergence="tv") == (0, 1)
     assert launched(z_cols=z.flip(0)) == (0, 1)
-    assert launched(t_kernel="student_t") == (0, 1)
+    for t_kernel in ("student_t", "power", "log_dot"):
+        assert launched(t_kernel=t_kernel) == (3, 0), t_kernel
     assert launched(dof=torch.full((20,), 1.5, device=device)) == (0, 1)
     assert launched(y=x0.clone(), exclude_self=True) == (0, 1)
     assert sum(launches.count[name] for name in LABELS) == 0
@@ -312,3 +314,29 @@ def test_the_other_learned_kernels(monkeypatch, kernel):
         x = x.abs() + 0.1
     counts = _check_both_schedules(monkeypatch, x, z, sigma, upstream, kernel)
     _only_triangular(counts)
+
+
+@pytest.mark.parametrize("t_kernel,per_row,kernel,divergence", [
+    ("student_t", True, "student_t", "kl"), ("student_t", False, "gaussian", "cross_entropy"),
+    ("power", True, "dot", "kl"), ("log_dot", False, "student_t", "cross_entropy")])
+def test_every_target_kernel(monkeypatch, t_kernel, per_row, kernel, divergence):
+    """Student-t (dof), power (exponent) and log_dot (no parameter; z positive, so that z_i.z_j > 0)
+    target kernels, whose logits are not a coefficient times the aux term: the row side takes
+    k(a_ij; theta_i), the column side k(a_ij; theta_j) (symmetric_affinity_kernels.column_target_logits),
+    with theta one value or one per row (t_ij != t_ji). N = 45: a diagonal and an off-diagonal block
+    pair, ragged."""
+    x, z, sigma, upstream = _inputs(45, seed=13)
+    if t_kernel == "log_dot":
+        z = z.abs() + 0.1
+    counts = _check_both_schedules(monkeypatch, x, z, sigma if per_row else 1.7, upstream, kernel,
+                                   t_kernel=t_kernel, divergence=divergence)
+    _only_triangular(counts)
+
+
+def test_student_t_target_gradients_after_the_triangular_forward(monkeypatch):
+    """A Student-t target whose z and per-row dof require grad: the triangular forward's stats rows
+    0, 2 and 3 feed the plain backward, which makes dz and ddof."""
+    x, z, sigma, upstream = _inputs(45, seed=14)
+    counts = _check_both_schedules(monkeypatch, x, z, sigma, upstream, "student_t", t_kernel="student_t",
+                                   target_grad=True)
+    _only_triangular(counts, backward=False)

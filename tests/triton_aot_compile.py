@@ -214,12 +214,17 @@ def triangular_affinity_variants():
     benchmark's), SNE (Gaussian on Gaussian) in fp16 (upcast gradient dots), a dot kernel on a dot
     target with chunked d, and the heaviest that launchers.triangular_fits lets run, fp32 t-SNE at
     d = 256, dz = 64 (fp32 at d = dz = 256 runs the plain kernels: the triangular backward's cubin
-    needs 263 KB of shared memory); the forward with kl and cross_entropy, the merge with both.
-    compile_all compiles them at the launch's shape (launched_shapes)."""
+    needs 263 KB of shared memory); the target kernels whose column side is not a coefficient times
+    the aux term (T_KERNEL, a constexpr: column_target_logits' other branches): a Student-t target
+    under a Student-t kernel in fp32 and bf16 at d = dz = 128 (the t-SNE launches' shapes), a power
+    target in fp16 and a log_dot target with chunked d; the forward with kl and cross_entropy, the
+    merge with both. compile_all compiles them at the launch's shape (launched_shapes)."""
     for kernel, t_kernel, dtype, chunked, block_d, block_dz, kl in (
             (2, 1, "float32", False, 128, 128, True), (2, 1, "bfloat16", False, 128, 128, False),
             (1, 1, "float16", False, 64, 64, True), (0, 0, "float32", True, 128, 32, False),
-            (2, 1, "float32", False, 256, 64, True)):
+            (2, 1, "float32", False, 256, 64, True),
+            (2, 2, "float32", False, 128, 128, True), (2, 2, "bfloat16", False, 128, 128, False),
+            (1, 4, "float16", False, 64, 64, False), (0, 3, "float32", True, 128, 32, True)):
         c = dict(KERNEL=kernel, T_KERNEL=t_kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, BLOCK_DZ=block_dz,
                  PRECISION="tf32x3", UPCAST=dtype == "float32", UPCAST_Z=dtype == "float32", D_CHUNKED=chunked)
         tensors = {"X": [dtype, True], "Z": [dtype, True]}
@@ -249,7 +254,8 @@ def compile_all(archs):
                              f"shared={used['shared']} "
                              f"(est {estimated_shared(key, shape)})")
             print(f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
-                  f"TARGET={c.get('TARGET', '-')} D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
+                  f"T_KERNEL={c.get('T_KERNEL', '-')} TARGET={c.get('TARGET', '-')} "
+                  f"D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
                   f"DIVERGENCE={c.get('DIVERGENCE', '-')}{resources}: ok", flush=True)
     return 0
 

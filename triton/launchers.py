@@ -553,20 +553,21 @@ def _self_mode_structure(op: OpArgs) -> bool:
 
     - a Labels target whose column labels are its rows' (symmetric_kernels.py), or
     - an Affinity target (SNE, t-SNE: symmetric_affinity_kernels.py) with alpha = 0, z_cols z (the
-      same tensor or equal values) and a Gaussian or dot target kernel (cosine arrives as dot), whose
-      parameter may be one value or one per row (each side of a tile scales the symmetric Gram term
-      by its own row's coefficient). _computed_divergence has already refused joint normalisation and
-      symmetrised targets.
+      same tensor or equal values) and any target kernel (dot, gaussian, student_t, power, log_dot;
+      cosine arrives as dot), whose parameter may be one value or one per row: the target's aux term
+      (z_i.z_j, or the clamped squared distance) is symmetric, and each side of a tile takes the
+      kernel's logit of it under its own row's parameter (tile_helpers.kernel_logits).
+      _computed_divergence has already refused joint normalisation and symmetrised targets.
 
     Everything else runs the plain kernels: Neighbors and Dense targets, beta > 0, the
-    f-divergences, a per-row learned parameter, an Affinity target with alpha > 0, other columns
-    z_cols or another target kernel (student_t, power, log_dot)."""
+    f-divergences, a per-row learned parameter, an Affinity target with alpha > 0 or other columns
+    z_cols."""
     if not (op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
         return False
     if op.target == "labels":
         return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     if op.target == "affinity":
-        if op.alpha != 0 or op.t_kernel not in ("gaussian", "dot"):
+        if op.alpha != 0:
             return False
         return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
     return False

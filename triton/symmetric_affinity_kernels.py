@@ -1,11 +1,14 @@
 """Triangular kernels of self mode for an Affinity target: SNE and t-SNE (DESIGN.md §1.3). y is x
 and z_cols is z, conditional rows, kl or cross_entropy with alpha = beta = 0, one learned kernel
-parameter, and a Gaussian or dot target kernel whose parameter is one value or one per row
-(launchers._self_mode_structure). Then s_ij = s_ji, and the target's Gram term (z_i.z_j, or the
-squared distance) is symmetric too: t_ij = c_i a_ij and t_ji = c_j a_ij, each side scaling the one
-tile entry a_ij by its own row's coefficient (-1 / (2 sigma^2) or 1 / tau; per-row sigma_i from
-perplexity calibration makes t_ij != t_ji). Each pair of row blocks (I, J), I <= J, is one Gram tile
-of x and one of z.
+parameter, and any target kernel (dot, gaussian, student_t, power, log_dot; cosine arrives as dot)
+whose parameter is one value or one per row (launchers._self_mode_structure). Then s_ij = s_ji, and
+the target's aux term a_ij (z_i.z_j for dot and log_dot, the clamped squared distance for the
+others) is symmetric too: t_ij = k(a_ij; theta_i) and t_ji = k(a_ij; theta_j), each side the target
+kernel's logit of the one tile entry a_ij under its own row's parameter (tile_helpers.kernel_logits
+with the parameter broadcast along the rows, as pair_logits, or along the columns,
+column_target_logits). A per-row parameter (sigma_i from perplexity calibration, a per-row dof,
+exponent or temperature) makes t_ij != t_ji; log_dot has none. Each pair of row blocks (I, J),
+I <= J, is one Gram tile of x and one of z.
 
 Blocks, tiles, programs, panels and partial buffers are those of symmetric_kernels.py (whose
 target-free helpers these kernels share). The five statistics per row are
@@ -16,8 +19,8 @@ Affinity rows (sum_j p t - LSE^p - sum_j p s + LSE), with t - s taken per pair, 
 statistics hold both sums.
 
 - ``icon_symmetric_affinity_forward_kernel``: one pair of Gram tiles feeds the statistics of rows
-  I over the columns of J (row side, t with the rows' coefficients) and of rows J over the columns
-  of I (column side, t with the columns' coefficients; not on the diagonal block), written as
+  I over the columns of J (row side, t with the rows' parameters) and of rows J over the columns
+  of I (column side, t with the columns' parameters; not on the diagonal block), written as
   partials per panel of row blocks (COL_PART [5, panel_cap, N], ROW_PART [5, panel_cap, chunks,
   BLOCK_M]).
 - ``icon_symmetric_affinity_merge_kernel``: folds a panel's partials into the running statistics
@@ -25,9 +28,10 @@ statistics hold both sums.
   completes: the loss and stats rows 0 (LSE), 2 (LSE^p) and 3 (H_i = L_i) as the plain forward
   writes them, so that the plain backward (the target's gradient) can follow this forward. Row 1
   is the launcher's record (launchers.AFFINITY_RECORD_ROW).
-- ``icon_symmetric_affinity_backward_kernel``: from one recomputed pair of tiles, G_ij = g_i (q_ij -
-  p_ij) with row i's LSE and LSE^p, G_ji = g_j (q_ji - p_ji) with row j's (and t with its
-  coefficient), then H = G_IJ + G_JI^T to dX_I, dX_J and the learned parameter per row
+- ``icon_symmetric_affinity_backward_kernel``: from one recomputed pair of tiles (_tile_logits and
+  column_target_logits, the forward's calls: the same logits bit for bit), G_ij = g_i (q_ij - p_ij)
+  with row i's LSE and LSE^p, G_ji = g_j (q_ji - p_ji) with row j's (and t_ji under its parameter),
+  then H = G_IJ + G_JI^T to dX_I, dX_J and the learned parameter per row
   (symmetric_kernels.chain_pair_tile). On the diagonal block every row's G comes from its own row
   side, as in the forward. The target's gradient is the plain backward's.
 
@@ -40,21 +44,19 @@ import triton.language as tl
 
 from .symmetric_kernels import (NO_MAX, chain_pair_tile, finish_rows, load_statistics, merge_max_sum,
                                 store_statistics)
-from .tile_helpers import exp_, gram_block, load_rows, load_vec, pair_logits, valid_pairs
+from .tile_helpers import exp_, gram_block, kernel_logits, load_rows, load_vec, pair_logits, valid_pairs
 
 
 @triton.jit
 def column_target_logits(t_aux, prm_cols, T_KERNEL: tl.constexpr):
     """t_ji of the columns' rows j from the tile's target term a_ij (pair_logits' aux: z_i.z_j for
-    dot, the clamped squared distance for gaussian) with the columns' own parameters: the tile read
-    down its columns. pair_logits gives the rows' t_ij from the same a_ij."""
-    if T_KERNEL == 0:
-        t = t_aux / prm_cols[None, :]
-    elif T_KERNEL == 1:
-        t = -t_aux / (2.0 * prm_cols * prm_cols)[None, :]
-    else:
-        tl.static_assert(False, "column_target_logits: the triangular schedule takes gaussian and dot targets")
-    return t
+    dot and log_dot, the clamped squared distance for gaussian, student_t and power; symmetric, z_cols
+    being z) under the columns' own parameters prm_cols: the tile read down its columns.
+    tile_helpers.kernel_logits, the one formula per kernel that pair_logits applies to the rows' t_ij
+    of the same a_ij, with the parameter broadcast along the other axis, so that row j's t_ji is what
+    the plain kernels compute for it, up to the rounding of a_ij (an unknown code fails to compile
+    there)."""
+    return kernel_logits(t_aux, prm_cols[None, :], T_KERNEL)
 
 
 @triton.jit

@@ -54,28 +54,40 @@ def gram_block(a, b, A, B, ia, ib, na, nb, stride_a, stride_b, d, BLOCK_D: tl.co
 
 
 @triton.jit
+def kernel_logits(aux, prm, KERNEL: tl.constexpr):
+    """The logits of kernel KERNEL from the pair term aux (pair_logits' aux: a.b for dot and log_dot,
+    the clamped squared distance otherwise) under the parameter prm, broadcast along the tile:
+    prm[:, None] gives the rows' logits s_ij (pair_logits), prm[None, :] the columns' rows' s_ji of a
+    symmetric aux (the tile read down its columns: symmetric_affinity_kernels.column_target_logits).
+    One formula per kernel for both, so that a column side computes exactly what the plain kernels
+    compute for that row from the same aux."""
+    if KERNEL == 0:
+        s = aux / prm
+    elif KERNEL == 3:
+        s = tl.log(aux)
+    elif KERNEL == 1:
+        s = -aux / (2.0 * prm * prm)
+    elif KERNEL == 2:
+        s = -0.5 * (prm + 1.0) * tl.log(1.0 + aux / prm)
+    elif KERNEL == 4:
+        s = -0.5 * prm * tl.log(aux + POWER_EPS)
+    else:
+        tl.static_assert(False, "kernel_logits: unknown kernel code")
+    return s
+
+
+@triton.jit
 def pair_logits(ab, a_sq, b_sq, prm, KERNEL: tl.constexpr):
     """(s, aux) from the Gram block ab [BM, BN]; prm is per row [BM].
 
-    aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t, power)."""
-    if KERNEL == 0:
-        s = ab / prm[:, None]
-        aux = ab
-    elif KERNEL == 3:
-        s = tl.log(ab)
+    aux is a.b (dot, log_dot) or the clamped squared distance (gaussian, student_t, power); s is
+    kernel_logits of aux with the rows' parameters."""
+    if KERNEL == 0 or KERNEL == 3:
         aux = ab
     else:
         aux = a_sq[:, None] + b_sq[None, :] - 2.0 * ab
         aux = tl.where(aux < 0.0, 0.0, aux)        # clamp at 0, but keep NaN (tl.maximum drops it)
-        if KERNEL == 1:
-            s = -aux / (2.0 * prm * prm)[:, None]
-        elif KERNEL == 2:
-            s = -0.5 * (prm + 1.0)[:, None] * tl.log(1.0 + aux / prm[:, None])
-        elif KERNEL == 4:
-            s = -0.5 * prm[:, None] * tl.log(aux + POWER_EPS)
-        else:
-            tl.static_assert(False, "pair_logits: unknown kernel code")
-    return s, aux
+    return kernel_logits(aux, prm[:, None], KERNEL), aux
 
 
 @triton.jit
