@@ -102,9 +102,40 @@ def test_without_autotuning_one_shape_per_variant():
     assert launchers.triangular_shape(_args(torch.float32, 0, 128), "backward") == (64, 32, 8, 2)
     assert launchers.triangular_shape(_args(torch.bfloat16, 0, 128), "forward") == (64, 64, 8, 2)
     # ... an Affinity target's (t-SNE in bf16): never the wide tile; both stages take the backward's
-    # tile (fp32 at d = dz = 256: the smallest), each its own warps
+    # launch (fp32 at d = dz = 256: the smallest tile), warps and stages too
     assert launchers.triangular_launch(_args(torch.bfloat16, 2, 128, 128), "forward") == (64, 32, 8, 2)
     assert launchers.triangular_launch(_args(torch.float32, 2, 256, 256), "forward") == (32, 32, 8, 2)
+    for args in (_args(torch.float32, 0, 128), _args(torch.bfloat16, 0, 128), _args(torch.float32, 2, 256, 256),
+                 _args(torch.bfloat16, 2, 128, 128)):
+        assert launchers.triangular_launch(args, "forward") == launchers.triangular_launch(args, "backward")
+
+
+def test_the_triangular_backward_fits_where_the_launcher_takes_it():
+    """triangular_fits (the forward's choice, outside the interpreter, which has no shared memory):
+    fp32 t-SNE at d = dz = 256 runs the plain kernels (its triangular backward's cubin needs 263 KB
+    of the 227), at d = 256 and dz = 64 the triangular ones; a Labels target always fits."""
+    from icon_kernels._triton import launchers
+
+    assert not launchers.triangular_fits(_args(torch.float32, 2, 256, 256))
+    assert launchers.triangular_fits(_args(torch.float32, 2, 256, 64))
+    assert launchers.triangular_fits(_args(torch.bfloat16, 2, 128, 128))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert launchers.triangular_fits(_args(dtype, 0, 256))
+
+
+@pytest.mark.parametrize("target", [0, 1, 2, 3])
+def test_the_triangular_tile_of_every_target_outside_the_interpreter(monkeypatch, target):
+    """_triangular_tile as a GPU launch reads it (INTERPRET off) for every target code: what the
+    launcher hands the shape estimate must hold every entry the estimate reads (a Dense launch's
+    estimate reads DENSE). The backward asks only for a problem with the triangular structure, but
+    the launch arguments must not depend on that."""
+    from icon_kernels._triton import launchers
+    monkeypatch.setattr(launchers, "INTERPRET", False)
+    dtype = torch.float32
+    tensors = dict(X=torch.empty(0, dtype=dtype), Z=torch.empty(0, dtype=dtype), DENSE=torch.empty(0, dtype=dtype))
+    flags = dict(UPCAST=True, UPCAST_Z=True, BLOCK_D=128, BLOCK_DZ=16, TARGET=target)
+    bm, bn = launchers._triangular_tile(tensors, flags)
+    assert bm % bn == 0 and bn >= 16
     # an f-divergence's second pass and backward: 64 x 32 in bf16 too (kl and cross_entropy: 64 x 64)
     for code, shape in ((0, (64, 64, 4, 2)), (1, (64, 64, 4, 2)), (3, (64, 32, 4, 2))):
         assert launchers.fixed_shape({**_args(torch.bfloat16, 0, 128), "DIVERGENCE": code}, "forward") == shape

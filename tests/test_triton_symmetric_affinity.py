@@ -230,6 +230,9 @@ def test_the_record_and_the_plain_rows(monkeypatch):
     (tri_same, same), (tri_copy, copy) = forward(x), forward(x.clone())
     assert (tri_same, tri_copy) == (1, 0)
     assert launchers.AFFINITY_RECORD_ROW == 1
+    tensors = dict(X=x, Z=z)
+    flags = dict(UPCAST=True, UPCAST_Z=True, BLOCK_D=8, BLOCK_DZ=8, TARGET=launchers.TARGET_CODES["affinity"])
+    assert torch.all(same[2][1] == launchers._triangular_tile(tensors, flags)[0])   # (the interpreter's, on a CPU)
     if launchers.INTERPRET:
         assert torch.all(same[2][1] == launchers.INTERPRETER_SHAPE[0])
     assert torch.all(copy[2][1] == 1.0)
@@ -238,6 +241,23 @@ def test_the_record_and_the_plain_rows(monkeypatch):
     for row in (0, 2, 3):
         assert relative_error(same[2][row], copy[2][row]) <= TRITON_F32, row
     assert torch.equal(same[2][3], same[0].float())
+
+
+def test_plain_kernels_where_the_triangular_backward_would_not_fit(monkeypatch):
+    """Where triangular_fits says no (an fp32 t-SNE launch at d = dz = 256 on a GPU; forced here),
+    the forward runs the plain kernels and records nothing (stats row 1 stays the plain forward's
+    1), and the backward follows it: the plain kernels, equal to the reference."""
+    from icon_kernels._triton import launchers
+    monkeypatch.setattr(launchers, "_triangular_fits", lambda tensors, flags: False)
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
+    x, z, sigma, upstream = _inputs(37, seed=11)
+    want = _run(x, z, sigma, "student_t", "reference", upstream, torch.float64)
+    launches = Launches(monkeypatch, ALL)
+    got = _run(x, z, sigma, "student_t", "triton", upstream, torch.float32)
+    assert sum(launches.count[name] for name in TRIANGULAR + LABELS) == 0, launches.count
+    assert launches.count["_forward_kernel"] == 1 and launches.count["_cols_kernel"] == 1, launches.count
+    for mine, exact in zip(got, want):
+        assert relative_error(mine, exact) <= TRITON_F32
 
 
 @pytest.mark.parametrize("switch_at_backward", ["0", "1"])

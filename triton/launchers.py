@@ -279,8 +279,13 @@ AFFINITY_RECORD_ROW = 1
 
 
 def _record_row(op: OpArgs) -> int:
-    """The stats row of a triangular forward's record for op's target."""
-    return AFFINITY_RECORD_ROW if op.target == "affinity" else TRIANGULAR_RECORD_ROW
+    """The stats row of a triangular forward's record for op's target (_self_mode_structure's
+    targets only)."""
+    if op.target == "affinity":
+        return AFFINITY_RECORD_ROW
+    if op.target == "labels":
+        return TRIANGULAR_RECORD_ROW
+    raise ValueError(f"the triangular schedule has no record row for target {op.target!r}")
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -514,7 +519,7 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    if _symmetric(op, saved, pairs, target_grad, _triangular_record(stats, tensors, flags, _record_row(op))):
+    if _symmetric(op, saved, pairs, target_grad, stats, tensors, flags):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)
         dx, dprm = _triangular_backward(tensors, sizes, flags, stats, g)
@@ -597,14 +602,17 @@ def _triangular_record(stats, tensors, flags, row: int) -> bool:
     return stats.shape[1] > 0 and float(stats[row, 0]) == _triangular_tile(tensors, flags)[0]
 
 
-def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool, recorded: bool) -> bool:
+def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool, stats, tensors, flags) -> bool:
     """Whether the backward runs self mode's triangular schedule: x and y one autograd input
     (y_is_x), no gradient of an Affinity target's z or parameter (target_grad: the plain backward
     makes it, reading the stats rows 0, 2 and 3 that the triangular forward writes as the plain one
-    does), the structure, and a triangular forward with the same tile before it (recorded). The
+    does), the structure, and a triangular forward with the same tile before it (the record). The
     backward follows its forward, never the switch at backward time: each block pair's logits must
-    be the very values (bitwise) that made the row statistics."""
-    return saved.y_is_x and pairs is None and not target_grad and recorded and _self_mode_structure(op)
+    be the very values (bitwise) that made the row statistics. The record is read last: only a
+    problem with the structure has a triangular tile (and the read is a host sync)."""
+    if not (saved.y_is_x and pairs is None and not target_grad and _self_mode_structure(op)):
+        return False
+    return _triangular_record(stats, tensors, flags, _record_row(op))
 
 
 # --- self mode's triangular schedule (symmetric_kernels.py for Labels targets, symmetric_affinity_kernels.py
@@ -646,12 +654,12 @@ def triangular_shape(args, stage: str) -> tuple:
 
 def triangular_launch(args, stage: str) -> tuple:
     """(BLOCK_M, BLOCK_N, warps, stages) of a triangular kernel's launch at ``stage``: the
-    backward's tile in both stages (the one that holds more), so that the forward's block pairs are
-    the backward's and every pair's logits come from the same tile orientation in both passes; the
-    stage's own warps and stages (tests/triton_aot_compile.py compiles these)."""
-    bm, bn, _, _ = triangular_shape(args, "backward")
-    _, _, warps, stages = triangular_shape(args, stage)
-    return bm, bn, warps, stages
+    backward's (the stage that holds more) in both stages, so that the forward's block pairs are the
+    backward's and every pair's logits come from the same tile, computed by the same dot layout
+    (warps and stages included: the backward must see the forward's logits bit for bit, which at
+    logits of 1e5 matters), whatever ``stage`` (tests/triton_aot_compile.py compiles these)."""
+    del stage   # one launch for both stages (see above)
+    return triangular_shape(args, "backward")
 
 
 def _affinity_launch(flags) -> bool:
@@ -672,9 +680,9 @@ def _triangular_launch_args(tensors, flags) -> dict:
     """What triangular_launch and triangular_fits read of a launch. An Affinity target's kernels
     stage z's tiles too: TARGET, Z, UPCAST_Z and BLOCK_DZ go into the shared-memory estimate, and its
     tile is never the wide bf16 one (default_shape)."""
-    args = dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"], TARGET=flags["TARGET"])
-    if _affinity_launch(flags):
-        args.update(Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
+    args = dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"])
+    if _affinity_launch(flags):   # (else a Labels launch: estimated_shared_bytes' default target)
+        args.update(TARGET=flags["TARGET"], Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
     return args
 
 
@@ -710,7 +718,9 @@ def _triangular_arguments(tensors, sizes, flags) -> dict:
         return dict(common, Z=tensors["Z"], ZSQ=tensors["ZSQ"], TPRM=tensors["TPRM"], DZ=sizes["DZ"],
                     stride_z=sizes["stride_z"], T_KERNEL=flags["T_KERNEL"], BLOCK_DZ=flags["BLOCK_DZ"],
                     UPCAST_Z=flags["UPCAST_Z"])
-    return dict(common, LAB=tensors["LAB"], m_valid=sizes["m_valid"], alpha=sizes["alpha"])
+    if flags["TARGET"] == TARGET_CODES["labels"]:
+        return dict(common, LAB=tensors["LAB"], m_valid=sizes["m_valid"], alpha=sizes["alpha"])
+    raise ValueError(f"the triangular schedule has no kernels for target code {flags['TARGET']}")
 
 
 def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
