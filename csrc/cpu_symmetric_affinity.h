@@ -97,6 +97,18 @@ std::vector<T> target_coefs(const Problem<T>& pb) {
   return coef;
 }
 
+// Whether a nonlinear target kernel's logits are symmetric in the pair (one parameter for every
+// row): then each pair's logit is computed once, in the tile, for both sides (a log per pair
+// instead of two).
+template <typename T>
+bool pair_target_logits_once(const Problem<T>& pb) {
+  if (linear_target(pb)) return false;
+  const T* tp = pb.t_prm.template data_ptr<T>();
+  for (int64_t i = 1; i < pb.n; ++i)
+    if (!(tp[i] == tp[0])) return false;
+  return true;
+}
+
 // Row i's target logits over the columns [col0, col0 + len) from its Gram entries of z under a
 // nonlinear target kernel (gram may be t: in place), as the plain rows compute them.
 template <typename T>
@@ -107,17 +119,19 @@ void target_row_logits(const Problem<T>& pb, int64_t i, const T* gram, T* t, int
 
 // Both orientations of the target logits over row i's Gram entries of z with the columns [j0, j0 +
 // nj): own[j] = t_ij (row i's parameter) and other[j] = t_ji (column j's), one Gram term for both
-// (the squared distance is symmetric bit for bit: a + b = b + a in IEEE arithmetic).
+// (the squared distance is symmetric bit for bit: a + b = b + a in IEEE arithmetic); uniform:
+// pair_target_logits_once's.
 template <typename T, bool T_DIST>
-void pair_target_logits(const Problem<T>& pb, bool linear, const T* coef, int64_t i, int64_t j0, const T* gram,
-                        T* own, T* other, int64_t nj) {
+void pair_target_logits(const Problem<T>& pb, bool linear, bool uniform, const T* coef, int64_t i, int64_t j0,
+                        const T* gram, T* own, T* other, int64_t nj) {
   const T* z_sq = pb.z_sq.template data_ptr<T>();
   const T zi_sq = z_sq[i];
   const T* zc_sq = z_sq + j0;
   if (!linear) {
     const T* tp = pb.t_prm.template data_ptr<T>();
     row_logits<T>(pb.t_kernel, tp[i], gram, own, zc_sq, zi_sq, nj);
-    column_logits<T>(pb.t_kernel, tp + j0, gram, other, zc_sq, zi_sq, nj);
+    if (uniform) std::copy(own, own + nj, other);   // (pair_target_logits_once: t_ji = t_ij)
+    else column_logits<T>(pb.t_kernel, tp + j0, gram, other, zc_sq, zi_sq, nj);
     return;
   }
   const T ci = coef[i];
@@ -203,6 +217,15 @@ void add_affinity_segment(const KernelRow<T, K> k, T coef,   // k by value (affi
   acc->c += double(c);
 }
 
+// A tile pair's z tile (ni x nj Gram entries from rows i0 and columns j0) into the target's logits
+// in place, under pair_target_logits_once's one parameter: each pair's logit once for both sides.
+template <typename T>
+void tile_target_logits(const Problem<T>& pb, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* t_p) {
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) target_row_logits(pb, i0 + r, t_p + r * nj, t_p + r * nj, j0, nj);
+  });
+}
+
 // The z tile of one tile pair (pair_gram), as every pass makes it: the same GEMM call, bit for bit.
 template <typename T>
 void target_tile(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& t_buf) {
@@ -223,7 +246,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
   const int64_t n = pb.n;
   std::vector<OnlineAffinityRow> acc(static_cast<size_t>(n));
   const std::vector<T> coef = target_coefs(pb);
-  const bool linear = linear_target(pb);
+  const bool linear = linear_target(pb), uniform = pair_target_logits_once(pb);
   const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   const T* z_sq = pb.z_sq.template data_ptr<T>();
@@ -238,6 +261,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
       const int64_t ni = i1 - i0, nj = j1 - j0;
       const bool one_side = i0 == j0;
       affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+      if (uniform) tile_target_logits(pb, i0, ni, j0, nj, t_p);   // (both sides' logits, once per pair)
       if (!one_side) {
         transpose_tile<T, false>(s_p, ni, nj, st_p);
         transpose_tile<T, false>(t_p, ni, nj, tt_p);
@@ -250,7 +274,7 @@ std::vector<OnlineAffinityRow> affinity_pair_statistics(const Problem<T>& pb, in
           T* ab = rows_of_i ? s_p + r * nj : st_p + (r - ni) * ni;
           T* tab = rows_of_i ? t_p + r * nj : tt_p + (r - ni) * ni;
           const int64_t self = pb.exclude_self && one_side ? r : -1;
-          if (!linear) target_row_logits(pb, i, tab, tab, col0, len);   // (the row's own copy)
+          if (!linear && !uniform) target_row_logits(pb, i, tab, tab, col0, len);   // (the row's own copy)
           add_affinity_segment<T, K, T_DIST, CAUCHY, KL>(k, coef[i], ab, tab, x_sq + col0, x_sq[i], z_sq + col0,
                                                          z_sq[i], len, self, &acc[i]);
         }
@@ -337,7 +361,7 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
                      const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni, int64_t j0,
                      int64_t nj, T* ab, const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -371,7 +395,7 @@ void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T*
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
       }
-      pair_target_logits<T, T_DIST>(pb, linear, coef, i, j0, tr, trv, tcv, nj);
+      pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, tr, trv, tcv, nj);
       T rs = 0;
 #pragma omp simd reduction(+ : rs)
       for (int64_t j = 0; j < nj; ++j) {

@@ -85,7 +85,9 @@ struct AffinityRowScratch {
 
 // What every row of both passes reads: the learned kernel, x's and z's squared norms, each row's
 // target coefficient (target_coefs), whether the target kernel is linear (linear_target: else each
-// row's logits are target_row_logits') and the self pair rule.
+// row's logits are target_row_logits'), whether its logits are made once per pair in the tile
+// (pair_target_logits_once: the rows then read them as a linear kernel's with coefficient 1) and
+// the self pair rule.
 template <typename T, int K>
 struct AffinityPairRows {
   KernelRow<T, K> k;
@@ -93,6 +95,7 @@ struct AffinityPairRows {
   const T* z_sq;
   std::vector<T> coef;
   bool linear_t;
+  bool t_once;
   bool exclude_self;
 };
 
@@ -110,6 +113,7 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
   const int64_t ni = i1 - i0, nj = j1 - j0;
   pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
   target_tile(pb, i0, i1, j0, j1, t_buf);
+  if (rows.t_once) tile_target_logits(pb, i0, ni, j0, nj, t_buf.template data_ptr<T>());
   const T* g_p = s_buf.template data_ptr<T>();
   const T* t_p = t_buf.template data_ptr<T>();
   at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
@@ -138,7 +142,7 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
       const T coef = rows.coef[i], zi_sq = rows.z_sq[i];
       const T* zc_sq = rows.z_sq + sr.col0;
       T* t_row = sc.t.data();
-      if (rows.linear_t) {
+      if (rows.linear_t || rows.t_once) {   // (t_once: tab holds the logits, coef 1)
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
       } else {
@@ -184,6 +188,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
       const T zi_sq = rows.z_sq[i];
 #pragma omp simd
       for (int64_t j = 0; j < nj; ++j) aux[j] = target_aux<T, T_DIST>(aux[j], zi_sq, zc_sq[j]);
+      if (rows.t_once) target_row_logits(pb, i, aux, aux, j0, nj);   // (both sides' logits, once per pair)
     }
   });
   at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
@@ -209,7 +214,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
           t[u] = t_p[u * nj + c] * coef;
         }
       }
-      if (!rows.linear_t) target_row_logits(pb, i, t, t, sr.col0, len);   // (coef 1: t holds the Gram terms)
+      if (!rows.linear_t && !rows.t_once) target_row_logits(pb, i, t, t, sr.col0, len);   // (coef 1: Gram terms)
       const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
       row(sr, self, sc);
     }
@@ -322,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       constexpr bool T_DIST = decltype(td)::value;
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
                                         pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
-                                        target_coefs(pb), linear_target(pb), pb.exclude_self};
+                                        target_coefs(pb), linear_target(pb), pair_target_logits_once(pb),
+                                        pb.exclude_self};
       // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
       // Cauchy weight)
       with_cauchy_flag<K>(cauchy_kernel(pb), [&](auto is_cauchy) {
@@ -423,7 +429,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
       constexpr bool T_DIST = decltype(td)::value;
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
                                         pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
-                                        pb.exclude_self};
+                                        pair_target_logits_once(pb), pb.exclude_self};
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD

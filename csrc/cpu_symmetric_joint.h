@@ -76,7 +76,7 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
   std::vector<OnlineLse> acc(static_cast<size_t>(n));
   std::vector<double> nan_seen(static_cast<size_t>(n), 0.0);
   const std::vector<T> coef = target_coefs(pb);
-  const bool linear = linear_target(pb);
+  const bool linear = linear_target(pb), uniform = pair_target_logits_once(pb);
   const T* z_sq = pb.z_sq.template data_ptr<T>();
   const auto opts = pb.x.options();
   at::Tensor t_buf = at::empty({block, block}, opts), tt_buf = at::empty({block, block}, opts);
@@ -86,6 +86,7 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
       const int64_t ni = i1 - i0, nj = j1 - j0;
       const bool one_side = i0 == j0;
       target_tile(pb, i0, i1, j0, j1, t_buf);
+      if (uniform) tile_target_logits(pb, i0, ni, j0, nj, t_p);   // (both sides' logits, once per pair)
       if (!one_side) transpose_tile<T, false>(t_p, ni, nj, tt_p);
       at::parallel_for(0, one_side ? ni : ni + nj, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -94,7 +95,7 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
           const int64_t len = rows_of_i ? nj : ni;
           T* t = rows_of_i ? t_p + r * nj : tt_p + (r - ni) * ni;
           const int64_t self = pb.exclude_self && one_side ? r : -1;
-          if (!linear) target_row_logits(pb, i, t, t, col0, len);   // (the row's own copy; coef 1)
+          if (!linear && !uniform) target_row_logits(pb, i, t, t, col0, len);   // (the row's own copy; coef 1)
           const T ci = coef[i], zi_sq = z_sq[i];
           const T* zc_sq = z_sq + col0;
           const T inf = std::numeric_limits<T>::infinity();
@@ -127,7 +128,7 @@ template <typename T, int K, bool T_DIST, bool CAUCHY>
 void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, int64_t i0,
                        int64_t ni, int64_t j0, int64_t nj, bool kl, T* ab, T* tab, T* kv) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
   const T log_2n = T(std::log(2.0 * double(pb.n)));
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
@@ -149,7 +150,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
       const T li = lse_p[i], xi_sq = x_sq[i];
       const T* lc = lse_p + j0;
       const T* xc_sq = x_sq + j0;
-      pair_target_logits<T, T_DIST>(pb, linear, coef, i, j0, p, ov, tv, nj);   // t_ij, t_ji
+      pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, p, ov, tv, nj);   // t_ij, t_ji
 #pragma omp simd
       for (int64_t j = 0; j < nj; ++j) {
         const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
@@ -300,7 +301,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
                   T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
                   double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
   // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
   // shared by every pair)
   const T centre = T(centre_exact);
@@ -326,7 +327,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
       const T* gc = g + j0;
       const T* lc = lse_p + j0;
       const T* xc_sq = x_sq + j0;
-      pair_target_logits<T, T_DIST>(pb, linear, coef, i, j0, tr, ov, tv, nj);
+      pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, tr, ov, tv, nj);
       if constexpr (!CAUCHY) {
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
