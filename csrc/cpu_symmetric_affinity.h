@@ -355,13 +355,13 @@ int64_t recorded_affinity_block(const T* st, int64_t n, std::vector<T>* lo_p) {
 // H over one tile pair in place of its Gram tile ab (ni x nj, rows from i0, columns from j0), with
 // the z tile tab: H_ij = weight(g_i (q_ij - p_ij) + g_j (q_ji - p_ji), d_ij), 0 at an excluded
 // self pair; the rows' sums of H into row_sum (ni values). a: the Cauchy kernel's e^{-LSE} of
-// every row, high parts then low parts (2n values).
+// every row, high parts then low parts (2n values). uniform: pair_target_logits_once(pb).
 template <typename T, int K, bool T_DIST, bool CAUCHY>
-void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* g, const T* hi,
-                     const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni, int64_t j0,
-                     int64_t nj, T* ab, const T* tab, double* row_sum) {
+void affinity_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* g,
+                     const T* hi, const T* lo, const T* hp, const T* lp, const T* a, int64_t i0, int64_t ni,
+                     int64_t j0, int64_t nj, T* ab, const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb);
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -468,6 +468,7 @@ std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const 
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
   const std::vector<T> coef = target_coefs(pb);
+  const bool uniform = pair_target_logits_once(pb);   // (once per call, not per tile pair)
   // the Cauchy kernel's q / r = e^{-LSE} in two parts (q = r a_hi + r a_lo): one rounding of it
   // would be an error shared by the whole row, with no renormalisation to take it off
   std::vector<T> a(static_cast<size_t>(2 * n));
@@ -481,7 +482,8 @@ std::vector<at::Tensor> symmetric_affinity_backward(const Problem<T>& pb, const 
     return [&, k = KernelRow<T, K>(pb.prm.template data_ptr<T>()[0])](int64_t i0, int64_t ni, int64_t j0, int64_t nj,
                                                                      T* ab, const T* tab, double* row_sum) {
       affinity_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(
-          pb, k, coef.data(), g, st, st + n, st + 2 * n, lo_p.data(), a.data(), i0, ni, j0, nj, ab, tab, row_sum);
+          pb, k, coef.data(), uniform, g, st, st + n, st + 2 * n, lo_p.data(), a.data(), i0, ni, j0, nj, ab, tab,
+          row_sum);
     };
   });
 }

@@ -125,10 +125,10 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
 // excluded self pair. P from the symmetrised log p as the plain rows' symmetric_log_p, minus
 // log N; the products stored before exp reads them (cpu_symmetric_affinity.h's LOGITS note).
 template <typename T, int K, bool T_DIST, bool CAUCHY>
-void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, int64_t i0,
-                       int64_t ni, int64_t j0, int64_t nj, bool kl, T* ab, T* tab, T* kv) {
+void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* lse_p,
+                       int64_t i0, int64_t ni, int64_t j0, int64_t nj, bool kl, T* ab, T* tab, T* kv) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb);
   const T log_2n = T(std::log(2.0 * double(pb.n)));
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
@@ -264,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
     constexpr bool TD = decltype(t_dist)::value, C = decltype(is_cauchy)::value;
     lse_p = joint_target_lse<T, TD>(pb, block);
     const std::vector<T> coef = target_coefs(pb);
+    const bool uniform = pair_target_logits_once(pb);
     const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
     for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
         const int64_t ni = i1 - i0, nj = j1 - j0;
@@ -271,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
         T* w = s_buf.template data_ptr<T>();
         T* p = t_buf.template data_ptr<T>();
         T* kv = k_buf.template data_ptr<T>();
-        joint_pair_values<T, K, TD, C>(pb, k, coef.data(), lse_p.data(), i0, ni, j0, nj, pb.divergence == kKl, w, p,
-                                       kv);
+        joint_pair_values<T, K, TD, C>(pb, k, coef.data(), uniform, lse_p.data(), i0, ni, j0, nj, pb.divergence == kKl,
+                                       w, p, kv);
         add_joint_sums<T, C>(i0, ni, j0, nj, w, p, kv, acc);
     });
     return 0;
@@ -297,11 +298,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
 // H_ij = weight(-(g_i + g_j) P_ij + 2 q_ij C, d_ij), 0 at an excluded self pair (and at a distance
 // kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
 template <typename T, int K, bool T_DIST, bool CAUCHY>
-void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, const T* lse_p, const T* g,
-                  T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
-                  double* row_sum) {
+void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* lse_p,
+                  const T* g, T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab,
+                  const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb), uniform = pair_target_logits_once(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb);
   // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
   // shared by every pair)
   const T centre = T(centre_exact);
@@ -375,12 +376,14 @@ std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at:
   }
   const double centre = q_total > 0 ? num / q_total : 0.0;
   const std::vector<T> coef = target_coefs(pb);
+  const bool uniform = pair_target_logits_once(pb);
   return h_tile_backward(pb, block, 7, [&](auto kc, auto t_dist, auto cauchy) {
     constexpr int K = decltype(kc)::value;
     return [&, k = KernelRow<T, K>(pb.prm.template data_ptr<T>()[0])](int64_t i0, int64_t ni, int64_t j0, int64_t nj,
                                                                      T* ab, const T* tab, double* row_sum) {
-      joint_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(pb, k, coef.data(), st + 2 * n, g, st[0],
-                                                                           centre, i0, ni, j0, nj, ab, tab, row_sum);
+      joint_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(pb, k, coef.data(), uniform, st + 2 * n, g,
+                                                                           st[0], centre, i0, ni, j0, nj, ab, tab,
+                                                                           row_sum);
     };
   });
 }

@@ -42,8 +42,8 @@ each of the two backward kernels, G Y and G^T X). Everything accumulates in fp32
 import triton
 import triton.language as tl
 
-from .symmetric_kernels import (NO_MAX, chain_pair_tile, finish_rows, load_statistics, merge_max_sum,
-                                store_statistics)
+from .symmetric_kernels import (NO_MAX, chain_pair_tile, finish_rows, merge_max_sum, merge_target_sums,
+                                panel_statistics, store_statistics)
 from .tile_helpers import exp_, gram_block, kernel_logits, load_rows, load_vec, pair_logits, valid_pairs
 
 
@@ -79,16 +79,6 @@ def _affinity_statistics(s, t, valid, KL: tl.constexpr, AXIS: tl.constexpr):
     else:
         a = tl.sum(tl.where(e != 0.0, e * s, 0.0), AXIS)
     return m_q, l_q, m_p, l_p, a
-
-
-@triton.jit
-def _merge_target(m_p, l_p, a, m_p2, l_p2, a2):
-    """Two (target max, sum of exps under it, A under it) triples of the same rows as one: l_p and A
-    are both sums of e^{t - m_p}, rescaled alike."""
-    m_new = tl.maximum(m_p, m_p2)
-    r = exp_(m_p - m_new)
-    r2 = exp_(m_p2 - m_new)
-    return m_new, l_p * r + l_p2 * r2, a * r + a2 * r2
 
 
 @triton.jit
@@ -143,7 +133,7 @@ def icon_symmetric_affinity_forward_kernel(
                                             UPCAST, UPCAST_Z, D_CHUNKED)
             r_mq, r_lq, r_mp, r_lp, r_a = _affinity_statistics(s, t, valid, KL, 1)
             m_q, l_q = merge_max_sum(m_q, l_q, r_mq, r_lq)
-            m_p, l_p, a = _merge_target(m_p, l_p, a, r_mp, r_lp, r_a)
+            m_p, l_p, a = merge_target_sums(m_p, l_p, a, r_mp, r_lp, r_a)
             if J != I:        # rows J over the columns of I: the tiles read down their columns
                 t_cols = column_target_logits(t_aux, load_vec(TPRM, cols, N, 1.0), T_KERNEL)
                 c_mq, c_lq, c_mp, c_lp, c_a = _affinity_statistics(s, t_cols, valid, KL, 0)
@@ -162,18 +152,9 @@ def icon_symmetric_affinity_merge_kernel(
     R = block0 + tl.program_id(0)
     rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    m_q, l_q, m_p, l_p, a = load_statistics(RUN + rows, N, in_rows)
-    for k in range(0, tl.minimum(panel_blocks, R - block0)):
-        c_mq, c_lq, c_mp, c_lp, c_a = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
-        m_q, l_q = merge_max_sum(m_q, l_q, c_mq, c_lq)
-        m_p, l_p, a = _merge_target(m_p, l_p, a, c_mp, c_lp, c_a)
+    m_q, l_q, m_p, l_p, a = panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks,
+                                             panel_cap, chunks, BLOCK_M, True)
     if R - block0 < panel_blocks:
-        for c in range(0, chunks):
-            r_mq, r_lq, r_mp, r_lp, r_a = load_statistics(
-                ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
-                panel_cap * chunks * BLOCK_M, in_rows)
-            m_q, l_q = merge_max_sum(m_q, l_q, r_mq, r_lq)
-            m_p, l_p, a = _merge_target(m_p, l_p, a, r_mp, r_lp, r_a)
         # the finish of icon_forward_kernel's ONE_PASS Affinity rows
         lse = m_q + tl.log(l_q)
         lse_p = m_p + tl.log(l_p)

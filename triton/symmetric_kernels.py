@@ -38,8 +38,9 @@ Everything accumulates in fp32.
 
 What does not depend on the target is shared with the Affinity target's triangular kernels
 (symmetric_affinity_kernels.py): NO_MAX, merge_max_sum, the partials' store_statistics /
-load_statistics (five statistics per row) and the backward's chain_pair_tile (one tile's H to dX_I,
-dX_J and dparam) and finish_rows.
+load_statistics (five statistics per row), the merge kernels' walk over a panel's partials
+(panel_statistics, with the Affinity statistics' merge_target_sums) and the backward's
+chain_pair_tile (one tile's H to dX_I, dX_J and dparam) and finish_rows.
 """
 import triton
 import triton.language as tl
@@ -93,6 +94,47 @@ def load_statistics(at, stride, mask):
     return (tl.load(at, mask=mask, other=0.0), tl.load(at + stride, mask=mask, other=0.0),
             tl.load(at + 2 * stride, mask=mask, other=0.0), tl.load(at + 3 * stride, mask=mask, other=0.0),
             tl.load(at + 4 * stride, mask=mask, other=0.0))
+
+
+@triton.jit
+def merge_target_sums(m_p, l_p, a, m_p2, l_p2, a2):
+    """Two (target max, sum of exps under it, A under it) triples of the same rows as one (the
+    Affinity kernels' statistics): l_p and A are both sums of e^{t - m_p}, rescaled alike."""
+    m_new = tl.maximum(m_p, m_p2)
+    r = exp_(m_p - m_new)
+    r2 = exp_(m_p2 - m_new)
+    return m_new, l_p * r + l_p2 * r2, a * r + a2 * r2
+
+
+@triton.jit
+def _combine(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, AFFINITY: tl.constexpr):
+    """Two partials of the same rows as one: (max, sum of exps) merged online, then the Labels
+    sums (sum p s, sum s, sum p~ log p~) added, or the Affinity target's (max, sum, A) merged."""
+    m, l = merge_max_sum(x0, x1, y0, y1)
+    if AFFINITY:
+        m_p, l_p, a = merge_target_sums(x2, x3, x4, y2, y3, y4)
+        return m, l, m_p, l_p, a
+    else:
+        return m, l, x2 + y2, x3 + y3, x4 + y4
+
+
+@triton.jit
+def panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks, panel_cap, chunks,
+                     BLOCK_M: tl.constexpr, AFFINITY: tl.constexpr):
+    """Row block R's running statistics (RUN) with a panel's partials folded in: the column-side
+    ones of the panel's row blocks before R and, when the panel holds R (then R is complete), its
+    row-side ones, in that order (the merge kernels of both targets)."""
+    s0, s1, s2, s3, s4 = load_statistics(RUN + rows, N, in_rows)
+    for k in range(0, tl.minimum(panel_blocks, R - block0)):
+        c0, c1, c2, c3, c4 = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
+        s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, c0, c1, c2, c3, c4, AFFINITY)
+    if R - block0 < panel_blocks:
+        for c in range(0, chunks):
+            r0, r1, r2, r3, r4 = load_statistics(
+                ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
+                panel_cap * chunks * BLOCK_M, in_rows)
+            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, r0, r1, r2, r3, r4, AFFINITY)
+    return s0, s1, s2, s3, s4
 
 
 @triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
@@ -152,22 +194,9 @@ def icon_symmetric_merge_kernel(
     R = block0 + tl.program_id(0)
     rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    m, l, sum_ps, sum_s, ent = load_statistics(RUN + rows, N, in_rows)
-    for k in range(0, tl.minimum(panel_blocks, R - block0)):
-        c_m, c_l, c_ps, c_s, c_ent = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
-        m, l = merge_max_sum(m, l, c_m, c_l)
-        sum_ps += c_ps
-        sum_s += c_s
-        ent += c_ent
+    m, l, sum_ps, sum_s, ent = panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks,
+                                                panel_cap, chunks, BLOCK_M, False)
     if R - block0 < panel_blocks:
-        for c in range(0, chunks):
-            r_m, r_l, r_ps, r_s, r_ent = load_statistics(
-                ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
-                panel_cap * chunks * BLOCK_M, in_rows)
-            m, l = merge_max_sum(m, l, r_m, r_l)
-            sum_ps += r_ps
-            sum_s += r_s
-            ent += r_ent
         # the finish of icon_forward_kernel's ONE_PASS Labels rows
         lse = m + tl.log(l)
         cross = (1.0 - alpha) * sum_ps + alpha / m_valid * sum_s - lse
