@@ -97,16 +97,21 @@ std::vector<T> target_coefs(const Problem<T>& pb) {
   return coef;
 }
 
-// Whether a nonlinear target kernel's logits are symmetric in the pair (one parameter for every
-// row): then each pair's logit is computed once, in the tile, for both sides (a log per pair
-// instead of two).
+// Whether every pair's target logit is one value for both its rows, t_ij = t_ji (one target
+// parameter for every row).
 template <typename T>
-bool pair_target_logits_once(const Problem<T>& pb) {
-  if (linear_target(pb)) return false;
+bool same_pair_target_logits(const Problem<T>& pb) {
   const T* tp = pb.t_prm.template data_ptr<T>();
   for (int64_t i = 1; i < pb.n; ++i)
     if (!(tp[i] == tp[0])) return false;
   return true;
+}
+
+// Whether a nonlinear target kernel's logits are symmetric in the pair: then each pair's logit is
+// computed once, in the tile, for both sides (a log per pair instead of two).
+template <typename T>
+bool pair_target_logits_once(const Problem<T>& pb) {
+  return !linear_target(pb) && same_pair_target_logits(pb);
 }
 
 // Row i's target logits over the columns [col0, col0 + len) from its Gram entries of z under a

@@ -5,7 +5,8 @@
 //   pass 1    the z tile gives LSE^p of the rows of I (over J) and of J (over I, transposed),
 //             merged online (the conditional p_{j|i} that P is made of);
 //   forward   the x and z tiles give, once per pair, the learned term (Cauchy: r = e^s = 1/(1+d^2);
-//             otherwise s), P and P (log P - s); their row sums (rows of I) and column sums (rows
+//             otherwise s), P and P (log P - s), with one log per pair and one exp (one target
+//             parameter for every row: pair_factors) or two; their row sums (rows of I) and column sums (rows
 //             of J) make each row's sum_j P, sum_j P (log P - s) and its own LSE_i, and the rows are
 //             put under log Z = logsumexp_i LSE_i afterwards (cpu_global_rows.h: put_under_log_z);
 //   backward  H_ij = weight(-(g_i + g_j) P_ij + 2 q_ij C, d_ij) with C = sum_k g_k P_k / sum_k q_k
@@ -36,17 +37,6 @@ namespace cpu {
 template <typename T>
 bool symmetric_joint_fit(const Problem<T>& pb) {
   return pb.joint && pb.symmetrize && symmetric_affinity_structure(pb);
-}
-
-// log P_ij = log((p_{j|i} + p_{i|j}) / 2N) from a = t_ij - LSE^p_i and b = t_ji - LSE^p_j, as the
-// plain rows' symmetric_log_p (exact where either p underflows; NaN on either side gives NaN);
-// log_2n = log 2N.
-template <typename T>
-ICON_SIMD_INLINE T joint_log_p(T a, T b, T log_2n) {
-  const T inf = std::numeric_limits<T>::infinity();
-  const T hi = a > b ? a : b, lo = a > b ? b : a;
-  const T r = (hi == -inf ? -inf : hi + vlog1p(vexp(lo - hi))) - log_2n;
-  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : r;
 }
 
 template <typename T>
@@ -119,17 +109,73 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
   return out;
 }
 
+// Both sides' conditional target probabilities of a pair from one exp, where the pair's target
+// logit is one value (same_pair_target_logits): with L_lo = min(LSE^p_i, LSE^p_j) and L_hi the
+// other, e = e^{t - L_lo} is the larger of p_{j|i} and p_{i|j} and the smaller is e f, f =
+// e^{L_lo - L_hi} = u_lo v_hi with u = e^{L - c} and v = e^{c - L} per row (c the midpoint of
+// the LSE range). Only where every LSE^p is finite and the range keeps u and v normal (ok);
+// otherwise every pair takes its two exps.
+template <typename T>
+struct PairFactors {
+  bool ok = false;
+  std::vector<T> u, v;
+};
+
+template <typename T>
+PairFactors<T> pair_factors(const Problem<T>& pb, const T* lse_p) {
+  PairFactors<T> pf;
+  if (!same_pair_target_logits(pb)) return pf;
+  // half the range in e-folds that keeps e^{+-range/2} normal, with a margin (float32: e^{+-80})
+  const double half_range = std::is_same<T, float>::value ? 80.0 : 700.0;
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (int64_t i = 0; i < pb.n; ++i) {
+    const double l = double(lse_p[i]);
+    if (!std::isfinite(l)) return pf;
+    lo = std::min(lo, l);
+    hi = std::max(hi, l);
+  }
+  if (hi - lo > 2 * half_range) return pf;
+  const double c = 0.5 * (lo + hi);
+  pf.u.resize(static_cast<size_t>(pb.n));
+  pf.v.resize(pf.u.size());
+  for (int64_t i = 0; i < pb.n; ++i) {
+    pf.u[i] = T(std::exp(double(lse_p[i]) - c));
+    pf.v[i] = T(std::exp(c - double(lse_p[i])));
+  }
+  pf.ok = true;
+  return pf;
+}
+
+// half of P's numerator, (p_{j|i} + p_{i|j}) / 2, of one pair: one exp from the pair's logit t and
+// the factors (pair_factors), or two from both orientations' logits (t, t_other)
+template <typename T>
+ICON_SIMD_INLINE T half_p_one_exp(T t, T li, T lj, T ui, T vi, T uj, T vj) {
+  const bool i_low = li <= lj;
+  const T e = vexp(t - (i_low ? li : lj));
+  const T f = i_low ? ui * vj : uj * vi;
+  return e * (T(1) + f) * T(0.5);
+}
+
+template <typename T>
+ICON_SIMD_INLINE T half_p_two_exps(T t, T t_other, T li, T lj) {
+  return (vexp(t - li) + vexp(t_other - lj)) * T(0.5);
+}
+
 // The per-pair values of one tile pair in place, after affinity_tiles: the s tile becomes the
 // learned term (Cauchy: r; else s), the z tile P_ij, and k_buf P (log P - s) (cross-entropy:
-// -P s); 0 (s: -inf) at an
-// excluded self pair. P from the symmetrised log p as the plain rows' symmetric_log_p, minus
-// log N; the products stored before exp reads them (cpu_symmetric_affinity.h's LOGITS note).
-template <typename T, int K, bool T_DIST, bool CAUCHY>
+// -P s); 0 (s: -inf) at an excluded self pair. P = h / N with h = (p_{j|i} + p_{i|j}) / 2 (one exp
+// under pf, else two), and log P - s = log(h (1 + d^2)) - log N under the Cauchy kernel (one log
+// for both, s = -log(1 + d^2)), log h - log N - s otherwise: P = 0 where both p underflow, as the
+// plain rows' exp of their symmetrised log p (symmetric_log_p); the products stored before exp
+// reads them (cpu_symmetric_affinity.h's LOGITS note).
+template <typename T, int K, bool T_DIST, bool CAUCHY, bool KL>
 void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* lse_p,
-                       int64_t i0, int64_t ni, int64_t j0, int64_t nj, bool kl, T* ab, T* tab, T* kv) {
+                       const PairFactors<T>& pf, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, T* tab,
+                       T* kv) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb);
-  const T log_2n = T(std::log(2.0 * double(pb.n)));
+  const bool diag = i0 == j0, linear = linear_target(pb), one_exp = pf.ok;
+  const T* u = one_exp ? pf.u.data() : nullptr;
+  const T* v = one_exp ? pf.v.data() : nullptr;
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -140,7 +186,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
     const T inf = std::numeric_limits<T>::infinity();
     // locals, not the captured references: a load through one in the loop (it might alias the
     // stores) kept GCC from vectorising it (scalar code, 3x slower)
-    const T keep_lp = kl ? T(1) : T(0), shift = log_2n;
+    const T log_n = T(std::log(double(pb.n))), inv_n = T(1.0 / double(pb.n));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = pb.exclude_self && diag ? r : -1;
@@ -151,18 +197,31 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
       const T* lc = lse_p + j0;
       const T* xc_sq = x_sq + j0;
       pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, p, ov, tv, nj);   // t_ij, t_ji
+      if (one_exp) {
+        const T ui = u[i], vi = v[i];
+        const T* uc = u + j0;
+        const T* vc = v + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) p[j] = half_p_one_exp(ov[j], li, lc[j], ui, vi, uc[j], vc[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) p[j] = half_p_two_exps(ov[j], tv[j], li, lc[j]);
+      }
 #pragma omp simd
       for (int64_t j = 0; j < nj; ++j) {
         const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
-        const T s = CAUCHY ? -vlog1p(aux) : k.logit(aux);
-        const T lp = joint_log_p(ov[j] - li, tv[j] - lc[j], shift);
-        const T pj = vexp(lp);
+        const T h = p[j], pj = h * inv_n;
+        T kj;
+        if constexpr (KL && CAUCHY) kj = pj * (vlog(h * (T(1) + aux)) - log_n);
+        else if constexpr (KL) kj = pj * (vlog(h) - log_n - k.logit(aux));
+        else if constexpr (CAUCHY) kj = pj * vlog1p(aux);   // cross-entropy: -P s, no P log P
+        else kj = -pj * k.logit(aux);
+        kj = pj == T(0) ? T(0) : kj;
         const bool valid = j != self;
-        const T kj = pj == T(0) ? T(0) : pj * (keep_lp * lp - s);   // cross-entropy: no P log P
         p[j] = valid ? pj : T(0);
         kr[j] = valid ? kj : T(0);
         if constexpr (CAUCHY) w[j] = valid ? T(1) / (T(1) + aux) : T(0);
-        else w[j] = valid ? s : -inf;
+        else w[j] = valid ? k.logit(aux) : -inf;
       }
     }
   });
@@ -265,18 +324,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
     lse_p = joint_target_lse<T, TD>(pb, block);
     const std::vector<T> coef = target_coefs(pb);
     const bool uniform = pair_target_logits_once(pb);
+    const PairFactors<T> pf = pair_factors(pb, lse_p.data());
+    if (pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
     const KernelRow<T, K> k(pb.prm.template data_ptr<T>()[0]);
-    for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-        const int64_t ni = i1 - i0, nj = j1 - j0;
-        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
-        T* w = s_buf.template data_ptr<T>();
-        T* p = t_buf.template data_ptr<T>();
-        T* kv = k_buf.template data_ptr<T>();
-        joint_pair_values<T, K, TD, C>(pb, k, coef.data(), uniform, lse_p.data(), i0, ni, j0, nj, pb.divergence == kKl,
-                                       w, p, kv);
-        add_joint_sums<T, C>(i0, ni, j0, nj, w, p, kv, acc);
+    return with_flag(pb.divergence == kKl, [&](auto kl) {
+      for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+          const int64_t ni = i1 - i0, nj = j1 - j0;
+          affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+          T* w = s_buf.template data_ptr<T>();
+          T* p = t_buf.template data_ptr<T>();
+          T* kv = k_buf.template data_ptr<T>();
+          joint_pair_values<T, K, TD, C, decltype(kl)::value>(pb, k, coef.data(), uniform, lse_p.data(), pf, i0, ni,
+                                                              j0, nj, w, p, kv);
+          add_joint_sums<T, C>(i0, ni, j0, nj, w, p, kv, acc);
+      });
+      return 0;
     });
-    return 0;
   });
   RowOutputs<T> out(n, opts);
   std::vector<double> row_lse(static_cast<size_t>(n)), row_loss(row_lse.size()), p_mass(row_lse.size());
@@ -299,10 +362,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
 // kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
 template <typename T, int K, bool T_DIST, bool CAUCHY>
 void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* lse_p,
-                  const T* g, T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab,
+                  const PairFactors<T>& pf, const T* g, T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab,
                   const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb);
+  const bool diag = i0 == j0, linear = linear_target(pb), one_exp = pf.ok;
+  const T* u = one_exp ? pf.u.data() : nullptr;
+  const T* v = one_exp ? pf.v.data() : nullptr;
   // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
   // shared by every pair)
   const T centre = T(centre_exact);
@@ -318,7 +383,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
     T* tv = other.data();
     T* sv = s_row.data();
     // locals (joint_pair_values' note)
-    const T inv_2n = T(0.5 / double(pb.n)), az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
+    const T inv_n = T(1.0 / double(pb.n)), az = a_z, az_lo = a_z_lo, lz = log_z, cz = centre, cz_lo = centre_lo;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
@@ -329,6 +394,18 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
       const T* lc = lse_p + j0;
       const T* xc_sq = x_sq + j0;
       pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, tr, ov, tv, nj);
+      // (p_{j|i} + p_{i|j}) / 2 into tv: P itself from one exp or two (joint_pair_values' h; here
+      // P = 0 where both underflow is exact, the forward's P log P needs no more)
+      if (one_exp) {
+        const T ui = u[i], vi = v[i];
+        const T* uc = u + j0;
+        const T* vc = v + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) tv[j] = half_p_one_exp(ov[j], li, lc[j], ui, vi, uc[j], vc[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < nj; ++j) tv[j] = half_p_two_exps(ov[j], tv[j], li, lc[j]);
+      }
       if constexpr (!CAUCHY) {
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
@@ -344,9 +421,7 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
         } else {
           q = vexp(sv[j] - lz);
         }
-        // P itself, (p_{j|i} + p_{i|j}) / 2N: two exps, where exp(joint_log_p) takes three
-        // transcendentals (the forward needs log P, exact where P underflows; here P = 0 is exact)
-        const T pj = (vexp(ov[j] - li) + vexp(tv[j] - lc[j])) * inv_2n;
+        const T pj = tv[j] * inv_n;
         const T grad = (T(2) * q * cz + T(2) * q * cz_lo) - (gi + gc[j]) * pj;
         T h = CAUCHY ? T(2) * grad * rr : k.weight(grad, aux);
         h = j == self ? T(0) : h;
@@ -377,11 +452,13 @@ std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at:
   const double centre = q_total > 0 ? num / q_total : 0.0;
   const std::vector<T> coef = target_coefs(pb);
   const bool uniform = pair_target_logits_once(pb);
+  const PairFactors<T> pf = pair_factors(pb, st + 2 * n);
+  if (pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
   return h_tile_backward(pb, block, 7, [&](auto kc, auto t_dist, auto cauchy) {
     constexpr int K = decltype(kc)::value;
     return [&, k = KernelRow<T, K>(pb.prm.template data_ptr<T>()[0])](int64_t i0, int64_t ni, int64_t j0, int64_t nj,
                                                                      T* ab, const T* tab, double* row_sum) {
-      joint_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(pb, k, coef.data(), uniform, st + 2 * n, g,
+      joint_h_tile<T, K, decltype(t_dist)::value, decltype(cauchy)::value>(pb, k, coef.data(), uniform, st + 2 * n, pf, g,
                                                                            st[0], centre, i0, ni, j0, nj, ab, tab,
                                                                            row_sum);
     };

@@ -51,10 +51,13 @@ inline bool symmetric_schedule_enabled() {
 // Affinity family schedule's (10, 11; cpu_symmetric_affinity_family.h) and the family schedule's on
 // Dense and Neighbors targets (12, 13; cpu_symmetric_label_family.h as well); 14 counts the
 // Affinity family schedule's sweeps that took t-SNE's Cauchy weights (its pass 1, and pass 2 and
-// the backward under cauchy_tv_rows), so that a test sees a silent fallback to the generic rows.
+// the backward under cauchy_tv_rows), so that a test sees a silent fallback to the generic rows;
+// 15 counts joint t-SNE's sweeps (forward and backward) that took both sides' p of a pair from one
+// exp (cpu_symmetric_joint.h: pair_factors).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
-constexpr int kSymmetricCounters = 15;
+constexpr int kSymmetricCounters = 16;
 constexpr int kCauchySweepCounter = 14;
+constexpr int kJointOneExpCounter = 15;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
   static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;

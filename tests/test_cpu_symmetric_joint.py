@@ -6,7 +6,7 @@ and each pair's values serve both rows.
 It must equal the plain joint rows (ICON_KERNELS_SYMMETRIC=0) and the dense reference to 1e-12 in
 float64 with ragged blocks forced, keep fp32 within twice naive PyTorch's own error, pass
 gradcheck and opcheck, and run exactly where it applies (_C.cpu_symmetric_counts():
-"joint_forward", "joint_backward")."""
+"joint_forward", "joint_backward"; "joint_one_exp_sweeps" where a pair's two p come from one exp)."""
 import itertools
 
 import pytest
@@ -105,8 +105,43 @@ def test_a_dot_target_and_zero_upstream_gradients(monkeypatch):
     _close(got, want, 1e-12)
 
 
-@pytest.mark.parametrize("learned,t_sigma,scale", [(0, 0.05, 1.0), (0, 1.0, 30.0), (2, 0.3, 1.0)])
-def test_float32_huge_logits_within_twice_pytorchs_own_error(monkeypatch, learned, t_sigma, scale):
+def _counts_and_one_exp_sweeps():
+    """(forward calls, backward calls, sweeps that took one exp per pair): one read, which resets
+    every counter."""
+    return counts("joint_forward", "joint_backward", "joint_one_exp_sweeps")
+
+
+@pytest.mark.parametrize("sigma,outlier,divergence,sweeps", [
+    (1.5, 0.0, "kl", 2), (1.5, 0.0, "cross_entropy", 2), ("per_row", 0.0, "kl", 0), (1.5, 100.0, "kl", 0)])
+def test_one_exp_per_pair_where_the_target_logits_are_symmetric(monkeypatch, sigma, outlier, divergence, sweeps):
+    """One target parameter for every row makes t_ij = t_ji: both sides' p of a pair come from one
+    exp and the LSE factors (pair_factors), in the forward and the backward, unless the LSE^p
+    range would overflow the factors (an outlier 100 away: LSE^p near -5000 against 1.4e3 in
+    float64) or the parameter differs per row; each way equal to the reference and the plain
+    rows."""
+    n = 29
+    x, z, upstream = _inputs(n, 17)
+    z[3] += outlier
+    if sigma == "per_row":
+        sigma = torch.linspace(1.0, 2.0, n, dtype=F64)
+    target = _target(z, sigma)
+    want = _run(x, target, "student_t", {"dof": 1.0}, "reference", upstream, divergence=divergence)
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+    plain = _run(x, target, "student_t", {"dof": 1.0}, "cpu", upstream, divergence=divergence)
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC")
+    _counts()
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _run(x, target, "student_t", {"dof": 1.0}, "cpu", upstream, divergence=divergence)
+        assert _counts_and_one_exp_sweeps() == (1, 1, sweeps)
+        _close(got, want, 1e-12)
+        _close(got, plain, 1e-12)
+
+
+@pytest.mark.parametrize("learned,t_sigma,scale,sweeps", [(0, 0.05, 1.0, 0), (0, 1.0, 30.0, 2), (2, 0.3, 1.0, 2)])
+def test_float32_huge_logits_within_twice_pytorchs_own_error(monkeypatch, learned, t_sigma, scale, sweeps):
+    """sweeps: whether the pairs take one exp (pair_factors); at sigma 0.05 the LSE^p range
+    exceeds float32's 160 e-folds."""
     kernel, params = LEARNED[learned]
     n = 40
     x, z, upstream = _inputs(n, 5)
@@ -116,7 +151,7 @@ def test_float32_huge_logits_within_twice_pytorchs_own_error(monkeypatch, learne
     for tile in TILES:
         monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
         got = _run(x.float(), _target(z.float(), t_sigma), kernel, params, "cpu", upstream)
-        assert _counts() == (1, 1)
+        assert _counts_and_one_exp_sweeps() == (1, 1, sweeps)
         for mine, theirs, exact in zip(got, naive, want):
             assert relative_error(mine, exact) <= 2 * relative_error(theirs, exact) + 2.4e-7
 
