@@ -108,10 +108,10 @@ def _divergence_variant(loss, divergence):
     return lambda inp, backend: loss(inp, backend, divergence=divergence)
 
 
-def _jointtsne_loss(inp, backend):
+def _jointtsne_loss(inp, backend, **options):
     return ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian", sigma=TSNE_SIGMA,
                                                      symmetrize=True),
-                        kernel="student_t", dof=1.0, normalization="joint", backend=backend)
+                        kernel="student_t", dof=1.0, normalization="joint", backend=backend, **options)
 
 
 def _clip_m(n):
@@ -173,6 +173,12 @@ CONFIGS: Dict[str, Config] = {
                         "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs, _jointtsne_loss,
                         fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
                         fused_running=("torch", "cpu"), target_grams=("z",)),
+    # joint t-SNE under a bounded f-divergence ("Beyond I-Con"): the cpu's joint family schedule
+    "jointtsne-js": Config("jointtsne-js", "joint t-SNE as 'jointtsne', divergence js",
+                           "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs,
+                           _divergence_variant(_jointtsne_loss, "js"),
+                           fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
+                           fused_running=("torch", "cpu"), target_grams=("z",)),
 }
 
 

@@ -38,6 +38,7 @@
 #include "cpu_symmetric_affinity.h"
 #include "cpu_symmetric_affinity_family.h"
 #include "cpu_symmetric_joint.h"
+#include "cpu_symmetric_joint_family.h"
 #include "cpu_symmetric_label_family.h"
 #include "cpu_symmetric_labels.h"
 #include "tile_math.h"
@@ -54,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   if (symmetric_affinity_apply(pb)) return symmetric_affinity_forward<T>(pb);
   if (symmetric_affinity_family_apply(pb)) return symmetric_affinity_family_forward<T>(pb);   // f-divs, alpha, beta
   if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
+  if (symmetric_joint_family_apply(pb)) return symmetric_joint_family_forward<T>(pb);   // joint f-divs, alpha, beta
   // (the symmetric Affinity backwards read a record in row 3: none from this forward)
   const bool row3_free = symmetric_affinity_fit(pb) || symmetric_affinity_family_fit(pb);
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
@@ -186,6 +188,10 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // joint t-SNE in self mode (cpu_symmetric_joint.h: the plain joint stats, no record)
   if (y_is_x && !target_grad && !param_grad && symmetric_joint_apply(pb))
     return symmetric_joint_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous());
+  // the rest of joint normalisation on a symmetrised target (cpu_symmetric_joint_family.h: the plain joint stats)
+  if (y_is_x && !target_grad && symmetric_joint_family_apply(pb))
+    return symmetric_joint_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
+                                              param_grad);
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   const auto opts = pb.x.options();

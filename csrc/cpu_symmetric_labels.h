@@ -53,11 +53,14 @@ inline bool symmetric_schedule_enabled() {
 // Affinity family schedule's sweeps that took t-SNE's Cauchy weights (its pass 1, and pass 2 and
 // the backward under cauchy_tv_rows), so that a test sees a silent fallback to the generic rows;
 // 15 counts joint t-SNE's sweeps (forward and backward) that took both sides' p of a pair from one
-// exp (cpu_symmetric_joint.h: pair_factors).
+// exp (cpu_symmetric_joint.h: pair_factors); 16 and 17 the joint family schedule's forward and
+// backward (cpu_symmetric_joint_family.h).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
-constexpr int kSymmetricCounters = 16;
+constexpr int kSymmetricCounters = 18;
 constexpr int kCauchySweepCounter = 14;
 constexpr int kJointOneExpCounter = 15;
+constexpr int kJointFamilyForwardCounter = 16;
+constexpr int kJointFamilyBackwardCounter = 17;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
   static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;
