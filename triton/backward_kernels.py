@@ -28,16 +28,17 @@ from .tile_helpers import (exp_, f_tile, finite_shift, grad_dot, grad_weight, gr
 def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
                    KL: tl.constexpr, HAS_BETA: tl.constexpr, TARGET_GRAD: tl.constexpr):
     """(dL/ds, dL/dt) of one tile (kl, cross_entropy); g is the upstream gradient per row, 0 for
-    rows left out."""
-    log_q = tl.where(valid, s - lse[:, None], float("-inf"))
+    rows left out. lse, g, r_stat and h_stat come broadcast along the tile (the rows': [:, None];
+    self mode's triangular backward also passes the columns' rows', [None, :])."""
+    log_q = tl.where(valid, s - lse, float("-inf"))
     q = exp_(log_q)
     p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
     if HAS_BETA:
         q_mix = (1.0 - beta) * q + beta / m_valid
-        grad_s = g[:, None] * (1.0 - beta) * q * (r_stat[:, None] - p_mix / q_mix)
+        grad_s = g * (1.0 - beta) * q * (r_stat - p_mix / q_mix)
         log_q_mix = tl.log(q_mix)
     else:
-        grad_s = g[:, None] * (q - p_mix)
+        grad_s = g * (q - p_mix)
         log_q_mix = log_q
     grad_s = tl.where(valid, grad_s, 0.0)
     grad_t = grad_s
@@ -46,7 +47,7 @@ def tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
             h = tl.log(p_mix) - log_q_mix
         else:
             h = -log_q_mix
-        grad_t = tl.where(p != 0.0, g[:, None] * (1.0 - alpha) * p * (h - h_stat[:, None]), 0.0)
+        grad_t = tl.where(p != 0.0, g * (1.0 - alpha) * p * (h - h_stat), 0.0)
     return grad_s, grad_t
 
 
@@ -56,14 +57,15 @@ def f_tile_gradients(s, valid, p, t, lse, lse_p, g, gamma, phi, m_valid, alpha, 
                      DIVERGENCE: tl.constexpr):
     """(dL/ds, dL/dt) of one tile for an f-divergence: g (1 - beta) (q g - q Gamma) and
     g (1 - alpha) (p f' - p Phi), 0 off the valid set and on rows left out (g = 0; a term there
-    may be infinite)."""
+    may be infinite). lse, lse_p, g, gamma and phi come broadcast along the tile, as for
+    tile_gradients."""
     term, q_g, p_fp, q = f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET,
                                 HAS_BETA, DIVERGENCE)
-    keep = valid & (g != 0.0)[:, None]
-    grad_s = tl.where(keep, g[:, None] * (1.0 - beta) * (q_g - q * gamma[:, None]), 0.0)
+    keep = valid & (g != 0.0)
+    grad_s = tl.where(keep, g * (1.0 - beta) * (q_g - q * gamma), 0.0)
     grad_t = grad_s
     if TARGET_GRAD:
-        grad_t = tl.where(keep, g[:, None] * (1.0 - alpha) * (p_fp - p * phi[:, None]), 0.0)
+        grad_t = tl.where(keep, g * (1.0 - alpha) * (p_fp - p * phi), 0.0)
     return grad_s, grad_t
 
 
@@ -104,11 +106,12 @@ def pair_tile(rows, cols, x, x_sq, prm, lse, g, r_stat, y, y_sq,
         t = s
         t_aux = aux
     if DIVERGENCE == 0 or DIVERGENCE == 1:
-        grad_s, grad_t = tile_gradients(s, valid, p, lse, g, r_stat, h_stat, m_valid, alpha, beta,
-                                        KL, HAS_BETA, TARGET_GRAD)
+        grad_s, grad_t = tile_gradients(s, valid, p, lse[:, None], g[:, None], r_stat[:, None], h_stat[:, None],
+                                        m_valid, alpha, beta, KL, HAS_BETA, TARGET_GRAD)
     else:                     # r_stat and h_stat hold Gamma_i and Phi_i
-        grad_s, grad_t = f_tile_gradients(s, valid, p, t, lse, lse_p, g, r_stat, h_stat, m_valid,
-                                          alpha, beta, TARGET, HAS_BETA, TARGET_GRAD, DIVERGENCE)
+        grad_s, grad_t = f_tile_gradients(s, valid, p, t, lse[:, None], lse_p[:, None], g[:, None], r_stat[:, None],
+                                          h_stat[:, None], m_valid, alpha, beta, TARGET, HAS_BETA, TARGET_GRAD,
+                                          DIVERGENCE)
     grad_s2 = grad_s
     if BIDIR:
         grad_s2 = reverse_gradients(s, valid, rows, cols, N, M, LAB, CLAB, lse2, g2, norm2, m_valid2, alpha)

@@ -7,7 +7,10 @@ pass over the tiles with the LSEs known (DESIGN.md §1 'Streaming forward'); for
 (DIVERGENCE 2..6, DESIGN.md §1.1) it is always run: it evaluates q~ f(p~ / q~) per pair and the row
 statistics Gamma_i = sum_j q g (row 1) and, for Affinity targets, Phi_i = sum_j p f' (row 3), each
 divided by the row total of the q or p the kernels form (1 in exact arithmetic).
-Statistics rows: 0 LSE, 1 R (Gamma for an f-divergence), 2 LSE^p, 3 H (Phi).
+Statistics rows: 0 LSE, 1 R (Gamma for an f-divergence), 2 LSE^p, 3 H (Phi; Affinity targets only:
+for the others row 3 is launchers.TRIANGULAR_RECORD_ROW, which a plain forward leaves 0). The per-pair
+terms of the second pass and its finish (tile_helpers.second_pass_terms, second_pass_rows) are shared
+with self mode's triangular kernels (symmetric_kernels.py), which compute the same rows.
 
 Every kernel here and in backward_kernels.py takes N_BUCKET and M_BUCKET, the next powers of two
 of N and M. The kernels never read them: they are the autotuner's key (launchers.py), so a new
@@ -18,8 +21,8 @@ bf16 stay native so both Grams run on tensor cores with fp32 accumulation.
 import triton
 import triton.language as tl
 
-from .tile_helpers import (exp_, f_tile, gram_block, load_rows, load_vec, pair_logits, target_weights,
-                           tile_target_weights, valid_pairs)
+from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, second_pass_rows, second_pass_terms,
+                           target_weights, tile_target_weights, valid_pairs)
 
 
 @triton.jit
@@ -127,12 +130,10 @@ def icon_mixture_kernel(
         z_sq = load_vec(ZSQ, rows, N, 0.0)
         t_prm = load_vec(TPRM, rows, N, 1.0)
         lse_p = tl.load(STATS + 2 * N + rows, mask=in_rows, other=0.0)
-    cross = tl.zeros([BLOCK_M], tl.float32)
-    ent = tl.zeros([BLOCK_M], tl.float32)
-    r_stat = tl.zeros([BLOCK_M], tl.float32)
+    a_sum = tl.zeros([BLOCK_M], tl.float32)      # the row sums of tile_helpers.second_pass_terms
+    b_sum = tl.zeros([BLOCK_M], tl.float32)
+    c_sum = tl.zeros([BLOCK_M], tl.float32)
     h_stat = tl.zeros([BLOCK_M], tl.float32)
-    f_sum = tl.zeros([BLOCK_M], tl.float32)
-    q_sum = tl.zeros([BLOCK_M], tl.float32)
     p_sum = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
@@ -150,50 +151,19 @@ def icon_mixture_kernel(
         else:
             p = tile_target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM,
                                     DENSE, stride_dense, TARGET, DIVERGENCE)
-        if DIVERGENCE == 0 or DIVERGENCE == 1:
-            log_q = tl.where(valid, s - lse[:, None], float("-inf"))
-            q = exp_(log_q)
-            if HAS_BETA:
-                q_mix = (1.0 - beta) * q + beta / m_valid
-                log_q_mix = tl.log(q_mix)
-            else:
-                q_mix = q
-                log_q_mix = log_q
-            p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
-            used = p_mix != 0.0
-            log_p_mix = tl.log(p_mix)
-            cross += tl.sum(tl.where(used, p_mix * log_q_mix, 0.0), 1)
-            ent += tl.sum(tl.where(used, p_mix * log_p_mix, 0.0), 1)
-            if HAS_BETA:
-                r_stat += tl.sum(tl.where(used, p_mix * q / q_mix, 0.0), 1)
-            else:
-                r_stat += tl.sum(p_mix, 1)
-            if KL:
-                h = log_p_mix - log_q_mix
-            else:
-                h = -log_q_mix
-            h_stat += tl.sum(tl.where(p != 0.0, p * h, 0.0), 1)
-        else:
-            term, q_g, p_fp, q = f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET,
-                                        HAS_BETA, DIVERGENCE)
-            f_sum += tl.sum(term, 1)
-            r_stat += tl.sum(q_g, 1)
-            h_stat += tl.sum(p_fp, 1)
-            q_sum += tl.sum(q, 1)
-            p_sum += tl.sum(p, 1)
-    if DIVERGENCE == 0 or DIVERGENCE == 1:
-        if KL:
-            loss = ent - cross
-        else:
-            loss = -cross
-    else:
-        loss = f_sum
-        # Gamma_i = sum_j q g and Phi_i = sum_j p f' as row means: divided by the row totals of the
-        # q and p these kernels form (1 up to the fp32 LSE's rounding, an error common to the row),
-        # so the backward's q (g - Gamma) and p (f' - Phi) sum to 0 over the row whatever that
-        # rounding, as the torch backend's _minus_row_mean (dL/dx is a weighted covariance)
-        r_stat = r_stat / tl.where(q_sum > 0.0, q_sum, 1.0)
-        h_stat = h_stat / tl.where(p_sum > 0.0, p_sum, 1.0)      # read for Affinity targets only
+        a, b, c, h, w = second_pass_terms(valid, s, lse[:, None], p, t, lse_p[:, None], alpha, beta, m_valid,
+                                          TARGET, KL, HAS_BETA, DIVERGENCE)
+        a_sum += tl.sum(a, 1)
+        b_sum += tl.sum(b, 1)
+        c_sum += tl.sum(c, 1)
+        h_stat += tl.sum(h, 1)
+        p_sum += tl.sum(w, 1)
+    loss, r_stat = second_pass_rows(a_sum, b_sum, c_sum, KL, DIVERGENCE)
+    if DIVERGENCE != 0 and DIVERGENCE != 1:
+        h_stat = h_stat / tl.where(p_sum > 0.0, p_sum, 1.0)      # Phi_i as a row mean, as Gamma_i
     tl.store(LOSS + rows, loss, mask=in_rows)
     tl.store(STATS + N + rows, r_stat, mask=in_rows)
-    tl.store(STATS + 3 * N + rows, h_stat, mask=in_rows)
+    if TARGET == 2:
+        # H_i (Phi_i), read for an Affinity target's gradient only. Other targets leave row 3 as the
+        # launcher made it (zeros): a Labels forward's TRIANGULAR_RECORD_ROW, 0 after a plain forward
+        tl.store(STATS + 3 * N + rows, h_stat, mask=in_rows)

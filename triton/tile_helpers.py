@@ -278,9 +278,11 @@ def f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET: tl.constexp
     """The f-divergence quantities of one tile, 0 off the valid set: (q~ f, q g, p f', q), where
     q g = (q / q~) q~ g and p f' = (p / p~) p~ f' feed Gamma_i = sum_j q g and Phi_i = sum_j p f'
     (DESIGN.md §1.1). p is the target's (unmixed); an Affinity target with alpha = 0 takes the exact
-    log p = t - LSE^p (finite where p underflows), as the torch and C++ backends do."""
+    log p = t - LSE^p (finite where p underflows), as the torch and C++ backends do. lse and lse_p
+    come broadcast along the tile (the rows': [:, None]; in self mode's triangular kernels also the
+    columns' rows', [None, :], with the tile read down its columns), so one function serves both."""
     neg_inf = float("-inf")
-    log_q = tl.where(valid, s - lse[:, None], neg_inf)
+    log_q = tl.where(valid, s - lse, neg_inf)
     q = exp_(log_q)
     if HAS_BETA:
         q_mix = tl.where(valid, (1.0 - beta) * q + beta / m_valid, 0.0)
@@ -297,10 +299,77 @@ def f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET: tl.constexp
     p_ratio = tl.where(positive, p / safe, 0.0)
     if TARGET == 2:
         exact = alpha == 0.0
-        log_p_mix = tl.where(exact, tl.where(valid, t - lse_p[:, None], neg_inf), log_p_mix)
+        log_p_mix = tl.where(exact, tl.where(valid, t - lse_p, neg_inf), log_p_mix)
         p_ratio = tl.where(exact, tl.where(valid, 1.0, 0.0), p_ratio)
     term, q_g, p_fp = f_pair_terms(p_mix, q_mix, log_p_mix, log_q_mix, DIVERGENCE)
     term = tl.where(valid, term, 0.0)
     q_g = tl.where(q_ratio != 0.0, q_ratio * q_g, 0.0)
     p_fp = tl.where(p_ratio != 0.0, p_ratio * p_fp, 0.0)
     return term, q_g, p_fp, q
+
+
+@triton.jit
+def second_pass_terms(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET: tl.constexpr, KL: tl.constexpr,
+                      HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """The per-pair terms of the second pass over the tiles (the LSEs known; lse and lse_p broadcast
+    along the tile as for f_tile), 0 off the valid set, whose line sums make the row loss and the
+    row statistic (second_pass_rows): (a, b, c, h, w) =
+    - kl, cross_entropy (DIVERGENCE 0, 1; beta > 0, or an Affinity target with alpha > 0):
+      p~ log q~, p~ log p~, R_i's p~ q / q~ (p~ at beta = 0), p h (H_i's, the target's gradient;
+      h = log p~ - log q~ for kl, - log q~ for cross_entropy), 0;
+    - an f-divergence (2..6): q~ f, q g, q, p f', p (f_tile: Gamma_i's and Phi_i's sums and the
+      row totals of the q and p that divide them).
+    forward_kernels.icon_mixture_kernel sums all five along the rows; self mode's triangular
+    kernels (symmetric_kernels.py) a, b, c along either axis of the tile (Labels: H and Phi unread)."""
+    if DIVERGENCE == 0 or DIVERGENCE == 1:
+        log_q = tl.where(valid, s - lse, float("-inf"))
+        q = exp_(log_q)
+        if HAS_BETA:
+            q_mix = (1.0 - beta) * q + beta / m_valid
+            log_q_mix = tl.log(q_mix)
+        else:
+            q_mix = q
+            log_q_mix = log_q
+        p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+        used = p_mix != 0.0
+        log_p_mix = tl.log(p_mix)
+        a = tl.where(used, p_mix * log_q_mix, 0.0)
+        b = tl.where(used, p_mix * log_p_mix, 0.0)
+        if HAS_BETA:
+            c = tl.where(used, p_mix * q / q_mix, 0.0)
+        else:
+            c = p_mix
+        if KL:
+            h = log_p_mix - log_q_mix
+        else:
+            h = -log_q_mix
+        h = tl.where(p != 0.0, p * h, 0.0)
+        w = tl.zeros(valid.shape, tl.float32)
+    elif DIVERGENCE >= 2 and DIVERGENCE <= 6:
+        a, b, h, c = f_tile(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET, HAS_BETA, DIVERGENCE)
+        w = p
+    else:
+        tl.static_assert(False, "second_pass_terms: unknown divergence code")
+    return a, b, c, h, w
+
+
+@triton.jit
+def second_pass_rows(a, b, c, KL: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """(row loss, stats row 1) from the row sums a, b, c of second_pass_terms: kl's
+    sum p~ log p~ - sum p~ log q~ (cross_entropy's - sum p~ log q~) and R_i; an f-divergence's
+    sum q~ f and Gamma_i = sum q g as a row mean: divided by the row total of the q these kernels
+    form (1 up to the fp32 LSE's rounding, an error common to the row), so that the backward's
+    q (g - Gamma) sums to 0 over the row whatever that rounding, as the torch backend's
+    _minus_row_mean (dL/dx is a weighted covariance)."""
+    if DIVERGENCE == 0 or DIVERGENCE == 1:
+        if KL:
+            loss = b - a
+        else:
+            loss = -a
+        stat = c
+    elif DIVERGENCE >= 2 and DIVERGENCE <= 6:
+        loss = a
+        stat = b / tl.where(c > 0.0, c, 1.0)
+    else:
+        tl.static_assert(False, "second_pass_rows: unknown divergence code")
+    return loss, stat
