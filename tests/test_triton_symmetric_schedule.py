@@ -155,9 +155,10 @@ def test_half_inputs_as_the_plain_schedule(monkeypatch, dtype):
 
 
 def test_plain_where_the_symmetry_breaks(monkeypatch):
-    """An explicit y that is another tensor, a per-row temperature, other column labels and
-    beta > 0 run the plain kernels (both backward kernels); y = x given explicitly, the same
-    tensor, runs the triangular ones."""
+    """An explicit y that is another tensor, a per-row temperature and other column labels run the
+    plain kernels (both backward kernels); y = x given explicitly, the same tensor, runs the
+    triangular ones, and so does beta > 0, in two sweeps of the forward and merge kernels
+    (tests/test_triton_symmetric_family.py)."""
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
     device = device_of("triton")
     gen = torch.Generator().manual_seed(1)
@@ -177,7 +178,7 @@ def test_plain_where_the_symmetry_breaks(monkeypatch):
     assert launched(y=x.clone()) == (0, 1)
     assert launched(temperature=torch.full((20,), 0.5, device=device)) == (0, 1)
     assert launched(target=ik.Labels(labels, labels.flip(0))) == (0, 1)
-    assert launched(beta=0.1) == (0, 1)
+    assert launched(beta=0.1) == (5, 0)
 
 
 def test_the_forward_decides_from_its_own_arguments(monkeypatch):

@@ -191,20 +191,44 @@ def variants():
 
 
 def triangular_variants():
-    """Self mode's triangular kernels (symmetric_kernels.py: Labels only, one pass): the distance
-    kernels' row-norm correction, chunked d, fp16 (upcast gradient dots) and native bf16; the merge
-    kernel with kl and cross_entropy; the backward at d = 256 (MAX_BLOCK_D, one block of d), which
-    holds the most (fp32 Student-t 164 KB of shared memory at 32 x 32 on sm_90, fp16 115 KB)."""
-    for kernel, dtype, chunked, block_d in ((0, "bfloat16", False, 128), (1, "float32", True, 128),
-                                            (2, "float16", False, 64), (3, "float32", False, 256),
-                                            (1, "float16", False, 256)):
+    """Self mode's triangular kernels of a Labels target (symmetric_kernels.py). The closed form (kl,
+    cross_entropy at beta = 0: one pass, PASS 0): the distance kernels' row-norm correction, chunked
+    d, fp16 (upcast gradient dots) and native bf16; the merge kernel with kl and cross_entropy; the
+    backward at d = 256 (MAX_BLOCK_D, one block of d), which holds the most (fp32 Student-t 164 KB
+    of shared memory at 32 x 32 on sm_90, fp16 115 KB). Two passes (beta > 0, the f-divergences):
+    the LSE pass (PASS 1) and its merge, and the second pass (PASS 2) and the backward of every
+    f-divergence code (2..6) and of kl / cross_entropy with beta > 0 (code 0, launchers._pair_code),
+    over kernels, dtypes (the bf16 kl at beta > 0 on the wide 64 x 64 tile) and d up to 256; the
+    second pass's merge for kl, cross_entropy and an f-divergence."""
+    closed_form = dict(PASS=0, HAS_BETA=False, DIVERGENCE=0)
+    cases = [  # (KERNEL, dtype, D_CHUNKED, BLOCK_D, the passes' codes)
+        (0, "bfloat16", False, 128, closed_form), (1, "float32", True, 128, closed_form),
+        (2, "float16", False, 64, closed_form), (3, "float32", False, 256, closed_form),
+        (1, "float16", False, 256, closed_form),
+        (0, "bfloat16", False, 128, dict(PASS=2, HAS_BETA=True, DIVERGENCE=2)),
+        (1, "float32", True, 128, dict(PASS=2, HAS_BETA=False, DIVERGENCE=3)),
+        (2, "float16", False, 64, dict(PASS=2, HAS_BETA=True, DIVERGENCE=4)),
+        (4, "float32", False, 256, dict(PASS=2, HAS_BETA=True, DIVERGENCE=5)),
+        (3, "bfloat16", False, 128, dict(PASS=2, HAS_BETA=False, DIVERGENCE=6)),
+        (1, "float32", False, 256, dict(PASS=2, HAS_BETA=True, DIVERGENCE=0)),
+        (0, "bfloat16", False, 128, dict(PASS=2, HAS_BETA=True, DIVERGENCE=0)),
+    ]
+    for kernel, dtype, chunked, block_d, codes in cases:
         c = dict(KERNEL=kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
                  UPCAST=dtype == "float32", D_CHUNKED=chunked)
         tensors = {"X": [dtype, True], "LAB": ["int64", True]}
-        for name in ("icon_symmetric_forward_kernel", "icon_symmetric_backward_kernel"):
-            yield {"kernel": name, "constexprs": c, "tensors": tensors, "ints": {}}
-    for kl in (True, False):
-        yield {"kernel": "icon_symmetric_merge_kernel", "constexprs": {"KL": kl}, "tensors": {}, "ints": {}}
+        yield {"kernel": "icon_symmetric_forward_kernel", "constexprs": dict(c, **codes), "tensors": tensors,
+               "ints": {}}
+        yield {"kernel": "icon_symmetric_backward_kernel",
+               "constexprs": dict(c, HAS_BETA=codes["HAS_BETA"], DIVERGENCE=codes["DIVERGENCE"]), "tensors": tensors,
+               "ints": {}}
+    yield {"kernel": "icon_symmetric_forward_kernel", "tensors": {"X": ["bfloat16", True], "LAB": ["int64", True]},
+           "constexprs": dict(KERNEL=0, EXCLUDE_SELF=True, BLOCK_D=128, PRECISION="tf32x3", UPCAST=False,
+                              D_CHUNKED=False, PASS=1, HAS_BETA=False, DIVERGENCE=0), "ints": {}}
+    for codes in (dict(PASS=0, KL=True, DIVERGENCE=0), dict(PASS=0, KL=False, DIVERGENCE=0),
+                  dict(PASS=1, KL=False, DIVERGENCE=0), dict(PASS=2, KL=True, DIVERGENCE=0),
+                  dict(PASS=2, KL=False, DIVERGENCE=0), dict(PASS=2, KL=False, DIVERGENCE=3)):
+        yield {"kernel": "icon_symmetric_merge_kernel", "constexprs": codes, "tensors": {}, "ints": {}}
     yield from triangular_affinity_variants()
 
 
@@ -256,7 +280,8 @@ def compile_all(archs):
             print(f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
                   f"T_KERNEL={c.get('T_KERNEL', '-')} TARGET={c.get('TARGET', '-')} "
                   f"D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
-                  f"DIVERGENCE={c.get('DIVERGENCE', '-')}{resources}: ok", flush=True)
+                  f"DIVERGENCE={c.get('DIVERGENCE', '-')} PASS={c.get('PASS', '-')} "
+                  f"HAS_BETA={c.get('HAS_BETA', '-')}{resources}: ok", flush=True)
     return 0
 
 

@@ -17,8 +17,8 @@ from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kern
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
 from .symmetric_affinity_kernels import (icon_symmetric_affinity_backward_kernel,
                                          icon_symmetric_affinity_forward_kernel, icon_symmetric_affinity_merge_kernel)
-from .symmetric_kernels import (icon_symmetric_backward_kernel, icon_symmetric_forward_kernel,
-                                icon_symmetric_merge_kernel)
+from .symmetric_kernels import (CLOSED_FORM_PASS, LSE_PASS, SECOND_PASS, icon_symmetric_backward_kernel,
+                                icon_symmetric_forward_kernel, icon_symmetric_merge_kernel)
 
 # The Neighbors targets' sparse O(N k d) gather (icon_kernels/backends/neighbor_pairs.py) is handed in by
 # the package when it registers this backend (icon_kernels/backends/triton.py): this folder imports
@@ -269,7 +269,11 @@ class BackwardArgs(NamedTuple):
 # (LSE) of a forward's stats is ever read (icon_kernels/backends/target_weight_grads.py, for a
 # target that requires grad); the loss itself drops them.
 NORM_ROW = 2
-TRIANGULAR_RECORD_ROW = 3   # a Labels forward's free row: the triangular forward's BLOCK_M, else 0
+# A Labels forward's free row, 3: the triangular forward's BLOCK_M, else 0. Free in either forward:
+# the closed form writes rows 0 and 1, a second pass (beta > 0, an f-divergence) rows 0 and 1 too
+# (R_i or Gamma_i; the plain second pass writes H_i / Phi_i into row 3 for Affinity targets only), so
+# a plain forward's row 3 stays the zeros it was made of and never reads as a tile size.
+TRIANGULAR_RECORD_ROW = 3
 # An Affinity forward's record of the triangular schedule: its row 3 is taken (H_i = L_i, which the
 # plain backward reads for the target's gradient, and the triangular forward writes as the plain one
 # does), so the record is row 1, R_i: at beta = 0 under kl or cross_entropy (the schedule's
@@ -450,15 +454,16 @@ def _forward(op: OpArgs):
         stats[NORM_ROW] = norm              # for the backward (_backward_target)
     two_pass = (beta > 0 or (flags["TARGET"] == TARGET_CODES["affinity"] and sizes["alpha"] > 0)
                 or op.f_divergence)
-    if _one_input(op) and _self_mode_triangular(op) and _triangular_fits(tensors, flags):   # (one pass)
-        _triangular_forward(tensors, sizes, flags, loss, stats)
-        stats[_record_row(op)] = _triangular_tile(tensors, flags)[0]         # (the backward follows it)
+    triangular = _triangular_flags(op, flags)
+    if _one_input(op) and _self_mode_triangular(op) and _triangular_fits(tensors, triangular):
+        _triangular_forward(tensors, sizes, triangular, beta, two_pass, loss, stats)
+        stats[_record_row(op)] = _triangular_tile(tensors, triangular)[0]    # (the backward follows it)
     else:
         _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
                                        ONE_PASS=not two_pass, **flags)
-    if two_pass:
-        _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
-                                       HAS_BETA=beta > 0, DIVERGENCE=op.divergence, **flags)
+        if two_pass:
+            _mixture_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes, beta=beta,
+                                           HAS_BETA=beta > 0, DIVERGENCE=op.divergence, **flags)
     if pairs is not None:
         loss = loss + _neighbor_forward(op, tensors, sizes, stats, beta, pairs)
     loss = torch.where(included, loss, 0.0)
@@ -519,10 +524,11 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    if _symmetric(op, saved, pairs, target_grad, stats, tensors, flags):
+    triangular = _triangular_flags(op, flags)
+    if _symmetric(op, saved, pairs, target_grad, stats, tensors, triangular):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)
-        dx, dprm = _triangular_backward(tensors, sizes, flags, stats, g)
+        dx, dprm = _triangular_backward(tensors, sizes, triangular, beta, stats, g)
         dy.zero_()
     else:
         _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
@@ -552,27 +558,29 @@ def symmetric_schedule_enabled() -> bool:
 
 
 def _self_mode_structure(op: OpArgs) -> bool:
-    """Whether the loss has the triangular schedule's structure, y being x: beta = 0, kl or
-    cross_entropy, one kernel parameter (a per-row one breaks s_ij = s_ji; every kernel is symmetric
-    when y is x, log_dot too), and
+    """Whether the loss has the triangular schedule's structure, y being x: one kernel parameter (a
+    per-row one breaks s_ij = s_ji; every kernel is symmetric when y is x, log_dot too), and
 
-    - a Labels target whose column labels are its rows' (symmetric_kernels.py), or
-    - an Affinity target (SNE, t-SNE: symmetric_affinity_kernels.py) with alpha = 0, z_cols z (the
-      same tensor or equal values) and any target kernel (dot, gaussian, student_t, power, log_dot;
-      cosine arrives as dot), whose parameter may be one value or one per row: the target's aux term
-      (z_i.z_j, or the clamped squared distance) is symmetric, and each side of a tile takes the
-      kernel's logit of it under its own row's parameter (tile_helpers.kernel_logits).
-      _computed_divergence has already refused joint normalisation and symmetrised targets.
+    - a Labels target whose column labels are its rows' (symmetric_kernels.py), any divergence,
+      alpha and beta: kl and cross_entropy at beta = 0 in one pass over the triangle (the closed
+      form), beta > 0 and the f-divergences in two (the LSE, then the per-pair terms), or
+    - an Affinity target (SNE, t-SNE: symmetric_affinity_kernels.py) with kl or cross_entropy,
+      alpha = beta = 0, z_cols z (the same tensor or equal values) and any target kernel (dot,
+      gaussian, student_t, power, log_dot; cosine arrives as dot), whose parameter may be one value
+      or one per row: the target's aux term (z_i.z_j, or the clamped squared distance) is symmetric,
+      and each side of a tile takes the kernel's logit of it under its own row's parameter
+      (tile_helpers.kernel_logits). _computed_divergence has already refused joint normalisation
+      and symmetrised targets.
 
-    Everything else runs the plain kernels: Neighbors and Dense targets, beta > 0, the
-    f-divergences, a per-row learned parameter, an Affinity target with alpha > 0 or other columns
+    Everything else runs the plain kernels: Neighbors and Dense targets, a per-row learned
+    parameter, an Affinity target with an f-divergence, alpha > 0, beta > 0 or other columns
     z_cols."""
-    if not (op.beta == 0 and not op.f_divergence and op.param.numel() == 1):
+    if op.param.numel() != 1:
         return False
     if op.target == "labels":
         return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     if op.target == "affinity":
-        if op.alpha != 0:
+        if op.alpha != 0 or op.beta != 0 or op.f_divergence:
             return False
         return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
     return False
@@ -679,11 +687,22 @@ def triangular_fits(args) -> bool:
 def _triangular_launch_args(tensors, flags) -> dict:
     """What triangular_launch and triangular_fits read of a launch. An Affinity target's kernels
     stage z's tiles too: TARGET, Z, UPCAST_Z and BLOCK_DZ go into the shared-memory estimate, and its
-    tile is never the wide bf16 one (default_shape)."""
+    tile is never the wide bf16 one (default_shape); nor is a Labels f-divergence's (DIVERGENCE, from
+    _triangular_flags: its second pass and backward hold the per-pair terms of both sides of a tile;
+    flags without it are a closed-form launch's, default_shape's default)."""
     args = dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"])
+    if "DIVERGENCE" in flags:
+        args["DIVERGENCE"] = flags["DIVERGENCE"]
     if _affinity_launch(flags):   # (else a Labels launch: estimated_shared_bytes' default target)
         args.update(TARGET=flags["TARGET"], Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
     return args
+
+
+def _triangular_flags(op: OpArgs, flags: dict) -> dict:
+    """_kernel_arguments' flags with the divergence code, for the triangular launches: the Labels
+    kernels compile for it, and their launch's tile depends on it (_triangular_launch_args; the plain
+    kernels take DIVERGENCE as an argument of their own, and not all of them, so flags lacks it)."""
+    return dict(flags, DIVERGENCE=op.divergence)
 
 
 def _triangular_fits(tensors, flags) -> bool:
@@ -723,10 +742,19 @@ def _triangular_arguments(tensors, sizes, flags) -> dict:
     raise ValueError(f"the triangular schedule has no kernels for target code {flags['TARGET']}")
 
 
-def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
-    """Fills loss and the stats rows of icon_forward_kernel's ONE_PASS rows (Labels: 0 and 1;
-    Affinity: 0, 2 and 3): per panel of row blocks, the forward kernel's partials, then the merge
-    into the running statistics (which finishes the panel's row blocks)."""
+def _pair_code(divergence: int) -> int:
+    """The DIVERGENCE of the Labels triangular kernels' per-pair terms and gradients: kl and
+    cross_entropy have the same ones (they differ only in the row loss's entropy term, which the
+    merge kernel adds under KL), so both launch code 0: one compile variant, not two."""
+    return DIVERGENCE_CODES["kl"] if divergence in CLOSED_FORM_CODES else divergence
+
+
+def _triangular_forward(tensors, sizes, flags, beta: float, two_pass: bool, loss, stats) -> None:
+    """Fills loss and the stats rows that the plain forward writes (Labels: 0 and 1, R_i or Gamma_i
+    in row 1 after two passes; Affinity: 0, 2 and 3): per panel of row blocks, the forward kernel's
+    partials, then the merge into the running statistics (which finishes the panel's row blocks).
+    A two-pass Labels loss (beta > 0, an f-divergence) sweeps the triangle twice: every row's LSE
+    first (DESIGN.md §1.1: its per-pair terms need LSE_i and LSE_j), then those terms."""
     n, dev = sizes["N"], tensors["X"].device
     bm, bn, warps, stages = _triangular_shape(tensors, flags, "forward")
     n_blocks = triton.cdiv(n, bm)
@@ -735,28 +763,44 @@ def _triangular_forward(tensors, sizes, flags, loss, stats) -> None:
     panel = max(1, min(n_blocks, PANEL_BYTES // per_block))
     col_part = torch.empty(STATISTICS, panel, n, dtype=torch.float32, device=dev)
     row_part = torch.empty(STATISTICS, panel, chunks, bm, dtype=torch.float32, device=dev)
-    run = torch.zeros(STATISTICS, n, dtype=torch.float32, device=dev)
+    run = torch.empty(STATISTICS, n, dtype=torch.float32, device=dev)
     arguments = _triangular_arguments(tensors, sizes, flags)
-    if _affinity_launch(flags):
-        run[0] = run[2] = -1.0e30       # symmetric_kernels.NO_MAX: the learned and the target maxima
-        forward_kernel, merge_kernel = _triangular_affinity_forward_kernel, _triangular_affinity_merge_kernel
-        forward_only, merge_only = dict(KL=flags["KL"]), {}
-    else:
-        run[0] = -1.0e30
-        forward_kernel, merge_kernel = _triangular_forward_kernel, _triangular_merge_kernel
-        forward_only, merge_only = dict(NORM=tensors["NORM"]), dict(m_valid=sizes["m_valid"], alpha=sizes["alpha"])
-    for block0 in range(0, n_blocks, panel):
-        blocks = min(panel, n_blocks - block0)
-        forward_kernel[(blocks, chunks)](
-            **arguments, **forward_only, COL_PART=col_part, ROW_PART=row_part, block0=block0,
-            panel_cap=panel, chunks=chunks, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        merge_kernel[(n_blocks - block0,)](
-            COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n, **merge_only,
-            block0=block0, panel_blocks=blocks, panel_cap=panel, chunks=chunks, KL=flags["KL"], BLOCK_M=bm,
-            num_warps=4)
+
+    def sweep(forward_kernel, merge_kernel, forward_only, merge_only, max_rows):
+        """One pass over the triangle; max_rows: the running statistics that are maxima (the
+        others are sums), which start at symmetric_kernels.NO_MAX."""
+        run.zero_()
+        run[list(max_rows)] = -1.0e30
+        for block0 in range(0, n_blocks, panel):
+            blocks = min(panel, n_blocks - block0)
+            forward_kernel[(blocks, chunks)](
+                **arguments, **forward_only, COL_PART=col_part, ROW_PART=row_part, block0=block0,
+                panel_cap=panel, chunks=chunks, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            merge_kernel[(n_blocks - block0,)](
+                COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n, **merge_only,
+                block0=block0, panel_blocks=blocks, panel_cap=panel, chunks=chunks, BLOCK_M=bm, num_warps=4)
+
+    if _affinity_launch(flags):       # the learned and the target maxima
+        sweep(_triangular_affinity_forward_kernel, _triangular_affinity_merge_kernel, dict(KL=flags["KL"]),
+              dict(KL=flags["KL"]), (0, 2))
+        return
+    # the codes that a pass does not read are fixed (HAS_BETA, DIVERGENCE, KL), so that they add no
+    # compile variant; the LSE pass's forward and merge read no target statistic
+    labels = dict(NORM=tensors["NORM"], STATS=stats, beta=beta)
+    merge_labels = dict(m_valid=sizes["m_valid"], alpha=sizes["alpha"])
+    forward_kernel, merge_kernel = _triangular_forward_kernel, _triangular_merge_kernel
+    if not two_pass:
+        sweep(forward_kernel, merge_kernel, dict(labels, PASS=CLOSED_FORM_PASS.value, HAS_BETA=False, DIVERGENCE=0),
+              dict(merge_labels, PASS=CLOSED_FORM_PASS.value, KL=flags["KL"], DIVERGENCE=0), (0,))
+        return
+    code = _pair_code(flags["DIVERGENCE"])
+    sweep(forward_kernel, merge_kernel, dict(labels, PASS=LSE_PASS.value, HAS_BETA=False, DIVERGENCE=0),
+          dict(merge_labels, PASS=LSE_PASS.value, KL=False, DIVERGENCE=0), (0,))
+    sweep(forward_kernel, merge_kernel, dict(labels, PASS=SECOND_PASS.value, HAS_BETA=beta > 0, DIVERGENCE=code),
+          dict(merge_labels, PASS=SECOND_PASS.value, KL=flags["KL"], DIVERGENCE=code), ())
 
 
-def _triangular_backward(tensors, sizes, flags, stats, g):
+def _triangular_backward(tensors, sizes, flags, beta: float, stats, g):
     """(dx, per-row dparam) of self mode from the triangular kernel, accumulated in fp32 with
     atomics (their order, and so the last bits, may vary between runs on a GPU)."""
     n, d, dev = sizes["N"], sizes["D"], tensors["X"].device
@@ -765,8 +809,12 @@ def _triangular_backward(tensors, sizes, flags, stats, g):
     dx = torch.zeros(n, d, dtype=torch.float32, device=dev)
     dprm = torch.zeros(n, dtype=torch.float32, device=dev)
     grid = (n_blocks, _chunks(n_blocks), triton.cdiv(d, flags["BLOCK_D"]))
-    kernel = _triangular_affinity_backward_kernel if _affinity_launch(flags) else _triangular_backward_kernel
-    kernel[grid](**_triangular_arguments(tensors, sizes, flags), STATS=stats, GRAD=g, DX=dx, DPRM=dprm,
+    if _affinity_launch(flags):
+        kernel, only = _triangular_affinity_backward_kernel, {}
+    else:
+        kernel = _triangular_backward_kernel
+        only = dict(beta=beta, HAS_BETA=beta > 0, DIVERGENCE=_pair_code(flags["DIVERGENCE"]))
+    kernel[grid](**_triangular_arguments(tensors, sizes, flags), **only, STATS=stats, GRAD=g, DX=dx, DPRM=dprm,
                  chunks=grid[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dx, dprm
 

@@ -42,8 +42,8 @@ each of the two backward kernels, G Y and G^T X). Everything accumulates in fp32
 import triton
 import triton.language as tl
 
-from .symmetric_kernels import (NO_MAX, chain_pair_tile, finish_rows, merge_max_sum, merge_target_sums,
-                                panel_statistics, store_statistics)
+from .symmetric_kernels import (AFFINITY_STATISTICS, NO_MAX, chain_pair_tile, finish_rows, merge_max_sum,
+                                merge_target_sums, panel_statistics, store_statistics)
 from .tile_helpers import exp_, gram_block, kernel_logits, load_rows, load_vec, pair_logits, valid_pairs
 
 
@@ -153,7 +153,7 @@ def icon_symmetric_affinity_merge_kernel(
     rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
     m_q, l_q, m_p, l_p, a = panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks,
-                                             panel_cap, chunks, BLOCK_M, True)
+                                             panel_cap, chunks, BLOCK_M, AFFINITY_STATISTICS)
     if R - block0 < panel_blocks:
         # the finish of icon_forward_kernel's ONE_PASS Affinity rows
         lse = m_q + tl.log(l_q)

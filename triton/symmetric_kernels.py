@@ -1,5 +1,5 @@
 """Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target whose column labels
-are its rows', beta = 0, kl or cross_entropy, one kernel parameter (launchers._self_mode_structure).
+are its rows', any divergence, alpha and beta, one kernel parameter (launchers._self_mode_structure).
 Then s_ij = s_ji, and each pair of row blocks (I, J), I <= J, is computed once.
 
 Blocks and tiles: row block I is BLOCK_M rows, and so is column block J (the same rows of x); a
@@ -8,22 +8,37 @@ the plain kernels serve here too. Program (I, c) of a launch takes the column bl
 J = I + c, I + c + chunks, ... below n_blocks: a strided share, so that the programs of one row
 block have equal work and all of them can run at once.
 
+Passes (PASS, a constexpr of the forward and merge kernels). kl and cross_entropy at beta = 0 have
+a closed form in LSE_i and row sums (DESIGN.md §1 'Streaming forward'): one pass over the triangle,
+CLOSED_FORM_PASS. beta > 0 and the f-divergences (DESIGN.md §1.1) need every LSE before their
+per-pair terms (log q~ is the log of a mixture; q~ f(p~ / q~) per pair): the launcher sweeps the
+triangle twice, LSE_PASS (the online max and sum of exps alone) and then SECOND_PASS, whose tile
+gives the terms of rows I from LSE_i and of rows J from LSE_j (tile_helpers.second_pass_terms, the
+plain second pass's, forward_kernels.icon_mixture_kernel: the row loss and R_i or Gamma_i).
+
 - ``icon_symmetric_forward_kernel``: one Gram tile feeds the row statistics of rows I over the
   columns of J (the row side) and those of rows J over the columns of I (the column side, the
   tile read down its columns; not on the diagonal block, where the row side already sees every
-  pair). The statistics are those of forward_kernels.icon_forward_kernel's ONE_PASS Labels
-  branch: running max m, sum of exps l, sum_j p s, sum_j s and sum_j p~ log p~. It runs over a
-  panel of row blocks block0 .. block0 + panel_blocks - 1 and writes partial statistics, no N x N
-  storage: the column side of rows J per (row block k of the panel) to COL_PART [5, panel_cap, N]
-  (statistics m, l, sum p s, sum s, sum p~ log p~ along the leading axis),
-  the row side per (k, c) to ROW_PART [5, panel_cap, chunks, BLOCK_M].
+  pair). The statistics (_tile_statistics): in the closed form those of
+  forward_kernels.icon_forward_kernel's ONE_PASS Labels branch, running max m, sum of exps l,
+  sum_j p s, sum_j s and sum_j p~ log p~ (the LSE pass: m and l, the sums 0); in the second pass
+  three plain sums (kl, cross_entropy: sum p~ log q~, sum p~ log p~, R_i's sum p~ q / q~; an
+  f-divergence: sum q~ f, sum q g, sum q), then 0, 0. It runs over a panel of row blocks
+  block0 .. block0 + panel_blocks - 1 and writes partial statistics, no N x N storage: the column
+  side of rows J per (row block k of the panel) to COL_PART [5, panel_cap, N] (the five statistics
+  along the leading axis), the row side per (k, c) to ROW_PART [5, panel_cap, chunks, BLOCK_M].
 - ``icon_symmetric_merge_kernel``: folds a panel's partials into the running statistics of every
-  row block at or after the panel (RUN [5, N]) with the online max rescaling; a row block of the
-  panel is then complete (every tile (I, R), I <= R, has been seen), and the program writes its
-  loss and stats rows 0 and 1 as the plain forward does.
-- ``icon_symmetric_backward_kernel``: from one recomputed tile S_IJ, row i's G_ij (with LSE_i) and
-  row j's G_ji (with LSE_j), H = G_IJ + G_JI^T, then dX_I += H X_J and dX_J += H^T X_I (the row-norm
-  correction of the distance kernels from H's row and column sums). On the diagonal block H is
+  row block at or after the panel (RUN [5, N]) with the online max rescaling (the second pass's:
+  plain sums); a row block of the panel is then complete (every tile (I, R), I <= R, has been
+  seen), and the program writes what the plain forward writes: the closed form's loss and stats
+  rows 0 and 1, the LSE pass's row 0, the second pass's loss and row 1 (R_i, or Gamma_i divided by
+  the row's sum of q, as the plain second pass: tile_helpers.second_pass_rows).
+- ``icon_symmetric_backward_kernel``: from one recomputed tile S_IJ, row i's G_ij (with LSE_i and
+  its row statistic) and row j's G_ji (with LSE_j and its own), H = G_IJ + G_JI^T, then
+  dX_I += H X_J and dX_J += H^T X_I (the row-norm correction of the distance kernels from H's row
+  and column sums). G is the plain backward's (_pair_gradients): g (q - p~) at beta = 0 under kl or
+  cross_entropy, g (1 - beta) q (R - p~ / q~) at beta > 0, g (1 - beta) q (g_f - Gamma) under an
+  f-divergence (backward_kernels.tile_gradients, f_tile_gradients). On the diagonal block H is
   G_II alone, every row's G from its own logits as in the forward (s_ij and s_ji of one fp32 tile
   may differ in the last bit, and at logits of 1e5 and more that moves q by percents), and
   dX_I += H X_I + H^T X_I. dX_I stays in registers over
@@ -31,10 +46,11 @@ block have equal work and all of them can run at once.
   atomics. dparam per row is the row's own term, sum_j G_ij ds_ij / dparam, as the plain row
   kernel's (its s shifted by the row's LSE; the launcher sums the rows for the one parameter).
 
-GEMM-equivalents: the forward's Grams ½, the backward's S ½ plus H X_J and H^T X_I ½ each: 2
-instead of the plain 4. These kernels are launched with one tile shape (no autotuning: the
-panel's partial buffers are laid out by BLOCK_M, which the launcher must know before launching).
-Everything accumulates in fp32.
+GEMM-equivalents: the forward's Grams ½ per pass, the backward's S ½ plus H X_J and H^T X_I ½ each:
+2 in one pass instead of the plain kernels' 5 (the floor's 4, plus S recomputed by both backward
+kernels), 2.5 in two instead of their 6. These kernels are
+launched with one tile shape (no autotuning: the panel's partial buffers are laid out by BLOCK_M,
+which the launcher must know before launching). Everything accumulates in fp32.
 
 What does not depend on the target is shared with the Affinity target's triangular kernels
 (symmetric_affinity_kernels.py): NO_MAX, merge_max_sum, the partials' store_statistics /
@@ -45,30 +61,86 @@ chain_pair_tile (one tile's H to dX_I, dX_J and dparam) and finish_rows.
 import triton
 import triton.language as tl
 
+from .backward_kernels import f_tile_gradients, tile_gradients
 from .tile_helpers import (exp_, finite_shift, grad_dot, grad_weight, gram_block, load_rows, load_vec,
-                           pair_logits, param_grad, shifted_param_grad, valid_pairs)
+                           pair_logits, param_grad, second_pass_rows, second_pass_terms, shifted_param_grad,
+                           valid_pairs)
 
 NO_MAX = tl.constexpr(-1.0e30)       # the running max of no column yet (as icon_forward_kernel's)
+# The passes of the Labels kernels over the triangle (PASS, a constexpr; launchers passes .value):
+CLOSED_FORM_PASS = tl.constexpr(0)   # beta = 0, kl or cross_entropy: LSE and the closed form's sums at once
+LSE_PASS = tl.constexpr(1)           # the first of two passes: the LSE alone
+SECOND_PASS = tl.constexpr(2)        # the second: the per-pair terms with every row's LSE known
+# How two partials of the same rows combine (KIND, a constexpr of _combine and panel_statistics):
+LABEL_STATISTICS = tl.constexpr(0)     # (max, sum of exps) merged online, three sums added
+AFFINITY_STATISTICS = tl.constexpr(1)  # (max, sum of exps) twice, A rescaled with the target's max
+SUM_STATISTICS = tl.constexpr(2)       # five plain sums (the second pass)
 
 
 @triton.jit
-def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr):
+def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr, SUMS: tl.constexpr):
     """The statistics of one tile along AXIS (1: the rows' over the tile's columns; 0: the
     columns' over the tile's rows): max, sum of exps under it, sum p s, sum s, sum p~ log p~,
-    with p = 1/K where the labels match (k: K broadcast along AXIS). The max is at least NO_MAX,
-    so a line without a valid pair merges as (NO_MAX, 0)."""
+    with p = 1/K where the labels match (k: K broadcast along AXIS); without SUMS (the LSE pass of
+    a two-pass loss) the three sums are 0, not computed (a log per pair). The max is at least
+    NO_MAX, so a line without a valid pair merges as (NO_MAX, 0)."""
     s_m = tl.where(valid, s, float("-inf"))
     m = tl.maximum(tl.max(s_m, AXIS), NO_MAX)
     if AXIS == 1:
         l = tl.sum(exp_(s_m - m[:, None]), 1)
     else:
         l = tl.sum(exp_(s_m - m[None, :]), 0)
-    p = tl.where(same, 1.0 / k, 0.0)
-    sum_ps = tl.sum(tl.where(p != 0.0, p * s, 0.0), AXIS)
-    p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
-    ent = tl.sum(tl.where(p_mix != 0.0, p_mix * tl.log(p_mix), 0.0), AXIS)
-    sum_s = tl.sum(tl.where(valid, s, 0.0), AXIS)
+    if SUMS:
+        p = tl.where(same, 1.0 / k, 0.0)
+        sum_ps = tl.sum(tl.where(p != 0.0, p * s, 0.0), AXIS)
+        p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
+        ent = tl.sum(tl.where(p_mix != 0.0, p_mix * tl.log(p_mix), 0.0), AXIS)
+        sum_s = tl.sum(tl.where(valid, s, 0.0), AXIS)
+    else:
+        sum_ps = tl.zeros(m.shape, tl.float32)
+        sum_s = sum_ps
+        ent = sum_ps
     return m, l, sum_ps, sum_s, ent
+
+
+@triton.jit
+def _second_pass_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS: tl.constexpr,
+                            HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """The second pass's sums of one tile along AXIS, k and lse (K and LSE of the side's rows)
+    broadcast along the other: tile_helpers.second_pass_terms' a, b, c (kl, cross_entropy:
+    sum p~ log q~, sum p~ log p~, R_i's sum; an f-divergence: sum q~ f, sum q g, sum q), then 0, 0.
+    H_i and Phi_i (its h and w) are for an Affinity target's gradient: a Labels target has none."""
+    p = tl.where(same, 1.0 / k, 0.0)
+    # (KL False: it selects only the h term, unused here)
+    a, b, c, h, w = second_pass_terms(valid, s, lse, p, s, lse, alpha, beta, m_valid, 0, False, HAS_BETA,
+                                      DIVERGENCE)
+    a = tl.sum(a, AXIS)
+    return a, tl.sum(b, AXIS), tl.sum(c, AXIS), tl.zeros(a.shape, tl.float32), tl.zeros(a.shape, tl.float32)
+
+
+@triton.jit
+def _second_pass_lse(STATS, idx, N, PASS: tl.constexpr):
+    """The LSE of rows idx for the SECOND_PASS (stats row 0, from the LSE_PASS); the other passes
+    read none (0, not loaded)."""
+    if PASS == SECOND_PASS:
+        lse = load_vec(STATS, idx, N, 0.0)
+    else:
+        lse = tl.zeros(idx.shape, tl.float32)
+    return lse
+
+
+@triton.jit
+def _tile_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS: tl.constexpr, PASS: tl.constexpr,
+                     HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """The five partial statistics of one tile along AXIS in pass PASS (lse read in SECOND_PASS only)."""
+    if PASS == CLOSED_FORM_PASS:
+        return _label_statistics(s, valid, same, k, m_valid, alpha, AXIS, True)
+    elif PASS == LSE_PASS:
+        return _label_statistics(s, valid, same, k, m_valid, alpha, AXIS, False)
+    elif PASS == SECOND_PASS:
+        return _second_pass_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS, HAS_BETA, DIVERGENCE)
+    else:
+        tl.static_assert(False, "_tile_statistics: unknown pass code")
 
 
 @triton.jit
@@ -107,44 +179,55 @@ def merge_target_sums(m_p, l_p, a, m_p2, l_p2, a2):
 
 
 @triton.jit
-def _combine(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, AFFINITY: tl.constexpr):
-    """Two partials of the same rows as one: (max, sum of exps) merged online, then the Labels
-    sums (sum p s, sum s, sum p~ log p~) added, or the Affinity target's (max, sum, A) merged."""
-    m, l = merge_max_sum(x0, x1, y0, y1)
-    if AFFINITY:
+def _combine(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, KIND: tl.constexpr):
+    """Two partials of the same rows as one: LABEL_STATISTICS, (max, sum of exps) merged online,
+    then the Labels sums (sum p s, sum s, sum p~ log p~) added; AFFINITY_STATISTICS, the same max
+    and sum, then the Affinity target's (max, sum, A) merged; SUM_STATISTICS, five sums added."""
+    if KIND == LABEL_STATISTICS:
+        m, l = merge_max_sum(x0, x1, y0, y1)
+        return m, l, x2 + y2, x3 + y3, x4 + y4
+    elif KIND == AFFINITY_STATISTICS:
+        m, l = merge_max_sum(x0, x1, y0, y1)
         m_p, l_p, a = merge_target_sums(x2, x3, x4, y2, y3, y4)
         return m, l, m_p, l_p, a
+    elif KIND == SUM_STATISTICS:
+        return x0 + y0, x1 + y1, x2 + y2, x3 + y3, x4 + y4
     else:
-        return m, l, x2 + y2, x3 + y3, x4 + y4
+        tl.static_assert(False, "_combine: unknown statistics kind")
 
 
 @triton.jit
 def panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks, panel_cap, chunks,
-                     BLOCK_M: tl.constexpr, AFFINITY: tl.constexpr):
+                     BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     """Row block R's running statistics (RUN) with a panel's partials folded in: the column-side
     ones of the panel's row blocks before R and, when the panel holds R (then R is complete), its
-    row-side ones, in that order (the merge kernels of both targets)."""
+    row-side ones, in that order (the merge kernels of both targets; KIND as _combine's)."""
     s0, s1, s2, s3, s4 = load_statistics(RUN + rows, N, in_rows)
     for k in range(0, tl.minimum(panel_blocks, R - block0)):
         c0, c1, c2, c3, c4 = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
-        s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, c0, c1, c2, c3, c4, AFFINITY)
+        s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, c0, c1, c2, c3, c4, KIND)
     if R - block0 < panel_blocks:
         for c in range(0, chunks):
             r0, r1, r2, r3, r4 = load_statistics(
                 ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
                 panel_cap * chunks * BLOCK_M, in_rows)
-            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, r0, r1, r2, r3, r4, AFFINITY)
+            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, r0, r1, r2, r3, r4, KIND)
     return s0, s1, s2, s3, s4
 
 
 @triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
 def icon_symmetric_forward_kernel(
-        X, XSQ, PRM, LAB, NORM, COL_PART, ROW_PART,
-        N, D, stride_x, m_valid, alpha, block0, panel_cap, chunks,
-        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        X, XSQ, PRM, LAB, NORM, STATS, COL_PART, ROW_PART,
+        N, D, stride_x, m_valid, alpha, beta, block0, panel_cap, chunks,
+        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, PASS: tl.constexpr, HAS_BETA: tl.constexpr,
+        DIVERGENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
+    """Program (k, c): row block I = block0 + k, its share c of the column blocks. PASS: the
+    statistics of _tile_statistics; the SECOND_PASS reads every row's LSE (STATS row 0, from the
+    LSE_PASS over the whole triangle), its rows' and, on the column side, its columns' rows'."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
+    KIND: tl.constexpr = SUM_STATISTICS if PASS == SECOND_PASS else LABEL_STATISTICS
     k = tl.program_id(0)                  # the row block's place in the panel
     c = tl.program_id(1)                  # its share of the column blocks
     I = block0 + k
@@ -154,11 +237,15 @@ def icon_symmetric_forward_kernel(
     prm = load_vec(PRM, rows, N, 1.0)
     lab = tl.load(LAB + rows, mask=rows < N, other=0)
     k_rows = load_vec(NORM, rows, N, 1.0)
-    m = tl.full([BLOCK_M], NO_MAX, tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    sum_ps = tl.zeros([BLOCK_M], tl.float32)
-    sum_s = tl.zeros([BLOCK_M], tl.float32)
-    ent = tl.zeros([BLOCK_M], tl.float32)
+    lse = _second_pass_lse(STATS, rows, N, PASS)
+    if KIND == SUM_STATISTICS:
+        s0 = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        s0 = tl.full([BLOCK_M], NO_MAX, tl.float32)    # the running max
+    s1 = tl.zeros([BLOCK_M], tl.float32)
+    s2 = tl.zeros([BLOCK_M], tl.float32)
+    s3 = tl.zeros([BLOCK_M], tl.float32)
+    s4 = tl.zeros([BLOCK_M], tl.float32)
     col_stat = panel_cap * N              # the partials' stride from one statistic to the next
     for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
         for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
@@ -169,46 +256,57 @@ def icon_symmetric_forward_kernel(
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, load_vec(XSQ, cols, N, 0.0), prm, KERNEL)
             same = (lab[:, None] == tl.load(LAB + cols, mask=cols < N, other=0)[None, :]) & valid
-            t_m, t_l, t_ps, t_s, t_ent = _label_statistics(s, valid, same, k_rows[:, None], m_valid,
-                                                           alpha, 1)
-            m, l = merge_max_sum(m, l, t_m, t_l)
-            sum_ps += t_ps
-            sum_s += t_s
-            ent += t_ent
+            t0, t1, t2, t3, t4 = _tile_statistics(s, valid, same, k_rows[:, None], lse[:, None], m_valid, alpha,
+                                                  beta, 1, PASS, HAS_BETA, DIVERGENCE)
+            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, t0, t1, t2, t3, t4, KIND)
             if J != I:        # rows J over the columns of I: this tile read down its columns
-                k_cols = load_vec(NORM, cols, N, 1.0)
-                c_m, c_l, c_ps, c_s, c_ent = _label_statistics(s, valid, same, k_cols[None, :], m_valid,
-                                                               alpha, 0)
-                store_statistics(COL_PART + k * N + cols, col_stat, c_m, c_l, c_ps, c_s, c_ent, cols < N)
+                c0, c1, c2, c3, c4 = _tile_statistics(s, valid, same, load_vec(NORM, cols, N, 1.0)[None, :],
+                                                      _second_pass_lse(STATS, cols, N, PASS)[None, :], m_valid, alpha, beta,
+                                                      0, PASS, HAS_BETA, DIVERGENCE)
+                store_statistics(COL_PART + k * N + cols, col_stat, c0, c1, c2, c3, c4, cols < N)
     store_statistics(ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M), panel_cap * chunks * BLOCK_M,
-                     m, l, sum_ps, sum_s, ent, rows < N)
+                     s0, s1, s2, s3, s4, rows < N)
 
 
 @triton.jit(do_not_specialize=["block0", "panel_blocks", "panel_cap", "chunks"])
 def icon_symmetric_merge_kernel(
         COL_PART, ROW_PART, RUN, LOSS, STATS,
         N, m_valid, alpha, block0, panel_blocks, panel_cap, chunks,
-        KL: tl.constexpr, BLOCK_M: tl.constexpr):
+        PASS: tl.constexpr, KL: tl.constexpr, DIVERGENCE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program r: row block R = block0 + r. Its column-side partials come from the panel's row
-    blocks before it; if the panel holds R, its row-side partials too, and R is complete."""
+    blocks before it; if the panel holds R, its row-side partials too, and R is complete. A
+    complete row block's finish depends on the PASS: the closed form's loss and stats rows 0 and 1
+    (icon_forward_kernel's ONE_PASS Labels rows), the LSE_PASS's row 0 alone, or the SECOND_PASS's
+    loss and row 1 (icon_mixture_kernel's, tile_helpers.second_pass_rows: R_i, or Gamma_i for an
+    f-divergence, what the plain backward reads after it too)."""
+    KIND: tl.constexpr = SUM_STATISTICS if PASS == SECOND_PASS else LABEL_STATISTICS
     R = block0 + tl.program_id(0)
     rows = R * BLOCK_M + tl.arange(0, BLOCK_M)
     in_rows = rows < N
-    m, l, sum_ps, sum_s, ent = panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks,
-                                                panel_cap, chunks, BLOCK_M, False)
+    s0, s1, s2, s3, s4 = panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel_blocks,
+                                          panel_cap, chunks, BLOCK_M, KIND)
     if R - block0 < panel_blocks:
-        # the finish of icon_forward_kernel's ONE_PASS Labels rows
-        lse = m + tl.log(l)
-        cross = (1.0 - alpha) * sum_ps + alpha / m_valid * sum_s - lse
-        if KL:
-            loss = ent - cross
+        if PASS == CLOSED_FORM_PASS:
+            # the finish of icon_forward_kernel's ONE_PASS Labels rows: m, l, sum p s, sum s, sum p~ log p~
+            lse = s0 + tl.log(s1)
+            cross = (1.0 - alpha) * s2 + alpha / m_valid * s3 - lse
+            if KL:
+                loss = s4 - cross
+            else:
+                loss = -cross
+            tl.store(LOSS + rows, loss, mask=in_rows)
+            tl.store(STATS + rows, lse, mask=in_rows)
+            tl.store(STATS + N + rows, tl.full([BLOCK_M], 1.0, tl.float32), mask=in_rows)
+        elif PASS == LSE_PASS:
+            tl.store(STATS + rows, s0 + tl.log(s1), mask=in_rows)
+        elif PASS == SECOND_PASS:
+            loss, stat = second_pass_rows(s0, s1, s2, KL, DIVERGENCE)
+            tl.store(LOSS + rows, loss, mask=in_rows)
+            tl.store(STATS + N + rows, stat, mask=in_rows)
         else:
-            loss = -cross
-        tl.store(LOSS + rows, loss, mask=in_rows)
-        tl.store(STATS + rows, lse, mask=in_rows)
-        tl.store(STATS + N + rows, tl.full([BLOCK_M], 1.0, tl.float32), mask=in_rows)
+            tl.static_assert(False, "icon_symmetric_merge_kernel: unknown pass code")
     else:
-        store_statistics(RUN + rows, N, m, l, sum_ps, sum_s, ent, in_rows)
+        store_statistics(RUN + rows, N, s0, s1, s2, s3, s4, in_rows)
 
 
 @triton.jit
@@ -219,6 +317,39 @@ def _label_gradients(s, valid, same, lse, g, k, m_valid, alpha):
     q = exp_(tl.where(valid, s - lse, float("-inf")))
     p_mix = tl.where(valid, (1.0 - alpha) * tl.where(same, 1.0 / k, 0.0) + alpha / m_valid, 0.0)
     return tl.where(valid & (g != 0.0), g * (q - p_mix), 0.0)
+
+
+@triton.jit
+def _gradient_statistic(STATS, idx, N, HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """Stats row 1 of rows idx where _pair_gradients reads it (R_i at beta > 0, Gamma_i of an
+    f-divergence); else 0, not loaded (the closed form's row 1 is 1, unread)."""
+    if HAS_BETA or (DIVERGENCE != 0 and DIVERGENCE != 1):
+        stat = load_vec(STATS + N, idx, N, 0.0)
+    else:
+        stat = tl.zeros(idx.shape, tl.float32)
+    return stat
+
+
+@triton.jit
+def _pair_gradients(s, valid, same, lse, g, k, stat, m_valid, alpha, beta, HAS_BETA: tl.constexpr,
+                    DIVERGENCE: tl.constexpr):
+    """dL/ds of one side of a tile, the side's rows' (LSE, upstream gradient, positive count, stats
+    row 1) broadcast along it: kl and cross_entropy (one gradient) at beta = 0, g (q - p~)
+    (_label_gradients); at beta > 0, g (1 - beta) q (R - p~ / q~); an f-divergence's
+    g (1 - beta) q (g_f - Gamma): the plain backward's tile_gradients and f_tile_gradients, whose
+    target-side gradient (an Affinity target's) is not asked for."""
+    if DIVERGENCE == 0 or DIVERGENCE == 1:
+        if HAS_BETA:
+            grad, _ = tile_gradients(s, valid, tl.where(same, 1.0 / k, 0.0), lse, g, stat, stat, m_valid, alpha,
+                                     beta, False, True, False)
+        else:
+            grad = _label_gradients(s, valid, same, lse, g, k, m_valid, alpha)
+    elif DIVERGENCE >= 2 and DIVERGENCE <= 6:
+        grad, _ = f_tile_gradients(s, valid, tl.where(same, 1.0 / k, 0.0), s, lse, lse, g, stat, stat, m_valid,
+                                   alpha, beta, 0, HAS_BETA, False, DIVERGENCE)
+    else:
+        tl.static_assert(False, "_pair_gradients: unknown divergence code")
+    return grad
 
 
 @triton.jit
@@ -263,12 +394,14 @@ def finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL: tl.
 @triton.jit(do_not_specialize=["chunks"])
 def icon_symmetric_backward_kernel(
         X, XSQ, PRM, LAB, STATS, GRAD, DX, DPRM,
-        N, D, stride_x, m_valid, alpha, chunks,
-        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+        N, D, stride_x, m_valid, alpha, beta, chunks,
+        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
     """Program (I, c, chunk of d): DX and DPRM are zeroed fp32 buffers that every program adds
-    into. With D_CHUNKED each chunk's program recomputes S over all of d (as the plain kernels)."""
+    into. With D_CHUNKED each chunk's program recomputes S over all of d (as the plain kernels).
+    DIVERGENCE: 0 for kl and cross_entropy (one gradient), else the f-divergence's code; the row
+    statistic of beta > 0 or an f-divergence (R_i, Gamma_i) is stats row 1, each side's rows' own."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
     I = tl.program_id(0)
     c = tl.program_id(1)
@@ -282,6 +415,7 @@ def icon_symmetric_backward_kernel(
     lse = load_vec(STATS, rows, N, 0.0)
     k_rows = load_vec(STATS + 2 * N, rows, N, 1.0)       # launchers.NORM_ROW: K_i
     g = load_vec(GRAD, rows, N, 0.0)
+    stat = _gradient_statistic(STATS, rows, N, HAS_BETA, DIVERGENCE)
     lab = tl.load(LAB + rows, mask=in_rows, other=0)
     dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -299,15 +433,17 @@ def icon_symmetric_backward_kernel(
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, y_sq, prm, KERNEL)
             same = (lab[:, None] == tl.load(LAB + cols, mask=in_cols, other=0)[None, :]) & valid
-            grad_rows = _label_gradients(s, valid, same, lse[:, None], g[:, None], k_rows[:, None],
-                                         m_valid, alpha)
+            grad_rows = _pair_gradients(s, valid, same, lse[:, None], g[:, None], k_rows[:, None], stat[:, None],
+                                        m_valid, alpha, beta, HAS_BETA, DIVERGENCE)
             # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
             # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
             # bitwise symmetric), and reaches x_i through H^T (chain_pair_tile)
-            grad_cols = tl.where(J != I, _label_gradients(s, valid, same, lse_c[None, :],
-                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
-                                                          load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
-                                                          m_valid, alpha), 0.0)
+            grad_cols = tl.where(J != I, _pair_gradients(s, valid, same, lse_c[None, :],
+                                                         load_vec(GRAD, cols, N, 0.0)[None, :],
+                                                         load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
+                                                         _gradient_statistic(STATS, cols, N, HAS_BETA,
+                                                                             DIVERGENCE)[None, :],
+                                                         m_valid, alpha, beta, HAS_BETA, DIVERGENCE), 0.0)
             t_dx, t_w_sum, t_dprm = chain_pair_tile(grad_rows, grad_cols, s, aux, x, y, prm, lse, cols,
                                                     load_vec(PRM, cols, N, 1.0), lse_c, dk, DX, DPRM, N, D,
                                                     first, J != I, KERNEL, PRECISION)
