@@ -107,10 +107,50 @@ enum FRowMode : int { kRowSums = 0, kRowLearned = 1, kRowBoth = 2 };
 template <int D, bool BETA>
 constexpr bool f_row_needs_q() { return BETA || !(D == kKl || D == kCrossEntropy); }
 
+// One pair's q, q~ f, q g and p f' from its learned logit s, target weight pj and target logit
+// tj (f_row_span's per-column values, FRow's fields; the joint family schedule's per pair,
+// cpu_symmetric_joint_family.h). NEED_Q: q is computed (else 0: forward KL and cross-entropy
+// without beta read log q only). Scalars by value: the callers' loops write arrays that a
+// reference might alias, which kept GCC from hoisting the loads.
+template <typename T>
+struct FPair {
+  T q, term, qg, pf;
+};
+
+template <typename T, int D, int LOGP, bool BETA, bool NEED_Q>
+ICON_SIMD_INLINE FPair<T> f_pair(T s, T pj, T tj, T lse, T lse_lo, T log_p_shift, T log_pos, T log_zero, T b,
+                                 T keep_p, T keep_q, T bq) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T lq = (s - lse) - lse_lo;
+  const T q = NEED_Q ? vexp(lq) : T(0);
+  const T pm = keep_p * pj + b;
+  T lp, pr;
+  if constexpr (LOGP == kExactLogP) {
+    lp = tj + log_p_shift;
+    pr = T(1);
+  } else if constexpr (LOGP == kSparseLogP) {
+    lp = tj;
+    pr = vsel(pm != T(0), pj / pm, T(0));
+  } else if constexpr (LOGP == kTwoLevelLogP) {
+    lp = vsel(pj != T(0), log_pos, log_zero);
+    pr = vsel(pm != T(0), pj / pm, T(0));
+  } else {
+    lp = vsel(pm == T(0), -inf, vlog(pm));
+    pr = vsel(pm != T(0), pj / pm, T(0));
+  }
+  T qm = q, lqm = lq, qr = T(1);
+  if constexpr (BETA) {
+    qm = keep_q * q + bq;
+    lqm = vlog(qm);
+    qr = q / qm;
+  }
+  const PairTerms<T> f = f_terms_simd<T, D>(pm, qm, lp, lqm);
+  return {q, f.term, vsel(qr != T(0), qr * f.q_g, T(0)), vsel(pr != T(0), pr * f.p_fp, T(0))};
+}
+
 template <typename T, int D, int LOGP, bool BETA, int MODE>
 ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg, T* pf, T* q_out, FRowSums* out) {
   constexpr bool kNeedQ = MODE != kRowSums || f_row_needs_q<D, BETA>();
-  const T inf = std::numeric_limits<T>::infinity();
   const T b = r.alpha / r.mv, keep_p = T(1) - r.alpha, keep_q = T(1) - r.beta, bq = r.beta / r.mv;
   // the row's fields in locals: qg and pf are written in the loop and might alias r (a
   // reference), which kept GCC from hoisting the loads (gathers in the SIMD loop)
@@ -121,43 +161,22 @@ ICON_SIMD_INLINE void f_row_span(const FRow<T>& r, int64_t j0, int64_t j1, T* qg
   T loss = 0, gamma = 0, phi = 0, p_sum = 0, q_sum = 0;
 #pragma omp simd reduction(+ : loss, gamma, phi, p_sum, q_sum)
   for (int64_t j = j0; j < j1; ++j) {
-    const T lq = (s_row[j] - lse) - lse_lo;
-    const T q = kNeedQ ? vexp(lq) : T(0);
     const T pj = p_row[j];
-    const T pm = keep_p * pj + b;
-    T lp, pr;
-    if constexpr (LOGP == kExactLogP) {
-      lp = t_row[j] + log_p_shift;
-      pr = T(1);
-    } else if constexpr (LOGP == kSparseLogP) {
-      lp = t_row[j];
-      pr = vsel(pm != T(0), pj / pm, T(0));
-    } else if constexpr (LOGP == kTwoLevelLogP) {
-      lp = vsel(pj != T(0), log_pos, log_zero);
-      pr = vsel(pm != T(0), pj / pm, T(0));
-    } else {
-      lp = vsel(pm == T(0), -inf, vlog(pm));
-      pr = vsel(pm != T(0), pj / pm, T(0));
-    }
-    T qm = q, lqm = lq, qr = T(1);
-    if constexpr (BETA) {
-      qm = keep_q * q + bq;
-      lqm = vlog(qm);
-      qr = q / qm;
-    }
-    const PairTerms<T> f = f_terms_simd<T, D>(pm, qm, lp, lqm);
-    const T qgj = vsel(qr != T(0), qr * f.q_g, T(0));
-    const T pfj = vsel(pr != T(0), pr * f.p_fp, T(0));
-    if constexpr (MODE == kRowSums) loss += f.term;
-    gamma += qgj;
-    if constexpr (MODE != kRowLearned) phi += pfj;
+    // t only where the mode reads it: Labels and Dense rows have none (a null r.t)
+    T tj = T(0);
+    if constexpr (LOGP == kExactLogP || LOGP == kSparseLogP) tj = t_row[j];
+    const FPair<T> e = f_pair<T, D, LOGP, BETA, kNeedQ>(s_row[j], pj, tj, lse, lse_lo, log_p_shift, log_pos, log_zero,
+                                                        b, keep_p, keep_q, bq);
+    if constexpr (MODE == kRowSums) loss += e.term;
+    gamma += e.qg;
+    if constexpr (MODE != kRowLearned) phi += e.pf;
     p_sum += pj;
-    q_sum += q;
+    q_sum += e.q;
     if constexpr (MODE != kRowSums) {
-      qg[j] = qgj;
-      q_out[j] = q;
+      qg[j] = e.qg;
+      q_out[j] = e.q;
     }
-    if constexpr (MODE == kRowBoth) pf[j] = pfj;
+    if constexpr (MODE == kRowBoth) pf[j] = e.pf;
   }
   out->loss += loss;
   out->gamma += gamma;

@@ -189,9 +189,8 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   if (y_is_x && !target_grad && !param_grad && symmetric_joint_apply(pb))
     return symmetric_joint_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous());
   // the rest of joint normalisation on a symmetrised target (cpu_symmetric_joint_family.h: the plain joint stats)
-  if (y_is_x && !target_grad && symmetric_joint_family_apply(pb))
-    return symmetric_joint_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
-                                              param_grad);
+  if (y_is_x && !target_grad && !param_grad && symmetric_joint_family_apply(pb))
+    return symmetric_joint_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous());
   const int64_t n = pb.n, m = pb.m, d = pb.d, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   const auto opts = pb.x.options();

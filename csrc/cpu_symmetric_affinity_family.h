@@ -74,17 +74,14 @@ bool symmetric_affinity_family_apply(const Problem<T>& pb) {
 }
 
 // A thread's row buffers (one block of columns each): learned logits, target logits less LSE^p
-// (log p), p, q, q g, a row of J's Gram entries of x and of z gathered from the tiles' columns,
-// and the target logits of the other orientation, t_ji under column j's parameter (OTHER: a
-// symmetrised target's p_{i|j}, cpu_symmetric_joint_family.h).
+// (log p), p, q, q g, and a row of J's Gram entries of x and of z gathered from the tiles' columns.
 template <typename T>
 struct AffinityRowScratch {
-  std::vector<T> s, t, p, q, qg, col, t_col, t_other;
+  std::vector<T> s, t, p, q, qg, col, t_col;
   explicit AffinityRowScratch(int64_t block)
       : s(size_t(block)), t(size_t(block)), p(size_t(block)), q(size_t(block)), qg(size_t(block)),
-        col(size_t(block)), t_col(size_t(block)), t_other(size_t(block)) {}
+        col(size_t(block)), t_col(size_t(block)) {}
 };
-
 
 // What every row of both passes reads: the learned kernel, x's and z's squared norms, each row's
 // target coefficient (target_coefs), whether the target kernel is linear (linear_target: else each
@@ -102,26 +99,6 @@ struct AffinityPairRows {
   bool exclude_self;
 };
 
-// The other orientation's target logits of row i over the columns [col0, col0 + len) into out,
-// t_ji under column j's parameter, from the row's target Gram terms aux (target_aux's: d^2 or
-// z_i . z_j; the logits themselves under t_once) and, for a nonlinear kernel with a parameter
-// per row, the Gram entries gram (column_logits); own: the row's own logits t_ij, the answer
-// under t_once.
-template <typename T, int K>
-void other_target_logits(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i, int64_t col0,
-                         int64_t len, const T* aux, const T* gram, const T* own, T* out) {
-  if (rows.t_once) {   // one parameter: t_ji = t_ij
-    std::copy(own, own + len, out);
-  } else if (rows.linear_t) {
-    const T* cc = rows.coef.data() + col0;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) out[j] = aux[j] * cc[j];
-  } else {
-    const T* z_sq = rows.z_sq;
-    column_logits<T>(pb.t_kernel, pb.t_prm.template data_ptr<T>() + col0, gram, out, z_sq + col0, z_sq[i], len);
-  }
-}
-
 // row(sr, self, ab, scratch) for every row of both sides of the tile pair (I, J), split across
 // threads, after the Gram tiles of x (into s_buf) and z (into t_buf): ab the row's Gram entries
 // of x, self its self column in the block or -1, scratch.s its logits and scratch.t its target
@@ -129,7 +106,7 @@ void other_target_logits(const Problem<T>& pb, const AffinityPairRows<T, K>& row
 // entries from the tiles' columns. With w_out (the backward), ab is the row's copy in w_out (rows
 // of I, ni x nj) or wt_out (rows of J, nj x ni), which it overwrites with W; without, read only.
 // Without LOGITS scratch.s is left unset (a row that takes the reciprocals, cauchy_tv_rows).
-template <typename T, int K, bool T_DIST, bool LOGITS, bool OTHER = false, typename F>
+template <typename T, int K, bool T_DIST, bool LOGITS, typename F>
 void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                   int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
                                   T* w_out, T* wt_out, F&& row) {
@@ -166,20 +143,9 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
       const T* zc_sq = rows.z_sq + sr.col0;
       T* t_row = sc.t.data();
       if (rows.linear_t || rows.t_once) {   // (t_once: tab holds the logits, coef 1)
-        if constexpr (OTHER) {
-          T* aux = sc.t_other.data();        // the Gram terms, then the other orientation in place
 #pragma omp simd
-          for (int64_t j = 0; j < len; ++j) {
-            aux[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]);
-            t_row[j] = aux[j] * coef;
-          }
-          other_target_logits(pb, rows, i, sr.col0, len, aux, tab, t_row, aux);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
-        }
+        for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
       } else {
-        if constexpr (OTHER) other_target_logits(pb, rows, i, sr.col0, len, tab, tab, t_row, sc.t_other.data());
         target_row_logits(pb, i, tab, t_row, sr.col0, len);
       }
       const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
@@ -198,7 +164,7 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
 // Student-t with nu = 1: pass 1, and pass 2 under cauchy_tv_rows): scratch.s holds the pair's
 // weight exp(s) = 1 / (1 + d^2) instead of its logit, a division per pair instead of a log
 // (add_weight_segment takes its LSE, cauchy_tv_row its q).
-template <typename T, int K, bool T_DIST, bool CAUCHY, bool OTHER = false, typename F>
+template <typename T, int K, bool T_DIST, bool CAUCHY, typename F>
 void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                  int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
                                  F&& row) {
@@ -233,12 +199,9 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
       const T coef = rows.coef[i];
       T* s = sc.s.data();
       T* t = sc.t.data();
-      T* aux_col = sc.t_col.data();   // a row of J's target Gram terms (OTHER)
-      const T* aux_row = aux_col;
       if (sr.s == 0) {
         const T* s_row = s_p + sr.offset;
         const T* aux = t_p + sr.offset;
-        aux_row = aux;
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) {
           s[j] = s_row[j];
@@ -248,18 +211,23 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
         const int64_t c = sr.k;
         for (int64_t u = 0; u < ni; ++u) {
           s[u] = s_p[u * nj + c];
-          if constexpr (OTHER) aux_col[u] = t_p[u * nj + c];
           t[u] = t_p[u * nj + c] * coef;
         }
       }
-      // (coef 1 for a nonlinear kernel: aux holds its Gram entries, t a copy)
-      if constexpr (OTHER) other_target_logits(pb, rows, i, sr.col0, len, aux_row, aux_row, t, sc.t_other.data());
       if (!rows.linear_t && !rows.t_once) target_row_logits(pb, i, t, t, sr.col0, len);   // (coef 1: Gram terms)
       const int64_t self = rows.exclude_self && i >= sr.col0 && i < sr.col0 + len ? i - sr.col0 : -1;
       row(sr, self, sc);
     }
   });
 }
+
+// Pass 1 of the Affinity family schedules (conditional here, joint in cpu_symmetric_joint_family.h):
+// every row's learned LSE and target LSE^p merged online over the tile pairs into acc_q and acc_p
+// (the self column becomes -inf in the scratch, or 0 for a Cauchy weight: CAUCHY sums t-SNE's
+// weights 1 / (1 + d^2), add_weight_segment, and counts the sweep).
+template <typename T, int K, bool T_DIST, bool CAUCHY>
+void affinity_row_lses(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t block, at::Tensor& s_buf,
+                       at::Tensor& t_buf, std::vector<OnlineLabelRow<T>>& acc_q, std::vector<OnlineLabelRow<T>>& acc_p);
 
 // Whether a row's terms read p itself: reverse KL with an exact log p (alpha = 0) reads log p and
 // q only (f_terms_simd), so that affinity_family_segment leaves out its exp per pair.
@@ -280,6 +248,21 @@ decltype(auto) with_cauchy_flag(bool flag, F&& f) {
 // One sweep over t-SNE's Cauchy weights (the counter of cpu_symmetric_labels.h's note).
 inline void count_cauchy_sweep() {
   symmetric_schedule_counters()[kCauchySweepCounter].fetch_add(1, std::memory_order_relaxed);
+}
+
+template <typename T, int K, bool T_DIST, bool CAUCHY>
+void affinity_row_lses(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t block, at::Tensor& s_buf,
+                       at::Tensor& t_buf, std::vector<OnlineLabelRow<T>>& acc_q, std::vector<OnlineLabelRow<T>>& acc_p) {
+  for_each_block_pair(pb.n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
+        pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
+          const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
+          if constexpr (CAUCHY) add_weight_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
+          else add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
+          add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
+        });
+  });
+  if constexpr (CAUCHY) count_cauchy_sweep();
 }
 
 // t-SNE's Cauchy kernel (Student-t, nu = 1) under total variation with alpha = beta = 0: pass 2
@@ -369,21 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
                                         pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
                                         target_coefs(pb), linear_target(pb), pair_target_logits_once(pb),
                                         pb.exclude_self};
-      // pass 1: every row's LSE and LSE^p (the self column becomes -inf in the scratch, or 0 for a
-      // Cauchy weight)
+      // pass 1: every row's LSE and LSE^p
       with_cauchy_flag<K>(cauchy_kernel(pb), [&](auto is_cauchy) {
-        constexpr bool CAUCHY = decltype(is_cauchy)::value;
-        for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-          for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
-              pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
-              [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
-                const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
-                if constexpr (CAUCHY) add_weight_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
-                else add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
-                add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
-              });
-        });
-        if constexpr (CAUCHY) count_cauchy_sweep();
+        affinity_row_lses<T, K, T_DIST, decltype(is_cauchy)::value>(pb, rows, block, s_buf, t_buf, acc_q, acc_p);
         return 0;
       });
       for (int64_t i = 0; i < n; ++i) {

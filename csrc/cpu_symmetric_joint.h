@@ -148,12 +148,22 @@ PairFactors<T> pair_factors(const Problem<T>& pb, const T* lse_p) {
 
 // half of P's numerator, (p_{j|i} + p_{i|j}) / 2, of one pair: one exp from the pair's logit t and
 // the factors (pair_factors), or two from both orientations' logits (t, t_other)
+// The pair's smaller LSE^p and f = e^{-|LSE^p_i - LSE^p_j|} from the factors (pair_factors)
+template <typename T>
+struct LowLse {
+  T lse, f;
+};
+
+template <typename T>
+ICON_SIMD_INLINE LowLse<T> low_lse(T li, T lj, T ui, T vi, T uj, T vj) {
+  const bool i_low = li <= lj;
+  return {i_low ? li : lj, i_low ? ui * vj : uj * vi};
+}
+
 template <typename T>
 ICON_SIMD_INLINE T half_p_one_exp(T t, T li, T lj, T ui, T vi, T uj, T vj) {
-  const bool i_low = li <= lj;
-  const T e = vexp(t - (i_low ? li : lj));
-  const T f = i_low ? ui * vj : uj * vi;
-  return e * (T(1) + f) * T(0.5);
+  const LowLse<T> lo = low_lse(li, lj, ui, vi, uj, vj);
+  return vexp(t - lo.lse) * (T(1) + lo.f) * T(0.5);
 }
 
 template <typename T>

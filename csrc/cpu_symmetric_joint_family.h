@@ -2,25 +2,27 @@
 // Affinity target in self mode (DESIGN.md §1.2): van der Maaten's P_ij = (p_{j|i} + p_{i|j}) / 2N
 // against q_ij = e^{s_ij} / Z under an f-divergence (reverse KL, TV, Hellinger, JS, chi^2), or
 // KL / cross-entropy with alpha or beta > 0 (KL and cross-entropy without them have their own,
-// cheaper schedule: cpu_symmetric_joint.h). Each pair of row blocks I <= J is one Gram tile of x
-// and one of z, read by the rows of I and, column by column, by the rows of J, as the conditional
-// Affinity family schedule's rows (cpu_symmetric_affinity_family.h), whose row iterators this uses:
-//   pass 1    each row's learned LSE_i and target LSE^p_i, merged online (add_lse_segment; t-SNE's
-//             Cauchy kernel sums its weights, add_weight_segment); then log Z = logsumexp_i LSE_i;
-//   pass 2    each row's divergence sums under log Z (f_row: the loss and Gamma_i = sum_j q g),
-//             with log P from both orientations' target logits (symmetric_log_p: t_ij under row
-//             i's parameter, t_ji under row j's, OTHER) less log N;
-//   backward  each row's W from dL/ds_ij = (1 - beta) (g_i q_ij g_ij - q_ij C), C = sum_k g_k
-//             Gamma_k / sum_k q_k over every row (s_ij moves every q through Z; rows with g_i = 0
-//             still take the C part), then H_IJ = W_IJ + W_JI^T, dX_I += H X_J, dX_J += H^T X_I.
-// Three N^2 d GEMM-equivalents (each sweep half of both Grams, the backward half of both and two
-// products) instead of the plain joint rows' seven. The stats are the plain joint rows' (log Z,
-// Gamma_i, LSE^p_i, the row's share of q), so either backward runs after either forward; which
-// one runs follows ICON_KERNELS_SYMMETRIC at the backward (as cpu_symmetric_joint.h's, no row is
-// free for a record). Both take LSE^p rounded to T, as the plain rows do (their symmetrised P is
-// not renormalised either). The target's gradient (a symmetrised target has none on the CPU) and
-// a y that is not x's autograd input run the plain rows; the learned parameter's gradient runs
-// here (PARAM), centred once over every row as the plain joint rows centre it.
+// cheaper schedule: cpu_symmetric_joint.h). Under joint normalisation both P and q are symmetric
+// in the pair, and so is every term of the divergence and its q g: each pair of row blocks I <= J
+// is one Gram tile of x and one of z, and each pair's values are computed once for both rows:
+//   pass 1    each row's learned LSE_i and target LSE^p_i over the tile pairs, merged online (the
+//             conditional Affinity family's rows, cpu_symmetric_affinity_family.h; t-SNE's Cauchy
+//             kernel sums its weights); then log Z = logsumexp_i LSE_i;
+//   pass 2    per pair: q = e^{s - log Z}, log P exact where P underflows (joint_log_p_row: one
+//             exp and one log1p per pair where every row has one target parameter, pair_factors)
+//             and the plain rows' per-pair terms (f_pair), whose q~ f and q g go to the row sums of
+//             both rows: each row's loss and Gamma_i = sum_j q g;
+//   backward  per pair H_ij = weight((1 - beta) ((g_i + g_j) q g_ij - 2 q_ij C), d_ij), the sum
+//             G_ij + G_ji of both rows' dL/ds (C = sum_k g_k Gamma_k / sum_k q_k: s_ij moves every
+//             q through Z), then dX_I += H X_J, dX_J += H^T X_I.
+// Four N^2 d GEMM-equivalents (each sweep half of both Grams, the backward half of both and two
+// products) instead of the plain joint rows' eight, and half their per-pair terms. The stats are
+// the plain joint rows' (log Z, Gamma_i, LSE^p_i, the row's share of q), so either backward runs
+// after either forward; which one runs follows ICON_KERNELS_SYMMETRIC at the backward (as
+// cpu_symmetric_joint.h's, no row is free for a record). Both take LSE^p rounded to T, as the
+// plain rows do (their symmetrised P is not renormalised either). The target's gradient (a
+// symmetrised target has none on the CPU), the learned parameter's gradient and a y that is not
+// x's autograd input run the plain backward.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,23 +59,191 @@ bool symmetric_joint_family_apply(const Problem<T>& pb) {
   return symmetric_joint_family_fit(pb) && symmetric_schedule_enabled();
 }
 
-// Row i's terms over one column block as f_row takes them, after a row iterator with OTHER: sc.s
-// its learned logits, sc.t its target logits t_ij and sc.t_other the other orientation's t_ji,
-// which becomes log((p_{j|i} + p_{i|j}) / 2) (-inf at self); sc.p becomes P = e^{that - log N}
-// (0 at self). lse_p: every row's LSE^p in T.
+// log P_ij = log((p_{j|i} + p_{i|j}) / 2N), exact where P underflows, and P of row i over the
+// columns [j0, j0 + len) into lp and p, from both orientations' target logits own (t_ij) and
+// other (t_ji): under the factors (pf.ok: e^{t - min(LSE^p_i, LSE^p_j)} is the larger of both
+// sides' p, cpu_symmetric_joint.h) a log1p per pair, else symmetric_log_p's exp and log1p; then
+// one exp for P. -inf and 0 at self.
 template <typename T>
-FRow<T> joint_family_segment(const Problem<T>& pb, int64_t i, int64_t col0, int64_t len, int64_t self, T log_z,
-                             const T* lse_p, double log_n, AffinityRowScratch<T>& sc) {
-  T* lp = sc.t_other.data();
-  T* p = sc.p.data();
-  symmetric_log_p<T>(sc.t.data(), lse_p[i], lp, lse_p + col0, self, len);
-  FRow<T> r = pb.f_row(i, sc.s.data(), log_z, p, lp, T(0), log_n, 0.0);
-  const T shift = r.log_p_shift;   // -log N
+void joint_log_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_t j0, int64_t len, int64_t self,
+                     T log_n, const T* own, T* other, T* lp, T* p) {
+  const T li = lse_p[i], shift = log_n + T(0.69314718055994530942);   // log 2N
+  const T* lc = lse_p + j0;
+  if (pf.ok) {
+    const T ui = pf.u[i], vi = pf.v[i];
+    const T* uc = pf.u.data() + j0;
+    const T* vc = pf.v.data() + j0;
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) p[j] = vexp(lp[j] + shift);   // (0 at self: lp = -inf)
-  r.m = len;
-  r.self = self;
-  return r;
+    for (int64_t j = 0; j < len; ++j) {
+      const LowLse<T> lo = low_lse(li, lc[j], ui, vi, uc[j], vc[j]);
+      lp[j] = (own[j] - lo.lse) + vlog1p(lo.f) - shift;
+    }
+  } else {
+    symmetric_log_p<T>(own, li, other, lc, -1, len);   // log((p_{j|i} + p_{i|j}) / 2) into other
+    const T log_n_only = log_n;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) lp[j] = other[j] - log_n_only;
+  }
+  if (self >= 0) lp[self] = -std::numeric_limits<T>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) p[j] = vexp(lp[j]);
+}
+
+// What every pair's terms take: log Z, and the mixtures' weights (f_row_span's).
+template <typename T>
+struct JointTermConsts {
+  T log_z, b, keep_p, keep_q, bq;
+};
+
+template <typename T>
+JointTermConsts<T> joint_term_consts(const Problem<T>& pb, T log_z) {
+  const T mv = pb.mix_size();
+  return {log_z, pb.alpha / mv, T(1) - pb.alpha, T(1) - pb.beta, pb.beta / mv};
+}
+
+// One row's pair terms over a column block: q~ f into term (or nullptr), q g into qg and q into q
+// (f_pair: the plain rows' per-pair values), 0 at self; returns the sums of term and q g. The
+// joint pair is symmetric (P_ij = P_ji, q_ij = q_ji), so these serve row i and row j alike.
+struct JointRowSums {
+  double term = 0, qg = 0;
+};
+
+// The columns [j0, j1), none of them self: no index mask in the loop (f_row_span's note).
+template <typename T, int D, int LOGP, bool BETA>
+ICON_SIMD_INLINE void joint_span_terms(const T* s, const T* p, const T* lp, int64_t j0, int64_t j1,
+                                       const JointTermConsts<T>& c, T* term, T* qg, T* q, JointRowSums* out) {
+  const T log_z = c.log_z, b = c.b, keep_p = c.keep_p, keep_q = c.keep_q, bq = c.bq;   // locals (f_row_span's note)
+  T ts = 0, gs = 0;
+#pragma omp simd reduction(+ : ts, gs)
+  for (int64_t j = j0; j < j1; ++j) {
+    const FPair<T> e = f_pair<T, D, LOGP, BETA, true>(s[j], p[j], lp[j], log_z, T(0), T(0), T(0), T(0), b, keep_p,
+                                                      keep_q, bq);
+    if (term != nullptr) term[j] = e.term;
+    qg[j] = e.qg;
+    q[j] = e.q;
+    ts += e.term;
+    gs += e.qg;
+  }
+  out->term += double(ts);
+  out->qg += double(gs);
+}
+
+template <typename T, int D, int LOGP, bool BETA>
+JointRowSums joint_row_terms(const T* s, const T* p, const T* lp, int64_t len, int64_t self,
+                             const JointTermConsts<T>& c, T* term, T* qg, T* q) {
+  JointRowSums out;
+  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+    const int64_t j1 = std::min(len, j0 + kSumBlock);
+    if (self >= j0 && self < j1) {   // the span around the self column, which adds nothing
+      joint_span_terms<T, D, LOGP, BETA>(s, p, lp, j0, self, c, term, qg, q, &out);
+      if (term != nullptr) term[self] = T(0);
+      qg[self] = q[self] = T(0);
+      joint_span_terms<T, D, LOGP, BETA>(s, p, lp, self + 1, j1, c, term, qg, q, &out);
+    } else {
+      joint_span_terms<T, D, LOGP, BETA>(s, p, lp, j0, j1, c, term, qg, q, &out);
+    }
+  }
+  return out;
+}
+
+template <typename T>
+using JointRowTermsFn = JointRowSums (*)(const T*, const T*, const T*, int64_t, int64_t, const JointTermConsts<T>&, T*,
+                                         T*, T*);
+
+template <typename T, int D>
+JointRowTermsFn<T> joint_row_terms_of(int log_p, bool beta) {
+  switch (log_p) {   // an Affinity target's modes (log_p_mode_of)
+    case kExactLogP: return beta ? &joint_row_terms<T, D, kExactLogP, true> : &joint_row_terms<T, D, kExactLogP, false>;
+    case kLogOfP: return beta ? &joint_row_terms<T, D, kLogOfP, true> : &joint_row_terms<T, D, kLogOfP, false>;
+    default: TORCH_CHECK(false, "icon_kernels cpu: the joint family schedule has no log p mode ", log_p);
+  }
+}
+
+// The row-terms function of pb's divergence, log p mode and beta, chosen once per call.
+template <typename T>
+JointRowTermsFn<T> joint_row_terms_fn(const Problem<T>& pb) {
+  const int log_p = pb.log_p_mode();
+  const bool beta = pb.beta > T(0);
+  switch (pb.divergence) {
+    case kKl: return joint_row_terms_of<T, kKl>(log_p, beta);
+    case kCrossEntropy: return joint_row_terms_of<T, kCrossEntropy>(log_p, beta);
+    case kReverseKl: return joint_row_terms_of<T, kReverseKl>(log_p, beta);
+    case kTv: return joint_row_terms_of<T, kTv>(log_p, beta);
+    case kHellinger: return joint_row_terms_of<T, kHellinger>(log_p, beta);
+    case kJs: return joint_row_terms_of<T, kJs>(log_p, beta);
+    case kChi2: return joint_row_terms_of<T, kChi2>(log_p, beta);
+    default: TORCH_CHECK(false, "icon_kernels cpu: the joint family schedule has no divergence code ", pb.divergence);
+  }
+}
+
+// What a tile pair's rows read: the learned kernel, the target's coefficients (target_coefs) and
+// whether its logits are one per pair (pair_target_logits_once), the factors, every row's LSE^p
+// and the pair terms' function and constants.
+template <typename T, int K>
+struct JointFamilyRows {
+  KernelRow<T, K> k;
+  std::vector<T> coef;
+  bool linear_t, t_once, t_dist;
+  PairFactors<T> pf;
+  const T* lse_p;
+  JointRowTermsFn<T> terms;
+  JointTermConsts<T> c;
+  T log_n;
+};
+
+// A thread's row buffers over one column block.
+template <typename T>
+struct JointFamilyScratch {
+  std::vector<T> s, own, other, lp, p, q, qg;
+  explicit JointFamilyScratch(int64_t len)
+      : s(size_t(len)), own(size_t(len)), other(size_t(len)), lp(size_t(len)), p(size_t(len)), q(size_t(len)),
+        qg(size_t(len)) {}
+};
+
+// Row i's learned logits (from its Gram entries of x, ab), target logits of both orientations
+// (from its Gram entries of z, tab) and pair terms over the columns [j0, j0 + nj): into sc, with
+// q~ f into term when given (the forward) and q g into qg (sc.qg, or the z tile's row once read).
+template <typename T, int K>
+JointRowSums joint_family_row(const Problem<T>& pb, const JointFamilyRows<T, K>& rows, int64_t i, int64_t j0,
+                              int64_t nj, int64_t self, const T* ab, const T* tab, T* term, T* qg,
+                              JointFamilyScratch<T>& sc) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  kernel_logits<T, K>(rows.k, ab, sc.s.data(), x_sq + j0, x_sq[i], nj);
+  if (rows.t_dist) {
+    pair_target_logits<T, true>(pb, rows.linear_t, rows.t_once, rows.coef.data(), i, j0, tab, sc.own.data(),
+                                sc.other.data(), nj);
+  } else {
+    pair_target_logits<T, false>(pb, rows.linear_t, rows.t_once, rows.coef.data(), i, j0, tab, sc.own.data(),
+                                 sc.other.data(), nj);
+  }
+  joint_log_p_row(rows.pf, rows.lse_p, i, j0, nj, self, rows.log_n, sc.own.data(), sc.other.data(), sc.lp.data(),
+                  sc.p.data());
+  return rows.terms(sc.s.data(), sc.p.data(), sc.lp.data(), nj, self, rows.c, term, qg, sc.q.data());
+}
+
+// Column sums of two ni x nj tiles a and b (row-major) into col_a and col_b: each thread a range
+// of columns over every row (sums in T over at most a block of rows, then in double).
+template <typename T>
+void add_column_sums(const T* a, const T* b, int64_t ni, int64_t nj, double* col_a, double* col_b) {
+  at::parallel_for(0, nj, 64, [&](int64_t c0, int64_t c1) {
+    const int64_t len = c1 - c0;
+    std::vector<T> sa(static_cast<size_t>(len), T(0)), sb(sa.size(), T(0));
+    T* va = sa.data();
+    T* vb = sb.data();
+    for (int64_t r = 0; r < ni; ++r) {
+      const T* ar = a + r * nj + c0;
+      const T* br = b + r * nj + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        va[j] += ar[j];
+        vb[j] += br[j];
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      col_a[c0 + j] += double(va[j]);
+      col_b[c0 + j] += double(vb[j]);
+    }
+  });
 }
 
 template <typename T>
@@ -86,50 +256,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_family_forward(co
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), lse_q(static_cast<size_t>(n));
   std::vector<T> lse_p(static_cast<size_t>(n));
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
-  const int log_p = pb.log_p_mode();
   const double log_n = std::log(double(n));
   T log_z = 0;
-  with_kernel(pb.kernel, [&](auto kc) {
+  with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
     constexpr int K = decltype(kc)::value;
-    return with_target_distance(pb.t_kernel, [&](auto td) {
-      constexpr bool T_DIST = decltype(td)::value;
+    constexpr bool T_DIST = decltype(t_dist)::value;
+    {
       const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
                                         pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
                                         target_coefs(pb), linear_target(pb), pair_target_logits_once(pb),
                                         pb.exclude_self};
       // pass 1: every row's LSE and LSE^p (the conditional family's pass 1)
-      with_cauchy_flag<K>(cauchy_kernel(pb), [&](auto is_cauchy) {
-        constexpr bool CAUCHY = decltype(is_cauchy)::value;
-        for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-          for_each_affinity_logit_row<T, K, T_DIST, CAUCHY>(
-              pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
-              [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
-                const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
-                if constexpr (CAUCHY) add_weight_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
-                else add_lse_segment<T>(seg, sc.s.data(), &acc_q[sr.i]);
-                add_lse_segment<T>(seg, sc.t.data(), &acc_p[sr.i]);
-              });
-        });
-        return 0;
-      });
+      affinity_row_lses<T, K, T_DIST, decltype(is_cauchy)::value>(pb, rows, block, s_buf, t_buf, acc_q, acc_p);
       for (int64_t i = 0; i < n; ++i) {
         lse_q[i] = online_lse(acc_q[i]);
         lse_p[i] = T(online_lse(acc_p[i]));
       }
       log_z = T(log_sum_exp(lse_q));
-      // pass 2: every row's divergence sums under log Z
+      // pass 2: every pair's terms once, under log Z, summed into both of its rows
+      JointFamilyRows<T, K> jr{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]), target_coefs(pb), linear_target(pb),
+                               pair_target_logits_once(pb), T_DIST, pair_factors(pb, lse_p.data()), lse_p.data(),
+                               joint_row_terms_fn(pb), joint_term_consts(pb, log_z), T(log_n)};
+      if (jr.pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
+      std::vector<double> col_loss(static_cast<size_t>(block)), col_gamma(col_loss.size());
       for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-        for_each_affinity_logit_row<T, K, T_DIST, false, true>(
-            pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
-            [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
-              const FRow<T> r = joint_family_segment(pb, sr.i, sr.col0, sr.len, self, log_z, lse_p.data(), log_n, sc);
-              const FRowSums f = f_row<T>(pb.divergence, r, log_p, nullptr, nullptr);
-              loss[sr.i] += f.loss;
-              gamma[sr.i] += f.gamma;
-            });
+        const int64_t ni = i1 - i0, nj = j1 - j0;
+        const bool diag = i0 == j0;
+        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
+        T* term = s_buf.template data_ptr<T>();   // the x tile becomes q~ f, the z tile q g
+        T* qg = t_buf.template data_ptr<T>();
+        at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+          JointFamilyScratch<T> sc(nj);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t i = i0 + r, self = pb.exclude_self && diag ? r : -1;
+            const JointRowSums sums = joint_family_row<T, K>(pb, jr, i, j0, nj, self, term + r * nj, qg + r * nj,
+                                                             term + r * nj, qg + r * nj, sc);
+            loss[i] += sums.term;
+            gamma[i] += sums.qg;
+          }
+        });
+        if (diag) return;   // (the rows of I saw every pair of the diagonal tile)
+        std::fill(col_loss.begin(), col_loss.end(), 0.0);
+        std::fill(col_gamma.begin(), col_gamma.end(), 0.0);
+        add_column_sums<T>(term, qg, ni, nj, col_loss.data(), col_gamma.data());
+        for (int64_t j = 0; j < nj; ++j) {
+          loss[j0 + j] += col_loss[j];
+          gamma[j0 + j] += col_gamma[j];
+        }
       });
-      return 0;
-    });
+    }
+    return 0;
   });
   // the plain joint rows' stats (cpu_loss.cpp): log Z, Gamma_i, LSE^p, the row's share of q
   const std::vector<double> q_mass = q_masses(lse_q, log_z);
@@ -146,21 +322,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_family_forward(co
   return out.tuple();
 }
 
-// stats: a joint forward's, plain or this schedule's (T, contiguous).
+// H over one tile pair in place of its Gram tile ab, with the z tile tab (affinity_tiles'): both
+// rows' dL/ds of the pair from one evaluation, H_ij = weight((1 - beta) ((g_i + g_j) q g_ij - 2
+// q_ij C), d_ij) (G_ij + G_ji with the joint pair's q g_ij = q g_ji), 0 at an excluded self pair
+// (and at a distance kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
+template <typename T, int K>
+void joint_family_h_tile(const Problem<T>& pb, const JointFamilyRows<T, K>& rows, const T* g, double centre_exact,
+                         int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab, double* row_sum) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const bool diag = i0 == j0;
+  // 2 C in two parts (one rounding would be an error shared by every pair)
+  const T c2 = T(2 * centre_exact), c2_lo = T(2 * centre_exact - double(c2));
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    JointFamilyScratch<T> sc(nj);
+    const KernelRow<T, K> k = rows.k;   // a local copy (joint_pair_values' note)
+    const T keep_q = rows.c.keep_q, cz = c2, cz_lo = c2_lo;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
+      T* w = ab + r * nj;
+      joint_family_row<T, K>(pb, rows, i, j0, nj, pb.exclude_self && diag ? r : -1, w, tab + r * nj, nullptr,
+                             sc.qg.data(), sc);
+      const T gi = g[i], xi_sq = x_sq[i];
+      const T* gc = g + j0;
+      const T* xc_sq = x_sq + j0;
+      const T* q = sc.q.data();
+      const T* qg = sc.qg.data();
+      T rs = 0;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t j = 0; j < nj; ++j) {
+        const T grad = keep_q * (((gi + gc[j]) * qg[j] - q[j] * cz) - q[j] * cz_lo);
+        T h = k.weight(grad, k.aux(w[j], xi_sq, xc_sq[j]));
+        h = j == self ? T(0) : h;
+        w[j] = h;
+        rs += h;
+      }
+      row_sum[r] = double(rs);
+    }
+  });
+}
+
+// stats: a joint forward's, plain or this schedule's (T, contiguous): log Z (row 0), Gamma_i
+// (row 1), LSE^p (row 2), each row's share of q (row 3).
 template <typename T>
 std::vector<at::Tensor> symmetric_joint_family_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
-                                                        const at::Tensor& valid, const at::Tensor& stats,
-                                                        bool param_grad) {
+                                                        const at::Tensor& valid, const at::Tensor& stats) {
   const int64_t n = pb.n, block = pair_block(pb.tile, n);
-  const auto opts = pb.x.options();
-  const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
+  const at::Tensor g_t = masked_grads(grad_rows, valid, pb.x.options());
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
-  const T prm = pb.prm.template data_ptr<T>()[0];
-  const T keep_q = T(1) - pb.beta, log_z = st[0];
-  const bool dist = is_distance(pb.kernel);
-  const int log_p = pb.log_p_mode();
-  const double log_n = std::log(double(n));
   // C = sum_k g_k Gamma_k / sum_k q_k, as the plain joint rows' centre
   double num = 0, q_total = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -168,75 +378,19 @@ std::vector<at::Tensor> symmetric_joint_family_backward(const Problem<T>& pb, co
     q_total += double(st[3 * n + i]);
   }
   const double centre = q_total > 0 ? num / q_total : 0.0;
-  const bool moves_z = centre != 0 && pb.m_valid > 0;   // a row without upstream gradient still moves Z
-  auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
-  const size_t np = param_grad ? size_t(n) : 0;
-  std::vector<double> dp(np), gs(np), qb(np), qs(np);   // each row's dL/dparam sums, centred over all rows
-  at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts),
-             w_buf = at::empty({block, block}, opts), wt_buf = at::empty({block, block}, opts);
-  with_kernel(pb.kernel, [&](auto kc) {
+  const PairFactors<T> pf = pair_factors(pb, st + 2 * n);
+  if (pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
+  const JointRowTermsFn<T> terms = joint_row_terms_fn(pb);
+  const JointTermConsts<T> consts = joint_term_consts(pb, st[0]);
+  return h_tile_backward(pb, block, kJointFamilyBackwardCounter, [&](auto kc, auto t_dist, auto) {
     constexpr int K = decltype(kc)::value;
-    return with_target_distance(pb.t_kernel, [&](auto td) {
-      constexpr bool T_DIST = decltype(td)::value;
-      const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
-                                        pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
-                                        pair_target_logits_once(pb), pb.exclude_self};
-      return with_bool(param_grad, [&](auto with_param) {
-        return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
-          constexpr bool PARAM = decltype(with_param)::value, Q_ZERO_GRAD = decltype(zero_at_q0)::value;
-          for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-            // W_IJ in w_buf and W_JI in wt_buf, in place of their Gram entries
-            for_each_affinity_family_row<T, K, T_DIST, true, true>(
-                pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, w_buf.template data_ptr<T>(),
-                wt_buf.template data_ptr<T>(), [&](const SideRow& sr, int64_t self, T* ab, AffinityRowScratch<T>& sc) {
-              const int64_t i = sr.i, len = sr.len;
-              const T gi = g[i];
-              if (gi == T(0) && !moves_z) {   // left out, or no upstream gradient and no centre
-                std::fill(ab, ab + len, T(0));
-                return;
-              }
-              const FRow<T> r = joint_family_segment(pb, i, sr.col0, len, self, log_z, st + 2 * n, log_n, sc);
-              T* qg = sc.qg.data();
-              f_row<T>(pb.divergence, r, log_p, qg, nullptr, sc.q.data());
-#pragma omp simd
-              for (int64_t j = 0; j < len; ++j) qg[j] *= gi;   // g_i into q g; C is every row's
-              // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
-              if (self >= 0) ab[self] = T(0);
-              const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
-                  KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), qg, rows.x_sq + sr.col0, rows.x_sq[i], len,
-                  keep_q, centre, finite_shift(log_z));
-              // a distance kernel's kept self pair: W_ii = 0 (cpu_symmetric_label_family.h's note)
-              if (is_distance(K) && i0 == j0 && self < 0) ab[i - sr.col0] = T(0);
-              if constexpr (PARAM) {
-                dp[i] += sums.dp;
-                gs[i] += sums.g_sum;
-                qb[i] += sums.q_basis;
-                qs[i] += sums.q_sum;
-              }
-            });
-            add_h_tile<T>(pb.x, i0, i1 - i0, j0, j1 - j0, w_buf, wt_buf, dist, dfeat, h_sum);
-          });
-          return 0;
-        });
-      });
-    });
+    return [&, rows = JointFamilyRows<T, K>{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]), target_coefs(pb),
+                                            linear_target(pb), pair_target_logits_once(pb), decltype(t_dist)::value,
+                                            pf, st + 2 * n, terms, consts, T(std::log(double(n)))}](
+               int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab, double* row_sum) {
+      joint_family_h_tile<T, K>(pb, rows, g, centre, i0, ni, j0, nj, ab, tab, row_sum);
+    };
   });
-  if (dist) dfeat -= h_sum.to(opts.dtype()).unsqueeze(1) * pb.x;
-  auto dprm = at::zeros({n}, opts.dtype(at::kDouble));
-  if (param_grad) {   // every row's sum, then the one centring over every row (the plain joint rows')
-    double* out = dprm.template data_ptr<double>();
-    const double scale = param_scale<double>(pb.kernel, prm);
-    double g_sum = 0, q_basis = 0, q_sum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = scale * dp[i];
-      g_sum += gs[i];
-      q_basis += qb[i];
-      q_sum += qs[i];
-    }
-    if (q_sum > 0) out[0] -= scale * g_sum * (q_basis / q_sum);
-  }
-  count_schedule_call(pb.row_path(), n, 1, kJointFamilyBackwardCounter);
-  return {dfeat, at::zeros({pb.m, pb.d}, opts), dprm, at::Tensor(), at::Tensor(), at::Tensor()};
 }
 
 }  // namespace cpu

@@ -50,10 +50,10 @@ inline bool symmetric_schedule_enabled() {
 // cpu_symmetric_joint.h), the label family schedule's (8, 9; cpu_symmetric_label_family.h), the
 // Affinity family schedule's (10, 11; cpu_symmetric_affinity_family.h) and the family schedule's on
 // Dense and Neighbors targets (12, 13; cpu_symmetric_label_family.h as well); 14 counts the
-// Affinity family schedule's sweeps that took t-SNE's Cauchy weights (its pass 1, and pass 2 and
+// Affinity family schedules' sweeps that took t-SNE's Cauchy weights (pass 1, the joint one's too; pass 2 and
 // the backward under cauchy_tv_rows), so that a test sees a silent fallback to the generic rows;
-// 15 counts joint t-SNE's sweeps (forward and backward) that took both sides' p of a pair from one
-// exp (cpu_symmetric_joint.h: pair_factors); 16 and 17 the joint family schedule's forward and
+// 15 counts the joint schedules' sweeps (forward and backward; joint t-SNE's and the joint family's)
+// that took both sides' p of a pair from one exp (cpu_symmetric_joint.h: pair_factors); 16 and 17 the joint family schedule's forward and
 // backward (cpu_symmetric_joint_family.h).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
 constexpr int kSymmetricCounters = 18;

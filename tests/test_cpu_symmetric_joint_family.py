@@ -5,8 +5,8 @@ blocks is one Gram tile of x and one of z, read by the rows of both sides.
 
 It must equal the plain joint rows (ICON_KERNELS_SYMMETRIC=0) and the dense reference to 1e-12 in
 float64 with ragged blocks forced, keep fp32 within twice naive PyTorch's own error, pass
-gradcheck (the learned parameter's gradient too) and opcheck, share its stats with the plain
-joint rows, and run exactly where it applies (_C.cpu_symmetric_counts(): "joint_family_forward",
+gradcheck and opcheck, share its stats with the plain joint rows (whose backward computes the
+learned parameter's gradient after this forward), and run exactly where it applies (_C.cpu_symmetric_counts(): "joint_family_forward",
 "joint_family_backward")."""
 import itertools
 
@@ -22,7 +22,7 @@ from icon_kernels.families import DIVERGENCES
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
 LEARNED = (("student_t", {"dof": 1.0}), ("student_t", {"dof": 3.0}), ("gaussian", {"sigma": 1.3}),
-           ("cosine", {"temperature": 0.5}), ("power", {"exponent": 2.0}))
+           ("cosine", {"temperature": 0.5}), ("dot", {"temperature": 2.0}), ("power", {"exponent": 2.0}))
 # (divergence, alpha, beta): the f-divergences, and KL / cross-entropy with a mixture
 OBJECTIVES = (("reverse_kl", 0.0, 0.0), ("tv", 0.0, 0.0), ("hellinger", 0.0, 0.0), ("js", 0.0, 0.0),
               ("chi2", 0.0, 0.0), ("js", 0.1, 0.2), ("kl", 0.1, 0.0), ("kl", 0.0, 0.2), ("cross_entropy", 0.1, 0.1))
@@ -99,10 +99,38 @@ def test_float64_every_target_kernel(monkeypatch, t_kernel, per_row):
     _check(monkeypatch, x, _target(z, t_param, t_kernel), "student_t", {"dof": 1.0}, upstream, divergence="js")
 
 
-def test_float64_with_the_self_pair_kept(monkeypatch):
+@pytest.mark.parametrize("learned", [0, 2, 3, 4])
+def test_float64_with_the_self_pair_kept(monkeypatch, learned):
+    """The self pair is one entry of the diagonal tile: H_ii = 2 G_ii (a distance kernel's is 0).
+    (Not the power kernel: the symmetric schedules make its d_ii^2 exactly 0, the plain rows and
+    the reference keep the Gram's rounding, which log(d^2 + eps) turns into 1e-4 of the loss.)"""
+    kernel, params = LEARNED[learned]
     x, z, upstream = _inputs(17, 5)
-    _check(monkeypatch, x, _target(z, 1.5), "gaussian", {"sigma": 1.1}, upstream, divergence="hellinger",
+    _check(monkeypatch, x, _target(z, 1.5), kernel, params, upstream, divergence="hellinger", beta=0.1,
            exclude_self=False)
+
+
+@pytest.mark.parametrize("sigma,outlier,divergence,alpha,sweeps", [
+    (1.5, 0.0, "js", 0.0, 2), (1.5, 0.0, "tv", 0.1, 2), (1.5, 0.0, "kl", 0.1, 2), ("per_row", 0.0, "js", 0.0, 0),
+    (1.5, 100.0, "js", 0.0, 0)])
+def test_one_exp_per_pair_where_the_target_logits_are_symmetric(monkeypatch, sigma, outlier, divergence, alpha,
+                                                                sweeps):
+    """One target parameter for every row: log P from one log1p per pair and the LSE factors
+    (pair_factors), in pass 2 and the backward, unless the LSE^p range would overflow them (an
+    outlier 100 away) or the parameter differs per row; alpha > 0 (log of the mixture) too."""
+    n = 23
+    x, z, upstream = _inputs(n, 21)
+    z[4] += outlier
+    if sigma == "per_row":
+        sigma = torch.linspace(1.0, 2.0, n, dtype=F64)
+    options = {"divergence": divergence, "alpha": alpha}
+    target = _target(z, sigma)
+    want = _run(x, target, "student_t", {"dof": 1.0}, "reference", upstream, **options)
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = _run(x, target, "student_t", {"dof": 1.0}, "cpu", upstream, **options)
+        assert counts("joint_family_forward", "joint_family_backward", "joint_one_exp_sweeps") == (1, 1, sweeps)
+        _close(got, want, 1e-12)
 
 
 @pytest.mark.parametrize("divergence,t_sigma,scale", [("js", 0.3, 1.0), ("tv", 1.0, 20.0), ("kl", 0.5, 1.0)])
@@ -121,19 +149,37 @@ def test_float32_within_twice_pytorchs_own_error(monkeypatch, divergence, t_sigm
             assert relative_error(mine, exact) <= 2 * relative_error(theirs, exact) + 2.4e-7
 
 
-def test_gradcheck_with_ragged_blocks_and_the_learned_parameter(monkeypatch):
+def test_gradcheck_with_ragged_blocks(monkeypatch):
     monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "12")   # blocks of 2 rows, N = 7
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, generator=gen, dtype=F64, requires_grad=True)
+    z = torch.randn(7, 2, generator=gen, dtype=F64)
+    target = _target(z, torch.linspace(0.7, 1.5, 7, dtype=F64))
+    for kernel, params in LEARNED:
+        for divergence, beta in (("js", 0.0), ("chi2", 0.0), ("kl", 0.2)):
+            def f(x):
+                return ik.icon_loss(x, target=target, kernel=kernel, backend="cpu", reduction="none",
+                                    normalization="joint", divergence=divergence, beta=beta, **params)
+            assert torch.autograd.gradcheck(f, (x,))
+            forward, backward = _counts()
+            assert forward > 0 and backward > 0
+
+
+def test_gradcheck_of_the_learned_parameter_after_this_forward(monkeypatch):
+    """The learned parameter's gradient runs the plain backward on this forward's stats."""
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "12")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(7, 3, generator=gen, dtype=F64, requires_grad=True)
     z = torch.randn(7, 2, generator=gen, dtype=F64)
     sigma = torch.tensor(1.2, dtype=F64, requires_grad=True)
     target = _target(z, torch.linspace(0.7, 1.5, 7, dtype=F64))
-    for divergence, beta in (("js", 0.0), ("chi2", 0.0), ("kl", 0.2)):
-        def f(x, sigma):
-            return ik.icon_loss(x, target=target, kernel="gaussian", sigma=sigma, backend="cpu", reduction="none",
-                                normalization="joint", divergence=divergence, beta=beta)
-        assert torch.autograd.gradcheck(f, (x, sigma))
-    assert _counts()[1] > 0
+
+    def f(x, sigma):
+        return ik.icon_loss(x, target=target, kernel="gaussian", sigma=sigma, backend="cpu", reduction="none",
+                            normalization="joint", divergence="tv", beta=0.1)
+    assert torch.autograd.gradcheck(f, (x, sigma))
+    forward, backward = _counts()
+    assert forward > 0 and backward == 0
 
 
 def test_the_learned_parameter_gradient_equals_the_reference(monkeypatch):
@@ -147,7 +193,7 @@ def test_the_learned_parameter_gradient_equals_the_reference(monkeypatch):
         loss = ik.icon_loss(x, target=target, kernel="gaussian", sigma=sigma, backend=backend, reduction="none",
                             normalization="joint", divergence="tv", beta=0.1)
         grads.append(torch.autograd.grad(loss, [sigma], upstream)[0])
-    assert _counts() == (1, 1)
+    assert _counts() == (1, 0)   # (the plain backward, on this forward's stats)
     assert relative_error(grads[1], grads[0]) <= 1e-12
 
 
@@ -191,9 +237,12 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(normalization="conditional") == (0, 0)                       # a conditional symmetrised target
     assert ran(target=ik.Affinity(z, kernel="gaussian")) == (0, 0)          # not symmetrised
     assert ran(y=x.detach().clone()) == (0, 0)
-    assert ran(kernel="log_dot", y=x.abs().detach() + 0.1) == (0, 0)
+    positive = (x.detach().abs() + 0.1).requires_grad_()
+    ik.icon_loss(positive, target=_target(z), kernel="log_dot", backend="cpu", normalization="joint",
+                 divergence="js").backward()
+    assert _counts() == (0, 0)                                              # log_dot: not this schedule
     assert ran(kernel="gaussian", sigma=torch.linspace(0.5, 1.5, n, dtype=F64)) == (0, 0)
-    assert ran(kernel="gaussian", sigma=torch.tensor(1.0, dtype=F64, requires_grad=True)) == (1, 1)
+    assert ran(kernel="gaussian", sigma=torch.tensor(1.0, dtype=F64, requires_grad=True)) == (1, 0)
     zg = z.clone().requires_grad_()
     with pytest.raises(ValueError, match="symmetrize=True"):   # (the Python layer's rule, unchanged)
         ran(target=_target(zg))
