@@ -347,13 +347,14 @@ DEFAULT_ALLOWANCE = 60.0
 # members on the family rows and the closed-form f-divergence rows (csrc/cpu_symmetric_label_family.h:
 # beta > 0, Student-t; infonce-tv and infonce-js), for SNE / t-SNE
 # (csrc/cpu_symmetric_affinity.h, csrc/cpu_symmetric_joint.h) and for t-SNE with an f-divergence
-# (csrc/cpu_symmetric_affinity_family.h), for the kNN graph (a Neighbors target: the family
+# (csrc/cpu_symmetric_affinity_family.h), for joint t-SNE with an f-divergence
+# (csrc/cpu_symmetric_joint_family.h), for the kNN graph (a Neighbors target: the family
 # schedule of csrc/cpu_symmetric_label_family.h with the Cauchy rows), the bidirectional one for
 # both directions of CLIP (csrc/cpu_bidirectional_labels.cpp). There the sweep also times
 # "cpu-plain", the same backend with ICON_KERNELS_SYMMETRIC=0 (plain schedule; two calls for
 # clip-both), so that both schedules are in one run.
 SYMMETRIC_CPU = ("infonce", "supcon100", "infonce-debiased", "tsimclr5", "clip-both", "sne", "tsne", "jointtsne",
-                 "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "knn-graph")
+                 "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "knn-graph", "jointtsne-js")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 
