@@ -237,12 +237,13 @@ void target_tile(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64
   pair_gram<T>(pb.z, i0, i1, j0, j1, is_distance(pb.t_kernel) ? pb.z_sq.template data_ptr<T>() : nullptr, t_buf);
 }
 
-// The x and z tiles of one tile pair: X_I X_J^T into s_buf and Z_I Z_J^T into t_buf.
+// The x and z tiles of one tile pair: X_I X_J^T into s_buf and Z_I Z_J^T into t_buf (a Labels
+// target, cpu_symmetric_joint_family.h: the x tile alone).
 template <typename T>
 void affinity_tiles(const Problem<T>& pb, int64_t i0, int64_t i1, int64_t j0, int64_t j1, at::Tensor& s_buf,
                     at::Tensor& t_buf) {
   pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(pb.kernel) ? pb.x_sq.template data_ptr<T>() : nullptr, s_buf);
-  target_tile(pb, i0, i1, j0, j1, t_buf);
+  if (pb.target == kAffinity) target_tile(pb, i0, i1, j0, j1, t_buf);
 }
 
 // The forward's row statistics over every tile pair.

@@ -2,12 +2,16 @@
 // Affinity target in self mode (DESIGN.md §1.2): van der Maaten's P_ij = (p_{j|i} + p_{i|j}) / 2N
 // against q_ij = e^{s_ij} / Z under an f-divergence (reverse KL, TV, Hellinger, JS, chi^2), or
 // KL / cross-entropy with alpha or beta > 0 (KL and cross-entropy without them have their own,
-// cheaper schedule: cpu_symmetric_joint.h). Under joint normalisation both P and q are symmetric
-// in the pair, and so is every term of the divergence and its q g: each pair of row blocks I <= J
-// is one Gram tile of x and one of z, and each pair's values are computed once for both rows:
+// cheaper schedule: cpu_symmetric_joint.h); and joint normalisation of a Labels target whose
+// column labels are its rows', P_ij = [y_i = y_j] / (the positive pairs over every row), under
+// every divergence, alpha and beta (joint SupCon; no other schedule takes it). Under joint
+// normalisation both P and q are symmetric in the pair, and so is every term of the divergence
+// and its q g: each pair of row blocks I <= J is one Gram tile of x (and one of z for Affinity),
+// and each pair's values are computed once for both rows:
 //   pass 1    each row's learned LSE_i and target LSE^p_i over the tile pairs, merged online (the
 //             conditional Affinity family's rows, cpu_symmetric_affinity_family.h; t-SNE's Cauchy
-//             kernel sums its weights); then log Z = logsumexp_i LSE_i;
+//             kernel sums its weights; a Labels target's LSE_i alone, learned_row_lses); then
+//             log Z = logsumexp_i LSE_i;
 //   pass 2    per pair: q = e^{s - log Z}, log P exact where P underflows (joint_log_p_row: one
 //             exp and one log1p per pair where every row has one target parameter, pair_factors)
 //             and the plain rows' per-pair terms (f_pair), whose q~ f and q g go to the row sums of
@@ -27,6 +31,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -48,10 +53,12 @@ namespace cpu {
 // take (an f-divergence, or alpha or beta > 0).
 template <typename T>
 bool symmetric_joint_family_fit(const Problem<T>& pb) {
-  if (!pb.joint || !pb.symmetrize || pb.target != kAffinity || !pb.self_pairs || !pb.z_self || !pb.scalar_param ||
-      pb.n < 2)
-    return false;
-  return pb.kernel != kLogDot && !symmetric_joint_fit(pb);
+  if (!pb.joint || !pb.self_pairs || !pb.scalar_param || pb.n < 2 || pb.kernel == kLogDot) return false;
+  switch (pb.target) {
+    case kAffinity: return pb.symmetrize && pb.z_self && !symmetric_joint_fit(pb);
+    case kLabels: return same_row_and_column_labels(pb);   // P_ij = [y_i = y_j] / total: symmetric
+    default: return false;   // Dense, Neighbors: P_ij != P_ji in general
+  }
 }
 
 template <typename T>
@@ -93,12 +100,14 @@ void joint_log_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_
 template <typename T>
 struct JointTermConsts {
   T log_z, b, keep_p, keep_q, bq;
+  T log_pos, log_zero;   // a Labels target's two levels of log p~ (kTwoLevelLogP)
 };
 
+// label_total: a Labels target's positive pairs over every row (what each weight 1 is divided by).
 template <typename T>
-JointTermConsts<T> joint_term_consts(const Problem<T>& pb, T log_z) {
-  const T mv = pb.mix_size();
-  return {log_z, pb.alpha / mv, T(1) - pb.alpha, T(1) - pb.beta, pb.beta / mv};
+JointTermConsts<T> joint_term_consts(const Problem<T>& pb, T log_z, double label_total) {
+  const FRow<T> r = pb.f_row(0, nullptr, log_z, nullptr, nullptr, T(0), 0.0, label_total);   // (its levels)
+  return {log_z, r.alpha / r.mv, T(1) - r.alpha, T(1) - r.beta, r.beta / r.mv, r.log_pos, r.log_zero};
 }
 
 // One row's pair terms over a column block: q~ f into term (or nullptr), q g into qg and q into q
@@ -112,12 +121,14 @@ struct JointRowSums {
 template <typename T, int D, int LOGP, bool BETA>
 ICON_SIMD_INLINE void joint_span_terms(const T* s, const T* p, const T* lp, int64_t j0, int64_t j1,
                                        const JointTermConsts<T>& c, T* term, T* qg, T* q, JointRowSums* out) {
-  const T log_z = c.log_z, b = c.b, keep_p = c.keep_p, keep_q = c.keep_q, bq = c.bq;   // locals (f_row_span's note)
+  // locals (f_row_span's note)
+  const T log_z = c.log_z, b = c.b, keep_p = c.keep_p, keep_q = c.keep_q, bq = c.bq, log_pos = c.log_pos,
+          log_zero = c.log_zero;
   T ts = 0, gs = 0;
 #pragma omp simd reduction(+ : ts, gs)
   for (int64_t j = j0; j < j1; ++j) {
-    const FPair<T> e = f_pair<T, D, LOGP, BETA, true>(s[j], p[j], lp[j], log_z, T(0), T(0), T(0), T(0), b, keep_p,
-                                                      keep_q, bq);
+    const FPair<T> e = f_pair<T, D, LOGP, BETA, true>(s[j], p[j], lp[j], log_z, T(0), T(0), log_pos, log_zero, b,
+                                                      keep_p, keep_q, bq);
     if (term != nullptr) term[j] = e.term;
     qg[j] = e.qg;
     q[j] = e.q;
@@ -152,9 +163,11 @@ using JointRowTermsFn = JointRowSums (*)(const T*, const T*, const T*, int64_t, 
 
 template <typename T, int D>
 JointRowTermsFn<T> joint_row_terms_of(int log_p, bool beta) {
-  switch (log_p) {   // an Affinity target's modes (log_p_mode_of)
+  switch (log_p) {   // an Affinity target's modes and a Labels target's (log_p_mode_of)
     case kExactLogP: return beta ? &joint_row_terms<T, D, kExactLogP, true> : &joint_row_terms<T, D, kExactLogP, false>;
     case kLogOfP: return beta ? &joint_row_terms<T, D, kLogOfP, true> : &joint_row_terms<T, D, kLogOfP, false>;
+    case kTwoLevelLogP:
+      return beta ? &joint_row_terms<T, D, kTwoLevelLogP, true> : &joint_row_terms<T, D, kTwoLevelLogP, false>;
     default: TORCH_CHECK(false, "icon_kernels cpu: the joint family schedule has no log p mode ", log_p);
   }
 }
@@ -189,7 +202,46 @@ struct JointFamilyRows {
   JointRowTermsFn<T> terms;
   JointTermConsts<T> c;
   T log_n;
+  const int64_t* labels;   // a Labels target's (nullptr for Affinity), and 1 / its positive pairs
+  T inv_total;
 };
+
+// The number of positive pairs of a self-mode Labels target over every row: sum over classes of
+// n_c (n_c - 1), or n_c^2 with the self pair kept.
+template <typename T>
+double joint_label_total(const Problem<T>& pb) {
+  std::vector<int64_t> lab(pb.labels.template data_ptr<int64_t>(), pb.labels.template data_ptr<int64_t>() + pb.n);
+  std::sort(lab.begin(), lab.end());
+  double total = 0;
+  for (size_t a = 0; a < lab.size();) {
+    size_t b = a;
+    while (b < lab.size() && lab[b] == lab[a]) ++b;
+    const double c = double(b - a);
+    total += pb.exclude_self ? c * (c - 1) : c * c;
+    a = b;
+  }
+  return total;
+}
+
+// What a tile pair's rows read (JointFamilyRows) for pb, with every row's LSE^p (Affinity; T) and
+// log Z.
+template <typename T, int K>
+JointFamilyRows<T, K> joint_family_rows(const Problem<T>& pb, bool t_dist, const T* lse_p, T log_z) {
+  const bool affinity = pb.target == kAffinity;
+  const double total = affinity ? 0.0 : joint_label_total(pb);
+  return {KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
+          affinity ? target_coefs(pb) : std::vector<T>(),
+          affinity && linear_target(pb),
+          affinity && pair_target_logits_once(pb),
+          t_dist,
+          affinity ? pair_factors(pb, lse_p) : PairFactors<T>(),
+          lse_p,
+          joint_row_terms_fn(pb),
+          joint_term_consts(pb, log_z, total),
+          T(std::log(double(pb.n))),
+          affinity ? nullptr : pb.labels.template data_ptr<int64_t>(),
+          total > 0 ? T(1.0 / total) : T(0)};
+}
 
 // A thread's row buffers over one column block.
 template <typename T>
@@ -209,6 +261,15 @@ JointRowSums joint_family_row(const Problem<T>& pb, const JointFamilyRows<T, K>&
                               JointFamilyScratch<T>& sc) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
   kernel_logits<T, K>(rows.k, ab, sc.s.data(), x_sq + j0, x_sq[i], nj);
+  if (rows.labels != nullptr) {   // P_ij = [y_i = y_j] / total (the self column: the terms skip it)
+    const int64_t li = rows.labels[i];
+    const int64_t* lc = rows.labels + j0;
+    const T inv = rows.inv_total;
+    T* p = sc.p.data();
+#pragma omp simd
+    for (int64_t j = 0; j < nj; ++j) p[j] = lc[j] == li ? inv : T(0);
+    return rows.terms(sc.s.data(), p, p, nj, self, rows.c, term, qg, sc.q.data());   // (no log p read)
+  }
   if (rows.t_dist) {
     pair_target_logits<T, true>(pb, rows.linear_t, rows.t_once, rows.coef.data(), i, j0, tab, sc.own.data(),
                                 sc.other.data(), nj);
@@ -246,6 +307,33 @@ void add_column_sums(const T* a, const T* b, int64_t ni, int64_t nj, double* col
   });
 }
 
+// Pass 1 for a Labels target: every row's learned LSE merged online over the tile pairs (the x
+// tile for the rows of I, its transpose for the rows of J).
+template <typename T, int K>
+void learned_row_lses(const Problem<T>& pb, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
+                      std::vector<OnlineLabelRow<T>>& acc) {
+  const T* x_sq = pb.x_sq.template data_ptr<T>();
+  const KernelRow<T, K> k_in(pb.prm.template data_ptr<T>()[0]);
+  for_each_block_pair(pb.n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    const int64_t ni = i1 - i0, nj = j1 - j0;
+    pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? x_sq : nullptr, s_buf, &t_buf);
+    const T* s_p = s_buf.template data_ptr<T>();
+    const T* t_p = t_buf.template data_ptr<T>();
+    at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
+      const KernelRow<T, K> k = k_in;   // a local copy (joint_pair_values' note)
+      std::vector<T> s(static_cast<size_t>(block));
+      for (int64_t r = r0; r < r1; ++r) {
+        const SideRow sr = side_row(r, i0, ni, j0, nj);
+        const T* ab = (sr.s == 0 ? s_p : t_p) + sr.offset;
+        kernel_logits<T, K>(k, ab, s.data(), x_sq + sr.col0, x_sq[sr.i], sr.len);
+        const int64_t self = pb.exclude_self && sr.i >= sr.col0 && sr.i < sr.col0 + sr.len ? sr.i - sr.col0 : -1;
+        const LabelRow seg{nullptr, 0, sr.len, self, double(pb.alpha), pb.m_valid};
+        add_lse_segment<T>(seg, s.data(), &acc[sr.i]);
+      }
+    });
+  });
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_family_forward(const Problem<T>& pb) {
   const int64_t n = pb.n, block = pair_block(pb.tile, n);
@@ -256,34 +344,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_family_forward(co
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), lse_q(static_cast<size_t>(n));
   std::vector<T> lse_p(static_cast<size_t>(n));
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
-  const double log_n = std::log(double(n));
+  const bool affinity = pb.target == kAffinity;
   T log_z = 0;
   with_affinity_kernels(pb, [&](auto kc, auto t_dist, auto is_cauchy) {
     constexpr int K = decltype(kc)::value;
     constexpr bool T_DIST = decltype(t_dist)::value;
     {
-      const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
-                                        pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
-                                        target_coefs(pb), linear_target(pb), pair_target_logits_once(pb),
-                                        pb.exclude_self};
-      // pass 1: every row's LSE and LSE^p (the conditional family's pass 1)
-      affinity_row_lses<T, K, T_DIST, decltype(is_cauchy)::value>(pb, rows, block, s_buf, t_buf, acc_q, acc_p);
+      // pass 1: every row's LSE (and an Affinity target's LSE^p: the conditional family's pass 1)
+      if (affinity) {
+        const AffinityPairRows<T, K> rows{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]),
+                                          pb.x_sq.template data_ptr<T>(), pb.z_sq.template data_ptr<T>(),
+                                          target_coefs(pb), linear_target(pb), pair_target_logits_once(pb),
+                                          pb.exclude_self};
+        affinity_row_lses<T, K, T_DIST, decltype(is_cauchy)::value>(pb, rows, block, s_buf, t_buf, acc_q, acc_p);
+      } else {
+        learned_row_lses<T, K>(pb, block, s_buf, t_buf, acc_q);
+      }
       for (int64_t i = 0; i < n; ++i) {
         lse_q[i] = online_lse(acc_q[i]);
-        lse_p[i] = T(online_lse(acc_p[i]));
+        if (affinity) lse_p[i] = T(online_lse(acc_p[i]));
       }
       log_z = T(log_sum_exp(lse_q));
       // pass 2: every pair's terms once, under log Z, summed into both of its rows
-      JointFamilyRows<T, K> jr{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]), target_coefs(pb), linear_target(pb),
-                               pair_target_logits_once(pb), T_DIST, pair_factors(pb, lse_p.data()), lse_p.data(),
-                               joint_row_terms_fn(pb), joint_term_consts(pb, log_z), T(log_n)};
+      const JointFamilyRows<T, K> jr = joint_family_rows<T, K>(pb, T_DIST, lse_p.data(), log_z);
       if (jr.pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
       std::vector<double> col_loss(static_cast<size_t>(block)), col_gamma(col_loss.size());
       for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
         const int64_t ni = i1 - i0, nj = j1 - j0;
         const bool diag = i0 == j0;
-        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);
-        T* term = s_buf.template data_ptr<T>();   // the x tile becomes q~ f, the z tile q g
+        affinity_tiles(pb, i0, i1, j0, j1, s_buf, t_buf);   // (a Labels target: the x tile alone)
+        T* term = s_buf.template data_ptr<T>();   // the x tile becomes q~ f, the z tile (or its buffer) q g
         T* qg = t_buf.template data_ptr<T>();
         at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
           JointFamilyScratch<T> sc(nj);
@@ -309,13 +399,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_family_forward(co
   });
   // the plain joint rows' stats (cpu_loss.cpp): log Z, Gamma_i, LSE^p, the row's share of q
   const std::vector<double> q_mass = q_masses(lse_q, log_z);
-  const bool has = pb.m_valid > 0;
+  // a Labels target without a positive pair leaves every row out (the plain rows' some_p)
+  const bool has = pb.m_valid > 0 && (affinity || joint_label_total(pb) > 0);
   for (int64_t i = 0; i < n; ++i) {
     out.inc_p[i] = has;
     out.loss_p[i] = std::isnan(log_z) ? log_z : has ? T(loss[i]) : T(0);   // NaN logits: NaN, even without p
     st[i] = log_z;
     st[n + i] = T(gamma[i]);
-    st[2 * n + i] = lse_p[i];
+    st[2 * n + i] = affinity ? lse_p[i] : T(0);
     st[3 * n + i] = T(q_mass[i]);
   }
   count_schedule_call(pb.row_path(), n, 0, kJointFamilyForwardCounter);
@@ -378,16 +469,12 @@ std::vector<at::Tensor> symmetric_joint_family_backward(const Problem<T>& pb, co
     q_total += double(st[3 * n + i]);
   }
   const double centre = q_total > 0 ? num / q_total : 0.0;
-  const PairFactors<T> pf = pair_factors(pb, st + 2 * n);
-  if (pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
-  const JointRowTermsFn<T> terms = joint_row_terms_fn(pb);
-  const JointTermConsts<T> consts = joint_term_consts(pb, st[0]);
   return h_tile_backward(pb, block, kJointFamilyBackwardCounter, [&](auto kc, auto t_dist, auto) {
     constexpr int K = decltype(kc)::value;
-    return [&, rows = JointFamilyRows<T, K>{KernelRow<T, K>(pb.prm.template data_ptr<T>()[0]), target_coefs(pb),
-                                            linear_target(pb), pair_target_logits_once(pb), decltype(t_dist)::value,
-                                            pf, st + 2 * n, terms, consts, T(std::log(double(n)))}](
-               int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab, double* row_sum) {
+    JointFamilyRows<T, K> built = joint_family_rows<T, K>(pb, decltype(t_dist)::value, st + 2 * n, st[0]);
+    if (built.pf.ok) symmetric_schedule_counters()[kJointOneExpCounter].fetch_add(1, std::memory_order_relaxed);
+    return [&, rows = std::move(built)](int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, const T* tab,
+                                        double* row_sum) {
       joint_family_h_tile<T, K>(pb, rows, g, centre, i0, ni, j0, nj, ab, tab, row_sum);
     };
   });

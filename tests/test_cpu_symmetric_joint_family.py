@@ -283,3 +283,84 @@ def test_the_joint_t_sne_preset_with_another_divergence_runs_it():
     data = torch.randn(40, 6, generator=gen, dtype=F64)
     ik.JointTSNE(perplexity=10.0, divergence="js")(emb, data).backward()
     assert _counts() == (1, 1)
+
+
+# --- joint normalisation of a Labels target: P_ij = [y_i = y_j] / (the positive pairs), symmetric too
+
+def _labels(n, classes, seed):
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# reverse KL needs alpha > 0 against labels (p = 0 off the positives); KL and cross-entropy with
+# alpha = beta = 0 take this schedule too
+LABEL_OBJECTIVES = (("reverse_kl", 0.1, 0.0), ("kl", 0.0, 0.0), ("cross_entropy", 0.0, 0.0)) + OBJECTIVES[1:]
+
+
+@pytest.mark.parametrize("objective,n", list(itertools.product(range(len(LABEL_OBJECTIVES)), (2, 23))))
+def test_float64_labels_every_objective(monkeypatch, objective, n):
+    divergence, alpha, beta = LABEL_OBJECTIVES[objective]
+    x, _, upstream = _inputs(n, 30 + objective)
+    _check(monkeypatch, x, ik.Labels(_labels(n, 3, objective)), "gaussian", {"sigma": 1.2}, upstream,
+           divergence=divergence, alpha=alpha, beta=beta)
+
+
+@pytest.mark.parametrize("learned,divergence", list(itertools.product(range(len(LEARNED)), ("kl", "tv"))))
+def test_float64_labels_every_learned_kernel(monkeypatch, learned, divergence):
+    kernel, params = LEARNED[learned]
+    x, _, upstream = _inputs(19, 40 + learned)
+    _check(monkeypatch, x, ik.Labels(_labels(19, 4, learned)), kernel, params, upstream, divergence=divergence,
+           beta=0.1 if divergence == "tv" else 0.0)
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_float64_labels_singletons_and_the_self_pair(monkeypatch, exclude_self):
+    """Classes of one row (no positive without the self pair) and the self pair kept (a positive)."""
+    n = 13
+    x, _, upstream = _inputs(n, 50)
+    labels = torch.arange(n) // 3
+    labels[-1] = 99   # a class of one
+    _check(monkeypatch, x, ik.Labels(labels), "dot", {"temperature": 0.7}, upstream, divergence="js",
+           exclude_self=exclude_self)
+
+
+def test_float32_labels_within_twice_pytorchs_own_error(monkeypatch):
+    n = 40
+    x, _, upstream = _inputs(n, 5)
+    x = (8.0 * x).to(F32).double()
+    target = ik.Labels(_labels(n, 5, 1))
+    options = {"divergence": "js", "beta": 0.1, "kernel": "dot", "temperature": 0.1}
+    def run(xx, backend):
+        xx = xx.detach().clone().requires_grad_()
+        loss = ik.icon_loss(xx, target=target, backend=backend, reduction="none", normalization="joint", **options)
+        return [loss.detach(), torch.autograd.grad(loss, [xx], upstream.to(loss.dtype))[0]]
+    want, naive = run(x, "reference"), run(x.float(), "reference")
+    for tile in TILES:
+        monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", tile)
+        got = run(x.float(), "cpu")
+        assert _counts() == (1, 1)
+        for mine, theirs, exact in zip(got, naive, want):
+            assert relative_error(mine, exact) <= 2 * relative_error(theirs, exact) + 2.4e-7
+
+
+def test_labels_gradcheck_and_where_it_runs(monkeypatch):
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "12")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 3, generator=gen, dtype=F64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2])
+
+    def f(x):
+        return ik.icon_loss(x, target=ik.Labels(labels), kernel="gaussian", backend="cpu", reduction="none",
+                            normalization="joint", divergence="hellinger", beta=0.2)
+    assert torch.autograd.gradcheck(f, (x,))
+    forward, backward = _counts()
+    assert forward > 0 and backward > 0
+    monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS")
+
+    def ran(**kw):
+        kw.setdefault("target", ik.Labels(labels))
+        ik.icon_loss(x, backend="cpu", normalization="joint", kernel="dot", **kw).backward()
+        return _counts()
+    assert ran() == (1, 1)                                                          # KL: this schedule too
+    assert ran(divergence="tv", alpha=0.1) == (1, 1)
+    assert ran(target=ik.Labels(labels, labels.roll(1)), y=x) == (0, 0)           # other column labels
+    assert ran(target=ik.Labels(labels, labels.clone()), y=x) == (1, 1)           # equal values
