@@ -171,6 +171,38 @@ ICON_SIMD_INLINE T half_p_two_exps(T t, T t_other, T li, T lj) {
   return (vexp(t - li) + vexp(t_other - lj)) * T(0.5);
 }
 
+// Row i's (p_{j|i} + p_{i|j}) / 2 over the columns [j0, j0 + nj) into out (which may be other),
+// from both orientations' target logits own and other: one exp per pair under pf, else two.
+template <typename T>
+void half_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_t j0, int64_t nj, const T* own,
+                const T* other, T* out) {
+  const T li = lse_p[i];
+  const T* lc = lse_p + j0;
+  if (pf.ok) {
+    const T ui = pf.u[i], vi = pf.v[i];
+    const T* uc = pf.u.data() + j0;
+    const T* vc = pf.v.data() + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < nj; ++j) out[j] = half_p_one_exp(own[j], li, lc[j], ui, vi, uc[j], vc[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < nj; ++j) out[j] = half_p_two_exps(own[j], other[j], li, lc[j]);
+  }
+}
+
+// The joint centre C = sum_k g_k Gamma_k / sum_k q_k over every row from the joint stats (row 1
+// Gamma_k = sum_j q g, -sum_j P~ under forward KL; row 3 the row's share of q): s_ij moves every q
+// through Z. 0 without a valid pair (not 0 / 0).
+template <typename T>
+double joint_centre(const T* g, const T* st, int64_t n) {
+  double num = 0, q_total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
+    q_total += double(st[3 * n + i]);
+  }
+  return q_total > 0 ? num / q_total : 0.0;
+}
+
 // The per-pair values of one tile pair in place, after affinity_tiles: the s tile becomes the
 // learned term (Cauchy: r; else s), the z tile P_ij, and k_buf P (log P - s) (cross-entropy:
 // -P s); 0 (s: -inf) at an excluded self pair. P = h / N with h = (p_{j|i} + p_{i|j}) / 2 (one exp
@@ -183,9 +215,7 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
                        const PairFactors<T>& pf, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab, T* tab,
                        T* kv) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb), one_exp = pf.ok;
-  const T* u = one_exp ? pf.u.data() : nullptr;
-  const T* v = one_exp ? pf.v.data() : nullptr;
+  const bool diag = i0 == j0, linear = linear_target(pb);
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     // a local copy: through the reference its constants might alias the stores, and a load of them
     // in the loop kept GCC from vectorising it (scalar code, 3x slower)
@@ -203,20 +233,10 @@ void joint_pair_values(const Problem<T>& pb, const KernelRow<T, K>& k_in, const 
       T* w = ab + r * nj;
       T* p = tab + r * nj;
       T* kr = kv + r * nj;
-      const T li = lse_p[i], xi_sq = x_sq[i];
-      const T* lc = lse_p + j0;
+      const T xi_sq = x_sq[i];
       const T* xc_sq = x_sq + j0;
       pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, p, ov, tv, nj);   // t_ij, t_ji
-      if (one_exp) {
-        const T ui = u[i], vi = v[i];
-        const T* uc = u + j0;
-        const T* vc = v + j0;
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) p[j] = half_p_one_exp(ov[j], li, lc[j], ui, vi, uc[j], vc[j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) p[j] = half_p_two_exps(ov[j], tv[j], li, lc[j]);
-      }
+      half_p_row(pf, lse_p, i, j0, nj, ov, tv, p);
 #pragma omp simd
       for (int64_t j = 0; j < nj; ++j) {
         const T aux = k.aux(w[j], xi_sq, xc_sq[j]);
@@ -372,12 +392,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_joint_forward(const Pro
 // kernel's self pair, whose x_i - x_i is 0); the rows' sums of H into row_sum.
 template <typename T, int K, bool T_DIST, bool CAUCHY>
 void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* coef, bool uniform, const T* lse_p,
-                  const PairFactors<T>& pf, const T* g, T log_z, double centre_exact, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* ab,
-                  const T* tab, double* row_sum) {
+                  const PairFactors<T>& pf, const T* g, T log_z, double centre_exact, int64_t i0, int64_t ni,
+                  int64_t j0, int64_t nj, T* ab, const T* tab, double* row_sum) {
   const T* x_sq = pb.x_sq.template data_ptr<T>();
-  const bool diag = i0 == j0, linear = linear_target(pb), one_exp = pf.ok;
-  const T* u = one_exp ? pf.u.data() : nullptr;
-  const T* v = one_exp ? pf.v.data() : nullptr;
+  const bool diag = i0 == j0, linear = linear_target(pb);
   // the Cauchy kernel's q / r = 1 / Z, and C, each in two parts (one rounding would be an error
   // shared by every pair)
   const T centre = T(centre_exact);
@@ -399,23 +417,13 @@ void joint_h_tile(const Problem<T>& pb, const KernelRow<T, K>& k_in, const T* co
       const int64_t self = (pb.exclude_self || is_distance(K)) && diag ? r : -1;
       T* w = ab + r * nj;
       const T* tr = tab + r * nj;
-      const T gi = g[i], li = lse_p[i], xi_sq = x_sq[i];
+      const T gi = g[i], xi_sq = x_sq[i];
       const T* gc = g + j0;
-      const T* lc = lse_p + j0;
       const T* xc_sq = x_sq + j0;
       pair_target_logits<T, T_DIST>(pb, linear, uniform, coef, i, j0, tr, ov, tv, nj);
       // (p_{j|i} + p_{i|j}) / 2 into tv: P itself from one exp or two (joint_pair_values' h; here
       // P = 0 where both underflow is exact, the forward's P log P needs no more)
-      if (one_exp) {
-        const T ui = u[i], vi = v[i];
-        const T* uc = u + j0;
-        const T* vc = v + j0;
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) tv[j] = half_p_one_exp(ov[j], li, lc[j], ui, vi, uc[j], vc[j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) tv[j] = half_p_two_exps(ov[j], tv[j], li, lc[j]);
-      }
+      half_p_row(pf, lse_p, i, j0, nj, ov, tv, tv);
       if constexpr (!CAUCHY) {
 #pragma omp simd
         for (int64_t j = 0; j < nj; ++j) sv[j] = k.logit(k.aux(w[j], xi_sq, xc_sq[j]));
@@ -453,13 +461,8 @@ std::vector<at::Tensor> symmetric_joint_backward(const Problem<T>& pb, const at:
   const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
-  // C = sum_k g_k P_k / sum_k q_k: s_ij moves every q through Z (the plain rows' centre, signed)
-  double num = 0, q_total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (g[i] != T(0)) num -= double(g[i]) * double(st[n + i]);
-    q_total += double(st[3 * n + i]);
-  }
-  const double centre = q_total > 0 ? num / q_total : 0.0;
+  // C = sum_k g_k P_k / sum_k q_k: the plain rows' centre, signed (row 1 holds -sum_j P)
+  const double centre = -joint_centre(g, st, n);
   const std::vector<T> coef = target_coefs(pb);
   const bool uniform = pair_target_logits_once(pb);
   const PairFactors<T> pf = pair_factors(pb, st + 2 * n);

@@ -462,13 +462,7 @@ std::vector<at::Tensor> symmetric_joint_family_backward(const Problem<T>& pb, co
   const at::Tensor g_t = masked_grads(grad_rows, valid, pb.x.options());
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
-  // C = sum_k g_k Gamma_k / sum_k q_k, as the plain joint rows' centre
-  double num = 0, q_total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
-    q_total += double(st[3 * n + i]);
-  }
-  const double centre = q_total > 0 ? num / q_total : 0.0;
+  const double centre = joint_centre(g, st, n);   // the plain joint rows' centre
   return h_tile_backward(pb, block, kJointFamilyBackwardCounter, [&](auto kc, auto t_dist, auto) {
     constexpr int K = decltype(kc)::value;
     JointFamilyRows<T, K> built = joint_family_rows<T, K>(pb, decltype(t_dist)::value, st + 2 * n, st[0]);
