@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .tile_helpers import (exp_, gram_block, load_rows, load_vec, pair_logits, second_pass_rows, second_pass_terms,
-                           target_weights, tile_target_weights, valid_pairs)
+                           target_row_statistic, target_weights, tile_target_weights, valid_pairs)
 
 
 @triton.jit
@@ -159,11 +159,9 @@ def icon_mixture_kernel(
         h_stat += tl.sum(h, 1)
         p_sum += tl.sum(w, 1)
     loss, r_stat = second_pass_rows(a_sum, b_sum, c_sum, KL, DIVERGENCE)
-    if DIVERGENCE != 0 and DIVERGENCE != 1:
-        h_stat = h_stat / tl.where(p_sum > 0.0, p_sum, 1.0)      # Phi_i as a row mean, as Gamma_i
     tl.store(LOSS + rows, loss, mask=in_rows)
     tl.store(STATS + N + rows, r_stat, mask=in_rows)
     if TARGET == 2:
         # H_i (Phi_i), read for an Affinity target's gradient only. Other targets leave row 3 as the
         # launcher made it (zeros): a Labels forward's TRIANGULAR_RECORD_ROW, 0 after a plain forward
-        tl.store(STATS + 3 * N + rows, h_stat, mask=in_rows)
+        tl.store(STATS + 3 * N + rows, target_row_statistic(h_stat, p_sum, DIVERGENCE), mask=in_rows)

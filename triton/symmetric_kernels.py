@@ -71,7 +71,7 @@ NO_MAX = tl.constexpr(-1.0e30)       # the running max of no column yet (as icon
 CLOSED_FORM_PASS = tl.constexpr(0)   # beta = 0, kl or cross_entropy: LSE and the closed form's sums at once
 LSE_PASS = tl.constexpr(1)           # the first of two passes: the LSE alone
 SECOND_PASS = tl.constexpr(2)        # the second: the per-pair terms with every row's LSE known
-# How two partials of the same rows combine (KIND, a constexpr of _combine and panel_statistics):
+# How two partials of the same rows combine (KIND, a constexpr of combine_statistics and panel_statistics):
 LABEL_STATISTICS = tl.constexpr(0)     # (max, sum of exps) merged online, three sums added
 AFFINITY_STATISTICS = tl.constexpr(1)  # (max, sum of exps) twice, A rescaled with the target's max
 SUM_STATISTICS = tl.constexpr(2)       # five plain sums (the second pass)
@@ -119,9 +119,9 @@ def _second_pass_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS: 
 
 
 @triton.jit
-def _second_pass_lse(STATS, idx, N, PASS: tl.constexpr):
-    """The LSE of rows idx for the SECOND_PASS (stats row 0, from the LSE_PASS); the other passes
-    read none (0, not loaded)."""
+def second_pass_lse(STATS, idx, N, PASS: tl.constexpr):
+    """The LSE of rows idx for the SECOND_PASS (stats row 0 at STATS, from the LSE_PASS; an Affinity
+    target's LSE^p, row 2, at STATS + 2 N); the other passes read none (0, not loaded)."""
     if PASS == SECOND_PASS:
         lse = load_vec(STATS, idx, N, 0.0)
     else:
@@ -179,7 +179,7 @@ def merge_target_sums(m_p, l_p, a, m_p2, l_p2, a2):
 
 
 @triton.jit
-def _combine(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, KIND: tl.constexpr):
+def combine_statistics(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, KIND: tl.constexpr):
     """Two partials of the same rows as one: LABEL_STATISTICS, (max, sum of exps) merged online,
     then the Labels sums (sum p s, sum s, sum p~ log p~) added; AFFINITY_STATISTICS, the same max
     and sum, then the Affinity target's (max, sum, A) merged; SUM_STATISTICS, five sums added."""
@@ -193,7 +193,7 @@ def _combine(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, KIND: tl.constexpr):
     elif KIND == SUM_STATISTICS:
         return x0 + y0, x1 + y1, x2 + y2, x3 + y3, x4 + y4
     else:
-        tl.static_assert(False, "_combine: unknown statistics kind")
+        tl.static_assert(False, "combine_statistics: unknown statistics kind")
 
 
 @triton.jit
@@ -201,17 +201,17 @@ def panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel
                      BLOCK_M: tl.constexpr, KIND: tl.constexpr):
     """Row block R's running statistics (RUN) with a panel's partials folded in: the column-side
     ones of the panel's row blocks before R and, when the panel holds R (then R is complete), its
-    row-side ones, in that order (the merge kernels of both targets; KIND as _combine's)."""
+    row-side ones, in that order (the merge kernels of both targets; KIND as combine_statistics')."""
     s0, s1, s2, s3, s4 = load_statistics(RUN + rows, N, in_rows)
     for k in range(0, tl.minimum(panel_blocks, R - block0)):
         c0, c1, c2, c3, c4 = load_statistics(COL_PART + k * N + rows, panel_cap * N, in_rows)
-        s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, c0, c1, c2, c3, c4, KIND)
+        s0, s1, s2, s3, s4 = combine_statistics(s0, s1, s2, s3, s4, c0, c1, c2, c3, c4, KIND)
     if R - block0 < panel_blocks:
         for c in range(0, chunks):
             r0, r1, r2, r3, r4 = load_statistics(
                 ROW_PART + ((R - block0) * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M),
                 panel_cap * chunks * BLOCK_M, in_rows)
-            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, r0, r1, r2, r3, r4, KIND)
+            s0, s1, s2, s3, s4 = combine_statistics(s0, s1, s2, s3, s4, r0, r1, r2, r3, r4, KIND)
     return s0, s1, s2, s3, s4
 
 
@@ -237,7 +237,7 @@ def icon_symmetric_forward_kernel(
     prm = load_vec(PRM, rows, N, 1.0)
     lab = tl.load(LAB + rows, mask=rows < N, other=0)
     k_rows = load_vec(NORM, rows, N, 1.0)
-    lse = _second_pass_lse(STATS, rows, N, PASS)
+    lse = second_pass_lse(STATS, rows, N, PASS)
     if KIND == SUM_STATISTICS:
         s0 = tl.zeros([BLOCK_M], tl.float32)
     else:
@@ -258,11 +258,11 @@ def icon_symmetric_forward_kernel(
             same = (lab[:, None] == tl.load(LAB + cols, mask=cols < N, other=0)[None, :]) & valid
             t0, t1, t2, t3, t4 = _tile_statistics(s, valid, same, k_rows[:, None], lse[:, None], m_valid, alpha,
                                                   beta, 1, PASS, HAS_BETA, DIVERGENCE)
-            s0, s1, s2, s3, s4 = _combine(s0, s1, s2, s3, s4, t0, t1, t2, t3, t4, KIND)
+            s0, s1, s2, s3, s4 = combine_statistics(s0, s1, s2, s3, s4, t0, t1, t2, t3, t4, KIND)
             if J != I:        # rows J over the columns of I: this tile read down its columns
                 c0, c1, c2, c3, c4 = _tile_statistics(s, valid, same, load_vec(NORM, cols, N, 1.0)[None, :],
-                                                      _second_pass_lse(STATS, cols, N, PASS)[None, :], m_valid, alpha, beta,
-                                                      0, PASS, HAS_BETA, DIVERGENCE)
+                                                      second_pass_lse(STATS, cols, N, PASS)[None, :], m_valid, alpha,
+                                                      beta, 0, PASS, HAS_BETA, DIVERGENCE)
                 store_statistics(COL_PART + k * N + cols, col_stat, c0, c1, c2, c3, c4, cols < N)
     store_statistics(ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M), panel_cap * chunks * BLOCK_M,
                      s0, s1, s2, s3, s4, rows < N)
@@ -320,9 +320,10 @@ def _label_gradients(s, valid, same, lse, g, k, m_valid, alpha):
 
 
 @triton.jit
-def _gradient_statistic(STATS, idx, N, HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
-    """Stats row 1 of rows idx where _pair_gradients reads it (R_i at beta > 0, Gamma_i of an
-    f-divergence); else 0, not loaded (the closed form's row 1 is 1, unread)."""
+def gradient_statistic(STATS, idx, N, HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
+    """Stats row 1 of rows idx where a side's gradient reads it (R_i at beta > 0, Gamma_i of an
+    f-divergence: _pair_gradients here, the Affinity kernels' _affinity_gradients); else 0, not
+    loaded (row 1 is then unread: 1 after the closed form, an Affinity forward's record)."""
     if HAS_BETA or (DIVERGENCE != 0 and DIVERGENCE != 1):
         stat = load_vec(STATS + N, idx, N, 0.0)
     else:
@@ -415,7 +416,7 @@ def icon_symmetric_backward_kernel(
     lse = load_vec(STATS, rows, N, 0.0)
     k_rows = load_vec(STATS + 2 * N, rows, N, 1.0)       # launchers.NORM_ROW: K_i
     g = load_vec(GRAD, rows, N, 0.0)
-    stat = _gradient_statistic(STATS, rows, N, HAS_BETA, DIVERGENCE)
+    stat = gradient_statistic(STATS, rows, N, HAS_BETA, DIVERGENCE)
     lab = tl.load(LAB + rows, mask=in_rows, other=0)
     dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -441,7 +442,7 @@ def icon_symmetric_backward_kernel(
             grad_cols = tl.where(J != I, _pair_gradients(s, valid, same, lse_c[None, :],
                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
                                                          load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
-                                                         _gradient_statistic(STATS, cols, N, HAS_BETA,
+                                                         gradient_statistic(STATS, cols, N, HAS_BETA,
                                                                              DIVERGENCE)[None, :],
                                                          m_valid, alpha, beta, HAS_BETA, DIVERGENCE), 0.0)
             t_dx, t_w_sum, t_dprm = chain_pair_tile(grad_rows, grad_cols, s, aux, x, y, prm, lse, cols,

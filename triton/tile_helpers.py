@@ -373,3 +373,14 @@ def second_pass_rows(a, b, c, KL: tl.constexpr, DIVERGENCE: tl.constexpr):
     else:
         tl.static_assert(False, "second_pass_rows: unknown divergence code")
     return loss, stat
+
+
+@triton.jit
+def target_row_statistic(h, w, DIVERGENCE: tl.constexpr):
+    """Stats row 3 of an Affinity target from the row sums h, w of second_pass_terms: H_i (kl,
+    cross_entropy: h as summed) or Phi_i as a row mean (an f-divergence: divided by the row total
+    of p, as Gamma_i by that of q in second_pass_rows). The target's gradient reads it
+    (backward_kernels.tile_gradients, f_tile_gradients)."""
+    if DIVERGENCE != 0 and DIVERGENCE != 1:
+        h = h / tl.where(w > 0.0, w, 1.0)
+    return h
