@@ -20,18 +20,30 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "bench")]
 import torch                                           # noqa: E402
 
 import icon_kernels as ik                              # noqa: E402
-from compile_keys import Recorder                      # noqa: E402
+from compile_keys import _NATIVE, Recorder             # noqa: E402
 from workloads import CONFIGS                          # noqa: E402
 
 N, D = 64, 128          # keys depend on d, the dtypes and N, M mod 16, not on N (clip: M = N / 2)
 
 
+def _fits_on_a_gpu(tensors, flags):
+    """launchers._triangular_fits as a GPU decides it (under the interpreter, which has no shared
+    memory, it always holds), with the GPU's UPCAST flags: the heavy Affinity variant (self mode, an
+    fp32 target at d = dz = 256) runs the plain kernels there, the bf16 t-SNE the triangular ones."""
+    from icon_kernels._triton import launchers
+    gpu = dict(flags, UPCAST=tensors["X"].dtype not in _NATIVE, UPCAST_Z=tensors["Z"].dtype not in _NATIVE)
+    return launchers.triangular_fits(launchers._triangular_launch_args(tensors, gpu))
+
+
 def record(calls):
+    from icon_kernels._triton import launchers
     recorder = Recorder().install()
+    interpreter_fits, launchers._triangular_fits = launchers._triangular_fits, _fits_on_a_gpu
     try:
         for call in calls:
             call().backward()
     finally:
+        launchers._triangular_fits = interpreter_fits
         recorder.uninstall()
     return recorder.distinct()
 

@@ -101,10 +101,10 @@ def test_several_panels_chunks_and_tiles_per_block(monkeypatch, kernel, divergen
     """32-row blocks swept in 32 x 16 tiles, one row block per panel (each panel's partials merged
     into the running statistics of the blocks after it) and one column block per program (four
     programs for row block 0: the diagonal pair's, without its column side, and three others)."""
-    from icon_kernels._triton import launchers
+    from icon_kernels._triton import launchers, triangular_launches
     monkeypatch.setattr(launchers, "INTERPRETER_SHAPE", (32, 16, 4, 2))
-    monkeypatch.setattr(launchers, "PANEL_BYTES", 1)
-    monkeypatch.setattr(launchers, "BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triangular_launches, "PANEL_BYTES", 1)
+    monkeypatch.setattr(triangular_launches, "BLOCKS_PER_PROGRAM", 1)
     x, z, sigma, upstream = _inputs(100, seed=4)
     counts = _check_both_schedules(monkeypatch, x, z, sigma if per_row else 0.9, upstream, kernel,
                                    divergence=divergence)
@@ -179,9 +179,10 @@ def test_bf16_as_the_plain_schedule(monkeypatch):
 
 
 def test_plain_where_the_structure_does_not_fit(monkeypatch):
-    """alpha > 0, beta > 0, an f-divergence, other column features z_cols, a per-row learned
-    parameter and an explicit y that is another tensor run the plain kernels; the default run, z_cols
-    equal to z (another tensor) and every target kernel the triangular ones."""
+    """Other column features z_cols, a per-row learned parameter and an explicit y that is another
+    tensor run the plain kernels; the default run, z_cols equal to z (another tensor) and every
+    target kernel the triangular ones, and alpha > 0, beta > 0 or an f-divergence their two forward
+    sweeps (tests/test_triton_symmetric_affinity_family.py)."""
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
     device = device_of("triton")
     x0, z0, _, _ = _inputs(20, seed=1, dtype=torch.float32)
@@ -198,9 +199,9 @@ def test_plain_where_the_structure_does_not_fit(monkeypatch):
 
     assert launched() == (3, 0)
     assert launched(z_cols=z.clone()) == (3, 0)
-    assert launched(alpha=0.1) == (0, 1)
-    assert launched(beta=0.1) == (0, 1)
-    assert launched(divergence="tv") == (0, 1)
+    assert launched(alpha=0.1) == (5, 0)
+    assert launched(beta=0.1) == (5, 0)
+    assert launched(divergence="tv") == (5, 0)
     assert launched(z_cols=z.flip(0)) == (0, 1)
     for t_kernel in ("student_t", "power", "log_dot"):
         assert launched(t_kernel=t_kernel) == (3, 0), t_kernel

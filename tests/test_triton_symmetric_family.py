@@ -88,10 +88,10 @@ def test_several_panels_chunks_and_tiles_per_block(monkeypatch, divergence, beta
     """32-row blocks swept in 32 x 16 tiles, one row block per panel (every panel's partials merged
     into the running statistics of the blocks after it, in both passes: the second's sums start
     from zero again) and one column block per program."""
-    from icon_kernels._triton import launchers
+    from icon_kernels._triton import launchers, triangular_launches
     monkeypatch.setattr(launchers, "INTERPRETER_SHAPE", (32, 16, 4, 2))
-    monkeypatch.setattr(launchers, "PANEL_BYTES", 1)
-    monkeypatch.setattr(launchers, "BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triangular_launches, "PANEL_BYTES", 1)
+    monkeypatch.setattr(triangular_launches, "BLOCKS_PER_PROGRAM", 1)
     n = 100
     x, labels, upstream = labels_inputs(n, seed=2)
     n_blocks = -(-n // 32)
@@ -192,8 +192,8 @@ def test_the_backward_after_either_forward(monkeypatch, case):
 
 def test_plain_where_the_symmetry_breaks(monkeypatch):
     """A two-pass loss runs the plain kernels where the triangle does not apply: y another tensor,
-    a per-row temperature, other column labels, and an Affinity target with an f-divergence or
-    beta > 0 (its triangular kernels are kl / cross_entropy at alpha = beta = 0 only)."""
+    a per-row temperature, other column labels. (An Affinity target with an f-divergence or beta > 0
+    runs its own triangular kernels: tests/test_triton_symmetric_affinity_family.py.)"""
     monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
     device = device_of("triton")
     gen = torch.Generator().manual_seed(1)
@@ -215,5 +215,6 @@ def test_plain_where_the_symmetry_breaks(monkeypatch):
     assert launched(temperature=torch.full((20,), 0.5, device=device)) == (0, 1, 1)
     assert launched(target=ik.Labels(labels, labels.flip(0)), beta=0.2) == (0, 1, 1)
     z = torch.randn(20, 3, generator=gen).to(device)
-    assert launched(target=ik.Affinity(z, sigma=1.0)) == (0, 1, 1)
-    assert launched(target=ik.Affinity(z, sigma=1.0), divergence="kl", alpha=0.0, beta=0.1) == (0, 1, 1)
+    assert launched(target=ik.Affinity(z, sigma=1.0)) == (5, 0, 0)
+    assert launched(target=ik.Affinity(z, sigma=1.0), divergence="kl", alpha=0.0, beta=0.1) == (5, 0, 0)
+    assert launched(target=ik.Affinity(z, z.flip(0), sigma=1.0)) == (0, 1, 1)

@@ -23,14 +23,16 @@ PLAIN = ("_forward_kernel", "_rows_kernel", "_cols_kernel")
 
 
 class Launches:
-    """Counts the launches of the launchers' kernels, by the launchers' names for them (``names``;
+    """Counts the launches of the launchers' kernels, by the names that launchers.py (the plain
+    kernels) and triangular_launches.py (the triangular ones) launch them by (``names``;
     tests/test_triton_symmetric_affinity.py counts the Affinity target's triangular kernels too)."""
 
     def __init__(self, monkeypatch, names=TRIANGULAR + PLAIN):
-        from icon_kernels._triton import launchers
+        from icon_kernels._triton import launchers, triangular_launches
         self.count = dict.fromkeys(names, 0)
         for name in self.count:
-            monkeypatch.setattr(launchers, name, self._counted(name, getattr(launchers, name)))
+            module = triangular_launches if hasattr(triangular_launches, name) else launchers
+            monkeypatch.setattr(module, name, self._counted(name, getattr(module, name)))
 
     def _counted(self, name, kernel):
         count = self.count
@@ -104,10 +106,10 @@ def test_several_panels_chunks_and_tiles_per_block(monkeypatch, kernel, n, exclu
     """32-row blocks swept in 32 x 16 tiles, one row block per panel (every panel's partials merged
     into the running statistics of the blocks after it) and one column block per program (so a row
     block's programs each take one block pair, the diagonal's with the column side left out)."""
-    from icon_kernels._triton import launchers
+    from icon_kernels._triton import launchers, triangular_launches
     monkeypatch.setattr(launchers, "INTERPRETER_SHAPE", (32, 16, 4, 2))
-    monkeypatch.setattr(launchers, "PANEL_BYTES", 1)
-    monkeypatch.setattr(launchers, "BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(triangular_launches, "PANEL_BYTES", 1)
+    monkeypatch.setattr(triangular_launches, "BLOCKS_PER_PROGRAM", 1)
     x, labels, upstream = _inputs(n, seed=n + 1)
     counts = _check_both_schedules(monkeypatch, x, labels, upstream, kernel, exclude_self=exclude_self, alpha=alpha,
                                    divergence=divergence)

@@ -9,8 +9,10 @@ statistics Gamma_i = sum_j q g (row 1) and, for Affinity targets, Phi_i = sum_j 
 divided by the row total of the q or p the kernels form (1 in exact arithmetic).
 Statistics rows: 0 LSE, 1 R (Gamma for an f-divergence), 2 LSE^p, 3 H (Phi; Affinity targets only:
 for the others row 3 is launchers.TRIANGULAR_RECORD_ROW, which a plain forward leaves 0). The per-pair
-terms of the second pass and its finish (tile_helpers.second_pass_terms, second_pass_rows) are shared
-with self mode's triangular kernels (symmetric_kernels.py), which compute the same rows.
+terms of the second pass and its finish (tile_helpers.second_pass_terms, second_pass_rows,
+target_row_statistic) are shared with self mode's triangular kernels (symmetric_kernels.py,
+symmetric_affinity_kernels.py), which compute the same rows (an Affinity target's triangular forward
+at beta > 0 or under an f-divergence then writes its record over row 3: launchers._record_row).
 
 Every kernel here and in backward_kernels.py takes N_BUCKET and M_BUCKET, the next powers of two
 of N and M. The kernels never read them: they are the autotuner's key (launchers.py), so a new

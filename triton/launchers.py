@@ -13,12 +13,9 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from . import triangular_launches
 from .backward_kernels import icon_backward_cols_kernel, icon_backward_rows_kernel
 from .forward_kernels import icon_forward_kernel, icon_mixture_kernel
-from .symmetric_affinity_kernels import (icon_symmetric_affinity_backward_kernel,
-                                         icon_symmetric_affinity_forward_kernel, icon_symmetric_affinity_merge_kernel)
-from .symmetric_kernels import (CLOSED_FORM_PASS, LSE_PASS, SECOND_PASS, icon_symmetric_backward_kernel,
-                                icon_symmetric_forward_kernel, icon_symmetric_merge_kernel)
 
 # The Neighbors targets' sparse O(N k d) gather (icon_kernels/backends/neighbor_pairs.py) is handed in by
 # the package when it registers this backend (icon_kernels/backends/triton.py): this folder imports
@@ -272,13 +269,19 @@ NORM_ROW = 2
 # A Labels forward's free row, 3: the triangular forward's BLOCK_M, else 0. Free in either forward:
 # the closed form writes rows 0 and 1, a second pass (beta > 0, an f-divergence) rows 0 and 1 too
 # (R_i or Gamma_i; the plain second pass writes H_i / Phi_i into row 3 for Affinity targets only), so
-# a plain forward's row 3 stays the zeros it was made of and never reads as a tile size.
+# a plain forward's row 3 stays the zeros it was made of and never reads as a tile size. It is also
+# the record of an Affinity forward at beta > 0 or under an f-divergence, which has no free row: rows
+# 0-2 (LSE, R_i or Gamma_i, LSE^p) are what the triangular backward reads, row 3 (H_i or Phi_i) what
+# the plain backward reads for the target's gradient (z, its parameter) only; so the triangular forward
+# writes its record over H_i / Phi_i, and a self-mode backward that makes the target's gradient
+# computes row 3 again first (_target_statistics). A plain forward writes H_i / Phi_i there, which
+# _triangular_record does not take for a record unless every row's equals the tile size.
 TRIANGULAR_RECORD_ROW = 3
-# An Affinity forward's record of the triangular schedule: its row 3 is taken (H_i = L_i, which the
-# plain backward reads for the target's gradient, and the triangular forward writes as the plain one
-# does), so the record is row 1, R_i: at beta = 0 under kl or cross_entropy (the schedule's
-# structure, which _symmetric checks before reading a record) no kernel reads it, and the plain
-# forward writes 1 there, never a tile size. The triangular forward writes its BLOCK_M (>= 16).
+# An Affinity forward's record where row 1 is free: kl or cross_entropy at beta = 0 (alpha = 0: the
+# closed form, which writes 1 there; alpha > 0: two passes, whose second writes the row's sum of p~),
+# where no backward kernel reads R_i, and a plain forward never writes a tile size. Rows 0, 2 and 3
+# (LSE, LSE^p, H_i) are then the plain forward's, for the plain backward of the target's gradient.
+# The triangular forward writes its BLOCK_M (>= 16).
 AFFINITY_RECORD_ROW = 1
 
 
@@ -286,7 +289,9 @@ def _record_row(op: OpArgs) -> int:
     """The stats row of a triangular forward's record for op's target (_self_mode_structure's
     targets only)."""
     if op.target == "affinity":
-        return AFFINITY_RECORD_ROW
+        if float(op.beta) == 0 and not op.f_divergence:
+            return AFFINITY_RECORD_ROW
+        return TRIANGULAR_RECORD_ROW
     if op.target == "labels":
         return TRIANGULAR_RECORD_ROW
     raise ValueError(f"the triangular schedule has no record row for target {op.target!r}")
@@ -456,7 +461,8 @@ def _forward(op: OpArgs):
                 or op.f_divergence)
     triangular = _triangular_flags(op, flags)
     if _one_input(op) and _self_mode_triangular(op) and _triangular_fits(tensors, triangular):
-        _triangular_forward(tensors, sizes, triangular, beta, two_pass, loss, stats)
+        triangular_launches.forward(op.target, tensors, sizes, triangular, _triangular_shape(tensors, triangular),
+                                    beta, two_pass, loss, stats)
         stats[_record_row(op)] = _triangular_tile(tensors, triangular)[0]    # (the backward follows it)
     else:
         _forward_kernel[_rows_grid(n)](**tensors, LOSS=loss, STATS=stats, **sizes,
@@ -520,15 +526,19 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_rows = torch.empty(n, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
+    self_mode = saved.y_is_x and _self_mode_structure(op)     # (its one torch.equal of this backward)
+    if target_grad and self_mode and _record_row(op) == TRIANGULAR_RECORD_ROW:
+        stats = _target_statistics(op, tensors, sizes, flags, stats)
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
     triangular = _triangular_flags(op, flags)
-    if _symmetric(op, saved, pairs, target_grad, stats, tensors, triangular):
+    if _symmetric(op, self_mode, pairs, target_grad, stats, tensors, triangular):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)
-        dx, dprm = _triangular_backward(tensors, sizes, triangular, beta, stats, g)
+        dx, dprm = triangular_launches.backward(op.target, tensors, sizes, triangular,
+                                                _triangular_shape(tensors, triangular), beta, stats, g)
         dy.zero_()
     else:
         _rows_kernel[_rows_grid(n, d_chunks)](DX=dx, DPRM=dprm, DZ_ROWS=dz_rows, DTPRM=dtprm, reverse_param=0.0,
@@ -561,27 +571,27 @@ def _self_mode_structure(op: OpArgs) -> bool:
     """Whether the loss has the triangular schedule's structure, y being x: one kernel parameter (a
     per-row one breaks s_ij = s_ji; every kernel is symmetric when y is x, log_dot too), and
 
-    - a Labels target whose column labels are its rows' (symmetric_kernels.py), any divergence,
-      alpha and beta: kl and cross_entropy at beta = 0 in one pass over the triangle (the closed
-      form), beta > 0 and the f-divergences in two (the LSE, then the per-pair terms), or
-    - an Affinity target (SNE, t-SNE: symmetric_affinity_kernels.py) with kl or cross_entropy,
-      alpha = beta = 0, z_cols z (the same tensor or equal values) and any target kernel (dot,
-      gaussian, student_t, power, log_dot; cosine arrives as dot), whose parameter may be one value
-      or one per row: the target's aux term (z_i.z_j, or the clamped squared distance) is symmetric,
-      and each side of a tile takes the kernel's logit of it under its own row's parameter
-      (tile_helpers.kernel_logits). _computed_divergence has already refused joint normalisation
-      and symmetrised targets.
+    - a Labels target whose column labels are its rows' (symmetric_kernels.py), or
+    - an Affinity target (symmetric_affinity_kernels.py: SNE, t-SNE and the rest of the family) with
+      z_cols z (the same tensor or equal values) and any target kernel (dot, gaussian, student_t,
+      power, log_dot; cosine arrives as dot), whose parameter may be one value or one per row: the
+      target's aux term (z_i.z_j, or the clamped squared distance) is symmetric, and each side of a
+      tile takes the kernel's logit of it under its own row's parameter (tile_helpers.kernel_logits),
+
+    any divergence, alpha and beta: kl and cross_entropy at beta = 0 (and, for an Affinity target,
+    alpha = 0) in one pass over the triangle (the closed form); beta > 0, the f-divergences and an
+    Affinity target's alpha > 0 in two (every row's LSE, and LSE^p, then the per-pair terms with each
+    side's own: triangular_launches.py). _computed_divergence has already refused joint normalisation
+    and symmetrised targets.
 
     Everything else runs the plain kernels: Neighbors and Dense targets, a per-row learned
-    parameter, an Affinity target with an f-divergence, alpha > 0, beta > 0 or other columns
-    z_cols."""
+    parameter, other column labels, other columns z_cols. At most one torch.equal (a host sync) per
+    call, and the forward and the backward call this once each."""
     if op.param.numel() != 1:
         return False
     if op.target == "labels":
         return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     if op.target == "affinity":
-        if op.alpha != 0 or op.beta != 0 or op.f_divergence:
-            return False
         return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
     return False
 
@@ -604,49 +614,49 @@ def _one_input(op: OpArgs) -> bool:
 
 
 def _triangular_record(stats, tensors, flags, row: int) -> bool:
-    """Whether the stats are a triangular forward's with the tile the backward launches: stats row
-    ``row`` (_record_row: TRIANGULAR_RECORD_ROW, 0 after a plain forward; AFFINITY_RECORD_ROW, 1
-    after a plain forward) holds its BLOCK_M."""
-    return stats.shape[1] > 0 and float(stats[row, 0]) == _triangular_tile(tensors, flags)[0]
+    """Whether the stats are a triangular forward's with the tile the backward launches: every entry
+    of stats row ``row`` (_record_row) holds its BLOCK_M. After a plain forward that row holds 0 (a
+    Labels target's TRIANGULAR_RECORD_ROW), 1 or a row's sum of p~ (AFFINITY_RECORD_ROW) or an
+    Affinity target's H_i or Phi_i (its TRIANGULAR_RECORD_ROW at beta > 0 or under an f-divergence),
+    which could equal a tile size in one row but not in all. One host sync, as reading one entry."""
+    return stats.shape[1] > 0 and bool((stats[row] == _triangular_tile(tensors, flags)[0]).all())
 
 
-def _symmetric(op: OpArgs, saved: BackwardArgs, pairs, target_grad: bool, stats, tensors, flags) -> bool:
-    """Whether the backward runs self mode's triangular schedule: x and y one autograd input
-    (y_is_x), no gradient of an Affinity target's z or parameter (target_grad: the plain backward
-    makes it, reading the stats rows 0, 2 and 3 that the triangular forward writes as the plain one
-    does), the structure, and a triangular forward with the same tile before it (the record). The
-    backward follows its forward, never the switch at backward time: each block pair's logits must
-    be the very values (bitwise) that made the row statistics. The record is read last: only a
-    problem with the structure has a triangular tile (and the read is a host sync)."""
-    if not (saved.y_is_x and pairs is None and not target_grad and _self_mode_structure(op)):
+def _symmetric(op: OpArgs, self_mode: bool, pairs, target_grad: bool, stats, tensors, flags) -> bool:
+    """Whether the backward runs self mode's triangular schedule: self_mode (x and y one autograd
+    input, y_is_x, and _self_mode_structure), no gradient of an Affinity target's z or parameter
+    (target_grad: the plain backward makes it, reading the stats rows 0, 2 and 3 that the triangular
+    forward writes as the plain one does, or row 3 again from _target_statistics), and a triangular
+    forward with the same tile before it (the record). The backward follows its forward, never the
+    switch at backward time: each block pair's logits must be the very values (bitwise) that made
+    the row statistics. The record is read last: only a problem with the structure has a triangular
+    tile (and the read is a host sync)."""
+    if not (self_mode and pairs is None and not target_grad):
         return False
     return _triangular_record(stats, tensors, flags, _record_row(op))
 
 
+def _target_statistics(op: OpArgs, tensors, sizes, flags, stats):
+    """A copy of the stats whose row 3 (H_i or Phi_i, which the plain backward reads for an Affinity
+    target's gradient) is the plain forward's, for a self-mode backward that makes that gradient at
+    beta > 0 or under an f-divergence: a triangular forward wrote its record there (_record_row). The
+    plain second pass again (icon_mixture_kernel: from the forward's LSE and LSE^p, rows 0 and 2; it
+    writes rows 1 and 3 and a loss that is dropped), one more sweep of the tiles of S and T than the
+    plain schedule, paid only where the target needs a gradient; after a plain forward too, whose
+    rows it writes again: a record of another tile than the backward's reads as no record
+    (_triangular_record), so the record cannot say that row 3 is H_i or Phi_i."""
+    stats = stats.clone()
+    n = sizes["N"]
+    _mixture_kernel[_rows_grid(n)](**tensors, LOSS=torch.empty(n, dtype=torch.float32, device=stats.device),
+                                   STATS=stats, **sizes, beta=float(op.beta), HAS_BETA=float(op.beta) > 0,
+                                   DIVERGENCE=op.divergence, **flags)
+    return stats
+
+
 # --- self mode's triangular schedule (symmetric_kernels.py for Labels targets, symmetric_affinity_kernels.py
-# for Affinity targets; DESIGN.md §1.3) -----------------------------------------------------------------
-# The kernels are reached through these names (tests count their launches). They run with one tile
-# shape, triangular_launch's (the interpreter's under TRITON_INTERPRET), not autotuned: the forward's
-# partial buffers are laid out by BLOCK_M. A column block is BLOCK_M rows, swept in BLOCK_N-wide tiles.
-_triangular_forward_kernel = icon_symmetric_forward_kernel
-_triangular_merge_kernel = icon_symmetric_merge_kernel
-_triangular_backward_kernel = icon_symmetric_backward_kernel
-_triangular_affinity_forward_kernel = icon_symmetric_affinity_forward_kernel
-_triangular_affinity_merge_kernel = icon_symmetric_affinity_merge_kernel
-_triangular_affinity_backward_kernel = icon_symmetric_affinity_backward_kernel
-# Column blocks per program at most (program (I, c) takes every chunks-th block from I + c on): the
-# programs of row block 0 do this many block pairs, those of the last row blocks one or none.
-BLOCKS_PER_PROGRAM = 8
-# The forward's partial statistics of one panel of row blocks: 5 fp32 per (row block of the panel,
-# row) for the column side and per (row block, program, row of the block) for the row side. Panels
-# hold as many row blocks as fit in PANEL_BYTES (at least one): O(panel * N) memory, never
-# O(N^2 / BLOCK_M); at BLOCK_M = 64, 64 MiB holds the 128 row blocks of N = 8192 (one panel) and
-# 45 of the 1024 of N = 65536 (23 panels, 46 launches). Past N of about 3.3M one row block's
-# partials alone exceed it (a panel is never empty).
-PANEL_BYTES = 64 << 20
-# the partials' statistics per row: Labels m, l, sum p s, sum s, sum p~ log p~ (symmetric_kernels.py);
-# Affinity m_q, l_q, m_p, l_p, A (symmetric_affinity_kernels.py)
-STATISTICS = 5
+# for Affinity targets; DESIGN.md §1.3; launched by triangular_launches.py) -------------------------------
+# The kernels run with one tile shape, triangular_launch's (the interpreter's under TRITON_INTERPRET),
+# not autotuned: the forward's partial buffers are laid out by BLOCK_M.
 
 
 def triangular_shape(args, stage: str) -> tuple:
@@ -699,10 +709,11 @@ def _triangular_launch_args(tensors, flags) -> dict:
 
 
 def _triangular_flags(op: OpArgs, flags: dict) -> dict:
-    """_kernel_arguments' flags with the divergence code, for the triangular launches: the Labels
-    kernels compile for it, and their launch's tile depends on it (_triangular_launch_args; the plain
-    kernels take DIVERGENCE as an argument of their own, and not all of them, so flags lacks it)."""
-    return dict(flags, DIVERGENCE=op.divergence)
+    """_kernel_arguments' flags with the divergence's pair code (_pair_code), for the triangular
+    launches: their kernels compile for it, and a Labels launch's tile depends on it
+    (_triangular_launch_args; the plain kernels take DIVERGENCE as an argument of their own, and not
+    all of them, so flags lacks it)."""
+    return dict(flags, DIVERGENCE=_pair_code(op.divergence))
 
 
 def _triangular_fits(tensors, flags) -> bool:
@@ -710,113 +721,26 @@ def _triangular_fits(tensors, flags) -> bool:
     return INTERPRET or triangular_fits(_triangular_launch_args(tensors, flags))
 
 
-def _triangular_shape(tensors, flags, stage: str) -> tuple:
-    """triangular_launch of this launch (the interpreter's shape under TRITON_INTERPRET)."""
+def _triangular_shape(tensors, flags) -> tuple:
+    """triangular_launch of this launch, one for both stages (the interpreter's shape under
+    TRITON_INTERPRET)."""
     if INTERPRET:
         return INTERPRETER_SHAPE
-    return triangular_launch(_triangular_launch_args(tensors, flags), stage)
+    return triangular_launch(_triangular_launch_args(tensors, flags), "backward")
 
 
 def _triangular_tile(tensors, flags) -> tuple:
     """(BLOCK_M, BLOCK_N) of both triangular stages (triangular_launch)."""
-    bm, bn, _, _ = _triangular_shape(tensors, flags, "backward")
+    bm, bn, _, _ = _triangular_shape(tensors, flags)
     return bm, bn
 
 
-def _chunks(n_blocks: int) -> int:
-    return max(1, triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM))
-
-
-def _triangular_arguments(tensors, sizes, flags) -> dict:
-    """The arguments that the forward and backward kernels of the launch's target share."""
-    common = dict(X=tensors["X"], XSQ=tensors["XSQ"], PRM=tensors["PRM"], N=sizes["N"], D=sizes["D"],
-                  stride_x=sizes["stride_x"], KERNEL=flags["KERNEL"], EXCLUDE_SELF=flags["EXCLUDE_SELF"],
-                  BLOCK_D=flags["BLOCK_D"], PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"],
-                  D_CHUNKED=flags["D_CHUNKED"])
-    if _affinity_launch(flags):       # z's rows are also its columns (z_cols is z)
-        return dict(common, Z=tensors["Z"], ZSQ=tensors["ZSQ"], TPRM=tensors["TPRM"], DZ=sizes["DZ"],
-                    stride_z=sizes["stride_z"], T_KERNEL=flags["T_KERNEL"], BLOCK_DZ=flags["BLOCK_DZ"],
-                    UPCAST_Z=flags["UPCAST_Z"])
-    if flags["TARGET"] == TARGET_CODES["labels"]:
-        return dict(common, LAB=tensors["LAB"], m_valid=sizes["m_valid"], alpha=sizes["alpha"])
-    raise ValueError(f"the triangular schedule has no kernels for target code {flags['TARGET']}")
-
-
 def _pair_code(divergence: int) -> int:
-    """The DIVERGENCE of the Labels triangular kernels' per-pair terms and gradients: kl and
-    cross_entropy have the same ones (they differ only in the row loss's entropy term, which the
-    merge kernel adds under KL), so both launch code 0: one compile variant, not two."""
+    """The DIVERGENCE of the triangular kernels' per-pair terms and gradients: kl and cross_entropy
+    have the same ones (they differ only in the row loss's entropy term, and an Affinity target's
+    H_i, which the merge and forward kernels take from KL), so both launch code 0: one compile
+    variant, not two."""
     return DIVERGENCE_CODES["kl"] if divergence in CLOSED_FORM_CODES else divergence
-
-
-def _triangular_forward(tensors, sizes, flags, beta: float, two_pass: bool, loss, stats) -> None:
-    """Fills loss and the stats rows that the plain forward writes (Labels: 0 and 1, R_i or Gamma_i
-    in row 1 after two passes; Affinity: 0, 2 and 3): per panel of row blocks, the forward kernel's
-    partials, then the merge into the running statistics (which finishes the panel's row blocks).
-    A two-pass Labels loss (beta > 0, an f-divergence) sweeps the triangle twice: every row's LSE
-    first (DESIGN.md §1.1: its per-pair terms need LSE_i and LSE_j), then those terms."""
-    n, dev = sizes["N"], tensors["X"].device
-    bm, bn, warps, stages = _triangular_shape(tensors, flags, "forward")
-    n_blocks = triton.cdiv(n, bm)
-    chunks = _chunks(n_blocks)
-    per_block = STATISTICS * 4 * (n + chunks * bm)
-    panel = max(1, min(n_blocks, PANEL_BYTES // per_block))
-    col_part = torch.empty(STATISTICS, panel, n, dtype=torch.float32, device=dev)
-    row_part = torch.empty(STATISTICS, panel, chunks, bm, dtype=torch.float32, device=dev)
-    run = torch.empty(STATISTICS, n, dtype=torch.float32, device=dev)
-    arguments = _triangular_arguments(tensors, sizes, flags)
-
-    def sweep(forward_kernel, merge_kernel, forward_only, merge_only, max_rows):
-        """One pass over the triangle; max_rows: the running statistics that are maxima (the
-        others are sums), which start at symmetric_kernels.NO_MAX."""
-        run.zero_()
-        run[list(max_rows)] = -1.0e30
-        for block0 in range(0, n_blocks, panel):
-            blocks = min(panel, n_blocks - block0)
-            forward_kernel[(blocks, chunks)](
-                **arguments, **forward_only, COL_PART=col_part, ROW_PART=row_part, block0=block0,
-                panel_cap=panel, chunks=chunks, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-            merge_kernel[(n_blocks - block0,)](
-                COL_PART=col_part, ROW_PART=row_part, RUN=run, LOSS=loss, STATS=stats, N=n, **merge_only,
-                block0=block0, panel_blocks=blocks, panel_cap=panel, chunks=chunks, BLOCK_M=bm, num_warps=4)
-
-    if _affinity_launch(flags):       # the learned and the target maxima
-        sweep(_triangular_affinity_forward_kernel, _triangular_affinity_merge_kernel, dict(KL=flags["KL"]),
-              dict(KL=flags["KL"]), (0, 2))
-        return
-    # the codes that a pass does not read are fixed (HAS_BETA, DIVERGENCE, KL), so that they add no
-    # compile variant; the LSE pass's forward and merge read no target statistic
-    labels = dict(NORM=tensors["NORM"], STATS=stats, beta=beta)
-    merge_labels = dict(m_valid=sizes["m_valid"], alpha=sizes["alpha"])
-    forward_kernel, merge_kernel = _triangular_forward_kernel, _triangular_merge_kernel
-    if not two_pass:
-        sweep(forward_kernel, merge_kernel, dict(labels, PASS=CLOSED_FORM_PASS.value, HAS_BETA=False, DIVERGENCE=0),
-              dict(merge_labels, PASS=CLOSED_FORM_PASS.value, KL=flags["KL"], DIVERGENCE=0), (0,))
-        return
-    code = _pair_code(flags["DIVERGENCE"])
-    sweep(forward_kernel, merge_kernel, dict(labels, PASS=LSE_PASS.value, HAS_BETA=False, DIVERGENCE=0),
-          dict(merge_labels, PASS=LSE_PASS.value, KL=False, DIVERGENCE=0), (0,))
-    sweep(forward_kernel, merge_kernel, dict(labels, PASS=SECOND_PASS.value, HAS_BETA=beta > 0, DIVERGENCE=code),
-          dict(merge_labels, PASS=SECOND_PASS.value, KL=flags["KL"], DIVERGENCE=code), ())
-
-
-def _triangular_backward(tensors, sizes, flags, beta: float, stats, g):
-    """(dx, per-row dparam) of self mode from the triangular kernel, accumulated in fp32 with
-    atomics (their order, and so the last bits, may vary between runs on a GPU)."""
-    n, d, dev = sizes["N"], sizes["D"], tensors["X"].device
-    bm, bn, warps, stages = _triangular_shape(tensors, flags, "backward")
-    n_blocks = triton.cdiv(n, bm)
-    dx = torch.zeros(n, d, dtype=torch.float32, device=dev)
-    dprm = torch.zeros(n, dtype=torch.float32, device=dev)
-    grid = (n_blocks, _chunks(n_blocks), triton.cdiv(d, flags["BLOCK_D"]))
-    if _affinity_launch(flags):
-        kernel, only = _triangular_affinity_backward_kernel, {}
-    else:
-        kernel = _triangular_backward_kernel
-        only = dict(beta=beta, HAS_BETA=beta > 0, DIVERGENCE=_pair_code(flags["DIVERGENCE"]))
-    kernel[grid](**_triangular_arguments(tensors, sizes, flags), **only, STATS=stats, GRAD=g, DX=dx, DPRM=dprm,
-                 chunks=grid[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return dx, dprm
 
 
 def _reduce_param(per_row, param):

@@ -53,10 +53,12 @@ launched with one tile shape (no autotuning: the panel's partial buffers are lai
 which the launcher must know before launching). Everything accumulates in fp32.
 
 What does not depend on the target is shared with the Affinity target's triangular kernels
-(symmetric_affinity_kernels.py): NO_MAX, merge_max_sum, the partials' store_statistics /
-load_statistics (five statistics per row), the merge kernels' walk over a panel's partials
-(panel_statistics, with the Affinity statistics' merge_target_sums) and the backward's
-chain_pair_tile (one tile's H to dX_I, dX_J and dparam) and finish_rows.
+(symmetric_affinity_kernels.py): NO_MAX, the pass codes, merge_max_sum, combine_statistics (with
+the Affinity statistics' merge_target_sums), the partials' store_statistics / load_statistics (five
+statistics per row), the merge kernels' walk over a panel's partials (panel_statistics), the
+second pass's second_pass_lse, and the backward's gradient_statistic (stats row 1 where a gradient
+reads it), chain_pair_tile (one tile's H to dX_I, dX_J and dparam) and finish_rows. The launches
+are triangular_launches.py's.
 """
 import triton
 import triton.language as tl
