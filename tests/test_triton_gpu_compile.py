@@ -22,27 +22,30 @@ def test_kernels_compile_for_sm90():
     # variants(): 6 kl variants x 5 kernels, 5 f-divergence variants x 3 (the second pass and the
     # two backward kernels; their first pass is kl's two-pass forward), the bidirectional
     # backward (BIDIR) of the Labels variant: 2 kernels, and self mode's triangular kernels
-    # (triangular_variants(): 5 closed-form and 7 two-pass Labels variants and 9 Affinity variants
-    # x forward and backward, the Labels LSE pass's forward, the Labels merge kernel in 6 variants
-    # (closed form kl and cross_entropy, the LSE pass, the second pass of kl, cross_entropy and an
-    # f-divergence), the Affinity merge with kl and cross_entropy; the Affinity variants over every
-    # target kernel, T_KERNEL)
-    assert len(compiled) == 98, proc.stdout
+    # (triangular_variants(): 5 closed-form and 7 two-pass Labels variants and 9 closed-form
+    # Affinity variants x forward and backward, the Labels LSE pass's forward, the Labels merge
+    # kernel in 6 variants (closed form kl and cross_entropy, the LSE pass, the second pass of kl,
+    # cross_entropy and an f-divergence); triangular_affinity_variants(): the Affinity LSE pass's
+    # forward, 7 second-pass forwards (codes 0 with and without beta, 2..6) and 6 backwards (the
+    # codes but 0 without beta, the closed form's), the Affinity merge in the same 6 variants as
+    # the Labels one; the Affinity variants over every target kernel, T_KERNEL)
+    assert len(compiled) == 116, proc.stdout
     assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
-    assert sum("icon_symmetric_" in line for line in compiled) == 51, proc.stdout
+    assert sum("icon_symmetric_" in line for line in compiled) == 69, proc.stdout
     affinity = [line for line in compiled if "icon_symmetric_affinity_" in line]
-    assert len(affinity) == 20, proc.stdout
+    assert len(affinity) == 38, proc.stdout
     assert {line.split("T_KERNEL=")[1][0] for line in affinity if "_merge_" not in line} == set("01234")
-    # the Labels triangular kernels: every pass, and the second pass and the backward of every
-    # f-divergence code and of kl / cross_entropy at beta > 0 (code 0 with HAS_BETA)
-    labels = [line for line in compiled if "icon_symmetric_" in line and "_affinity_" not in line]
-    forward = [line for line in labels if "_forward_" in line]
-    backward = [line for line in labels if "_backward_" in line]
-    assert {line.split("PASS=")[1][0] for line in forward + [line for line in labels if "_merge_" in line]} == set("012")
-    second = {line.split("DIVERGENCE=")[1][0] for line in forward if "PASS=2" in line}
-    assert second == {line.split("DIVERGENCE=")[1][0] for line in backward if "HAS_BETA=True" in line
-                      or "DIVERGENCE=0" not in line} == set("023456"), proc.stdout
-    assert any("PASS=2" in line and "DIVERGENCE=0" in line and "HAS_BETA=True" in line for line in forward)
+    # the Affinity and the Labels triangular kernels: every pass, and the second pass and the
+    # backward of every f-divergence code and of kl / cross_entropy at beta > 0 (code 0 with HAS_BETA)
+    for kernels in (affinity, [line for line in compiled if "icon_symmetric_" in line and "_affinity_" not in line]):
+        forward = [line for line in kernels if "_forward_" in line]
+        backward = [line for line in kernels if "_backward_" in line]
+        assert {line.split("PASS=")[1][0] for line in forward + [line for line in kernels if "_merge_" in line]} \
+            == set("012")
+        second = {line.split("DIVERGENCE=")[1][0] for line in forward if "PASS=2" in line}
+        assert second == {line.split("DIVERGENCE=")[1][0] for line in backward if "HAS_BETA=True" in line
+                          or "DIVERGENCE=0" not in line} == set("023456"), proc.stdout
+        assert any("PASS=2" in line and "DIVERGENCE=0" in line and "HAS_BETA=True" in line for line in forward)
     assert {line.split("DIVERGENCE=")[1][0] for line in compiled} == set("-023456")
     # the triangular kernels, compiled at their launch's shape, fit in sm_90's shared memory, and
     # launchers' estimate (which decides triangular_fits) is above what each cubin needs

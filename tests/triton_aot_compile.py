@@ -233,30 +233,53 @@ def triangular_variants():
 
 
 def triangular_affinity_variants():
-    """Self mode's triangular kernels of an Affinity target (symmetric_affinity_kernels.py: SNE,
-    t-SNE): t-SNE (Student-t learned, Gaussian target) in fp32 and native bf16 at d = dz = 128 (the
-    benchmark's), SNE (Gaussian on Gaussian) in fp16 (upcast gradient dots), a dot kernel on a dot
-    target with chunked d, and the heaviest that launchers.triangular_fits lets run, fp32 t-SNE at
-    d = 256, dz = 64 (fp32 at d = dz = 256 runs the plain kernels: the triangular backward's cubin
-    needs 263 KB of shared memory); the target kernels whose column side is not a coefficient times
-    the aux term (T_KERNEL, a constexpr: column_target_logits' other branches): a Student-t target
-    under a Student-t kernel in fp32 and bf16 at d = dz = 128 (the t-SNE launches' shapes), a power
-    target in fp16 and a log_dot target with chunked d; the forward with kl and cross_entropy, the
-    merge with both. compile_all compiles them at the launch's shape (launched_shapes)."""
-    for kernel, t_kernel, dtype, chunked, block_d, block_dz, kl in (
-            (2, 1, "float32", False, 128, 128, True), (2, 1, "bfloat16", False, 128, 128, False),
-            (1, 1, "float16", False, 64, 64, True), (0, 0, "float32", True, 128, 32, False),
-            (2, 1, "float32", False, 256, 64, True),
-            (2, 2, "float32", False, 128, 128, True), (2, 2, "bfloat16", False, 128, 128, False),
-            (1, 4, "float16", False, 64, 64, False), (0, 3, "float32", True, 128, 32, True)):
+    """Self mode's triangular kernels of an Affinity target (symmetric_affinity_kernels.py). The
+    closed form (SNE, t-SNE: kl, cross_entropy at alpha = beta = 0, PASS 0): t-SNE (Student-t
+    learned, Gaussian target) in fp32 and native bf16 at d = dz = 128 (the benchmark's), SNE
+    (Gaussian on Gaussian) in fp16 (upcast gradient dots), a dot kernel on a dot target with chunked
+    d, and the heaviest that launchers.triangular_fits lets run, fp32 t-SNE at d = 256, dz = 64 (fp32
+    at d = dz = 256 runs the plain kernels: the triangular backward's cubin needs 263 KB of shared
+    memory); the target kernels whose column side is not a coefficient times the aux term (T_KERNEL,
+    a constexpr: column_target_logits' other branches): a Student-t target under a Student-t kernel
+    in fp32 and bf16 at d = dz = 128 (the t-SNE launches' shapes), a power target in fp16 and a
+    log_dot target with chunked d; the forward with kl and cross_entropy, the merge with both. Two
+    passes (an f-divergence, alpha or beta > 0): the LSE pass (PASS 1) at the heaviest shape, the
+    second pass (PASS 2) of every f-divergence code (2..6) and of kl / cross_entropy (code 0, with
+    and without beta) and the backward of each code that differs from the closed form's (every
+    f-divergence, code 0 with beta; kl and cross_entropy at alpha > 0, beta = 0 take the closed
+    form's backward), over kernels, target kernels, dtypes and the heaviest shape (js with beta at
+    fp32 d = 256, dz = 64); the merge of the LSE pass and of the second pass with kl, cross_entropy
+    and an f-divergence. compile_all compiles them at the launch's shape (launched_shapes)."""
+    closed_form = dict(PASS=0, HAS_BETA=False, DIVERGENCE=0)
+    cases = [  # (KERNEL, T_KERNEL, dtype, D_CHUNKED, BLOCK_D, BLOCK_DZ, KL, the passes' codes)
+        (2, 1, "float32", False, 128, 128, True, closed_form), (2, 1, "bfloat16", False, 128, 128, False, closed_form),
+        (1, 1, "float16", False, 64, 64, True, closed_form), (0, 0, "float32", True, 128, 32, False, closed_form),
+        (2, 1, "float32", False, 256, 64, True, closed_form),
+        (2, 2, "float32", False, 128, 128, True, closed_form), (2, 2, "bfloat16", False, 128, 128, False, closed_form),
+        (1, 4, "float16", False, 64, 64, False, closed_form), (0, 3, "float32", True, 128, 32, True, closed_form),
+        (2, 1, "float32", False, 256, 64, False, dict(PASS=1, HAS_BETA=False, DIVERGENCE=0)),
+        (2, 1, "float32", False, 128, 128, False, dict(PASS=2, HAS_BETA=False, DIVERGENCE=2)),
+        (2, 1, "bfloat16", False, 128, 128, False, dict(PASS=2, HAS_BETA=True, DIVERGENCE=3)),
+        (1, 1, "float16", False, 64, 64, False, dict(PASS=2, HAS_BETA=False, DIVERGENCE=4)),
+        (2, 1, "float32", False, 256, 64, False, dict(PASS=2, HAS_BETA=True, DIVERGENCE=5)),
+        (0, 2, "float32", True, 128, 32, False, dict(PASS=2, HAS_BETA=False, DIVERGENCE=6)),
+        (2, 2, "bfloat16", False, 128, 128, True, dict(PASS=2, HAS_BETA=True, DIVERGENCE=0)),
+        (1, 4, "float16", False, 64, 64, False, dict(PASS=2, HAS_BETA=False, DIVERGENCE=0)),
+    ]
+    for kernel, t_kernel, dtype, chunked, block_d, block_dz, kl, codes in cases:
         c = dict(KERNEL=kernel, T_KERNEL=t_kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, BLOCK_DZ=block_dz,
                  PRECISION="tf32x3", UPCAST=dtype == "float32", UPCAST_Z=dtype == "float32", D_CHUNKED=chunked)
         tensors = {"X": [dtype, True], "Z": [dtype, True]}
-        yield {"kernel": "icon_symmetric_affinity_forward_kernel", "constexprs": dict(c, KL=kl), "tensors": tensors,
-               "ints": {}}
-        yield {"kernel": "icon_symmetric_affinity_backward_kernel", "constexprs": c, "tensors": tensors, "ints": {}}
-    for kl in (True, False):
-        yield {"kernel": "icon_symmetric_affinity_merge_kernel", "constexprs": {"KL": kl}, "tensors": {}, "ints": {}}
+        yield {"kernel": "icon_symmetric_affinity_forward_kernel", "constexprs": dict(c, KL=kl, **codes),
+               "tensors": tensors, "ints": {}}
+        backward = dict(HAS_BETA=codes["HAS_BETA"], DIVERGENCE=codes["DIVERGENCE"])
+        if codes["PASS"] == 0 or (codes["PASS"] == 2 and backward != dict(HAS_BETA=False, DIVERGENCE=0)):
+            yield {"kernel": "icon_symmetric_affinity_backward_kernel", "constexprs": dict(c, **backward),
+                   "tensors": tensors, "ints": {}}
+    for codes in (dict(PASS=0, KL=True, DIVERGENCE=0), dict(PASS=0, KL=False, DIVERGENCE=0),
+                  dict(PASS=1, KL=False, DIVERGENCE=0), dict(PASS=2, KL=True, DIVERGENCE=0),
+                  dict(PASS=2, KL=False, DIVERGENCE=0), dict(PASS=2, KL=False, DIVERGENCE=3)):
+        yield {"kernel": "icon_symmetric_affinity_merge_kernel", "constexprs": codes, "tensors": {}, "ints": {}}
 
 
 def compile_all(archs):
