@@ -8,8 +8,8 @@ stages, not autotuned, since the forward's partial buffers are laid out by BLOCK
 tile in the stats for the backward (launchers._record_row); this file only launches, and imports
 nothing from launchers.py (which imports it).
 
-- ``forward``: one sweep over the triangle (kl and cross_entropy at beta = 0, and an Affinity
-  target's only at alpha = 0 too: the closed form, CLOSED_FORM_PASS) or two (beta > 0, an
+- ``forward``: one sweep over the triangle (kl and cross_entropy at beta = 0, for an Affinity
+  target at alpha = 0 too: the closed form, CLOSED_FORM_PASS) or two (beta > 0, an
   f-divergence, an Affinity target's alpha > 0: every row's LSE, and LSE^p for an Affinity target,
   in the LSE_PASS; then the per-pair terms with LSE_i for the row side of a tile and LSE_j for its
   column side, the SECOND_PASS). A sweep runs, per panel of row blocks, the forward kernel (the

@@ -16,8 +16,10 @@ statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), s
 For other targets a backend may keep its own data in rows 2-3 (the Triton forward keeps the
 target's row normaliser in row 2 for its backward), so a backward op takes its own forward's stats.
 The Triton forward's triangular schedule of self mode (triton/launchers.py) records its tile in
-row 3 for a Labels target and in row 1 for an Affinity target (SNE, t-SNE: R_i, unread at beta = 0;
-rows 0, 2 and 3 as the plain forward's, for the plain backward of the target's gradient).
+row 3 for a Labels target and for an Affinity target in row 1 under kl or cross_entropy at beta = 0
+(R_i, unread there; rows 0, 2 and 3 as the plain forward's, for the plain backward of the target's
+gradient), else in row 3 (H_i or Phi_i, which the Triton backward of the target's gradient in self
+mode computes again; rows 0-2 as the plain forward's).
 Under joint normalisation the cpu op's rows are log Z (every row), sum_j q g (Gamma_i of the
 global centre), LSE^p_i and the row's share of q (csrc/cpu_global_rows.h).
 backward returns (dx, dy, dparam, dz, dz_cols, dt_param); the target's three are empty unless
