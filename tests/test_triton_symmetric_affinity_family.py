@@ -356,3 +356,28 @@ def test_the_backward_follows_its_forward_at_huge_logits(monkeypatch, switch_at_
     (want_dx,) = torch.autograd.grad(want, (xr,), grad_outputs=upstream)
     assert relative_error(rows.detach().cpu(), want.detach()) <= 1e-5
     assert relative_error(dx.cpu(), want_dx) <= 1e-5
+
+
+@pytest.mark.parametrize("objective,target_grad,backward_reads", [
+    (dict(divergence="js"), False, 1), (dict(divergence="js"), True, 1), (dict(alpha=0.1), True, 0)])
+def test_the_structure_is_read_once_per_forward_and_backward(monkeypatch, objective, target_grad, backward_reads):
+    """launchers._self_mode_structure (with z_cols equal to z but another tensor: its torch.equal, a
+    host sync) once in the forward and at most once in the backward: there for the triangular
+    backward or, with the target's gradient at beta > 0 or under an f-divergence, row 3 computed
+    again; not at all for the target's gradient where the record is in row 1."""
+    from icon_kernels._triton import launchers
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC", raising=False)
+    device = device_of("triton")
+    x0, z0, _, _ = _inputs(20, seed=1, dtype=torch.float32)
+    z = z0.to(device).requires_grad_(target_grad)
+    calls = []
+    structure = launchers._self_mode_structure
+    monkeypatch.setattr(launchers, "_self_mode_structure", lambda op: calls.append(op) or structure(op))
+    launches = Launches(monkeypatch, ALL)
+    x = x0.to(device).requires_grad_()
+    loss = ik.icon_loss(x, target=ik.Affinity(z, z_cols=z.detach().clone()), kernel="student_t", backend="triton",
+                        **objective)
+    assert len(calls) == 1 and launches.count["_triangular_affinity_forward_kernel"] == 2
+    loss.backward()
+    assert len(calls) == 1 + backward_reads
+    assert launches.count["_triangular_affinity_backward_kernel"] == int(not target_grad), launches.count

@@ -526,8 +526,12 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_rows = torch.empty(n, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
-    self_mode = saved.y_is_x and _self_mode_structure(op)     # (its one torch.equal of this backward)
-    if target_grad and self_mode and _record_row(op) == TRIANGULAR_RECORD_ROW:
+    # the structure (its torch.equal, a host sync, once) where it decides something: the triangular
+    # backward, or row 3 computed again for the target's gradient
+    row_3_again = target_grad and _record_row(op) == TRIANGULAR_RECORD_ROW
+    self_mode = (saved.y_is_x and pairs is None and (not target_grad or row_3_again)
+                 and _self_mode_structure(op))
+    if row_3_again and self_mode:
         stats = _target_statistics(op, tensors, sizes, flags, stats)
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
