@@ -57,6 +57,19 @@ std::vector<double> q_masses(const std::vector<double>& lse, T log_z) {
   return out;
 }
 
+// The joint centre C = sum_k g_k Gamma_k / sum_k q_k over every row from the joint stats (row 1
+// Gamma_k = sum_j q g, -sum_j P~ under forward KL; row 3 the row's share of q): s_ij moves every q
+// through Z. 0 without a valid pair (not 0 / 0).
+template <typename T>
+double joint_centre(const T* g, const T* st, int64_t n) {
+  double num = 0, q_total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
+    q_total += double(st[3 * n + i]);
+  }
+  return q_total > 0 ? num / q_total : 0.0;
+}
+
 // Joint forward KL or cross-entropy without beta (Problem::defers_log_z): the rows' losses under
 // their own LSE_i (0 where LSE_i = -inf) put under log Z, L_i += (log Z - LSE_i) sum_j p~_ij, and
 // the statistics the backward reads: log Z, Gamma_i = -sum_j p~ and the row's share of q.

@@ -163,8 +163,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
+  // joint normalisation of a Dense or Neighbors target in self mode (cpu_symmetric_label_family.h:
+  // the plain joint stats, no record: either backward after either forward, as the switch says now)
+  if (y_is_x && !target_grad && !param_grad && pb.joint && symmetric_label_family_apply(pb))
+    return symmetric_label_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
+                                              false, pair_block(pb.tile, pb.n), std::vector<T>());
   // the rest of the Labels family in self mode (cpu_symmetric_label_family.h), after its forward
-  if (y_is_x && !target_grad && symmetric_label_family_fit(pb)) {
+  if (y_is_x && !target_grad && !pb.joint && symmetric_label_family_fit(pb)) {
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
     std::vector<T> lo;
     const int64_t block = recorded_label_family_block(st_acc.template data_ptr<T>(), pb.n, &lo);

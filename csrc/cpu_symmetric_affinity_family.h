@@ -1,8 +1,9 @@
 // The symmetric schedule (DESIGN.md §1.3) for the Affinity targets on the family rows in self mode
 // (y = x, z_cols = z): t-SNE and SNE with an f-divergence (reverse KL, TV, Hellinger, JS, chi^2),
 // and KL or cross-entropy with alpha or beta > 0 (the KL / cross-entropy rows without them have
-// their own one-sweep schedule, cpu_symmetric_affinity.h). Each pair of row blocks I <= J is one Gram
-// tile of x and one of z, read by the rows of I and, column by column, by the rows of J.
+// their own one-sweep schedule, cpu_symmetric_affinity.h); and a symmetrised target's conditional
+// rows under every divergence (below). Each pair of row blocks I <= J is one Gram tile of x and one
+// of z, read by the rows of I and, column by column, by the rows of J.
 //
 // An f-divergence's terms take p and q themselves, so the forward sweeps the tile pairs twice:
 //   pass 1   each row's learned LSE and target LSE^p, merged online (add_lse_segment; t-SNE's
@@ -15,6 +16,18 @@
 //            backward.
 //            t-SNE's Cauchy kernel under TV (alpha = beta = 0) takes q = r e^{-LSE} from the
 //            reciprocals here and in the backward (cauchy_tv_rows): no log or exp per pair for q.
+// A symmetrised target (DESIGN.md §1.2 with conditional rows): row i's P_ij = h_ij / M_i with h_ij =
+// (p_{j|i} + p_{i|j}) / 2 (symmetric in the pair) and M_i = sum_j h_ij. Pass 1 is the same; then
+//   pass 1b  each row's mass M_i over the z tiles alone, each pair's h once into its row's sum and
+//            its column's (symmetrised_masses: one exp per pair under the pair factors of
+//            cpu_symmetric_joint.h, where every row has one target parameter; else two);
+//   pass 2   as above, with the z tile turned into log h once per pair (symmetrised_tile_row) for
+//            both sides, and log M_i in place of LSE^p as each row's shift.
+// The backward sweeps the masses again (no stats row is free for them) and then runs as above.
+// Five N^2 d GEMM-equivalents (the four above and half of z's Gram in each mass sweep) instead of
+// the plain rows' seven (their six and a first pass over the full z Gram).
+// Stats row 2 holds LSE^p rounded to T, which both schedules' pairs take (as the plain rows round
+// it); the record in row 3 has no residual then.
 // The backward recomputes each tile pair once and forms W for both sides with learned_backward
 // and the saved Gamma, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Four N^2 d GEMM-equivalents instead of six (each sweep half of both Grams; the
@@ -50,20 +63,21 @@
 #include "cpu_problem.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_affinity.h"   // symmetric_affinity_fit, target_coefs, target_aux
+#include "cpu_symmetric_joint.h"      // PairFactors, half_p_row, symmetrised_log_p_row
 #include "cpu_symmetric_labels.h"
 #include "cpu_tile_pairs.h"
 
 namespace icon {
 namespace cpu {
 
-// Whether pb has this schedule's structure: an Affinity target with conditional rows, not
-// symmetrised, in self mode (x is y, z_cols is z), one scalar learned parameter and any learned
-// kernel but log_dot, any target kernel (a parameter per row or one: symmetric_affinity_structure's
-// note), and what the one-sweep Affinity schedule does not take (an f-divergence, or alpha or
-// beta > 0).
+// Whether pb has this schedule's structure: an Affinity target with conditional rows in self mode
+// (x is y, z_cols is z), one scalar learned parameter and any learned kernel but log_dot, any
+// target kernel (a parameter per row or one: symmetric_affinity_structure's note), and what the
+// one-sweep Affinity schedule does not take: an f-divergence, alpha or beta > 0, or a symmetrised
+// target (every divergence: its rows need their masses first, symmetrised_masses).
 template <typename T>
 bool symmetric_affinity_family_fit(const Problem<T>& pb) {
-  if (pb.target != kAffinity || pb.global() || !pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2)
+  if (pb.target != kAffinity || pb.joint || !pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2)
     return false;
   return pb.kernel != kLogDot && !symmetric_affinity_fit(pb);
 }
@@ -97,7 +111,105 @@ struct AffinityPairRows {
   bool linear_t;
   bool t_once;
   bool exclude_self;
+  // a symmetrised target (symmetrised_pair_rows): every row's LSE^p (T, as the plain rows round it),
+  // the pair factors, whether t_ij = t_ji, and the target's own coefficients; the tiles then hold
+  // log((p_{j|i} + p_{i|j}) / 2) once per pair (symmetrised_tile_row), which both sides read with
+  // coef 1 (t_once)
+  const T* sym_lse_p = nullptr;
+  PairFactors<T> sym_pf;
+  bool sym_uniform = false;
+  std::vector<T> sym_coef;
 };
+
+// rows for the passes of a symmetrised target after pass 1, with every row's LSE^p rounded to T.
+template <typename T, int K>
+AffinityPairRows<T, K> symmetrised_pair_rows(const Problem<T>& pb, const AffinityPairRows<T, K>& rows,
+                                             const T* lse_p) {
+  AffinityPairRows<T, K> out = rows;
+  out.sym_coef = target_coefs(pb);
+  out.coef.assign(out.coef.size(), T(1));
+  out.t_once = true;
+  out.sym_lse_p = lse_p;
+  out.sym_pf = pair_factors(pb, lse_p);
+  out.sym_uniform = same_pair_target_logits(pb);
+  return out;
+}
+
+// Row i's Gram entries of z over the columns [j0, j0 + nj) into log((p_{j|i} + p_{i|j}) / 2) in
+// place (-inf at self): both orientations' target logits (own, other: scratch), then
+// symmetrised_log_p_row, as the plain rows' symmetric_log_p. The pair's value is the same for row
+// i and row j, so both sides of a tile pair read it from the tile.
+template <typename T, int K, bool T_DIST>
+void symmetrised_tile_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i, int64_t j0,
+                          int64_t nj, int64_t self, T* row, T* own, T* other) {
+  pair_target_logits<T, T_DIST>(pb, rows.linear_t, rows.sym_uniform, rows.sym_coef.data(), i, j0, row, own, other,
+                                nj);
+  symmetrised_log_p_row(rows.sym_pf, rows.sym_lse_p, i, j0, nj, self, T(0), own, other, row);
+}
+
+// A tile pair's z tile (ni x nj Gram entries) into the pairs' symmetrised log p~ (above).
+template <typename T, int K, bool T_DIST>
+void symmetrised_tile(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t ni, int64_t j0,
+                      int64_t nj, T* t_p) {
+  at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> own(static_cast<size_t>(nj)), other(own.size());
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t self = rows.exclude_self && i0 == j0 ? r : -1;
+      symmetrised_tile_row<T, K, T_DIST>(pb, rows, i0 + r, j0, nj, self, t_p + r * nj, own.data(), other.data());
+    }
+  });
+}
+
+// Pass 1b of a symmetrised target: each row's mass M_i = sum_j (p_{j|i} + p_{i|j}) / 2 (what its
+// row of P divides by), over the z tiles alone: each pair's half p once (half_p_row: one exp under
+// the factors, else two) into its row's sum and its column's. The forward and the backward both
+// run it (no stats row is free for the mass; the z tiles are the same GEMM calls, bit for bit).
+template <typename T, int K, bool T_DIST>
+std::vector<double> symmetrised_masses(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t block,
+                                       at::Tensor& t_buf) {
+  const int64_t n = pb.n;
+  std::vector<double> mass(static_cast<size_t>(n)), col(static_cast<size_t>(block));
+  for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    const int64_t ni = i1 - i0, nj = j1 - j0;
+    target_tile(pb, i0, i1, j0, j1, t_buf);
+    T* t_p = t_buf.template data_ptr<T>();
+    at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<T> own(static_cast<size_t>(nj)), other(own.size());
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = i0 + r;
+        T* row = t_p + r * nj;
+        pair_target_logits<T, T_DIST>(pb, rows.linear_t, rows.sym_uniform, rows.sym_coef.data(), i, j0, row,
+                                      own.data(), other.data(), nj);
+        half_p_row(rows.sym_pf, rows.sym_lse_p, i, j0, nj, own.data(), other.data(), row);
+        if (rows.exclude_self && i0 == j0) row[r] = T(0);
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < nj; ++j) sum += row[j];
+        mass[i] += double(sum);
+      }
+    });
+    if (i0 == j0) return;   // (the rows of I saw every pair of the diagonal tile)
+    std::fill(col.begin(), col.end(), 0.0);
+    add_column_sums<T>(t_p, nullptr, ni, nj, col.data(), nullptr);
+    for (int64_t j = 0; j < nj; ++j) mass[j0 + j] += col[j];
+  });
+  symmetric_schedule_counters()[kSymmetrisedMassCounter].fetch_add(1, std::memory_order_relaxed);
+  return mass;
+}
+
+// Each row's log M_i rounded to T (hi) and its residual (lo): the shift that makes a row's log p
+// from the tiles' symmetrised log p~; 0 for a row without mass, as the plain rows
+// (family_target_row).
+template <typename T>
+void symmetrised_shifts(const std::vector<double>& mass, std::vector<T>* hi, std::vector<T>* lo) {
+  hi->resize(mass.size());
+  lo->resize(mass.size());
+  for (size_t i = 0; i < mass.size(); ++i) {
+    const double log_m = mass[i] > 0 ? std::log(mass[i]) : 0.0;
+    (*hi)[i] = T(log_m);
+    (*lo)[i] = T(log_m - double((*hi)[i]));
+  }
+}
 
 // row(sr, self, ab, scratch) for every row of both sides of the tile pair (I, J), split across
 // threads, after the Gram tiles of x (into s_buf) and z (into t_buf): ab the row's Gram entries
@@ -113,7 +225,8 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
   const int64_t ni = i1 - i0, nj = j1 - j0;
   pair_gram<T>(pb.x, i0, i1, j0, j1, is_distance(K) ? rows.x_sq : nullptr, s_buf);
   target_tile(pb, i0, i1, j0, j1, t_buf);
-  if (rows.t_once) tile_target_logits(pb, i0, ni, j0, nj, t_buf.template data_ptr<T>());
+  if (rows.sym_lse_p != nullptr) symmetrised_tile<T, K, T_DIST>(pb, rows, i0, ni, j0, nj, t_buf.template data_ptr<T>());
+  else if (rows.t_once) tile_target_logits(pb, i0, ni, j0, nj, t_buf.template data_ptr<T>());
   const T* g_p = s_buf.template data_ptr<T>();
   const T* t_p = t_buf.template data_ptr<T>();
   at::parallel_for(0, tile_pair_rows(i0, ni, j0, nj), 1, [&](int64_t r0, int64_t r1) {
@@ -142,7 +255,9 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
       const T coef = rows.coef[i], zi_sq = rows.z_sq[i];
       const T* zc_sq = rows.z_sq + sr.col0;
       T* t_row = sc.t.data();
-      if (rows.linear_t || rows.t_once) {   // (t_once: tab holds the logits, coef 1)
+      if (rows.t_once) {   // tab holds both sides' logits
+        std::copy(tab, tab + len, t_row);
+      } else if (rows.linear_t) {
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) t_row[j] = target_aux<T, T_DIST>(tab[j], zi_sq, zc_sq[j]) * coef;
       } else {
@@ -176,6 +291,7 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
   at::parallel_for(0, ni, 1, [&](int64_t r0, int64_t r1) {
     const KernelRow<T, K> k = rows.k;
     const T* zc_sq = rows.z_sq + j0;
+    std::vector<T> own(rows.sym_lse_p != nullptr ? size_t(nj) : 0), other(own.size());
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = i0 + r;
       T* s_row = s_p + r * nj;
@@ -184,6 +300,11 @@ void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T,
         cauchy_reciprocals<T>(s_row, s_row, rows.x_sq + j0, rows.x_sq[i], -1, nj);   // (the backward's)
       } else {
         kernel_logits<T, K>(k, s_row, s_row, rows.x_sq + j0, rows.x_sq[i], nj);
+      }
+      if (rows.sym_lse_p != nullptr) {   // (both sides' symmetrised log p~, once per pair)
+        const int64_t self = rows.exclude_self && i0 == j0 ? r : -1;
+        symmetrised_tile_row<T, K, T_DIST>(pb, rows, i, j0, nj, self, aux, own.data(), other.data());
+        continue;
       }
       const T zi_sq = rows.z_sq[i];
 #pragma omp simd
@@ -344,6 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
   const int log_p = pb.log_p_mode();
   const bool form_p = family_rows_read_p(pb);
+  const bool sym = pb.symmetrize;
   with_kernel(pb.kernel, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     return with_target_distance(pb.t_kernel, [&](auto td) {
@@ -362,20 +484,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
         st[i] = T(lse_q[i]);
         const double lse_p = online_lse(acc_p[i]);
         st[2 * n + i] = T(lse_p);
-        st[3 * n + i] = pair_record<T>(block, lse_p, st[2 * n + i]);
+        // (a symmetrised target takes LSE^p rounded to T, as the plain rows: no residual)
+        st[3 * n + i] = pair_record<T>(block, sym ? double(st[2 * n + i]) : lse_p, st[2 * n + i]);
       }
       recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
+      // a symmetrised target: the tiles become log p~ and each row's shift is its log mass
+      const AffinityPairRows<T, K> rows2 = sym ? symmetrised_pair_rows(pb, rows, st + 2 * n) : rows;
+      std::vector<T> shift_hi(st + 2 * n, st + 3 * n), shift_lo = lo_p;
+      if (sym) symmetrised_shifts(symmetrised_masses<T, K, T_DIST>(pb, rows2, block, t_buf), &shift_hi, &shift_lo);
       // pass 2: the divergence sums under them (cauchy_tv_rows: the tiles hold the reciprocals)
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
         constexpr bool TV_R = decltype(tv_weights)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           for_each_affinity_logit_row<T, K, T_DIST, TV_R>(
-              pb, rows, i0, i1, j0, j1, block, s_buf, t_buf,
+              pb, rows2, i0, i1, j0, j1, block, s_buf, t_buf,
               [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
                 const int64_t i = sr.i;
-                [[maybe_unused]] const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], st[2 * n + i],
-                                                                           lo_p[i], sc, form_p);
+                [[maybe_unused]] const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], shift_hi[i],
+                                                                           shift_lo[i], sc, form_p);
                 FRowSums f;
                 if constexpr (TV_R) {
                   if (self >= 0) sc.s[self] = T(0);   // (r = 1 at d_ii = 0)
@@ -438,9 +565,15 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
     constexpr int K = decltype(kc)::value;
     return with_target_distance(pb.t_kernel, [&](auto td) {
       constexpr bool T_DIST = decltype(td)::value;
-      const AffinityPairRows<T, K> rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
-                                        pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
-                                        pair_target_logits_once(pb), pb.exclude_self};
+      const AffinityPairRows<T, K> plain_rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
+                                              pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
+                                              pair_target_logits_once(pb), pb.exclude_self};
+      // a symmetrised target: the forward's log p~ tiles and row masses again (symmetrised_masses)
+      const AffinityPairRows<T, K> rows =
+          pb.symmetrize ? symmetrised_pair_rows(pb, plain_rows, st + 2 * n) : plain_rows;
+      std::vector<T> shift_hi(st + 2 * n, st + 3 * n), shift_lo = lo;
+      if (pb.symmetrize)
+        symmetrised_shifts(symmetrised_masses<T, K, T_DIST>(pb, rows, block, t_buf), &shift_hi, &shift_lo);
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
@@ -458,7 +591,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 return;
               }
               [[maybe_unused]] const FRow<T> r =
-                  affinity_family_segment(pb, i, len, self, st[i], st[2 * n + i], lo[i], sc, form_p);
+                  affinity_family_segment(pb, i, len, self, st[i], shift_hi[i], shift_lo[i], sc, form_p);
               const double row_gamma = double(st[n + i]);
               if constexpr (TV_R) {
                 // q and q g from the reciprocals (sc.col: free in the backward, whose rows of J are in

@@ -190,17 +190,33 @@ void half_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_t j0,
   }
 }
 
-// The joint centre C = sum_k g_k Gamma_k / sum_k q_k over every row from the joint stats (row 1
-// Gamma_k = sum_j q g, -sum_j P~ under forward KL; row 3 the row's share of q): s_ij moves every q
-// through Z. 0 without a valid pair (not 0 / 0).
+// log((p_{j|i} + p_{i|j}) / 2) - log_shift of row i over the columns [j0, j0 + len) into lp, exact
+// where both p underflow, from both orientations' target logits own (t_ij) and other (t_ji, which
+// it may overwrite): under the factors (pf.ok: e^{t - min(LSE^p_i, LSE^p_j)} is the larger of both
+// sides' p) a log1p per pair, else symmetric_log_p's exp and log1p; -inf at self. Joint
+// normalisation shifts by log N (cpu_symmetric_joint_family.h); a symmetrised target's conditional
+// rows by 0, and divide by each row's mass afterwards (cpu_symmetric_affinity_family.h).
 template <typename T>
-double joint_centre(const T* g, const T* st, int64_t n) {
-  double num = 0, q_total = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
-    q_total += double(st[3 * n + i]);
+void symmetrised_log_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_t j0, int64_t len,
+                           int64_t self, T log_shift, const T* own, T* other, T* lp) {
+  const T li = lse_p[i], shift = log_shift + T(0.69314718055994530942);   // and log 2
+  const T* lc = lse_p + j0;
+  if (pf.ok) {
+    const T ui = pf.u[i], vi = pf.v[i];
+    const T* uc = pf.u.data() + j0;
+    const T* vc = pf.v.data() + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const LowLse<T> lo = low_lse(li, lc[j], ui, vi, uc[j], vc[j]);
+      lp[j] = (own[j] - lo.lse) + vlog1p(lo.f) - shift;
+    }
+  } else {
+    symmetric_log_p<T>(own, li, other, lc, -1, len);   // log((p_{j|i} + p_{i|j}) / 2) into other
+    const T only = log_shift;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) lp[j] = other[j] - only;
   }
-  return q_total > 0 ? num / q_total : 0.0;
+  if (self >= 0) lp[self] = -std::numeric_limits<T>::infinity();
 }
 
 // The per-pair values of one tile pair in place, after affinity_tiles: the s tile becomes the

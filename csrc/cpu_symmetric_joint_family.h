@@ -66,32 +66,12 @@ bool symmetric_joint_family_apply(const Problem<T>& pb) {
   return symmetric_joint_family_fit(pb) && symmetric_schedule_enabled();
 }
 
-// log P_ij = log((p_{j|i} + p_{i|j}) / 2N), exact where P underflows, and P of row i over the
-// columns [j0, j0 + len) into lp and p, from both orientations' target logits own (t_ij) and
-// other (t_ji): under the factors (pf.ok: e^{t - min(LSE^p_i, LSE^p_j)} is the larger of both
-// sides' p, cpu_symmetric_joint.h) a log1p per pair, else symmetric_log_p's exp and log1p; then
-// one exp for P. -inf and 0 at self.
+// log P_ij = log((p_{j|i} + p_{i|j}) / 2N) and P of row i over the columns [j0, j0 + len) into lp
+// and p (symmetrised_log_p_row with the shift log N, then one exp for P; 0 at self).
 template <typename T>
 void joint_log_p_row(const PairFactors<T>& pf, const T* lse_p, int64_t i, int64_t j0, int64_t len, int64_t self,
                      T log_n, const T* own, T* other, T* lp, T* p) {
-  const T li = lse_p[i], shift = log_n + T(0.69314718055994530942);   // log 2N
-  const T* lc = lse_p + j0;
-  if (pf.ok) {
-    const T ui = pf.u[i], vi = pf.v[i];
-    const T* uc = pf.u.data() + j0;
-    const T* vc = pf.v.data() + j0;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      const LowLse<T> lo = low_lse(li, lc[j], ui, vi, uc[j], vc[j]);
-      lp[j] = (own[j] - lo.lse) + vlog1p(lo.f) - shift;
-    }
-  } else {
-    symmetric_log_p<T>(own, li, other, lc, -1, len);   // log((p_{j|i} + p_{i|j}) / 2) into other
-    const T log_n_only = log_n;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) lp[j] = other[j] - log_n_only;
-  }
-  if (self >= 0) lp[self] = -std::numeric_limits<T>::infinity();
+  symmetrised_log_p_row(pf, lse_p, i, j0, len, self, log_n, own, other, lp);
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) p[j] = vexp(lp[j]);
 }
@@ -280,31 +260,6 @@ JointRowSums joint_family_row(const Problem<T>& pb, const JointFamilyRows<T, K>&
   joint_log_p_row(rows.pf, rows.lse_p, i, j0, nj, self, rows.log_n, sc.own.data(), sc.other.data(), sc.lp.data(),
                   sc.p.data());
   return rows.terms(sc.s.data(), sc.p.data(), sc.lp.data(), nj, self, rows.c, term, qg, sc.q.data());
-}
-
-// Column sums of two ni x nj tiles a and b (row-major) into col_a and col_b: each thread a range
-// of columns over every row (sums in T over at most a block of rows, then in double).
-template <typename T>
-void add_column_sums(const T* a, const T* b, int64_t ni, int64_t nj, double* col_a, double* col_b) {
-  at::parallel_for(0, nj, 64, [&](int64_t c0, int64_t c1) {
-    const int64_t len = c1 - c0;
-    std::vector<T> sa(static_cast<size_t>(len), T(0)), sb(sa.size(), T(0));
-    T* va = sa.data();
-    T* vb = sb.data();
-    for (int64_t r = 0; r < ni; ++r) {
-      const T* ar = a + r * nj + c0;
-      const T* br = b + r * nj + c0;
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        va[j] += ar[j];
-        vb[j] += br[j];
-      }
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      col_a[c0 + j] += double(va[j]);
-      col_b[c0 + j] += double(vb[j]);
-    }
-  });
 }
 
 // Pass 1 for a Labels target: every row's learned LSE merged online over the tile pairs (the x

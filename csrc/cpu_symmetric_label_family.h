@@ -22,6 +22,19 @@
 // recomputed tile, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Two and a half N^2 d GEMM-equivalents instead of four (two without pass 2).
 //
+// Joint normalisation of a Dense or Neighbors target (every divergence, alpha and beta): P_ij =
+// w_ij / (every row's total) is not symmetric, but q_ij = e^{s_ij - log Z} is, so the same two
+// sweeps serve: pass 1 each row's LSE, then log Z = logsumexp_i LSE_i; pass 2 each row's terms
+// under log Z (the segments divide by the joint total, cpu_target_segments.h). The backward takes
+// G_ij = (1 - beta) (g_i q_ij g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (joint_centre: s_ij
+// moves every q through Z), for both sides of the one recomputed tile. The stats are the plain
+// joint rows' (log Z, Gamma_i = sum_j q g, 0, the row's share of q) with no record, so either
+// backward runs after either forward (the switch at the backward decides, as the joint family
+// schedule's, cpu_symmetric_joint_family.h); the learned parameter's gradient runs the plain one.
+// Two and a half N^2 d GEMM-equivalents instead of the plain joint rows' five (their pass over
+// every row's LSE, S again in the forward and the backward's three; four for KL and cross-entropy
+// without beta, which put their rows under log Z afterwards, Problem::defers_log_z).
+//
 // The closed-form rows (cpu_f_label_rows.h: tv, hellinger, js, chi2 with alpha = beta = 0, the dot
 // or Gaussian kernel; up to 2^22 positive pairs) need one sweep: each row merges its max and its
 // negatives' sum of exps online and keeps its positives' logits, and the loss and D = sum_pos d
@@ -54,6 +67,7 @@
 #include "cpu_f_label_rows.h"   // label_neg_g, label_pos_d
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
+#include "cpu_global_rows.h"   // log_sum_exp, q_masses, joint_centre
 #include "cpu_problem.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_labels.h"
@@ -76,14 +90,17 @@ int64_t total_positives(const Problem<T>& pb) {
 constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of logits in fp32, 32 in fp64
 
 // Whether pb has this schedule's structure: self mode with one scalar parameter, a kernel other
-// than log_dot, conditional rows of a plain target (no joint normalisation, not symmetrised), and
-//   Labels     on the family rows or the closed-form rows (cpu_f_label_rows.h: one sweep here, up
-//              to kClosedFormPositives positive pairs; the hot path has its own schedule,
-//              cpu_symmetric_labels.h), the columns' labels the rows';
-//   Dense, Neighbors   every divergence, alpha and beta (they run the family rows only).
+// than log_dot, a target that is not symmetrised, and
+//   Labels     conditional rows on the family rows or the closed-form rows (cpu_f_label_rows.h: one
+//              sweep here, up to kClosedFormPositives positive pairs; the hot path has its own
+//              schedule, cpu_symmetric_labels.h), the columns' labels the rows' (their joint
+//              normalisation: cpu_symmetric_joint_family.h);
+//   Dense, Neighbors   every divergence, alpha and beta (they run the family rows only), conditional
+//              or joint rows (joint_sweeps_of below).
 template <typename T>
 bool symmetric_label_family_fit(const Problem<T>& pb) {
-  if (pb.global() || !pb.self_pairs || !pb.scalar_param || pb.n < 2 || pb.kernel == kLogDot) return false;
+  if (pb.symmetrize || !pb.self_pairs || !pb.scalar_param || pb.n < 2 || pb.kernel == kLogDot) return false;
+  if (pb.joint) return pb.target == kDense || pb.target == kNeighbors;
   const RowPath path = pb.row_path();
   switch (pb.target) {
     case kDense:
@@ -382,7 +399,8 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
   T* st = out->st;
   std::vector<OnlineLabelRow<T>> acc(static_cast<size_t>(n));
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
-  const bool one_pass = !pb.f_div && pb.beta == T(0);
+  const bool joint = pb.joint;
+  const bool one_pass = !joint && !pb.f_div && pb.beta == T(0);
   // the Cauchy rows' one sweep: reciprocals summed with no running max and no logit per pair
   // (cpu_symmetric_target_kl.h), the max fixed at 0 (every e^s is at most 1)
   const bool cauchy = !kLabelRows && one_pass && cauchy_target_rows(pb);
@@ -409,10 +427,12 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
                           }, !cauchy);
     });
     std::vector<double> lse(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) lse[i] = online_lse(acc[i]);
+    // joint: every row's q under log Z rounded to T (the plain joint rows' q), no record
+    const T log_z = joint ? T(log_sum_exp(lse)) : T(0);
     for (int64_t i = 0; i < n; ++i) {
-      lse[i] = online_lse(acc[i]);
-      st[i] = T(lse[i]);
-      st[3 * n + i] = pair_record<T>(block, lse[i], st[i]);
+      st[i] = joint ? log_z : T(lse[i]);
+      st[3 * n + i] = joint ? T(0) : pair_record<T>(block, lse[i], st[i]);
     }
     if (one_pass) {
       for (int64_t i = 0; i < n; ++i) {
@@ -426,8 +446,8 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
       }
       return 0;
     }
-    std::vector<T> lo;
-    recorded_pair_residuals(st, n, 0, &lo);   // lo as the backward decodes it
+    std::vector<T> lo(static_cast<size_t>(n), T(0));
+    if (!joint) recorded_pair_residuals(st, n, 0, &lo);   // lo as the backward decodes it
     const std::vector<FRow<T>> rows = family_rows_of_pairs(pb, segs, st, lo);
     // pass 2: the divergence sums under it (a Neighbors row's log p~ per entry: kSparseLogP)
     const bool log_p = Segs::kLogP == kSparseLogP;
@@ -442,6 +462,18 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
                             q_sum[i] += f.q_sum;
                           });
     });
+    if (joint) {   // the plain joint rows' stats: log Z, Gamma_i = sum_j q g, 0, the row's share of q
+      const std::vector<double> q_mass = q_masses(lse, log_z);
+      for (int64_t i = 0; i < n; ++i) {
+        out->inc_p[i] = segs.has(i) && pb.m_valid > 0;
+        // NaN logits: NaN, even without p (cpu_loss.cpp)
+        out->loss_p[i] = std::isnan(log_z) ? log_z : out->inc_p[i] ? T(loss[i]) : T(0);
+        st[n + i] = T(gamma[i]);
+        st[2 * n + i] = T(0);
+        st[3 * n + i] = T(q_mass[i]);
+      }
+      return 0;
+    }
     for (int64_t i = 0; i < n; ++i) {
       out->inc_p[i] = segs.has(i) && pb.m_valid > 0;
       out->loss_p[i] = out->inc_p[i] ? T(loss[i]) : T(0);
@@ -462,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
   const int64_t n = pb.n, block = pair_block(pb.tile, n);
   RowOutputs<T> out(n, pb.x.options());
   // the Dense and Neighbors rows' sum p~ log p~: only the one sweep's forward KL reads it
-  const bool with_entropy = pb.kl && pb.beta == T(0);
+  const bool with_entropy = pb.kl && pb.beta == T(0) && !pb.joint;
   with_target_segments(pb, with_entropy, [&](const auto& segs) {
     using Segs = std::decay_t<decltype(segs)>;
     if constexpr (Segs::kTarget == kLabels) {
@@ -498,7 +530,12 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
   const at::Tensor g_t = masked_grads(grad_rows, valid, opts);
   const T* g = g_t.template data_ptr<T>();
   const T* st = stats.template data_ptr<T>();
-  const std::vector<FRow<T>> rows = family_rows_of_pairs(pb, segs, st, lo);
+  const bool joint = pb.joint;
+  // joint: G_ij = (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (s_ij moves
+  // every q through Z), from the plain joint rows' stats (log Z in row 0, no residual)
+  const double centre = joint ? joint_centre(g, st, n) : 0.0;
+  const std::vector<FRow<T>> rows =
+      family_rows_of_pairs(pb, segs, st, joint ? std::vector<T>(static_cast<size_t>(n), T(0)) : lo);
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T keep_q = T(1) - pb.beta;
   const bool dist = is_distance(pb.kernel);
@@ -506,8 +543,8 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
   const bool closed = kLabelRows && pb.row_path() == kLabelClosedFormRows;
   // t-SNE's Cauchy rows where dL/ds needs no log q (forward KL, cross-entropy without beta, no dof
   // gradient): q = r e^{-LSE} and W = 2 G r from one reciprocal per pair, as the plain rows'
-  const bool cauchy = !kLabelRows && !param_grad && !pb.f_div && pb.beta == T(0) && pb.kernel == kStudentT &&
-                      prm == T(1);
+  const bool cauchy = !kLabelRows && !joint && !param_grad && !pb.f_div && pb.beta == T(0) &&
+                      pb.kernel == kStudentT && prm == T(1);
   // the f-divergences read log p~; KL's and cross-entropy's dL/ds is -p~ q / q~ (no log p)
   const bool log_p = pb.f_div && Segs::kLogP == kSparseLogP;
   std::vector<T> exp_neg_lse(cauchy ? size_t(n) : 0);   // e^{-LSE} from the LSE and its residual
@@ -529,11 +566,12 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
                               wt_buf.template data_ptr<T>(),
                               [&](const auto& seg, const SideRow& sr, T* ab, FamilyRowScratch<T>& sc) {
             const int64_t i = sr.i;
-            if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
+            // left out, or zero upstream gradient: no contribution (joint: unless the row moves Z)
+            if (g[i] == T(0) && !(joint && centre != 0 && pb.m_valid > 0)) {
               std::fill(ab, ab + seg.m, T(0));
               return;
             }
-            const double row_gamma = double(st[n + i]) + double(st[2 * n + i]);
+            const double row_gamma = joint ? centre : double(st[n + i]) + double(st[2 * n + i]);
             if (cauchy) {   // W = 2 G r in place of the Gram entries; r = 0 at the self column
               segs.fill(i, seg, sc.p.data(), sc.lp.data(), false);
               cauchy_reciprocals<T>(ab, sc.s.data(), segs.sq + sr.col0, segs.sq[i], seg.self, seg.m);
@@ -551,11 +589,17 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
               const FRow<T> r = family_segment(rows, segs, seg, i, sc, log_p);
               f_row<T>(pb.divergence, r, Segs::kLogP, sc.qg.data(), nullptr, sc.q.data());
             }
+            if (joint) {   // g_i into q g, so that G = (1 - beta) (q g - q C)
+              T* qg = sc.qg.data();
+              const T gi = g[i];
+#pragma omp simd
+              for (int64_t j = 0; j < seg.m; ++j) qg[j] *= gi;
+            }
             // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
             if (seg.self >= 0) ab[seg.self] = T(0);
             const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
                 KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), segs.sq + sr.col0, segs.sq[i],
-                seg.m, g[i] * keep_q, row_gamma, finite_shift(st[i]));
+                seg.m, joint ? keep_q : g[i] * keep_q, row_gamma, finite_shift(st[i]));
             ParamSums pos_sums;
             if constexpr (kLabelRows) {
               if (closed)

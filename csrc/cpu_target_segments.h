@@ -11,6 +11,10 @@
 // p~ per pair in f_row), so that the symmetric and plain schedules agree to the last bits that a
 // reordered sum allows. with_target_segments is the one switch from a target code to an
 // instantiation; it ends in an error.
+// Under joint normalisation (Dense and Neighbors) every row divides by the total over every row
+// (target_row's divisor, as global_rows sums it: each row's total in double, in row order), and
+// every row has a target when that total is not 0 (a row without weights still has q in the one
+// distribution).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -67,20 +71,34 @@ struct LabelSegments : LabelSide<T> {
 
 // What every non-label instantiation shares: the rows (x, contiguous, in T), their squared norms
 // (zeros unless the kernel is a distance), the self rule, and each row's target total (double, as
-// target_row sums it) with whether it has any mass (a NaN total keeps its row: NaN loss).
+// target_row sums it) with whether it has any mass (a NaN total keeps its row: NaN loss); under
+// joint normalisation (joint) what every row divides by instead (by_joint: every row's total).
 template <typename T>
 struct WeightSegmentsBase {
   at::Tensor rows;
   const T* sq;
   bool exclude_self;
-  T alpha, b;                  // p~ = (1 - alpha) p + b, b = alpha / M'
+  T alpha, b;                  // p~ = (1 - alpha) p + b, b = alpha / M' (joint: alpha / (N M'))
   int64_t m_valid;
+  bool joint;
+  double by_joint = 0;
   std::vector<double> total;
   std::vector<char> has_mass;
   std::vector<double> entropy;   // sum_j p~ log p~ over the valid columns (forward KL only)
   explicit WeightSegmentsBase(const Problem<T>& pb)
       : rows(pb.x), sq(pb.x_sq.template data_ptr<T>()), exclude_self(pb.exclude_self), alpha(pb.alpha),
-        b(pb.alpha / pb.mix_size()), m_valid(pb.m_valid), total(size_t(pb.n)), has_mass(size_t(pb.n)) {}
+        b(pb.alpha / pb.mix_size()), m_valid(pb.m_valid), joint(pb.joint), total(size_t(pb.n)),
+        has_mass(size_t(pb.n)) {}
+  // joint normalisation, once every row's total is in: the divisor of every row, and whether any
+  // row has a target (then every row does)
+  void set_joint_divisor() {
+    double all = 0;
+    for (double v : total) all += v;
+    by_joint = all;
+    std::fill(has_mass.begin(), has_mass.end(), char(all != 0));
+  }
+  // what row i's weights are divided by (target_row's rule: the joint total where it is positive)
+  double divisor(int64_t i) const { return joint && by_joint > 0 ? by_joint : total[i]; }
   ColumnSpan segment(int64_t i, int64_t col0, int64_t len) const { return column_span(exclude_self, i, col0, len); }
   bool has(int64_t i) const { return has_mass[i] != 0; }
   double label_divisor(int64_t) const { return 0.0; }
@@ -123,25 +141,26 @@ struct DenseSegments : WeightSegmentsBase<T> {
         this->entropy[i] = ent;
       }
     });
+    if (this->joint) this->set_joint_divisor();   // (with_entropy is the conditional one sweep's)
   }
   // p over the block, one division in double per pair as target_row's (0 for a row without mass,
   // which is left out); log p~ is f_row's own (kLogOfP): lp is not written
   void fill(int64_t i, const ColumnSpan& seg, T* p, T*, bool) const {
     const T* wi = w + i * m + seg.col0;
-    if (!this->has(i)) {
+    if (!this->has(i) || this->total[i] == 0) {   // (joint: a row without weight, target_row's early out)
       std::fill(p, p + seg.m, T(0));
       return;
     }
-    const double by = this->total[i];
+    const double by = this->divisor(i);
     for (int64_t j = 0; j < seg.m; ++j) p[j] = T(double(j != seg.self ? wi[j] : T(0)) / by);
   }
   // sum_j p_ij s_ij over the block's valid columns where p != 0 (an s of -inf at p = 0 adds
   // nothing, as f_row's select); logit(j): the logit of the block's column j
   template <typename F>
   double p_dot(int64_t i, const ColumnSpan& seg, F&& logit) const {
-    if (!this->has(i)) return 0.0;
+    if (!this->has(i) || this->total[i] == 0) return 0.0;
     const T* wi = w + i * m + seg.col0;
-    const double by = this->total[i];
+    const double by = this->divisor(i);
     double out = 0;
     for (int64_t j = 0; j < seg.m; ++j) {
       const T pj = T(double(j != seg.self ? wi[j] : T(0)) / by);
@@ -170,7 +189,6 @@ struct NeighborSegments : WeightSegmentsBase<T> {
     const int64_t m = pb.m;
     const int64_t* idx_all = pb.nbr_index.template data_ptr<int64_t>();
     const T* w_all = pb.nbr_weight.template data_ptr<T>();
-    const T keep = T(1) - this->alpha, b = this->b;
     at::parallel_for(0, pb.n, 64, [&](int64_t r0, int64_t r1) {
       std::vector<int64_t> order(static_cast<size_t>(k));
       for (int64_t i = r0; i < r1; ++i) {
@@ -201,19 +219,32 @@ struct NeighborSegments : WeightSegmentsBase<T> {
         count[i] = n_e;
         this->total[i] = total;
         this->has_mass[i] = total != 0;
-        T* lps = lp.data() + i * k;
-        double ent = 0;
-        for (int64_t e = 0; e < n_e; ++e) {
-          if (total != 0) ps[e] = T(double(ps[e]) / total);   // one rounding, as target_row
-          const T pm = keep * ps[e] + b;
-          lps[e] = this->log_mix(pm);
-          if (pm != T(0)) ent += double(pm) * double(lps[e]);
-        }
-        // the uniform remainder: M' - (distinct entries) columns at p~ = b
-        if (with_entropy && b > T(0)) ent += double(this->m_valid - n_e) * double(b) * double(lp_off);
-        if (with_entropy) this->entropy[i] = ent;
+        if (!this->joint) divide_row(i, total, with_entropy);
       }
     });
+    if (!this->joint) return;
+    this->set_joint_divisor();   // (with_entropy is the conditional one sweep's)
+    at::parallel_for(0, pb.n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) divide_row(i, this->divisor(i), false);
+    });
+  }
+  // Row i's merged weights over `by` (one rounding, as target_row's; none when by is 0), their
+  // log p~, and with with_entropy the row's sum p~ log p~.
+  void divide_row(int64_t i, double by, bool with_entropy) {
+    const T keep = T(1) - this->alpha, b = this->b;
+    T* ps = p.data() + i * k;
+    T* lps = lp.data() + i * k;
+    const int64_t n_e = count[i];
+    double ent = 0;
+    for (int64_t e = 0; e < n_e; ++e) {
+      if (by != 0) ps[e] = T(double(ps[e]) / by);
+      const T pm = keep * ps[e] + b;
+      lps[e] = this->log_mix(pm);
+      if (pm != T(0)) ent += double(pm) * double(lps[e]);
+    }
+    // the uniform remainder: M' - (distinct entries) columns at p~ = b
+    if (with_entropy && b > T(0)) ent += double(this->m_valid - n_e) * double(b) * double(lp_off);
+    if (with_entropy) this->entropy[i] = ent;
   }
   // The entries of row i inside the block: [first, last) of its sorted slots.
   std::pair<int64_t, int64_t> entries_in(int64_t i, const ColumnSpan& seg) const {
@@ -226,7 +257,7 @@ struct NeighborSegments : WeightSegmentsBase<T> {
   // p (and, with log_p, log p~) over the block. A row whose total is NaN has p = NaN on every
   // column (target_row divides every column by it).
   void fill(int64_t i, const ColumnSpan& seg, T* p_out, T* lp_out, bool log_p) const {
-    const bool nan_row = std::isnan(this->total[i]);
+    const bool nan_row = std::isnan(this->divisor(i));
     std::fill(p_out, p_out + seg.m, nan_row ? std::numeric_limits<T>::quiet_NaN() : T(0));
     if (log_p) std::fill(lp_out, lp_out + seg.m, lp_off);
     if (!this->has(i)) return;

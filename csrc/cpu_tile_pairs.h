@@ -96,6 +96,36 @@ int64_t recorded_pair_residuals(const T* st, int64_t n, int hi_row, std::vector<
   return block;
 }
 
+// Column sums of one or two ni x nj tiles a and b (row-major; b may be nullptr) into col_a and
+// col_b: each thread a range of columns over every row (sums in T over at most a block of rows,
+// then in double).
+template <typename T>
+void add_column_sums(const T* a, const T* b, int64_t ni, int64_t nj, double* col_a, double* col_b) {
+  at::parallel_for(0, nj, 64, [&](int64_t c0, int64_t c1) {
+    const int64_t len = c1 - c0;
+    std::vector<T> sa(static_cast<size_t>(len), T(0)), sb(b != nullptr ? sa.size() : 0, T(0));
+    T* va = sa.data();
+    T* vb = sb.data();
+    for (int64_t r = 0; r < ni; ++r) {
+      const T* ar = a + r * nj + c0;
+      if (b == nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) va[j] += ar[j];
+        continue;
+      }
+      const T* br = b + r * nj + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        va[j] += ar[j];
+        vb[j] += br[j];
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) col_a[c0 + j] += double(va[j]);
+    if (b != nullptr)
+      for (int64_t j = 0; j < len; ++j) col_b[c0 + j] += double(vb[j]);
+  });
+}
+
 // The first rows * cols entries of a tile buffer as a dense rows x cols matrix (the GEMMs write
 // it, the row loops read it with row stride cols).
 inline at::Tensor dense_tile(const at::Tensor& buf, int64_t rows, int64_t cols) {

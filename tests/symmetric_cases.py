@@ -48,3 +48,32 @@ def fresh_schedule(monkeypatch):
     monkeypatch.delenv("ICON_KERNELS_CPU_TILE_ELEMENTS", raising=False)
     counts()
     yield
+
+
+def run_loss(x0, target, kernel, params, backend, upstream, param_grad=False, **options) -> list:
+    """(row losses, dL/dx[, dL/dparam...]) of sum_i upstream_i L_i, params the learned kernel's
+    parameters by name (a differentiable tensor each under param_grad)."""
+    x = x0.detach().clone().requires_grad_()
+    params = {k: torch.as_tensor(v, dtype=x0.dtype).clone().requires_grad_(param_grad) for k, v in params.items()}
+    loss = ik.icon_loss(x, target=target, kernel=kernel, backend=backend, reduction="none", **params, **options)
+    wrt = [x] + (list(params.values()) if param_grad else [])
+    grads = torch.autograd.grad(loss, wrt, grad_outputs=upstream.to(loss.dtype))
+    return [loss.detach(), *grads]
+
+
+def assert_close(got, want, tol, atol=0.0) -> None:
+    """Each pair within tol relative error (cases.relative_error), or within atol everywhere (a
+    loss near 0 from a difference of O(1) sums: N = 2 with its self pair kept)."""
+    from cases import relative_error
+    for g, w in zip(got, want):
+        err = relative_error(g, w)
+        assert err <= tol or (g - w).abs().max().item() <= atol, (err, tol)
+
+
+def seeded_inputs(n, seed, dtype=F64, d=5, dz=4) -> tuple:
+    """x [n, d], z [n, dz] and an upstream gradient in [0.5, 1.5) from one seed."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    z = torch.randn(n, dz, generator=gen, dtype=dtype)
+    upstream = torch.rand(n, generator=gen, dtype=F64) + 0.5
+    return x, z, upstream

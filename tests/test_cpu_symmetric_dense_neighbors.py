@@ -203,9 +203,8 @@ def test_gradcheck_with_ragged_blocks(monkeypatch, target, kernel, options):
 
 
 def test_runs_only_where_it_applies(monkeypatch):
-    """Self mode with one scalar parameter, a Dense or Neighbors target, conditional rows, any
-    kernel but log_dot; not for a separate y, a per-row parameter, log_dot, joint normalisation,
-    or when off."""
+    """Self mode with one scalar parameter, a Dense or Neighbors target, conditional (or joint) rows,
+    any kernel but log_dot; not for a separate y, a per-row parameter, log_dot, or when off."""
     gen = torch.Generator().manual_seed(4)
     n = 12
     x = torch.randn(n, 4, generator=gen, dtype=F64, requires_grad=True)
@@ -224,7 +223,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(kernel="cosine", y=x, exclude_self=True, beta=0.2) == RAN       # one x
     assert ran(kernel="dot", y=x.detach().clone(), exclude_self=True) == NOT_RAN
     assert ran(kernel="dot", temperature=torch.linspace(0.3, 0.6, n, dtype=F64)) == NOT_RAN
-    assert ran(kernel="student_t", normalization="joint") == NOT_RAN
+    assert ran(kernel="student_t", normalization="joint") == RAN   # test_cpu_symmetric_joint_targets.py
     # a symmetrised Neighbors target reaches the op as the padded rows of its explicit entries
     # (backends/dispatch.py): a plain target there
     sym = ik.Neighbors(nbr.indices, symmetrize=True)
