@@ -70,6 +70,15 @@ double joint_centre(const T* g, const T* st, int64_t n) {
   return q_total > 0 ? num / q_total : 0.0;
 }
 
+// Joint normalisation's dL/ds of row i as learned_backward takes it: g_i folded into the row's q g
+// (m entries), so that scale (q g - q Gamma) with scale 1 - beta and Gamma = C (joint_centre) is
+// (1 - beta) (g_i q g - q C).
+template <typename T>
+inline void fold_joint_upstream(T* qg, int64_t m, T gi) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) qg[j] *= gi;
+}
+
 // Joint forward KL or cross-entropy without beta (Problem::defers_log_z): the rows' losses under
 // their own LSE_i (0 where LSE_i = -inf) put under log Z, L_i += (log Z - LSE_i) sum_j p~_ij, and
 // the statistics the backward reads: log Z, Gamma_i = -sum_j p~ and the row's share of q.

@@ -167,7 +167,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   // the plain joint stats, no record: either backward after either forward, as the switch says now)
   if (y_is_x && !target_grad && !param_grad && pb.joint && symmetric_label_family_apply(pb))
     return symmetric_label_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
-                                              false, pair_block(pb.tile, pb.n), std::vector<T>());
+                                              false, pair_block(pb.tile, pb.n), std::vector<T>(size_t(pb.n), T(0)));
   // the rest of the Labels family in self mode (cpu_symmetric_label_family.h), after its forward
   if (y_is_x && !target_grad && !pb.joint && symmetric_label_family_fit(pb)) {
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
@@ -220,15 +220,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
   const GlobalRows<T> gr = pb.global() ? global_rows<T>(pb, st) : GlobalRows<T>{};
   // joint normalisation: dL/ds_ij = (1 - beta) (g_i q_ij g_ij - q_ij C), C = sum_k g_k Gamma_k /
   // sum_k q_k over every row (s_ij moves every q through Z), from the forward's row sums
-  double centre = 0;
-  if (pb.joint) {
-    double num = 0, q_total = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      if (g[i] != T(0)) num += double(g[i]) * double(st[n + i]);
-      q_total += double(st[3 * n + i]);
-    }
-    centre = q_total > 0 ? num / q_total : 0.0;   // no valid pair at all: 0, not 0 / 0
-  }
+  const double centre = pb.joint ? joint_centre(g, st, n) : 0.0;   // (no valid pair at all: 0)
   // joint with one parameter: its per-row sums, centred once over every row at the end (only
   // the total of dL/ds is zero, not each row's)
   std::vector<double> joint_g_sum(pb.joint && param_grad ? n : 0), joint_q_basis(joint_g_sum.size()),
@@ -332,10 +324,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
         double gamma = f.q_sum > 0 ? f.gamma / f.q_sum : f.gamma;
         T scale = g[i] * (T(1) - pb.beta);
         if (pb.joint) {
-          const T gi = g[i];
-          T* qg_row = qg.data();
-#pragma omp simd
-          for (int64_t j = 0; j < m; ++j) qg_row[j] *= gi;
+          fold_joint_upstream(qg.data(), m, g[i]);
           gamma = centre;
           scale = T(1) - pb.beta;
         }

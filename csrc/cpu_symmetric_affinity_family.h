@@ -211,6 +211,25 @@ void symmetrised_shifts(const std::vector<double>& mass, std::vector<T>* hi, std
   }
 }
 
+// What pass 2 and the backward read after pass 1: the rows (a symmetrised target's,
+// symmetrised_pair_rows) and each row's shift in two parts, LSE^p (stats row 2 and the recorded
+// residual lo) or a symmetrised target's log M_i after its mass sweep.
+template <typename T, int K>
+struct AffinityShifts {
+  AffinityPairRows<T, K> rows;
+  std::vector<T> hi, lo;
+};
+
+template <typename T, int K, bool T_DIST>
+AffinityShifts<T, K> affinity_shifts(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, const T* st,
+                                     const std::vector<T>& lo, int64_t block, at::Tensor& t_buf) {
+  const int64_t n = pb.n;
+  if (!pb.symmetrize) return {rows, std::vector<T>(st + 2 * n, st + 3 * n), lo};
+  AffinityShifts<T, K> out{symmetrised_pair_rows(pb, rows, st + 2 * n), {}, {}};
+  symmetrised_shifts(symmetrised_masses<T, K, T_DIST>(pb, out.rows, block, t_buf), &out.hi, &out.lo);
+  return out;
+}
+
 // row(sr, self, ab, scratch) for every row of both sides of the tile pair (I, J), split across
 // threads, after the Gram tiles of x (into s_buf) and z (into t_buf): ab the row's Gram entries
 // of x, self its self column in the block or -1, scratch.s its logits and scratch.t its target
@@ -278,7 +297,8 @@ void for_each_affinity_family_row(const Problem<T>& pb, const AffinityPairRows<T
 // with the same kernel_logits, so both passes and the backward see the same values. CAUCHY (t-SNE's
 // Student-t with nu = 1: pass 1, and pass 2 under cauchy_tv_rows): scratch.s holds the pair's
 // weight exp(s) = 1 / (1 + d^2) instead of its logit, a division per pair instead of a log
-// (add_weight_segment takes its LSE, cauchy_tv_row its q).
+// (add_weight_segment takes its LSE, cauchy_tv_row its q). A symmetrised target's rows
+// (rows.sym_lse_p) make the z tile log((p_{j|i} + p_{i|j}) / 2) instead (symmetrised_tile_row).
 template <typename T, int K, bool T_DIST, bool CAUCHY, typename F>
 void for_each_affinity_logit_row(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, int64_t i0, int64_t i1,
                                  int64_t j0, int64_t j1, int64_t block, at::Tensor& s_buf, at::Tensor& t_buf,
@@ -489,20 +509,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
       }
       recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
       // a symmetrised target: the tiles become log p~ and each row's shift is its log mass
-      const AffinityPairRows<T, K> rows2 = sym ? symmetrised_pair_rows(pb, rows, st + 2 * n) : rows;
-      std::vector<T> shift_hi(st + 2 * n, st + 3 * n), shift_lo = lo_p;
-      if (sym) symmetrised_shifts(symmetrised_masses<T, K, T_DIST>(pb, rows2, block, t_buf), &shift_hi, &shift_lo);
+      const AffinityShifts<T, K> sh = affinity_shifts<T, K, T_DIST>(pb, rows, st, lo_p, block, t_buf);
       // pass 2: the divergence sums under them (cauchy_tv_rows: the tiles hold the reciprocals)
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
         constexpr bool TV_R = decltype(tv_weights)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
           for_each_affinity_logit_row<T, K, T_DIST, TV_R>(
-              pb, rows2, i0, i1, j0, j1, block, s_buf, t_buf,
+              pb, sh.rows, i0, i1, j0, j1, block, s_buf, t_buf,
               [&](const SideRow& sr, int64_t self, AffinityRowScratch<T>& sc) {
                 const int64_t i = sr.i;
-                [[maybe_unused]] const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], shift_hi[i],
-                                                                           shift_lo[i], sc, form_p);
+                [[maybe_unused]] const FRow<T> r = affinity_family_segment(pb, i, sr.len, self, st[i], sh.hi[i],
+                                                                           sh.lo[i], sc, form_p);
                 FRowSums f;
                 if constexpr (TV_R) {
                   if (self >= 0) sc.s[self] = T(0);   // (r = 1 at d_ii = 0)
@@ -569,11 +587,8 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                                               pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
                                               pair_target_logits_once(pb), pb.exclude_self};
       // a symmetrised target: the forward's log p~ tiles and row masses again (symmetrised_masses)
-      const AffinityPairRows<T, K> rows =
-          pb.symmetrize ? symmetrised_pair_rows(pb, plain_rows, st + 2 * n) : plain_rows;
-      std::vector<T> shift_hi(st + 2 * n, st + 3 * n), shift_lo = lo;
-      if (pb.symmetrize)
-        symmetrised_shifts(symmetrised_masses<T, K, T_DIST>(pb, rows, block, t_buf), &shift_hi, &shift_lo);
+      const AffinityShifts<T, K> sh = affinity_shifts<T, K, T_DIST>(pb, plain_rows, st, lo, block, t_buf);
+      const AffinityPairRows<T, K>& rows = sh.rows;
       const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
@@ -591,7 +606,7 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 return;
               }
               [[maybe_unused]] const FRow<T> r =
-                  affinity_family_segment(pb, i, len, self, st[i], shift_hi[i], shift_lo[i], sc, form_p);
+                  affinity_family_segment(pb, i, len, self, st[i], sh.hi[i], sh.lo[i], sc, form_p);
               const double row_gamma = double(st[n + i]);
               if constexpr (TV_R) {
                 // q and q g from the reciprocals (sc.col: free in the backward, whose rows of J are in

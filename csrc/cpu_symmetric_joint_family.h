@@ -57,7 +57,7 @@ bool symmetric_joint_family_fit(const Problem<T>& pb) {
   switch (pb.target) {
     case kAffinity: return pb.symmetrize && pb.z_self && !symmetric_joint_fit(pb);
     case kLabels: return same_row_and_column_labels(pb);   // P_ij = [y_i = y_j] / total: symmetric
-    default: return false;   // Dense, Neighbors: P_ij != P_ji in general
+    default: return false;   // Dense, Neighbors: P_ij != P_ji (cpu_symmetric_label_family.h's joint rows)
   }
 }
 

@@ -13,8 +13,8 @@
 //   pass 1   each row's LSE merged online over its column blocks (add_lse_segment);
 //   pass 2   each row's divergence sums under it, block by block (f_row of cpu_f_rows.h: the loss,
 //            Gamma = sum_j q g and sum_j q over these very q).
-// Forward KL and cross-entropy without beta (Student-t, power; any kernel on Dense and Neighbors)
-// need pass 1 alone: their loss is a closed form of the LSE and the target's sums (the hot path's
+// Forward KL and cross-entropy without beta (Student-t, power; any kernel on Dense and Neighbors,
+// under joint normalisation too: joint_target_kl_rows) need pass 1 alone: their loss is a closed form of the LSE and the target's sums (the hot path's
 // for Labels, cpu_symmetric_target_kl.h's for Dense and Neighbors, which forms no logit per pair
 // for t-SNE's Cauchy kernel), and Gamma is -1.
 // The backward cannot take Gamma from a sweep of the whole row first (the plain backward does), so
@@ -25,15 +25,17 @@
 // Joint normalisation of a Dense or Neighbors target (every divergence, alpha and beta): P_ij =
 // w_ij / (every row's total) is not symmetric, but q_ij = e^{s_ij - log Z} is, so the same two
 // sweeps serve: pass 1 each row's LSE, then log Z = logsumexp_i LSE_i; pass 2 each row's terms
-// under log Z (the segments divide by the joint total, cpu_target_segments.h). The backward takes
+// under log Z (the segments divide by the joint total, cpu_target_segments.h). Forward KL and
+// cross-entropy without beta need pass 1 alone (joint_target_kl_rows: the conditional one sweep's
+// sums, each row's share of the loss under log Z after it). The backward takes
 // G_ij = (1 - beta) (g_i q_ij g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (joint_centre: s_ij
 // moves every q through Z), for both sides of the one recomputed tile. The stats are the plain
 // joint rows' (log Z, Gamma_i = sum_j q g, 0, the row's share of q) with no record, so either
 // backward runs after either forward (the switch at the backward decides, as the joint family
 // schedule's, cpu_symmetric_joint_family.h); the learned parameter's gradient runs the plain one.
 // Two and a half N^2 d GEMM-equivalents instead of the plain joint rows' five (their pass over
-// every row's LSE, S again in the forward and the backward's three; four for KL and cross-entropy
-// without beta, which put their rows under log Z afterwards, Problem::defers_log_z).
+// every row's LSE, S again in the forward and the backward's three); two instead of four for KL and
+// cross-entropy without beta (both put their rows under log Z afterwards, Problem::defers_log_z).
 //
 // The closed-form rows (cpu_f_label_rows.h: tv, hellinger, js, chi2 with alpha = beta = 0, the dot
 // or Gaussian kernel; up to 2^22 positive pairs) need one sweep: each row merges its max and its
@@ -400,7 +402,7 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
   std::vector<OnlineLabelRow<T>> acc(static_cast<size_t>(n));
   std::vector<double> loss(static_cast<size_t>(n)), gamma(static_cast<size_t>(n)), q_sum(static_cast<size_t>(n));
   const bool joint = pb.joint;
-  const bool one_pass = !joint && !pb.f_div && pb.beta == T(0);
+  const bool one_pass = !pb.f_div && pb.beta == T(0);
   // the Cauchy rows' one sweep: reciprocals summed with no running max and no logit per pair
   // (cpu_symmetric_target_kl.h), the max fixed at 0 (every e^s is at most 1)
   const bool cauchy = !kLabelRows && one_pass && cauchy_target_rows(pb);
@@ -433,6 +435,12 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
     for (int64_t i = 0; i < n; ++i) {
       st[i] = joint ? log_z : T(lse[i]);
       st[3 * n + i] = joint ? T(0) : pair_record<T>(block, lse[i], st[i]);
+    }
+    if constexpr (!kLabelRows) {   // (joint: Dense and Neighbors only)
+      if (one_pass && joint) {
+        joint_target_kl_rows(pb, segs, acc, lse, log_z, out);
+        return 0;
+      }
     }
     if (one_pass) {
       for (int64_t i = 0; i < n; ++i) {
@@ -494,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_label_family_forward(co
   const int64_t n = pb.n, block = pair_block(pb.tile, n);
   RowOutputs<T> out(n, pb.x.options());
   // the Dense and Neighbors rows' sum p~ log p~: only the one sweep's forward KL reads it
-  const bool with_entropy = pb.kl && pb.beta == T(0) && !pb.joint;
+  const bool with_entropy = pb.kl && pb.beta == T(0);
   with_target_segments(pb, with_entropy, [&](const auto& segs) {
     using Segs = std::decay_t<decltype(segs)>;
     if constexpr (Segs::kTarget == kLabels) {
@@ -534,8 +542,7 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
   // joint: G_ij = (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (s_ij moves
   // every q through Z), from the plain joint rows' stats (log Z in row 0, no residual)
   const double centre = joint ? joint_centre(g, st, n) : 0.0;
-  const std::vector<FRow<T>> rows =
-      family_rows_of_pairs(pb, segs, st, joint ? std::vector<T>(static_cast<size_t>(n), T(0)) : lo);
+  const std::vector<FRow<T>> rows = family_rows_of_pairs(pb, segs, st, lo);   // (joint: lo is zeros)
   const T prm = pb.prm.template data_ptr<T>()[0];
   const T keep_q = T(1) - pb.beta;
   const bool dist = is_distance(pb.kernel);
@@ -543,8 +550,9 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
   const bool closed = kLabelRows && pb.row_path() == kLabelClosedFormRows;
   // t-SNE's Cauchy rows where dL/ds needs no log q (forward KL, cross-entropy without beta, no dof
   // gradient): q = r e^{-LSE} and W = 2 G r from one reciprocal per pair, as the plain rows'
-  const bool cauchy = !kLabelRows && !joint && !param_grad && !pb.f_div && pb.beta == T(0) &&
-                      pb.kernel == kStudentT && prm == T(1);
+  // (joint too: q = r e^{-log Z}, and G = (1 - beta) (g_i q g - q C) as below)
+  const bool cauchy = !kLabelRows && !param_grad && !pb.f_div && pb.beta == T(0) && pb.kernel == kStudentT &&
+                      prm == T(1);
   // the f-divergences read log p~; KL's and cross-entropy's dL/ds is -p~ q / q~ (no log p)
   const bool log_p = pb.f_div && Segs::kLogP == kSparseLogP;
   std::vector<T> exp_neg_lse(cauchy ? size_t(n) : 0);   // e^{-LSE} from the LSE and its residual
@@ -577,8 +585,9 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
               cauchy_reciprocals<T>(ab, sc.s.data(), segs.sq + sr.col0, segs.sq[i], seg.self, seg.m);
               cauchy_learned_row_scaled<T>(sc.s.data(), exp_neg_lse[i], sc.p.data(), seg.self, seg.m, pb.alpha,
                                            pb.mix_size(), sc.q.data(), sc.qg.data());
-              cauchy_learned_backward<T>(ab, sc.s.data(), sc.q.data(), sc.qg.data(), seg.m, g[i] * keep_q,
-                                         row_gamma);
+              if (joint) fold_joint_upstream(sc.qg.data(), seg.m, g[i]);
+              cauchy_learned_backward<T>(ab, sc.s.data(), sc.q.data(), sc.qg.data(), seg.m,
+                                         joint ? keep_q : g[i] * keep_q, row_gamma);
               if (i0 == j0 && seg.self < 0) ab[i - sr.col0] = T(0);   // the kept self pair (below)
               return;
             }
@@ -589,12 +598,7 @@ std::vector<at::Tensor> family_backward(const Problem<T>& pb, const Segs& segs, 
               const FRow<T> r = family_segment(rows, segs, seg, i, sc, log_p);
               f_row<T>(pb.divergence, r, Segs::kLogP, sc.qg.data(), nullptr, sc.q.data());
             }
-            if (joint) {   // g_i into q g, so that G = (1 - beta) (q g - q C)
-              T* qg = sc.qg.data();
-              const T gi = g[i];
-#pragma omp simd
-              for (int64_t j = 0; j < seg.m; ++j) qg[j] *= gi;
-            }
+            if (joint) fold_joint_upstream(sc.qg.data(), seg.m, g[i]);   // G = (1 - beta) (g_i q g - q C)
             // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
             if (seg.self >= 0) ab[seg.self] = T(0);
             const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(

@@ -18,6 +18,7 @@
 
 #include "cpu_cauchy_rows.h"
 #include "cpu_family_rows.h"
+#include "cpu_global_rows.h"   // q_masses
 #include "cpu_target_segments.h"
 #include "cpu_tile_pairs.h"
 
@@ -76,6 +77,30 @@ bool target_kl_row_loss(const Segs& segs, int64_t i, const OnlineLabelRow<T>& ac
   const double cross = (1.0 - double(segs.alpha)) * acc.pos_s + (b > 0 ? b * acc.sum_s : 0.0) - lse;
   *loss = T(kl ? segs.entropy[i] - cross : -cross);
   return true;
+}
+
+// Joint normalisation (Dense, Neighbors: segs divide by the joint total): every row's loss from its
+// one-sweep statistics under log Z, sum_j p~ (log p~ - s) + log Z sum_j p~ (cross-entropy without
+// the first term), and the plain joint rows' stats (put_under_log_z's): log Z, Gamma_i = -sum_j p~,
+// 0, the row's share of q. A NaN log Z makes every loss NaN, as the plain rows.
+template <typename T, typename Segs>
+void joint_target_kl_rows(const Problem<T>& pb, const Segs& segs, const std::vector<OnlineLabelRow<T>>& acc,
+                          const std::vector<double>& lse, T log_z, RowOutputs<T>* out) {
+  const int64_t n = pb.n;
+  T* st = out->st;
+  const std::vector<double> q_mass = q_masses(lse, log_z);
+  const double b = double(segs.b), keep = 1.0 - double(segs.alpha);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool inc = segs.has(i) && segs.m_valid > 0;
+    const double mass = segs.p_mass[i];
+    const double cross = keep * acc[i].pos_s + (b > 0 ? b * acc[i].sum_s : 0.0) - double(log_z) * mass;
+    out->inc_p[i] = inc;
+    out->loss_p[i] = std::isnan(log_z) ? log_z : inc ? T(pb.kl ? segs.entropy[i] - cross : -cross) : T(0);
+    st[i] = log_z;
+    st[n + i] = T(-mass);
+    st[2 * n + i] = T(0);
+    st[3 * n + i] = T(q_mass[i]);
+  }
 }
 
 }  // namespace cpu

@@ -85,6 +85,7 @@ struct WeightSegmentsBase {
   std::vector<double> total;
   std::vector<char> has_mass;
   std::vector<double> entropy;   // sum_j p~ log p~ over the valid columns (forward KL only)
+  std::vector<double> p_mass;    // joint: sum_j p~ of each row (the one sweep's share of log Z)
   explicit WeightSegmentsBase(const Problem<T>& pb)
       : rows(pb.x), sq(pb.x_sq.template data_ptr<T>()), exclude_self(pb.exclude_self), alpha(pb.alpha),
         b(pb.alpha / pb.mix_size()), m_valid(pb.m_valid), joint(pb.joint), total(size_t(pb.n)),
@@ -116,7 +117,6 @@ struct DenseSegments : WeightSegmentsBase<T> {
   DenseSegments(const Problem<T>& pb, bool with_entropy)
       : WeightSegmentsBase<T>(pb), w(pb.dense.template data_ptr<T>()), m(pb.m) {
     if (with_entropy) this->entropy.assign(size_t(pb.n), 0.0);
-    const T keep = T(1) - this->alpha, b = this->b;
     at::parallel_for(0, pb.n, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t self = this->exclude_self ? i : -1;
@@ -131,17 +131,38 @@ struct DenseSegments : WeightSegmentsBase<T> {
         }
         this->total[i] = total;
         this->has_mass[i] = total != 0;
-        if (!with_entropy || total == 0) continue;
-        double ent = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          if (j == self) continue;
-          const T pm = keep * T(double(wi[j]) / total) + b;
-          if (pm != T(0)) ent += double(pm) * double(this->log_mix(pm));
-        }
-        this->entropy[i] = ent;
+        if (with_entropy && !this->joint && total != 0) this->entropy[i] = mixture_sums(i, total).ent;
       }
     });
-    if (this->joint) this->set_joint_divisor();   // (with_entropy is the conditional one sweep's)
+    if (!this->joint) return;
+    this->set_joint_divisor();
+    this->p_mass.assign(size_t(pb.n), 0.0);
+    at::parallel_for(0, pb.n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const MixtureSums sums = mixture_sums(i, this->divisor(i));
+        this->p_mass[i] = sums.mass;
+        if (with_entropy) this->entropy[i] = sums.ent;
+      }
+    });
+  }
+  // Row i's sum_j p~ log p~ and sum_j p~ over its valid columns, p = w / by as fill forms it (0 for
+  // a row without weight: p~ = b there).
+  struct MixtureSums {
+    double ent = 0, mass = 0;
+  };
+  MixtureSums mixture_sums(int64_t i, double by) const {
+    const T keep = T(1) - this->alpha, b = this->b;
+    const int64_t self = this->exclude_self ? i : -1;
+    const T* wi = w + i * m;
+    const bool none = this->total[i] == 0;
+    MixtureSums out;
+    for (int64_t j = 0; j < m; ++j) {
+      if (j == self) continue;
+      const T pm = keep * (none ? T(0) : T(double(wi[j]) / by)) + b;
+      if (pm != T(0)) out.ent += double(pm) * double(this->log_mix(pm));
+      out.mass += double(pm);
+    }
+    return out;
   }
   // p over the block, one division in double per pair as target_row's (0 for a row without mass,
   // which is left out); log p~ is f_row's own (kLogOfP): lp is not written
@@ -223,9 +244,10 @@ struct NeighborSegments : WeightSegmentsBase<T> {
       }
     });
     if (!this->joint) return;
-    this->set_joint_divisor();   // (with_entropy is the conditional one sweep's)
+    this->set_joint_divisor();
+    this->p_mass.assign(size_t(pb.n), 0.0);
     at::parallel_for(0, pb.n, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) divide_row(i, this->divisor(i), false);
+      for (int64_t i = r0; i < r1; ++i) divide_row(i, this->divisor(i), with_entropy);
     });
   }
   // Row i's merged weights over `by` (one rounding, as target_row's; none when by is 0), their
@@ -235,16 +257,19 @@ struct NeighborSegments : WeightSegmentsBase<T> {
     T* ps = p.data() + i * k;
     T* lps = lp.data() + i * k;
     const int64_t n_e = count[i];
-    double ent = 0;
+    double ent = 0, mass = 0;
     for (int64_t e = 0; e < n_e; ++e) {
       if (by != 0) ps[e] = T(double(ps[e]) / by);
       const T pm = keep * ps[e] + b;
       lps[e] = this->log_mix(pm);
       if (pm != T(0)) ent += double(pm) * double(lps[e]);
+      mass += double(pm);
     }
     // the uniform remainder: M' - (distinct entries) columns at p~ = b
-    if (with_entropy && b > T(0)) ent += double(this->m_valid - n_e) * double(b) * double(lp_off);
+    const double rest = double(this->m_valid - n_e) * double(b);
+    if (with_entropy && b > T(0)) ent += rest * double(lp_off);
     if (with_entropy) this->entropy[i] = ent;
+    if (!this->p_mass.empty()) this->p_mass[i] = mass + rest;
   }
   // The entries of row i inside the block: [first, last) of its sorted slots.
   std::pair<int64_t, int64_t> entries_in(int64_t i, const ColumnSpan& seg) const {

@@ -3,7 +3,9 @@ self mode (csrc/cpu_symmetric_label_family.h over csrc/cpu_target_segments.h, no
 "joint"): P_ij = w_ij / (every row's total) against q_ij = e^{s_ij} / Z. P is not symmetric, but q
 is: each pair of row blocks is one Gram tile, whose rows of I read their own target row over the
 columns J and whose rows of J theirs over the columns I. The forward sweeps the tile pairs twice
-(each row's LSE, then log Z and each row's terms under it) and the backward forms
+(each row's LSE, then log Z and each row's terms under it), or once for forward KL and
+cross-entropy without beta (each row's LSE and p-weighted logit sums, its loss under log Z after
+the sweep), and the backward forms
 H_ij = (1 - beta) (g_i q g_ij + g_j q g_ji - 2 q_ij C) from one recomputed tile. Its stats are the
 plain joint rows', so either backward runs after either forward.
 
@@ -178,17 +180,19 @@ def test_the_plain_backward_after_this_forward(target, what):
         assert relative_error(mine, want) <= 1e-12
 
 
+@pytest.mark.parametrize("divergence", ["js", "kl"])
 @pytest.mark.parametrize("forward_env,backward_env", [("0", "1"), ("1", "0")])
-def test_either_backward_after_either_forward(monkeypatch, forward_env, backward_env):
-    """The stats are the plain joint rows' (log Z, Gamma_i, 0, the row's share of q): the switch at
-    the backward decides which backward runs."""
+def test_either_backward_after_either_forward(monkeypatch, forward_env, backward_env, divergence):
+    """The stats are the plain joint rows' (log Z, Gamma_i, 0, the row's share of q; KL's one
+    sweep: Gamma_i = -sum_j p~, as the plain rows put under log Z): the switch at the backward
+    decides which backward runs."""
     x0, upstream, gen = _inputs(30, 2, d=4)
     tgt = TARGETS["neighbors"](30, gen)
-    exact = _run(x0, tgt, "student_t", "reference", upstream, param=1.0, divergence="js")
+    exact = _run(x0, tgt, "student_t", "reference", upstream, param=1.0, divergence=divergence)
     x = x0.clone().requires_grad_()
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", forward_env)
     loss = ik.icon_loss(x, target=tgt, kernel="student_t", dof=1.0, backend="cpu", reduction="none",
-                        normalization="joint", divergence="js")
+                        normalization="joint", divergence=divergence)
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", backward_env)
     (loss * upstream).sum().backward()
     assert _counts() == {"target_family_forward": int(forward_env == "1"),

@@ -311,15 +311,39 @@ def test_the_stats(monkeypatch):
         assert torch.allclose(plain[row], stats[row], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("bad", ["inf", "nan"])
+@pytest.mark.parametrize("sigma_r", [1e-154, 1e-150])
+def test_minus_infinite_target_logits_with_a_finite_lse(monkeypatch, sigma_r):
+    """Row 4's sigma_r makes -d^2 / (2 sigma_r^2) overflow to -inf for its farther columns (1e-154:
+    -5e307 d^2) while its nearest stay finite: its LSE^p is finite, p_{j|4} is 0 at the -inf
+    columns, and each of those pairs' log((p_{j|4} + p_{4|j}) / 2) is p_{4|j}'s alone. Equal to the
+    plain schedule and the reference, every loss finite."""
+    n = 9
+    x, z, upstream = seeded_inputs(n, 14, dz=2)
+    sigma = _sigmas(n)
+    sigma[4] = sigma_r
+    target = _target(z, "gaussian", sigma)
+    want = run_loss(x, target, "student_t", {"dof": 1.0}, "reference", upstream, divergence="js")
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")
+    plain = run_loss(x, target, "student_t", {"dof": 1.0}, "cpu", upstream, divergence="js")
+    monkeypatch.delenv("ICON_KERNELS_SYMMETRIC")
+    monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "18")   # blocks of 3 rows
+    got = run_loss(x, target, "student_t", {"dof": 1.0}, "cpu", upstream, divergence="js")
+    assert _counts() == RAN
+    assert got[0].isfinite().all()
+    assert_close(got, want, 1e-12)
+    assert_close(got, plain, 1e-12)
+
+
+@pytest.mark.parametrize("bad", ["overflow", "nan"])
 def test_non_finite_target_logits_as_the_plain_schedule(monkeypatch, bad):
-    """Rows whose target logits overflow (t = -inf) or are NaN: the losses are non-finite exactly
-    where the plain schedule's are (a row whose LSE^p is not finite makes every row's p_{i|j} NaN
-    under symmetrisation), and equal elsewhere."""
+    """Rows whose squared distances are NaN (z = 1e200: inf - inf in the Gram form) or NaN
+    features: any row whose LSE^p is not finite makes every row's p_{i|j} NaN under
+    symmetrisation, as in the plain schedule; the patterns must match (the -inf logits with a
+    finite LSE^p are the test above)."""
     n = 6
     x, z, upstream = seeded_inputs(n, 13)
     z = z[:, :1].clone()
-    z[:2] = 1e200 if bad == "inf" else float("nan")    # rows 0, 1: block 0 (blocks of 2 rows)
+    z[:2] = 1e200 if bad == "overflow" else float("nan")    # rows 0, 1: block 0 (blocks of 2 rows)
     target = _target(z, "gaussian", 1.0)
     monkeypatch.setenv("ICON_KERNELS_CPU_TILE_ELEMENTS", "8")
     for divergence in ("kl", "js", "tv"):
