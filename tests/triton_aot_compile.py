@@ -42,7 +42,7 @@ STAGE = {"icon_forward_kernel": "forward", "icon_mixture_kernel": "forward",
          "icon_backward_rows_kernel": "backward", "icon_backward_cols_kernel": "backward",
          "icon_symmetric_forward_kernel": "forward", "icon_symmetric_backward_kernel": "backward",
          "icon_symmetric_affinity_forward_kernel": "forward", "icon_symmetric_affinity_backward_kernel": "backward"}
-# self mode's triangular kernels (launchers._triangular_forward / _triangular_backward): launched
+# self mode's triangular kernels (triangular_launches.forward / backward): launched
 # with triangular_launch's tile and warps, never autotuned; the merge kernels hold row vectors only (no tile, no
 # reduction: launchers estimates nothing for them, the 4 KB of scratch that every estimate adds)
 MERGE_KERNELS = {"icon_symmetric_merge_kernel", "icon_symmetric_affinity_merge_kernel"}

@@ -527,17 +527,22 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     # the structure (its torch.equal, a host sync, once) where it decides something: the triangular
-    # backward, or row 3 computed again for the target's gradient
-    row_3_again = target_grad and _record_row(op) == TRIANGULAR_RECORD_ROW
-    self_mode = (saved.y_is_x and pairs is None and (not target_grad or row_3_again)
+    # backward (x and y one autograd input), or row 3 computed again for the target's gradient where
+    # the forward may have been triangular and left its record there. That forward chose by op.x is
+    # op.y (_one_input), not by y_is_x, which a direct call of the backward op may set otherwise;
+    # a record from another tile is no record to _triangular_record, so row 3 is computed again
+    # after a plain forward of the same structure too.
+    row_3_again = target_grad and _record_row(op) == TRIANGULAR_RECORD_ROW and _one_input(op)
+    structure = (pairs is None and ((saved.y_is_x and not target_grad) or row_3_again)
                  and _self_mode_structure(op))
-    if row_3_again and self_mode:
+    if row_3_again and structure:
         stats = _target_statistics(op, tensors, sizes, flags, stats)
+    self_mode = saved.y_is_x and structure
+    triangular = _triangular_flags(op, flags)
     common = dict(**tensors, STATS=stats, GRAD=g, **sizes, beta=beta, HAS_BETA=beta > 0,
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    triangular = _triangular_flags(op, flags)
     if _symmetric(op, self_mode, pairs, target_grad, stats, tensors, triangular):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
         # y are one autograd input: dy is zeros)

@@ -69,7 +69,8 @@ from .tile_helpers import (exp_, finite_shift, grad_dot, grad_weight, gram_block
                            valid_pairs)
 
 NO_MAX = tl.constexpr(-1.0e30)       # the running max of no column yet (as icon_forward_kernel's)
-# The passes of the Labels kernels over the triangle (PASS, a constexpr; launchers passes .value):
+# The passes of the triangular kernels over the triangle, Labels and Affinity alike (PASS, a constexpr;
+# triangular_launches passes .value):
 CLOSED_FORM_PASS = tl.constexpr(0)   # beta = 0, kl or cross_entropy: LSE and the closed form's sums at once
 LSE_PASS = tl.constexpr(1)           # the first of two passes: the LSE alone
 SECOND_PASS = tl.constexpr(2)        # the second: the per-pair terms with every row's LSE known

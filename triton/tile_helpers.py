@@ -320,7 +320,8 @@ def second_pass_terms(valid, s, lse, p, t, lse_p, alpha, beta, m_valid, TARGET: 
     - an f-divergence (2..6): q~ f, q g, q, p f', p (f_tile: Gamma_i's and Phi_i's sums and the
       row totals of the q and p that divide them).
     forward_kernels.icon_mixture_kernel sums all five along the rows; self mode's triangular
-    kernels (symmetric_kernels.py) a, b, c along either axis of the tile (Labels: H and Phi unread)."""
+    kernels a, b, c along either axis of the tile (symmetric_kernels.py, a Labels target: H and Phi
+    unread), or all five (symmetric_affinity_kernels.py, an Affinity target's stats row 3)."""
     if DIVERGENCE == 0 or DIVERGENCE == 1:
         log_q = tl.where(valid, s - lse, float("-inf"))
         q = exp_(log_q)
