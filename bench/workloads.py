@@ -147,6 +147,13 @@ def _clip_both_loss(inp, backend):
                                       kernel="cosine", temperature=0.07, backend=backend)
 
 
+def _tsne_symmetrised_loss(inp, backend):
+    """t-SNE's conditional rows against a symmetrised target, P_ij = (p_{j|i} + p_{i|j}) / (2 M_i)."""
+    return ik.icon_loss(inp["x"], target=ik.Affinity(inp["z"], kernel="gaussian", sigma=TSNE_SIGMA,
+                                                     symmetrize=True),
+                        kernel="student_t", dof=1.0, backend=backend)
+
+
 CONFIGS: Dict[str, Config] = {
     "infonce": Config("infonce", "InfoNCE/SupCon: labels, dot kernel, tau 0.1, y = x",
                       "labels arange(N)//2", "dot", _infonce_inputs, _infonce_loss),
@@ -173,6 +180,12 @@ CONFIGS: Dict[str, Config] = {
                         "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs, _jointtsne_loss,
                         fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
                         fused_running=("torch", "cpu"), target_grams=("z",)),
+    # conditional rows against a symmetrised target: the cpu's Affinity family schedule (a mass sweep)
+    "tsne-sym": Config("tsne-sym", "t-SNE's conditional rows against a symmetrised Affinity(gaussian, sigma 4) "
+                       "target, student_t (dof 1)", "affinity gaussian sigma=4 symmetrize", "student_t",
+                       _tsne_inputs, _tsne_symmetrised_loss,
+                       fused_missing="the triton and cuda kernels do not compute a symmetrised target yet",
+                       fused_running=("torch", "cpu"), target_grams=("z",)),
     # joint t-SNE under a bounded f-divergence ("Beyond I-Con"): the cpu's joint family schedule
     "jointtsne-js": Config("jointtsne-js", "joint t-SNE as 'jointtsne', divergence js",
                            "affinity gaussian sigma=4 symmetrize", "student_t", _tsne_inputs,
@@ -245,6 +258,12 @@ FAMILY_LOSSES = {
 }
 CONFIGS.update({name: Config(name, title, target, kernel, make, loss, target_grams=grams)
                 for name, (title, target, kernel, make, loss, grams) in FAMILY_LOSSES.items()})
+# the kNN graph under joint normalisation (one Q over every pair): the cpu's target family schedule
+CONFIGS["knn-joint"] = Config("knn-joint", "kNN graph as 'knn-graph', normalization='joint'", "neighbors k=15",
+                              "student_t", _knn_inputs,
+                              _family_loss(_neighbors, "student_t", dof=1.0, normalization="joint"),
+                              fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
+                              fused_running=("torch", "cpu"))
 # issue 17's sweep: every family member, the divergences on t-SNE and InfoNCE, and joint t-SNE,
 # N = 4096, 8192
 FAMILY = ("infonce", "supcon100", "infonce-debiased", "sne", "tsne", "tsimclr5", "knn-graph", "cluster",
@@ -354,7 +373,8 @@ DEFAULT_ALLOWANCE = 60.0
 # "cpu-plain", the same backend with ICON_KERNELS_SYMMETRIC=0 (plain schedule; two calls for
 # clip-both), so that both schedules are in one run.
 SYMMETRIC_CPU = ("infonce", "supcon100", "infonce-debiased", "tsimclr5", "clip-both", "sne", "tsne", "jointtsne",
-                 "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "knn-graph", "jointtsne-js")
+                 "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "knn-graph", "jointtsne-js",
+                 "tsne-sym", "knn-joint")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 
