@@ -77,3 +77,40 @@ def seeded_inputs(n, seed, dtype=F64, d=5, dz=4) -> tuple:
     z = torch.randn(n, dz, generator=gen, dtype=dtype)
     upstream = torch.rand(n, generator=gen, dtype=F64) + 0.5
     return x, z, upstream
+
+
+# A schedule switch between a forward and its backward (each test_the_backward_follows_its_forwards_
+# schedule): the forward's environment, the backward's, and whether the symmetric backward runs
+# (it follows its forward's record, never the switch at backward time).
+SWITCHES = [
+    ({"ICON_KERNELS_SYMMETRIC": "0"}, {"ICON_KERNELS_SYMMETRIC": "1"}, False),
+    ({"ICON_KERNELS_SYMMETRIC": "1"}, {"ICON_KERNELS_SYMMETRIC": "0"}, True),
+    ({}, {"ICON_KERNELS_CPU_TILE_ELEMENTS": "5000"}, True),
+    ({"ICON_KERNELS_CPU_TILE_ELEMENTS": "200"}, {}, True),
+]
+
+
+def grads_across_a_switch(monkeypatch, x0, loss_of, upstream, forward_env, backward_env) -> tuple:
+    """dL/dx of sum_i upstream_i L_i as (the cpu backend's in float32 with forward_env set for its
+    forward and backward_env for its backward, the float64 reference's, the float32 reference's),
+    from x0's values (float32) and loss_of(x, backend), the row losses. The schedule counters are
+    read (reset) just before the cpu call, so the caller's next read sees its calls alone."""
+    def grad(dtype, backend, between=None):
+        x = x0.to(dtype).requires_grad_()
+        loss = loss_of(x, backend)
+        if between:
+            between()
+        (loss * upstream.to(dtype)).sum().backward()
+        return x.grad
+
+    def switch():
+        for key in forward_env:
+            monkeypatch.delenv(key)
+        for key, value in backward_env.items():
+            monkeypatch.setenv(key, value)
+
+    exact, naive = grad(F64, "reference"), grad(F32, "reference")
+    for key, value in forward_env.items():
+        monkeypatch.setenv(key, value)
+    counts()
+    return grad(F32, "cpu", switch), exact, naive

@@ -15,7 +15,8 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, LEARNED, TILES, affinity_target, counts, fresh_schedule  # noqa: F401
+from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, counts,  # noqa: F401
+                             fresh_schedule, grads_across_a_switch)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -323,12 +324,7 @@ def test_the_plain_backward_after_a_symmetric_forward(needs):
         assert relative_error(got, want) <= 1e-12
 
 
-@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", [
-    ({"ICON_KERNELS_SYMMETRIC": "0"}, {"ICON_KERNELS_SYMMETRIC": "1"}, False),
-    ({"ICON_KERNELS_SYMMETRIC": "1"}, {"ICON_KERNELS_SYMMETRIC": "0"}, True),
-    ({}, {"ICON_KERNELS_CPU_TILE_ELEMENTS": "5000"}, True),
-    ({"ICON_KERNELS_CPU_TILE_ELEMENTS": "200"}, {}, True),
-])
+@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", SWITCHES)
 def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, backward_env, symmetric_backward):
     """The switches are read at every call, but a backward takes its forward's schedule and blocks
     (the record in stats row 3): the symmetric backward reads the forward's tiles bit for bit."""
@@ -336,26 +332,11 @@ def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, ba
     x0, z0, upstream = _inputs(n, 8)
     x0, z0 = x0.to(F32), z0.to(F32)
 
-    def grad(dtype, backend, between=None):
-        x = x0.to(dtype).requires_grad_()
-        loss = ik.icon_loss(x, target=_target(z0.to(dtype), "gaussian", 0.05), kernel="student_t", dof=1.0,
+    def loss_of(x, backend):
+        return ik.icon_loss(x, target=_target(z0.to(x.dtype), "gaussian", 0.05), kernel="student_t", dof=1.0,
                             backend=backend, reduction="none")
-        if between:
-            between()
-        (loss * upstream.to(dtype)).sum().backward()
-        return x.grad
 
-    def switch():
-        for key in forward_env:
-            monkeypatch.delenv(key)
-        for key, value in backward_env.items():
-            monkeypatch.setenv(key, value)
-
-    exact, naive = grad(F64, "reference"), grad(F32, "reference")
-    for key, value in forward_env.items():
-        monkeypatch.setenv(key, value)
-    _counts()
-    got = grad(F32, "cpu", switch)
+    got, exact, naive = grads_across_a_switch(monkeypatch, x0, loss_of, upstream, forward_env, backward_env)
     assert _counts()[1] == int(symmetric_backward)
     assert relative_error(got, exact) <= 2 * relative_error(naive, exact) + 2.4e-7
 

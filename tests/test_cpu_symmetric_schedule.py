@@ -13,7 +13,8 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, TILES, fresh_schedule, named_counts  # noqa: F401
+from symmetric_cases import (F32, F64, SWITCHES, TILES, fresh_schedule, grads_across_a_switch,  # noqa: F401
+                             named_counts)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -198,12 +199,7 @@ def test_rows_left_out_and_zero_upstream_gradients(monkeypatch):
     _close(got, want, 1e-12)
 
 
-@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", [
-    ({"ICON_KERNELS_SYMMETRIC": "0"}, {"ICON_KERNELS_SYMMETRIC": "1"}, False),
-    ({"ICON_KERNELS_SYMMETRIC": "1"}, {"ICON_KERNELS_SYMMETRIC": "0"}, True),
-    ({}, {"ICON_KERNELS_CPU_TILE_ELEMENTS": "5000"}, True),
-    ({"ICON_KERNELS_CPU_TILE_ELEMENTS": "200"}, {}, True),
-])
+@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", SWITCHES)
 def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, backward_env, symmetric_backward):
     """The switches are read at every call, but a backward must take its forward's schedule and
     blocks (recorded in the stats): a symmetric backward after a plain forward, or with other
@@ -214,25 +210,10 @@ def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, ba
     labels = torch.arange(n) // 2
     upstream = torch.rand(n, generator=gen, dtype=F64) + 0.5
 
-    def grad(backend, dtype, between=None):
-        x = x0.to(dtype).requires_grad_()
-        loss = ik.icon_loss(x, target=ik.Labels(labels), kernel="dot", temperature=0.01, backend=backend,
+    def loss_of(x, backend):
+        return ik.icon_loss(x, target=ik.Labels(labels), kernel="dot", temperature=0.01, backend=backend,
                             reduction="none")
-        if between:
-            between()
-        (loss * upstream.to(dtype)).sum().backward()
-        return x.grad
 
-    def switch():
-        for key in forward_env:
-            monkeypatch.delenv(key)
-        for key, value in backward_env.items():
-            monkeypatch.setenv(key, value)
-
-    exact, naive = grad("reference", F64), grad("reference", F32)
-    for key, value in forward_env.items():
-        monkeypatch.setenv(key, value)
-    _counts()
-    got = grad("cpu", F32, switch)
+    got, exact, naive = grads_across_a_switch(monkeypatch, x0, loss_of, upstream, forward_env, backward_env)
     assert _counts()["backward"] == int(symmetric_backward)
     assert relative_error(got, exact) <= 2 * relative_error(naive, exact) + 2.4e-7

@@ -19,8 +19,8 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from icon_kernels.backends.ops import forward_op
-from symmetric_cases import (F32, F64, LEARNED, TILES, affinity_target, assert_close, counts,  # noqa: F401
-                             fresh_schedule, run_loss, seeded_inputs)
+from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, assert_close, counts,  # noqa: F401
+                             fresh_schedule, grads_across_a_switch, run_loss, seeded_inputs)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -240,12 +240,7 @@ def test_the_plain_backward_after_a_symmetric_forward(divergence, alpha):
     assert relative_error(grads["cpu"][0], grads["reference"][0]) <= 1e-12
 
 
-@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", [
-    ({"ICON_KERNELS_SYMMETRIC": "0"}, {"ICON_KERNELS_SYMMETRIC": "1"}, False),
-    ({"ICON_KERNELS_SYMMETRIC": "1"}, {"ICON_KERNELS_SYMMETRIC": "0"}, True),
-    ({}, {"ICON_KERNELS_CPU_TILE_ELEMENTS": "5000"}, True),
-    ({"ICON_KERNELS_CPU_TILE_ELEMENTS": "200"}, {}, True),
-])
+@pytest.mark.parametrize("forward_env,backward_env,symmetric_backward", SWITCHES)
 def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, backward_env, symmetric_backward):
     """A backward takes its forward's schedule and blocks (the record in stats row 3): the plain
     forward leaves row 3 at 0 for these problems, and this backward reads the forward's Gamma."""
@@ -253,26 +248,11 @@ def test_the_backward_follows_its_forwards_schedule(monkeypatch, forward_env, ba
     x0, z0, upstream = seeded_inputs(n, 8)
     x0, z0 = x0.to(F32), z0.to(F32)
 
-    def grad(dtype, backend, between=None):
-        x = x0.to(dtype).requires_grad_()
-        loss = ik.icon_loss(x, target=_target(z0.to(dtype), "gaussian", 0.5), kernel="student_t", dof=1.0,
+    def loss_of(x, backend):
+        return ik.icon_loss(x, target=_target(z0.to(x.dtype), "gaussian", 0.5), kernel="student_t", dof=1.0,
                             divergence="js", backend=backend, reduction="none")
-        if between:
-            between()
-        (loss * upstream.to(dtype)).sum().backward()
-        return x.grad
 
-    def switch():
-        for key in forward_env:
-            monkeypatch.delenv(key)
-        for key, value in backward_env.items():
-            monkeypatch.setenv(key, value)
-
-    exact, naive = grad(F64, "reference"), grad(F32, "reference")
-    for key, value in forward_env.items():
-        monkeypatch.setenv(key, value)
-    _counts()
-    got = grad(F32, "cpu", switch)
+    got, exact, naive = grads_across_a_switch(monkeypatch, x0, loss_of, upstream, forward_env, backward_env)
     assert _counts()[1] == int(symmetric_backward)
     assert relative_error(got, exact) <= 2 * relative_error(naive, exact) + 2.4e-7
 
