@@ -28,10 +28,15 @@ def test_kernels_compile_for_sm90():
     # cross_entropy and an f-divergence); triangular_affinity_variants(): the Affinity LSE pass's
     # forward, 7 second-pass forwards (codes 0 with and without beta, 2..6) and 6 backwards (the
     # codes but 0 without beta, the closed form's), the Affinity merge in the same 6 variants as
-    # the Labels one; the Affinity variants over every target kernel, T_KERNEL)
-    assert len(compiled) == 116, proc.stdout
+    # the Labels one; the Affinity variants over every target kernel, T_KERNEL; triangular_target_variants():
+    # symmetric_kernels.py's forward and backward for 4 Dense and 3 Neighbors variants, and Dense's LSE pass)
+    assert len(compiled) == 131, proc.stdout
     assert sum("BIDIR=True" in line for line in compiled) == 2, proc.stdout
-    assert sum("icon_symmetric_" in line for line in compiled) == 69, proc.stdout
+    assert sum("icon_symmetric_" in line for line in compiled) == 84, proc.stdout
+    # symmetric_kernels.py's forward and backward for Labels (0), Neighbors (1) and Dense (3) targets
+    targets = [line.split("TARGET=")[1][0] for line in compiled if "icon_symmetric_" in line
+               and "_affinity_" not in line and "_merge_" not in line]
+    assert (targets.count("0"), targets.count("1"), targets.count("3")) == (25, 6, 9), proc.stdout
     affinity = [line for line in compiled if "icon_symmetric_affinity_" in line]
     assert len(affinity) == 38, proc.stdout
     assert {line.split("T_KERNEL=")[1][0] for line in affinity if "_merge_" not in line} == set("01234")

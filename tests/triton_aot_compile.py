@@ -214,22 +214,52 @@ def triangular_variants():
         (0, "bfloat16", False, 128, dict(PASS=2, HAS_BETA=True, DIVERGENCE=0)),
     ]
     for kernel, dtype, chunked, block_d, codes in cases:
-        c = dict(KERNEL=kernel, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
-                 UPCAST=dtype == "float32", D_CHUNKED=chunked)
-        tensors = {"X": [dtype, True], "LAB": ["int64", True]}
-        yield {"kernel": "icon_symmetric_forward_kernel", "constexprs": dict(c, **codes), "tensors": tensors,
-               "ints": {}}
-        yield {"kernel": "icon_symmetric_backward_kernel",
-               "constexprs": dict(c, HAS_BETA=codes["HAS_BETA"], DIVERGENCE=codes["DIVERGENCE"]), "tensors": tensors,
-               "ints": {}}
+        yield from _triangular_pair(0, kernel, dtype, chunked, block_d, codes)
     yield {"kernel": "icon_symmetric_forward_kernel", "tensors": {"X": ["bfloat16", True], "LAB": ["int64", True]},
-           "constexprs": dict(KERNEL=0, EXCLUDE_SELF=True, BLOCK_D=128, PRECISION="tf32x3", UPCAST=False,
+           "constexprs": dict(KERNEL=0, TARGET=0, EXCLUDE_SELF=True, BLOCK_D=128, PRECISION="tf32x3", UPCAST=False,
                               D_CHUNKED=False, PASS=1, HAS_BETA=False, DIVERGENCE=0), "ints": {}}
+    yield from triangular_target_variants()
     for codes in (dict(PASS=0, KL=True, DIVERGENCE=0), dict(PASS=0, KL=False, DIVERGENCE=0),
                   dict(PASS=1, KL=False, DIVERGENCE=0), dict(PASS=2, KL=True, DIVERGENCE=0),
                   dict(PASS=2, KL=False, DIVERGENCE=0), dict(PASS=2, KL=False, DIVERGENCE=3)):
         yield {"kernel": "icon_symmetric_merge_kernel", "constexprs": codes, "tensors": {}, "ints": {}}
     yield from triangular_affinity_variants()
+
+
+def _triangular_pair(target, kernel, dtype, chunked, block_d, codes):
+    """The forward and backward keys of symmetric_kernels.py for one target code (0 Labels, 1
+    Neighbors, 3 Dense: symmetric_kernels.side_target) and the passes' codes."""
+    c = dict(KERNEL=kernel, TARGET=target, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
+             UPCAST=dtype == "float32", D_CHUNKED=chunked)
+    tensors = {"X": [dtype, True], "LAB": ["int64", True], "DENSE": ["float32", True]}
+    yield {"kernel": "icon_symmetric_forward_kernel", "constexprs": dict(c, **codes), "tensors": tensors, "ints": {}}
+    yield {"kernel": "icon_symmetric_backward_kernel",
+           "constexprs": dict(c, HAS_BETA=codes["HAS_BETA"], DIVERGENCE=codes["DIVERGENCE"]), "tensors": tensors,
+           "ints": {}}
+
+
+def triangular_target_variants():
+    """symmetric_kernels.py's kernels for a Dense target (TARGET 3: both sides' tiles of w, w_ij and
+    the transposed w_ji, staged) and a Neighbors target (TARGET 1: the (N, k) lists read per row and
+    per column in the tile, every divergence): the closed form at the heaviest shape (fp32 Student-t,
+    d = 256) and on the wide bf16 tile (Dense), the second pass and backward of an f-divergence with
+    beta (js, fp32 power at d = 256), chi2 with chunked d, tv in bf16 and kl at beta > 0 (Neighbors),
+    and Dense's LSE pass (its forward reads no target). The merge kernels do not depend on the target."""
+    closed_form = dict(PASS=0, HAS_BETA=False, DIVERGENCE=0)
+    cases = [  # (TARGET, KERNEL, dtype, D_CHUNKED, BLOCK_D, the passes' codes)
+        (3, 2, "float32", False, 256, closed_form), (3, 0, "bfloat16", False, 128, closed_form),
+        (3, 4, "float32", False, 256, dict(PASS=2, HAS_BETA=True, DIVERGENCE=5)),
+        (3, 1, "float16", True, 128, dict(PASS=2, HAS_BETA=False, DIVERGENCE=6)),
+        (1, 2, "float32", False, 256, closed_form), (1, 0, "bfloat16", False, 128, dict(PASS=2, HAS_BETA=False,
+                                                                                         DIVERGENCE=3)),
+        (1, 1, "float16", False, 128, dict(PASS=2, HAS_BETA=True, DIVERGENCE=0)),
+    ]
+    for target, kernel, dtype, chunked, block_d, codes in cases:
+        yield from _triangular_pair(target, kernel, dtype, chunked, block_d, codes)
+    yield {"kernel": "icon_symmetric_forward_kernel",
+           "tensors": {"X": ["float32", True], "LAB": ["int64", True], "DENSE": ["float32", True]},
+           "constexprs": dict(KERNEL=2, TARGET=3, EXCLUDE_SELF=True, BLOCK_D=256, PRECISION="tf32x3", UPCAST=True,
+                              D_CHUNKED=False, PASS=1, HAS_BETA=False, DIVERGENCE=0), "ints": {}}
 
 
 def triangular_affinity_variants():

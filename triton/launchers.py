@@ -292,7 +292,7 @@ def _record_row(op: OpArgs) -> int:
         if float(op.beta) == 0 and not op.f_divergence:
             return AFFINITY_RECORD_ROW
         return TRIANGULAR_RECORD_ROW
-    if op.target == "labels":
+    if op.target in ("labels", "dense", "neighbors"):     # row 3 is free for all three
         return TRIANGULAR_RECORD_ROW
     raise ValueError(f"the triangular schedule has no record row for target {op.target!r}")
 
@@ -461,6 +461,9 @@ def _forward(op: OpArgs):
                 or op.f_divergence)
     triangular = _triangular_flags(op, flags)
     if _one_input(op) and _self_mode_triangular(op) and _triangular_fits(tensors, triangular):
+        if pairs is not None:     # a Neighbors target under kl or cross_entropy: its p in the tiles too
+            tensors.update(_neighbor_lists(op, pairs))
+            pairs = None
         triangular_launches.forward(op.target, tensors, sizes, triangular, _triangular_shape(tensors, triangular),
                                     beta, two_pass, loss, stats)
         stats[_record_row(op)] = _triangular_tile(tensors, triangular)[0]    # (the backward follows it)
@@ -533,8 +536,7 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     # a record from another tile is no record to _triangular_record, so row 3 is computed again
     # after a plain forward of the same structure too.
     row_3_again = target_grad and _record_row(op) == TRIANGULAR_RECORD_ROW and _one_input(op)
-    structure = (pairs is None and ((saved.y_is_x and not target_grad) or row_3_again)
-                 and _self_mode_structure(op))
+    structure = ((saved.y_is_x and not target_grad) or row_3_again) and _self_mode_structure(op)
     if row_3_again and structure:
         stats = _target_statistics(op, tensors, sizes, flags, stats)
     self_mode = saved.y_is_x and structure
@@ -543,9 +545,12 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
                   TARGET_GRAD=target_grad, DIVERGENCE=op.divergence, **flags,
                   STATS2=stats, GRAD2=g, m_valid2=1.0, BIDIR=False)     # (one direction: no reverse)
     d_chunks = triton.cdiv(d, flags["BLOCK_D"])
-    if _symmetric(op, self_mode, pairs, target_grad, stats, tensors, triangular):
+    if _symmetric(op, self_mode, target_grad, stats, tensors, triangular):
         # self mode: each block pair once, and the triangular kernel makes the whole dL/dx (x and
-        # y are one autograd input: dy is zeros)
+        # y are one autograd input: dy is zeros); a Neighbors target's p in the tiles, as its forward's
+        if pairs is not None:
+            tensors.update(_neighbor_lists(op, pairs))
+            pairs = None
         dx, dprm = triangular_launches.backward(op.target, tensors, sizes, triangular,
                                                 _triangular_shape(tensors, triangular), beta, stats, g)
         dy.zero_()
@@ -602,7 +607,7 @@ def _self_mode_structure(op: OpArgs) -> bool:
         return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     if op.target == "affinity":
         return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
-    return False
+    return op.target in ("dense", "neighbors")
 
 
 def _self_mode_triangular(op: OpArgs) -> bool:
@@ -631,7 +636,7 @@ def _triangular_record(stats, tensors, flags, row: int) -> bool:
     return stats.shape[1] > 0 and bool((stats[row] == _triangular_tile(tensors, flags)[0]).all())
 
 
-def _symmetric(op: OpArgs, self_mode: bool, pairs, target_grad: bool, stats, tensors, flags) -> bool:
+def _symmetric(op: OpArgs, self_mode: bool, target_grad: bool, stats, tensors, flags) -> bool:
     """Whether the backward runs self mode's triangular schedule: self_mode (x and y one autograd
     input, y_is_x, and _self_mode_structure), no gradient of an Affinity target's z or parameter
     (target_grad: the plain backward makes it, reading the stats rows 0, 2 and 3 that the triangular
@@ -640,7 +645,7 @@ def _symmetric(op: OpArgs, self_mode: bool, pairs, target_grad: bool, stats, ten
     switch at backward time: each block pair's logits must be the very values (bitwise) that made
     the row statistics. The record is read last: only a problem with the structure has a triangular
     tile (and the read is a host sync)."""
-    if not (self_mode and pairs is None and not target_grad):
+    if not (self_mode and not target_grad):
         return False
     return _triangular_record(stats, tensors, flags, _record_row(op))
 
@@ -712,8 +717,12 @@ def _triangular_launch_args(tensors, flags) -> dict:
     args = dict(X=tensors["X"], UPCAST=flags["UPCAST"], BLOCK_D=flags["BLOCK_D"])
     if "DIVERGENCE" in flags:
         args["DIVERGENCE"] = flags["DIVERGENCE"]
-    if _affinity_launch(flags):   # (else a Labels launch: estimated_shared_bytes' default target)
+    if _affinity_launch(flags):
         args.update(TARGET=flags["TARGET"], Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
+    elif flags["TARGET"] == TARGET_CODES["dense"]:    # its tiles of w are staged (both sides' in the triangle)
+        args.update(TARGET=flags["TARGET"], DENSE=tensors["DENSE"])
+    # (else a Labels or Neighbors launch: estimated_shared_bytes' default target; a Neighbors target's
+    # lists are read per column, k entries of BLOCK_N each, no tile staged)
     return args
 
 

@@ -64,9 +64,9 @@ import triton
 import triton.language as tl
 
 from .backward_kernels import f_tile_gradients, tile_gradients
-from .tile_helpers import (exp_, finite_shift, grad_dot, grad_weight, gram_block, load_rows, load_vec,
-                           pair_logits, param_grad, second_pass_rows, second_pass_terms, shifted_param_grad,
-                           valid_pairs)
+from .tile_helpers import (column_neighbor_weights, column_target_weights, exp_, finite_shift, grad_dot, grad_weight,
+                           gram_block, load_rows, load_vec, neighbor_weights, pair_logits, param_grad, second_pass_rows,
+                           second_pass_terms, shifted_param_grad, target_weights, valid_pairs)
 
 NO_MAX = tl.constexpr(-1.0e30)       # the running max of no column yet (as icon_forward_kernel's)
 # The passes of the triangular kernels over the triangle, Labels and Affinity alike (PASS, a constexpr;
@@ -81,11 +81,36 @@ SUM_STATISTICS = tl.constexpr(2)       # five plain sums (the second pass)
 
 
 @triton.jit
-def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr, SUMS: tl.constexpr):
+def side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, COLUMN_SIDE: tl.constexpr,
+                TARGET: tl.constexpr, NEEDED: tl.constexpr):
+    """p of one side of a tile, zero off the valid set: the row side's p_ij (rows I over the
+    columns of J: tile_helpers.target_weights, the plain kernels' own, or neighbor_weights) or, with
+    COLUMN_SIDE, the column side's p_ji at (i, j) (rows J over the columns of I, each row j's own
+    target: column_target_weights, column_neighbor_weights). TARGET: 0 Labels ([l_i = l_j] / K,
+    LAB the labels), 3 Dense (w / W read in place from DENSE, row stride stride_dense), 1 Neighbors
+    (LAB the (N, k) indices, DENSE their normalised weights, stride_dense k:
+    launchers._neighbor_lists); NORM the rows' normaliser (launchers.NORM_ROW: K_i, W_i; unread
+    for Neighbors). Without NEEDED (the LSE pass) 0, nothing loaded."""
+    if not NEEDED:
+        p = tl.zeros(valid.shape, tl.float32)
+    elif TARGET == 1:
+        if COLUMN_SIDE:
+            p = column_neighbor_weights(rows, cols, valid, N, LAB, DENSE, stride_dense)
+        else:
+            p = neighbor_weights(rows, cols, valid, N, LAB, DENSE, stride_dense)
+    elif COLUMN_SIDE:
+        p = column_target_weights(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, TARGET)
+    else:
+        p = target_weights(rows, cols, valid, N, N, LAB, LAB, NORM, DENSE, stride_dense, TARGET)
+    return p
+
+
+@triton.jit
+def _label_statistics(s, valid, p, m_valid, alpha, AXIS: tl.constexpr, SUMS: tl.constexpr):
     """The statistics of one tile along AXIS (1: the rows' over the tile's columns; 0: the
-    columns' over the tile's rows): max, sum of exps under it, sum p s, sum s, sum p~ log p~,
-    with p = 1/K where the labels match (k: K broadcast along AXIS); without SUMS (the LSE pass of
-    a two-pass loss) the three sums are 0, not computed (a log per pair). The max is at least
+    columns' over the tile's rows): max, sum of exps under it, sum p s, sum s, sum p~ log p~, with
+    p the side's target (side_target: each line's own row's p); without SUMS (the LSE pass of a
+    two-pass loss) the three sums are 0, not computed (a log per pair). The max is at least
     NO_MAX, so a line without a valid pair merges as (NO_MAX, 0)."""
     s_m = tl.where(valid, s, float("-inf"))
     m = tl.maximum(tl.max(s_m, AXIS), NO_MAX)
@@ -94,7 +119,6 @@ def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr, SUM
     else:
         l = tl.sum(exp_(s_m - m[None, :]), 0)
     if SUMS:
-        p = tl.where(same, 1.0 / k, 0.0)
         sum_ps = tl.sum(tl.where(p != 0.0, p * s, 0.0), AXIS)
         p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
         ent = tl.sum(tl.where(p_mix != 0.0, p_mix * tl.log(p_mix), 0.0), AXIS)
@@ -107,13 +131,12 @@ def _label_statistics(s, valid, same, k, m_valid, alpha, AXIS: tl.constexpr, SUM
 
 
 @triton.jit
-def _second_pass_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS: tl.constexpr,
+def _second_pass_statistics(s, valid, p, lse, m_valid, alpha, beta, AXIS: tl.constexpr,
                             HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
-    """The second pass's sums of one tile along AXIS, k and lse (K and LSE of the side's rows)
-    broadcast along the other: tile_helpers.second_pass_terms' a, b, c (kl, cross_entropy:
+    """The second pass's sums of one tile along AXIS, p the side's target (side_target) and lse
+    (the side's rows' LSE) broadcast along the other: tile_helpers.second_pass_terms' a, b, c (kl, cross_entropy:
     sum p~ log q~, sum p~ log p~, R_i's sum; an f-divergence: sum q~ f, sum q g, sum q), then 0, 0.
-    H_i and Phi_i (its h and w) are for an Affinity target's gradient: a Labels target has none."""
-    p = tl.where(same, 1.0 / k, 0.0)
+    H_i and Phi_i (its h and w) are for an Affinity target's gradient: these targets have none."""
     # (KL False: it selects only the h term, unused here)
     a, b, c, h, w = second_pass_terms(valid, s, lse, p, s, lse, alpha, beta, m_valid, 0, False, HAS_BETA,
                                       DIVERGENCE)
@@ -133,15 +156,16 @@ def second_pass_lse(STATS, idx, N, PASS: tl.constexpr):
 
 
 @triton.jit
-def _tile_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS: tl.constexpr, PASS: tl.constexpr,
+def _tile_statistics(s, valid, p, lse, m_valid, alpha, beta, AXIS: tl.constexpr, PASS: tl.constexpr,
                      HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr):
-    """The five partial statistics of one tile along AXIS in pass PASS (lse read in SECOND_PASS only)."""
+    """The five partial statistics of one tile along AXIS in pass PASS (p and lse unread in the LSE_PASS,
+    lse read in the SECOND_PASS only)."""
     if PASS == CLOSED_FORM_PASS:
-        return _label_statistics(s, valid, same, k, m_valid, alpha, AXIS, True)
+        return _label_statistics(s, valid, p, m_valid, alpha, AXIS, True)
     elif PASS == LSE_PASS:
-        return _label_statistics(s, valid, same, k, m_valid, alpha, AXIS, False)
+        return _label_statistics(s, valid, p, m_valid, alpha, AXIS, False)
     elif PASS == SECOND_PASS:
-        return _second_pass_statistics(s, valid, same, k, lse, m_valid, alpha, beta, AXIS, HAS_BETA, DIVERGENCE)
+        return _second_pass_statistics(s, valid, p, lse, m_valid, alpha, beta, AXIS, HAS_BETA, DIVERGENCE)
     else:
         tl.static_assert(False, "_tile_statistics: unknown pass code")
 
@@ -220,17 +244,19 @@ def panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel
 
 @triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
 def icon_symmetric_forward_kernel(
-        X, XSQ, PRM, LAB, NORM, STATS, COL_PART, ROW_PART,
-        N, D, stride_x, m_valid, alpha, beta, block0, panel_cap, chunks,
-        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, PASS: tl.constexpr, HAS_BETA: tl.constexpr,
-        DIVERGENCE: tl.constexpr,
+        X, XSQ, PRM, LAB, NORM, DENSE, STATS, COL_PART, ROW_PART,
+        N, D, stride_x, stride_dense, m_valid, alpha, beta, block0, panel_cap, chunks,
+        KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, PASS: tl.constexpr,
+        HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
     """Program (k, c): row block I = block0 + k, its share c of the column blocks. PASS: the
     statistics of _tile_statistics; the SECOND_PASS reads every row's LSE (STATS row 0, from the
-    LSE_PASS over the whole triangle), its rows' and, on the column side, its columns' rows'."""
+    LSE_PASS over the whole triangle), its rows' and, on the column side, its columns' rows'. The
+    target (TARGET, side_target): each side's p from its own rows' target, the LSE_PASS none."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
     KIND: tl.constexpr = SUM_STATISTICS if PASS == SECOND_PASS else LABEL_STATISTICS
+    NEEDS_P: tl.constexpr = PASS != LSE_PASS
     k = tl.program_id(0)                  # the row block's place in the panel
     c = tl.program_id(1)                  # its share of the column blocks
     I = block0 + k
@@ -238,8 +264,6 @@ def icon_symmetric_forward_kernel(
     x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, 0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
-    lab = tl.load(LAB + rows, mask=rows < N, other=0)
-    k_rows = load_vec(NORM, rows, N, 1.0)
     lse = second_pass_lse(STATS, rows, N, PASS)
     if KIND == SUM_STATISTICS:
         s0 = tl.zeros([BLOCK_M], tl.float32)
@@ -258,14 +282,14 @@ def icon_symmetric_forward_kernel(
             ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, load_vec(XSQ, cols, N, 0.0), prm, KERNEL)
-            same = (lab[:, None] == tl.load(LAB + cols, mask=cols < N, other=0)[None, :]) & valid
-            t0, t1, t2, t3, t4 = _tile_statistics(s, valid, same, k_rows[:, None], lse[:, None], m_valid, alpha,
-                                                  beta, 1, PASS, HAS_BETA, DIVERGENCE)
+            p = side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, False, TARGET, NEEDS_P)
+            t0, t1, t2, t3, t4 = _tile_statistics(s, valid, p, lse[:, None], m_valid, alpha, beta, 1, PASS, HAS_BETA,
+                                                  DIVERGENCE)
             s0, s1, s2, s3, s4 = combine_statistics(s0, s1, s2, s3, s4, t0, t1, t2, t3, t4, KIND)
-            if J != I:        # rows J over the columns of I: this tile read down its columns
-                c0, c1, c2, c3, c4 = _tile_statistics(s, valid, same, load_vec(NORM, cols, N, 1.0)[None, :],
-                                                      second_pass_lse(STATS, cols, N, PASS)[None, :], m_valid, alpha,
-                                                      beta, 0, PASS, HAS_BETA, DIVERGENCE)
+            if J != I:        # rows J over the columns of I: this tile read down its columns, row j's own p_ji
+                p_cols = side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, True, TARGET, NEEDS_P)
+                c0, c1, c2, c3, c4 = _tile_statistics(s, valid, p_cols, second_pass_lse(STATS, cols, N, PASS)[None, :],
+                                                      m_valid, alpha, beta, 0, PASS, HAS_BETA, DIVERGENCE)
                 store_statistics(COL_PART + k * N + cols, col_stat, c0, c1, c2, c3, c4, cols < N)
     store_statistics(ROW_PART + (k * chunks + c) * BLOCK_M + tl.arange(0, BLOCK_M), panel_cap * chunks * BLOCK_M,
                      s0, s1, s2, s3, s4, rows < N)
@@ -313,12 +337,13 @@ def icon_symmetric_merge_kernel(
 
 
 @triton.jit
-def _label_gradients(s, valid, same, lse, g, k, m_valid, alpha):
-    """g (q - p~) of the rows whose (LSE, upstream gradient, positive count) are lse, g, k, each
-    broadcast along the tile (rows i: [:, None], the G_ji of rows j: [None, :]); 0 off the valid
-    set and on rows left out (g = 0), as backward_kernels.tile_gradients and reverse_gradients."""
+def _label_gradients(s, valid, p, lse, g, m_valid, alpha):
+    """g (q - p~) of the rows whose (LSE, upstream gradient) are lse, g, each broadcast along the
+    tile (rows i: [:, None], the G_ji of rows j: [None, :]), p that side's target (side_target); 0
+    off the valid set and on rows left out (g = 0), as backward_kernels.tile_gradients and
+    reverse_gradients."""
     q = exp_(tl.where(valid, s - lse, float("-inf")))
-    p_mix = tl.where(valid, (1.0 - alpha) * tl.where(same, 1.0 / k, 0.0) + alpha / m_valid, 0.0)
+    p_mix = tl.where(valid, (1.0 - alpha) * p + alpha / m_valid, 0.0)
     return tl.where(valid & (g != 0.0), g * (q - p_mix), 0.0)
 
 
@@ -335,22 +360,21 @@ def gradient_statistic(STATS, idx, N, HAS_BETA: tl.constexpr, DIVERGENCE: tl.con
 
 
 @triton.jit
-def _pair_gradients(s, valid, same, lse, g, k, stat, m_valid, alpha, beta, HAS_BETA: tl.constexpr,
+def _pair_gradients(s, valid, p, lse, g, stat, m_valid, alpha, beta, HAS_BETA: tl.constexpr,
                     DIVERGENCE: tl.constexpr):
-    """dL/ds of one side of a tile, the side's rows' (LSE, upstream gradient, positive count, stats
-    row 1) broadcast along it: kl and cross_entropy (one gradient) at beta = 0, g (q - p~)
+    """dL/ds of one side of a tile, the side's target p (side_target) and its rows' (LSE, upstream
+    gradient, stats row 1) broadcast along it: kl and cross_entropy (one gradient) at beta = 0, g (q - p~)
     (_label_gradients); at beta > 0, g (1 - beta) q (R - p~ / q~); an f-divergence's
     g (1 - beta) q (g_f - Gamma): the plain backward's tile_gradients and f_tile_gradients, whose
     target-side gradient (an Affinity target's) is not asked for."""
     if DIVERGENCE == 0 or DIVERGENCE == 1:
         if HAS_BETA:
-            grad, _ = tile_gradients(s, valid, tl.where(same, 1.0 / k, 0.0), lse, g, stat, stat, m_valid, alpha,
-                                     beta, False, True, False)
+            grad, _ = tile_gradients(s, valid, p, lse, g, stat, stat, m_valid, alpha, beta, False, True, False)
         else:
-            grad = _label_gradients(s, valid, same, lse, g, k, m_valid, alpha)
+            grad = _label_gradients(s, valid, p, lse, g, m_valid, alpha)
     elif DIVERGENCE >= 2 and DIVERGENCE <= 6:
-        grad, _ = f_tile_gradients(s, valid, tl.where(same, 1.0 / k, 0.0), s, lse, lse, g, stat, stat, m_valid,
-                                   alpha, beta, 0, HAS_BETA, False, DIVERGENCE)
+        grad, _ = f_tile_gradients(s, valid, p, s, lse, lse, g, stat, stat, m_valid, alpha, beta, 0, HAS_BETA, False,
+                                   DIVERGENCE)
     else:
         tl.static_assert(False, "_pair_gradients: unknown divergence code")
     return grad
@@ -397,30 +421,29 @@ def finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL: tl.
 
 @triton.jit(do_not_specialize=["chunks"])
 def icon_symmetric_backward_kernel(
-        X, XSQ, PRM, LAB, STATS, GRAD, DX, DPRM,
-        N, D, stride_x, m_valid, alpha, beta, chunks,
-        KERNEL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr,
+        X, XSQ, PRM, LAB, DENSE, STATS, GRAD, DX, DPRM,
+        N, D, stride_x, stride_dense, m_valid, alpha, beta, chunks,
+        KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_BETA: tl.constexpr,
+        DIVERGENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_CHUNKED: tl.constexpr):
     """Program (I, c, chunk of d): DX and DPRM are zeroed fp32 buffers that every program adds
     into. With D_CHUNKED each chunk's program recomputes S over all of d (as the plain kernels).
     DIVERGENCE: 0 for kl and cross_entropy (one gradient), else the f-divergence's code; the row
-    statistic of beta > 0 or an f-divergence (R_i, Gamma_i) is stats row 1, each side's rows' own."""
+    statistic of beta > 0 or an f-divergence (R_i, Gamma_i) is stats row 1, each side's rows' own;
+    the target's row normaliser (K_i, W_i) row 2 (launchers.NORM_ROW), read by side_target."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "a column block is swept in whole tiles")
     I = tl.program_id(0)
     c = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_D
     first = tl.program_id(2) == 0         # per-row dparam: from the first chunk's programs
     rows = I * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < N
     x = load_rows(X, rows, N, stride_x, BLOCK_D, D, UPCAST, d0)
     x_sq = load_vec(XSQ, rows, N, 0.0)
     prm = load_vec(PRM, rows, N, 1.0)
     lse = load_vec(STATS, rows, N, 0.0)
-    k_rows = load_vec(STATS + 2 * N, rows, N, 1.0)       # launchers.NORM_ROW: K_i
     g = load_vec(GRAD, rows, N, 0.0)
     stat = gradient_statistic(STATS, rows, N, HAS_BETA, DIVERGENCE)
-    lab = tl.load(LAB + rows, mask=in_rows, other=0)
     dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     w_sum = tl.zeros([BLOCK_M], tl.float32)
     dprm = tl.zeros([BLOCK_M], tl.float32)
@@ -428,7 +451,6 @@ def icon_symmetric_backward_kernel(
     for J in range(I + c, tl.cdiv(N, BLOCK_M), chunks):
         for j0 in range(J * BLOCK_M, J * BLOCK_M + BLOCK_M, BLOCK_N):
             cols = j0 + tl.arange(0, BLOCK_N)
-            in_cols = cols < N
             y = load_rows(X, cols, N, stride_x, BLOCK_D, D, UPCAST, d0)
             y_sq = load_vec(XSQ, cols, N, 0.0)
             lse_c = load_vec(STATS, cols, N, 0.0)
@@ -436,15 +458,15 @@ def icon_symmetric_backward_kernel(
             ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, y_sq, prm, KERNEL)
-            same = (lab[:, None] == tl.load(LAB + cols, mask=in_cols, other=0)[None, :]) & valid
-            grad_rows = _pair_gradients(s, valid, same, lse[:, None], g[:, None], k_rows[:, None], stat[:, None],
-                                        m_valid, alpha, beta, HAS_BETA, DIVERGENCE)
+            p = side_target(rows, cols, valid, N, LAB, STATS + 2 * N, DENSE, stride_dense, False, TARGET, True)
+            grad_rows = _pair_gradients(s, valid, p, lse[:, None], g[:, None], stat[:, None], m_valid, alpha, beta,
+                                        HAS_BETA, DIVERGENCE)
             # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
             # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
             # bitwise symmetric), and reaches x_i through H^T (chain_pair_tile)
-            grad_cols = tl.where(J != I, _pair_gradients(s, valid, same, lse_c[None, :],
+            p_cols = side_target(rows, cols, valid, N, LAB, STATS + 2 * N, DENSE, stride_dense, True, TARGET, True)
+            grad_cols = tl.where(J != I, _pair_gradients(s, valid, p_cols, lse_c[None, :],
                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
-                                                         load_vec(STATS + 2 * N, cols, N, 1.0)[None, :],
                                                          gradient_statistic(STATS, cols, N, HAS_BETA,
                                                                              DIVERGENCE)[None, :],
                                                          m_valid, alpha, beta, HAS_BETA, DIVERGENCE), 0.0)

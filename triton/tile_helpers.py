@@ -202,6 +202,43 @@ def neighbor_weights(rows, cols, valid, N, NBR, NBR_W, k):
 
 
 @triton.jit
+def column_neighbor_weights(rows, cols, valid, N, NBR, NBR_W, k):
+    """neighbor_weights with the roles swapped, for self mode's triangular kernels (the tile's
+    column side): at (i, j) the weight p_ji of row j (a column of the tile) on column i, the sum over
+    row j's k entries of w_je [index_je == i]. The same (N, k) lists, read per column; as many
+    compares as neighbor_weights."""
+    in_cols = cols < N
+    base = cols.to(tl.int64) * k
+    p = tl.zeros(valid.shape, tl.float32)
+    for e in range(0, k):
+        i = tl.load(NBR + base + e, mask=in_cols, other=-1)
+        w = tl.load(NBR_W + base + e, mask=in_cols, other=0.0)
+        p += tl.where(i[None, :] == rows[:, None], w[None, :], 0.0)
+    return tl.where(valid, p, 0.0)
+
+
+@triton.jit
+def column_target_weights(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, TARGET: tl.constexpr):
+    """target_weights of the columns' rows j over the tile's rows i, for self mode's triangular
+    kernels (y is x, so a column is a row too): at (i, j) p_ji, zero off the (symmetric) valid set.
+    Labels: [l_j = l_i] / K_j; Dense: w_ji / W_j, the transposed tile of w read in place and row j's
+    normaliser (NORM, launchers.NORM_ROW). A Neighbors target's is column_neighbor_weights."""
+    if TARGET == 0:
+        li = tl.load(LAB + rows, mask=rows < N, other=0)
+        lj = tl.load(LAB + cols, mask=cols < N, other=0)
+        k = tl.load(NORM + cols, mask=cols < N, other=1.0)
+        p = tl.where((li[:, None] == lj[None, :]) & valid, 1.0 / k[None, :], 0.0)
+    elif TARGET == 3:
+        offsets = cols.to(tl.int64)[None, :] * stride_dense + rows[:, None]   # w[j, i]
+        w = tl.load(DENSE + offsets, mask=valid, other=0.0)
+        norm = tl.load(NORM + cols, mask=cols < N, other=1.0)
+        p = w.to(tl.float32) / norm[None, :]
+    else:
+        tl.static_assert(False, "column_target_weights: Labels and Dense targets only")
+    return p
+
+
+@triton.jit
 def tile_target_weights(rows, cols, valid, N, M, LAB, CLAB, NORM, DENSE, stride_dense,
                         TARGET: tl.constexpr, DIVERGENCE: tl.constexpr):
     """target_weights, except for a Neighbors target under an f-divergence (DIVERGENCE not kl 0
