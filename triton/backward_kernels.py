@@ -9,8 +9,9 @@ backward of both directions of 1/2 [L(x->y) + L(y->x)] (DESIGN.md §1.3): each t
 G_ij + G'_ji, G' the reverse direction's (y's row j over x: q' = exp(s_ij - LSE'_j), its labels'
 p' and upstream gradient g'_j, read per column from STATS2 and GRAD2), so the two kernels make dX
 and dY of both directions from one recomputed tile each: four GEMM-equivalents instead of eight.
-(Self mode on a Labels target runs symmetric_kernels.py's triangular backward instead, and on an
-Affinity target symmetric_affinity_kernels.py's, unless the target's z or parameter needs a gradient.)
+(Self mode on a Labels, Dense or Neighbors target runs symmetric_kernels.py's triangular backward
+instead, and on an Affinity target symmetric_affinity_kernels.py's, unless the target's z or
+parameter needs a gradient.)
 
 For an f-divergence (DIVERGENCE 2..6, DESIGN.md §1.1) dL/ds_k = (1 - beta) q_k (g_k - Gamma_i) and
 dL/dt_k = (1 - alpha) p_k (f'_k - Phi_i), with Gamma_i and Phi_i read from the forward's saved

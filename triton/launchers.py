@@ -91,9 +91,10 @@ SHARED_LIMIT = 232448          # bytes per block on sm_90 (227 KB)
 
 
 def _target(args) -> int:
-    """A launch's target code; the triangular kernels have no TARGET argument (symmetric_kernels.py
-    computes Labels targets, symmetric_affinity_kernels.py Affinity ones): their launcher
-    (_triangular_shape) names it, and without it a launch is taken for a Labels one."""
+    """A launch's target code; the Affinity target's triangular kernels have no TARGET argument
+    (symmetric_affinity_kernels.py), and the estimate of a triangular launch gets it from its
+    launcher (_triangular_launch_args: Affinity and Dense; a Labels or Neighbors launch, like any
+    launch without it, is taken for a Labels one: neither stages a target tile)."""
     return args.get("TARGET", TARGET_CODES["labels"])
 
 
@@ -266,7 +267,7 @@ class BackwardArgs(NamedTuple):
 # (LSE) of a forward's stats is ever read (icon_kernels/backends/target_weight_grads.py, for a
 # target that requires grad); the loss itself drops them.
 NORM_ROW = 2
-# A Labels forward's free row, 3: the triangular forward's BLOCK_M, else 0. Free in either forward:
+# A Labels, Dense or Neighbors forward's free row, 3: the triangular forward's BLOCK_M, else 0. Free in either forward:
 # the closed form writes rows 0 and 1, a second pass (beta > 0, an f-divergence) rows 0 and 1 too
 # (R_i or Gamma_i; the plain second pass writes H_i / Phi_i into row 3 for Affinity targets only), so
 # a plain forward's row 3 stays the zeros it was made of and never reads as a tile size. It is also
@@ -335,10 +336,11 @@ def _neighbor_weights(op: OpArgs, n: int):
 
 
 def _neighbor_lists(op: OpArgs, pairs) -> dict:
-    """A Neighbors target under an f-divergence, whose p the kernels form inside each tile
-    (tile_helpers.neighbor_weights): LAB = the (N, k) indices (-1 where dropped), DENSE = their
-    normalised fp32 weights, stride_dense = k. No O(N k d) gather then, but O(BLOCK_M BLOCK_N k)
-    compares per tile in each of the three passes that read p."""
+    """A Neighbors target under an f-divergence, or under any divergence on the triangular schedule,
+    whose p the kernels form inside each tile (tile_helpers.neighbor_weights and, for the triangular
+    kernels' column side, column_neighbor_weights): LAB = the (N, k) indices (-1 where dropped),
+    DENSE = their normalised fp32 weights, stride_dense = k. No O(N k d) gather then, but
+    O(BLOCK_M BLOCK_N k) compares per tile (and side) in each pass that reads p."""
     idx, w = pairs
     k = idx.shape[1]
     if k == 0:             # no entries: one dummy column that the kernels never read
@@ -585,7 +587,11 @@ def _self_mode_structure(op: OpArgs) -> bool:
     """Whether the loss has the triangular schedule's structure, y being x: one kernel parameter (a
     per-row one breaks s_ij = s_ji; every kernel is symmetric when y is x, log_dot too), and
 
-    - a Labels target whose column labels are its rows' (symmetric_kernels.py), or
+    - a Labels target whose column labels are its rows' (symmetric_kernels.py),
+    - a Dense target (p_ji = w_ji / W_j, the transposed tile of w, and row j's total) or a Neighbors
+      target (row j's own entries in the tile; p formed in the tiles under every divergence there,
+      kl and cross_entropy too: _forward and _backward hand the kernels the lists instead of kl's
+      pairs), with no further condition (symmetric_kernels.py, side_target), or
     - an Affinity target (symmetric_affinity_kernels.py: SNE, t-SNE and the rest of the family) with
       z_cols z (the same tensor or equal values) and any target kernel (dot, gaussian, student_t,
       power, log_dot; cosine arrives as dot), whose parameter may be one value or one per row: the
@@ -598,9 +604,9 @@ def _self_mode_structure(op: OpArgs) -> bool:
     side's own: triangular_launches.py). _computed_divergence has already refused joint normalisation
     and symmetrised targets.
 
-    Everything else runs the plain kernels: Neighbors and Dense targets, a per-row learned
-    parameter, other column labels, other columns z_cols. At most one torch.equal (a host sync) per
-    call, and the forward and the backward call this once each."""
+    Everything else runs the plain kernels: a per-row learned parameter, other column labels, other
+    columns z_cols. At most one torch.equal (a host sync) per call, and the forward and the backward
+    call this once each."""
     if op.param.numel() != 1:
         return False
     if op.target == "labels":

@@ -1,6 +1,16 @@
 """Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target whose column labels
-are its rows', any divergence, alpha and beta, one kernel parameter (launchers._self_mode_structure).
-Then s_ij = s_ji, and each pair of row blocks (I, J), I <= J, is computed once.
+are its rows', a Dense or a Neighbors target (TARGET 0, 3, 1), any divergence, alpha and beta, one
+kernel parameter (launchers._self_mode_structure). Then s_ij = s_ji, and each pair of row blocks
+(I, J), I <= J, is computed once.
+
+Targets (side_target): each side of a tile takes its own rows' p. The row side (rows I over the
+columns of J) p_ij as the plain kernels form it (tile_helpers.target_weights: 1[l_i = l_j] / K_i, or
+w_ij / W_i; neighbor_weights: row i's entries); the column side (rows J over the columns of I) row
+j's own p_ji at tile entry (i, j) (column_target_weights: 1[l_j = l_i] / K_j, or w_ji / W_j from the
+transposed tile of w, read in place, and row j's total; column_neighbor_weights: row j's entries that
+fall into I's block). A Neighbors target's p is formed in the tiles under every divergence, kl and
+cross_entropy too (the plain kernels gather kl's pairs outside the tile loop instead):
+O(BLOCK_M BLOCK_N k) compares per side of a tile in each pass that reads p.
 
 Blocks and tiles: row block I is BLOCK_M rows, and so is column block J (the same rows of x); a
 block pair is swept in BLOCK_M x BLOCK_N tiles (BLOCK_N divides BLOCK_M), so the tile shapes of
@@ -48,7 +58,10 @@ plain second pass's, forward_kernels.icon_mixture_kernel: the row loss and R_i o
 
 GEMM-equivalents: the forward's Grams ½ per pass, the backward's S ½ plus H X_J and H^T X_I ½ each:
 2 in one pass instead of the plain kernels' 5 (the floor's 4, plus S recomputed by both backward
-kernels), 2.5 in two instead of their 6. These kernels are
+kernels), 2.5 in two instead of their 6, for every target. A Dense target's w is read once per side
+of a tile (each entry once per pass that reads p); a Neighbors target's compares are as many per
+pass as the plain in-tile kernels' (half the tiles, both sides), which under kl the plain kernels
+do not pay (their O(N k d) gather). These kernels are
 launched with one tile shape (no autotuning: the panel's partial buffers are laid out by BLOCK_M,
 which the launcher must know before launching). Everything accumulates in fp32.
 
