@@ -24,7 +24,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "cpu_problem.h"   // tile_elements
@@ -330,71 +329,28 @@ struct HRow {
   T g, lse, lo, shift, pos, uniform;
   int32_t label;   // (its int32_label_codes code)
   int64_t self;    // the row's self column in the chunk, or -1
-  T factor;        // e^{c - LSE_i} (OneExpFactors; ONE_EXP only)
 };
 template <typename T>
 struct HColumns {
   const T *g, *lse, *lo, *shift, *pos;
   T uniform;
   const int32_t* labels;
-  const T* factor;   // e^{c - LSE'_j} of the chunk's columns, and c (ONE_EXP only)
-  T centre;
   T *dp, *gs, *qb, *qs;
 };
 
-// Both directions' q of a pair from one exp: q_ij = e^{s - c} e^{c - LSE_i} and q'_ji = e^{s - c}
-// e^{c - LSE'_j}, with c the midpoint of every row's and column's LSE (each with its residual) and
-// the factors per row and column, where every LSE is finite and within kOneExpHalfRange e-folds of
-// c: then e^{s - c} <= e^{LSE - c} cannot overflow, and where it underflows q < e^{-87 + 20} in
-// float32, below what the sums resolve (float64: 300 of its 708 e-folds). Otherwise each pair
-// takes its two exps.
-template <typename T>
-struct OneExpFactors {
-  bool ok = false;
-  T centre = 0;
-  std::vector<T> rows, cols;
-};
-
-template <typename T>
-OneExpFactors<T> one_exp_factors(const DirectionRows<T>& rx, const DirectionRows<T>& ry) {
-  const double half_range = std::is_same<T, float>::value ? 20.0 : 300.0;
-  OneExpFactors<T> out;
-  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
-  for (const DirectionRows<T>* d : {&rx, &ry})
-    for (size_t i = 0; i < d->lse.size(); ++i) {
-      const double l = double(d->lse[i]) + double(d->lo[i]);
-      if (!std::isfinite(l)) return out;
-      lo = std::min(lo, l);
-      hi = std::max(hi, l);
-    }
-  if (!(hi - lo <= 2 * half_range)) return out;
-  out.centre = T(0.5 * (lo + hi));
-  const double c = double(out.centre);
-  auto factors = [&](const DirectionRows<T>& d, std::vector<T>* f) {
-    f->resize(d.lse.size());
-    for (size_t i = 0; i < d.lse.size(); ++i) (*f)[i] = T(std::exp(c - (double(d.lse[i]) + double(d.lo[i]))));
-  };
-  factors(rx, &out.rows);
-  factors(ry, &out.cols);
-  out.ok = true;
-  return out;
-}
-
 // h_row over the columns [j0, j1), all valid pairs (VALID) or the row's self entry (no pair: H is
 // the same formula with q = p = 0, so that a NaN or infinite g shows as in the other entries).
-// Adds the row's sums for dL/dparam into sums[0..4) and the columns' into c's arrays. ONE_EXP:
-// both q from one exp (OneExpFactors).
-template <typename T, bool PARAM, bool VALID, bool ONE_EXP>
+// Adds the row's sums for dL/dparam into sums[0..4) and the columns' into c's arrays.
+template <typename T, bool PARAM, bool VALID>
 inline void h_span(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t j0, int64_t j1, T w_scale, T* sums) {
   T dp = 0, gs = 0, qb = 0, qs = 0;
 #pragma omp simd reduction(+ : dp, gs, qb, qs)
   for (int64_t j = j0; j < j1; ++j) {
     const T sv = row[j];
     const bool hit = c.labels[j] == x.label;
-    const T e = VALID && ONE_EXP ? vexp(sv - c.centre) : T(0);
-    const T q1 = !VALID ? T(0) : ONE_EXP ? e * x.factor : vexp((sv - x.lse) - x.lo);
+    const T q1 = VALID ? vexp((sv - x.lse) - x.lo) : T(0);
     const T p1 = VALID ? (hit ? x.pos : T(0)) + x.uniform : T(0);
-    const T q2 = !VALID ? T(0) : ONE_EXP ? e * c.factor[j] : vexp((sv - c.lse[j]) - c.lo[j]);
+    const T q2 = VALID ? vexp((sv - c.lse[j]) - c.lo[j]) : T(0);
     const T p2 = VALID ? (hit ? c.pos[j] : T(0)) + c.uniform : T(0);
     // a row left out (g = 0) adds nothing, also where its q is NaN
     const T gr1 = x.g == T(0) ? T(0) : x.g * (q1 - p1);
@@ -423,15 +379,15 @@ inline void h_span(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t j0, i
 // x's row i (q under LSE_i), G' from y's row j (q' under LSE'_j), both off the same logit. PARAM:
 // the row's sums for dL/dparam into out[0..4), the columns' added into c's arrays. The self entry
 // is its own span, so that the element loops test no index.
-template <typename T, bool PARAM, bool ONE_EXP>
+template <typename T, bool PARAM>
 inline void h_row(const HRow<T>& x, const HColumns<T>& c, T* row, int64_t w, T w_scale, double* out) {
   T sums[4] = {0, 0, 0, 0};
   if (x.self >= 0 && x.self < w) {
-    h_span<T, PARAM, true, ONE_EXP>(x, c, row, 0, x.self, w_scale, sums);
-    h_span<T, PARAM, false, ONE_EXP>(x, c, row, x.self, x.self + 1, w_scale, sums);
-    h_span<T, PARAM, true, ONE_EXP>(x, c, row, x.self + 1, w, w_scale, sums);
+    h_span<T, PARAM, true>(x, c, row, 0, x.self, w_scale, sums);
+    h_span<T, PARAM, false>(x, c, row, x.self, x.self + 1, w_scale, sums);
+    h_span<T, PARAM, true>(x, c, row, x.self + 1, w, w_scale, sums);
   } else {
-    h_span<T, PARAM, true, ONE_EXP>(x, c, row, 0, w, w_scale, sums);
+    h_span<T, PARAM, true>(x, c, row, 0, w, w_scale, sums);
   }
   if constexpr (PARAM) {
     out[0] = sums[0]; out[1] = sums[1]; out[2] = sums[2]; out[3] = sums[3];
@@ -452,8 +408,6 @@ std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tenso
               "(row 3 records its strip rows)");
   const DirectionRows<T> rx(b.side(0), m, cpu::masked_grads(grad_x, valid_x, opts), st_x);
   const DirectionRows<T> ry(b.side(1), n, cpu::masked_grads(grad_y, valid_y, opts), st_y);
-  const OneExpFactors<T> one = one_exp_factors(rx, ry);
-  if (one.ok) cpu::symmetric_schedule_counters()[cpu::kBidirectionalOneExpCounter].fetch_add(1, std::memory_order_relaxed);
   const T inv = T(1) / b.prm, w_scale = b.kernel == kDot ? inv : inv * inv;
   const int64_t chunks = (m + kColumnChunk - 1) / kColumnChunk;
   ParamSums px(param_grad ? n : 0), py(param_grad ? m : 0);
@@ -476,24 +430,17 @@ std::vector<at::Tensor> backward_impl(const Bidirectional<T>& b, const at::Tenso
       // the columns' sums for dL/dparam over kSumBlock rows at a time in T, those in double
       T cdp[kColumnChunk], cgs[kColumnChunk], cqb[kColumnChunk], cqs[kColumnChunk];
       const HColumns<T> cols{ry.g.data() + c0, ry.lse.data() + c0, ry.lo.data() + c0, ry.shift.data() + c0,
-                             ry.pos.data() + c0, ry.uniform, lc + c0, one.ok ? one.cols.data() + c0 : nullptr,
-                             one.centre, cdp, cgs, cqb, cqs};
+                             ry.pos.data() + c0, ry.uniform, lc + c0, cdp, cgs, cqb, cqs};
       for (int64_t rb = 0; rb < ni; rb += kSumBlock) {
         if (param_grad)
           for (int64_t j = 0; j < w; ++j) cdp[j] = cgs[j] = cqb[j] = cqs[j] = T(0);
         for (int64_t r = rb; r < std::min(ni, rb + kSumBlock); ++r) {
           const int64_t i = i0 + r;
           const HRow<T> x_row{rx.g[i], rx.lse[i], rx.lo[i], rx.shift[i], rx.pos[i], rx.uniform, lr[i],
-                              b.exclude_self ? i - c0 : -1, one.ok ? one.rows[i] : T(0)};
+                              b.exclude_self ? i - c0 : -1};
           double* pr = param_grad ? part.data() + 4 * (r * chunks + chunk) : nullptr;
-          T* row = s + r * m + c0;
-          if (param_grad) {
-            if (one.ok) h_row<T, true, true>(x_row, cols, row, w, w_scale, pr);
-            else h_row<T, true, false>(x_row, cols, row, w, w_scale, pr);
-          } else {
-            if (one.ok) h_row<T, false, true>(x_row, cols, row, w, w_scale, pr);
-            else h_row<T, false, false>(x_row, cols, row, w, w_scale, pr);
-          }
+          if (param_grad) h_row<T, true>(x_row, cols, s + r * m + c0, w, w_scale, pr);
+          else h_row<T, false>(x_row, cols, s + r * m + c0, w, w_scale, pr);
         }
         if (param_grad)
           for (int64_t j = 0; j < w; ++j) {

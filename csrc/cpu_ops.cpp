@@ -76,7 +76,7 @@ static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
 // calls, "target_family_forward": calls, "target_family_backward": calls,
 // "affinity_family_cauchy_sweeps": sweeps,
 // "joint_one_exp_sweeps": sweeps, "joint_family_forward": calls, "joint_family_backward": calls,
-// "symmetrised_mass_sweeps": sweeps, "bidirectional_one_exp": calls}: the calls that ran the
+// "symmetrised_mass_sweeps": sweeps}: the calls that ran the
 // symmetric schedule (cpu_symmetric_labels.h), the bidirectional ops
 // (cpu_bidirectional_labels.cpp), the symmetric Affinity schedule (cpu_symmetric_affinity.h), joint
 // t-SNE's (cpu_symmetric_joint.h), the label family schedule (cpu_symmetric_label_family.h), the
@@ -84,21 +84,19 @@ static PyObject* cpu_row_path_counts(PyObject*, PyObject*) {
 // Neighbors targets (cpu_symmetric_label_family.h), and the Affinity family schedule's sweeps over
 // t-SNE's Cauchy weights, joint t-SNE's sweeps that took a pair's p from one exp and the joint
 // family schedule (cpu_symmetric_joint_family.h), and the Affinity family schedule's sweeps over a
-// symmetrised target's row masses, and the bidirectional backwards whose pairs took one exp, since
-// the last call (which resets them).
+// symmetrised target's row masses, since the last call (which resets them).
 static PyObject* cpu_symmetric_counts(PyObject*, PyObject*) {
-  static_assert(icon::cpu::kSymmetricCounters == 20, "a name per counter below");
+  static_assert(icon::cpu::kSymmetricCounters == 19, "a name per counter below");
   long long c[icon::cpu::kSymmetricCounters];
   for (int k = 0; k < icon::cpu::kSymmetricCounters; ++k) c[k] = icon::cpu::symmetric_schedule_counters()[k].exchange(0);
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "forward", c[0], "backward", c[1],
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "forward", c[0], "backward", c[1],
                        "bidirectional_forward", c[2], "bidirectional_backward", c[3], "affinity_forward", c[4],
                        "affinity_backward", c[5], "joint_forward", c[6], "joint_backward", c[7],
                        "label_family_forward", c[8], "label_family_backward", c[9], "affinity_family_forward", c[10],
                        "affinity_family_backward", c[11], "target_family_forward", c[12],
                        "target_family_backward", c[13], "affinity_family_cauchy_sweeps", c[14],
                        "joint_one_exp_sweeps", c[15], "joint_family_forward", c[16],
-                       "joint_family_backward", c[17], "symmetrised_mass_sweeps", c[18],
-                       "bidirectional_one_exp", c[19]);
+                       "joint_family_backward", c[17], "symmetrised_mass_sweeps", c[18]);
 }
 
 static PyMethodDef kMethods[] = {

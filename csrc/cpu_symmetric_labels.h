@@ -55,17 +55,14 @@ inline bool symmetric_schedule_enabled() {
 // 15 counts the joint schedules' sweeps (forward and backward; joint t-SNE's and the joint family's)
 // that took both sides' p of a pair from one exp (cpu_symmetric_joint.h: pair_factors); 16 and 17 the joint family schedule's forward and
 // backward (cpu_symmetric_joint_family.h); 18 the Affinity family schedule's sweeps over a symmetrised
-// target's row masses (cpu_symmetric_affinity_family.h: symmetrised_masses, forward and backward); 19
-// the bidirectional backwards that took both directions' q of a pair from one exp
-// (cpu_bidirectional_labels.cpp: one_exp_factors).
+// target's row masses (cpu_symmetric_affinity_family.h: symmetrised_masses, forward and backward).
 // _C.cpu_symmetric_counts() reads and resets them, so a test sees which schedule ran.
-constexpr int kSymmetricCounters = 20;
+constexpr int kSymmetricCounters = 19;
 constexpr int kCauchySweepCounter = 14;
 constexpr int kJointOneExpCounter = 15;
 constexpr int kJointFamilyForwardCounter = 16;
 constexpr int kJointFamilyBackwardCounter = 17;
 constexpr int kSymmetrisedMassCounter = 18;
-constexpr int kBidirectionalOneExpCounter = 19;
 inline std::atomic<int64_t>* symmetric_schedule_counters() {
   static std::atomic<int64_t> counters[kSymmetricCounters];
   return counters;
