@@ -10,7 +10,6 @@ plus twice the float32 reference's own error, as tests/test_triton_symmetric_aff
 against the plain kernels (ICON_KERNELS_SYMMETRIC=0), with upstream gradients != 1, rows without
 target (left out), the learned parameter's gradient, the target weights' gradient after the triangular
 forward, and launch counts that show which kernels ran."""
-import os
 
 import pytest
 import torch
@@ -234,7 +233,7 @@ def test_plain_where_the_structure_does_not_fit(monkeypatch):
 
     def launched(kind, y=None, switch="1", **kw):
         launches.reset()
-        os.environ["ICON_KERNELS_SYMMETRIC"] = switch
+        monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", switch)
         x = x0.clone().requires_grad_()
         target, _ = _target(kind, w, nbrs, device, torch.float32, False)
         ik.icon_loss(x, x if y == "same" else y, target=target, kernel="gaussian", backend="triton", **kw).backward()
@@ -251,24 +250,31 @@ def test_plain_where_the_structure_does_not_fit(monkeypatch):
     assert sum(launches.count[name] for name in ALL if "affinity" in name) == 0
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("forward_switch,backward_switch", [("1", "0"), ("0", "1")])
 @pytest.mark.parametrize("kind", ["dense", "neighbors"])
-def test_the_backward_follows_its_forward(monkeypatch, kind):
+def test_the_backward_follows_its_forward(monkeypatch, kind, forward_switch, backward_switch, beta):
     """The switch turned off between a triangular forward and its backward: the record in row 3
-    still runs the triangular backward (each pair's logits from the forward's tile orientation)."""
-    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "1")
+    still runs the triangular backward (each pair's logits from the forward's tile orientation); a
+    plain forward (no record) followed by the switch on runs the plain backward (for Neighbors
+    under kl with the sparse gather of its pairs), one pass (beta = 0, the closed form) or two."""
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", forward_switch)
     device = device_of("triton")
     x0, w, nbrs, upstream = _inputs(45, seed=3)
     launches = Launches(monkeypatch, ALL)
     x = x0.float().to(device).requires_grad_()
     target, _ = _target(kind, w, nbrs, device, torch.float32, False)
-    rows = ik.icon_loss(x, target=target, kernel="dot", temperature=0.3, beta=0.1, backend="triton",
+    rows = ik.icon_loss(x, target=target, kernel="dot", temperature=0.3, beta=beta, backend="triton",
                         reduction="none")
-    os.environ["ICON_KERNELS_SYMMETRIC"] = "0"
+    monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", backward_switch)
+    launches.reset()
     (dx,) = torch.autograd.grad(rows, (x,), grad_outputs=upstream.float().to(device))
-    assert launches.count["_triangular_backward_kernel"] == 1 and launches.count["_cols_kernel"] == 0
+    triangular = forward_switch == "1"
+    assert launches.count["_triangular_backward_kernel"] == int(triangular)
+    assert launches.count["_cols_kernel"] == int(not triangular)
     xr = x0.clone().requires_grad_()
     target, _ = _target(kind, w, nbrs, "cpu", torch.float64, False)
-    want = ik.icon_loss(xr, target=target, kernel="dot", temperature=0.3, beta=0.1, backend="reference",
+    want = ik.icon_loss(xr, target=target, kernel="dot", temperature=0.3, beta=beta, backend="reference",
                         reduction="none")
     (want_dx,) = torch.autograd.grad(want, (xr,), grad_outputs=upstream)
     assert relative_error(rows.detach().cpu(), want.detach()) <= TRITON_F32

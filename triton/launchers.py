@@ -262,8 +262,8 @@ class BackwardArgs(NamedTuple):
 
 # The row of the forward's stats [4, N] that keeps a Labels, Dense or Neighbors target's row
 # normaliser (its positive count after exclude_self, p's row total, the weight total; 1 for a row
-# without target) for the backward. These targets have no LSE^p: only Affinity targets use this
-# row (the kernels write and read it for them alone), and outside the Triton backward only row 0
+# without target) for the backward (the plain and the triangular ones). These targets have no LSE^p:
+# only Affinity targets use this row for it, and outside the Triton backward only row 0
 # (LSE) of a forward's stats is ever read (icon_kernels/backends/target_weight_grads.py, for a
 # target that requires grad); the loss itself drops them.
 NORM_ROW = 2
@@ -636,7 +636,7 @@ def _one_input(op: OpArgs) -> bool:
 def _triangular_record(stats, tensors, flags, row: int) -> bool:
     """Whether the stats are a triangular forward's with the tile the backward launches: every entry
     of stats row ``row`` (_record_row) holds its BLOCK_M. After a plain forward that row holds 0 (a
-    Labels target's TRIANGULAR_RECORD_ROW), 1 or a row's sum of p~ (AFFINITY_RECORD_ROW) or an
+    Labels, Dense or Neighbors target's TRIANGULAR_RECORD_ROW), 1 or a row's sum of p~ (AFFINITY_RECORD_ROW) or an
     Affinity target's H_i or Phi_i (its TRIANGULAR_RECORD_ROW at beta > 0 or under an f-divergence),
     which could equal a tile size in one row but not in all. One host sync, as reading one entry."""
     return stats.shape[1] > 0 and bool((stats[row] == _triangular_tile(tensors, flags)[0]).all())
@@ -709,7 +709,8 @@ def triangular_fits(args) -> bool:
     shared memory: estimated_shared_bytes, an upper bound of the sm_90 cubins'. Where it does not,
     the forward runs the plain kernels, whose smallest tile with 4 warps still fits: an fp32
     Affinity target at d = dz = 256 (the triangular backward's cubin at 32 x 32 needs 263 KB,
-    tests/triton_aot_compile.py). A Labels target always fits (d is chunked past 256)."""
+    tests/triton_aot_compile.py). A Labels or Neighbors target always fits (d is chunked past 256); a
+    Dense one stages its tiles of w too (about 192 KB at 32 x 32, fp32, d = 256: it fits)."""
     shape = triangular_launch(args, "backward")
     return estimated_shared_bytes(_config(shape), args, "backward") <= SHARED_LIMIT
 
@@ -725,7 +726,7 @@ def _triangular_launch_args(tensors, flags) -> dict:
         args["DIVERGENCE"] = flags["DIVERGENCE"]
     if _affinity_launch(flags):
         args.update(TARGET=flags["TARGET"], Z=tensors["Z"], UPCAST_Z=flags["UPCAST_Z"], BLOCK_DZ=flags["BLOCK_DZ"])
-    elif flags["TARGET"] == TARGET_CODES["dense"]:    # its tiles of w are staged (both sides' in the triangle)
+    elif flags["TARGET"] == TARGET_CODES["dense"]:    # its tile of w is staged (the estimate counts one)
         args.update(TARGET=flags["TARGET"], DENSE=tensors["DENSE"])
     # (else a Labels or Neighbors launch: estimated_shared_bytes' default target; a Neighbors target's
     # lists are read per column, k entries of BLOCK_N each, no tile staged)

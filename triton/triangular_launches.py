@@ -79,8 +79,9 @@ def _passes(flags, beta: float, two_pass: bool) -> list:
 
 
 def forward(target: str, tensors, sizes, flags, shape, beta: float, two_pass: bool, loss, stats) -> None:
-    """Fills loss and the stats rows that the plain forward writes (Labels: 0, and 1 = 1 or, after
-    two passes, R_i or Gamma_i; Affinity: 0 and 2, then 3 = H_i after the closed form, or 1 and 3,
+    """Fills loss and the stats rows that the plain forward writes (Labels, Dense, Neighbors: 0, and
+    1 = 1 or, after two passes, R_i or Gamma_i, with the row normaliser in 2; Affinity: 0 and 2, then
+    3 = H_i after the closed form, or 1 and 3,
     R_i or Gamma_i and H_i or Phi_i, after two), at the launch ``shape`` (BLOCK_M, BLOCK_N, warps,
     stages). launchers writes its record over one of them afterwards (launchers._record_row)."""
     n, dev = sizes["N"], tensors["X"].device

@@ -16,7 +16,8 @@ statistics rows are LSE_i, R_i (beta > 0), LSE^p_i and H_i (Affinity targets), s
 For other targets a backend may keep its own data in rows 2-3 (the Triton forward keeps the
 target's row normaliser in row 2 for its backward), so a backward op takes its own forward's stats.
 The Triton forward's triangular schedule of self mode (triton/launchers.py) records its tile in
-row 3 for a Labels target and for an Affinity target in row 1 under kl or cross_entropy at beta = 0
+row 3 for a Labels, Dense or Neighbors target and for an Affinity target in row 1 under kl or
+cross_entropy at beta = 0
 (R_i, unread there; rows 0, 2 and 3 as the plain forward's, for the plain backward of the target's
 gradient), else in row 3 (H_i or Phi_i, which the Triton backward of the target's gradient in self
 mode computes again; rows 0-2 as the plain forward's).
