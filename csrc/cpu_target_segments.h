@@ -131,26 +131,29 @@ struct DenseSegments : WeightSegmentsBase<T> {
         }
         this->total[i] = total;
         this->has_mass[i] = total != 0;
-        if (with_entropy && !this->joint && total != 0) this->entropy[i] = mixture_sums(i, total).ent;
+        if (with_entropy && !this->joint && total != 0) this->entropy[i] = mixture_sums(i, total, true).ent;
       }
     });
     if (!this->joint) return;
     this->set_joint_divisor();
+    // only the one sweep (forward KL, cross-entropy without beta: joint_target_kl_rows) reads the
+    // rows' sum p~ and entropy; the two sweeps' rows form p per block
+    if (pb.f_div || pb.beta > T(0)) return;
     this->p_mass.assign(size_t(pb.n), 0.0);
     at::parallel_for(0, pb.n, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
-        const MixtureSums sums = mixture_sums(i, this->divisor(i));
+        const MixtureSums sums = mixture_sums(i, this->divisor(i), with_entropy);
         this->p_mass[i] = sums.mass;
         if (with_entropy) this->entropy[i] = sums.ent;
       }
     });
   }
-  // Row i's sum_j p~ log p~ and sum_j p~ over its valid columns, p = w / by as fill forms it (0 for
-  // a row without weight: p~ = b there).
+  // Row i's sum_j p~ log p~ (with_entropy: a log per entry) and sum_j p~ over its valid columns,
+  // p = w / by as fill forms it (0 for a row without weight: p~ = b there).
   struct MixtureSums {
     double ent = 0, mass = 0;
   };
-  MixtureSums mixture_sums(int64_t i, double by) const {
+  MixtureSums mixture_sums(int64_t i, double by, bool with_entropy) const {
     const T keep = T(1) - this->alpha, b = this->b;
     const int64_t self = this->exclude_self ? i : -1;
     const T* wi = w + i * m;
@@ -159,7 +162,7 @@ struct DenseSegments : WeightSegmentsBase<T> {
     for (int64_t j = 0; j < m; ++j) {
       if (j == self) continue;
       const T pm = keep * (none ? T(0) : T(double(wi[j]) / by)) + b;
-      if (pm != T(0)) out.ent += double(pm) * double(this->log_mix(pm));
+      if (with_entropy && pm != T(0)) out.ent += double(pm) * double(this->log_mix(pm));
       out.mass += double(pm);
     }
     return out;
