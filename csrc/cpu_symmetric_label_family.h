@@ -95,20 +95,22 @@ constexpr int64_t kClosedFormPositives = int64_t(1) << 22;   // 16 MiB of logits
 // than log_dot, a target that is not symmetrised, and
 //   Labels     conditional rows on the family rows or the closed-form rows (cpu_f_label_rows.h: one
 //              sweep here, up to kClosedFormPositives positive pairs; the hot path has its own
-//              schedule, cpu_symmetric_labels.h), the columns' labels the rows' (their joint
-//              normalisation: cpu_symmetric_joint_family.h);
+//              schedule, cpu_symmetric_labels.h), any column labels; joint rows where the columns'
+//              labels are not the rows' (P_ij != P_ji; with the rows' labels P is symmetric and
+//              cpu_symmetric_joint_family.h takes one value per pair);
 //   Dense, Neighbors   every divergence, alpha and beta (they run the family rows only), conditional
-//              or joint rows (joint_sweeps_of below).
+//              or joint rows (family_sweeps below).
 template <typename T>
 bool symmetric_label_family_fit(const Problem<T>& pb) {
   if (pb.symmetrize || !pb.self_pairs || !pb.scalar_param || pb.n < 2 || pb.kernel == kLogDot) return false;
-  if (pb.joint) return pb.target == kDense || pb.target == kNeighbors;
+  if (pb.joint)
+    return pb.target == kDense || pb.target == kNeighbors || (pb.target == kLabels && !same_row_and_column_labels(pb));
   const RowPath path = pb.row_path();
   switch (pb.target) {
     case kDense:
     case kNeighbors: return path == kFamilyRows;
     case kLabels:
-      if ((path != kFamilyRows && path != kLabelClosedFormRows) || !same_row_and_column_labels(pb)) return false;
+      if (path != kFamilyRows && path != kLabelClosedFormRows) return false;
       // the closed-form rows keep every positive's logit until the LSE is known: at most
       // kClosedFormPositives of them (few classes, K ~ N / 2, run the plain rows)
       return path != kLabelClosedFormRows || total_positives(pb) <= kClosedFormPositives;
@@ -436,11 +438,12 @@ void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOut
       st[i] = joint ? log_z : T(lse[i]);
       st[3 * n + i] = joint ? T(0) : pair_record<T>(block, lse[i], st[i]);
     }
-    if constexpr (!kLabelRows) {   // (joint: Dense and Neighbors only)
-      if (one_pass && joint) {
-        joint_target_kl_rows(pb, segs, acc, lse, log_z, out);
-        return 0;
+    if (one_pass && joint) {
+      if constexpr (kLabelRows) {   // add_label_segment's pos_s is sum_pos s: every positive's p is 1 / by_joint
+        for (OnlineLabelRow<T>& a : acc) a.pos_s = segs.by_joint > 0 ? a.pos_s * double(segs.inv_joint) : 0.0;
       }
+      joint_target_kl_rows(pb, segs, acc, lse, log_z, out);
+      return 0;
     }
     if (one_pass) {
       for (int64_t i = 0; i < n; ++i) {

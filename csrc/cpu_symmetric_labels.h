@@ -15,8 +15,8 @@
 // statistics, not the driver).
 //
 // It runs when the row path is the label hot path (cpu_row_paths.h), x and y are the same
-// tensor, the columns' labels are the rows', the parameter is one scalar (a per-row temperature
-// breaks s_ij = s_ji) and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every
+// tensor (the columns' labels may be other than the rows': each row reads its own target, so only
+// s_ij = s_ji is shared), the parameter is one scalar (a per-row temperature breaks s_ij = s_ji) and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every
 // forward, for benchmarks to time both schedules in one process). The backward follows its
 // forward's schedule (recorded in the stats) and also needs y_is_x.
 #pragma once
@@ -84,11 +84,12 @@ bool same_row_and_column_labels(const Problem<T>& pb) {
 }
 
 // Whether pb has the symmetric label schedule's structure: self mode on the label hot path, one
-// scalar parameter, the columns' labels the rows'.
+// scalar parameter. The columns' labels may differ from the rows': each row of a tile pair reads
+// its own label against the other block's column labels (LabelSide::segment), so p_ij != p_ji
+// needs no transposed view.
 template <typename T>
 bool symmetric_labels_fit(const Problem<T>& pb) {
-  if (!pb.self_pairs || !pb.scalar_param || pb.row_path() != kLabelHotRows || pb.n < 2) return false;
-  return same_row_and_column_labels(pb);
+  return pb.self_pairs && pb.scalar_param && pb.row_path() == kLabelHotRows && pb.n >= 2;
 }
 
 // Whether the forward of pb runs the symmetric label schedule.
@@ -100,7 +101,7 @@ bool symmetric_labels_apply(const Problem<T>& pb) {
 template <typename T>
 TilePair<T> self_tile_pair(const Problem<T>& pb) {
   const LabelSide<T> side{pb.x, pb.x_sq.template data_ptr<T>(), pb.labels.template data_ptr<int64_t>(),
-                          pb.labels.template data_ptr<int64_t>(), pb.m_valid, double(pb.alpha), pb.exclude_self};
+                          pb.col_labels.template data_ptr<int64_t>(), pb.m_valid, double(pb.alpha), pb.exclude_self};
   return {side, pb.kernel, pb.prm.template data_ptr<T>()[0]};
 }
 

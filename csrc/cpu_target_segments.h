@@ -11,7 +11,7 @@
 // p~ per pair in f_row), so that the symmetric and plain schedules agree to the last bits that a
 // reordered sum allows. with_target_segments is the one switch from a target code to an
 // instantiation; it ends in an error.
-// Under joint normalisation (Dense and Neighbors) every row divides by the total over every row
+// Under joint normalisation (Labels with other column labels, Dense and Neighbors) every row divides by the total over every row
 // (target_row's divisor, as global_rows sums it: each row's total in double, in row order), and
 // every row has a target when that total is not 0 (a row without weights still has q in the one
 // distribution).
@@ -45,21 +45,49 @@ inline ColumnSpan column_span(bool exclude_self, int64_t i, int64_t col0, int64_
   return {col0, len, exclude_self && i >= col0 && i < col0 + len ? i - col0 : -1};
 }
 
-// Labels: the rows' labels are the columns' (self mode); the geometry of LabelSide, the positive
-// counts and 1/K as target_row's p.
+// Labels: the geometry of LabelSide (each row's own label against the block's column labels), the
+// positive counts and 1/K as target_row's p. Under joint normalisation (the columns' labels not
+// the rows': cpu_symmetric_label_family.h's fit) every positive's weight 1 is divided by the
+// positive pairs of every row (by_joint, target_row's divisor), every row has a target when that
+// is not 0, and the one sweep (forward KL, cross-entropy without beta: joint_target_kl_rows) reads
+// each row's sum p~ and sum p~ log p~ in closed form: K_i pairs at p~ = (1 - alpha) / by_joint + b,
+// the other M' - K_i at b.
 template <typename T>
 struct LabelSegments : LabelSide<T> {
   static constexpr int kTarget = kLabels;
   static constexpr int kLogP = kTwoLevelLogP;
   std::vector<int64_t> k;
   std::vector<T> inv_k;
-  LabelSegments(const LabelSide<T>& side, int64_t n) : LabelSide<T>(side), k(side.positive_counts(n)), inv_k(size_t(n)) {
-    for (int64_t i = 0; i < n; ++i) inv_k[i] = k[i] > 0 ? T(1.0 / double(k[i])) : T(0);   // as target_row's p
+  bool joint;
+  T b;                 // p~ = (1 - alpha) p + b, b = alpha / M' (joint: alpha / (N M'))
+  double by_joint = 0;
+  T inv_joint = 0;     // T(1 / by_joint), every positive's p (0 without a positive pair)
+  std::vector<double> p_mass, entropy;   // joint, the one sweep only
+  LabelSegments(const Problem<T>& pb, bool with_entropy)
+      : LabelSide<T>(self_tile_pair(pb).side), k(this->positive_counts(pb.n)), inv_k(size_t(pb.n)), joint(pb.joint),
+        b(pb.alpha / pb.mix_size()) {
+    const int64_t n = pb.n;
+    if (joint) {
+      for (int64_t i = 0; i < n; ++i) by_joint += double(k[i]);
+      inv_joint = by_joint > 0 ? T(1.0 / by_joint) : T(0);
+    }
+    for (int64_t i = 0; i < n; ++i)   // as target_row's p
+      inv_k[i] = k[i] <= 0 ? T(0) : joint ? inv_joint : T(1.0 / double(k[i]));
+    if (!joint || pb.f_div || pb.beta > T(0)) return;
+    const double a = double(T((1 - double(pb.alpha)) / by_joint) + b), bd = double(b);   // (Problem::f_row's level)
+    const double a_log_a = a > 0 ? a * std::log(a) : 0.0, b_log_b = bd > 0 ? bd * std::log(bd) : 0.0;
+    p_mass.resize(size_t(n));
+    if (with_entropy) entropy.resize(size_t(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const double pos = double(k[i]), rest = double(this->m_valid) - pos;
+      p_mass[i] = pos * a + rest * bd;
+      if (with_entropy) entropy[i] = pos * a_log_a + rest * b_log_b;
+    }
   }
-  bool has(int64_t i) const { return k[i] > 0; }
-  double label_divisor(int64_t i) const { return double(k[i]); }
-  // p over the block: 1/K at the positives, 0 elsewhere and at the self column (log p~ has two
-  // levels, from FRow's log_pos and log_zero: lp is not written)
+  bool has(int64_t i) const { return joint ? by_joint != 0 : k[i] > 0; }
+  double label_divisor(int64_t i) const { return joint ? by_joint : double(k[i]); }
+  // p over the block: 1/K (joint: 1 / by_joint) at the positives, 0 elsewhere and at the self
+  // column (log p~ has two levels, from FRow's log_pos and log_zero: lp is not written)
   void fill(int64_t i, const LabelRow& seg, T* p, T*, bool) const {
     const int64_t* c = seg.col_labels;
     const int64_t label = seg.label, self = seg.self;
@@ -308,12 +336,13 @@ struct NeighborSegments : WeightSegmentsBase<T> {
   }
 };
 
-// f(segments) for the target of pb in self mode: Labels (the rows' labels the columns'), Dense or
-// Neighbors; with_entropy: the Dense and Neighbors rows' sum p~ log p~ (the one-sweep forward KL).
+// f(segments) for the target of pb in self mode: Labels, Dense or Neighbors; with_entropy: the rows'
+// sum p~ log p~ (the one-sweep forward KL; Labels: its joint rows only, the conditional ones take the
+// hot path's closed form).
 template <typename T, typename F>
 decltype(auto) with_target_segments(const Problem<T>& pb, bool with_entropy, F&& f) {
   switch (pb.target) {
-    case kLabels: return f(LabelSegments<T>(self_tile_pair(pb).side, pb.n));
+    case kLabels: return f(LabelSegments<T>(pb, with_entropy));
     case kDense: return f(DenseSegments<T>(pb, with_entropy));
     case kNeighbors: return f(NeighborSegments<T>(pb, with_entropy));
     default: TORCH_CHECK(false, "icon_kernels cpu: no symmetric family rows for target code ", pb.target);

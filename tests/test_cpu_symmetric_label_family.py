@@ -210,7 +210,8 @@ def test_runs_only_where_it_applies(monkeypatch):
     """Self mode with one scalar parameter, a Labels target on the family rows (beta > 0, an
     f-divergence off its closed form, a kernel the hot path lacks) or the closed-form rows (up to
     2^22 positive pairs); not on the hot path (its own schedule), for a separate y, a per-row
-    parameter, other targets, log_dot, joint normalisation, or when off."""
+    parameter, other targets, log_dot, joint normalisation with the rows' labels (the joint family
+    schedule's), or when off. Any column labels."""
     gen = torch.Generator().manual_seed(4)
     n = 12
     x = torch.randn(n, 4, generator=gen, dtype=F64, requires_grad=True)
@@ -230,7 +231,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(kernel="cosine", y=x, exclude_self=True, beta=0.2) == RAN       # one normalised x
     assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.to(torch.int32))) == RAN
     assert ran(kernel="dot") == NOT_RAN                                         # the hot path's own
-    assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.flip(0))) == NOT_RAN
+    assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.flip(0))) == RAN   # test_cpu_symmetric_column_labels
     assert ran(kernel="dot", beta=0.2, y=x.detach().clone(), exclude_self=True) == NOT_RAN
     assert ran(kernel="dot", beta=0.2, temperature=torch.linspace(0.3, 0.6, n, dtype=F64)) == NOT_RAN
     assert ran(kernel="student_t", target=ik.Neighbors(torch.randint(0, n, (n, 3), generator=gen))) == NOT_RAN

@@ -148,7 +148,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(kernel="dot", y=x, exclude_self=True) == {"forward": 1, "backward": 1}      # y is x itself
     assert ran(kernel="cosine", y=x, exclude_self=True) == {"forward": 1, "backward": 1}   # one normalised x
     assert ran(kernel="dot", target=ik.Labels(labels, labels.to(torch.int32))) == {"forward": 1, "backward": 1}
-    assert ran(kernel="dot", target=ik.Labels(labels, labels.flip(0))) == {"forward": 0, "backward": 0}
+    assert ran(kernel="dot", target=ik.Labels(labels, labels.flip(0))) == {"forward": 1, "backward": 1}   # other column labels
     assert ran(kernel="dot", y=x.detach().clone(), exclude_self=True) == {"forward": 0, "backward": 0}
     assert ran(kernel="dot", temperature=torch.linspace(0.3, 0.6, n, dtype=F64)) == {"forward": 0, "backward": 0}
     assert ran(kernel="dot", beta=0.2) == {"forward": 0, "backward": 0}
