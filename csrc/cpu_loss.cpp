@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb
   if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
   if (symmetric_joint_family_apply(pb)) return symmetric_joint_family_forward<T>(pb);   // joint f-divs, alpha, beta
   // (the symmetric Affinity backwards read a record in row 3: none from this forward)
-  const bool row3_free = symmetric_affinity_fit(pb) || symmetric_affinity_family_fit(pb);
+  const bool row3_free = symmetric_affinity_fit(pb) || (symmetric_affinity_family_fit(pb) && !pb.joint);
   const int64_t n = pb.n, m = pb.m, rows = pb.chunk_rows();
   const RowPath path = pb.row_path();
   auto loss = at::zeros({n}, pb.x.options());
@@ -163,7 +163,7 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
-  // joint normalisation of a Dense or Neighbors target in self mode (cpu_symmetric_label_family.h:
+  // joint normalisation of a Dense or Neighbors target, or Labels with other column labels, in self mode (cpu_symmetric_label_family.h:
   // the plain joint stats, no record: either backward after either forward, as the switch says now)
   if (y_is_x && !target_grad && !param_grad && pb.joint && symmetric_label_family_apply(pb))
     return symmetric_label_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
@@ -182,8 +182,13 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const int64_t block = recorded_affinity_block(st_acc.template data_ptr<T>(), pb.n, &lo_p);
     if (block > 0) return symmetric_affinity_backward<T>(pb, grad_rows, valid, st_acc, block, lo_p);
   }
+  // joint normalisation of an Affinity target that is not symmetrised (cpu_symmetric_affinity_family.h:
+  // the plain joint stats, no record, as the Dense and Neighbors joint rows above)
+  if (y_is_x && !target_grad && !param_grad && pb.joint && symmetric_affinity_family_apply(pb))
+    return symmetric_affinity_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
+                                                 false, pair_block(pb.tile, pb.n), std::vector<T>());
   // the rest of the Affinity family in self mode (cpu_symmetric_affinity_family.h), after its forward
-  if (y_is_x && !target_grad && symmetric_affinity_family_fit(pb)) {
+  if (y_is_x && !target_grad && !pb.joint && symmetric_affinity_family_fit(pb)) {
     const at::Tensor st_acc = stats_in.to(pb.x.scalar_type()).contiguous();
     std::vector<T> lo;
     const int64_t block = recorded_affinity_family_block(st_acc.template data_ptr<T>(), pb.n, &lo);

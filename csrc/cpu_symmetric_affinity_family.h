@@ -24,6 +24,17 @@
 //   pass 2   as above, with the z tile turned into log h once per pair (symmetrised_tile_row) for
 //            both sides, and log M_i in place of LSE^p as each row's shift.
 // The backward sweeps the masses again (no stats row is free for them) and then runs as above.
+// Joint normalisation of a target that is not symmetrised (DESIGN.md §1.2): P_ij = p_{j|i} / N is
+// not symmetric, but q_ij = e^{s_ij - log Z} is. Pass 1 is the same, then log Z = logsumexp_i LSE_i;
+// pass 2 takes q under log Z and each row's shift LSE^p_i + log N (unrounded, in two parts:
+// joint_shifts); the stats are the plain joint rows' (log Z, Gamma_i = sum_j q g, LSE^p_i, the
+// row's share of q) with no record, so either backward runs after either forward (the switch at
+// the backward decides, as cpu_symmetric_label_family.h's joint rows). The backward takes G_ij =
+// (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (joint_centre), and sweeps
+// z's tiles once for the unrounded LSE^p (joint_target_lse_wide: no stats row is free for its
+// residual, and p must sum to 1 without a row sweep). Four and a half N^2 d GEMM-equivalents (with
+// d_z = d) instead of the plain joint rows' six or seven. The learned parameter's gradient runs the
+// plain backward.
 // Five N^2 d GEMM-equivalents (the four above and half of z's Gram in each mass sweep) instead of
 // the plain rows' seven (their six and a first pass over the full z Gram).
 // Stats row 2 holds LSE^p rounded to T, which both schedules' pairs take (as the plain rows round
@@ -60,6 +71,7 @@
 #include "cpu_cauchy_rows.h"   // cauchy_tv_row, cauchy_reciprocals, cauchy_learned_backward
 #include "cpu_f_rows.h"
 #include "cpu_family_rows.h"
+#include "cpu_global_rows.h"   // log_sum_exp, q_masses, joint_centre, fold_joint_upstream
 #include "cpu_problem.h"
 #include "cpu_row_paths.h"
 #include "cpu_symmetric_affinity.h"   // symmetric_affinity_fit, target_coefs, target_aux
@@ -74,10 +86,13 @@ namespace cpu {
 // (x is y, z_cols is z), one scalar learned parameter and any learned kernel but log_dot, any
 // target kernel (a parameter per row or one: symmetric_affinity_structure's note), and what the
 // one-sweep Affinity schedule does not take: an f-divergence, alpha or beta > 0, or a symmetrised
-// target (every divergence: its rows need their masses first, symmetrised_masses).
+// target (every divergence: its rows need their masses first, symmetrised_masses); and joint
+// normalisation of a target that is not symmetrised (every divergence; a symmetrised one's joint
+// rows: cpu_symmetric_joint.h, cpu_symmetric_joint_family.h).
 template <typename T>
 bool symmetric_affinity_family_fit(const Problem<T>& pb) {
-  if (pb.target != kAffinity || pb.joint || !pb.self_pairs || !pb.z_self || !pb.scalar_param || pb.n < 2)
+  if (pb.target != kAffinity || (pb.joint && pb.symmetrize) || !pb.self_pairs || !pb.z_self || !pb.scalar_param ||
+      pb.n < 2)
     return false;
   return pb.kernel != kLogDot && !symmetric_affinity_fit(pb);
 }
@@ -219,6 +234,21 @@ struct AffinityShifts {
   AffinityPairRows<T, K> rows;
   std::vector<T> hi, lo;
 };
+
+// Joint normalisation (not symmetrised): row i's P_ij = p_{j|i} / N, so its shift is LSE^p_i + log N,
+// from the unrounded LSE^p (pass 1's, or the backward's sweep of z, joint_target_lse_wide).
+template <typename T, int K>
+AffinityShifts<T, K> joint_shifts(const AffinityPairRows<T, K>& rows, const std::vector<double>& lse_p) {
+  const size_t n = lse_p.size();
+  const double log_n = std::log(double(n));
+  AffinityShifts<T, K> out{rows, std::vector<T>(n), std::vector<T>(n)};
+  for (size_t i = 0; i < n; ++i) {
+    const double shift = lse_p[i] + log_n;
+    out.hi[i] = T(shift);
+    out.lo[i] = std::isfinite(shift) ? T(shift - double(out.hi[i])) : T(0);
+  }
+  return out;
+}
 
 template <typename T, int K, bool T_DIST>
 AffinityShifts<T, K> affinity_shifts(const Problem<T>& pb, const AffinityPairRows<T, K>& rows, const T* st,
@@ -485,7 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
   at::Tensor s_buf = at::empty({block, block}, opts), t_buf = at::empty({block, block}, opts);
   const int log_p = pb.log_p_mode();
   const bool form_p = family_rows_read_p(pb);
-  const bool sym = pb.symmetrize;
+  const bool sym = pb.symmetrize, joint = pb.joint;
+  T log_z = T(0);
+  std::vector<double> lse_p_wide(joint ? size_t(n) : 0);
   with_kernel(pb.kernel, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     return with_target_distance(pb.t_kernel, [&](auto td) {
@@ -499,19 +531,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
         affinity_row_lses<T, K, T_DIST, decltype(is_cauchy)::value>(pb, rows, block, s_buf, t_buf, acc_q, acc_p);
         return 0;
       });
+      for (int64_t i = 0; i < n; ++i) lse_q[i] = online_lse(acc_q[i]);
+      if (joint) log_z = T(log_sum_exp(lse_q));   // every row's q under log Z rounded to T, as the plain joint rows
       for (int64_t i = 0; i < n; ++i) {
-        lse_q[i] = online_lse(acc_q[i]);
-        st[i] = T(lse_q[i]);
+        st[i] = joint ? log_z : T(lse_q[i]);
         const double lse_p = online_lse(acc_p[i]);
         st[2 * n + i] = T(lse_p);
-        // (a symmetrised target takes LSE^p rounded to T, as the plain rows: no residual)
-        st[3 * n + i] = pair_record<T>(block, sym ? double(st[2 * n + i]) : lse_p, st[2 * n + i]);
+        if (joint) lse_p_wide[i] = lse_p;
+        // (a symmetrised target takes LSE^p rounded to T, as the plain rows: no residual; joint: no record)
+        else st[3 * n + i] = pair_record<T>(block, sym ? double(st[2 * n + i]) : lse_p, st[2 * n + i]);
       }
-      recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
-      // a symmetrised target: the tiles become log p~ and each row's shift is its log mass
-      const AffinityShifts<T, K> sh = affinity_shifts<T, K, T_DIST>(pb, rows, st, lo_p, block, t_buf);
+      if (!joint) recorded_pair_residuals(st, n, 2, &lo_p);   // as the backward decodes it
+      // a symmetrised target: the tiles become log p~ and each row's shift is its log mass; joint:
+      // LSE^p + log N
+      const AffinityShifts<T, K> sh = joint ? joint_shifts(rows, lse_p_wide)
+                                            : affinity_shifts<T, K, T_DIST>(pb, rows, st, lo_p, block, t_buf);
       // pass 2: the divergence sums under them (cauchy_tv_rows: the tiles hold the reciprocals)
-      const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
+      const std::vector<T> q_scale = cauchy_tv_rows(pb) && !joint ? q_scales(st, n) : std::vector<T>();
       with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
         constexpr bool TV_R = decltype(tv_weights)::value;
         for_each_block_pair(n, block, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
@@ -540,6 +576,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_affinity_family_forward
     });
   });
   const bool has = pb.m_valid > 0;
+  if (joint) {   // the plain joint rows' stats: log Z, Gamma_i = sum_j q g, LSE^p_i, the row's share of q
+    const std::vector<double> q_mass = q_masses(lse_q, log_z);
+    for (int64_t i = 0; i < n; ++i) {
+      out.inc_p[i] = has;
+      // NaN logits: NaN, even without p (cpu_loss.cpp)
+      out.loss_p[i] = std::isnan(log_z) ? log_z : has ? T(loss[i]) : T(0);
+      st[n + i] = T(gamma[i]);
+      st[3 * n + i] = T(q_mass[i]);
+    }
+    count_schedule_call(pb.row_path(), n, 0, 10);
+    return out.tuple();
+  }
   for (int64_t i = 0; i < n; ++i) {
     out.inc_p[i] = has;
     out.loss_p[i] = has ? T(loss[i]) : T(0);
@@ -574,6 +622,11 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
   const bool dist = is_distance(pb.kernel);
   const int log_p = pb.log_p_mode();
   const bool form_p = family_rows_read_p(pb);
+  const bool joint = pb.joint;
+  TORCH_CHECK(!(joint && param_grad), "icon_kernels cpu: the symmetric joint Affinity backward has no parameter gradient");
+  // joint: G_ij = (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (s_ij moves
+  // every q through Z), from the plain joint rows' stats (log Z in row 0)
+  const double centre = joint ? joint_centre(g, st, n) : 0.0;
   auto dfeat = at::zeros({n, pb.d}, opts), h_sum = at::zeros({n}, opts.dtype(at::kDouble));
   const size_t np = param_grad ? size_t(n) : 0;
   std::vector<double> dp(np), gs(np), qb(np), qs(np);   // a row's dL/dparam sums (centred_sum)
@@ -586,10 +639,13 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
       const AffinityPairRows<T, K> plain_rows{KernelRow<T, K>(prm), pb.x_sq.template data_ptr<T>(),
                                               pb.z_sq.template data_ptr<T>(), target_coefs(pb), linear_target(pb),
                                               pair_target_logits_once(pb), pb.exclude_self};
-      // a symmetrised target: the forward's log p~ tiles and row masses again (symmetrised_masses)
-      const AffinityShifts<T, K> sh = affinity_shifts<T, K, T_DIST>(pb, plain_rows, st, lo, block, t_buf);
+      // a symmetrised target: the forward's log p~ tiles and row masses again (symmetrised_masses);
+      // joint: the unrounded LSE^p again, from z's tiles alone
+      const AffinityShifts<T, K> sh =
+          joint ? joint_shifts(plain_rows, joint_target_lse_wide<T, T_DIST>(pb, block))
+                : affinity_shifts<T, K, T_DIST>(pb, plain_rows, st, lo, block, t_buf);
       const AffinityPairRows<T, K>& rows = sh.rows;
-      const std::vector<T> q_scale = cauchy_tv_rows(pb) ? q_scales(st, n) : std::vector<T>();
+      const std::vector<T> q_scale = cauchy_tv_rows(pb) && !joint ? q_scales(st, n) : std::vector<T>();
       return with_bool(param_grad, [&](auto with_param) {
         return with_bool(pb.f_div, [&](auto zero_at_q0) {   // learned_backward's Q_ZERO_GRAD
          return with_cauchy_flag<K>(!q_scale.empty(), [&](auto tv_weights) {
@@ -601,13 +657,14 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 pb, rows, i0, i1, j0, j1, block, s_buf, t_buf, w_buf.template data_ptr<T>(),
                 wt_buf.template data_ptr<T>(), [&](const SideRow& sr, int64_t self, T* ab, AffinityRowScratch<T>& sc) {
               const int64_t i = sr.i, len = sr.len;
-              if (g[i] == T(0)) {   // left out, or zero upstream gradient: no contribution
+              // left out, or zero upstream gradient: no contribution (joint: unless the row moves Z)
+              if (g[i] == T(0) && !(joint && centre != 0 && pb.m_valid > 0)) {
                 std::fill(ab, ab + len, T(0));
                 return;
               }
               [[maybe_unused]] const FRow<T> r =
                   affinity_family_segment(pb, i, len, self, st[i], sh.hi[i], sh.lo[i], sc, form_p);
-              const double row_gamma = double(st[n + i]);
+              const double row_gamma = joint ? centre : double(st[n + i]);
               if constexpr (TV_R) {
                 // q and q g from the reciprocals (sc.col: free in the backward, whose rows of J are in
                 // wt_buf), then W = 2 G r without the dof's gradient
@@ -621,12 +678,13 @@ std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb,
                 }
               } else {
                 f_row<T>(pb.divergence, r, log_p, sc.qg.data(), nullptr, sc.q.data());
+                if (joint) fold_joint_upstream(sc.qg.data(), len, g[i]);   // G = (1 - beta) (g_i q g - q C)
               }
               // the self column's Gram entry: any finite value (G is 0 there; cpu_loss.cpp's note)
               if (self >= 0) ab[self] = T(0);
               const LabelGradSums sums = learned_backward<T, K, PARAM, Q_ZERO_GRAD>(
                   KernelRow<T, K>(prm), ab, sc.s.data(), sc.q.data(), sc.qg.data(), rows.x_sq + sr.col0,
-                  rows.x_sq[i], len, g[i] * keep_q, row_gamma, finite_shift(st[i]));
+                  rows.x_sq[i], len, joint ? keep_q : g[i] * keep_q, row_gamma, finite_shift(st[i]));
               // a distance kernel's kept self pair: W_ii = 0 (cpu_symmetric_label_family.h's note)
               if (is_distance(K) && i0 == j0 && self < 0) ab[i - sr.col0] = T(0);
               if constexpr (PARAM) {

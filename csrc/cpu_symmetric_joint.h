@@ -59,9 +59,9 @@ struct OnlineLse {
   double lse() const { return m + std::log(s); }   // -inf without a term; NaN stays NaN
 };
 
-// Pass 1: LSE^p of every row, rounded to T as the plain rows' (global_rows).
+// Pass 1: LSE^p of every row, unrounded (NaN where a target logit is).
 template <typename T, bool T_DIST>
-std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
+std::vector<double> joint_target_lse_wide(const Problem<T>& pb, int64_t block) {
   const int64_t n = pb.n;
   std::vector<OnlineLse> acc(static_cast<size_t>(n));
   std::vector<double> nan_seen(static_cast<size_t>(n), 0.0);
@@ -103,10 +103,16 @@ std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
         }
       });
   });
-  std::vector<T> out(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = nan_seen[i] != 0 ? std::numeric_limits<T>::quiet_NaN() : T(acc[i].lse());
+  std::vector<double> out(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out[i] = nan_seen[i] != 0 ? std::numeric_limits<double>::quiet_NaN() : acc[i].lse();
   return out;
+}
+
+// ... rounded to T, as the plain rows' (global_rows).
+template <typename T, bool T_DIST>
+std::vector<T> joint_target_lse(const Problem<T>& pb, int64_t block) {
+  const std::vector<double> wide = joint_target_lse_wide<T, T_DIST>(pb, block);
+  return std::vector<T>(wide.begin(), wide.end());
 }
 
 // Both sides' conditional target probabilities of a pair from one exp, where the pair's target

@@ -273,7 +273,7 @@ def test_opcheck_of_the_ops():
 
 def test_runs_only_where_it_applies(monkeypatch):
     """Self mode with any target kernel, an f-divergence or alpha / beta > 0 (or a symmetrised target),
-    conditional rows and one learned parameter (KL and cross-entropy without alpha and beta run
+    conditional rows (or joint ones of a target that is not symmetrised) and one learned parameter (KL and cross-entropy without alpha and beta run
     cpu_symmetric_affinity.h). The backward also needs x and y to be one autograd input and no
     gradient for z or the target's parameter (the plain backward runs then: tested below)."""
     gen = torch.Generator().manual_seed(4)
@@ -301,7 +301,7 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(y=x.detach().clone(), exclude_self=True) == NOT_RAN
     assert ran(target=ik.Affinity(z, kernel="student_t")) == RAN   # a nonlinear target kernel
     assert ran(target=ik.Affinity(z, kernel="gaussian", symmetrize=True)) == RAN   # test_cpu_symmetric_symmetrised
-    assert ran(normalization="joint") == NOT_RAN
+    assert ran(normalization="joint") == RAN                               # test_cpu_symmetric_joint_affinity
     assert ran(kernel="gaussian", sigma=torch.linspace(0.5, 1.5, n, dtype=F64)) == NOT_RAN
     assert ran(target=ik.Affinity(z.clone().requires_grad_(), kernel="gaussian")) == (1, 0)
     xp = torch.rand(n, 4, generator=gen, dtype=F64, requires_grad=True)    # log_dot needs x . y > 0
