@@ -215,7 +215,8 @@ def triangular_variants():
     ]
     for kernel, dtype, chunked, block_d, codes in cases:
         yield from _triangular_pair(0, kernel, dtype, chunked, block_d, codes)
-    yield {"kernel": "icon_symmetric_forward_kernel", "tensors": {"X": ["bfloat16", True], "LAB": ["int64", True]},
+    yield {"kernel": "icon_symmetric_forward_kernel",
+           "tensors": {"X": ["bfloat16", True], "LAB": ["int64", True], "CLAB": ["int64", True]},
            "constexprs": dict(KERNEL=0, TARGET=0, EXCLUDE_SELF=True, BLOCK_D=128, PRECISION="tf32x3", UPCAST=False,
                               D_CHUNKED=False, PASS=1, HAS_BETA=False, DIVERGENCE=0), "ints": {}}
     yield from triangular_target_variants()
@@ -231,7 +232,7 @@ def _triangular_pair(target, kernel, dtype, chunked, block_d, codes):
     Neighbors, 3 Dense: symmetric_kernels.side_target) and the passes' codes."""
     c = dict(KERNEL=kernel, TARGET=target, EXCLUDE_SELF=True, BLOCK_D=block_d, PRECISION="tf32x3",
              UPCAST=dtype == "float32", D_CHUNKED=chunked)
-    tensors = {"X": [dtype, True], "LAB": ["int64", True], "DENSE": ["float32", True]}
+    tensors = {"X": [dtype, True], "LAB": ["int64", True], "CLAB": ["int64", True], "DENSE": ["float32", True]}
     yield {"kernel": "icon_symmetric_forward_kernel", "constexprs": dict(c, **codes), "tensors": tensors, "ints": {}}
     yield {"kernel": "icon_symmetric_backward_kernel",
            "constexprs": dict(c, HAS_BETA=codes["HAS_BETA"], DIVERGENCE=codes["DIVERGENCE"]), "tensors": tensors,
@@ -257,7 +258,8 @@ def triangular_target_variants():
     for target, kernel, dtype, chunked, block_d, codes in cases:
         yield from _triangular_pair(target, kernel, dtype, chunked, block_d, codes)
     yield {"kernel": "icon_symmetric_forward_kernel",
-           "tensors": {"X": ["float32", True], "LAB": ["int64", True], "DENSE": ["float32", True]},
+           "tensors": {"X": ["float32", True], "LAB": ["int64", True], "CLAB": ["int64", True],
+                       "DENSE": ["float32", True]},
            "constexprs": dict(KERNEL=2, TARGET=3, EXCLUDE_SELF=True, BLOCK_D=256, PRECISION="tf32x3", UPCAST=True,
                               D_CHUNKED=False, PASS=1, HAS_BETA=False, DIVERGENCE=0), "ints": {}}
 

@@ -314,8 +314,11 @@ def _no_target(x, y) -> dict:
 
 
 def _labels(op: OpArgs) -> dict:
-    """The raw labels as int64: the kernels only test them for equality (target_weights)."""
-    return dict(LAB=_aligned(op.row_labels.long()), CLAB=_aligned(op.col_labels.long()))
+    """The raw labels as int64: the kernels only test them for equality (target_weights). Column
+    labels that are the row labels' tensor (ik.Labels without col_labels) are passed as the row
+    labels' int64 tensor twice: one conversion, and the same compiled kernel as any other CLAB."""
+    lab = _aligned(op.row_labels.long())
+    return dict(LAB=lab, CLAB=lab if op.col_labels is op.row_labels else _aligned(op.col_labels.long()))
 
 
 def _affinity(op: OpArgs, n: int) -> dict:
@@ -531,8 +534,8 @@ def _backward(grad_rows, op: OpArgs, saved: BackwardArgs):
     dz_rows = torch.empty(n, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dz_cols = torch.empty(m, dz, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
     dtprm = torch.empty(n, dtype=torch.float32, device=dev) if target_grad else tensors["XSQ"]
-    # the structure (its torch.equal, a host sync, once) where it decides something: the triangular
-    # backward (x and y one autograd input), or row 3 computed again for the target's gradient where
+    # the structure (an Affinity target's torch.equal, a host sync, once) where it decides something: the
+    # triangular backward (x and y one autograd input), or row 3 computed again for the target's gradient where
     # the forward may have been triangular and left its record there. That forward chose by op.x is
     # op.y (_one_input), not by y_is_x, which a direct call of the backward op may set otherwise;
     # a record from another tile is no record to _triangular_record, so row 3 is computed again
@@ -587,7 +590,9 @@ def _self_mode_structure(op: OpArgs) -> bool:
     """Whether the loss has the triangular schedule's structure, y being x: one kernel parameter (a
     per-row one breaks s_ij = s_ji; every kernel is symmetric when y is x, log_dot too), and
 
-    - a Labels target whose column labels are its rows' (symmetric_kernels.py),
+    - a Labels target with any column labels (symmetric_kernels.py: the row side's p_ij =
+      [l_i = c_j] / K_i and the column side's p_ji = [l_j = c_i] / K_j, each from LAB and CLAB, the
+      row and column labels, and the row's own positive count; no condition, no host sync),
     - a Dense target (p_ji = w_ji / W_j, the transposed tile of w, and row j's total) or a Neighbors
       target (row j's own entries in the tile; p formed in the tiles under every divergence there,
       kl and cross_entropy too: _forward and _backward hand the kernels the lists instead of kl's
@@ -604,16 +609,14 @@ def _self_mode_structure(op: OpArgs) -> bool:
     side's own: triangular_launches.py). _computed_divergence has already refused joint normalisation
     and symmetrised targets.
 
-    Everything else runs the plain kernels: a per-row learned parameter, other column labels, other
-    columns z_cols. At most one torch.equal (a host sync) per call, and the forward and the backward
-    call this once each."""
+    Everything else runs the plain kernels: a per-row learned parameter, other columns z_cols. At
+    most one torch.equal (a host sync; an Affinity target's z_cols only) per call, and the forward
+    and the backward call this once each."""
     if op.param.numel() != 1:
         return False
-    if op.target == "labels":
-        return op.col_labels is op.row_labels or torch.equal(op.col_labels.long(), op.row_labels.long())
     if op.target == "affinity":
         return op.z_cols is op.z or (op.z_cols.shape == op.z.shape and torch.equal(op.z_cols, op.z))
-    return op.target in ("dense", "neighbors")
+    return op.target in ("labels", "dense", "neighbors")
 
 
 def _self_mode_triangular(op: OpArgs) -> bool:

@@ -1,16 +1,19 @@
-"""Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target whose column labels
-are its rows', a Dense or a Neighbors target (TARGET 0, 3, 1), any divergence, alpha and beta, one
-kernel parameter (launchers._self_mode_structure). Then s_ij = s_ji, and each pair of row blocks
-(I, J), I <= J, is computed once.
+"""Triangular kernels of self mode (DESIGN.md §1.3): y is x, a Labels target (any column labels), a
+Dense or a Neighbors target (TARGET 0, 3, 1), any divergence, alpha and beta, one kernel parameter
+(launchers._self_mode_structure). Then s_ij = s_ji, and each pair of row blocks (I, J), I <= J, is
+computed once.
 
 Targets (side_target): each side of a tile takes its own rows' p. The row side (rows I over the
-columns of J) p_ij as the plain kernels form it (tile_helpers.target_weights: 1[l_i = l_j] / K_i, or
-w_ij / W_i; neighbor_weights: row i's entries); the column side (rows J over the columns of I) row
-j's own p_ji at tile entry (i, j) (column_target_weights: 1[l_j = l_i] / K_j, or w_ji / W_j from the
-transposed tile of w, read in place, and row j's total; column_neighbor_weights: row j's entries that
-fall into I's block). A Neighbors target's p is formed in the tiles under every divergence, kl and
-cross_entropy too (the plain kernels gather kl's pairs outside the tile loop instead):
-O(BLOCK_M BLOCK_N k) compares per side of a tile in each pass that reads p.
+columns of J) p_ij as the plain kernels form it (tile_helpers.target_weights: 1[l_i = c_j] / K_i with
+l the row labels (LAB) and c the column labels (CLAB), or w_ij / W_i; neighbor_weights: row i's
+entries); the column side (rows J over the columns of I) row j's own p_ji at tile entry (i, j)
+(column_target_weights: 1[l_j = c_i] / K_j, LAB read at the tile's columns and CLAB at its rows, or
+w_ji / W_j from the transposed tile of w, read in place, and row j's total; column_neighbor_weights:
+row j's entries that fall into I's block). Column labels that are the row labels' tensor arrive as
+that tensor twice (launchers._labels; no compile variant of their own: Triton specialises a pointer
+on its alignment, not on aliasing). A Neighbors target's p is formed in the tiles under every
+divergence, kl and cross_entropy too (the plain kernels gather kl's pairs outside the tile loop
+instead): O(BLOCK_M BLOCK_N k) compares per side of a tile in each pass that reads p.
 
 Blocks and tiles: row block I is BLOCK_M rows, and so is column block J (the same rows of x); a
 block pair is swept in BLOCK_M x BLOCK_N tiles (BLOCK_N divides BLOCK_M), so the tile shapes of
@@ -94,16 +97,19 @@ SUM_STATISTICS = tl.constexpr(2)       # five plain sums (the second pass)
 
 
 @triton.jit
-def side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, COLUMN_SIDE: tl.constexpr,
+def side_target(rows, cols, valid, N, LAB, CLAB, NORM, DENSE, stride_dense, COLUMN_SIDE: tl.constexpr,
                 TARGET: tl.constexpr, NEEDED: tl.constexpr):
     """p of one side of a tile, zero off the valid set: the row side's p_ij (rows I over the
     columns of J: tile_helpers.target_weights, the plain kernels' own, or neighbor_weights) or, with
     COLUMN_SIDE, the column side's p_ji at (i, j) (rows J over the columns of I, each row j's own
-    target: column_target_weights, column_neighbor_weights). TARGET: 0 Labels ([l_i = l_j] / K,
-    LAB the labels), 3 Dense (w / W read in place from DENSE, row stride stride_dense), 1 Neighbors
-    (LAB the (N, k) indices, DENSE their normalised weights, stride_dense k:
-    launchers._neighbor_lists); NORM the rows' normaliser (launchers.NORM_ROW: K_i, W_i; unread
-    for Neighbors). Without NEEDED (the LSE pass) 0, nothing loaded."""
+    target: column_target_weights, column_neighbor_weights). TARGET: 0 Labels (LAB the row labels
+    l, CLAB the column labels c, possibly LAB itself: the row side [l_i = c_j] / K_i, the column side
+    [l_j = c_i] / K_j, each side reading LAB at its own rows and CLAB at the other side's), 3 Dense
+    (w / W read in place from DENSE, row stride stride_dense), 1 Neighbors (LAB the (N, k) indices,
+    DENSE their normalised weights, stride_dense k: launchers._neighbor_lists); CLAB read for Labels
+    only, N entries as LAB (y is x: the package checks col_labels' length before the op, so nothing
+    is checked here); NORM the rows' normaliser (launchers.NORM_ROW: K_i, W_i; unread for
+    Neighbors). Without NEEDED (the LSE pass) 0, nothing loaded."""
     if not NEEDED:
         p = tl.zeros(valid.shape, tl.float32)
     elif TARGET == 1:
@@ -112,9 +118,9 @@ def side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, COLUMN_SID
         else:
             p = neighbor_weights(rows, cols, valid, N, LAB, DENSE, stride_dense)
     elif COLUMN_SIDE:
-        p = column_target_weights(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, TARGET)
+        p = column_target_weights(rows, cols, valid, N, LAB, CLAB, NORM, DENSE, stride_dense, TARGET)
     else:
-        p = target_weights(rows, cols, valid, N, N, LAB, LAB, NORM, DENSE, stride_dense, TARGET)
+        p = target_weights(rows, cols, valid, N, N, LAB, CLAB, NORM, DENSE, stride_dense, TARGET)
     return p
 
 
@@ -257,7 +263,7 @@ def panel_statistics(COL_PART, ROW_PART, RUN, R, rows, in_rows, N, block0, panel
 
 @triton.jit(do_not_specialize=["block0", "panel_cap", "chunks"])     # no compile variant per panel
 def icon_symmetric_forward_kernel(
-        X, XSQ, PRM, LAB, NORM, DENSE, STATS, COL_PART, ROW_PART,
+        X, XSQ, PRM, LAB, CLAB, NORM, DENSE, STATS, COL_PART, ROW_PART,
         N, D, stride_x, stride_dense, m_valid, alpha, beta, block0, panel_cap, chunks,
         KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, PASS: tl.constexpr,
         HAS_BETA: tl.constexpr, DIVERGENCE: tl.constexpr,
@@ -295,12 +301,13 @@ def icon_symmetric_forward_kernel(
             ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, load_vec(XSQ, cols, N, 0.0), prm, KERNEL)
-            p = side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, False, TARGET, NEEDS_P)
+            p = side_target(rows, cols, valid, N, LAB, CLAB, NORM, DENSE, stride_dense, False, TARGET, NEEDS_P)
             t0, t1, t2, t3, t4 = _tile_statistics(s, valid, p, lse[:, None], m_valid, alpha, beta, 1, PASS, HAS_BETA,
                                                   DIVERGENCE)
             s0, s1, s2, s3, s4 = combine_statistics(s0, s1, s2, s3, s4, t0, t1, t2, t3, t4, KIND)
             if J != I:        # rows J over the columns of I: this tile read down its columns, row j's own p_ji
-                p_cols = side_target(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, True, TARGET, NEEDS_P)
+                p_cols = side_target(rows, cols, valid, N, LAB, CLAB, NORM, DENSE, stride_dense, True, TARGET,
+                                     NEEDS_P)
                 c0, c1, c2, c3, c4 = _tile_statistics(s, valid, p_cols, second_pass_lse(STATS, cols, N, PASS)[None, :],
                                                       m_valid, alpha, beta, 0, PASS, HAS_BETA, DIVERGENCE)
                 store_statistics(COL_PART + k * N + cols, col_stat, c0, c1, c2, c3, c4, cols < N)
@@ -434,7 +441,7 @@ def finish_rows(dx, w_sum, dprm, x, rows, dk, DX, DPRM, N, D, first, KERNEL: tl.
 
 @triton.jit(do_not_specialize=["chunks"])
 def icon_symmetric_backward_kernel(
-        X, XSQ, PRM, LAB, DENSE, STATS, GRAD, DX, DPRM,
+        X, XSQ, PRM, LAB, CLAB, DENSE, STATS, GRAD, DX, DPRM,
         N, D, stride_x, stride_dense, m_valid, alpha, beta, chunks,
         KERNEL: tl.constexpr, TARGET: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_BETA: tl.constexpr,
         DIVERGENCE: tl.constexpr,
@@ -471,13 +478,14 @@ def icon_symmetric_backward_kernel(
             ab = gram_block(x, y, X, X, rows, cols, N, N, stride_x, stride_x, D, BLOCK_D, D_CHUNKED,
                             UPCAST, PRECISION)
             s, aux = pair_logits(ab, x_sq, y_sq, prm, KERNEL)
-            p = side_target(rows, cols, valid, N, LAB, STATS + 2 * N, DENSE, stride_dense, False, TARGET, True)
+            p = side_target(rows, cols, valid, N, LAB, CLAB, STATS + 2 * N, DENSE, stride_dense, False, TARGET, True)
             grad_rows = _pair_gradients(s, valid, p, lse[:, None], g[:, None], stat[:, None], m_valid, alpha, beta,
                                         HAS_BETA, DIVERGENCE)
             # G_ji of the columns' rows, off the diagonal block only: on it, row j's G_ji is its
             # own row side's, from s_ji (the forward's value for row j; the fp32 tile need not be
             # bitwise symmetric), and reaches x_i through H^T (chain_pair_tile)
-            p_cols = side_target(rows, cols, valid, N, LAB, STATS + 2 * N, DENSE, stride_dense, True, TARGET, True)
+            p_cols = side_target(rows, cols, valid, N, LAB, CLAB, STATS + 2 * N, DENSE, stride_dense, True, TARGET,
+                                 True)
             grad_cols = tl.where(J != I, _pair_gradients(s, valid, p_cols, lse_c[None, :],
                                                          load_vec(GRAD, cols, N, 0.0)[None, :],
                                                          gradient_statistic(STATS, cols, N, HAS_BETA,

@@ -218,16 +218,18 @@ def column_neighbor_weights(rows, cols, valid, N, NBR, NBR_W, k):
 
 
 @triton.jit
-def column_target_weights(rows, cols, valid, N, LAB, NORM, DENSE, stride_dense, TARGET: tl.constexpr):
+def column_target_weights(rows, cols, valid, N, LAB, CLAB, NORM, DENSE, stride_dense, TARGET: tl.constexpr):
     """target_weights of the columns' rows j over the tile's rows i, for self mode's triangular
     kernels (y is x, so a column is a row too): at (i, j) p_ji, zero off the (symmetric) valid set.
-    Labels: [l_j = l_i] / K_j; Dense: w_ji / W_j, the transposed tile of w read in place and row j's
-    normaliser (NORM, launchers.NORM_ROW). A Neighbors target's is column_neighbor_weights."""
+    Labels: [l_j = c_i] / K_j, row j's label (LAB at the tile's columns) against column i's (CLAB at
+    the tile's rows; CLAB may be LAB itself), K_j row j's positive count over the columns; Dense:
+    w_ji / W_j, the transposed tile of w read in place and row j's normaliser (NORM,
+    launchers.NORM_ROW). A Neighbors target's is column_neighbor_weights."""
     if TARGET == 0:
-        li = tl.load(LAB + rows, mask=rows < N, other=0)
+        ci = tl.load(CLAB + rows, mask=rows < N, other=0)
         lj = tl.load(LAB + cols, mask=cols < N, other=0)
         k = tl.load(NORM + cols, mask=cols < N, other=1.0)
-        p = tl.where((li[:, None] == lj[None, :]) & valid, 1.0 / k[None, :], 0.0)
+        p = tl.where((ci[:, None] == lj[None, :]) & valid, 1.0 / k[None, :], 0.0)
     elif TARGET == 3:
         offsets = cols.to(tl.int64)[None, :] * stride_dense + rows[:, None]   # w[j, i]
         w = tl.load(DENSE + offsets, mask=valid, other=0.0)

@@ -1,6 +1,6 @@
 """The launches of self mode's triangular schedule (DESIGN.md §1.3): the kernels of
-symmetric_kernels.py (a Labels target whose column labels are its rows', a Dense target, a Neighbors
-target: each side of a tile from its own rows' target, symmetric_kernels.side_target) and
+symmetric_kernels.py (a Labels target with any column labels, a Dense target, a Neighbors target:
+each side of a tile from its own rows' target, symmetric_kernels.side_target) and
 symmetric_affinity_kernels.py (an Affinity target, z_cols z), each pair of row blocks I <= J once.
 
 launchers.py decides whether a problem takes this schedule (launchers._self_mode_structure, the
@@ -64,8 +64,8 @@ def _arguments(target: str, tensors, sizes, flags) -> dict:
                     stride_z=sizes["stride_z"], T_KERNEL=flags["T_KERNEL"], BLOCK_DZ=flags["BLOCK_DZ"],
                     UPCAST_Z=flags["UPCAST_Z"])
     if target in ("labels", "dense", "neighbors"):   # symmetric_kernels.side_target reads the one it is given
-        return dict(common, LAB=tensors["LAB"], DENSE=tensors["DENSE"], stride_dense=tensors["stride_dense"],
-                    TARGET=flags["TARGET"])
+        return dict(common, LAB=tensors["LAB"], CLAB=tensors["CLAB"], DENSE=tensors["DENSE"],
+                    stride_dense=tensors["stride_dense"], TARGET=flags["TARGET"])
     raise ValueError(f"the triangular schedule has no kernels for target {target!r}")
 
 
