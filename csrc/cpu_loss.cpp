@@ -51,9 +51,9 @@ using namespace cpu;
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const Problem<T>& pb) {
   if (symmetric_labels_apply(pb)) return symmetric_label_forward<T>(pb);   // self mode: each tile pair once
-  if (symmetric_label_family_apply(pb)) return symmetric_label_family_forward<T>(pb);   // beta > 0, f-divs
+  if (symmetric_label_family_apply(pb)) return symmetric_label_family_forward<T>(pb);   // beta > 0, f-divs, joint
   if (symmetric_affinity_apply(pb)) return symmetric_affinity_forward<T>(pb);
-  if (symmetric_affinity_family_apply(pb)) return symmetric_affinity_family_forward<T>(pb);   // f-divs, alpha, beta
+  if (symmetric_affinity_family_apply(pb)) return symmetric_affinity_family_forward<T>(pb);   // f-divs, alpha, beta, joint
   if (symmetric_joint_apply(pb)) return symmetric_joint_forward<T>(pb);       // joint t-SNE
   if (symmetric_joint_family_apply(pb)) return symmetric_joint_family_forward<T>(pb);   // joint f-divs, alpha, beta
   // (the symmetric Affinity backwards read a record in row 3: none from this forward)
@@ -163,8 +163,9 @@ std::vector<at::Tensor> backward_impl(const Problem<T>& pb, const at::Tensor& gr
     const int64_t block = recorded_pair_block(st_acc.template data_ptr<T>(), pb.n, pb.n);
     if (block > 0) return symmetric_label_backward<T>(pb, grad_rows, valid, st_acc, param_grad, block);
   }
-  // joint normalisation of a Dense or Neighbors target, or Labels with other column labels, in self mode (cpu_symmetric_label_family.h:
-  // the plain joint stats, no record: either backward after either forward, as the switch says now)
+  // joint normalisation of a Dense or Neighbors target, or Labels with other column labels, in self
+  // mode (cpu_symmetric_label_family.h: the plain joint stats, no record: either backward after
+  // either forward, as the switch says now)
   if (y_is_x && !target_grad && !param_grad && pb.joint && symmetric_label_family_apply(pb))
     return symmetric_label_family_backward<T>(pb, grad_rows, valid, stats_in.to(pb.x.scalar_type()).contiguous(),
                                               false, pair_block(pb.tile, pb.n), std::vector<T>(size_t(pb.n), T(0)));

@@ -24,17 +24,6 @@
 //   pass 2   as above, with the z tile turned into log h once per pair (symmetrised_tile_row) for
 //            both sides, and log M_i in place of LSE^p as each row's shift.
 // The backward sweeps the masses again (no stats row is free for them) and then runs as above.
-// Joint normalisation of a target that is not symmetrised (DESIGN.md §1.2): P_ij = p_{j|i} / N is
-// not symmetric, but q_ij = e^{s_ij - log Z} is. Pass 1 is the same, then log Z = logsumexp_i LSE_i;
-// pass 2 takes q under log Z and each row's shift LSE^p_i + log N (unrounded, in two parts:
-// joint_shifts); the stats are the plain joint rows' (log Z, Gamma_i = sum_j q g, LSE^p_i, the
-// row's share of q) with no record, so either backward runs after either forward (the switch at
-// the backward decides, as cpu_symmetric_label_family.h's joint rows). The backward takes G_ij =
-// (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (joint_centre), and sweeps
-// z's tiles once for the unrounded LSE^p (joint_target_lse_wide: no stats row is free for its
-// residual, and p must sum to 1 without a row sweep). Four and a half N^2 d GEMM-equivalents (with
-// d_z = d) instead of the plain joint rows' six or seven. The learned parameter's gradient runs the
-// plain backward.
 // Five N^2 d GEMM-equivalents (the four above and half of z's Gram in each mass sweep) instead of
 // the plain rows' seven (their six and a first pass over the full z Gram).
 // Stats row 2 holds LSE^p rounded to T, which both schedules' pairs take (as the plain rows round
@@ -44,7 +33,7 @@
 // (add_h_tile). Four N^2 d GEMM-equivalents instead of six (each sweep half of both Grams; the
 // backward half of both Grams and two products); the exps per pair do not change.
 //
-// Stats: row 0 the LSE and row 2 LSE^p rounded to T (what the plain backward reads: it
+// Stats (conditional rows): row 0 the LSE and row 2 LSE^p rounded to T (what the plain backward reads: it
 // renormalises p and q over its own rows), row 1 Gamma rounded to T, row 3 the record 8 * block +
 // LSE^p's residual in units of its last place (pair_record): target logits are often far from 0
 // (a small sigma_i), and p must sum to 1 in the backward with no row sweep. Pass 2 and the backward
@@ -57,6 +46,18 @@
 // the plain forward's. The plain forward leaves row 3 at 0 for these problems, so this backward
 // runs only after this forward. The target's gradient (z or its parameter) and a y that is not
 // x's autograd input run the plain backward on these stats; the learned parameter's runs here.
+//
+// Joint normalisation of a target that is not symmetrised (DESIGN.md §1.2): P_ij = p_{j|i} / N is
+// not symmetric, but q_ij = e^{s_ij - log Z} is. Pass 1 is the same, then log Z = logsumexp_i LSE_i;
+// pass 2 takes q under log Z and each row's shift LSE^p_i + log N (unrounded, in two parts:
+// joint_shifts); the stats are the plain joint rows' (log Z, Gamma_i = sum_j q g, LSE^p_i, the
+// row's share of q) with no record, so either backward runs after either forward (the switch at
+// the backward decides, as cpu_symmetric_label_family.h's joint rows). The backward takes G_ij =
+// (1 - beta) (g_i q g_ij - q_ij C), C = sum_k g_k Gamma_k / sum_k q_k (joint_centre), and sweeps
+// z's tiles once for the unrounded LSE^p (joint_target_lse_wide: no stats row is free for its
+// residual, and p must sum to 1 without a row sweep). Four and a half N^2 d GEMM-equivalents (with
+// d_z = d) instead of the plain joint rows' six or seven. The learned parameter's gradient runs the
+// plain backward (as do the target's gradient and a y that is not x's autograd input).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -607,7 +608,8 @@ int64_t recorded_affinity_family_block(const T* st, int64_t n, std::vector<T>* l
   return recorded_pair_residuals(st, n, 2, lo);
 }
 
-// stats: the forward's (T, contiguous); block and lo: recorded_affinity_family_block's.
+// stats: the forward's (T, contiguous); block and lo: recorded_affinity_family_block's (joint rows:
+// pair_block's, and lo unread: joint_shifts sweeps z for it).
 template <typename T>
 std::vector<at::Tensor> symmetric_affinity_family_backward(const Problem<T>& pb, const at::Tensor& grad_rows,
                                                            const at::Tensor& valid, const at::Tensor& stats,

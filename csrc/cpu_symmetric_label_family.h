@@ -14,16 +14,18 @@
 //   pass 2   each row's divergence sums under it, block by block (f_row of cpu_f_rows.h: the loss,
 //            Gamma = sum_j q g and sum_j q over these very q).
 // Forward KL and cross-entropy without beta (Student-t, power; any kernel on Dense and Neighbors,
-// under joint normalisation too: joint_target_kl_rows) need pass 1 alone: their loss is a closed form of the LSE and the target's sums (the hot path's
-// for Labels, cpu_symmetric_target_kl.h's for Dense and Neighbors, which forms no logit per pair
-// for t-SNE's Cauchy kernel), and Gamma is -1.
+// and under joint normalisation: joint_target_kl_rows) need pass 1 alone: their loss is a closed
+// form of the LSE and the target's sums (the hot path's for Labels, cpu_symmetric_target_kl.h's
+// for Dense and Neighbors, which forms no logit per pair for t-SNE's Cauchy kernel), and Gamma is
+// -1 (conditional rows; the joint rows' is -sum_j p~).
 // The backward cannot take Gamma from a sweep of the whole row first (the plain backward does), so
 // the forward saves it: G_ij = g_i (1 - beta) (q_ij g_ij - q_ij Gamma_i) for both sides of the one
 // recomputed tile, then H_IJ = W_IJ + W_JI^T, dX_I += H_IJ X_J and dX_J += H_IJ^T X_I
 // (add_h_tile). Two and a half N^2 d GEMM-equivalents instead of four (two without pass 2).
 //
-// Joint normalisation of a Dense or Neighbors target (every divergence, alpha and beta): P_ij =
-// w_ij / (every row's total) is not symmetric, but q_ij = e^{s_ij - log Z} is, so the same two
+// Joint normalisation of a Dense or Neighbors target, or of a Labels target whose column labels are
+// not its rows' (every divergence, alpha and beta): P_ij = w_ij / (every row's total) is not
+// symmetric, but q_ij = e^{s_ij - log Z} is, so the same two
 // sweeps serve: pass 1 each row's LSE, then log Z = logsumexp_i LSE_i; pass 2 each row's terms
 // under log Z (the segments divide by the joint total, cpu_target_segments.h). Forward KL and
 // cross-entropy without beta need pass 1 alone (joint_target_kl_rows: the conditional one sweep's
@@ -394,8 +396,9 @@ void closed_form_positives(int divergence, const LabelRow& seg, const KernelRow<
 // The sweeps of every row into out: pass 1 its LSE, pass 2 its divergence sums under it; or pass 1
 // alone for forward KL and cross-entropy without beta, whose loss is a closed form of the LSE and
 // the target's sums (Labels: the hot path's, label_row_loss; Dense and Neighbors:
-// target_kl_row_loss). Their Gamma is -sum_j p~ / sum_j q = -1 (q from the LSE in two parts sums
-// to 1 up to each entry's rounding).
+// target_kl_row_loss; joint rows: joint_target_kl_rows). Their Gamma is -sum_j p~ / sum_j q = -1
+// (q from the LSE in two parts sums to 1 up to each entry's rounding); the joint rows' stats are
+// the plain joint rows' (Gamma_i = sum_j q g, or -sum_j p~ after the one sweep).
 template <typename T, typename Segs>
 void family_sweeps(const Problem<T>& pb, const Segs& segs, int64_t block, RowOutputs<T>* out) {
   constexpr bool kLabelRows = Segs::kTarget == kLabels;

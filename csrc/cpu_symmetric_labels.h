@@ -16,8 +16,9 @@
 //
 // It runs when the row path is the label hot path (cpu_row_paths.h), x and y are the same
 // tensor (the columns' labels may be other than the rows': each row reads its own target, so only
-// s_ij = s_ji is shared), the parameter is one scalar (a per-row temperature breaks s_ij = s_ji) and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every
-// forward, for benchmarks to time both schedules in one process). The backward follows its
+// s_ij = s_ji is shared), the parameter is one scalar (a per-row temperature breaks s_ij = s_ji)
+// and ICON_KERNELS_SYMMETRIC is not "0" (the off switch, read at every forward, for benchmarks to
+// time both schedules in one process). The backward follows its
 // forward's schedule (recorded in the stats) and also needs y_is_x.
 #pragma once
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-// Forward KL and cross-entropy without beta on Dense and Neighbors targets in the symmetric
-// schedule (cpu_symmetric_label_family.h): one sweep over the tile pairs, as the Labels rows take
+// Forward KL and cross-entropy without beta on Dense and Neighbors targets (and, under joint
+// normalisation, Labels with other column labels) in the symmetric schedule (cpu_symmetric_label_family.h): one sweep over the tile pairs, as the Labels rows take
 // with the hot path's closed form. With sum_j p~_j = 1 over the valid columns,
 //   L_i = sum_j p~ log p~  -  (1 - alpha) sum_j p_j s_j  -  (alpha / M') sum_{j valid} s_j  +  LSE_i
 // (cross-entropy drops the first term, which the target segments compute once per row:
@@ -79,7 +79,8 @@ bool target_kl_row_loss(const Segs& segs, int64_t i, const OnlineLabelRow<T>& ac
   return true;
 }
 
-// Joint normalisation (Dense, Neighbors: segs divide by the joint total): every row's loss from its
+// Joint normalisation (Dense, Neighbors, Labels with other column labels: segs divide by the joint
+// total; a Labels row's pos_s is already p-weighted, family_sweeps): every row's loss from its
 // one-sweep statistics under log Z, sum_j p~ (log p~ - s) + log Z sum_j p~ (cross-entropy without
 // the first term), and the plain joint rows' stats (put_under_log_z's): log Z, Gamma_i = -sum_j p~,
 // 0, the row's share of q. A NaN log Z makes every loss NaN, as the plain rows.

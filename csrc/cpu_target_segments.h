@@ -2,7 +2,8 @@
 // family rows (cpu_symmetric_label_family.h): a tile pair's rows of I read their targets over the
 // columns J and its rows of J theirs over the columns I, but each side always reads its OWN row's
 // target, so no transposed view of the target is needed. One instantiation per target:
-//   LabelSegments     p = 1/K at the positives (the labels of the block's columns);
+//   LabelSegments     p = 1/K at the positives (the labels of the block's columns; joint: one over
+//                     the positive pairs of every row);
 //   DenseSegments     p = w[i, col0:col0+len] over the row's total (directly addressable);
 //   NeighborSegments  the row's k entries, sorted by column with repeats merged once, filtered to
 //                     the block (a binary search and a walk: no per-block scan of the k list).
@@ -11,10 +12,10 @@
 // p~ per pair in f_row), so that the symmetric and plain schedules agree to the last bits that a
 // reordered sum allows. with_target_segments is the one switch from a target code to an
 // instantiation; it ends in an error.
-// Under joint normalisation (Labels with other column labels, Dense and Neighbors) every row divides by the total over every row
-// (target_row's divisor, as global_rows sums it: each row's total in double, in row order), and
-// every row has a target when that total is not 0 (a row without weights still has q in the one
-// distribution).
+// Under joint normalisation (Labels with other column labels, Dense and Neighbors) every row
+// divides by the total over every row (target_row's divisor, as global_rows sums it: each row's
+// total in double, in row order), and every row has a target when that total is not 0 (a row
+// without weights still has q in the one distribution).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -74,7 +75,9 @@ struct LabelSegments : LabelSide<T> {
     for (int64_t i = 0; i < n; ++i)   // as target_row's p
       inv_k[i] = k[i] <= 0 ? T(0) : joint ? inv_joint : T(1.0 / double(k[i]));
     if (!joint || pb.f_div || pb.beta > T(0)) return;
-    const double a = double(T((1 - double(pb.alpha)) / by_joint) + b), bd = double(b);   // (Problem::f_row's level)
+    // the positives' level as Problem::f_row's (b where no row has a positive: no pair at a, but
+    // 0 * inf would make every row's mass NaN)
+    const double a = by_joint > 0 ? double(T((1 - double(pb.alpha)) / by_joint) + b) : double(b), bd = double(b);
     const double a_log_a = a > 0 ? a * std::log(a) : 0.0, b_log_b = bd > 0 ? bd * std::log(bd) : 0.0;
     p_mass.resize(size_t(n));
     if (with_entropy) entropy.resize(size_t(n));

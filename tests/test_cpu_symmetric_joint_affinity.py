@@ -188,12 +188,13 @@ def test_either_backward_after_either_forward(monkeypatch, forward_env, backward
     assert relative_error(x.grad, exact[1]) <= 1e-12
 
 
+@pytest.mark.parametrize("where", ["x", "z"])
 @pytest.mark.parametrize("bad", ["inf", "nan"])
-def test_non_finite_inputs_as_the_plain_rows(monkeypatch, bad):
-    """A NaN or infinite learned feature: every row's loss is what the plain joint rows give (NaN
-    through log Z)."""
+def test_non_finite_inputs_as_the_plain_rows(monkeypatch, bad, where):
+    """A NaN or infinite learned or target feature: every row's loss and gradient are what the plain
+    joint rows give (NaN through log Z, or through a row's LSE^p)."""
     x, z, upstream = _inputs(9, 3)
-    x[4, 1] = float(bad)
+    (x if where == "x" else z)[4, 1] = float(bad)
     target = affinity_target(z)
     options = dict(divergence="js", normalization="joint")
     monkeypatch.setenv("ICON_KERNELS_SYMMETRIC", "0")

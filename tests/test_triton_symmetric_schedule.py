@@ -1,6 +1,6 @@
 """Self mode's triangular schedule on the Triton backend (triton/symmetric_kernels.py, routed by
 triton/launchers.py: the forward when x and y are one tensor, the backward when they are one autograd
-input; a Labels target whose column labels are its rows', beta = 0, kl or cross_entropy, one kernel
+input; a Labels target with any column labels, beta = 0, kl or cross_entropy, one kernel
 parameter): each pair of row blocks once, the column-side statistics merged per panel of row blocks,
 dL/dx from one kernel (the column kernel is not launched). Under TRITON_INTERPRET=1 without a GPU;
 fp32 against the float64 reference (test_backends_vs_reference.TRITON_F32), and against the plain
@@ -179,7 +179,7 @@ def test_plain_where_the_symmetry_breaks(monkeypatch):
     assert launched(y="same", exclude_self=True) == (3, 0)
     assert launched(y=x.clone()) == (0, 1)
     assert launched(temperature=torch.full((20,), 0.5, device=device)) == (0, 1)
-    assert launched(target=ik.Labels(labels, labels.flip(0))) == (0, 1)
+    assert launched(target=ik.Labels(labels, labels.flip(0))) == (3, 0)   # other column labels: each side reads its own
     assert launched(beta=0.1) == (5, 0)
 
 

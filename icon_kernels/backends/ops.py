@@ -39,7 +39,9 @@ csrc/cpu_symmetric_label_family.h) the cpu op keeps Gamma_i (sum_j q g / sum_j q
 (high and low parts; Gamma_i - c = -D_i on the closed-form tv / hellinger / js / chi2 rows, whose
 forward leaves no record where a row is not finite) and in row 3 the record 8 * block + LSE's
 residual in units of the last place of row 0; so do Dense and Neighbors targets in self mode (the
-same schedule; Gamma_i = -1 for forward KL and cross-entropy without beta).
+same schedule; Gamma_i = -1 for forward KL and cross-entropy without beta). Under joint
+normalisation (Dense, Neighbors, Labels with other column labels, an Affinity target not
+symmetrised) these schedules write the plain joint rows' stats with no record.
 For the other Affinity members in self mode (f-divergences, alpha or beta > 0:
 csrc/cpu_symmetric_affinity_family.h) the cpu op keeps Gamma_i in row 1 and in row 3 the record
 8 * block + LSE^p's residual in units of the last place of row 2 (rows 0 and 2 as the plain
