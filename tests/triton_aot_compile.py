@@ -314,30 +314,44 @@ def triangular_affinity_variants():
         yield {"kernel": "icon_symmetric_affinity_merge_kernel", "constexprs": codes, "tensors": {}, "ints": {}}
 
 
-def compile_all(archs):
+def compile_all(archs, workers=2):
     """Every variant at DEFAULT_CONFIG, the triangular kernels (FIXED_SHAPE) at the one shape their
     launcher uses; a triangular kernel's line gives its shape, shared memory and, from the cubin,
-    registers and stack per thread (tests/test_triton_gpu_compile.py checks the shared memory)."""
-    for arch in archs:
-        for key in variants():
-            fixed = key["kernel"] in FIXED_SHAPE
-            shape = launched_shapes(key, False)[0] if fixed else DEFAULT_CONFIG
-            compiled, _ = compile_key(key, shape, arch=arch)
-            assert compiled.asm.get("cubin"), "no cubin produced"
-            c = key["constexprs"]
-            resources = ""
-            if fixed:
-                used = resource_usage(compiled)
-                resources = (f" shape={'x'.join(map(str, shape))} d={c.get('BLOCK_D', '-')} "
-                             f"dz={c.get('BLOCK_DZ', '-')} regs={used['regs']} stack={used['stack']} "
-                             f"shared={used['shared']} "
-                             f"(est {estimated_shared(key, shape)})")
-            print(f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
-                  f"T_KERNEL={c.get('T_KERNEL', '-')} TARGET={c.get('TARGET', '-')} "
-                  f"D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
-                  f"DIVERGENCE={c.get('DIVERGENCE', '-')} PASS={c.get('PASS', '-')} "
-                  f"HAS_BETA={c.get('HAS_BETA', '-')}{resources}: ok", flush=True)
+    registers and stack per thread (tests/test_triton_gpu_compile.py checks the shared memory).
+    The variants compile in ``workers`` spawned processes (each compile is one thread: on the 2-core
+    VM two workers take about half the time), their lines printed in the variants' order."""
+    jobs = [(key, arch) for arch in archs for key in variants()]
+    if workers > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for line in pool.imap(_compiled_line, jobs):
+                print(line, flush=True)
+    else:
+        for job in jobs:
+            print(_compiled_line(job), flush=True)
     return 0
+
+
+def _compiled_line(job) -> str:
+    """One variant compiled for one arch: its line (compile_all's), or an AssertionError."""
+    key, arch = job
+    fixed = key["kernel"] in FIXED_SHAPE
+    shape = launched_shapes(key, False)[0] if fixed else DEFAULT_CONFIG
+    compiled, _ = compile_key(key, shape, arch=arch)
+    assert compiled.asm.get("cubin"), "no cubin produced"
+    c = key["constexprs"]
+    resources = ""
+    if fixed:
+        used = resource_usage(compiled)
+        resources = (f" shape={'x'.join(map(str, shape))} d={c.get('BLOCK_D', '-')} "
+                     f"dz={c.get('BLOCK_DZ', '-')} regs={used['regs']} stack={used['stack']} "
+                     f"shared={used['shared']} "
+                     f"(est {estimated_shared(key, shape)})")
+    return (f"sm_{arch} {key['kernel']} {key['tensors'].get('X', ['-'])[0]} KERNEL={c.get('KERNEL', '-')} "
+            f"T_KERNEL={c.get('T_KERNEL', '-')} TARGET={c.get('TARGET', '-')} "
+            f"D_CHUNKED={c.get('D_CHUNKED', '-')} BIDIR={c.get('BIDIR', '-')} "
+            f"DIVERGENCE={c.get('DIVERGENCE', '-')} PASS={c.get('PASS', '-')} "
+            f"HAS_BETA={c.get('HAS_BETA', '-')}{resources}: ok")
 
 
 def _measure(job):
@@ -371,7 +385,8 @@ if __name__ == "__main__":
     p.add_argument("--keys")
     p.add_argument("--configs", choices=["default", "all"], default="default")
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None,
+                   help="compile processes (default: 1 for --keys, min(2, CPUs) for every variant)")
     a = p.parse_args()
-    sys.exit(compile_recorded(a.keys, a.configs, a.arch, a.workers) if a.keys
-             else compile_all(a.archs or [90]))
+    sys.exit(compile_recorded(a.keys, a.configs, a.arch, a.workers or 1) if a.keys
+             else compile_all(a.archs or [90], a.workers or min(2, os.cpu_count() or 1)))
