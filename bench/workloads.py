@@ -264,6 +264,28 @@ CONFIGS["knn-joint"] = Config("knn-joint", "kNN graph as 'knn-graph', normalizat
                               _family_loss(_neighbors, "student_t", dof=1.0, normalization="joint"),
                               fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
                               fused_running=("torch", "cpu"))
+# InfoNCE against other column labels (each row's positive the next pair's column: p_ij != p_ji),
+# conditional and joint: the cpu's symmetric Labels schedules read each row's own label
+def _other_columns_loss(inp, backend, normalization="conditional"):
+    labels = inp["labels"]
+    return ik.icon_loss(inp["x"], target=ik.Labels(labels, labels.roll(1)), kernel="dot", temperature=0.1,
+                        normalization=normalization, backend=backend)
+
+
+CONFIGS["infonce-cols"] = Config("infonce-cols", "InfoNCE as 'infonce' against column labels rolled by one",
+                                 "labels arange(N)//2, cols rolled by 1", "dot", _infonce_inputs,
+                                 _other_columns_loss)
+CONFIGS["infonce-cols-joint"] = Config(
+    "infonce-cols-joint", "InfoNCE as 'infonce-cols', normalization='joint'", "labels arange(N)//2, cols rolled by 1",
+    "dot", _infonce_inputs, lambda inp, backend: _other_columns_loss(inp, backend, "joint"),
+    fused_missing="the triton and cuda kernels do not compute joint normalisation yet", fused_running=("torch", "cpu"))
+# SNE under joint normalisation of a target that is not symmetrised (P_ij = p_{j|i} / N): the cpu's
+# Affinity family schedule with its joint rows
+CONFIGS["sne-joint"] = Config("sne-joint", "SNE as 'sne', normalization='joint' (the target not symmetrised)",
+                              "affinity gaussian sigma=4", "gaussian", _tsne_inputs,
+                              _family_loss(_affinity, "gaussian", sigma=1.0, normalization="joint"),
+                              fused_missing="the triton and cuda kernels do not compute joint normalisation yet",
+                              fused_running=("torch", "cpu"), target_grams=("z",))
 # issue 17's sweep: every family member, the divergences on t-SNE and InfoNCE, and joint t-SNE,
 # N = 4096, 8192
 FAMILY = ("infonce", "supcon100", "infonce-debiased", "sne", "tsne", "tsimclr5", "knn-graph", "cluster",
@@ -374,7 +396,7 @@ DEFAULT_ALLOWANCE = 60.0
 # clip-both), so that both schedules are in one run.
 SYMMETRIC_CPU = ("infonce", "supcon100", "infonce-debiased", "tsimclr5", "clip-both", "sne", "tsne", "jointtsne",
                  "tsne-reverse_kl", "tsne-tv", "tsne-js", "infonce-tv", "infonce-js", "knn-graph", "jointtsne-js",
-                 "tsne-sym", "knn-joint")
+                 "tsne-sym", "knn-joint", "sne-joint", "infonce-cols", "infonce-cols-joint")
 SCHEDULE_SWITCH = "ICON_KERNELS_SYMMETRIC"
 
 
