@@ -175,3 +175,22 @@ def test_joint_rows_without_a_positive_pair_keep_the_plain_stats(monkeypatch, di
     assert not out["1"][1].any()
     for mine, plain in zip(out["1"], out["0"]):
         torch.testing.assert_close(mine, plain, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("normalization,divergence,names", [("conditional", 0, HOT), ("conditional", 5, FAMILY),
+                                                            ("joint", 0, FAMILY)])
+def test_opcheck_of_the_ops(normalization, divergence, names):
+    from icon_kernels.backends.ops import forward_op
+    x, _, target = _inputs(9, 2, d=4)
+    args = (x, x, torch.tensor(0.7, dtype=F64), "dot", "labels", target.row_labels, target.col_labels, None, None,
+            None, None, None, "dot", None, 0.1, 0.0, True, divergence, normalization, False)
+    torch.library.opcheck(forward_op("cpu"), args)
+    counts(*names)
+    _, valid, stats = forward_op("cpu")(*args)
+    assert counts(*names) == (1, 0)
+    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
+    backward = torch.ops.icon_kernels.cpu_backward.default
+    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
+    counts(*names)
+    backward(grad_rows, *args, valid, stats, False, False, True)
+    assert counts(*names) == (0, 1)
