@@ -114,3 +114,34 @@ def grads_across_a_switch(monkeypatch, x0, loss_of, upstream, forward_env, backw
         monkeypatch.setenv(key, value)
     counts()
     return grad(F32, "cpu", switch), exact, naive
+
+
+def schedule_op_checks(op, args):
+    """What torch.library.opcheck checks of an op, on the symmetric schedule's own path, and the
+    op's real outputs. opcheck clones every argument, so x and y stop being one tensor and the op
+    runs its plain schedule there; here they stay one tensor, and the op must leave its inputs as
+    they were (the schema declares no mutation) and its fake implementation must give the real
+    outputs' shapes, dtypes and strides (opcheck's test_faketensor). The caller asserts, through the
+    schedule counters, that the symmetric kernels ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = op(*args)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), "the op changed an input"
+    mode = FakeTensorMode()
+    fakes = {}
+
+    def fake(a):   # one fake per tensor object: x and y stay one tensor
+        if not isinstance(a, torch.Tensor):
+            return a
+        return fakes.setdefault(id(a), mode.from_tensor(a))
+
+    with mode:
+        fake_out = op(*[fake(a) for a in args])
+    assert len(fake_out) == len(out)
+    for real, meta in zip(out, fake_out):
+        assert (real is None) == (meta is None)
+        if real is not None:
+            assert (real.shape, real.dtype, real.stride()) == (meta.shape, meta.dtype, meta.stride())
+    return out

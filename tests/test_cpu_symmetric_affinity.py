@@ -16,7 +16,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, counts,  # noqa: F401
-                             fresh_schedule, grads_across_a_switch)
+                             fresh_schedule, grads_across_a_switch, schedule_op_checks)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -253,13 +253,13 @@ def test_opcheck_of_the_symmetric_affinity_ops():
             torch.linspace(0.8, 1.6, 9, dtype=F64), "gaussian", None, 0.0, 0.0, True, 0, "conditional", False)
     torch.library.opcheck(forward_op("cpu"), args)
     _counts()
-    _, valid, stats = forward_op("cpu")(*args)
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
     assert _counts() == (1, 0)
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
     backward = torch.ops.icon_kernels.cpu_backward.default
     torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
     _counts()
-    backward(grad_rows, *args, valid, stats, False, False, True)
+    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
     assert _counts() == (0, 1)
 
 

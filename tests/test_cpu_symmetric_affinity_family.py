@@ -17,7 +17,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, counts,  # noqa: F401
-                             fresh_schedule, grads_across_a_switch)
+                             fresh_schedule, grads_across_a_switch, schedule_op_checks)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -261,21 +261,22 @@ def test_opcheck_of_the_ops():
             torch.linspace(0.8, 1.6, 9, dtype=F64), "gaussian", None, 0.1, 0.0, True, 5, "conditional", False)
     torch.library.opcheck(forward_op("cpu"), args)
     _counts()
-    _, valid, stats = forward_op("cpu")(*args)
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
     assert _counts() == (1, 0)
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
     backward = torch.ops.icon_kernels.cpu_backward.default
     torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, True, True))
     _counts()
-    backward(grad_rows, *args, valid, stats, False, True, True)
+    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, True, True))
     assert _counts() == (0, 1)
 
 
 def test_runs_only_where_it_applies(monkeypatch):
     """Self mode with any target kernel, an f-divergence or alpha / beta > 0 (or a symmetrised target),
-    conditional rows (or joint ones of a target that is not symmetrised) and one learned parameter (KL and cross-entropy without alpha and beta run
-    cpu_symmetric_affinity.h). The backward also needs x and y to be one autograd input and no
-    gradient for z or the target's parameter (the plain backward runs then: tested below)."""
+    conditional rows (or joint ones of a target that is not symmetrised) and one learned parameter
+    (KL and cross-entropy without alpha and beta run cpu_symmetric_affinity.h). The backward also
+    needs x and y to be one autograd input and no gradient for z or the target's parameter (the
+    plain backward runs then: tested below)."""
     gen = torch.Generator().manual_seed(4)
     n = 12
     x = torch.randn(n, 4, generator=gen, dtype=F64, requires_grad=True)

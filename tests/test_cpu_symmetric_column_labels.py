@@ -16,7 +16,8 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, PARAM, TILES, assert_close, counts, fresh_schedule, run_loss  # noqa: F401
+from symmetric_cases import (F32, F64, PARAM, TILES, assert_close, counts, fresh_schedule, run_loss,  # noqa: F401
+                             schedule_op_checks)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -186,11 +187,11 @@ def test_opcheck_of_the_ops(normalization, divergence, names):
             None, None, None, "dot", None, 0.1, 0.0, True, divergence, normalization, False)
     torch.library.opcheck(forward_op("cpu"), args)
     counts(*names)
-    _, valid, stats = forward_op("cpu")(*args)
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
     assert counts(*names) == (1, 0)
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
     backward = torch.ops.icon_kernels.cpu_backward.default
     torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
     counts(*names)
-    backward(grad_rows, *args, valid, stats, False, False, True)
+    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
     assert counts(*names) == (0, 1)

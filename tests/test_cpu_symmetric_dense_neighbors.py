@@ -17,7 +17,7 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts  # noqa: F401
+from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts, schedule_op_checks  # noqa: F401
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -316,3 +316,30 @@ def test_the_backward_follows_its_forwards_schedule(monkeypatch):
         (loss * upstream).sum().backward()
         assert _counts() == {"target_family_forward": int(symmetric), "target_family_backward": int(symmetric)}
         assert relative_error(x.grad, exact[1]) <= 1e-12
+
+
+def op_args(target, x, normalization, divergence):
+    """The cpu forward op's arguments (ops.ARGS) of a self-mode Dense or Neighbors problem: Student-t
+    with dof 1, alpha 0.1, beta 0.2."""
+    nbr = isinstance(target, ik.Neighbors)
+    return (x, x, torch.tensor(1.0, dtype=x.dtype), "student_t", "neighbors" if nbr else "dense", None, None,
+            target.indices if nbr else None, target.weights if nbr else None, None, None, None, "dot",
+            None if nbr else target.p, 0.1, 0.2, True, divergence, normalization, False)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_opcheck_of_the_ops(target):
+    from icon_kernels.backends.ops import forward_op
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 4, generator=gen, dtype=F64)
+    args = op_args(TARGETS[target](9, gen), x, "conditional", 5)
+    torch.library.opcheck(forward_op("cpu"), args)
+    _counts()
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
+    assert _counts() == {"target_family_forward": 1, "target_family_backward": 0}
+    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
+    backward = torch.ops.icon_kernels.cpu_backward.default
+    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, True, True))
+    _counts()
+    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, True, True))
+    assert _counts() == {"target_family_forward": 0, "target_family_backward": 1}

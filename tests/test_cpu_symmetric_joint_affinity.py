@@ -19,7 +19,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, LEARNED, TILES, affinity_target, assert_close, counts,  # noqa: F401
-                             fresh_schedule, run_loss, seeded_inputs)
+                             fresh_schedule, run_loss, seeded_inputs, schedule_op_checks)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -215,11 +215,11 @@ def test_opcheck_of_the_ops():
             torch.linspace(0.8, 1.6, 9, dtype=F64), "gaussian", None, 0.1, 0.0, True, 5, "joint", False)
     torch.library.opcheck(forward_op("cpu"), args)
     _counts()
-    _, valid, stats = forward_op("cpu")(*args)
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
     assert _counts() == (1, 0)
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
     backward = torch.ops.icon_kernels.cpu_backward.default
     torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
     _counts()
-    backward(grad_rows, *args, valid, stats, False, False, True)
+    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
     assert _counts() == (0, 1)

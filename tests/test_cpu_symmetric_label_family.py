@@ -17,7 +17,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, PARAM, SWITCHES, TILES, fresh_schedule, grads_across_a_switch,  # noqa: F401
-                             named_counts)
+                             named_counts, schedule_op_checks)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -197,11 +197,11 @@ def test_opcheck_of_the_symmetric_ops():
     args = (x, x, torch.tensor(0.5, dtype=F64), "dot", "labels", labels, labels, None, None, None, None, None,
             "dot", None, 0.1, 0.2, True, 0, "conditional", False)
     torch.library.opcheck(forward_op("cpu"), args)
-    _, valid, stats = forward_op("cpu")(*args)
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
     assert _counts()["label_family_forward"] > 0
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
     backward_args = (grad_rows, *args, valid, stats, False, True, True)
-    torch.ops.icon_kernels.cpu_backward.default(*backward_args)
+    schedule_op_checks(torch.ops.icon_kernels.cpu_backward.default, backward_args)
     assert _counts()["label_family_backward"] == 1
     torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default, backward_args)
 
@@ -231,7 +231,8 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(kernel="cosine", y=x, exclude_self=True, beta=0.2) == RAN       # one normalised x
     assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.to(torch.int32))) == RAN
     assert ran(kernel="dot") == NOT_RAN                                         # the hot path's own
-    assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.flip(0))) == RAN   # test_cpu_symmetric_column_labels
+    # other column labels (test_cpu_symmetric_column_labels)
+    assert ran(kernel="dot", beta=0.2, target=ik.Labels(labels, labels.flip(0))) == RAN
     assert ran(kernel="dot", beta=0.2, y=x.detach().clone(), exclude_self=True) == NOT_RAN
     assert ran(kernel="dot", beta=0.2, temperature=torch.linspace(0.3, 0.6, n, dtype=F64)) == NOT_RAN
     assert ran(kernel="student_t", target=ik.Neighbors(torch.randint(0, n, (n, 3), generator=gen))) == NOT_RAN

@@ -14,7 +14,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, SWITCHES, TILES, fresh_schedule, grads_across_a_switch,  # noqa: F401
-                             named_counts)
+                             counts, named_counts, schedule_op_checks)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -123,10 +123,15 @@ def test_opcheck_of_the_symmetric_ops():
     args = (x, x, torch.tensor(0.5, dtype=F64), "dot", "labels", labels, labels, None, None, None, None, None,
             "dot", None, 0.1, 0.0, True, 0, "conditional", False)
     torch.library.opcheck(forward_op("cpu"), args)
-    _, valid, stats = forward_op("cpu")(*args)
+    counts("forward", "backward")
+    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
+    assert counts("forward", "backward") == (1, 0)
     grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default,
-                          (grad_rows, *args, valid, stats, False, True, True))
+    backward_args = (grad_rows, *args, valid, stats, False, True, True)
+    torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default, backward_args)
+    counts("forward", "backward")
+    schedule_op_checks(torch.ops.icon_kernels.cpu_backward.default, backward_args)
+    assert counts("forward", "backward") == (0, 1)
 
 
 def test_runs_only_where_it_applies(monkeypatch):
@@ -148,7 +153,8 @@ def test_runs_only_where_it_applies(monkeypatch):
     assert ran(kernel="dot", y=x, exclude_self=True) == {"forward": 1, "backward": 1}      # y is x itself
     assert ran(kernel="cosine", y=x, exclude_self=True) == {"forward": 1, "backward": 1}   # one normalised x
     assert ran(kernel="dot", target=ik.Labels(labels, labels.to(torch.int32))) == {"forward": 1, "backward": 1}
-    assert ran(kernel="dot", target=ik.Labels(labels, labels.flip(0))) == {"forward": 1, "backward": 1}   # other column labels
+    # other column labels: each row reads its own label
+    assert ran(kernel="dot", target=ik.Labels(labels, labels.flip(0))) == {"forward": 1, "backward": 1}
     assert ran(kernel="dot", y=x.detach().clone(), exclude_self=True) == {"forward": 0, "backward": 0}
     assert ran(kernel="dot", temperature=torch.linspace(0.3, 0.6, n, dtype=F64)) == {"forward": 0, "backward": 0}
     assert ran(kernel="dot", beta=0.2) == {"forward": 0, "backward": 0}
