@@ -45,7 +45,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from runner import Bench  # noqa: E402
-from workloads import CONFIGS  # noqa: E402
+from workloads import CONFIGS, ORDER  # noqa: E402
 
 
 def _list(values, cast=str):
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", nargs="+", help="N values for every configuration (overrides the plan)")
     p.add_argument("--dtypes", nargs="+", help="dtypes (overrides the plan), e.g. float32 bfloat16")
     p.add_argument("--contenders", nargs="+",
-                   help="subset of naive, compiled, torch, cpu, triton, cuda, pml-supcon, keops")
+                   help="subset of " + ", ".join(ORDER) + " (cpu-plain: cpu with ICON_KERNELS_SYMMETRIC=0, on the "
+                        "configurations that have a symmetric schedule)")
     p.add_argument("--d", type=int, default=128, help="embedding dimension (default 128)")
     p.add_argument("--repeats", type=int, help="timed runs per contender after the warm-up (at most)")
     p.add_argument("--budget", type=float,

@@ -29,12 +29,14 @@ def icon_loss(x, y=None, *, target, kernel="cosine", temperature=0.1, sigma=1.0,
     divergence (no mean over rows), "none" returns the per-row contributions sum_j D-term(p_ij,
     q_ij), which sum to it (a row's contribution may be negative for kl); ``weight`` raises
     (there are no row losses to weight). Joint normalisation and a target with symmetrize=True
-    (Affinity, Neighbors: p_ij ∝ (p_{j|i} + p_{i|j}) / 2; square problems only) run on the
-    ``torch`` backend's column stream ("auto" picks it: O(N d) memory, rows x all columns tiles,
-    two forward passes with the global normalisers between them; any device) and on the dense
-    reference, and through ik.distributed in either dist_mode; the fused ``cpu``, ``triton``
-    and ``cuda`` kernels raise. The gradient of a symmetrised target's own tensors (its z,
-    parameters or weights) needs backend="reference" ("auto" picks it then).
+    (Affinity, Neighbors: p_ij ∝ (p_{j|i} + p_{i|j}) / 2; square problems only) run on the fused
+    ``cpu`` kernel ("auto" picks it on the CPU; in self mode its symmetric schedules, README
+    "Backends"), on the ``torch`` backend's column stream (O(N d) memory, rows x all columns
+    tiles, two forward passes with the global normalisers between them; any device), on the
+    dense reference, and through ik.distributed in either dist_mode; the ``triton`` and ``cuda``
+    kernels raise. The gradient of a symmetrised target's own tensors (its z, parameters or
+    weights) needs backend="reference" ("auto" picks it then); that of a Neighbors or Dense
+    target's weights under joint normalisation needs "torch" or "reference".
 
     exclude_self: None (the default) leaves the self pairs (i, i) out exactly when y is None;
     passing y=x explicitly keeps them (give exclude_self=True to drop them). A row with no valid
