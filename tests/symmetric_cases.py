@@ -145,3 +145,23 @@ def schedule_op_checks(op, args):
         if real is not None:
             assert (real.shape, real.dtype, real.stride()) == (meta.shape, meta.dtype, meta.stride())
     return out
+
+
+def opcheck_on_both_paths(args, param_grad, read_counts, after_forward, after_backward):
+    """torch.library.opcheck of the cpu forward op on args (the forward op's arguments, ops.ARGS, x
+    and y one tensor) and of its backward (an upstream gradient != 1, y_is_x, the learned parameter's
+    gradient when param_grad), which checks the plain path (its clones part x and y), then
+    schedule_op_checks of both on the schedule's path, with read_counts() (the schedule counters,
+    read and reset) equal to after_forward after the forward and after_backward after the backward."""
+    from icon_kernels.backends.ops import forward_op
+    forward, backward = forward_op("cpu"), torch.ops.icon_kernels.cpu_backward.default
+    torch.library.opcheck(forward, args)
+    read_counts()
+    _, valid, stats = schedule_op_checks(forward, args)
+    assert read_counts() == after_forward
+    x = args[0]
+    backward_args = (torch.linspace(-1, 1, x.shape[0], dtype=x.dtype), *args, valid, stats, False, param_grad, True)
+    torch.library.opcheck(backward, backward_args)
+    read_counts()
+    schedule_op_checks(backward, backward_args)
+    assert read_counts() == after_backward

@@ -17,7 +17,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, counts,  # noqa: F401
-                             fresh_schedule, grads_across_a_switch, schedule_op_checks)
+                             fresh_schedule, grads_across_a_switch, opcheck_on_both_paths)
 from icon_kernels.backends.ops import forward_op
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -259,16 +259,7 @@ def test_opcheck_of_the_ops():
     z = torch.randn(9, 3, generator=gen, dtype=F64)
     args = (x, x, torch.tensor(1.0, dtype=F64), "student_t", "affinity", None, None, None, None, z, z,
             torch.linspace(0.8, 1.6, 9, dtype=F64), "gaussian", None, 0.1, 0.0, True, 5, "conditional", False)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _counts()
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts() == (1, 0)
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, True, True))
-    _counts()
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, True, True))
-    assert _counts() == (0, 1)
+    opcheck_on_both_paths(args, True, _counts, (1, 0), (0, 1))
 
 
 def test_runs_only_where_it_applies(monkeypatch):

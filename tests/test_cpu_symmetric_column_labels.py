@@ -17,7 +17,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, PARAM, TILES, assert_close, counts, fresh_schedule, run_loss,  # noqa: F401
-                             schedule_op_checks)
+                             opcheck_on_both_paths)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -181,17 +181,7 @@ def test_joint_rows_without_a_positive_pair_keep_the_plain_stats(monkeypatch, di
 @pytest.mark.parametrize("normalization,divergence,names", [("conditional", 0, HOT), ("conditional", 5, FAMILY),
                                                             ("joint", 0, FAMILY)])
 def test_opcheck_of_the_ops(normalization, divergence, names):
-    from icon_kernels.backends.ops import forward_op
     x, _, target = _inputs(9, 2, d=4)
     args = (x, x, torch.tensor(0.7, dtype=F64), "dot", "labels", target.row_labels, target.col_labels, None, None,
             None, None, None, "dot", None, 0.1, 0.0, True, divergence, normalization, False)
-    torch.library.opcheck(forward_op("cpu"), args)
-    counts(*names)
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert counts(*names) == (1, 0)
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
-    counts(*names)
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
-    assert counts(*names) == (0, 1)
+    opcheck_on_both_paths(args, False, lambda: counts(*names), (1, 0), (0, 1))

@@ -17,7 +17,7 @@ import torch
 
 import icon_kernels as ik
 from cases import relative_error
-from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts, schedule_op_checks  # noqa: F401
+from symmetric_cases import F32, F64, PARAM, TILES, fresh_schedule, named_counts, opcheck_on_both_paths  # noqa: F401
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -329,17 +329,8 @@ def op_args(target, x, normalization, divergence):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_opcheck_of_the_ops(target):
-    from icon_kernels.backends.ops import forward_op
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(9, 4, generator=gen, dtype=F64)
     args = op_args(TARGETS[target](9, gen), x, "conditional", 5)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _counts()
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts() == {"target_family_forward": 1, "target_family_backward": 0}
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, True, True))
-    _counts()
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, True, True))
-    assert _counts() == {"target_family_forward": 0, "target_family_backward": 1}
+    opcheck_on_both_paths(args, True, _counts, {"target_family_forward": 1, "target_family_backward": 0},
+                          {"target_family_forward": 0, "target_family_backward": 1})

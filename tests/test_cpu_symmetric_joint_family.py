@@ -16,8 +16,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, TILES, affinity_target, counts, fresh_schedule,  # noqa: F401
-                             schedule_op_checks)
-from icon_kernels.backends.ops import forward_op
+                             opcheck_on_both_paths)
 from icon_kernels.families import DIVERGENCES
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -205,16 +204,7 @@ def test_opcheck_of_the_joint_family_ops():
     js = DIVERGENCES["js"].code
     args = (x, x, torch.tensor(1.0, dtype=F64), "student_t", "affinity", None, None, None, None, z, z,
             torch.linspace(0.8, 1.6, 9, dtype=F64), "gaussian", None, 0.0, 0.1, True, js, "joint", True)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _counts()
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts() == (1, 0)
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
-    _counts()
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
-    assert _counts() == (0, 1)
+    opcheck_on_both_paths(args, False, _counts, (1, 0), (0, 1))
 
 
 def test_runs_only_where_it_applies(monkeypatch):

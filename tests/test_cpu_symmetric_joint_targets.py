@@ -21,7 +21,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, PARAM, TILES, assert_close, fresh_schedule, named_counts,  # noqa: F401
-                             schedule_op_checks)
+                             opcheck_on_both_paths)
 from test_cpu_symmetric_dense_neighbors import TARGETS
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
@@ -243,18 +243,8 @@ def test_non_finite_inputs_as_the_plain_schedule(monkeypatch, target, bad):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_opcheck_of_the_ops(target):
-    from icon_kernels.backends.ops import forward_op
     from test_cpu_symmetric_dense_neighbors import op_args
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(9, 4, generator=gen, dtype=F64)
     args = op_args(TARGETS[target](9, gen), x, "joint", 5)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _counts()
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts() == FORWARD_ONLY
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, False, True))
-    _counts()
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, False, True))
-    assert _counts() == {"target_family_forward": 0, "target_family_backward": 1}
+    opcheck_on_both_paths(args, False, _counts, FORWARD_ONLY, {"target_family_forward": 0, "target_family_backward": 1})

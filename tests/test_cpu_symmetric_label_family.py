@@ -17,8 +17,7 @@ import torch
 import icon_kernels as ik
 from cases import relative_error
 from symmetric_cases import (F32, F64, PARAM, SWITCHES, TILES, fresh_schedule, grads_across_a_switch,  # noqa: F401
-                             named_counts, schedule_op_checks)
-from icon_kernels.backends.ops import forward_op
+                             named_counts, opcheck_on_both_paths)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -196,14 +195,8 @@ def test_opcheck_of_the_symmetric_ops():
     labels = torch.arange(9) // 3
     args = (x, x, torch.tensor(0.5, dtype=F64), "dot", "labels", labels, labels, None, None, None, None, None,
             "dot", None, 0.1, 0.2, True, 0, "conditional", False)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts()["label_family_forward"] > 0
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward_args = (grad_rows, *args, valid, stats, False, True, True)
-    schedule_op_checks(torch.ops.icon_kernels.cpu_backward.default, backward_args)
-    assert _counts()["label_family_backward"] == 1
-    torch.library.opcheck(torch.ops.icon_kernels.cpu_backward.default, backward_args)
+    opcheck_on_both_paths(args, True, _counts, {"label_family_forward": 1, "label_family_backward": 0},
+                          {"label_family_forward": 0, "label_family_backward": 1})
 
 
 def test_runs_only_where_it_applies(monkeypatch):

@@ -20,7 +20,7 @@ import icon_kernels as ik
 from cases import relative_error
 from icon_kernels.backends.ops import forward_op
 from symmetric_cases import (F32, F64, LEARNED, SWITCHES, TILES, affinity_target, assert_close, counts,  # noqa: F401
-                             fresh_schedule, grads_across_a_switch, run_loss, seeded_inputs, schedule_op_checks)
+                             fresh_schedule, grads_across_a_switch, run_loss, seeded_inputs, opcheck_on_both_paths)
 
 pytestmark = pytest.mark.skipif("cpu" not in ik.available_backends(), reason="the cpu backend is not built")
 
@@ -179,16 +179,7 @@ def test_opcheck_of_the_ops():
     x = torch.randn(9, 4, generator=gen, dtype=F64)
     z = torch.randn(9, 3, generator=gen, dtype=F64)
     args = _op_args(x, z, torch.linspace(0.8, 1.6, 9, dtype=F64), 5)
-    torch.library.opcheck(forward_op("cpu"), args)
-    _counts()
-    _, valid, stats = schedule_op_checks(forward_op("cpu"), args)
-    assert _counts() == (1, 0, 1)
-    grad_rows = torch.linspace(-1, 1, 9, dtype=F64)
-    backward = torch.ops.icon_kernels.cpu_backward.default
-    torch.library.opcheck(backward, (grad_rows, *args, valid, stats, False, True, True))
-    _counts()
-    schedule_op_checks(backward, (grad_rows, *args, valid, stats, False, True, True))
-    assert _counts() == (0, 1, 1)
+    opcheck_on_both_paths(args, True, _counts, (1, 0, 1), (0, 1, 1))
 
 
 def test_runs_only_where_it_applies(monkeypatch):
